@@ -1,0 +1,619 @@
+//! The records inside a Kafka RecordBatch v2: encoding a batch from records, and opening one
+//! back up into records with absolute offsets and timestamps.
+//!
+//! One record, after the batch header (or after decompressing the records section), is:
+//!
+//! | field | type |
+//! |---|---|
+//! | length (bytes after this field) | varint |
+//! | attributes (unused, 0) | i8 |
+//! | timestamp delta from the batch base timestamp | varlong |
+//! | offset delta from the batch base offset | varint |
+//! | key length (-1 for null), key | varint, bytes |
+//! | value length (-1 for null), value | varint, bytes |
+//! | header count | varint |
+//! | per header: key length, key (UTF-8), value length (-1 for null), value | |
+//!
+//! The encoder writes exactly what Kafka's Java `MemoryRecordsBuilder` writes for the same
+//! input: the base timestamp is the first record's, the max timestamp the largest, offset deltas
+//! count from 0, and timestamp deltas use Java's wrapping `long` arithmetic.
+//!
+//! The decoder trusts nothing it reads. It checks the CRC first, bounds decompression by
+//! [`DecodeLimits`], never sizes an allocation from a count it has not yet backed with bytes,
+//! and requires every length, count and offset delta to agree with the bytes around it. It is
+//! stricter than Kafka's Java reader in a few places where Java would accept bytes no encoder
+//! writes (a null length other than -1, offset deltas out of order); those are corruption here.
+
+use std::io::Read;
+use std::iter::FusedIterator;
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use super::varint::{put_varint, put_varlong, read_varint, read_varlong, varint_len, varlong_len};
+use super::{
+    BATCH_HEADER_LEN, BatchError, BatchHeader, Compression, LOG_OVERHEAD, MAGIC_V2, TimestampType,
+    attributes, check_batch, compute_crc,
+};
+
+/// Default [`DecodeLimits::max_batch_bytes`]: Kafka's default `message.max.bytes` (1 MiB) plus
+/// the 12-byte log overhead.
+pub const DECODE_MAX_BATCH_BYTES_DEFAULT: usize = (1 << 20) + LOG_OVERHEAD;
+/// Default [`DecodeLimits::max_decompressed_bytes`]: 64 MiB.
+pub const DECODE_MAX_DECOMPRESSED_BYTES_DEFAULT: usize = 64 << 20;
+/// The zstd level the encoder uses; Kafka's default `compression.zstd.level`.
+pub const ZSTD_LEVEL: i32 = 3;
+
+/// Smallest record on the wire: length, attributes, timestamp delta, offset delta, key length,
+/// value length and header count, one byte each.
+const RECORD_BYTES_MIN: usize = 7;
+/// Smallest record header on the wire: key length and value length, one byte each.
+const HEADER_BYTES_MIN: usize = 2;
+/// Length written for a null key, value or header value.
+const NULL_LENGTH: i32 = -1;
+/// The transactional bit of the batch attributes (Kafka's `TRANSACTIONAL_FLAG_MASK`).
+const TRANSACTIONAL_ATTRIBUTE: i16 = 0x10;
+/// Bounds on the zstd window the decoder accepts, as powers of two. The lower bound is the
+/// window of zstd levels up to 19 (8 MiB); the upper bound is zstd's own default limit, which
+/// Kafka's brokers and clients also use.
+const ZSTD_WINDOW_LOG_MIN: u32 = 23;
+const ZSTD_WINDOW_LOG_MAX: u32 = 27;
+
+/// One record header. Kafka header keys are strings; values are bytes or null.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+pub struct Header {
+    /// Header name; Kafka allows repeated names, and their order is kept.
+    pub key: String,
+    /// Header value; `None` is Kafka's null, distinct from an empty value.
+    pub value: Option<Bytes>,
+}
+
+/// A record to encode. Each takes the next offset of the batch, in order.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+pub struct Record {
+    /// Milliseconds since the Unix epoch, or any `i64` the producer chose.
+    pub timestamp: i64,
+    /// `None` is Kafka's null key, distinct from an empty key.
+    pub key: Option<Bytes>,
+    /// `None` is Kafka's null value (a tombstone), distinct from an empty value.
+    pub value: Option<Bytes>,
+    /// Headers in the order they are written.
+    pub headers: Vec<Header>,
+}
+
+/// A record read back from a batch, with its absolute offset and timestamp.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct DecodedRecord {
+    /// Base offset of the batch plus the record's offset delta.
+    pub offset: i64,
+    /// Base timestamp plus the record's delta, or the batch max timestamp when the batch
+    /// carries `LogAppendTime` (Kafka's rule).
+    pub timestamp: i64,
+    /// `None` is Kafka's null key.
+    pub key: Option<Bytes>,
+    /// `None` is Kafka's null value.
+    pub value: Option<Bytes>,
+    /// Headers in the order they were written.
+    pub headers: Vec<Header>,
+}
+
+impl From<DecodedRecord> for Record {
+    fn from(record: DecodedRecord) -> Self {
+        Record {
+            timestamp: record.timestamp,
+            key: record.key,
+            value: record.value,
+            headers: record.headers,
+        }
+    }
+}
+
+/// The batch-level fields of a batch to encode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct BatchSpec {
+    /// Offset of the first record. Producers send 0; the log rewrites it on append.
+    pub base_offset: i64,
+    /// Producers send -1; the log rewrites it on append.
+    pub partition_leader_epoch: i32,
+    /// `None` or `Zstd`; the encoder refuses the others.
+    pub compression: Compression,
+    /// Written to the attributes. With `LogAppendTime`, readers see every record at the
+    /// batch max timestamp.
+    pub timestamp_type: TimestampType,
+    /// -1 when the producer is not idempotent.
+    pub producer_id: i64,
+    /// -1 when the producer is not idempotent.
+    pub producer_epoch: i16,
+    /// Sequence number of the first record, -1 when the producer is not idempotent.
+    pub base_sequence: i32,
+    /// Sets the transactional bit of the attributes.
+    pub is_transactional: bool,
+}
+
+impl Default for BatchSpec {
+    /// What a plain (non-idempotent) Kafka producer sends.
+    fn default() -> Self {
+        BatchSpec {
+            base_offset: 0,
+            partition_leader_epoch: -1,
+            compression: Compression::None,
+            timestamp_type: TimestampType::CreateTime,
+            producer_id: -1,
+            producer_epoch: -1,
+            base_sequence: -1,
+            is_transactional: false,
+        }
+    }
+}
+
+impl BatchSpec {
+    /// The spec that re-encodes a decoded batch with the same batch-level fields.
+    pub fn from_header(header: &BatchHeader) -> Result<BatchSpec, BatchError> {
+        Ok(BatchSpec {
+            base_offset: header.base_offset,
+            partition_leader_epoch: header.partition_leader_epoch,
+            compression: header.compression()?,
+            timestamp_type: header.timestamp_type(),
+            producer_id: header.producer_id,
+            producer_epoch: header.producer_epoch,
+            base_sequence: header.base_sequence,
+            is_transactional: header.is_transactional(),
+        })
+    }
+}
+
+/// Bounds on what decoding may read and allocate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct DecodeLimits {
+    /// Largest whole batch, header included, that is accepted.
+    pub max_batch_bytes: usize,
+    /// Largest records section after decompression. Also bounds the zstd window: a frame
+    /// that declares a window above this (rounded up to a power of two, and at least 8 MiB) is
+    /// refused.
+    pub max_decompressed_bytes: usize,
+}
+
+impl Default for DecodeLimits {
+    fn default() -> Self {
+        DecodeLimits {
+            max_batch_bytes: DECODE_MAX_BATCH_BYTES_DEFAULT,
+            max_decompressed_bytes: DECODE_MAX_DECOMPRESSED_BYTES_DEFAULT,
+        }
+    }
+}
+
+/// Appends one complete batch holding `records` to `out` and returns its length in bytes.
+///
+/// Records take offsets `spec.base_offset` onwards, in order. Fails with
+/// [`BatchError::InvalidInput`] for an empty `records`, for lengths or counts that do not fit
+/// Kafka's `i32` fields, or when the last offset would overflow; with
+/// [`BatchError::UnsupportedCompression`] for anything but `None` and `Zstd`. On error `out` is
+/// left as it was.
+pub fn encode_batch(
+    spec: &BatchSpec,
+    records: &[Record],
+    out: &mut BytesMut,
+) -> Result<usize, BatchError> {
+    let Some(first) = records.first() else {
+        return Err(BatchError::InvalidInput("a batch needs at least one record"));
+    };
+    if !matches!(spec.compression, Compression::None | Compression::Zstd) {
+        return Err(BatchError::UnsupportedCompression(spec.compression));
+    }
+    let record_count = i32::try_from(records.len())
+        .map_err(|_| BatchError::InvalidInput("more records than a batch can count"))?;
+    let last_offset_delta = record_count - 1;
+    if spec
+        .base_offset
+        .checked_add(i64::from(last_offset_delta))
+        .is_none()
+    {
+        return Err(BatchError::InvalidInput("last offset of the batch overflows i64"));
+    }
+    let base_timestamp = first.timestamp;
+    let max_timestamp = records
+        .iter()
+        .map(|record| record.timestamp)
+        .fold(base_timestamp, i64::max);
+
+    let start = out.len();
+    out.put_bytes(0, BATCH_HEADER_LEN);
+    if let Err(error) = put_records_section(spec.compression, records, base_timestamp, out) {
+        out.truncate(start);
+        return Err(error);
+    }
+    let total_len = out.len() - start;
+    let Ok(batch_length) = i32::try_from(total_len - LOG_OVERHEAD) else {
+        out.truncate(start);
+        return Err(BatchError::InvalidInput("batch longer than i32::MAX bytes"));
+    };
+
+    let mut attribute_bits = attributes(spec.compression, spec.timestamp_type);
+    if spec.is_transactional {
+        attribute_bits |= TRANSACTIONAL_ATTRIBUTE;
+    }
+    let mut header = BatchHeader {
+        base_offset: spec.base_offset,
+        batch_length,
+        partition_leader_epoch: spec.partition_leader_epoch,
+        magic: MAGIC_V2,
+        crc: 0,
+        attributes: attribute_bits,
+        last_offset_delta,
+        base_timestamp,
+        max_timestamp,
+        producer_id: spec.producer_id,
+        producer_epoch: spec.producer_epoch,
+        base_sequence: spec.base_sequence,
+        record_count,
+    };
+    let batch = &mut out[start..];
+    header.write_to(batch);
+    // The CRC covers the attributes onwards, which are now final.
+    header.crc = compute_crc(batch);
+    header.write_to(batch);
+    Ok(total_len)
+}
+
+/// Validates and decodes the batch at the front of `buf`.
+///
+/// Returns `Ok(None)` when the batch is not all there yet (a partial frame is normal), else
+/// the header, the records, and the bytes the batch takes in `buf`. Checks the header, the
+/// length against `limits`, and the CRC (see [`check_batch`]) before opening the records.
+pub fn decode_batch(
+    buf: &[u8],
+    limits: &DecodeLimits,
+) -> Result<Option<(BatchHeader, Vec<DecodedRecord>, usize)>, BatchError> {
+    let Some((header, total_len)) = check_batch(buf, limits.max_batch_bytes)? else {
+        return Ok(None);
+    };
+    let records = decode_records(&header, &buf[..total_len], limits)?;
+    Ok(Some((header, records, total_len)))
+}
+
+/// Decodes the records of `batch`, the complete bytes of the batch `header` was parsed from.
+///
+/// Does not check the CRC: call [`check_batch`] first, or use [`decode_batch`], which does.
+pub fn decode_records(
+    header: &BatchHeader,
+    batch: &[u8],
+    limits: &DecodeLimits,
+) -> Result<Vec<DecodedRecord>, BatchError> {
+    if batch.len() < BATCH_HEADER_LEN || batch.len() != header.total_len() {
+        return Err(BatchError::Corrupt("batch bytes do not match the header length"));
+    }
+    let section = &batch[BATCH_HEADER_LEN..];
+    match header.compression()? {
+        Compression::None => parse_records(header, section),
+        Compression::Zstd => {
+            let decompressed = zstd_decompress(section, limits.max_decompressed_bytes)?;
+            parse_records(header, &decompressed)
+        }
+        other => Err(BatchError::UnsupportedCompression(other)),
+    }
+}
+
+/// Iterates over the validated batches in `buf`, a run of concatenated batches such as a
+/// segment file or a Fetch response.
+///
+/// Each item is a checked header (CRC included) and the batch's bytes. Iteration ends at the
+/// end of `buf` or at a trailing partial batch, which callers treat as the end; it yields an
+/// error once, for the first batch that fails its checks, and then ends.
+/// [`Batches::position`] tells where the valid prefix ends.
+pub fn batches(buf: &[u8], max_batch_bytes: usize) -> Batches<'_> {
+    Batches {
+        buf,
+        position: 0,
+        max_batch_bytes,
+        done: false,
+    }
+}
+
+/// Iterator returned by [`batches`].
+#[derive(Debug, Clone)]
+pub struct Batches<'a> {
+    buf: &'a [u8],
+    position: usize,
+    max_batch_bytes: usize,
+    done: bool,
+}
+
+impl<'a> Batches<'a> {
+    /// Bytes taken by the batches yielded so far: where the next batch starts, and after an
+    /// error or a partial batch, where the valid prefix of the buffer ends.
+    pub fn position(&self) -> usize {
+        self.position
+    }
+}
+
+impl<'a> Iterator for Batches<'a> {
+    type Item = Result<(BatchHeader, &'a [u8]), BatchError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.done {
+            return None;
+        }
+        let rest = &self.buf[self.position..];
+        match check_batch(rest, self.max_batch_bytes) {
+            Ok(Some((header, total_len))) => {
+                self.position += total_len;
+                Some(Ok((header, &rest[..total_len])))
+            }
+            Ok(None) => {
+                self.done = true;
+                None
+            }
+            Err(error) => {
+                self.done = true;
+                Some(Err(error))
+            }
+        }
+    }
+}
+
+impl FusedIterator for Batches<'_> {}
+
+fn put_records_section(
+    compression: Compression,
+    records: &[Record],
+    base_timestamp: i64,
+    out: &mut BytesMut,
+) -> Result<(), BatchError> {
+    match compression {
+        Compression::Zstd => {
+            let mut section = BytesMut::new();
+            put_records(records, base_timestamp, &mut section)?;
+            // Compressing an in-memory buffer at a valid level fails only when allocation
+            // fails, which aborts before this could see it.
+            let compressed = zstd::bulk::compress(&section, ZSTD_LEVEL)
+                .expect("zstd compression of an in-memory buffer cannot fail");
+            out.extend_from_slice(&compressed);
+            Ok(())
+        }
+        Compression::None => put_records(records, base_timestamp, out),
+        other => Err(BatchError::UnsupportedCompression(other)),
+    }
+}
+
+fn put_records(
+    records: &[Record],
+    base_timestamp: i64,
+    out: &mut BytesMut,
+) -> Result<(), BatchError> {
+    for (index, record) in records.iter().enumerate() {
+        // The caller checked that the record count fits an i32.
+        let offset_delta = index as i32;
+        // Java computes the delta in wrapping `long` arithmetic and readers add it back the
+        // same way, so every pair of timestamps round-trips.
+        let timestamp_delta = record.timestamp.wrapping_sub(base_timestamp);
+        let body_len = record_body_len(record, timestamp_delta, offset_delta)?;
+        put_varint(out, body_len);
+        out.put_u8(0);
+        put_varlong(out, timestamp_delta);
+        put_varint(out, offset_delta);
+        put_nullable(out, record.key.as_deref());
+        put_nullable(out, record.value.as_deref());
+        // Lengths and counts were checked against i32 by `record_body_len`.
+        put_varint(out, record.headers.len() as i32);
+        for header in &record.headers {
+            put_varint(out, header.key.len() as i32);
+            out.put_slice(header.key.as_bytes());
+            put_nullable(out, header.value.as_deref());
+        }
+    }
+    Ok(())
+}
+
+/// Bytes of the record after its length field, checking every length and count fits `i32`.
+fn record_body_len(
+    record: &Record,
+    timestamp_delta: i64,
+    offset_delta: i32,
+) -> Result<i32, BatchError> {
+    let mut len = 1 + varlong_len(timestamp_delta) + varint_len(offset_delta);
+    len += nullable_len(record.key.as_deref(), "record key longer than i32::MAX bytes")?;
+    len += nullable_len(record.value.as_deref(), "record value longer than i32::MAX bytes")?;
+    let header_count = i32::try_from(record.headers.len())
+        .map_err(|_| BatchError::InvalidInput("more headers than a record can count"))?;
+    len += varint_len(header_count);
+    for header in &record.headers {
+        len = len.saturating_add(nullable_len(
+            Some(header.key.as_bytes()),
+            "header key longer than i32::MAX bytes",
+        )?);
+        len = len.saturating_add(nullable_len(
+            header.value.as_deref(),
+            "header value longer than i32::MAX bytes",
+        )?);
+    }
+    i32::try_from(len).map_err(|_| BatchError::InvalidInput("record longer than i32::MAX bytes"))
+}
+
+fn nullable_len(bytes: Option<&[u8]>, too_long: &'static str) -> Result<usize, BatchError> {
+    match bytes {
+        None => Ok(varint_len(NULL_LENGTH)),
+        Some(bytes) => {
+            let len = i32::try_from(bytes.len()).map_err(|_| BatchError::InvalidInput(too_long))?;
+            Ok(varint_len(len) + bytes.len())
+        }
+    }
+}
+
+fn put_nullable(out: &mut BytesMut, bytes: Option<&[u8]>) {
+    match bytes {
+        None => put_varint(out, NULL_LENGTH),
+        Some(bytes) => {
+            // Checked against i32 by `record_body_len`.
+            put_varint(out, bytes.len() as i32);
+            out.put_slice(bytes);
+        }
+    }
+}
+
+/// Decompresses a zstd records section, refusing more than `max_bytes` of output, so a small
+/// hostile batch cannot make the decoder allocate much.
+///
+/// The zstd window is bounded too: by `max_bytes` rounded up to a power of two, but never
+/// below 8 MiB, the window Kafka producers use up to level 19, so a decoder with small limits
+/// still reads their batches.
+fn zstd_decompress(compressed: &[u8], max_bytes: usize) -> Result<Vec<u8>, BatchError> {
+    const INVALID: BatchError =
+        BatchError::Corrupt("zstd records are invalid or need a window above the limit");
+    if compressed.is_empty() {
+        return Ok(Vec::new());
+    }
+    let max_bytes_u64 = u64::try_from(max_bytes).unwrap_or(u64::MAX);
+    // A frame that states its size up front can be refused before any work.
+    if let Ok(Some(content_bytes)) = zstd::zstd_safe::get_frame_content_size(compressed)
+        && content_bytes > max_bytes_u64
+    {
+        return Err(BatchError::DecompressedTooLarge { max: max_bytes });
+    }
+    let mut decoder = zstd::stream::read::Decoder::with_buffer(compressed).map_err(|_| INVALID)?;
+    let window_log = max_bytes
+        .checked_next_power_of_two()
+        .map_or(usize::BITS, usize::trailing_zeros)
+        .clamp(ZSTD_WINDOW_LOG_MIN, ZSTD_WINDOW_LOG_MAX);
+    decoder.window_log_max(window_log).map_err(|_| INVALID)?;
+    let mut decompressed = Vec::new();
+    // One byte over the limit is enough to know the limit was passed.
+    decoder
+        .take(max_bytes_u64.saturating_add(1))
+        .read_to_end(&mut decompressed)
+        .map_err(|_| INVALID)?;
+    if decompressed.len() > max_bytes {
+        return Err(BatchError::DecompressedTooLarge { max: max_bytes });
+    }
+    Ok(decompressed)
+}
+
+/// Parses the uncompressed records section of the batch `header` describes.
+fn parse_records(header: &BatchHeader, section: &[u8]) -> Result<Vec<DecodedRecord>, BatchError> {
+    let record_count = usize::try_from(header.record_count)
+        .map_err(|_| BatchError::Corrupt("negative record count"))?;
+    // The count is only a claim until the bytes back it: allocate for what they can hold.
+    let mut records = Vec::with_capacity(record_count.min(section.len() / RECORD_BYTES_MIN));
+    let mut rest = section;
+    let mut previous_offset_delta = None;
+    for _ in 0..record_count {
+        let (raw, consumed) = parse_record(rest)?;
+        rest = &rest[consumed..];
+        let in_order = previous_offset_delta.is_none_or(|previous| raw.offset_delta > previous);
+        if raw.offset_delta < 0 || raw.offset_delta > header.last_offset_delta || !in_order {
+            return Err(BatchError::Corrupt("record offset delta out of order or range"));
+        }
+        previous_offset_delta = Some(raw.offset_delta);
+        let offset = header
+            .base_offset
+            .checked_add(i64::from(raw.offset_delta))
+            .ok_or(BatchError::Corrupt("record offset overflows i64"))?;
+        let timestamp = match header.timestamp_type() {
+            TimestampType::LogAppendTime => header.max_timestamp,
+            TimestampType::CreateTime => header.base_timestamp.wrapping_add(raw.timestamp_delta),
+        };
+        records.push(DecodedRecord {
+            offset,
+            timestamp,
+            key: raw.key,
+            value: raw.value,
+            headers: raw.headers,
+        });
+    }
+    if !rest.is_empty() {
+        return Err(BatchError::Corrupt("bytes left after the last record"));
+    }
+    Ok(records)
+}
+
+/// A record as stored, before the batch's base offset and timestamp are applied.
+struct RawRecord {
+    timestamp_delta: i64,
+    offset_delta: i32,
+    key: Option<Bytes>,
+    value: Option<Bytes>,
+    headers: Vec<Header>,
+}
+
+/// Parses the record at the front of `buf`, returning it and the bytes it took.
+fn parse_record(buf: &[u8]) -> Result<(RawRecord, usize), BatchError> {
+    if buf.is_empty() {
+        return Err(BatchError::Corrupt("fewer records than the record count"));
+    }
+    let (body_len, len_bytes) = read_varint(buf)?;
+    let body_len =
+        usize::try_from(body_len).map_err(|_| BatchError::Corrupt("negative record length"))?;
+    let body = len_bytes
+        .checked_add(body_len)
+        .and_then(|end| buf.get(len_bytes..end))
+        .ok_or(BatchError::Corrupt("record length runs past the end of the batch"))?;
+
+    let mut reader = FieldReader { rest: body };
+    // Record attributes are unused in v2; Kafka ignores them on read, and so do we.
+    reader.take(1)?;
+    let timestamp_delta = reader.varlong()?;
+    let offset_delta = reader.varint()?;
+    let key = reader.nullable_bytes()?;
+    let value = reader.nullable_bytes()?;
+    let header_count = usize::try_from(reader.varint()?)
+        .map_err(|_| BatchError::Corrupt("negative record header count"))?;
+    let mut headers = Vec::with_capacity(header_count.min(reader.rest.len() / HEADER_BYTES_MIN));
+    for _ in 0..header_count {
+        let key_len = usize::try_from(reader.varint()?)
+            .map_err(|_| BatchError::Corrupt("negative record header key length"))?;
+        let key = std::str::from_utf8(reader.take(key_len)?)
+            .map_err(|_| BatchError::Corrupt("record header key is not UTF-8"))?
+            .to_owned();
+        let value = reader.nullable_bytes()?;
+        headers.push(Header { key, value });
+    }
+    if !reader.rest.is_empty() {
+        return Err(BatchError::Corrupt("record length does not match its fields"));
+    }
+    let record = RawRecord {
+        timestamp_delta,
+        offset_delta,
+        key,
+        value,
+        headers,
+    };
+    Ok((record, len_bytes + body_len))
+}
+
+/// Reads the fields of one record body; running off its end is corruption.
+struct FieldReader<'a> {
+    rest: &'a [u8],
+}
+
+impl<'a> FieldReader<'a> {
+    fn take(&mut self, len: usize) -> Result<&'a [u8], BatchError> {
+        if len > self.rest.len() {
+            return Err(BatchError::Corrupt("record field runs past the record length"));
+        }
+        let (field, rest) = self.rest.split_at(len);
+        self.rest = rest;
+        Ok(field)
+    }
+
+    fn varint(&mut self) -> Result<i32, BatchError> {
+        let (value, consumed) = read_varint(self.rest)?;
+        self.rest = &self.rest[consumed..];
+        Ok(value)
+    }
+
+    fn varlong(&mut self) -> Result<i64, BatchError> {
+        let (value, consumed) = read_varlong(self.rest)?;
+        self.rest = &self.rest[consumed..];
+        Ok(value)
+    }
+
+    /// A length-prefixed byte string where -1 means null.
+    fn nullable_bytes(&mut self) -> Result<Option<Bytes>, BatchError> {
+        match self.varint()? {
+            NULL_LENGTH => Ok(None),
+            len => {
+                let len = usize::try_from(len)
+                    .map_err(|_| BatchError::Corrupt("negative length other than -1"))?;
+                Ok(Some(Bytes::copy_from_slice(self.take(len)?)))
+            }
+        }
+    }
+}

@@ -1,0 +1,1006 @@
+//! One partition's log: an ordered set of segments, the offsets it assigns, group commit,
+//! reads, truncation and retention.
+//!
+//! # Concurrency
+//! `state` (segments and offsets) is held only while bytes are written to the page cache or a
+//! segment is located; file reads and fsyncs happen outside it. Durability is a separate
+//! monitor, `sync`: an appender that needs its bytes durable either waits for an fsync in
+//! flight to cover them or runs the next fsync itself, covering every append written before
+//! it started. So concurrent appenders share one fsync (group commit). Lock order is always
+//! `state` then `sync`, never the reverse.
+//!
+//! # Invariants
+//! - Offsets are assigned contiguously and never change; reads never see bytes past the
+//!   durable end in the durable flush mode, so a reader never sees a record a crash could undo.
+//! - Every segment below the recovery point was fsync'd whole and has index files on disk.
+//! - The log start offset is persisted in the checkpoint before any segment below it is
+//!   deleted, so after a crash a reader sees the data or an out-of-range error, never a hole.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
+
+use crate::batch::{self, BatchHeader, DecodeLimits};
+use crate::config::{FlushPolicy, TopicConfig};
+use crate::disk::Disk;
+use crate::error::{LogError, Result};
+use crate::fsutil;
+use crate::retention::{self, RetentionLimits, SegmentSummary};
+use crate::segment::{self, Segment};
+use crate::time::now_ms;
+
+const CHECKPOINT_FILE: &str = "checkpoint";
+const CHECKPOINT_VERSION: u32 = 1;
+
+/// Where the partition's persistent offsets live, replaced atomically.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Checkpoint {
+    version: u32,
+    /// Everything below this offset is fsync'd and its segments have index files.
+    recovery_point: u64,
+    log_start_offset: u64,
+}
+
+/// How an append treats the offsets in the batches it is given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OffsetAssignment {
+    /// The log assigns the next offsets, rewriting each batch's base offset (a leader).
+    #[default]
+    Assign,
+    /// The batches carry their offsets, which must follow the log end (a follower).
+    Keep,
+}
+
+/// Options of one append.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct AppendOptions {
+    pub offsets: OffsetAssignment,
+    /// When set, written into every batch's partition leader epoch field.
+    pub leader_epoch: Option<i32>,
+}
+
+/// Where an append landed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AppendInfo {
+    pub base_offset: u64,
+    pub last_offset: u64,
+    pub batch_count: usize,
+    /// Wall-clock time of the append, in ms.
+    pub append_time_ms: i64,
+}
+
+/// Whole batches read from the log, and the offsets a fetch response reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadSlice {
+    /// Whole batches, exactly as stored. The first may start before the requested offset.
+    pub bytes: Vec<u8>,
+    pub log_start_offset: u64,
+    /// End of what readers may see: the durable end in the durable flush mode.
+    pub high_watermark: u64,
+    pub log_end_offset: u64,
+}
+
+/// What one retention pass or delete removed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct DeleteReport {
+    pub segments: u64,
+    pub bytes: u64,
+    /// Offsets removed, which is the record count when no gaps exist.
+    pub offsets: u64,
+}
+
+impl DeleteReport {
+    pub fn add(&mut self, other: DeleteReport) {
+        self.segments += other.segments;
+        self.bytes += other.bytes;
+        self.offsets += other.offsets;
+    }
+}
+
+/// What opening the partition found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RecoveryReport {
+    pub segments_recovered: u64,
+    pub bytes_truncated: u64,
+    pub segments_removed: u64,
+}
+
+impl RecoveryReport {
+    pub fn add(&mut self, other: RecoveryReport) {
+        self.segments_recovered += other.segments_recovered;
+        self.bytes_truncated += other.bytes_truncated;
+        self.segments_removed += other.segments_removed;
+    }
+}
+
+/// Everything a partition needs from its data directory to open.
+#[derive(Debug, Clone)]
+pub(crate) struct OpenOptions {
+    pub(crate) clean: bool,
+    pub(crate) flush: FlushPolicy,
+    pub(crate) max_batch_bytes: usize,
+    pub(crate) index_interval_bytes: u32,
+    pub(crate) disk: Arc<Disk>,
+}
+
+#[derive(Debug)]
+struct State {
+    segments: BTreeMap<u64, Segment>,
+    log_start: u64,
+    next_offset: u64,
+    recovery_point: u64,
+    closed: bool,
+}
+
+impl State {
+    fn active(&self) -> &Segment {
+        self.segments
+            .values()
+            .next_back()
+            .expect("a partition always has an active segment")
+    }
+
+    fn active_mut(&mut self) -> &mut Segment {
+        self.segments
+            .values_mut()
+            .next_back()
+            .expect("a partition always has an active segment")
+    }
+
+    fn local_start(&self) -> u64 {
+        let first = self.segments.keys().next().copied().unwrap_or(self.next_offset);
+        first.max(self.log_start)
+    }
+
+    fn size_bytes(&self) -> u64 {
+        self.segments.values().map(Segment::size).sum()
+    }
+}
+
+#[derive(Debug)]
+struct SyncState {
+    durable_end: u64,
+    syncing: bool,
+    /// Bumped by truncation, so an fsync that started before it cannot raise the durable end
+    /// past the truncated log.
+    generation: u64,
+    failed: Option<PathBuf>,
+}
+
+/// The log of one partition. Cheap to share behind an `Arc`; every method takes `&self`.
+#[derive(Debug)]
+pub struct PartitionLog {
+    topic: String,
+    partition: u32,
+    dir: PathBuf,
+    config: RwLock<TopicConfig>,
+    flush: FlushPolicy,
+    max_batch_bytes: usize,
+    index_interval_bytes: u32,
+    disk: Arc<Disk>,
+    state: Mutex<State>,
+    sync: Mutex<SyncState>,
+    synced: Condvar,
+    /// Mirror of the visible end for readers that do not take the sync lock.
+    visible_end: AtomicU64,
+    /// fsyncs of segment data issued so far, for metrics and for proving group commit.
+    fsyncs: AtomicU64,
+}
+
+impl PartitionLog {
+    /// Opens (creating if needed) the partition in `dir`, recovering it when the data
+    /// directory was not shut down cleanly.
+    pub(crate) fn open(
+        topic: &str,
+        partition: u32,
+        dir: &Path,
+        config: TopicConfig,
+        options: &OpenOptions,
+    ) -> Result<(PartitionLog, RecoveryReport)> {
+        fsutil::create_dir_durable(dir)?;
+        let bases = list_segments(dir)?;
+        let checkpoint = read_checkpoint(dir)?;
+        let mut report = RecoveryReport::default();
+        let recover_from = if options.clean {
+            u64::MAX
+        } else {
+            // Scan from the segment holding the recovery point: everything after it may be
+            // torn.
+            bases
+                .iter()
+                .copied()
+                .filter(|&base| base <= checkpoint.recovery_point)
+                .next_back()
+                .unwrap_or(0)
+        };
+
+        let mut segments = BTreeMap::new();
+        let mut next_offset = checkpoint.log_start_offset;
+        let mut cut = false;
+        for &base in &bases {
+            if cut {
+                // Everything after a truncation point is unacknowledged garbage.
+                segment::delete_files(dir, base)?;
+                report.segments_removed += 1;
+                continue;
+            }
+            if let Some(last) = segments.values().next_back() {
+                let last: &Segment = last;
+                if base < last.next_offset() {
+                    return Err(LogError::corrupt(
+                        dir.join(segment::file_name(base, segment::LOG_SUFFIX)),
+                        format!("segment overlaps the previous one ending at {}", last.next_offset()),
+                    ));
+                }
+            }
+            let segment = if base < recover_from {
+                Segment::open_trusted(dir, base, options.index_interval_bytes)?
+            } else {
+                let (segment, outcome) = Segment::recover(dir, base, options.index_interval_bytes)?;
+                report.segments_recovered += 1;
+                report.bytes_truncated += outcome.truncated_bytes;
+                if outcome.truncated_bytes > 0 {
+                    cut = true;
+                }
+                segment.sync()?;
+                segment
+            };
+            next_offset = segment.next_offset();
+            segments.insert(base, segment);
+        }
+
+        let mut log_start = checkpoint.log_start_offset;
+        if let Some(&first) = segments.keys().next() {
+            log_start = log_start.max(first);
+        }
+        if log_start > next_offset {
+            // Only possible when a crash lost unflushed data above a persisted log start.
+            tracing::warn!(topic, partition, log_start, next_offset, "log start beyond recovered end; starting empty");
+            for (_, segment) in std::mem::take(&mut segments) {
+                report.segments_removed += 1;
+                segment.delete()?;
+            }
+            next_offset = log_start;
+        }
+        if segments.is_empty() {
+            let segment = Segment::create(dir, next_offset, options.index_interval_bytes)?;
+            segments.insert(next_offset, segment);
+        }
+        let now = now_ms();
+        if let Some(active) = segments.values_mut().next_back() {
+            active.set_first_append_ms(now);
+        }
+        // Recovered closed segments get index files now, so they can be trusted next time.
+        let active_base = *segments.keys().next_back().expect("just ensured");
+        if !options.clean {
+            for segment in segments.values().filter(|s| s.base_offset >= recover_from) {
+                if segment.base_offset != active_base {
+                    segment.persist_indexes()?;
+                }
+            }
+        }
+        let recovery_point = if options.clean {
+            checkpoint.recovery_point.min(next_offset)
+        } else {
+            active_base
+        };
+        let state = State {
+            segments,
+            log_start,
+            next_offset,
+            recovery_point,
+            closed: false,
+        };
+        write_checkpoint(dir, &state)?;
+        options.disk.add_used(state.size_bytes());
+        let log = PartitionLog {
+            topic: topic.to_string(),
+            partition,
+            dir: dir.to_path_buf(),
+            config: RwLock::new(config),
+            flush: options.flush,
+            max_batch_bytes: options.max_batch_bytes,
+            index_interval_bytes: options.index_interval_bytes,
+            disk: options.disk.clone(),
+            visible_end: AtomicU64::new(next_offset),
+            fsyncs: AtomicU64::new(0),
+            sync: Mutex::new(SyncState {
+                durable_end: next_offset,
+                syncing: false,
+                generation: 0,
+                failed: None,
+            }),
+            synced: Condvar::new(),
+            state: Mutex::new(state),
+        };
+        Ok((log, report))
+    }
+
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    pub fn partition(&self) -> u32 {
+        self.partition
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn config(&self) -> TopicConfig {
+        self.config.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub(crate) fn set_config(&self, config: TopicConfig) {
+        *self.config.write().unwrap_or_else(|e| e.into_inner()) = config;
+    }
+
+    /// Appends whole batches, assigning offsets; returns once they are durable under the
+    /// durable flush policy.
+    pub fn append(&self, batches: &mut [u8]) -> Result<AppendInfo> {
+        self.append_with(batches, AppendOptions::default())
+    }
+
+    /// Appends whole batches (one or more, concatenated), validating each header and CRC.
+    /// Under [`FlushPolicy::Durable`] it returns only once the bytes are fsync'd.
+    pub fn append_with(&self, batches: &mut [u8], options: AppendOptions) -> Result<AppendInfo> {
+        let headers = self.validate(batches)?;
+        self.disk.admit(batches.len() as u64)?;
+        let config = self.config();
+        let now = now_ms();
+        let info = {
+            let mut state = self.lock_state()?;
+            let base_offset = match options.offsets {
+                OffsetAssignment::Assign => state.next_offset,
+                OffsetAssignment::Keep => {
+                    let first = headers[0].0.base_offset as u64;
+                    if headers[0].0.base_offset < 0 || first < state.next_offset {
+                        return Err(LogError::OffsetOrder {
+                            base_offset: headers[0].0.base_offset.max(0) as u64,
+                            log_end: state.next_offset,
+                        });
+                    }
+                    first
+                }
+            };
+            let mut headers = headers;
+            let mut next = base_offset;
+            let mut at = 0;
+            for (header, len) in headers.iter_mut() {
+                let bytes = &mut batches[at..at + *len];
+                if options.offsets == OffsetAssignment::Assign {
+                    batch::set_base_offset(bytes, next as i64);
+                    header.base_offset = next as i64;
+                } else if (header.base_offset as u64) < next {
+                    return Err(LogError::OffsetOrder {
+                        base_offset: header.base_offset as u64,
+                        log_end: next,
+                    });
+                }
+                if let Some(epoch) = options.leader_epoch {
+                    batch::set_partition_leader_epoch(bytes, epoch);
+                    header.partition_leader_epoch = epoch;
+                }
+                next = header.last_offset() as u64 + 1;
+                at += *len;
+            }
+            let last_offset = next - 1;
+            self.maybe_roll(&mut state, &config, batches.len() as u64, last_offset, now)?;
+            state.active_mut().append(batches, &headers, now)?;
+            state.next_offset = next;
+            self.disk.add_used(batches.len() as u64);
+            if !matches!(self.flush, FlushPolicy::Durable) {
+                self.visible_end.store(next, Ordering::Release);
+            }
+            AppendInfo {
+                base_offset,
+                last_offset,
+                batch_count: headers.len(),
+                append_time_ms: now,
+            }
+        };
+        if matches!(self.flush, FlushPolicy::Durable) {
+            self.wait_durable(info.last_offset + 1)?;
+        }
+        Ok(info)
+    }
+
+    /// Checks that `batches` is a run of whole, valid batches within the size limit.
+    fn validate(&self, batches: &[u8]) -> Result<Vec<(BatchHeader, usize)>> {
+        if batches.is_empty() {
+            return Err(batch::BatchError::InvalidInput("no batches to append").into());
+        }
+        let mut headers = Vec::new();
+        let mut at = 0;
+        while at < batches.len() {
+            match batch::check_batch(&batches[at..], self.max_batch_bytes)? {
+                Some((header, len)) => {
+                    headers.push((header, len));
+                    at += len;
+                }
+                None => return Err(batch::BatchError::Corrupt("partial batch at end of input").into()),
+            }
+        }
+        Ok(headers)
+    }
+
+    /// Rolls the active segment when the next append would overflow it, it is too old, or its
+    /// relative offsets would overflow.
+    fn maybe_roll(
+        &self,
+        state: &mut State,
+        config: &TopicConfig,
+        incoming_bytes: u64,
+        last_offset: u64,
+        now: i64,
+    ) -> Result<()> {
+        let active = state.active();
+        if active.is_empty() {
+            return Ok(());
+        }
+        let too_big = active.size() + incoming_bytes > config.segment_bytes;
+        let too_old = active
+            .first_append_ms()
+            .is_some_and(|first| now.saturating_sub(first) >= config.segment_ms as i64);
+        let offsets_overflow = last_offset - active.base_offset > u64::from(u32::MAX);
+        if too_big || too_old || offsets_overflow {
+            self.roll(state)?;
+        }
+        Ok(())
+    }
+
+    /// Closes the active segment (fsync'd, indexes written) and starts a new one at the log
+    /// end. Everything before the new segment is durable afterwards.
+    fn roll(&self, state: &mut State) -> Result<()> {
+        let active = state.active();
+        self.fsyncs.fetch_add(1, Ordering::Relaxed);
+        if let Err(error) = active.sync() {
+            self.poison(active.log_path());
+            return Err(error);
+        }
+        active.persist_indexes()?;
+        let base = state.next_offset;
+        let segment = Segment::create(&self.dir, base, self.index_interval_bytes)?;
+        state.segments.insert(base, segment);
+        state.recovery_point = base;
+        write_checkpoint(&self.dir, state)?;
+        self.mark_durable(base);
+        tracing::debug!(topic = %self.topic, partition = self.partition, base, "rolled segment");
+        Ok(())
+    }
+
+    fn mark_durable(&self, end: u64) {
+        let mut sync = self.lock_sync();
+        if end > sync.durable_end {
+            sync.durable_end = end;
+            self.visible_end.fetch_max(end, Ordering::AcqRel);
+            self.synced.notify_all();
+        }
+    }
+
+    fn poison(&self, path: PathBuf) {
+        tracing::error!(path = %path.display(), "fsync failed; partition refuses writes until reopened");
+        let mut sync = self.lock_sync();
+        sync.failed = Some(path);
+        self.synced.notify_all();
+    }
+
+    /// Blocks until everything below `end` is fsync'd, running the fsync itself when no other
+    /// appender is.
+    fn wait_durable(&self, end: u64) -> Result<()> {
+        let mut sync = self.lock_sync();
+        loop {
+            if let Some(path) = &sync.failed {
+                return Err(LogError::FsyncFailed { path: path.clone() });
+            }
+            if sync.durable_end >= end {
+                return Ok(());
+            }
+            if sync.syncing {
+                sync = self.synced.wait(sync).unwrap_or_else(|e| e.into_inner());
+                continue;
+            }
+            sync.syncing = true;
+            let generation = sync.generation;
+            drop(sync);
+            let (file, path, covered_end) = {
+                let state = self.lock_state_unchecked();
+                let active = state.active();
+                (active.file().clone(), active.log_path(), state.next_offset)
+            };
+            let result = file.sync_data();
+            self.fsyncs.fetch_add(1, Ordering::Relaxed);
+            sync = self.lock_sync();
+            sync.syncing = false;
+            match result {
+                Ok(()) if sync.generation == generation => {
+                    if covered_end > sync.durable_end {
+                        sync.durable_end = covered_end;
+                        self.visible_end.fetch_max(covered_end, Ordering::AcqRel);
+                    }
+                }
+                Ok(()) => {}
+                Err(error) => {
+                    tracing::error!(path = %path.display(), %error, "fsync failed; partition refuses writes until reopened");
+                    sync.failed = Some(path);
+                }
+            }
+            self.synced.notify_all();
+        }
+    }
+
+    /// Makes everything appended so far durable. Appends under the durable policy already are;
+    /// the relaxed policy's flusher calls this.
+    pub fn flush(&self) -> Result<()> {
+        let end = self.lock_state_unchecked().next_offset;
+        self.wait_durable(end)?;
+        self.visible_end.fetch_max(end, Ordering::AcqRel);
+        Ok(())
+    }
+
+    /// Reads whole batches starting with the one holding `offset`, up to `max_bytes` (at
+    /// least one batch when any is visible, as Kafka does so that a large batch never blocks
+    /// a consumer).
+    pub fn read(&self, offset: u64, max_bytes: usize) -> Result<ReadSlice> {
+        let high_watermark = self.high_watermark();
+        let (candidates, log_start, log_end) = {
+            let state = self.lock_state_unchecked();
+            let local_start = state.local_start();
+            if offset < state.log_start || offset > state.next_offset {
+                return Err(LogError::OffsetOutOfRange {
+                    offset,
+                    log_start: state.log_start,
+                    log_end: state.next_offset,
+                });
+            }
+            if offset < local_start {
+                return Err(LogError::NotLocal {
+                    offset,
+                    local_start,
+                });
+            }
+            let first = state
+                .segments
+                .range(..=offset)
+                .next_back()
+                .map_or(local_start, |(base, _)| *base);
+            let candidates: Vec<_> = state
+                .segments
+                .range(first..)
+                .take(2)
+                .map(|(_, segment)| {
+                    (
+                        segment.file().clone(),
+                        segment.log_path(),
+                        segment.scan_start_for_offset(offset),
+                        segment.size(),
+                    )
+                })
+                .collect();
+            (candidates, state.log_start, state.next_offset)
+        };
+        let mut slice = ReadSlice {
+            bytes: Vec::new(),
+            log_start_offset: log_start,
+            high_watermark,
+            log_end_offset: log_end,
+        };
+        if offset >= high_watermark {
+            return Ok(slice);
+        }
+        for (index, (file, path, scan_start, size)) in candidates.into_iter().enumerate() {
+            let start = if index == 0 { scan_start } else { 0 };
+            let Some((position, header)) = segment::find_batch(&file, &path, start, size, offset)?
+            else {
+                continue;
+            };
+            if header.base_offset as u64 >= high_watermark {
+                return Ok(slice);
+            }
+            let first_len = header.total_len() as u64;
+            let want = (max_bytes as u64).max(first_len).min(size - position);
+            let mut bytes = vec![0u8; want as usize];
+            std::os::unix::fs::FileExt::read_exact_at(&*file, &mut bytes, position)
+                .map_err(LogError::io(&path))?;
+            bytes.truncate(whole_batches_below(&bytes, high_watermark));
+            slice.bytes = bytes;
+            return Ok(slice);
+        }
+        Ok(slice)
+    }
+
+    /// The first offset whose record timestamp is at or after `timestamp`, with that
+    /// timestamp; `None` when every visible record is older.
+    pub fn offset_for_timestamp(&self, timestamp: i64) -> Result<Option<(u64, i64)>> {
+        let high_watermark = self.high_watermark();
+        let (candidates, log_start) = {
+            let state = self.lock_state_unchecked();
+            let candidates: Vec<_> = state
+                .segments
+                .values()
+                .filter(|segment| segment.max_timestamp() >= timestamp)
+                .map(|segment| {
+                    (
+                        segment.file().clone(),
+                        segment.log_path(),
+                        segment.scan_start_for_timestamp(timestamp),
+                        segment.size(),
+                    )
+                })
+                .collect();
+            (candidates, state.log_start)
+        };
+        let limits = DecodeLimits {
+            max_batch_bytes: usize::MAX,
+            ..DecodeLimits::default()
+        };
+        for (file, path, mut position, size) in candidates {
+            let mut header_bytes = [0u8; batch::BATCH_HEADER_LEN];
+            while position + batch::BATCH_HEADER_LEN as u64 <= size {
+                std::os::unix::fs::FileExt::read_exact_at(&*file, &mut header_bytes, position)
+                    .map_err(LogError::io(&path))?;
+                let header = BatchHeader::parse(&header_bytes)?
+                    .ok_or_else(|| LogError::corrupt(&path, "partial batch header"))?;
+                if header.base_offset as u64 >= high_watermark {
+                    return Ok(None);
+                }
+                let len = header.total_len();
+                if header.max_timestamp >= timestamp && header.last_offset() as u64 >= log_start {
+                    let mut bytes = vec![0u8; len];
+                    std::os::unix::fs::FileExt::read_exact_at(&*file, &mut bytes, position)
+                        .map_err(LogError::io(&path))?;
+                    let records = match batch::decode_batch(&bytes, &limits)? {
+                        Some((_, records, _)) => records,
+                        None => return Err(LogError::corrupt(&path, "partial batch")),
+                    };
+                    let found = records.iter().find(|record| {
+                        record.timestamp >= timestamp
+                            && record.offset >= 0
+                            && record.offset as u64 >= log_start
+                            && (record.offset as u64) < high_watermark
+                    });
+                    if let Some(record) = found {
+                        return Ok(Some((record.offset as u64, record.timestamp)));
+                    }
+                }
+                position += len as u64;
+            }
+        }
+        Ok(None)
+    }
+
+    /// Removes every record at or after `offset` (whole batches: one straddling `offset`
+    /// goes entirely). Used by replication followers. Returns the new log end offset.
+    pub fn truncate_to(&self, offset: u64) -> Result<u64> {
+        let mut state = self.lock_state()?;
+        if offset >= state.next_offset {
+            return Ok(state.next_offset);
+        }
+        if offset < state.local_start() {
+            return Err(LogError::OffsetOutOfRange {
+                offset,
+                log_start: state.local_start(),
+                log_end: state.next_offset,
+            });
+        }
+        // Lower the recovery point first: a crash mid-truncation then rescans.
+        state.recovery_point = state.recovery_point.min(offset);
+        write_checkpoint(&self.dir, &state)?;
+        let doomed: Vec<u64> = state.segments.range(offset + 1..).map(|(b, _)| *b).collect();
+        let mut freed = 0;
+        for base in doomed {
+            if state.segments.len() == 1 {
+                break;
+            }
+            if let Some(segment) = state.segments.remove(&base) {
+                freed += segment.size();
+                segment.delete()?;
+            }
+        }
+        let active = state.active_mut();
+        let before = active.size();
+        let new_end = active.truncate_to(offset)?;
+        freed += before - active.size();
+        state.next_offset = new_end;
+        state.recovery_point = state.recovery_point.min(new_end);
+        write_checkpoint(&self.dir, &state)?;
+        self.disk.sub_used(freed);
+        let mut sync = self.lock_sync();
+        sync.generation += 1;
+        sync.durable_end = sync.durable_end.min(new_end);
+        self.visible_end.store(sync.durable_end.min(new_end), Ordering::Release);
+        if !matches!(self.flush, FlushPolicy::Durable) {
+            self.visible_end.store(new_end, Ordering::Release);
+        }
+        Ok(new_end)
+    }
+
+    /// Advances the log start offset to `offset` and deletes every segment wholly below it.
+    /// The new start is persisted before any file is deleted.
+    pub fn delete_before(&self, offset: u64) -> Result<DeleteReport> {
+        let mut state = self.lock_state()?;
+        if offset > state.next_offset {
+            return Err(LogError::OffsetOutOfRange {
+                offset,
+                log_start: state.log_start,
+                log_end: state.next_offset,
+            });
+        }
+        if offset <= state.log_start {
+            return Ok(DeleteReport::default());
+        }
+        state.log_start = offset;
+        write_checkpoint(&self.dir, &state)?;
+        self.delete_segments_below(&mut state, offset)
+    }
+
+    /// Deletes every closed segment wholly below `offset` without moving the log start: for
+    /// data a cold tier now holds.
+    pub fn delete_local_before(&self, offset: u64) -> Result<DeleteReport> {
+        let mut state = self.lock_state()?;
+        let bound = offset.min(state.next_offset);
+        self.delete_segments_below(&mut state, bound)
+    }
+
+    fn delete_segments_below(&self, state: &mut State, offset: u64) -> Result<DeleteReport> {
+        if state.active().next_offset() <= offset && !state.active().is_empty() {
+            self.roll(state)?;
+        }
+        let mut report = DeleteReport::default();
+        while state.segments.len() > 1 {
+            let (&base, first) = state.segments.iter().next().expect("len > 1");
+            if first.next_offset() > offset {
+                break;
+            }
+            let segment = state.segments.remove(&base).expect("just seen");
+            report.segments += 1;
+            report.bytes += segment.size();
+            report.offsets += segment.next_offset() - segment.base_offset;
+            segment.delete()?;
+        }
+        self.disk.sub_used(report.bytes);
+        Ok(report)
+    }
+
+    /// Applies time and size retention to closed segments (and rolls an active segment that
+    /// has outlived `segment.ms`, so idle partitions age out too). With `archived_below`, the
+    /// cold tier holds everything below that offset: local retention limits then apply to it
+    /// and the log start stays put.
+    pub fn enforce_retention(&self, now: i64, archived_below: Option<u64>) -> Result<DeleteReport> {
+        let config = self.config();
+        let mut state = self.lock_state()?;
+        let active = state.active();
+        if !active.is_empty()
+            && active
+                .first_append_ms()
+                .is_some_and(|first| now.saturating_sub(first) >= config.segment_ms as i64)
+        {
+            self.roll(&mut state)?;
+        }
+        let closed: Vec<SegmentSummary> = {
+            let count = state.segments.len() - 1;
+            state
+                .segments
+                .values()
+                .take(count)
+                .map(|segment| SegmentSummary {
+                    base_offset: segment.base_offset,
+                    next_offset: segment.next_offset(),
+                    size_bytes: segment.size(),
+                    max_timestamp: segment.max_timestamp(),
+                })
+                .collect()
+        };
+        let total = state.size_bytes();
+        let (limits, bound) = match archived_below {
+            None => (
+                RetentionLimits {
+                    retention_ms: config.retention_ms,
+                    retention_bytes: config.retention_bytes,
+                },
+                None,
+            ),
+            Some(bound) => (
+                RetentionLimits {
+                    retention_ms: config.effective_local_retention_ms(),
+                    retention_bytes: config.effective_local_retention_bytes(),
+                },
+                Some(bound),
+            ),
+        };
+        let count = retention::segments_to_delete(&closed, total, limits, now, bound);
+        if count == 0 {
+            return Ok(DeleteReport::default());
+        }
+        let new_start = closed[count - 1].next_offset;
+        if archived_below.is_none() && new_start > state.log_start {
+            state.log_start = new_start;
+            write_checkpoint(&self.dir, &state)?;
+        }
+        self.delete_segments_below(&mut state, new_start)
+    }
+
+    /// The oldest closed segment's max timestamp, for the data directory's drop-oldest budget.
+    pub(crate) fn oldest_closed_segment(&self) -> Option<i64> {
+        let state = self.lock_state_unchecked();
+        if state.segments.len() < 2 {
+            return None;
+        }
+        state.segments.values().next().map(Segment::max_timestamp)
+    }
+
+    /// Deletes the oldest closed segment, advancing the log start past it.
+    pub(crate) fn drop_oldest_segment(&self) -> Result<DeleteReport> {
+        let mut state = self.lock_state()?;
+        if state.segments.len() < 2 {
+            return Ok(DeleteReport::default());
+        }
+        let first = state.segments.values().next().expect("len >= 2");
+        let new_start = first.next_offset().max(state.log_start);
+        state.log_start = new_start;
+        write_checkpoint(&self.dir, &state)?;
+        self.delete_segments_below(&mut state, new_start)
+    }
+
+    /// Flushes everything, writes the active segment's indexes and a checkpoint whose
+    /// recovery point is the log end, then refuses further writes.
+    pub(crate) fn close(&self) -> Result<()> {
+        self.flush()?;
+        let mut state = self.lock_state()?;
+        state.active().persist_indexes()?;
+        state.recovery_point = state.next_offset;
+        write_checkpoint(&self.dir, &state)?;
+        state.closed = true;
+        Ok(())
+    }
+
+    /// First offset readers may ask for.
+    pub fn log_start_offset(&self) -> u64 {
+        self.lock_state_unchecked().log_start
+    }
+
+    /// First offset still on local disk; below it (and above the log start) data lives only
+    /// in a cold tier.
+    pub fn local_start_offset(&self) -> u64 {
+        self.lock_state_unchecked().local_start()
+    }
+
+    /// One past the last appended offset.
+    pub fn log_end_offset(&self) -> u64 {
+        self.lock_state_unchecked().next_offset
+    }
+
+    /// One past the last offset readers may see.
+    pub fn high_watermark(&self) -> u64 {
+        self.visible_end.load(Ordering::Acquire)
+    }
+
+    /// Bytes of batches in all segments.
+    pub fn size_bytes(&self) -> u64 {
+        self.lock_state_unchecked().size_bytes()
+    }
+
+    /// fsyncs of segment data this partition has issued since it was opened.
+    pub fn fsync_count(&self) -> u64 {
+        self.fsyncs.load(Ordering::Relaxed)
+    }
+
+    pub fn segment_count(&self) -> usize {
+        self.lock_state_unchecked().segments.len()
+    }
+
+    /// Base offsets of the segments, oldest first.
+    pub fn segment_bases(&self) -> Vec<u64> {
+        self.lock_state_unchecked().segments.keys().copied().collect()
+    }
+
+    fn lock_state(&self) -> Result<MutexGuard<'_, State>> {
+        let state = self.lock_state_unchecked();
+        if state.closed {
+            return Err(LogError::Closed);
+        }
+        if let Some(path) = &self.lock_sync().failed {
+            return Err(LogError::FsyncFailed { path: path.clone() });
+        }
+        Ok(state)
+    }
+
+    fn lock_state_unchecked(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock is a bug elsewhere; the state itself stays
+        // consistent because every mutation is completed before the guard drops.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn lock_sync(&self) -> MutexGuard<'_, SyncState> {
+        self.sync.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Length of the prefix of `bytes` made of whole batches that end below `end`.
+fn whole_batches_below(bytes: &[u8], end: u64) -> usize {
+    let mut at = 0;
+    while let Ok(Some(header)) = BatchHeader::parse(&bytes[at..]) {
+        let len = header.total_len();
+        if at + len > bytes.len() || header.last_offset() < 0 || header.last_offset() as u64 >= end {
+            break;
+        }
+        at += len;
+    }
+    at
+}
+
+/// Base offsets of the segments in `dir`, after removing leftovers of interrupted work.
+fn list_segments(dir: &Path) -> Result<Vec<u64>> {
+    let mut bases = Vec::new();
+    let mut index_files = Vec::new();
+    for entry in fs::read_dir(dir).map_err(LogError::io(dir))? {
+        let entry = entry.map_err(LogError::io(dir))?;
+        let name = entry.file_name();
+        let path = entry.path();
+        let Some(name) = name.to_str() else {
+            return Err(LogError::ForeignFile { path });
+        };
+        if name.ends_with(fsutil::TMP_SUFFIX) {
+            fsutil::remove_file_durable(&path)?;
+            continue;
+        }
+        if name == CHECKPOINT_FILE {
+            continue;
+        }
+        match segment::parse_file_name(name) {
+            Some((base, segment::LOG_SUFFIX)) => bases.push(base),
+            Some((base, _)) => index_files.push((base, path)),
+            None => return Err(LogError::ForeignFile { path }),
+        }
+    }
+    bases.sort_unstable();
+    // Index files whose segment is gone are leftovers of an interrupted delete.
+    for (base, path) in index_files {
+        if bases.binary_search(&base).is_err() {
+            fsutil::remove_file_durable(&path)?;
+        }
+    }
+    Ok(bases)
+}
+
+fn read_checkpoint(dir: &Path) -> Result<Checkpoint> {
+    let path = dir.join(CHECKPOINT_FILE);
+    let bytes = match fs::read(&path) {
+        Ok(bytes) => bytes,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+            return Ok(Checkpoint {
+                version: CHECKPOINT_VERSION,
+                recovery_point: 0,
+                log_start_offset: 0,
+            });
+        }
+        Err(error) => return Err(LogError::io(path)(error)),
+    };
+    let checkpoint: Checkpoint = serde_json::from_slice(&bytes).map_err(|error| {
+        LogError::corrupt(
+            &path,
+            format!("{error}; delete it to recover the partition from its first segment"),
+        )
+    })?;
+    if checkpoint.version != CHECKPOINT_VERSION {
+        return Err(LogError::corrupt(
+            &path,
+            format!("unsupported checkpoint version {}", checkpoint.version),
+        ));
+    }
+    Ok(checkpoint)
+}
+
+fn write_checkpoint(dir: &Path, state: &State) -> Result<()> {
+    let checkpoint = Checkpoint {
+        version: CHECKPOINT_VERSION,
+        recovery_point: state.recovery_point,
+        log_start_offset: state.log_start,
+    };
+    let bytes = serde_json::to_vec(&checkpoint).expect("a checkpoint always serializes");
+    fsutil::write_atomic(&dir.join(CHECKPOINT_FILE), &bytes)
+}
