@@ -50,7 +50,9 @@ pub enum OffsetAssignment {
     /// The log assigns the next offsets, rewriting each batch's base offset (a leader).
     #[default]
     Assign,
-    /// The batches carry their offsets, which must follow the log end (a follower).
+    /// The batches carry their offsets, which must continue the log end exactly (a
+    /// follower copying its leader). Offsets are contiguous in every Silt log, which lets
+    /// recovery reject a batch whose base offset (outside the CRC) was damaged.
     Keep,
 }
 
@@ -358,7 +360,7 @@ impl PartitionLog {
                 OffsetAssignment::Assign => state.next_offset,
                 OffsetAssignment::Keep => {
                     let first = headers[0].0.base_offset as u64;
-                    if headers[0].0.base_offset < 0 || first < state.next_offset {
+                    if headers[0].0.base_offset < 0 || first != state.next_offset {
                         return Err(LogError::OffsetOrder {
                             base_offset: headers[0].0.base_offset.max(0) as u64,
                             log_end: state.next_offset,
@@ -375,7 +377,7 @@ impl PartitionLog {
                 if options.offsets == OffsetAssignment::Assign {
                     batch::set_base_offset(bytes, next as i64);
                     header.base_offset = next as i64;
-                } else if (header.base_offset as u64) < next {
+                } else if header.base_offset as u64 != next {
                     return Err(LogError::OffsetOrder {
                         base_offset: header.base_offset as u64,
                         log_end: next,

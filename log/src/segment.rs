@@ -129,25 +129,27 @@ impl Segment {
         let mut segment = Segment::empty(dir, base_offset, file, index_interval_bytes);
         segment.size = len;
         let loaded = segment.load_indexes(len);
+        // Rescan from the earlier of the last entries of the two indexes: every batch before
+        // it is covered by them, and both entries name the offset of the batch they point at.
         let scan_from = match loaded {
             Some((offsets, times)) => {
-                let from = offsets
-                    .last()
-                    .map_or(0, |e| e.position)
-                    .min(times.last().map_or(0, |e| e.position));
+                let from_offsets = offsets.last().map_or((0, 0), |e| (e.position, e.relative_offset));
+                let from_times = times.last().map_or((0, 0), |e| (e.position, e.relative_offset));
+                let (position, relative_offset) = from_offsets.min(from_times);
                 segment.max_timestamp = times.last().map_or(i64::MIN, |e| e.max_timestamp);
+                segment.next_offset = base_offset + u64::from(relative_offset);
                 segment.offset_index = offsets;
                 segment.time_index = times;
-                u64::from(from)
+                u64::from(position)
             }
             None => 0,
         };
-        // Entries added by the scan start after the last loaded ones.
         let rebuild = scan_from == 0;
         if rebuild {
             segment.offset_index = OffsetIndex::default();
             segment.time_index = TimeIndex::default();
             segment.max_timestamp = i64::MIN;
+            segment.next_offset = base_offset;
         }
         match segment.scan(scan_from, false, rebuild)? {
             None => Ok(segment),
@@ -239,9 +241,11 @@ impl Segment {
             if total > file_len - position {
                 return invalid(format!("batch of {total} bytes is cut off"));
             }
-            if header.base_offset < 0 || (header.base_offset as u64) < self.next_offset {
+            // Offsets are contiguous in a Silt log; the base offset sits outside the CRC, so
+            // this is the check that catches its damage.
+            if header.base_offset < 0 || header.base_offset as u64 != self.next_offset {
                 return invalid(format!(
-                    "batch base offset {} does not follow {}",
+                    "batch base offset {} does not continue at {}",
                     header.base_offset, self.next_offset
                 ));
             }
