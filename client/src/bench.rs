@@ -73,7 +73,8 @@ fn log_bench(options: &LogBench) -> anyhow::Result<()> {
         .tempdir_in(&options.dir)
         .with_context(|| format!("creating a scratch directory in {}", options.dir.display()))?;
     let template = batch_template(options)?;
-    let batches = (options.total_bytes / (options.record_bytes * options.batch_records) as u64).max(1);
+    let batches =
+        (options.total_bytes / (options.record_bytes * options.batch_records) as u64).max(1);
     let log_bytes = batches * template.len() as u64;
     println!(
         "silt bench log: {} runs of {batches} batches x {} records x {} B ({:.0} MiB of batches), {} writers, durable flush",
@@ -83,7 +84,10 @@ fn log_bench(options: &LogBench) -> anyhow::Result<()> {
         log_bytes as f64 / (1 << 20) as f64,
         options.writers
     );
-    println!("{:>4} {:>12} {:>14} {:>8} {:>14} {:>16}", "run", "raw MB/s", "append MB/s", "ratio", "read MB/s", "appends/fsync");
+    println!(
+        "{:>4} {:>12} {:>14} {:>8} {:>14} {:>16}",
+        "run", "raw MB/s", "append MB/s", "ratio", "read MB/s", "appends/fsync"
+    );
     let mut figures = Vec::new();
     for run in 1..=options.runs {
         let raw_mb_s = raw_write(scratch.path(), log_bytes, template.len())?;

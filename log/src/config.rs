@@ -83,7 +83,11 @@ impl BudgetPolicy {
         match value {
             "reject" => Ok(BudgetPolicy::Reject),
             "drop-oldest" => Ok(BudgetPolicy::DropOldest),
-            _ => Err(ConfigError::new(key, value, "expected reject or drop-oldest")),
+            _ => Err(ConfigError::new(
+                key,
+                value,
+                "expected reject or drop-oldest",
+            )),
         }
     }
 
@@ -211,7 +215,10 @@ impl TopicConfig {
                 return Err(ConfigError::new(
                     key,
                     value,
-                    format!("unknown topic config; known: {}", TOPIC_CONFIG_KEYS.join(", ")),
+                    format!(
+                        "unknown topic config; known: {}",
+                        TOPIC_CONFIG_KEYS.join(", ")
+                    ),
                 ));
             }
         }

@@ -92,7 +92,9 @@ impl Disk {
     /// Decides whether `bytes` more may be appended, making room first under the drop-oldest
     /// policy. Called before the appending partition takes its own lock.
     pub(crate) fn admit(&self, bytes: u64) -> Result<()> {
-        let result = self.check_filesystem(bytes).and_then(|()| self.check_budget(bytes));
+        let result = self
+            .check_filesystem(bytes)
+            .and_then(|()| self.check_budget(bytes));
         if result.is_err() {
             self.rejected_appends.fetch_add(1, Ordering::Relaxed);
         }
@@ -101,7 +103,9 @@ impl Disk {
 
     fn check_filesystem(&self, bytes: u64) -> Result<()> {
         let mut fs = self.fs.lock().unwrap_or_else(|e| e.into_inner());
-        let stale = fs.read_at.is_none_or(|at| at.elapsed() >= FS_CHECK_INTERVAL);
+        let stale = fs
+            .read_at
+            .is_none_or(|at| at.elapsed() >= FS_CHECK_INTERVAL);
         let headroom = fs
             .available_bytes
             .saturating_sub(fs.written_since)
@@ -160,7 +164,10 @@ impl Disk {
             .collect();
         let oldest = partitions
             .iter()
-            .filter_map(|p| p.oldest_closed_segment().map(|max_timestamp| (max_timestamp, p)))
+            .filter_map(|p| {
+                p.oldest_closed_segment()
+                    .map(|max_timestamp| (max_timestamp, p))
+            })
             .min_by_key(|(max_timestamp, _)| *max_timestamp);
         let Some((_, partition)) = oldest else {
             return Ok(false);
@@ -173,9 +180,12 @@ impl Disk {
             offsets = report.offsets,
             "disk budget full: dropped oldest segment"
         );
-        self.dropped_segments.fetch_add(report.segments, Ordering::Relaxed);
-        self.dropped_bytes.fetch_add(report.bytes, Ordering::Relaxed);
-        self.dropped_offsets.fetch_add(report.offsets, Ordering::Relaxed);
+        self.dropped_segments
+            .fetch_add(report.segments, Ordering::Relaxed);
+        self.dropped_bytes
+            .fetch_add(report.bytes, Ordering::Relaxed);
+        self.dropped_offsets
+            .fetch_add(report.offsets, Ordering::Relaxed);
         Ok(report.segments > 0)
     }
 

@@ -22,10 +22,8 @@ pub(crate) fn create_dir_durable(dir: &Path) -> Result<()> {
     if dir.is_dir() {
         return Ok(());
     }
-    if let Some(parent) = dir.parent() {
-        if !parent.as_os_str().is_empty() {
-            create_dir_durable(parent)?;
-        }
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        create_dir_durable(parent)?;
     }
     match fs::create_dir(dir) {
         Ok(()) => {}

@@ -67,7 +67,9 @@ impl OffsetIndex {
 
     /// Drops entries at or beyond `position`, after the segment was truncated there.
     pub(crate) fn truncate_to_position(&mut self, position: u32) {
-        let keep = self.entries.partition_point(|entry| entry.position < position);
+        let keep = self
+            .entries
+            .partition_point(|entry| entry.position < position);
         self.entries.truncate(keep);
     }
 
@@ -86,7 +88,7 @@ impl OffsetIndex {
 
     /// Decodes an index file, checking that it could describe a segment of `segment_bytes`.
     pub(crate) fn decode(bytes: &[u8], segment_bytes: u64) -> Result<Self, &'static str> {
-        if bytes.len() % OFFSET_ENTRY_BYTES != 0 {
+        if !bytes.len().is_multiple_of(OFFSET_ENTRY_BYTES) {
             return Err("length is not a whole number of entries");
         }
         let mut index = OffsetIndex::default();
@@ -98,11 +100,10 @@ impl OffsetIndex {
             if u64::from(entry.position) >= segment_bytes {
                 return Err("entry points past the end of the segment");
             }
-            if let Some(last) = index.entries.last() {
-                if entry.relative_offset <= last.relative_offset || entry.position <= last.position
-                {
-                    return Err("entries do not increase");
-                }
+            if index.entries.last().is_some_and(|last| {
+                entry.relative_offset <= last.relative_offset || entry.position <= last.position
+            }) {
+                return Err("entries do not increase");
             }
             index.entries.push(entry);
         }
@@ -148,7 +149,9 @@ impl TimeIndex {
     }
 
     pub(crate) fn truncate_to_position(&mut self, position: u32) {
-        let keep = self.entries.partition_point(|entry| entry.position < position);
+        let keep = self
+            .entries
+            .partition_point(|entry| entry.position < position);
         self.entries.truncate(keep);
     }
 
@@ -167,7 +170,7 @@ impl TimeIndex {
     }
 
     pub(crate) fn decode(bytes: &[u8], segment_bytes: u64) -> Result<Self, &'static str> {
-        if bytes.len() % TIME_ENTRY_BYTES != 0 {
+        if !bytes.len().is_multiple_of(TIME_ENTRY_BYTES) {
             return Err("length is not a whole number of entries");
         }
         let mut index = TimeIndex::default();
@@ -182,13 +185,12 @@ impl TimeIndex {
             if u64::from(entry.position) >= segment_bytes {
                 return Err("entry points past the end of the segment");
             }
-            if let Some(last) = index.entries.last() {
-                if entry.max_timestamp <= last.max_timestamp
+            if index.entries.last().is_some_and(|last| {
+                entry.max_timestamp <= last.max_timestamp
                     || entry.relative_offset <= last.relative_offset
                     || entry.position <= last.position
-                {
-                    return Err("entries do not increase");
-                }
+            }) {
+                return Err("entries do not increase");
             }
             index.entries.push(entry);
         }

@@ -124,7 +124,10 @@ impl LogManager {
                 remove_dir_durable(&path)?;
                 continue;
             };
-            let topic_config = config.topic_defaults.clone().with_overrides(file.config.iter())?;
+            let topic_config = config
+                .topic_defaults
+                .clone()
+                .with_overrides(file.config.iter())?;
             let mut partitions = Vec::with_capacity(file.partitions as usize);
             for index in 0..file.partitions {
                 let (log, report) = PartitionLog::open(
@@ -225,7 +228,11 @@ impl LogManager {
         if partitions == 0 || partitions > PARTITIONS_MAX {
             return Err(LogError::InvalidPartitionCount(partitions));
         }
-        let topic_config = self.config.topic_defaults.clone().with_overrides(overrides.iter())?;
+        let topic_config = self
+            .config
+            .topic_defaults
+            .clone()
+            .with_overrides(overrides.iter())?;
         let mut topics = self.topics.write().unwrap_or_else(|e| e.into_inner());
         if topics.contains_key(name) {
             return Err(LogError::TopicExists(name.to_string()));
@@ -287,7 +294,11 @@ impl LogManager {
         overrides: &BTreeMap<String, String>,
     ) -> Result<TopicInfo> {
         self.check_open()?;
-        let topic_config = self.config.topic_defaults.clone().with_overrides(overrides.iter())?;
+        let topic_config = self
+            .config
+            .topic_defaults
+            .clone()
+            .with_overrides(overrides.iter())?;
         let mut topics = self.topics.write().unwrap_or_else(|e| e.into_inner());
         let topic = topics
             .get_mut(name)
@@ -338,7 +349,10 @@ impl LogManager {
 
     pub fn topics(&self) -> Vec<TopicInfo> {
         let topics = self.topics.read().unwrap_or_else(|e| e.into_inner());
-        topics.iter().map(|(name, topic)| topic_info(name, topic)).collect()
+        topics
+            .iter()
+            .map(|(name, topic)| topic_info(name, topic))
+            .collect()
     }
 
     /// The log of one partition.
@@ -398,7 +412,11 @@ impl LogManager {
     }
 
     fn stop_flusher(&self) {
-        let flusher = self.flusher.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let flusher = self
+            .flusher
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
         if let Some(flusher) = flusher {
             let _ = flusher.stop.send(());
             if flusher.thread.thread().id() != std::thread::current().id() {
@@ -471,12 +489,11 @@ fn check_meta(dir: &Path) -> Result<()> {
     let path = dir.join(META_FILE);
     match fs::read(&path) {
         Ok(bytes) => {
-            let meta: Meta = serde_json::from_slice(&bytes).map_err(|error| {
-                LogError::ForeignDirectory {
+            let meta: Meta =
+                serde_json::from_slice(&bytes).map_err(|error| LogError::ForeignDirectory {
                     path: dir.to_path_buf(),
                     reason: format!("unreadable {META_FILE}: {error}"),
-                }
-            })?;
+                })?;
             if meta.format != FORMAT_NAME || meta.version != FORMAT_VERSION {
                 return Err(LogError::ForeignDirectory {
                     path: dir.to_path_buf(),
@@ -533,7 +550,11 @@ fn list_topic_dirs(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
         let Some(name) = entry.file_name().to_str().map(str::to_string) else {
             return Err(LogError::ForeignFile { path });
         };
-        if name == META_FILE || name == LOCK_FILE || name == CLEAN_SHUTDOWN_FILE || name == "lost+found" {
+        if name == META_FILE
+            || name == LOCK_FILE
+            || name == CLEAN_SHUTDOWN_FILE
+            || name == "lost+found"
+        {
             continue;
         }
         if name.ends_with(fsutil::TMP_SUFFIX) {
@@ -563,10 +584,16 @@ fn read_topic_file(dir: &Path) -> Result<Option<TopicFile>> {
     let file: TopicFile = serde_json::from_slice(&bytes)
         .map_err(|error| LogError::corrupt(&path, error.to_string()))?;
     if file.version != FORMAT_VERSION {
-        return Err(LogError::corrupt(&path, format!("unsupported version {}", file.version)));
+        return Err(LogError::corrupt(
+            &path,
+            format!("unsupported version {}", file.version),
+        ));
     }
     if file.partitions == 0 || file.partitions > PARTITIONS_MAX {
-        return Err(LogError::corrupt(&path, format!("invalid partition count {}", file.partitions)));
+        return Err(LogError::corrupt(
+            &path,
+            format!("invalid partition count {}", file.partitions),
+        ));
     }
     // Partition directories beyond the count are not ours to guess about.
     for entry in fs::read_dir(dir).map_err(LogError::io(dir))? {

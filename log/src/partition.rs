@@ -153,7 +153,12 @@ impl State {
     }
 
     fn local_start(&self) -> u64 {
-        let first = self.segments.keys().next().copied().unwrap_or(self.next_offset);
+        let first = self
+            .segments
+            .keys()
+            .next()
+            .copied()
+            .unwrap_or(self.next_offset);
         first.max(self.log_start)
     }
 
@@ -214,8 +219,7 @@ impl PartitionLog {
             bases
                 .iter()
                 .copied()
-                .filter(|&base| base <= checkpoint.recovery_point)
-                .next_back()
+                .rfind(|&base| base <= checkpoint.recovery_point)
                 .unwrap_or(0)
         };
 
@@ -234,7 +238,10 @@ impl PartitionLog {
                 if base < last.next_offset() {
                     return Err(LogError::corrupt(
                         dir.join(segment::file_name(base, segment::LOG_SUFFIX)),
-                        format!("segment overlaps the previous one ending at {}", last.next_offset()),
+                        format!(
+                            "segment overlaps the previous one ending at {}",
+                            last.next_offset()
+                        ),
                     ));
                 }
             }
@@ -260,7 +267,13 @@ impl PartitionLog {
         }
         if log_start > next_offset {
             // Only possible when a crash lost unflushed data above a persisted log start.
-            tracing::warn!(topic, partition, log_start, next_offset, "log start beyond recovered end; starting empty");
+            tracing::warn!(
+                topic,
+                partition,
+                log_start,
+                next_offset,
+                "log start beyond recovered end; starting empty"
+            );
             for (_, segment) in std::mem::take(&mut segments) {
                 report.segments_removed += 1;
                 segment.delete()?;
@@ -334,7 +347,10 @@ impl PartitionLog {
     }
 
     pub fn config(&self) -> TopicConfig {
-        self.config.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.config
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     pub(crate) fn set_config(&self, config: TopicConfig) {
@@ -424,7 +440,9 @@ impl PartitionLog {
                     headers.push((header, len));
                     at += len;
                 }
-                None => return Err(batch::BatchError::Corrupt("partial batch at end of input").into()),
+                None => {
+                    return Err(batch::BatchError::Corrupt("partial batch at end of input").into());
+                }
             }
         }
         Ok(headers)
@@ -692,7 +710,11 @@ impl PartitionLog {
         // Lower the recovery point first: a crash mid-truncation then rescans.
         state.recovery_point = state.recovery_point.min(offset);
         write_checkpoint(&self.dir, &state)?;
-        let doomed: Vec<u64> = state.segments.range(offset + 1..).map(|(b, _)| *b).collect();
+        let doomed: Vec<u64> = state
+            .segments
+            .range(offset + 1..)
+            .map(|(b, _)| *b)
+            .collect();
         let mut freed = 0;
         for base in doomed {
             if state.segments.len() == 1 {
@@ -714,7 +736,8 @@ impl PartitionLog {
         let mut sync = self.lock_sync();
         sync.generation += 1;
         sync.durable_end = sync.durable_end.min(new_end);
-        self.visible_end.store(sync.durable_end.min(new_end), Ordering::Release);
+        self.visible_end
+            .store(sync.durable_end.min(new_end), Ordering::Release);
         if !matches!(self.flush, FlushPolicy::Durable) {
             self.visible_end.store(new_end, Ordering::Release);
         }
@@ -897,7 +920,11 @@ impl PartitionLog {
 
     /// Base offsets of the segments, oldest first.
     pub fn segment_bases(&self) -> Vec<u64> {
-        self.lock_state_unchecked().segments.keys().copied().collect()
+        self.lock_state_unchecked()
+            .segments
+            .keys()
+            .copied()
+            .collect()
     }
 
     fn lock_state(&self) -> Result<MutexGuard<'_, State>> {
@@ -927,7 +954,8 @@ fn whole_batches_below(bytes: &[u8], end: u64) -> usize {
     let mut at = 0;
     while let Ok(Some(header)) = BatchHeader::parse(&bytes[at..]) {
         let len = header.total_len();
-        if at + len > bytes.len() || header.last_offset() < 0 || header.last_offset() as u64 >= end {
+        if at + len > bytes.len() || header.last_offset() < 0 || header.last_offset() as u64 >= end
+        {
             break;
         }
         at += len;

@@ -114,6 +114,9 @@ mod tests {
         };
         assert_eq!(segments_to_delete(&closed, 400, limits, 100, Some(20)), 2);
         assert_eq!(segments_to_delete(&closed, 400, limits, 100, Some(19)), 1);
-        assert_eq!(segments_to_delete(&closed, 400, RetentionLimits::default(), 100, None), 0);
+        assert_eq!(
+            segments_to_delete(&closed, 400, RetentionLimits::default(), 100, None),
+            0
+        );
     }
 }

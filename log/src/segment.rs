@@ -32,10 +32,11 @@ pub(crate) fn file_name(base_offset: u64, suffix: &str) -> String {
 /// The base offset and suffix of a segment file name, or `None` for any other name.
 pub(crate) fn parse_file_name(name: &str) -> Option<(u64, &'static str)> {
     for suffix in [LOG_SUFFIX, OFFSET_INDEX_SUFFIX, TIME_INDEX_SUFFIX] {
-        if let Some(stem) = name.strip_suffix(suffix) {
-            if stem.len() == 20 && stem.bytes().all(|b| b.is_ascii_digit()) {
-                return stem.parse().ok().map(|base| (base, suffix));
-            }
+        if let Some(stem) = name
+            .strip_suffix(suffix)
+            .filter(|stem| stem.len() == 20 && stem.bytes().all(|b| b.is_ascii_digit()))
+        {
+            return stem.parse().ok().map(|base| (base, suffix));
         }
     }
     None
@@ -133,8 +134,12 @@ impl Segment {
         // it is covered by them, and both entries name the offset of the batch they point at.
         let scan_from = match loaded {
             Some((offsets, times)) => {
-                let from_offsets = offsets.last().map_or((0, 0), |e| (e.position, e.relative_offset));
-                let from_times = times.last().map_or((0, 0), |e| (e.position, e.relative_offset));
+                let from_offsets = offsets
+                    .last()
+                    .map_or((0, 0), |e| (e.position, e.relative_offset));
+                let from_times = times
+                    .last()
+                    .map_or((0, 0), |e| (e.position, e.relative_offset));
                 let (position, relative_offset) = from_offsets.min(from_times);
                 segment.max_timestamp = times.last().map_or(i64::MIN, |e| e.max_timestamp);
                 segment.next_offset = base_offset + u64::from(relative_offset);
@@ -188,8 +193,14 @@ impl Segment {
 
     /// Reads the index files, returning them only if both are present and valid.
     fn load_indexes(&self, segment_bytes: u64) -> Option<(OffsetIndex, TimeIndex)> {
-        let offsets = fs::read(self.dir.join(file_name(self.base_offset, OFFSET_INDEX_SUFFIX)));
-        let times = fs::read(self.dir.join(file_name(self.base_offset, TIME_INDEX_SUFFIX)));
+        let offsets = fs::read(
+            self.dir
+                .join(file_name(self.base_offset, OFFSET_INDEX_SUFFIX)),
+        );
+        let times = fs::read(
+            self.dir
+                .join(file_name(self.base_offset, TIME_INDEX_SUFFIX)),
+        );
         let (Ok(offsets), Ok(times)) = (offsets, times) else {
             return None;
         };
@@ -293,7 +304,8 @@ impl Segment {
         if !index {
             return;
         }
-        if self.offset_index.len() == 0 || self.bytes_since_offset_entry >= self.index_interval_bytes
+        if self.offset_index.len() == 0
+            || self.bytes_since_offset_entry >= self.index_interval_bytes
         {
             self.push_offset_entry(relative, position32);
             self.bytes_since_offset_entry = 0;
@@ -412,20 +424,22 @@ impl Segment {
     /// Writes both index files atomically and durably.
     pub(crate) fn persist_indexes(&self) -> Result<()> {
         fsutil::write_atomic(
-            &self.dir.join(file_name(self.base_offset, OFFSET_INDEX_SUFFIX)),
+            &self
+                .dir
+                .join(file_name(self.base_offset, OFFSET_INDEX_SUFFIX)),
             &self.offset_index.encode(),
         )?;
         fsutil::write_atomic(
-            &self.dir.join(file_name(self.base_offset, TIME_INDEX_SUFFIX)),
+            &self
+                .dir
+                .join(file_name(self.base_offset, TIME_INDEX_SUFFIX)),
             &self.time_index.encode(),
         )
     }
 
     /// fsyncs the segment's data.
     pub(crate) fn sync(&self) -> Result<()> {
-        self.file
-            .sync_data()
-            .map_err(LogError::io(self.log_path()))
+        self.file.sync_data().map_err(LogError::io(self.log_path()))
     }
 
     /// Deletes the segment's files and fsyncs the directory.
@@ -471,7 +485,9 @@ impl Segment {
     /// Where to start scanning for `offset`: the position of the last indexed batch at or
     /// before it.
     pub(crate) fn scan_start_for_offset(&self, offset: u64) -> u64 {
-        let relative = offset.saturating_sub(self.base_offset).min(u64::from(u32::MAX)) as u32;
+        let relative = offset
+            .saturating_sub(self.base_offset)
+            .min(u64::from(u32::MAX)) as u32;
         u64::from(self.offset_index.lookup(relative).position)
     }
 

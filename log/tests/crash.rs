@@ -65,7 +65,12 @@ fn every_acknowledged_append_survives_kill_9() {
     let mut acked: BTreeMap<(usize, usize, usize), u64> = BTreeMap::new();
     for run in 0..ROUNDS {
         let mut child = Command::new(&exe)
-            .args(["--exact", "crash_child_entry", "--nocapture", "--test-threads=1"])
+            .args([
+                "--exact",
+                "crash_child_entry",
+                "--nocapture",
+                "--test-threads=1",
+            ])
             .env(CHILD_DIR_ENV, dir.path())
             .env(CHILD_RUN_ENV, run.to_string())
             .stdout(Stdio::piped())
@@ -113,14 +118,20 @@ fn every_acknowledged_append_survives_kill_9() {
 
 fn verify(dir: &std::path::Path, acked: &BTreeMap<(usize, usize, usize), u64>) {
     let manager = LogManager::open(config(dir)).unwrap();
-    assert!(!manager.opened_clean(), "a killed process cannot have shut down cleanly");
+    assert!(
+        !manager.opened_clean(),
+        "a killed process cannot have shut down cleanly"
+    );
     let log = manager.partition("crash", 0).unwrap();
     let records = read_all(&log, 0);
     let mut present: BTreeMap<(usize, usize, usize), u64> = BTreeMap::new();
     let mut seen_values = HashSet::new();
     for record in &records {
         let value = String::from_utf8(record.value.clone().unwrap().to_vec()).unwrap();
-        assert!(seen_values.insert(value.clone()), "duplicate record {value}");
+        assert!(
+            seen_values.insert(value.clone()),
+            "duplicate record {value}"
+        );
         let (prefix, index) = value.rsplit_once('-').unwrap();
         if index == "0" {
             let parts: Vec<usize> = prefix.split('/').map(|p| p.parse().unwrap()).collect();

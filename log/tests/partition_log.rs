@@ -33,13 +33,21 @@ fn append_assigns_contiguous_offsets_and_reads_them_back() {
     // Reads from any offset start with the batch holding it, in every segment.
     for offset in 0..350u64 {
         let slice = log.read(offset, 1).unwrap();
-        let (header, records, _) =
-            silt_log::batch::decode_batch(&slice.bytes, &Default::default()).unwrap().unwrap();
+        let (header, records, _) = silt_log::batch::decode_batch(&slice.bytes, &Default::default())
+            .unwrap()
+            .unwrap();
         assert!(header.base_offset as u64 <= offset && offset <= header.last_offset() as u64);
-        assert_eq!(records.len(), 7, "max_bytes below one batch still returns the whole batch");
+        assert_eq!(
+            records.len(),
+            7,
+            "max_bytes below one batch still returns the whole batch"
+        );
     }
     assert!(log.read(350, 100).unwrap().bytes.is_empty());
-    assert!(matches!(log.read(351, 100), Err(LogError::OffsetOutOfRange { .. })));
+    assert!(matches!(
+        log.read(351, 100),
+        Err(LogError::OffsetOutOfRange { .. })
+    ));
 }
 
 #[test]
@@ -67,7 +75,11 @@ fn headers_keys_and_zstd_survive_the_log() {
     let records: Vec<Record> = (0..100)
         .map(|i| Record {
             timestamp: 1_700_000_000_000 + i,
-            key: if i % 2 == 0 { None } else { Some(format!("k{i}").into()) },
+            key: if i % 2 == 0 {
+                None
+            } else {
+                Some(format!("k{i}").into())
+            },
             value: Some(vec![b'x'; 50].into()),
             headers: vec![Header {
                 key: "qos".into(),
@@ -96,13 +108,25 @@ fn invalid_batches_are_rejected_without_touching_the_log() {
     let mut corrupt = batch_of("b", 3, 0);
     let last = corrupt.len() - 1;
     corrupt[last] ^= 0xff;
-    assert!(matches!(log.append(&mut corrupt), Err(LogError::InvalidBatch(_))));
+    assert!(matches!(
+        log.append(&mut corrupt),
+        Err(LogError::InvalidBatch(_))
+    ));
     let mut truncated = batch_of("c", 3, 0);
     truncated.truncate(truncated.len() - 1);
-    assert!(matches!(log.append(&mut truncated), Err(LogError::InvalidBatch(_))));
-    assert!(matches!(log.append(&mut []), Err(LogError::InvalidBatch(_))));
+    assert!(matches!(
+        log.append(&mut truncated),
+        Err(LogError::InvalidBatch(_))
+    ));
+    assert!(matches!(
+        log.append(&mut []),
+        Err(LogError::InvalidBatch(_))
+    ));
     let mut garbage = vec![0xAB; 200];
-    assert!(matches!(log.append(&mut garbage), Err(LogError::InvalidBatch(_))));
+    assert!(matches!(
+        log.append(&mut garbage),
+        Err(LogError::InvalidBatch(_))
+    ));
     assert_eq!(log.log_end_offset(), 3);
     assert_eq!(values(&read_all(&log, 0)), ["a-0", "a-1", "a-2"]);
 }
@@ -114,7 +138,10 @@ fn several_batches_in_one_append_and_follower_offsets() {
     let mut both = batch_of("a", 2, 0);
     both.extend_from_slice(&batch_of("b", 3, 0));
     let info = log.append(&mut both).unwrap();
-    assert_eq!((info.base_offset, info.last_offset, info.batch_count), (0, 4, 2));
+    assert_eq!(
+        (info.base_offset, info.last_offset, info.batch_count),
+        (0, 4, 2)
+    );
 
     // A follower keeps the leader's offsets, which must not go backwards.
     let mut gap = batch_of("g", 2, 0);
@@ -123,7 +150,10 @@ fn several_batches_in_one_append_and_follower_offsets() {
         offsets: OffsetAssignment::Keep,
         leader_epoch: Some(7),
     };
-    assert!(matches!(log.append_with(&mut gap, keep), Err(LogError::OffsetOrder { .. })));
+    assert!(matches!(
+        log.append_with(&mut gap, keep),
+        Err(LogError::OffsetOrder { .. })
+    ));
     let mut follower_batch = batch_of("f", 2, 0);
     silt_log::batch::set_base_offset(&mut follower_batch, 5);
     let info = log.append_with(&mut follower_batch, keep).unwrap();
@@ -135,7 +165,9 @@ fn several_batches_in_one_append_and_follower_offsets() {
         Err(LogError::OffsetOrder { .. })
     ));
     let slice = log.read(5, 1000).unwrap();
-    let header = silt_log::batch::BatchHeader::parse(&slice.bytes).unwrap().unwrap();
+    let header = silt_log::batch::BatchHeader::parse(&slice.bytes)
+        .unwrap()
+        .unwrap();
     assert_eq!(header.partition_leader_epoch, 7);
     assert_eq!(log.log_end_offset(), 7);
 }
@@ -152,8 +184,14 @@ fn offset_for_timestamp_finds_first_record_at_or_after() {
     assert_eq!(log.offset_for_timestamp(-5).unwrap(), Some((0, 0)));
     assert_eq!(log.offset_for_timestamp(3).unwrap(), Some((3, 3)));
     assert_eq!(log.offset_for_timestamp(5).unwrap(), Some((5, 1_000)));
-    assert_eq!(log.offset_for_timestamp(17_002).unwrap(), Some((87, 17_002)));
-    assert_eq!(log.offset_for_timestamp(39_004).unwrap(), Some((199, 39_004)));
+    assert_eq!(
+        log.offset_for_timestamp(17_002).unwrap(),
+        Some((87, 17_002))
+    );
+    assert_eq!(
+        log.offset_for_timestamp(39_004).unwrap(),
+        Some((199, 39_004))
+    );
     assert_eq!(log.offset_for_timestamp(39_005).unwrap(), None);
     // The answer is the same after a clean reopen that loads the indexes from disk.
 }
@@ -216,7 +254,10 @@ fn delete_before_advances_log_start_durably() {
     assert!(report.segments > 0);
     assert_eq!(log.log_start_offset(), 101);
     assert!(log.local_start_offset() == 101);
-    assert!(matches!(log.read(100, 10), Err(LogError::OffsetOutOfRange { .. })));
+    assert!(matches!(
+        log.read(100, 10),
+        Err(LogError::OffsetOutOfRange { .. })
+    ));
     let first = read_all(&log, 101);
     assert_eq!(first[0].offset, 101);
     // Deleting everything keeps an empty active segment at the end.
@@ -238,10 +279,18 @@ fn retention_by_size_and_time() {
     let config = small_config(dir.path());
     let manager = LogManager::open(config).unwrap();
     manager
-        .create_topic("sized", 1, &overrides(&[("segment.bytes", "2048"), ("retention.bytes", "8192")]))
+        .create_topic(
+            "sized",
+            1,
+            &overrides(&[("segment.bytes", "2048"), ("retention.bytes", "8192")]),
+        )
         .unwrap();
     manager
-        .create_topic("timed", 1, &overrides(&[("segment.bytes", "2048"), ("retention.ms", "60000")]))
+        .create_topic(
+            "timed",
+            1,
+            &overrides(&[("segment.bytes", "2048"), ("retention.ms", "60000")]),
+        )
         .unwrap();
     let sized = manager.partition("sized", 0).unwrap();
     let timed = manager.partition("timed", 0).unwrap();
@@ -257,9 +306,15 @@ fn retention_by_size_and_time() {
     let before = sized.size_bytes();
     let report = manager.enforce_retention(now).unwrap();
     assert!(report.segments > 0);
-    assert!(sized.size_bytes() >= 8192, "retention.bytes keeps at least the limit");
+    assert!(
+        sized.size_bytes() >= 8192,
+        "retention.bytes keeps at least the limit"
+    );
     assert!(sized.size_bytes() < before);
-    assert!(sized.size_bytes() < 8192 + 2048 + 1024, "and at most one segment more");
+    assert!(
+        sized.size_bytes() < 8192 + 2048 + 1024,
+        "and at most one segment more"
+    );
     assert!(sized.log_start_offset() > 0);
     // Time retention drops the old half and nothing fresh.
     let start = timed.log_start_offset();
@@ -284,7 +339,10 @@ fn budget_reject_refuses_appends_and_keeps_data() {
         let mut batch = batch_of(&format!("r{i}"), 4, 0);
         match log.append(&mut batch) {
             Ok(_) => accepted += 4,
-            Err(LogError::BudgetExceeded { used_bytes, budget_bytes }) => {
+            Err(LogError::BudgetExceeded {
+                used_bytes,
+                budget_bytes,
+            }) => {
                 assert!(used_bytes <= budget_bytes);
                 rejected = true;
                 break;
@@ -312,7 +370,10 @@ fn budget_drop_oldest_keeps_newest_and_counts_drops() {
     });
     let manager = LogManager::open(config).unwrap();
     manager.create_topic("t", 2, &Default::default()).unwrap();
-    let logs = [manager.partition("t", 0).unwrap(), manager.partition("t", 1).unwrap()];
+    let logs = [
+        manager.partition("t", 0).unwrap(),
+        manager.partition("t", 1).unwrap(),
+    ];
     for i in 0..600 {
         let mut batch = batch_of(&format!("r{i}"), 4, i);
         logs[i as usize % 2].append(&mut batch).unwrap();
@@ -320,12 +381,18 @@ fn budget_drop_oldest_keeps_newest_and_counts_drops() {
     let stats = manager.disk_stats();
     assert!(stats.used_bytes <= 16 * 1024);
     assert!(stats.dropped_segments > 0 && stats.dropped_bytes > 0);
-    let kept: u64 = logs.iter().map(|l| l.log_end_offset() - l.log_start_offset()).sum();
+    let kept: u64 = logs
+        .iter()
+        .map(|l| l.log_end_offset() - l.log_start_offset())
+        .sum();
     assert_eq!(kept + stats.dropped_offsets, 2400);
     // The newest records are all there.
     for log in &logs {
         let records = read_all(log, log.log_start_offset());
-        assert_eq!(records.last().unwrap().offset as u64, log.log_end_offset() - 1);
+        assert_eq!(
+            records.last().unwrap().offset as u64,
+            log.log_end_offset() - 1
+        );
     }
 }
 
@@ -351,7 +418,10 @@ fn concurrent_appenders_share_fsyncs() {
     let appends = (threads * per_thread) as u64;
     assert_eq!(log.log_end_offset(), appends);
     let fsyncs = log.fsync_count();
-    assert!(fsyncs < appends, "{fsyncs} fsyncs for {appends} appends: no group commit");
+    assert!(
+        fsyncs < appends,
+        "{fsyncs} fsyncs for {appends} appends: no group commit"
+    );
     // Per-thread order is kept.
     let records = read_all(&log, 0);
     for t in 0..threads {
@@ -370,16 +440,25 @@ fn topics_persist_with_config_and_names_are_checked() {
     let config = LogConfig::new(dir.path());
     let manager = LogManager::open(config.clone()).unwrap();
     manager
-        .create_topic("sensors.temp", 3, &overrides(&[("retention.ms", "-1"), ("segment.bytes", "1048576")]))
+        .create_topic(
+            "sensors.temp",
+            3,
+            &overrides(&[("retention.ms", "-1"), ("segment.bytes", "1048576")]),
+        )
         .unwrap();
-    manager.create_topic("other", 1, &Default::default()).unwrap();
+    manager
+        .create_topic("other", 1, &Default::default())
+        .unwrap();
     assert!(matches!(
         manager.create_topic("other", 1, &Default::default()),
         Err(LogError::TopicExists(_))
     ));
     for bad in ["", ".", "..", "a/b", "../etc", "x y", &"n".repeat(250)] {
         assert!(
-            matches!(manager.create_topic(bad, 1, &Default::default()), Err(LogError::InvalidTopicName { .. })),
+            matches!(
+                manager.create_topic(bad, 1, &Default::default()),
+                Err(LogError::InvalidTopicName { .. })
+            ),
             "{bad:?} must be refused"
         );
     }
@@ -400,12 +479,18 @@ fn topics_persist_with_config_and_names_are_checked() {
     let manager = LogManager::open(config.clone()).unwrap();
     assert!(manager.opened_clean());
     let topics = manager.topics();
-    assert_eq!(topics.iter().map(|t| t.name.as_str()).collect::<Vec<_>>(), ["other", "sensors.temp"]);
+    assert_eq!(
+        topics.iter().map(|t| t.name.as_str()).collect::<Vec<_>>(),
+        ["other", "sensors.temp"]
+    );
     let sensors = manager.topic("sensors.temp").unwrap();
     assert_eq!(sensors.partitions, 3);
     assert_eq!(sensors.config.retention_ms, None);
     assert_eq!(sensors.config.segment_bytes, 1 << 20);
-    assert_eq!(manager.topic("other").unwrap().config.retention_bytes, Some(1000));
+    assert_eq!(
+        manager.topic("other").unwrap().config.retention_bytes,
+        Some(1000)
+    );
     manager.delete_topic("other").unwrap();
     assert!(manager.topic("other").is_none());
     assert!(!dir.path().join("other").exists());
@@ -420,7 +505,10 @@ fn data_dir_is_locked_and_foreign_dirs_refused() {
     let dir = tempfile::tempdir().unwrap();
     let config = LogConfig::new(dir.path().join("data"));
     let manager = LogManager::open(config.clone()).unwrap();
-    assert!(matches!(LogManager::open(config.clone()), Err(LogError::Locked { .. })));
+    assert!(matches!(
+        LogManager::open(config.clone()),
+        Err(LogError::Locked { .. })
+    ));
     drop(manager);
     LogManager::open(config).unwrap();
 
@@ -428,7 +516,10 @@ fn data_dir_is_locked_and_foreign_dirs_refused() {
     std::fs::create_dir(&foreign).unwrap();
     std::fs::write(foreign.join("notes.txt"), "mine").unwrap();
     let error = LogManager::open(LogConfig::new(&foreign)).unwrap_err();
-    assert!(matches!(error, LogError::ForeignDirectory { .. }), "{error}");
+    assert!(
+        matches!(error, LogError::ForeignDirectory { .. }),
+        "{error}"
+    );
     assert!(foreign.join("notes.txt").exists());
 }
 
@@ -446,13 +537,19 @@ fn foreign_and_corrupt_files_are_errors_not_panics() {
     let partition_dir = dir.path().join("t").join("0");
 
     std::fs::write(partition_dir.join("stray.bin"), "x").unwrap();
-    assert!(matches!(LogManager::open(config.clone()), Err(LogError::ForeignFile { .. })));
+    assert!(matches!(
+        LogManager::open(config.clone()),
+        Err(LogError::ForeignFile { .. })
+    ));
     std::fs::remove_file(partition_dir.join("stray.bin")).unwrap();
 
     let checkpoint = partition_dir.join("checkpoint");
     let saved = std::fs::read(&checkpoint).unwrap();
     std::fs::write(&checkpoint, "{not json").unwrap();
-    assert!(matches!(LogManager::open(config.clone()), Err(LogError::Corrupt { .. })));
+    assert!(matches!(
+        LogManager::open(config.clone()),
+        Err(LogError::Corrupt { .. })
+    ));
     std::fs::write(&checkpoint, saved).unwrap();
 
     // Garbage in the middle of a closed segment is corruption, reported by file.
@@ -485,7 +582,10 @@ fn missing_or_bad_index_files_are_rebuilt() {
     let timeindex = std::fs::read_dir(&partition_dir)
         .unwrap()
         .map(|e| e.unwrap().path())
-        .find(|p| p.extension().is_some_and(|e| e == "timeindex") && !p.ends_with(format!("{:020}.timeindex", 0)))
+        .find(|p| {
+            p.extension().is_some_and(|e| e == "timeindex")
+                && !p.ends_with(format!("{:020}.timeindex", 0))
+        })
         .unwrap();
     std::fs::write(&timeindex, [1, 2, 3]).unwrap();
     let (_manager, log) = open_partition(config, "t");

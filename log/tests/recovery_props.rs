@@ -57,7 +57,11 @@ fn reopen_and_check(config: LogConfig, expected: &[String]) -> Result<(), TestCa
     let info = log.append(&mut batch).unwrap();
     prop_assert_eq!(info.base_offset, expected.len() as u64);
     let slice = log.read(info.base_offset, 1 << 16).unwrap();
-    prop_assert!(batch::decode_batch(&slice.bytes, &Default::default()).unwrap().is_some());
+    prop_assert!(
+        batch::decode_batch(&slice.bytes, &Default::default())
+            .unwrap()
+            .is_some()
+    );
     manager.close().unwrap();
     Ok(())
 }
@@ -122,7 +126,10 @@ fn garbage_after_the_last_batch_is_cut_and_later_segments_removed() {
     let dir = tempfile::tempdir().unwrap();
     let sizes = vec![5; 60];
     let (config, written, last) = write_log(dir.path(), &sizes);
-    let mut file = std::fs::OpenOptions::new().append(true).open(&last).unwrap();
+    let mut file = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&last)
+        .unwrap();
     std::io::Write::write_all(&mut file, &[0x42; 100]).unwrap();
     drop(file);
     let manager = LogManager::open(config).unwrap();

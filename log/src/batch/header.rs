@@ -211,8 +211,7 @@ impl BatchHeader {
             .copy_from_slice(&self.producer_epoch.to_be_bytes());
         out[BASE_SEQUENCE_AT..BASE_SEQUENCE_AT + 4]
             .copy_from_slice(&self.base_sequence.to_be_bytes());
-        out[RECORD_COUNT_AT..RECORD_COUNT_AT + 4]
-            .copy_from_slice(&self.record_count.to_be_bytes());
+        out[RECORD_COUNT_AT..RECORD_COUNT_AT + 4].copy_from_slice(&self.record_count.to_be_bytes());
     }
 }
 

@@ -63,7 +63,10 @@ pub fn read_all(partition: &PartitionLog, from: u64) -> Vec<DecodedRecord> {
             if offset >= slice.high_watermark {
                 return records;
             }
-            panic!("empty read at {offset} below high watermark {}", slice.high_watermark);
+            panic!(
+                "empty read at {offset} below high watermark {}",
+                slice.high_watermark
+            );
         }
         let mut at = 0;
         while at < slice.bytes.len() {
