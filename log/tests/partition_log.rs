@@ -592,3 +592,42 @@ fn missing_or_bad_index_files_are_rebuilt() {
     assert_eq!(read_all(&log, 0), expected);
     assert_eq!(log.offset_for_timestamp(300).unwrap(), Some((120, 300)));
 }
+
+#[test]
+fn appends_are_refused_before_the_filesystem_fills() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = small_config(dir.path());
+    // A reserve larger than any real free space: the filesystem is "full" for the log.
+    config.fs_reserve_bytes = u64::MAX / 4;
+    let (manager, log) = open_partition(config, "t");
+    let mut batch = batch_of("a", 1, 0);
+    let error = log.append(&mut batch).unwrap_err();
+    assert!(matches!(error, LogError::FilesystemFull { .. }), "{error}");
+    assert!(error.is_retriable());
+    assert_eq!(log.log_end_offset(), 0);
+    assert_eq!(manager.disk_stats().rejected_appends, 1);
+}
+
+#[test]
+fn relaxed_flush_acknowledges_before_fsync_and_flushes_in_the_background() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = small_config(dir.path());
+    config.flush = silt_log::FlushPolicy::RelaxedUnsafe {
+        interval: std::time::Duration::from_millis(20),
+    };
+    let (manager, log) = open_partition(config, "t");
+    for i in 0..20 {
+        let mut batch = batch_of(&format!("r{i}"), 2, 0);
+        log.append(&mut batch).unwrap();
+    }
+    // Visible at once, durable only when the flusher runs (segment rolls fsync too).
+    assert_eq!(log.high_watermark(), 40);
+    let fsyncs_after_appends = log.fsync_count();
+    assert!(fsyncs_after_appends < 20, "relaxed appends must not each fsync");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while log.fsync_count() == fsyncs_after_appends {
+        assert!(std::time::Instant::now() < deadline, "the background flusher never ran");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    manager.close().unwrap();
+}
