@@ -104,7 +104,12 @@ fn to_kp_records(spec: &BatchSpec, records: &[Record]) -> Vec<KpRecord> {
             headers: record
                 .headers
                 .iter()
-                .map(|header| (StrBytes::from_string(header.key.clone()), header.value.clone()))
+                .map(|header| {
+                    (
+                        StrBytes::from_string(header.key.clone()),
+                        header.value.clone(),
+                    )
+                })
                 .collect(),
         })
         .collect()
@@ -171,7 +176,10 @@ fn arb_spec() -> impl Strategy<Value = BatchSpec> {
         0..(i64::MAX / 2),
         any::<i32>(),
         prop_oneof![Just(Compression::None), Just(Compression::Zstd)],
-        prop_oneof![Just(TimestampType::CreateTime), Just(TimestampType::LogAppendTime)],
+        prop_oneof![
+            Just(TimestampType::CreateTime),
+            Just(TimestampType::LogAppendTime)
+        ],
         any::<i64>(),
         any::<i16>(),
         any::<i32>(),

@@ -4,10 +4,10 @@
 use bytes::{Bytes, BytesMut};
 use proptest::prelude::*;
 use silt_log::batch::{
-    BATCH_HEADER_LEN, BatchError, BatchHeader, BatchSpec, Compression, DecodeLimits,
-    DecodedRecord, Header, LOG_OVERHEAD, Record, TimestampType, VARINT_BYTES_MAX,
-    VARLONG_BYTES_MAX, batches, compute_crc, decode_batch, decode_records, encode_batch,
-    put_varint, put_varlong, read_varint, read_varlong, varint_len, varlong_len,
+    BATCH_HEADER_LEN, BatchError, BatchHeader, BatchSpec, Compression, DecodeLimits, DecodedRecord,
+    Header, LOG_OVERHEAD, Record, TimestampType, VARINT_BYTES_MAX, VARLONG_BYTES_MAX, batches,
+    compute_crc, decode_batch, decode_records, encode_batch, put_varint, put_varlong, read_varint,
+    read_varlong, varint_len, varlong_len,
 };
 
 /// Where the CRC sits in a batch, and where the bytes it covers start.
@@ -170,7 +170,10 @@ fn arb_spec() -> impl Strategy<Value = BatchSpec> {
         prop_oneof![Just(0i64), 0..i64::MAX - 100, Just(i64::MAX - 100)],
         any::<i32>(),
         prop_oneof![Just(Compression::None), Just(Compression::Zstd)],
-        prop_oneof![Just(TimestampType::CreateTime), Just(TimestampType::LogAppendTime)],
+        prop_oneof![
+            Just(TimestampType::CreateTime),
+            Just(TimestampType::LogAppendTime)
+        ],
         any::<(i64, i16, i32, bool)>(),
     )
         .prop_map(
@@ -406,7 +409,10 @@ fn log_append_time_gives_every_record_the_max_timestamp() {
 fn an_empty_batch_is_invalid_input() {
     let mut buf = BytesMut::from(&b"keep"[..]);
     let result = encode_batch(&BatchSpec::default(), &[], &mut buf);
-    assert!(matches!(result, Err(BatchError::InvalidInput(_))), "{result:?}");
+    assert!(
+        matches!(result, Err(BatchError::InvalidInput(_))),
+        "{result:?}"
+    );
     assert_eq!(&buf[..], b"keep");
 }
 
@@ -448,7 +454,10 @@ fn the_last_offset_may_not_overflow() {
     };
     let mut buf = BytesMut::new();
     let result = encode_batch(&spec, &pinned_records(), &mut buf);
-    assert!(matches!(result, Err(BatchError::InvalidInput(_))), "{result:?}");
+    assert!(
+        matches!(result, Err(BatchError::InvalidInput(_))),
+        "{result:?}"
+    );
     assert!(buf.is_empty());
     // A single record at i64::MAX is fine.
     encode(&spec, &pinned_records()[..1]);
@@ -469,7 +478,11 @@ fn a_zstd_bomb_stops_at_the_decompression_limit() {
         ..Record::default()
     }];
     let bytes = encode(&spec, &records);
-    assert!(bytes.len() < 4096, "zeros compress well: {} bytes", bytes.len());
+    assert!(
+        bytes.len() < 4096,
+        "zeros compress well: {} bytes",
+        bytes.len()
+    );
     assert_eq!(
         decode_batch(&bytes, &limits),
         Err(BatchError::DecompressedTooLarge { max: 1 << 20 })
@@ -479,7 +492,9 @@ fn a_zstd_bomb_stops_at_the_decompression_limit() {
         max_decompressed_bytes: 16 << 20,
         ..limits
     };
-    let (_, decoded, _) = decode_batch(&bytes, &roomy).expect("decodes").expect("complete");
+    let (_, decoded, _) = decode_batch(&bytes, &roomy)
+        .expect("decodes")
+        .expect("complete");
     assert_eq!(decoded[0].value.as_ref().map(Bytes::len), Some(8 << 20));
 }
 
@@ -507,7 +522,10 @@ fn the_record_count_must_match_the_records() {
         bytes[RECORD_COUNT_AT..RECORD_COUNT_AT + 4].copy_from_slice(&claimed.to_be_bytes());
         fix_crc(&mut bytes);
         let result = decode_batch(&bytes, &DecodeLimits::default());
-        assert!(matches!(result, Err(BatchError::Corrupt(_))), "{claimed}: {result:?}");
+        assert!(
+            matches!(result, Err(BatchError::Corrupt(_))),
+            "{claimed}: {result:?}"
+        );
     }
 }
 
@@ -521,7 +539,10 @@ fn a_record_length_must_match_its_fields() {
         bytes[BATCH_HEADER_LEN] = zigzag;
         fix_crc(&mut bytes);
         let result = decode_batch(&bytes, &DecodeLimits::default());
-        assert!(matches!(result, Err(BatchError::Corrupt(_))), "{length}: {result:?}");
+        assert!(
+            matches!(result, Err(BatchError::Corrupt(_))),
+            "{length}: {result:?}"
+        );
     }
 }
 
@@ -567,7 +588,10 @@ fn a_corrupt_batch_ends_iteration_after_one_error() {
 
     let mut iter = batches(&stream, 1 << 20);
     assert!(matches!(iter.next(), Some(Ok(_))));
-    assert!(matches!(iter.next(), Some(Err(BatchError::CrcMismatch { .. }))));
+    assert!(matches!(
+        iter.next(),
+        Some(Err(BatchError::CrcMismatch { .. }))
+    ));
     assert!(iter.next().is_none());
     assert_eq!(iter.position(), first_len);
 }
@@ -595,7 +619,10 @@ fn a_streamed_zstd_bomb_stops_at_the_decompression_limit() {
     let plain = encode(&BatchSpec::default(), &records);
     let compressed = zstd_stream(&plain[BATCH_HEADER_LEN..], None);
     assert!(
-        matches!(zstd::zstd_safe::get_frame_content_size(&compressed), Ok(None)),
+        matches!(
+            zstd::zstd_safe::get_frame_content_size(&compressed),
+            Ok(None)
+        ),
         "the frame must not state its size for this test"
     );
     let batch = batch_around(&compressed, 1, Compression::Zstd);
@@ -622,6 +649,25 @@ fn a_zstd_window_above_the_limit_is_refused() {
         max_decompressed_bytes: 128 << 20,
         ..DecodeLimits::default()
     };
-    let (_, decoded, _) = decode_batch(&batch, &roomy).expect("decodes").expect("complete");
+    let (_, decoded, _) = decode_batch(&batch, &roomy)
+        .expect("decodes")
+        .expect("complete");
     assert_eq!(decoded.len(), 2);
+}
+
+#[test]
+fn decode_records_refuses_bytes_that_do_not_match_the_header() {
+    let bytes = encode(&BatchSpec::default(), &pinned_records());
+    let (header, _) = silt_log::batch::check_batch(&bytes, 1 << 20)
+        .expect("valid")
+        .expect("complete");
+    let limits = DecodeLimits::default();
+    let short = decode_records(&header, &bytes[..bytes.len() - 1], &limits);
+    assert!(matches!(short, Err(BatchError::Corrupt(_))), "{short:?}");
+    let negative = BatchHeader {
+        batch_length: -1,
+        ..header
+    };
+    let result = decode_records(&negative, &bytes, &limits);
+    assert!(matches!(result, Err(BatchError::Corrupt(_))), "{result:?}");
 }

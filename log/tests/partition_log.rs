@@ -623,10 +623,16 @@ fn relaxed_flush_acknowledges_before_fsync_and_flushes_in_the_background() {
     // Visible at once, durable only when the flusher runs (segment rolls fsync too).
     assert_eq!(log.high_watermark(), 40);
     let fsyncs_after_appends = log.fsync_count();
-    assert!(fsyncs_after_appends < 20, "relaxed appends must not each fsync");
+    assert!(
+        fsyncs_after_appends < 20,
+        "relaxed appends must not each fsync"
+    );
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while log.fsync_count() == fsyncs_after_appends {
-        assert!(std::time::Instant::now() < deadline, "the background flusher never ran");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the background flusher never ran"
+        );
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
     manager.close().unwrap();

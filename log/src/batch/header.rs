@@ -155,12 +155,14 @@ impl BatchHeader {
 
     /// Total bytes of the batch, header included.
     pub fn total_len(&self) -> usize {
-        self.batch_length as usize + LOG_OVERHEAD
+        self.batch_length.max(0) as usize + LOG_OVERHEAD
     }
 
     /// Offset of the last record; the batch covers `base_offset..=last_offset()`.
+    /// Saturates rather than overflowing on a hostile base offset near `i64::MAX`.
     pub fn last_offset(&self) -> i64 {
-        self.base_offset + i64::from(self.last_offset_delta)
+        self.base_offset
+            .saturating_add(i64::from(self.last_offset_delta))
     }
 
     /// Number of offsets the batch occupies, which can exceed the record count after

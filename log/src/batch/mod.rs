@@ -9,14 +9,13 @@ mod records;
 mod varint;
 
 pub use header::{
-    BATCH_HEADER_LEN, BatchHeader, Compression, LOG_OVERHEAD, MAGIC_V2, TimestampType,
-    attributes, check_batch, compute_crc, peek_total_len, set_base_offset,
-    set_partition_leader_epoch,
+    BATCH_HEADER_LEN, BatchHeader, Compression, LOG_OVERHEAD, MAGIC_V2, TimestampType, attributes,
+    check_batch, compute_crc, peek_total_len, set_base_offset, set_partition_leader_epoch,
 };
 pub use records::{
-    Batches, BatchSpec, DECODE_MAX_BATCH_BYTES_DEFAULT, DECODE_MAX_DECOMPRESSED_BYTES_DEFAULT,
-    DecodeLimits, DecodedRecord, Header, Record, ZSTD_LEVEL, batches, decode_batch,
-    decode_records, encode_batch,
+    BatchSpec, Batches, DECODE_MAX_BATCH_BYTES_DEFAULT, DECODE_MAX_DECOMPRESSED_BYTES_DEFAULT,
+    DecodeLimits, DecodedRecord, Header, Record, ZSTD_LEVEL, batches, decode_batch, decode_records,
+    encode_batch,
 };
 pub use varint::{
     VARINT_BYTES_MAX, VARLONG_BYTES_MAX, put_varint, put_varlong, read_varint, read_varlong,

@@ -57,6 +57,8 @@ const TRANSACTIONAL_ATTRIBUTE: i16 = 0x10;
 /// Kafka's brokers and clients also use.
 const ZSTD_WINDOW_LOG_MIN: u32 = 23;
 const ZSTD_WINDOW_LOG_MAX: u32 = 27;
+/// Bytes decompressed per step: zstd's own block size.
+const ZSTD_CHUNK_BYTES: usize = 128 << 10;
 
 /// One record header. Kafka header keys are strings; values are bytes or null.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
@@ -194,7 +196,9 @@ pub fn encode_batch(
     out: &mut BytesMut,
 ) -> Result<usize, BatchError> {
     let Some(first) = records.first() else {
-        return Err(BatchError::InvalidInput("a batch needs at least one record"));
+        return Err(BatchError::InvalidInput(
+            "a batch needs at least one record",
+        ));
     };
     if !matches!(spec.compression, Compression::None | Compression::Zstd) {
         return Err(BatchError::UnsupportedCompression(spec.compression));
@@ -207,7 +211,9 @@ pub fn encode_batch(
         .checked_add(i64::from(last_offset_delta))
         .is_none()
     {
-        return Err(BatchError::InvalidInput("last offset of the batch overflows i64"));
+        return Err(BatchError::InvalidInput(
+            "last offset of the batch overflows i64",
+        ));
     }
     let base_timestamp = first.timestamp;
     let max_timestamp = records
@@ -259,6 +265,10 @@ pub fn encode_batch(
 /// Returns `Ok(None)` when the batch is not all there yet (a partial frame is normal), else
 /// the header, the records, and the bytes the batch takes in `buf`. Checks the header, the
 /// length against `limits`, and the CRC (see [`check_batch`]) before opening the records.
+///
+/// Control batches decode like any other: their records are Kafka's control records (see
+/// [`BatchHeader::is_control`]). Gzip, Snappy and Lz4 batches are valid to store but fail here
+/// with [`BatchError::UnsupportedCompression`].
 pub fn decode_batch(
     buf: &[u8],
     limits: &DecodeLimits,
@@ -278,8 +288,14 @@ pub fn decode_records(
     batch: &[u8],
     limits: &DecodeLimits,
 ) -> Result<Vec<DecodedRecord>, BatchError> {
-    if batch.len() < BATCH_HEADER_LEN || batch.len() != header.total_len() {
-        return Err(BatchError::Corrupt("batch bytes do not match the header length"));
+    // Not `header.total_len()`: a header built by hand may carry a negative length.
+    let declared_len = usize::try_from(header.batch_length)
+        .ok()
+        .and_then(|len| len.checked_add(LOG_OVERHEAD));
+    if batch.len() < BATCH_HEADER_LEN || Some(batch.len()) != declared_len {
+        return Err(BatchError::Corrupt(
+            "batch bytes do not match the header length",
+        ));
     }
     let section = &batch[BATCH_HEADER_LEN..];
     match header.compression()? {
@@ -409,12 +425,19 @@ fn record_body_len(
     timestamp_delta: i64,
     offset_delta: i32,
 ) -> Result<i32, BatchError> {
+    // Saturating sums: on a 32-bit target two large fields could overflow `usize`.
     let mut len = 1 + varlong_len(timestamp_delta) + varint_len(offset_delta);
-    len += nullable_len(record.key.as_deref(), "record key longer than i32::MAX bytes")?;
-    len += nullable_len(record.value.as_deref(), "record value longer than i32::MAX bytes")?;
+    len = len.saturating_add(nullable_len(
+        record.key.as_deref(),
+        "record key longer than i32::MAX bytes",
+    )?);
+    len = len.saturating_add(nullable_len(
+        record.value.as_deref(),
+        "record value longer than i32::MAX bytes",
+    )?);
     let header_count = i32::try_from(record.headers.len())
         .map_err(|_| BatchError::InvalidInput("more headers than a record can count"))?;
-    len += varint_len(header_count);
+    len = len.saturating_add(varint_len(header_count));
     for header in &record.headers {
         len = len.saturating_add(nullable_len(
             Some(header.key.as_bytes()),
@@ -450,7 +473,8 @@ fn put_nullable(out: &mut BytesMut, bytes: Option<&[u8]>) {
 }
 
 /// Decompresses a zstd records section, refusing more than `max_bytes` of output, so a small
-/// hostile batch cannot make the decoder allocate much.
+/// hostile batch cannot make the decoder allocate much: the output buffer never grows past
+/// `max_bytes`.
 ///
 /// The zstd window is bounded too: by `max_bytes` rounded up to a power of two, but never
 /// below 8 MiB, the window Kafka producers use up to level 19, so a decoder with small limits
@@ -458,32 +482,50 @@ fn put_nullable(out: &mut BytesMut, bytes: Option<&[u8]>) {
 fn zstd_decompress(compressed: &[u8], max_bytes: usize) -> Result<Vec<u8>, BatchError> {
     const INVALID: BatchError =
         BatchError::Corrupt("zstd records are invalid or need a window above the limit");
+    let too_large = || BatchError::DecompressedTooLarge { max: max_bytes };
     if compressed.is_empty() {
         return Ok(Vec::new());
     }
-    let max_bytes_u64 = u64::try_from(max_bytes).unwrap_or(u64::MAX);
-    // A frame that states its size up front can be refused before any work.
-    if let Ok(Some(content_bytes)) = zstd::zstd_safe::get_frame_content_size(compressed)
-        && content_bytes > max_bytes_u64
-    {
-        return Err(BatchError::DecompressedTooLarge { max: max_bytes });
-    }
+    // A frame that states its size up front is refused before any work, or gets a buffer of
+    // exactly that size.
+    let mut decompressed = match zstd::zstd_safe::get_frame_content_size(compressed) {
+        Ok(Some(content_bytes)) => {
+            let content_bytes = usize::try_from(content_bytes).map_err(|_| too_large())?;
+            if content_bytes > max_bytes {
+                return Err(too_large());
+            }
+            Vec::with_capacity(content_bytes)
+        }
+        _ => Vec::new(),
+    };
     let mut decoder = zstd::stream::read::Decoder::with_buffer(compressed).map_err(|_| INVALID)?;
     let window_log = max_bytes
         .checked_next_power_of_two()
         .map_or(usize::BITS, usize::trailing_zeros)
         .clamp(ZSTD_WINDOW_LOG_MIN, ZSTD_WINDOW_LOG_MAX);
     decoder.window_log_max(window_log).map_err(|_| INVALID)?;
-    let mut decompressed = Vec::new();
-    // One byte over the limit is enough to know the limit was passed.
-    decoder
-        .take(max_bytes_u64.saturating_add(1))
-        .read_to_end(&mut decompressed)
-        .map_err(|_| INVALID)?;
-    if decompressed.len() > max_bytes {
-        return Err(BatchError::DecompressedTooLarge { max: max_bytes });
+    let mut chunk = vec![0u8; ZSTD_CHUNK_BYTES];
+    loop {
+        let read = match decoder.read(&mut chunk) {
+            Ok(0) => return Ok(decompressed),
+            Ok(read) => read,
+            Err(error) if error.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => return Err(INVALID),
+        };
+        let len = decompressed.len();
+        if read > max_bytes - len {
+            return Err(too_large());
+        }
+        if decompressed.capacity() - len < read {
+            // Double as usual, but never past the limit; `len + read <= max_bytes` here.
+            let target = decompressed
+                .capacity()
+                .saturating_mul(2)
+                .clamp(len + read, max_bytes);
+            decompressed.reserve_exact(target - len);
+        }
+        decompressed.extend_from_slice(&chunk[..read]);
     }
-    Ok(decompressed)
 }
 
 /// Parses the uncompressed records section of the batch `header` describes.
@@ -499,7 +541,9 @@ fn parse_records(header: &BatchHeader, section: &[u8]) -> Result<Vec<DecodedReco
         rest = &rest[consumed..];
         let in_order = previous_offset_delta.is_none_or(|previous| raw.offset_delta > previous);
         if raw.offset_delta < 0 || raw.offset_delta > header.last_offset_delta || !in_order {
-            return Err(BatchError::Corrupt("record offset delta out of order or range"));
+            return Err(BatchError::Corrupt(
+                "record offset delta out of order or range",
+            ));
         }
         previous_offset_delta = Some(raw.offset_delta);
         let offset = header
@@ -544,7 +588,9 @@ fn parse_record(buf: &[u8]) -> Result<(RawRecord, usize), BatchError> {
     let body = len_bytes
         .checked_add(body_len)
         .and_then(|end| buf.get(len_bytes..end))
-        .ok_or(BatchError::Corrupt("record length runs past the end of the batch"))?;
+        .ok_or(BatchError::Corrupt(
+            "record length runs past the end of the batch",
+        ))?;
 
     let mut reader = FieldReader { rest: body };
     // Record attributes are unused in v2; Kafka ignores them on read, and so do we.
@@ -566,7 +612,9 @@ fn parse_record(buf: &[u8]) -> Result<(RawRecord, usize), BatchError> {
         headers.push(Header { key, value });
     }
     if !reader.rest.is_empty() {
-        return Err(BatchError::Corrupt("record length does not match its fields"));
+        return Err(BatchError::Corrupt(
+            "record length does not match its fields",
+        ));
     }
     let record = RawRecord {
         timestamp_delta,
@@ -586,7 +634,9 @@ struct FieldReader<'a> {
 impl<'a> FieldReader<'a> {
     fn take(&mut self, len: usize) -> Result<&'a [u8], BatchError> {
         if len > self.rest.len() {
-            return Err(BatchError::Corrupt("record field runs past the record length"));
+            return Err(BatchError::Corrupt(
+                "record field runs past the record length",
+            ));
         }
         let (field, rest) = self.rest.split_at(len);
         self.rest = rest;
