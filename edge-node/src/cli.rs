@@ -1,0 +1,276 @@
+//! The command line and the `SILT_*` environment, turned into config [`Sources`].
+//!
+//! Every key of the config file can be set three ways, lowest precedence first:
+//! - in the file (`--config FILE`, or `SILT_CONFIG`);
+//! - by env var: `SILT_NODE_ID`, `SILT_DATA_DIR`, `SILT_ADMIN_LISTEN` for the top-level keys,
+//!   and `SILT_<SECTION>__<KEY>` for keys inside a section, as `SILT_LOG__BUDGET_BYTES` for
+//!   `log.budget_bytes`; in `[topic_defaults]`, whose keys are Kafka's dotted names, `_`
+//!   stands for `.`: `SILT_TOPIC_DEFAULTS__SEGMENT_BYTES` is `topic_defaults.segment.bytes`;
+//! - by flag: `--node-id`, `--data-dir`, `--admin-listen`, and `--set KEY=VALUE` for any key
+//!   by its dotted path, as `--set log.budget_bytes=1000000`. The named flags are applied
+//!   after `--set`.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+use clap::parser::ValueSource;
+use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser};
+
+use crate::config::{self, ConfigError, Override, Sources};
+
+/// Silt edge node: takes events in over MQTT and QUIC, keeps them in a durable local log and
+/// forwards them to a core cluster.
+#[derive(Debug, Parser)]
+#[command(name = "silt-edge", version, after_help = ENV_HELP)]
+pub(crate) struct Cli {
+    /// Config file (TOML).
+    #[arg(long, value_name = "FILE", env = "SILT_CONFIG")]
+    pub(crate) config: Option<PathBuf>,
+    /// Data directory: where the log lives [config key: data_dir].
+    #[arg(long, value_name = "DIR", env = "SILT_DATA_DIR")]
+    pub(crate) data_dir: Option<String>,
+    /// This node's id; defaults to the hostname [config key: node_id].
+    #[arg(long, value_name = "ID", env = "SILT_NODE_ID")]
+    pub(crate) node_id: Option<String>,
+    /// Admin (metrics, health) listen address [config key: admin_listen].
+    #[arg(long, value_name = "ADDR", env = "SILT_ADMIN_LISTEN")]
+    pub(crate) admin_listen: Option<String>,
+    /// Override any config key by its dotted path, e.g. `--set log.budget_bytes=2GiB` or
+    /// `--set topic_defaults.retention.ms=86400000`. Repeatable; later ones win.
+    #[arg(long = "set", value_name = "KEY=VALUE", value_parser = parse_key_value)]
+    pub(crate) set: Vec<(String, String)>,
+    /// Validate the config, print it fully resolved as TOML, and exit.
+    #[arg(long)]
+    pub(crate) check_config: bool,
+}
+
+const ENV_HELP: &str = "\
+Every config key is also read from the environment, below flags and above the file:
+SILT_NODE_ID, SILT_DATA_DIR and SILT_ADMIN_LISTEN for the top-level keys, and
+SILT_<SECTION>__<KEY> for keys in a section, e.g. SILT_LOG__BUDGET_BYTES=2GiB or
+SILT_TOPIC_DEFAULTS__RETENTION_MS=86400000 (in topic_defaults, '_' stands for '.').";
+
+/// Prefix of every env var the edge reads.
+const ENV_PREFIX: &str = "SILT_";
+/// Separates the section from the key in `SILT_<SECTION>__<KEY>`.
+const ENV_SECTION_SEPARATOR: &str = "__";
+
+fn parse_key_value(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((key, value)) if !key.trim().is_empty() => {
+            Ok((key.trim().to_string(), value.to_string()))
+        }
+        _ => Err(format!("expected KEY=VALUE, got {text:?}")),
+    }
+}
+
+impl Cli {
+    /// Parses the process's arguments, exiting with clap's message and code 2 if they are bad.
+    pub(crate) fn parse_args() -> (Cli, ArgMatches) {
+        let matches = Cli::command().get_matches();
+        let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|error| error.exit());
+        (cli, matches)
+    }
+
+    /// Gathers the file, env vars and flags into [`Sources`], in precedence order.
+    pub(crate) fn sources(
+        &self,
+        matches: &ArgMatches,
+        env: impl IntoIterator<Item = (OsString, OsString)>,
+    ) -> Result<Sources, ConfigError> {
+        let file = self.config.as_deref().map(config::read_file).transpose()?;
+        let mut env_overrides = Vec::new();
+        let mut flag_overrides: Vec<Override> = self
+            .set
+            .iter()
+            .map(|(key, value)| Override {
+                key: key.clone(),
+                value: value.clone(),
+                origin: format!("--set {key}"),
+            })
+            .collect();
+        // clap reads these from the flag or, failing that, the env var; which one decides
+        // their precedence against `--set` and `SILT_<SECTION>__<KEY>`.
+        let named = [
+            ("data_dir", &self.data_dir, "--data-dir", "SILT_DATA_DIR"),
+            ("node_id", &self.node_id, "--node-id", "SILT_NODE_ID"),
+            (
+                "admin_listen",
+                &self.admin_listen,
+                "--admin-listen",
+                "SILT_ADMIN_LISTEN",
+            ),
+        ];
+        for (key, value, flag, var) in named {
+            let Some(value) = value else { continue };
+            let from_env = matches.value_source(key) == Some(ValueSource::EnvVariable);
+            let (list, origin) = if from_env {
+                (&mut env_overrides, var)
+            } else {
+                (&mut flag_overrides, flag)
+            };
+            list.push(Override {
+                key: key.to_string(),
+                value: value.clone(),
+                origin: origin.to_string(),
+            });
+        }
+        env_overrides.extend(section_env_overrides(env)?);
+        env_overrides.extend(flag_overrides);
+        Ok(Sources {
+            file,
+            overrides: env_overrides,
+            hostname: config::hostname(),
+        })
+    }
+}
+
+/// The `SILT_<SECTION>__<KEY>` overrides in `env`, sorted by name so the result does not
+/// depend on the environment's order.
+fn section_env_overrides(
+    env: impl IntoIterator<Item = (OsString, OsString)>,
+) -> Result<Vec<Override>, ConfigError> {
+    let mut overrides = Vec::new();
+    for (name, value) in env {
+        let Some(name) = name.to_str() else { continue };
+        let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
+            continue;
+        };
+        let Some((section, key)) = rest.split_once(ENV_SECTION_SEPARATOR) else {
+            continue;
+        };
+        let section = section.to_ascii_lowercase();
+        let mut key = key.to_ascii_lowercase();
+        if section == "topic_defaults" {
+            key = key.replace('_', ".");
+        }
+        let key = format!("{section}.{key}");
+        let value = value.into_string().map_err(|_| ConfigError {
+            key: Some(key.clone()),
+            message: "value is not valid UTF-8".to_string(),
+            origin: Some(name.to_string()),
+        })?;
+        overrides.push(Override {
+            key,
+            value,
+            origin: name.to_string(),
+        });
+    }
+    overrides.sort_by(|a, b| a.origin.cmp(&b.origin));
+    Ok(overrides)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::EdgeConfig;
+
+    fn env(vars: &[(&str, &str)]) -> Vec<(OsString, OsString)> {
+        vars.iter()
+            .map(|(name, value)| (OsString::from(name), OsString::from(value)))
+            .collect()
+    }
+
+    fn resolve(args: &[&str], vars: &[(&str, &str)]) -> Result<EdgeConfig, ConfigError> {
+        let matches = Cli::command()
+            .try_get_matches_from(std::iter::once("silt-edge").chain(args.iter().copied()))
+            .unwrap();
+        let cli = Cli::from_arg_matches(&matches).unwrap();
+        EdgeConfig::resolve(&cli.sources(&matches, env(vars))?)
+    }
+
+    #[test]
+    fn section_env_vars_map_to_dotted_keys() {
+        let overrides = section_env_overrides(env(&[
+            ("SILT_TOPIC_DEFAULTS__SEGMENT_BYTES", "4096"),
+            ("SILT_LOG__BUDGET_BYTES", "2GiB"),
+            ("SILT_NODE_ID", "not-a-section-key"),
+            ("SILT_BATCHCAT", "/usr/bin/true"),
+            ("PATH", "/bin"),
+        ]))
+        .unwrap();
+        let keys: Vec<_> = overrides
+            .iter()
+            .map(|o| (o.key.as_str(), o.value.as_str()))
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                ("log.budget_bytes", "2GiB"),
+                ("topic_defaults.segment.bytes", "4096")
+            ]
+        );
+    }
+
+    #[test]
+    fn flags_win_over_env_which_wins_over_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("edge.toml");
+        std::fs::write(
+            &path,
+            "data_dir = \"/file\"\n[log]\nbudget_bytes = 1\nfs_reserve_bytes = 2\n",
+        )
+        .unwrap();
+        let path = path.to_str().unwrap();
+
+        let config = resolve(&["--config", path], &[]).unwrap();
+        assert_eq!(config.log.budget.unwrap().bytes_max, 1);
+
+        let vars = [
+            ("SILT_LOG__BUDGET_BYTES", "10"),
+            ("SILT_LOG__FS_RESERVE_BYTES", "20"),
+        ];
+        let config = resolve(&["--config", path], &vars).unwrap();
+        assert_eq!(config.log.budget.unwrap().bytes_max, 10);
+        assert_eq!(config.log.fs_reserve_bytes, 20);
+
+        let config = resolve(
+            &[
+                "--config",
+                path,
+                "--set",
+                "log.budget_bytes=100",
+                "--data-dir",
+                "/flag",
+            ],
+            &vars,
+        )
+        .unwrap();
+        assert_eq!(config.log.budget.unwrap().bytes_max, 100);
+        assert_eq!(config.log.fs_reserve_bytes, 20);
+        assert_eq!(config.log.data_dir, PathBuf::from("/flag"));
+
+        // The named flag is applied after `--set`.
+        let config = resolve(&["--set", "data_dir=/set", "--data-dir", "/flag"], &[]).unwrap();
+        assert_eq!(config.log.data_dir, PathBuf::from("/flag"));
+    }
+
+    #[test]
+    fn bad_env_values_name_the_variable() {
+        let message = resolve(&["--data-dir", "/d"], &[("SILT_LOG__BUDGET_POLICY", "foo")])
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            message,
+            "config key log.budget_policy: expected reject or drop-oldest, got \"foo\" \
+             (from SILT_LOG__BUDGET_POLICY)"
+        );
+    }
+
+    #[test]
+    fn set_needs_key_and_value() {
+        let result = Cli::command().try_get_matches_from(["silt-edge", "--set", "novalue"]);
+        assert!(
+            result
+                .unwrap_err()
+                .to_string()
+                .contains("expected KEY=VALUE")
+        );
+        assert_eq!(parse_key_value("a.b=c=d"), Ok(("a.b".into(), "c=d".into())));
+    }
+
+    #[test]
+    fn cli_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,92 @@
+//! silt-edge: the edge node binary. Reads its config, then runs the node until SIGTERM or
+//! SIGINT.
+//!
+//! # Layout
+//! - `cli`: flags and `SILT_*` env vars, gathered into config sources.
+//! - `config`: the TOML config, raw and validated, with its defaults.
+//! - `node`: `run`, the node itself, given its config and a shutdown future.
+
+mod cli;
+mod config;
+mod node;
+
+use std::future::Future;
+use std::io::IsTerminal;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use tokio::signal::unix::{SignalKind, signal};
+use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::LevelFilter;
+
+use crate::cli::Cli;
+use crate::config::EdgeConfig;
+
+/// Exit code for a config that cannot be used, as for bad command-line usage.
+const EXIT_CONFIG: u8 = 2;
+
+fn main() -> ExitCode {
+    let (cli, matches) = Cli::parse_args();
+    let config = match cli
+        .sources(&matches, std::env::vars_os())
+        .and_then(|sources| EdgeConfig::resolve(&sources))
+    {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("silt-edge: {error}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    if cli.check_config {
+        print!("{}", config.to_toml());
+        return ExitCode::SUCCESS;
+    }
+
+    init_tracing();
+    match serve(config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!("silt-edge failed: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Logs to stderr, filtered by `RUST_LOG` (default `info`); colours only on a terminal, so
+/// journald and log files get plain text.
+fn init_tracing() {
+    let filter = EnvFilter::builder()
+        .with_default_directive(LevelFilter::INFO.into())
+        .from_env_lossy();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+}
+
+fn serve(config: EdgeConfig) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the tokio runtime")?;
+    runtime.block_on(async {
+        // Handlers are installed before the node starts, so a signal that arrives once it
+        // says it has started always means a clean shutdown.
+        let shutdown = shutdown_signal()?;
+        node::run(config, shutdown).await
+    })
+}
+
+/// Completes on the first SIGTERM (systemd's stop) or SIGINT (Ctrl-C).
+fn shutdown_signal() -> anyhow::Result<impl Future<Output = ()>> {
+    let mut terminate = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    Ok(async move {
+        let name = tokio::select! {
+            _ = terminate.recv() => "SIGTERM",
+            _ = interrupt.recv() => "SIGINT",
+        };
+        tracing::info!(signal = name, "shutting down");
+    })
+}

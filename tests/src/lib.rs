@@ -1,0 +1,218 @@
+//! Helpers for end-to-end tests: build and locate the workspace's binaries, run them, read
+//! their logs, and signal them, always waiting on a condition with a deadline.
+//!
+//! # Layout
+//! - [`binary`]: builds a workspace binary once per test process and returns its path.
+//! - [`Running`]: a started binary whose stderr is read line by line in the background.
+//!
+//! Tests here start real binaries. `env!("CARGO_BIN_EXE_...")` only names binaries of the
+//! test's own package, so [`binary`] asks cargo to build the one wanted and reads its path
+//! from cargo's JSON messages, which stays right whatever the target dir is.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+pub use rustix::process::Signal;
+
+/// How long a test waits for a binary to say it started; generous for a loaded CI machine.
+pub const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a binary may take to exit after a shutdown signal.
+pub const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often [`Running::wait_exit`] polls for the exit.
+const EXIT_POLL_INTERVAL: Duration = Duration::from_millis(10);
+
+/// The workspace root, where `Cargo.toml` lists the members.
+pub fn workspace_root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the tests crate lives one level below the workspace root")
+}
+
+/// The path of `bin` from `package`, built once per test process with the dev profile.
+///
+/// # Panics
+/// If the build fails; cargo's diagnostics are on stderr.
+pub fn binary(package: &str, bin: &str) -> PathBuf {
+    static BUILT: OnceLock<Mutex<HashMap<(String, String), PathBuf>>> = OnceLock::new();
+    let built = BUILT.get_or_init(Default::default);
+    let mut built = built.lock().unwrap_or_else(|poison| poison.into_inner());
+    built
+        .entry((package.to_string(), bin.to_string()))
+        .or_insert_with(|| build(package, bin))
+        .clone()
+}
+
+/// The `silt-edge` binary.
+pub fn silt_edge() -> PathBuf {
+    binary("silt-edge", "silt-edge")
+}
+
+/// The `silt-core` binary.
+pub fn silt_core() -> PathBuf {
+    binary("silt-core", "silt-core")
+}
+
+/// The cargo that runs these tests, so nested builds use the same toolchain.
+pub fn cargo() -> Command {
+    Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+}
+
+fn build(package: &str, bin: &str) -> PathBuf {
+    let output = cargo()
+        .current_dir(workspace_root())
+        .args([
+            "build",
+            "--message-format=json-render-diagnostics",
+            "-p",
+            package,
+        ])
+        .args(["--bin", bin])
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("cannot run cargo");
+    assert!(
+        output.status.success(),
+        "cargo build -p {package} --bin {bin} failed"
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    stdout
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|message| message["reason"] == "compiler-artifact")
+        .filter(|message| message["target"]["name"] == bin)
+        .find_map(|message| message["executable"].as_str().map(PathBuf::from))
+        .unwrap_or_else(|| panic!("cargo built no executable named {bin}"))
+}
+
+/// A command for `program` with no inherited `SILT_*` env vars, so tests see only the
+/// config they set themselves.
+pub fn command(program: &Path) -> Command {
+    let mut command = Command::new(program);
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("SILT_") {
+            command.env_remove(name);
+        }
+    }
+    command
+}
+
+/// A started binary, its stderr read in the background.
+#[derive(Debug)]
+pub struct Running {
+    child: Child,
+    stderr_lines: Receiver<String>,
+    /// Every stderr line received so far, for assertions and failure messages.
+    stderr_seen: Vec<String>,
+}
+
+impl Running {
+    /// Starts `command` with stderr piped and stdin closed.
+    pub fn start(mut command: Command) -> Running {
+        let mut child = command
+            .stdin(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("cannot start the binary");
+        let stderr = child.stderr.take().expect("stderr is piped");
+        let (sender, stderr_lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if sender.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Running {
+            child,
+            stderr_lines,
+            stderr_seen: Vec::new(),
+        }
+    }
+
+    /// Waits until a stderr line contains `needle`, and returns it.
+    ///
+    /// # Panics
+    /// If `timeout` passes or stderr closes first, with everything stderr said.
+    pub fn wait_for_stderr(&mut self, needle: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.stderr_lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.stderr_seen.push(line.clone());
+                    if line.contains(needle) {
+                        return line;
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    panic!(
+                        "no {needle:?} on stderr within {timeout:?}; stderr:\n{}",
+                        self.stderr()
+                    )
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    panic!(
+                        "stderr closed before {needle:?}; stderr:\n{}",
+                        self.stderr()
+                    )
+                }
+            }
+        }
+    }
+
+    /// Sends `signal` to the process.
+    pub fn signal(&self, signal: Signal) {
+        rustix::process::kill_process(rustix::process::Pid::from_child(&self.child), signal)
+            .expect("cannot signal the child");
+    }
+
+    /// Waits for the process to exit, killing it and panicking if `timeout` passes first.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("cannot wait for the child") {
+                self.drain_stderr();
+                return status;
+            }
+            if Instant::now() >= deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                self.drain_stderr();
+                panic!("no exit within {timeout:?}; stderr:\n{}", self.stderr());
+            }
+            std::thread::sleep(EXIT_POLL_INTERVAL);
+        }
+    }
+
+    /// Everything read from stderr so far.
+    pub fn stderr(&self) -> String {
+        self.stderr_seen.join("\n")
+    }
+
+    /// Collects what stderr said up to its close; call only once the process has exited.
+    fn drain_stderr(&mut self) {
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        while let Ok(line) = self
+            .stderr_lines
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        {
+            self.stderr_seen.push(line);
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        // A test that failed half-way must not leave a node running.
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
