@@ -38,11 +38,12 @@ pub(crate) struct LogBench {
     /// Records per batch.
     #[arg(long, default_value_t = 256)]
     batch_records: usize,
-    /// Concurrent appending threads, sharing fsyncs through group commit.
-    #[arg(long, default_value_t = 4)]
+    /// Concurrent appending threads, sharing fsyncs through group commit: an edge node
+    /// appends for many connected sensors at once.
+    #[arg(long, default_value_t = 16)]
     writers: usize,
     /// Runs; the medians are reported.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 5)]
     runs: usize,
 }
 
