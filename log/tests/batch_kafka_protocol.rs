@@ -9,12 +9,15 @@
 //! - its decoder returns stored timestamps as they are, without applying `LogAppendTime`;
 //! - it subtracts timestamps with overflow checks, so timestamps here stay within +-2^61.
 
+mod pinned;
+
 use bytes::{Bytes, BytesMut};
 use kafka_protocol::protocol::StrBytes;
 use kafka_protocol::records::{
     Compression as KpCompression, Record as KpRecord, RecordBatchDecoder, RecordBatchEncoder,
     RecordEncodeOptions, TimestampType as KpTimestampType,
 };
+use pinned::{PINNED_BATCH_HEX, pinned_records, to_hex};
 use proptest::prelude::*;
 use silt_log::batch::{
     BatchSpec, Compression, DecodeLimits, DecodedRecord, Header, Record, TimestampType,
@@ -23,57 +26,6 @@ use silt_log::batch::{
 
 /// Timestamps stay within this magnitude so `kafka-protocol` can subtract any two of them.
 const TIMESTAMP_ABS_MAX: i64 = 1 << 61;
-
-/// The batch pinned in `batch_props.rs` (same records, same bytes), which `kafka-protocol`
-/// must encode identically.
-const PINNED_BATCH_HEX: &str = concat!(
-    // Base offset, length 74, leader epoch -1, magic 2, CRC-32C, attributes, last offset delta.
-    "0000000000000000",
-    "0000004a",
-    "ffffffff",
-    "02",
-    "93bf474b",
-    "0000",
-    "00000001",
-    // Base and max timestamps, producer id and epoch, base sequence, record count.
-    "0000018bcfe56800",
-    "0000018bcfe56805",
-    "ffffffffffffffff",
-    "ffff",
-    "ffffffff",
-    "00000002",
-    // Record 0: length 14, attributes, deltas 0 and 0, key "k1", value "v1", header h=x.
-    "1c000000046b310476310202680278",
-    // Record 1: length 9, attributes, deltas 5 and 1, null key, empty value, header n=null.
-    "12000a02010002026e01",
-);
-
-fn pinned_records() -> Vec<Record> {
-    vec![
-        Record {
-            timestamp: 1_700_000_000_000,
-            key: Some(Bytes::from_static(b"k1")),
-            value: Some(Bytes::from_static(b"v1")),
-            headers: vec![Header {
-                key: "h".to_owned(),
-                value: Some(Bytes::from_static(b"x")),
-            }],
-        },
-        Record {
-            timestamp: 1_700_000_000_005,
-            key: None,
-            value: Some(Bytes::new()),
-            headers: vec![Header {
-                key: "n".to_owned(),
-                value: None,
-            }],
-        },
-    ]
-}
-
-fn to_hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|byte| format!("{byte:02x}")).collect()
-}
 
 fn kp_compression(compression: Compression) -> KpCompression {
     match compression {

@@ -1,7 +1,10 @@
 //! Properties of the RecordBatch v2 codec: round trips, partial input, corruption, hostile
 //! input and limits, plus the pinned bytes of one batch so the format cannot drift.
 
+mod pinned;
+
 use bytes::{Bytes, BytesMut};
+use pinned::{PINNED_BATCH_HEX, pinned_records, to_hex};
 use proptest::prelude::*;
 use silt_log::batch::{
     BATCH_HEADER_LEN, BatchError, BatchHeader, BatchSpec, Compression, DecodeLimits, DecodedRecord,
@@ -20,57 +23,6 @@ const TEST_LIMITS: DecodeLimits = DecodeLimits {
     max_batch_bytes: 64 << 10,
     max_decompressed_bytes: 256 << 10,
 };
-
-/// The same batch and bytes as in `batch_kafka_protocol.rs`, where `kafka-protocol` encodes
-/// them identically. Produced by a plain Kafka producer: offsets from 0, no producer id.
-const PINNED_BATCH_HEX: &str = concat!(
-    // Base offset, length 74, leader epoch -1, magic 2, CRC-32C, attributes, last offset delta.
-    "0000000000000000",
-    "0000004a",
-    "ffffffff",
-    "02",
-    "93bf474b",
-    "0000",
-    "00000001",
-    // Base and max timestamps, producer id and epoch, base sequence, record count.
-    "0000018bcfe56800",
-    "0000018bcfe56805",
-    "ffffffffffffffff",
-    "ffff",
-    "ffffffff",
-    "00000002",
-    // Record 0: length 14, attributes, deltas 0 and 0, key "k1", value "v1", header h=x.
-    "1c000000046b310476310202680278",
-    // Record 1: length 9, attributes, deltas 5 and 1, null key, empty value, header n=null.
-    "12000a02010002026e01",
-);
-
-fn pinned_records() -> Vec<Record> {
-    vec![
-        Record {
-            timestamp: 1_700_000_000_000,
-            key: Some(Bytes::from_static(b"k1")),
-            value: Some(Bytes::from_static(b"v1")),
-            headers: vec![Header {
-                key: "h".to_owned(),
-                value: Some(Bytes::from_static(b"x")),
-            }],
-        },
-        Record {
-            timestamp: 1_700_000_000_005,
-            key: None,
-            value: Some(Bytes::new()),
-            headers: vec![Header {
-                key: "n".to_owned(),
-                value: None,
-            }],
-        },
-    ]
-}
-
-fn to_hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|byte| format!("{byte:02x}")).collect()
-}
 
 fn encode(spec: &BatchSpec, records: &[Record]) -> BytesMut {
     let mut buf = BytesMut::new();
