@@ -60,6 +60,11 @@ pub enum LogError {
     OffsetOrder { base_offset: u64, log_end: u64 },
     #[error("an earlier fsync of {path} failed; the partition refuses writes until reopened")]
     FsyncFailed { path: PathBuf },
+    #[error(
+        "appended offsets below {end} were removed by a truncation to {log_end} before they \
+         became durable"
+    )]
+    Truncated { end: u64, log_end: u64 },
     #[error("the log is closed")]
     Closed,
 }

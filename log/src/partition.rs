@@ -209,6 +209,7 @@ impl PartitionLog {
     ) -> Result<(PartitionLog, RecoveryReport)> {
         fsutil::create_dir_durable(dir)?;
         let bases = list_segments(dir)?;
+        let checkpointed = dir.join(CHECKPOINT_FILE).exists();
         let checkpoint = read_checkpoint(dir)?;
         let mut report = RecoveryReport::default();
         let recover_from = if options.clean {
@@ -262,7 +263,10 @@ impl PartitionLog {
         }
 
         let mut log_start = checkpoint.log_start_offset;
-        if let Some(&first) = segments.keys().next() {
+        // A checkpointed start below the first segment means a cold tier holds the gap
+        // (`delete_local_before`, retention with `archived_below`), so the start stays put
+        // across a restart; only without a checkpoint does the first segment set it.
+        if let Some(&first) = segments.keys().next().filter(|_| !checkpointed) {
             log_start = log_start.max(first);
         }
         if log_start > next_offset {
@@ -510,7 +514,9 @@ impl PartitionLog {
     }
 
     /// Blocks until everything below `end` is fsync'd, running the fsync itself when no other
-    /// appender is.
+    /// appender is. After a truncation below `end`, what remains is durable and the rest can
+    /// never be: that is [`LogError::Truncated`], so an append never acknowledges records a
+    /// truncation removed.
     fn wait_durable(&self, end: u64) -> Result<()> {
         let mut sync = self.lock_sync();
         loop {
@@ -536,11 +542,18 @@ impl PartitionLog {
             self.fsyncs.fetch_add(1, Ordering::Relaxed);
             sync = self.lock_sync();
             sync.syncing = false;
+            let mut truncated_below_end = None;
             match result {
                 Ok(()) if sync.generation == generation => {
                     if covered_end > sync.durable_end {
                         sync.durable_end = covered_end;
                         self.visible_end.fetch_max(covered_end, Ordering::AcqRel);
+                    }
+                    // The log end only falls by truncation. What remains below `end` is now
+                    // durable and the rest is gone: no fsync can ever reach `end`, so waiting
+                    // for it would loop on fsyncs forever.
+                    if covered_end < end {
+                        truncated_below_end = Some(covered_end);
                     }
                 }
                 Ok(()) => {}
@@ -550,6 +563,9 @@ impl PartitionLog {
                 }
             }
             self.synced.notify_all();
+            if let Some(log_end) = truncated_below_end {
+                return Err(LogError::Truncated { end, log_end });
+            }
         }
     }
 
@@ -557,7 +573,11 @@ impl PartitionLog {
     /// the relaxed policy's flusher calls this.
     pub fn flush(&self) -> Result<()> {
         let end = self.lock_state_unchecked().next_offset;
-        self.wait_durable(end)?;
+        match self.wait_durable(end) {
+            // A truncation since `end` was read leaves less to flush, all of it durable.
+            Ok(()) | Err(LogError::Truncated { .. }) => {}
+            Err(error) => return Err(error),
+        }
         self.visible_end.fetch_max(end, Ordering::AcqRel);
         Ok(())
     }
@@ -729,7 +749,16 @@ impl PartitionLog {
         let before = active.size();
         let new_end = active.truncate_to(offset)?;
         freed += before - active.size();
+        // A segment loaded closed has no age in memory; once it is the active one its age
+        // starts now, as at open, or `segment.ms` would never roll it on an idle partition.
+        if active.first_append_ms().is_none() {
+            active.set_first_append_ms(now_ms());
+        }
         state.next_offset = new_end;
+        // A batch straddling `offset` that began below the log start takes the end below the
+        // start; the start follows it down (records below the new end stay hidden), or reads
+        // at the start would fail and the next open would move the end up to the start.
+        state.log_start = state.log_start.min(new_end);
         state.recovery_point = state.recovery_point.min(new_end);
         write_checkpoint(&self.dir, &state)?;
         self.disk.sub_used(freed);
