@@ -1,9 +1,14 @@
 //! Silt's protocol servers: MQTT (TCP, TLS, over QUIC), native QUIC produce and the Kafka
 //! protocol.
 //!
-//! Each gateway calls a port trait it defines and never depends on `silt-edge` or `silt-core`.
-//! The gateways arrive with the edge-broker and core-node issues; until then this crate
-//! deliberately holds no code.
+//! Each gateway calls a port trait it defines and never depends on `silt-edge` or `silt-core`;
+//! it uses `silt-log` and `silt-wire` for types only.
 //!
 //! # Layout
-//! Empty: no gateway has been built yet.
+//! - `mqtt`: the MQTT 3.1.1 / 5.0 broker's pure (sans-IO) parts so far:
+//!   - `mqtt::topic`: topic names, topic filters, shared-subscription filters, matching.
+//!   - `mqtt::subscriptions`: the subscription store, a trie over topic levels that turns a
+//!     published topic name into one delivery per subscribed client or shared group.
+//!   - `mqtt::route`: ingest routes from MQTT topic filters to log topics and key templates.
+
+pub mod mqtt;
