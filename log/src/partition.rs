@@ -195,6 +195,17 @@ pub struct PartitionLog {
     visible_end: AtomicU64,
     /// fsyncs of segment data issued so far, for metrics and for proving group commit.
     fsyncs: AtomicU64,
+    /// What the next fsync must cover, kept apart from `state` so that starting an fsync
+    /// never waits behind an appender copying a batch into the page cache.
+    written: Mutex<Written>,
+}
+
+/// The active segment's file and the log end it holds.
+#[derive(Debug, Clone)]
+struct Written {
+    file: Arc<std::fs::File>,
+    base_offset: u64,
+    end: u64,
 }
 
 impl PartitionLog {
@@ -326,6 +337,11 @@ impl PartitionLog {
             disk: options.disk.clone(),
             visible_end: AtomicU64::new(next_offset),
             fsyncs: AtomicU64::new(0),
+            written: Mutex::new(Written {
+                file: state.active().file().clone(),
+                base_offset: state.active().base_offset,
+                end: next_offset,
+            }),
             sync: Mutex::new(SyncState {
                 durable_end: next_offset,
                 syncing: false,
@@ -414,6 +430,7 @@ impl PartitionLog {
             self.maybe_roll(&mut state, &config, batches.len() as u64, last_offset, now)?;
             state.active_mut().append(batches, &headers, now)?;
             state.next_offset = next;
+            self.note_written(&state);
             self.disk.add_used(batches.len() as u64);
             if !matches!(self.flush, FlushPolicy::Durable) {
                 self.visible_end.store(next, Ordering::Release);
@@ -490,11 +507,24 @@ impl PartitionLog {
         let base = state.next_offset;
         let segment = Segment::create(&self.dir, base, self.index_interval_bytes)?;
         state.segments.insert(base, segment);
+        self.note_written(state);
         state.recovery_point = base;
         write_checkpoint(&self.dir, state)?;
         self.mark_durable(base);
         tracing::debug!(topic = %self.topic, partition = self.partition, base, "rolled segment");
         Ok(())
+    }
+
+    /// Publishes the active segment and log end to the next fsync; called with `state` held
+    /// after every change to either.
+    fn note_written(&self, state: &State) {
+        let active = state.active();
+        let mut written = self.written.lock().unwrap_or_else(|e| e.into_inner());
+        if written.base_offset != active.base_offset {
+            written.file = active.file().clone();
+            written.base_offset = active.base_offset;
+        }
+        written.end = state.next_offset;
     }
 
     fn mark_durable(&self, end: u64) {
@@ -533,11 +563,18 @@ impl PartitionLog {
             sync.syncing = true;
             let generation = sync.generation;
             drop(sync);
-            let (file, path, covered_end) = {
-                let state = self.lock_state_unchecked();
-                let active = state.active();
-                (active.file().clone(), active.log_path(), state.next_offset)
-            };
+            let Written {
+                file,
+                base_offset,
+                end: covered_end,
+            } = self
+                .written
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            let path = self
+                .dir
+                .join(segment::file_name(base_offset, segment::LOG_SUFFIX));
             let result = file.sync_data();
             self.fsyncs.fetch_add(1, Ordering::Relaxed);
             sync = self.lock_sync();
@@ -755,6 +792,7 @@ impl PartitionLog {
             active.set_first_append_ms(now_ms());
         }
         state.next_offset = new_end;
+        self.note_written(&state);
         // A batch straddling `offset` that began below the log start takes the end below the
         // start; the start follows it down (records below the new end stay hidden), or reads
         // at the start would fail and the next open would move the end up to the start.
