@@ -32,6 +32,9 @@ use crate::segment::{self, Segment};
 use crate::time::now_ms;
 
 const CHECKPOINT_FILE: &str = "checkpoint";
+/// Most bytes one `read` returns beyond its first batch, whatever the caller asks for, so a
+/// client's fetch size never turns into an unbounded allocation.
+pub const READ_BYTES_MAX: u64 = 64 << 20;
 const CHECKPOINT_VERSION: u32 = 1;
 
 /// Where the partition's persistent offsets live, replaced atomically.
@@ -679,7 +682,10 @@ impl PartitionLog {
                 return Ok(slice);
             }
             let first_len = header.total_len() as u64;
-            let want = (max_bytes as u64).max(first_len).min(size - position);
+            let want = (max_bytes as u64)
+                .min(READ_BYTES_MAX)
+                .max(first_len)
+                .min(size - position);
             let mut bytes = vec![0u8; want as usize];
             std::os::unix::fs::FileExt::read_exact_at(&*file, &mut bytes, position)
                 .map_err(LogError::io(&path))?;
@@ -726,6 +732,12 @@ impl PartitionLog {
                     return Ok(None);
                 }
                 let len = header.total_len();
+                if position + len as u64 > size {
+                    return Err(LogError::corrupt(
+                        &path,
+                        "batch runs past the end of the segment",
+                    ));
+                }
                 if header.max_timestamp >= timestamp && header.last_offset() as u64 >= log_start {
                     let mut bytes = vec![0u8; len];
                     std::os::unix::fs::FileExt::read_exact_at(&*file, &mut bytes, position)

@@ -637,3 +637,28 @@ fn relaxed_flush_acknowledges_before_fsync_and_flushes_in_the_background() {
     }
     manager.close().unwrap();
 }
+
+#[test]
+fn a_huge_read_request_is_capped() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = small_config(dir.path());
+    config.topic_defaults.segment_bytes = 1 << 30;
+    let (_manager, log) = open_partition(config, "t");
+    let value = bytes::Bytes::from(vec![7u8; 1_000_000]);
+    let record = Record {
+        timestamp: 0,
+        key: None,
+        value: Some(value),
+        headers: Vec::new(),
+    };
+    let mut total = 0;
+    while total <= silt_log::READ_BYTES_MAX + (2 << 20) {
+        let mut batch = encode(std::slice::from_ref(&record), Compression::None);
+        total += batch.len() as u64;
+        log.append(&mut batch).unwrap();
+    }
+    let slice = log.read(0, usize::MAX).unwrap();
+    assert!(!slice.bytes.is_empty());
+    assert!(slice.bytes.len() as u64 <= silt_log::READ_BYTES_MAX);
+    assert!((slice.bytes.len() as u64) < total);
+}
