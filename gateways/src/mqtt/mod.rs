@@ -4,11 +4,13 @@
 //! Everything here is sans-IO: no sockets, no clock, no log. Errors carry the MQTT 5.0 reason
 //! code a gateway answers with (`reason_code()`), whose values are named in [`reason`].
 
+pub mod alias;
 pub mod qos;
 pub mod route;
 pub mod subscriptions;
 pub mod topic;
 
+pub use alias::{AliasError, InboundAliases, OutboundAliases, OutboundTopic};
 pub use qos::{Inbound, InboundAck, InboundAction, Outbound, OutboundStage, QosError, Resend};
 pub use route::{KeyTemplate, Route, RouteError, RouteSpec, RouteTable, TemplateError};
 pub use subscriptions::{
