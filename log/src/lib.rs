@@ -8,6 +8,7 @@
 //! - `manager`: the data directory: topics, partitions, clean shutdown, retention, budget.
 //! - `partition`: one partition's log: offsets, group commit, reads, truncation, retention.
 //! - `segment` and `index`: one segment file and its sparse offset and time indexes.
+//! - `partitioner`: Kafka's default key partitioner (murmur2), shared by every ingest path.
 //! - `retention`: which segments retention deletes, as a pure function.
 //! - `disk`: the byte budget and the filesystem free-space reserve.
 //! - `fsutil`: fsync-after-create/rename/delete helpers and atomic file replacement.
@@ -20,6 +21,7 @@ mod fsutil;
 mod index;
 mod manager;
 mod partition;
+pub mod partitioner;
 pub mod retention;
 mod segment;
 mod time;
