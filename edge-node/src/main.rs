@@ -1,25 +1,33 @@
 //! silt-edge: the edge node binary. Reads its config, then runs the node until SIGTERM or
-//! SIGINT.
+//! SIGINT; or, as `silt-edge dump`, prints a stopped node's records.
 //!
 //! # Layout
-//! - `cli`: flags and `SILT_*` env vars, gathered into config sources.
+//! - `cli`: flags and `SILT_*` env vars, gathered into config sources; the `dump` subcommand.
 //! - `config`: the TOML config, raw and validated, with its defaults.
-//! - `node`: `run`, the node itself, given its config and a shutdown future.
+//! - `node`: `run`, the node itself, given its config, admin listener, metrics and a shutdown
+//!   future.
+//! - `admin`: the admin port (`/health`, `/metrics`) and its minimal HTTP/1.1 codec.
+//! - `telemetry`: the Prometheus recorder and the metrics the node reports.
+//! - `dump`: `silt-edge dump`, the data directory as JSON lines.
 
+mod admin;
 mod cli;
 mod config;
+mod dump;
 mod node;
+mod telemetry;
 
 use std::future::Future;
 use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use anyhow::Context;
+use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::filter::LevelFilter;
 
-use crate::cli::Cli;
+use crate::cli::{Cli, Command};
 use crate::config::EdgeConfig;
 
 /// Exit code for a config that cannot be used, as for bad command-line usage.
@@ -27,6 +35,12 @@ const EXIT_CONFIG: u8 = 2;
 
 fn main() -> ExitCode {
     let (cli, matches) = Cli::parse_args();
+    if let Some(Command::Dump(args)) = &cli.command {
+        // Only warnings: the log's routine info lines would bury the error a user needs, and
+        // stdout carries the records.
+        init_tracing(LevelFilter::WARN);
+        return dump::main(args);
+    }
     let config = match cli
         .sources(&matches, std::env::vars_os())
         .and_then(|sources| EdgeConfig::resolve(&sources))
@@ -42,7 +56,7 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
 
-    init_tracing();
+    init_tracing(LevelFilter::INFO);
     match serve(config) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
@@ -52,11 +66,11 @@ fn main() -> ExitCode {
     }
 }
 
-/// Logs to stderr, filtered by `RUST_LOG` (default `info`); colours only on a terminal, so
+/// Logs to stderr, filtered by `RUST_LOG` (default `level`); colours only on a terminal, so
 /// journald and log files get plain text.
-fn init_tracing() {
+fn init_tracing(level: LevelFilter) {
     let filter = EnvFilter::builder()
-        .with_default_directive(LevelFilter::INFO.into())
+        .with_default_directive(level.into())
         .from_env_lossy();
     tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -74,7 +88,16 @@ fn serve(config: EdgeConfig) -> anyhow::Result<()> {
         // Handlers are installed before the node starts, so a signal that arrives once it
         // says it has started always means a clean shutdown.
         let shutdown = shutdown_signal()?;
-        node::run(config, shutdown).await
+        let metrics = telemetry::install_recorder()?;
+        let admin_listener = TcpListener::bind(config.admin_listen)
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot listen on admin_listen {} (set --admin-listen)",
+                    config.admin_listen
+                )
+            })?;
+        node::run(config, admin_listener, metrics, shutdown).await
     })
 }
 

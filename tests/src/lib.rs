@@ -4,13 +4,15 @@
 //! # Layout
 //! - [`binary`]: builds a workspace binary once per test process and returns its path.
 //! - [`Running`]: a started binary whose stderr is read line by line in the background.
+//! - [`http_exchange`]: one raw HTTP/1.1 exchange with a deadline, for admin ports.
 //!
 //! Tests here start real binaries. `env!("CARGO_BIN_EXE_...")` only names binaries of the
 //! test's own package, so [`binary`] asks cargo to build the one wanted and reads its path
 //! from cargo's JSON messages, which stays right whatever the target dir is.
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
@@ -214,5 +216,101 @@ impl Drop for Running {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
+    }
+}
+
+/// How long [`http_exchange`] waits for a whole response.
+pub const HTTP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The address a `silt-edge started` log line gives for the admin port (`admin=IP:PORT`), so
+/// tests can bind port 0.
+///
+/// # Panics
+/// If the line has no such field.
+pub fn edge_admin_addr(started_line: &str) -> SocketAddr {
+    started_line
+        .split_whitespace()
+        .find_map(|field| field.strip_prefix("admin="))
+        .and_then(|addr| addr.parse().ok())
+        .unwrap_or_else(|| panic!("no admin=IP:PORT in {started_line:?}"))
+}
+
+/// A response read by [`http_exchange`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpResponse {
+    pub status: u16,
+    /// The status line and header fields, as sent.
+    pub head: String,
+    pub body: Vec<u8>,
+}
+
+impl HttpResponse {
+    /// The value of header `name` (case-insensitive), if present.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.head.lines().skip(1).find_map(|line| {
+            let (key, value) = line.split_once(':')?;
+            key.eq_ignore_ascii_case(name).then(|| value.trim())
+        })
+    }
+
+    /// The body as text.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// Sends `request` as is to `addr` and reads the response until the server closes the
+/// connection.
+///
+/// # Panics
+/// If the connection fails, [`HTTP_TIMEOUT`] passes before the server closes, or the bytes
+/// are not an HTTP/1.1 response.
+pub fn http_exchange(addr: SocketAddr, request: &[u8]) -> HttpResponse {
+    let deadline = Instant::now() + HTTP_TIMEOUT;
+    let mut stream = TcpStream::connect_timeout(&addr, HTTP_TIMEOUT)
+        .unwrap_or_else(|error| panic!("cannot connect to {addr}: {error}"));
+    stream.set_write_timeout(Some(HTTP_TIMEOUT)).unwrap();
+    stream
+        .write_all(request)
+        .unwrap_or_else(|error| panic!("cannot send the request to {addr}: {error}"));
+    let mut bytes = Vec::new();
+    let mut chunk = [0u8; 8192];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(
+            !left.is_zero(),
+            "no end of the response from {addr} within {HTTP_TIMEOUT:?}; got {:?}",
+            String::from_utf8_lossy(&bytes)
+        );
+        stream.set_read_timeout(Some(left)).unwrap();
+        match stream.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(read) => bytes.extend_from_slice(&chunk[..read]),
+            Err(error) if error.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(error) => panic!(
+                "reading the response from {addr} failed: {error}; got {:?}",
+                String::from_utf8_lossy(&bytes)
+            ),
+        }
+    }
+    parse_http_response(&bytes)
+}
+
+fn parse_http_response(bytes: &[u8]) -> HttpResponse {
+    let text = String::from_utf8_lossy(bytes);
+    let head_len = bytes
+        .windows(4)
+        .position(|window| window == b"\r\n\r\n")
+        .unwrap_or_else(|| panic!("no end of the response head in {text:?}"));
+    let head = String::from_utf8_lossy(&bytes[..head_len]).into_owned();
+    let status = head
+        .strip_prefix("HTTP/1.1 ")
+        .and_then(|rest| rest.get(..3))
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP/1.1 status line in {text:?}"));
+    HttpResponse {
+        status,
+        head,
+        body: bytes[head_len + 4..].to_vec(),
     }
 }

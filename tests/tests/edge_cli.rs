@@ -180,6 +180,8 @@ fn start_and_stop(signal: Signal) {
         data_dir.to_str().unwrap(),
         "--node-id",
         "e2e-1",
+        "--admin-listen",
+        "127.0.0.1:0",
     ])
     .env("RUST_LOG", "info");
     let mut edge = Running::start(edge);
@@ -220,6 +222,7 @@ fn data_directory_is_closed_cleanly_on_sigterm_and_recovered_after_kill_9() {
     let start = || {
         let mut edge = command(&silt_edge());
         edge.args(["--data-dir", data_dir.to_str().unwrap()])
+            .args(["--admin-listen", "127.0.0.1:0"])
             .env("RUST_LOG", "info");
         let mut edge = Running::start(edge);
         let started = edge.wait_for_stderr("silt-edge started", START_TIMEOUT);
@@ -260,10 +263,19 @@ fn a_second_node_on_the_same_data_directory_is_refused() {
     let mut first = command(&silt_edge());
     first
         .args(["--data-dir", data_dir.to_str().unwrap()])
+        .args(["--admin-listen", "127.0.0.1:0"])
         .env("RUST_LOG", "info");
     let mut first = Running::start(first);
     first.wait_for_stderr("silt-edge started", START_TIMEOUT);
-    let second = run(&["--data-dir", data_dir.to_str().unwrap()], &[]);
+    let second = run(
+        &[
+            "--data-dir",
+            data_dir.to_str().unwrap(),
+            "--admin-listen",
+            "127.0.0.1:0",
+        ],
+        &[],
+    );
     assert!(!second.status.success());
     assert!(
         stderr(&second).contains("in use by another process"),
