@@ -10,5 +10,10 @@
 //!   - `mqtt::subscriptions`: the subscription store, a trie over topic levels that turns a
 //!     published topic name into one delivery per subscribed client or shared group.
 //!   - `mqtt::route`: ingest routes from MQTT topic filters to log topics and key templates.
+//!   - `mqtt::codec`: framing: protocol detection from CONNECT, bounded decoding of 3.1.1 and
+//!     5.0 packets over rumqttc's codec, errors with their reason codes.
+//!   - `mqtt::qos`: QoS 1/2 flows of one session: packet ids, receive maximum, resends.
+//!   - `mqtt::alias`: MQTT 5 topic aliases in both directions.
+//!   - `mqtt::ingest`: a PUBLISH turned into the log record that keeps it.
 
 pub mod mqtt;

@@ -5,12 +5,19 @@
 //! code a gateway answers with (`reason_code()`), whose values are named in [`reason`].
 
 pub mod alias;
+pub mod codec;
+pub mod ingest;
 pub mod qos;
 pub mod route;
 pub mod subscriptions;
 pub mod topic;
 
 pub use alias::{AliasError, InboundAliases, OutboundAliases, OutboundTopic};
+pub use codec::{
+    CodecError, ConnackRefusal, Decoder, Frame, Malformation, ProtocolVersion, ProtocolViolation,
+    detect_protocol, frame_bytes_needed, write_v5_disconnect,
+};
+pub use ingest::{IngestRecord, PublishMeta, ingest_record};
 pub use qos::{Inbound, InboundAck, InboundAction, Outbound, OutboundStage, QosError, Resend};
 pub use route::{KeyTemplate, Route, RouteError, RouteSpec, RouteTable, TemplateError};
 pub use subscriptions::{
