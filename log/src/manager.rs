@@ -174,12 +174,12 @@ impl LogManager {
             _lock: lock,
         });
         if let FlushPolicy::RelaxedUnsafe { interval } = manager.config.flush {
-            manager.start_flusher(interval);
+            manager.start_flusher(interval)?;
         }
         Ok(manager)
     }
 
-    fn start_flusher(self: &Arc<Self>, interval: Duration) {
+    fn start_flusher(self: &Arc<Self>, interval: Duration) -> Result<()> {
         let (stop, stopped) = mpsc::channel::<()>();
         let weak = Arc::downgrade(self);
         let thread = std::thread::Builder::new()
@@ -190,16 +190,21 @@ impl LogManager {
                         Err(RecvTimeoutError::Timeout) => {}
                         Ok(()) | Err(RecvTimeoutError::Disconnected) => return,
                     }
-                    let Some(manager) = weak.upgrade() else { return };
-                    for partition in manager.all_partitions() {
+                    // Hold the manager only to list partitions, so dropping its last handle
+                    // elsewhere releases the directory lock without waiting for this pass.
+                    let Some(partitions) = weak.upgrade().map(|m| m.all_partitions()) else {
+                        return;
+                    };
+                    for partition in partitions {
                         if let Err(error) = partition.flush() {
                             tracing::error!(topic = partition.topic(), partition = partition.partition(), %error, "background flush failed");
                         }
                     }
                 }
             })
-            .expect("spawning the flusher thread");
+            .map_err(LogError::io(&self.config.data_dir))?;
         *self.flusher.lock().unwrap_or_else(|e| e.into_inner()) = Some(Flusher { stop, thread });
+        Ok(())
     }
 
     pub fn config(&self) -> &LogConfig {
