@@ -302,10 +302,6 @@ impl PartitionLog {
             let segment = Segment::create(dir, next_offset, options.index_interval_bytes)?;
             segments.insert(next_offset, segment);
         }
-        let now = now_ms();
-        if let Some(active) = segments.values_mut().next_back() {
-            active.set_first_append_ms(now);
-        }
         // Recovered closed segments get index files now, so they can be trusted next time.
         let active_base = *segments.keys().next_back().expect("just ensured");
         if !options.clean {
@@ -798,11 +794,6 @@ impl PartitionLog {
         let before = active.size();
         let new_end = active.truncate_to(offset)?;
         freed += before - active.size();
-        // A segment loaded closed has no age in memory; once it is the active one its age
-        // starts now, as at open, or `segment.ms` would never roll it on an idle partition.
-        if active.first_append_ms().is_none() {
-            active.set_first_append_ms(now_ms());
-        }
         state.next_offset = new_end;
         self.note_written(&state);
         // A batch straddling `offset` that began below the log start takes the end below the

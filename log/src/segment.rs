@@ -157,7 +157,7 @@ impl Segment {
             segment.next_offset = base_offset;
         }
         match segment.scan(scan_from, false, rebuild)? {
-            None => Ok(segment),
+            None => Ok(segment.aged_from_load()),
             Some(Stop::Invalid { position, reason }) => Err(LogError::corrupt(
                 segment.log_path(),
                 format!("invalid batch at byte {position} of a closed segment: {reason}"),
@@ -188,7 +188,7 @@ impl Segment {
             outcome.truncated_bytes = len - position;
             segment.truncate_file(position)?;
         }
-        Ok((segment, outcome))
+        Ok((segment.aged_from_load(), outcome))
     }
 
     /// Reads the index files, returning them only if both are present and valid.
@@ -475,11 +475,14 @@ impl Segment {
         self.first_append_ms
     }
 
-    /// Sets the age of a reopened segment for `segment.ms`, which is not stored on disk.
-    pub(crate) fn set_first_append_ms(&mut self, now_ms: i64) {
+    /// A segment's age for `segment.ms` is not stored on disk: a loaded segment that holds data
+    /// counts its age from the load, whether it is active now or becomes active later (after a
+    /// truncation).
+    fn aged_from_load(mut self) -> Self {
         if self.size > 0 {
-            self.first_append_ms = Some(now_ms);
+            self.first_append_ms = Some(crate::time::now_ms());
         }
+        self
     }
 
     /// Where to start scanning for `offset`: the position of the last indexed batch at or
