@@ -18,7 +18,7 @@ pub use codec::{
     detect_protocol, frame_bytes_needed, write_v5_disconnect,
 };
 pub use ingest::{IngestRecord, PublishMeta, ingest_record};
-pub use qos::{Inbound, InboundAck, InboundAction, Outbound, OutboundStage, QosError, Resend};
+pub use qos::{Inbound, InboundAck, InboundAction, Outbound, QosError, Resend};
 pub use route::{KeyTemplate, Route, RouteError, RouteSpec, RouteTable, TemplateError};
 pub use subscriptions::{
     Delivery, QoS, RetainHandling, SubscribeOutcome, SubscriptionError, SubscriptionId,

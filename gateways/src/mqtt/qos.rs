@@ -181,15 +181,16 @@ impl Inbound {
     }
 }
 
-/// Where an outbound message is in its flow.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OutboundStage {
+/// Which acknowledgement an outbound message awaits. The message is kept for as long as it may have
+/// to be sent again, and no longer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Stage<M> {
     /// QoS 1, PUBLISH sent.
-    AwaitingPuback,
+    Puback(M),
     /// QoS 2, PUBLISH sent.
-    AwaitingPubrec,
-    /// QoS 2, PUBREC received and PUBREL sent.
-    AwaitingPubcomp,
+    Pubrec(M),
+    /// QoS 2, PUBREC received and PUBREL sent: only the id matters now.
+    Pubcomp,
 }
 
 /// What to send again for one in-flight message when a session resumes.
@@ -203,10 +204,7 @@ pub enum Resend<'a, M> {
 
 #[derive(Debug, Clone)]
 struct InFlight<M> {
-    qos: QoS,
-    stage: OutboundStage,
-    /// Dropped once PUBREC arrives: from then on only the id matters.
-    message: Option<M>,
+    stage: Stage<M>,
     /// Send order, for resending in the original order.
     sequence: u64,
 }
@@ -250,16 +248,14 @@ impl<M> Outbound<M> {
         let id = self.next_free_id()?;
         self.sequence += 1;
         let stage = if qos == QoS::ExactlyOnce {
-            OutboundStage::AwaitingPubrec
+            Stage::Pubrec(message)
         } else {
-            OutboundStage::AwaitingPuback
+            Stage::Puback(message)
         };
         self.in_flight.insert(
             id,
             InFlight {
-                qos,
                 stage,
-                message: Some(message),
                 sequence: self.sequence,
             },
         );
@@ -277,61 +273,76 @@ impl<M> Outbound<M> {
         None
     }
 
+    /// Takes the in-flight entry for `id` out if `take` accepts its stage, giving back what
+    /// `take` returns; otherwise leaves it and names the unexpected `ack`.
+    fn advance<T>(
+        &mut self,
+        id: u16,
+        ack: &'static str,
+        take: impl FnOnce(Stage<M>) -> Result<(T, Option<Stage<M>>), Stage<M>>,
+    ) -> Result<T, QosError> {
+        let flight = self
+            .in_flight
+            .remove(&id)
+            .ok_or(QosError::PacketIdNotFound(id))?;
+        match take(flight.stage) {
+            Ok((value, next)) => {
+                if let Some(stage) = next {
+                    self.in_flight.insert(
+                        id,
+                        InFlight {
+                            stage,
+                            sequence: flight.sequence,
+                        },
+                    );
+                }
+                Ok(value)
+            }
+            Err(stage) => {
+                self.in_flight.insert(
+                    id,
+                    InFlight {
+                        stage,
+                        sequence: flight.sequence,
+                    },
+                );
+                Err(QosError::UnexpectedAck { ack, id })
+            }
+        }
+    }
+
     /// PUBACK arrived: the QoS 1 message is delivered and returned.
     pub fn on_puback(&mut self, id: u16) -> Result<M, QosError> {
-        self.complete(id, OutboundStage::AwaitingPuback, "PUBACK")
-            .map(|flight| {
-                flight
-                    .message
-                    .expect("a QoS 1 message is kept until PUBACK")
-            })
+        self.advance(id, "PUBACK", |stage| match stage {
+            Stage::Puback(message) => Ok((message, None)),
+            other => Err(other),
+        })
     }
 
     /// PUBREC arrived: send PUBREL next. The message is returned, since only the id is needed
     /// from now on. A PUBREC with a failure reason code (5.0) ends the flow instead: use
     /// [`Outbound::on_pubrec_failure`].
     pub fn on_pubrec(&mut self, id: u16) -> Result<M, QosError> {
-        let flight = self
-            .in_flight
-            .get_mut(&id)
-            .ok_or(QosError::PacketIdNotFound(id))?;
-        if flight.stage != OutboundStage::AwaitingPubrec {
-            return Err(QosError::UnexpectedAck { ack: "PUBREC", id });
-        }
-        flight.stage = OutboundStage::AwaitingPubcomp;
-        Ok(flight
-            .message
-            .take()
-            .expect("a QoS 2 message is kept until PUBREC"))
+        self.advance(id, "PUBREC", |stage| match stage {
+            Stage::Pubrec(message) => Ok((message, Some(Stage::Pubcomp))),
+            other => Err(other),
+        })
     }
 
     /// PUBREC with a failure reason code: the receiver refused the message and the flow ends.
     pub fn on_pubrec_failure(&mut self, id: u16) -> Result<M, QosError> {
-        self.complete(id, OutboundStage::AwaitingPubrec, "PUBREC")
-            .map(|flight| {
-                flight
-                    .message
-                    .expect("a QoS 2 message is kept until PUBREC")
-            })
+        self.advance(id, "PUBREC", |stage| match stage {
+            Stage::Pubrec(message) => Ok((message, None)),
+            other => Err(other),
+        })
     }
 
     /// PUBCOMP arrived: the QoS 2 flow is complete.
     pub fn on_pubcomp(&mut self, id: u16) -> Result<(), QosError> {
-        self.complete(id, OutboundStage::AwaitingPubcomp, "PUBCOMP")
-            .map(|_| ())
-    }
-
-    fn complete(
-        &mut self,
-        id: u16,
-        expected: OutboundStage,
-        ack: &'static str,
-    ) -> Result<InFlight<M>, QosError> {
-        match self.in_flight.get(&id) {
-            None => Err(QosError::PacketIdNotFound(id)),
-            Some(flight) if flight.stage != expected => Err(QosError::UnexpectedAck { ack, id }),
-            Some(_) => Ok(self.in_flight.remove(&id).expect("just seen")),
-        }
+        self.advance(id, "PUBCOMP", |stage| match stage {
+            Stage::Pubcomp => Ok(((), None)),
+            other => Err(other),
+        })
     }
 
     /// What to send again when the session resumes, in the order first sent.
@@ -340,13 +351,18 @@ impl<M> Outbound<M> {
         flights.sort_by_key(|(_, flight)| flight.sequence);
         flights
             .into_iter()
-            .map(|(&id, flight)| match (&flight.message, flight.stage) {
-                (Some(message), _) => Resend::Publish {
+            .map(|(&id, flight)| match &flight.stage {
+                Stage::Puback(message) => Resend::Publish {
                     id,
-                    qos: flight.qos,
+                    qos: QoS::AtLeastOnce,
                     message,
                 },
-                (None, _) => Resend::Pubrel { id },
+                Stage::Pubrec(message) => Resend::Publish {
+                    id,
+                    qos: QoS::ExactlyOnce,
+                    message,
+                },
+                Stage::Pubcomp => Resend::Pubrel { id },
             })
             .collect()
     }
