@@ -26,26 +26,151 @@ pub(crate) struct TimeEntry {
     pub(crate) position: u32,
 }
 
-pub(crate) const OFFSET_ENTRY_BYTES: usize = 8;
-pub(crate) const TIME_ENTRY_BYTES: usize = 16;
+/// What the two kinds of entries have in common: a fixed big-endian encoding, a position in
+/// the segment, and every field strictly increasing from one entry to the next.
+pub(crate) trait Entry: Copy + std::fmt::Debug {
+    const BYTES: usize;
+    fn position(&self) -> u32;
+    /// Whether `self` may come after `previous`: every field strictly greater.
+    fn follows(&self, previous: &Self) -> bool;
+    fn write(&self, out: &mut Vec<u8>);
+    /// Reads an entry from exactly `Self::BYTES` bytes.
+    fn read(bytes: &[u8]) -> Self;
+}
 
-/// Sparse offset index: one entry per `index_interval_bytes` of log data.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub(crate) struct OffsetIndex {
-    entries: Vec<OffsetEntry>,
+impl Entry for OffsetEntry {
+    const BYTES: usize = 8;
+
+    fn position(&self) -> u32 {
+        self.position
+    }
+
+    fn follows(&self, previous: &Self) -> bool {
+        self.relative_offset > previous.relative_offset && self.position > previous.position
+    }
+
+    fn write(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.relative_offset.to_be_bytes());
+        out.extend_from_slice(&self.position.to_be_bytes());
+    }
+
+    fn read(bytes: &[u8]) -> Self {
+        OffsetEntry {
+            relative_offset: read_u32(&bytes[0..4]),
+            position: read_u32(&bytes[4..8]),
+        }
+    }
+}
+
+impl Entry for TimeEntry {
+    const BYTES: usize = 16;
+
+    fn position(&self) -> u32 {
+        self.position
+    }
+
+    fn follows(&self, previous: &Self) -> bool {
+        self.max_timestamp > previous.max_timestamp
+            && self.relative_offset > previous.relative_offset
+            && self.position > previous.position
+    }
+
+    fn write(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.max_timestamp.to_be_bytes());
+        out.extend_from_slice(&self.relative_offset.to_be_bytes());
+        out.extend_from_slice(&self.position.to_be_bytes());
+    }
+
+    fn read(bytes: &[u8]) -> Self {
+        let mut timestamp = [0u8; 8];
+        timestamp.copy_from_slice(&bytes[0..8]);
+        TimeEntry {
+            max_timestamp: i64::from_be_bytes(timestamp),
+            relative_offset: read_u32(&bytes[8..12]),
+            position: read_u32(&bytes[12..16]),
+        }
+    }
+}
+
+fn read_u32(bytes: &[u8]) -> u32 {
+    u32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]])
+}
+
+/// A sparse index: entries in strictly increasing order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct SparseIndex<E> {
+    entries: Vec<E>,
+}
+
+/// Offset index: one entry per `index_interval_bytes` of log data.
+pub(crate) type OffsetIndex = SparseIndex<OffsetEntry>;
+/// Time index: entries where the running max timestamp grew, at most one per
+/// `index_interval_bytes`.
+pub(crate) type TimeIndex = SparseIndex<TimeEntry>;
+
+impl<E> Default for SparseIndex<E> {
+    fn default() -> Self {
+        SparseIndex {
+            entries: Vec::new(),
+        }
+    }
+}
+
+impl<E: Entry> SparseIndex<E> {
+    /// Appends `entry` if it follows the last one, and reports whether it did. A reopened
+    /// segment rescans batches its loaded index already covers; those add nothing.
+    pub(crate) fn push_if_new(&mut self, entry: E) -> bool {
+        if self.entries.last().is_some_and(|last| !entry.follows(last)) {
+            return false;
+        }
+        self.entries.push(entry);
+        true
+    }
+
+    pub(crate) fn last(&self) -> Option<E> {
+        self.entries.last().copied()
+    }
+
+    /// Drops entries at or beyond `position`, after the segment was truncated there.
+    pub(crate) fn truncate_to_position(&mut self, position: u32) {
+        let keep = self
+            .entries
+            .partition_point(|entry| entry.position() < position);
+        self.entries.truncate(keep);
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub(crate) fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.entries.len() * E::BYTES);
+        for entry in &self.entries {
+            entry.write(&mut out);
+        }
+        out
+    }
+
+    /// Decodes an index file, checking that it could describe a segment of `segment_bytes`.
+    pub(crate) fn decode(bytes: &[u8], segment_bytes: u64) -> Result<Self, &'static str> {
+        if !bytes.len().is_multiple_of(E::BYTES) {
+            return Err("length is not a whole number of entries");
+        }
+        let mut index = SparseIndex::default();
+        for chunk in bytes.chunks_exact(E::BYTES) {
+            let entry = E::read(chunk);
+            if u64::from(entry.position()) >= segment_bytes {
+                return Err("entry points past the end of the segment");
+            }
+            if !index.push_if_new(entry) {
+                return Err("entries do not increase");
+            }
+        }
+        Ok(index)
+    }
 }
 
 impl OffsetIndex {
-    pub(crate) fn push(&mut self, entry: OffsetEntry) {
-        if let Some(last) = self.entries.last() {
-            assert!(
-                entry.relative_offset > last.relative_offset && entry.position > last.position,
-                "offset index entries must increase: {last:?} then {entry:?}"
-            );
-        }
-        self.entries.push(entry);
-    }
-
     /// The entry of the last indexed batch starting at or before `relative_offset`; the start
     /// of the segment when none does.
     pub(crate) fn lookup(&self, relative_offset: u32) -> OffsetEntry {
@@ -60,81 +185,9 @@ impl OffsetIndex {
             n => self.entries[n - 1],
         }
     }
-
-    pub(crate) fn last(&self) -> Option<OffsetEntry> {
-        self.entries.last().copied()
-    }
-
-    /// Drops entries at or beyond `position`, after the segment was truncated there.
-    pub(crate) fn truncate_to_position(&mut self, position: u32) {
-        let keep = self
-            .entries
-            .partition_point(|entry| entry.position < position);
-        self.entries.truncate(keep);
-    }
-
-    pub(crate) fn len(&self) -> usize {
-        self.entries.len()
-    }
-
-    pub(crate) fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(self.entries.len() * OFFSET_ENTRY_BYTES);
-        for entry in &self.entries {
-            out.extend_from_slice(&entry.relative_offset.to_be_bytes());
-            out.extend_from_slice(&entry.position.to_be_bytes());
-        }
-        out
-    }
-
-    /// Decodes an index file, checking that it could describe a segment of `segment_bytes`.
-    pub(crate) fn decode(bytes: &[u8], segment_bytes: u64) -> Result<Self, &'static str> {
-        if !bytes.len().is_multiple_of(OFFSET_ENTRY_BYTES) {
-            return Err("length is not a whole number of entries");
-        }
-        let mut index = OffsetIndex::default();
-        for chunk in bytes.chunks_exact(OFFSET_ENTRY_BYTES) {
-            let entry = OffsetEntry {
-                relative_offset: u32::from_be_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]),
-                position: u32::from_be_bytes([chunk[4], chunk[5], chunk[6], chunk[7]]),
-            };
-            if u64::from(entry.position) >= segment_bytes {
-                return Err("entry points past the end of the segment");
-            }
-            if index.entries.last().is_some_and(|last| {
-                entry.relative_offset <= last.relative_offset || entry.position <= last.position
-            }) {
-                return Err("entries do not increase");
-            }
-            index.entries.push(entry);
-        }
-        Ok(index)
-    }
-}
-
-/// Sparse time index: entries where the running max timestamp grew, at most one per
-/// `index_interval_bytes`.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub(crate) struct TimeIndex {
-    entries: Vec<TimeEntry>,
 }
 
 impl TimeIndex {
-    pub(crate) fn push(&mut self, entry: TimeEntry) {
-        if let Some(last) = self.entries.last() {
-            assert!(
-                entry.max_timestamp > last.max_timestamp
-                    && entry.relative_offset > last.relative_offset
-                    && entry.position > last.position,
-                "time index entries must increase: {last:?} then {entry:?}"
-            );
-        }
-        self.entries.push(entry);
-    }
-
-    pub(crate) fn last(&self) -> Option<TimeEntry> {
-        self.entries.last().copied()
-    }
-
     /// Where to start scanning for the first record with a timestamp at or after `target`:
     /// the position of the last entry whose max timestamp is below `target`, because every
     /// batch before it is too old. The start of the segment when there is none.
@@ -146,55 +199,6 @@ impl TimeIndex {
             0 => 0,
             n => self.entries[n - 1].position,
         }
-    }
-
-    pub(crate) fn truncate_to_position(&mut self, position: u32) {
-        let keep = self
-            .entries
-            .partition_point(|entry| entry.position < position);
-        self.entries.truncate(keep);
-    }
-
-    pub(crate) fn len(&self) -> usize {
-        self.entries.len()
-    }
-
-    pub(crate) fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(self.entries.len() * TIME_ENTRY_BYTES);
-        for entry in &self.entries {
-            out.extend_from_slice(&entry.max_timestamp.to_be_bytes());
-            out.extend_from_slice(&entry.relative_offset.to_be_bytes());
-            out.extend_from_slice(&entry.position.to_be_bytes());
-        }
-        out
-    }
-
-    pub(crate) fn decode(bytes: &[u8], segment_bytes: u64) -> Result<Self, &'static str> {
-        if !bytes.len().is_multiple_of(TIME_ENTRY_BYTES) {
-            return Err("length is not a whole number of entries");
-        }
-        let mut index = TimeIndex::default();
-        for chunk in bytes.chunks_exact(TIME_ENTRY_BYTES) {
-            let mut timestamp = [0u8; 8];
-            timestamp.copy_from_slice(&chunk[..8]);
-            let entry = TimeEntry {
-                max_timestamp: i64::from_be_bytes(timestamp),
-                relative_offset: u32::from_be_bytes([chunk[8], chunk[9], chunk[10], chunk[11]]),
-                position: u32::from_be_bytes([chunk[12], chunk[13], chunk[14], chunk[15]]),
-            };
-            if u64::from(entry.position) >= segment_bytes {
-                return Err("entry points past the end of the segment");
-            }
-            if index.entries.last().is_some_and(|last| {
-                entry.max_timestamp <= last.max_timestamp
-                    || entry.relative_offset <= last.relative_offset
-                    || entry.position <= last.position
-            }) {
-                return Err("entries do not increase");
-            }
-            index.entries.push(entry);
-        }
-        Ok(index)
     }
 }
 
@@ -213,14 +217,14 @@ mod tests {
     #[test]
     fn pinned_bytes() {
         let mut offsets = OffsetIndex::default();
-        offsets.push(offset_entry(1, 4096));
+        assert!(offsets.push_if_new(offset_entry(1, 4096)));
         assert_eq!(offsets.encode(), [0, 0, 0, 1, 0, 0, 0x10, 0]);
         let mut times = TimeIndex::default();
-        times.push(TimeEntry {
+        assert!(times.push_if_new(TimeEntry {
             max_timestamp: 258,
             relative_offset: 2,
             position: 3,
-        });
+        }));
         assert_eq!(
             times.encode(),
             [0, 0, 0, 0, 0, 0, 1, 2, 0, 0, 0, 2, 0, 0, 0, 3]
@@ -231,7 +235,7 @@ mod tests {
     fn decode_rejects_bad_files() {
         assert!(OffsetIndex::decode(&[0; 7], 100).is_err());
         let mut offsets = OffsetIndex::default();
-        offsets.push(offset_entry(1, 50));
+        assert!(offsets.push_if_new(offset_entry(1, 50)));
         assert!(OffsetIndex::decode(&offsets.encode(), 50).is_err());
         let mut doubled = offsets.encode();
         doubled.extend_from_slice(&offsets.encode());
@@ -251,7 +255,7 @@ mod tests {
             for (offset_gap, position_gap) in gaps {
                 offset += offset_gap;
                 position += position_gap;
-                index.push(offset_entry(offset, position));
+                prop_assert!(index.push_if_new(offset_entry(offset, position)));
             }
             let expected = index
                 .entries
@@ -277,7 +281,8 @@ mod tests {
                 timestamp += time_gap;
                 offset += offset_gap;
                 position += position_gap;
-                index.push(TimeEntry { max_timestamp: timestamp, relative_offset: offset, position });
+                let entry = TimeEntry { max_timestamp: timestamp, relative_offset: offset, position };
+                prop_assert!(index.push_if_new(entry));
             }
             let start = index.scan_start(target);
             // Safe: the entry at `start` (if any) has a timestamp below target.

@@ -321,29 +321,15 @@ impl Segment {
         self.bytes_since_time_entry += total;
     }
 
-    /// Adds an offset index entry unless one at or after `position` exists, which happens
-    /// when a reopened segment rescans batches its loaded index already covers.
     fn push_offset_entry(&mut self, relative_offset: u32, position: u32) {
-        if self.offset_index.last().is_some_and(|last| {
-            last.position >= position || last.relative_offset >= relative_offset
-        }) {
-            return;
-        }
-        self.offset_index.push(OffsetEntry {
+        self.offset_index.push_if_new(OffsetEntry {
             relative_offset,
             position,
         });
     }
 
     fn push_time_entry(&mut self, max_timestamp: i64, relative_offset: u32, position: u32) {
-        if self.time_index.last().is_some_and(|last| {
-            last.position >= position
-                || last.relative_offset >= relative_offset
-                || last.max_timestamp >= max_timestamp
-        }) {
-            return;
-        }
-        self.time_index.push(TimeEntry {
+        self.time_index.push_if_new(TimeEntry {
             max_timestamp,
             relative_offset,
             position,
