@@ -174,6 +174,20 @@ impl Running {
             .expect("cannot signal the child");
     }
 
+    /// Sends SIGTERM and requires a clean exit (status 0) within [`STOP_TIMEOUT`].
+    ///
+    /// # Panics
+    /// If the process does not exit in time or exits unsuccessfully, with its stderr.
+    pub fn stop_cleanly(&mut self) {
+        self.signal(Signal::TERM);
+        let status = self.wait_exit(STOP_TIMEOUT);
+        assert!(
+            status.success(),
+            "exit {status} after SIGTERM; stderr:\n{}",
+            self.stderr()
+        );
+    }
+
     /// Waits for the process to exit, killing it and panicking if `timeout` passes first.
     pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
         let deadline = Instant::now() + timeout;

@@ -34,13 +34,7 @@ fn start_edge(data_dir: &Path, extra: &[&str]) -> (Running, SocketAddr) {
 }
 
 fn stop(mut edge: Running) {
-    edge.signal(Signal::TERM);
-    let status = edge.wait_exit(STOP_TIMEOUT);
-    assert!(
-        status.success(),
-        "exit {status}; stderr:\n{}",
-        edge.stderr()
-    );
+    edge.stop_cleanly();
 }
 
 /// Topic `sensors` with two partitions and three records in partition 1; returns the bytes

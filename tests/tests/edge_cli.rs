@@ -235,8 +235,7 @@ fn data_directory_is_closed_cleanly_on_sigterm_and_recovered_after_kill_9() {
         "a new directory has no marker: {started}"
     );
     assert!(data_dir.join("meta.json").exists());
-    edge.signal(Signal::TERM);
-    assert!(edge.wait_exit(STOP_TIMEOUT).success(), "{}", edge.stderr());
+    edge.stop_cleanly();
     assert!(data_dir.join(".clean_shutdown").exists());
 
     let (mut edge, started) = start();
@@ -251,8 +250,7 @@ fn data_directory_is_closed_cleanly_on_sigterm_and_recovered_after_kill_9() {
 
     let (mut edge, started) = start();
     assert!(started.contains("clean=false"), "{started}");
-    edge.signal(Signal::TERM);
-    assert!(edge.wait_exit(STOP_TIMEOUT).success(), "{}", edge.stderr());
+    edge.stop_cleanly();
 }
 
 /// A second node on the same data directory is refused with a clear error, not a corrupt log.
@@ -282,10 +280,5 @@ fn a_second_node_on_the_same_data_directory_is_refused() {
         "{}",
         stderr(&second)
     );
-    first.signal(Signal::TERM);
-    assert!(
-        first.wait_exit(STOP_TIMEOUT).success(),
-        "{}",
-        first.stderr()
-    );
+    first.stop_cleanly();
 }

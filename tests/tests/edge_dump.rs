@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use silt_log::batch::{BatchSpec, Compression, Header, Record, encode_batch};
 use silt_log::{LogConfig, LogManager};
-use silt_tests::{Running, START_TIMEOUT, STOP_TIMEOUT, Signal, command, silt_edge};
+use silt_tests::{Running, START_TIMEOUT, STOP_TIMEOUT, command, silt_edge};
 
 const T0: i64 = 1_700_000_000_000;
 
@@ -300,13 +300,7 @@ fn dump_refuses_a_directory_a_running_node_holds() {
     );
     assert!(refused.stdout.is_empty());
 
-    edge.signal(Signal::TERM);
-    let status = edge.wait_exit(STOP_TIMEOUT);
-    assert!(
-        status.success(),
-        "exit {status}; stderr:\n{}",
-        edge.stderr()
-    );
+    edge.stop_cleanly();
     let after = dump(dir.path(), &[]);
     assert!(after.status.success(), "{}", stderr(&after));
     assert_eq!(
