@@ -5,10 +5,13 @@
 //! code a gateway answers with (`reason_code()`), whose values are named in [`reason`].
 
 pub mod alias;
+pub mod auth;
 pub mod codec;
 pub mod ingest;
 pub mod qos;
 pub mod route;
+pub mod server;
+pub mod store;
 pub mod subscriptions;
 pub mod topic;
 

@@ -1,0 +1,1 @@
+//! TLS server configuration (being written).

@@ -1,0 +1,1 @@
+//! The durable session and retained-message store (being written).
