@@ -1,11 +1,34 @@
-//! The broker: shared state and the accept loops.
+//! The broker: shared state, routing to subscribers, and the accept loops.
+//!
+//! Locks: the registry (sessions, subscriptions, retained messages) is taken before a
+//! session's lock, never after; both are held only for memory operations, never across an
+//! await or IO.
 
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle as ThreadHandle;
+use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
+use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 
-use super::{BrokerConfig, IngestPort};
+use super::persist::Persist;
+use super::session::{Message, Queued, Session, SessionCell};
+use super::{BrokerConfig, IngestPort, lock, stopped};
+use crate::mqtt::auth::{AclRules, Identity, PasswordFile};
+use crate::mqtt::store::{Op, StoredSubscription};
+use crate::mqtt::subscriptions::{
+    QoS, RetainHandling, SubscriptionId, SubscriptionLimits, SubscriptionOptions, SubscriptionStore,
+};
+use crate::mqtt::topic::{FilterSupport, SubscriptionFilter};
+
+/// How long shutdown waits for connections to finish what is under way.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// Pause after a failed accept (out of file descriptors, say) before trying again.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 /// Why the broker could not start.
 #[derive(Debug, thiserror::Error)]
@@ -28,21 +51,424 @@ impl std::fmt::Debug for Broker {
     }
 }
 
-struct Shared {
-    _config: BrokerConfig,
-    _ingest: Arc<dyn IngestPort>,
+/// Sessions, subscriptions and retained messages.
+#[derive(Debug)]
+pub(crate) struct Registry {
+    pub(crate) sessions: HashMap<Arc<str>, Arc<SessionCell>>,
+    pub(crate) subscriptions: SubscriptionStore,
+    pub(crate) retained: BTreeMap<String, Arc<Message>>,
+}
+
+pub(crate) struct Shared {
+    pub(crate) config: BrokerConfig,
+    pub(crate) ingest: Arc<dyn IngestPort>,
+    pub(crate) registry: Mutex<Registry>,
+    pub(crate) persist: Persist,
+    store_thread: Mutex<Option<ThreadHandle<()>>>,
+    pub(crate) passwords: Option<PasswordFile>,
+    pub(crate) acl: Option<AclRules>,
+    /// Open connections, CONNECT or not.
+    pub(crate) connections: AtomicUsize,
+    /// Connections closed: shutdown waits for `connections` to reach 0.
+    pub(crate) connection_closed: Notify,
+    pub(crate) generation: AtomicU64,
+    pub(crate) shutdown: watch::Sender<bool>,
+    rate: Mutex<TokenBucket>,
+    /// Sessions loaded from the store, with the time left before they expire; their timers
+    /// start when the broker first serves (they need the runtime).
+    loaded_expiries: Mutex<Vec<(Arc<str>, Duration)>>,
+}
+
+/// New connections allowed per second, with an equal burst.
+#[derive(Debug)]
+struct TokenBucket {
+    rate: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl TokenBucket {
+    fn take(&mut self) -> bool {
+        let now = Instant::now();
+        let elapsed = now.duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.rate.max(1.0));
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+impl Shared {
+    pub(crate) fn next_generation(&self) -> u64 {
+        self.generation.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// Whether another CONNECT may be accepted now (the connect-rate limit).
+    pub(crate) fn take_connect_token(&self) -> bool {
+        lock(&self.rate).take()
+    }
+
+    pub(crate) fn is_shutting_down(&self) -> bool {
+        *self.shutdown.borrow()
+    }
+
+    /// Delivers a durable message to every matching subscription and updates the retained
+    /// store. Returns the store changes; `needs_commit` says whether any of them must be
+    /// durable before the publisher is acknowledged.
+    pub(crate) fn route(&self, message: &Arc<Message>) -> Routed {
+        let mut ops = Vec::new();
+        let mut needs_commit = false;
+        let limits = &self.config.limits;
+        let targets: Vec<(Arc<SessionCell>, Queued)> = {
+            let mut registry = lock(&self.registry);
+            if message.retain {
+                let topic = message.topic.as_str();
+                if message.payload.is_empty() {
+                    if registry.retained.remove(topic).is_some() {
+                        ops.push(Op::ClearRetained {
+                            topic: topic.to_string(),
+                        });
+                        needs_commit = true;
+                    }
+                } else if registry.retained.len() < limits.max_retained_messages
+                    || registry.retained.contains_key(topic)
+                {
+                    let mut kept = Message::clone_for_retain(message);
+                    kept.retain = true;
+                    registry.retained.insert(topic.to_string(), Arc::new(kept));
+                    ops.push(Op::Retain {
+                        message: message.to_stored(),
+                    });
+                    needs_commit = true;
+                } else {
+                    metrics::counter!("silt_mqtt_dropped_total", "reason" => "retained_full")
+                        .increment(1);
+                }
+                metrics::gauge!("silt_mqtt_retained_messages").set(registry.retained.len() as f64);
+            }
+            let Registry {
+                sessions,
+                subscriptions,
+                ..
+            } = &mut *registry;
+            let deliveries = subscriptions.matches_with(&message.topic, &message.publisher, |id| {
+                sessions.get(id).is_some_and(|cell| cell.is_online())
+            });
+            deliveries
+                .into_iter()
+                .filter_map(|delivery| {
+                    let cell = sessions.get(&delivery.client_id)?.clone();
+                    let copy = Queued {
+                        message: message.clone(),
+                        qos: delivery.qos.min(message.qos),
+                        retain: delivery.retain_as_published && message.retain,
+                        subscription_ids: delivery
+                            .subscription_ids
+                            .iter()
+                            .map(|id| id.get())
+                            .collect(),
+                        seq: None,
+                    };
+                    Some((cell, copy))
+                })
+                .collect()
+        };
+        for (cell, copy) in targets {
+            let mut session = cell.lock();
+            if let Some(acl) = &self.acl {
+                let who = Identity {
+                    client_id: &session.client_id,
+                    username: session.username.as_deref(),
+                };
+                if !acl.allows_receive(&who, &message.topic) {
+                    continue;
+                }
+            }
+            let before = ops.len();
+            match session.enqueue(copy, limits, &mut ops) {
+                Ok(()) => {
+                    needs_commit |= ops.len() > before;
+                    drop(session);
+                    cell.notify.notify_one();
+                }
+                Err(refusal) => {
+                    metrics::counter!("silt_mqtt_dropped_total", "reason" => refusal.label())
+                        .increment(1);
+                }
+            }
+        }
+        Routed { ops, needs_commit }
+    }
+
+    /// Publishes a will (or any broker-made message): into the log first, then to subscribers.
+    pub(crate) async fn publish_internal(self: &Arc<Self>, message: Arc<Message>) {
+        let meta = crate::mqtt::ingest::PublishMeta {
+            client_id: &message.publisher,
+            topic: &message.topic,
+            qos: message.qos,
+            retain: message.retain,
+            content_type: message.properties.content_type.as_deref(),
+            payload_format_utf8: message.properties.payload_format_utf8,
+            user_properties: &message.properties.user_properties,
+        };
+        let record = crate::mqtt::ingest::ingest_record(
+            &self.config.routes,
+            &meta,
+            message.payload.clone(),
+            message.published_at_ms,
+        );
+        let request = super::IngestRequest {
+            log_topic: Arc::from(record.log_topic),
+            key: record.key,
+            record: record.record,
+        };
+        let durable = match self.ingest.submit(request).await {
+            Ok(receipt) => matches!(receipt.await, Ok(Ok(()))),
+            Err(_) => false,
+        };
+        if !durable {
+            tracing::warn!(topic = %message.topic, "a will message could not be stored; not published");
+            return;
+        }
+        let routed = self.route(&message);
+        if routed.needs_commit {
+            let _ = self.persist.commit(routed.ops).await;
+        } else {
+            self.persist.write(routed.ops);
+        }
+    }
+
+    /// Ends a session: its subscriptions, its queue, and its record in the store.
+    pub(crate) fn remove_session(&self, registry: &mut Registry, client_id: &str) -> Vec<Op> {
+        let mut ops = Vec::new();
+        if let Some(cell) = registry.sessions.remove(client_id) {
+            registry.subscriptions.remove_client(client_id);
+            let session = cell.lock();
+            if session.stored {
+                ops.push(Op::SessionRemove {
+                    client_id: client_id.to_string(),
+                });
+            }
+        }
+        metrics::gauge!("silt_mqtt_sessions").set(registry.sessions.len() as f64);
+        ops
+    }
+
+    /// Removes the session `client_id` after `after` unless a connection attaches to it first
+    /// (which changes its epoch).
+    pub(crate) fn arm_session_expiry(
+        self: &Arc<Self>,
+        client_id: Arc<str>,
+        epoch: u64,
+        after: Duration,
+    ) {
+        let shared = self.clone();
+        tokio::spawn(async move {
+            let mut shutdown = shared.shutdown.subscribe();
+            tokio::select! {
+                () = tokio::time::sleep(after) => {}
+                () = stopped(&mut shutdown) => return,
+            }
+            let ops = {
+                let mut registry = lock(&shared.registry);
+                let Some(cell) = registry.sessions.get(&client_id).cloned() else {
+                    return;
+                };
+                let expired = {
+                    let session = cell.lock();
+                    session.attached.is_none() && session.epoch == epoch
+                };
+                if !expired {
+                    return;
+                }
+                shared.remove_session(&mut registry, &client_id)
+            };
+            shared.persist.write(ops);
+        });
+    }
+
+    /// Retained messages matching `filter`, as copies for a new subscription.
+    pub(crate) fn retained_for(
+        &self,
+        registry: &Registry,
+        filter: &SubscriptionFilter,
+        options: &SubscriptionOptions,
+        now_ms: i64,
+    ) -> Vec<Queued> {
+        registry
+            .retained
+            .values()
+            .filter(|message| filter.matches(&message.topic))
+            .filter(|message| message.remaining_expiry(now_ms).is_some())
+            .map(|message| Queued {
+                message: message.clone(),
+                qos: options.qos.min(message.qos),
+                retain: true,
+                subscription_ids: options
+                    .subscription_id
+                    .map(|id| id.get())
+                    .into_iter()
+                    .collect(),
+                seq: None,
+            })
+            .collect()
+    }
+}
+
+/// What routing a message changed in the store.
+#[derive(Debug)]
+pub(crate) struct Routed {
+    pub(crate) ops: Vec<Op>,
+    pub(crate) needs_commit: bool,
+}
+
+impl Message {
+    fn clone_for_retain(message: &Message) -> Message {
+        Message {
+            topic: message.topic.clone(),
+            payload: message.payload.clone(),
+            qos: message.qos,
+            retain: true,
+            published_at_ms: message.published_at_ms,
+            expiry_secs: message.expiry_secs,
+            properties: message.properties.clone(),
+            publisher: message.publisher.clone(),
+        }
+    }
+}
+
+/// Options stored for a subscription, back into the store's form.
+pub(crate) fn stored_subscription(
+    filter: &SubscriptionFilter,
+    options: &SubscriptionOptions,
+) -> StoredSubscription {
+    StoredSubscription {
+        filter: filter.to_string(),
+        qos: options.qos.as_u8(),
+        no_local: options.no_local,
+        retain_as_published: options.retain_as_published,
+        retain_handling: options.retain_handling as u8,
+        subscription_id: options.subscription_id.map(|id| id.get()),
+    }
 }
 
 impl Broker {
     /// Loads the broker's state (sessions, retained messages) from `config.state_dir` and
     /// the password and ACL files. Blocking IO: call it before serving, off the async threads.
     pub fn open(config: BrokerConfig, ingest: Arc<dyn IngestPort>) -> Result<Broker, BrokerError> {
-        Ok(Broker {
-            shared: Arc::new(Shared {
-                _config: config,
-                _ingest: ingest,
+        let passwords = match &config.password_file {
+            None => None,
+            Some(path) => Some(PasswordFile::load(path).map_err(|e| BrokerError::Auth {
+                path: path.display().to_string(),
+                message: e.to_string(),
+            })?),
+        };
+        let acl = match &config.acl_file {
+            None => None,
+            Some(path) => Some(AclRules::load(path).map_err(|e| BrokerError::Auth {
+                path: path.display().to_string(),
+                message: e.to_string(),
+            })?),
+        };
+        let (persist, state, store_thread) =
+            Persist::open(&config.state_dir).map_err(|message| BrokerError::State {
+                path: config.state_dir.display().to_string(),
+                message,
+            })?;
+
+        let limits = config.limits.clone();
+        let mut registry = Registry {
+            sessions: HashMap::new(),
+            subscriptions: SubscriptionStore::new(SubscriptionLimits {
+                per_client_max: limits.max_subscriptions_per_client,
+                ..SubscriptionLimits::default()
             }),
-        })
+            retained: BTreeMap::new(),
+        };
+        let broker_id: Arc<str> = Arc::from("");
+        for (topic, stored) in state.retained {
+            if let Some(message) = Message::from_stored(stored, broker_id.clone()) {
+                registry.retained.insert(topic, Arc::new(message));
+            }
+        }
+        let now_ms = silt_log::now_ms();
+        let mut expiries = Vec::new();
+        for (client_id, stored) in state.sessions {
+            let client_id: Arc<str> = Arc::from(client_id.as_str());
+            let mut session = Session::new(client_id.clone(), &limits);
+            session.expiry_secs = stored.expiry_secs;
+            session.stored = true;
+            for sub in &stored.subscriptions {
+                let Ok(filter) = SubscriptionFilter::parse(&sub.filter, FilterSupport::ALL) else {
+                    continue;
+                };
+                let Some(qos) = QoS::from_u8(sub.qos) else {
+                    continue;
+                };
+                let options = SubscriptionOptions {
+                    qos,
+                    no_local: sub.no_local,
+                    retain_as_published: sub.retain_as_published,
+                    retain_handling: RetainHandling::from_u8(sub.retain_handling)
+                        .unwrap_or_default(),
+                    subscription_id: sub.subscription_id.and_then(SubscriptionId::new),
+                };
+                let _ = registry
+                    .subscriptions
+                    .subscribe(&client_id, &filter, options);
+            }
+            for (seq, stored_message) in stored.queue {
+                let Some(message) = Message::from_stored(stored_message, broker_id.clone()) else {
+                    continue;
+                };
+                session.next_seq = session.next_seq.max(seq + 1);
+                session.queued_bytes += message.payload.len();
+                let qos = message.qos;
+                let retain = message.retain;
+                session.queue.push_back(Queued {
+                    message: Arc::new(message),
+                    qos,
+                    retain,
+                    subscription_ids: Vec::new(),
+                    seq: Some(seq),
+                });
+            }
+            let gone_ms = now_ms - stored.disconnected_at_ms.unwrap_or(now_ms);
+            let left_ms = (i64::from(session.expiry_secs) * 1000 - gone_ms).max(0);
+            expiries.push((client_id.clone(), Duration::from_millis(left_ms as u64)));
+            registry
+                .sessions
+                .insert(client_id, SessionCell::new(session));
+        }
+        metrics::gauge!("silt_mqtt_sessions").set(registry.sessions.len() as f64);
+        metrics::gauge!("silt_mqtt_retained_messages").set(registry.retained.len() as f64);
+
+        let rate = f64::from(limits.connect_rate_per_sec.max(1));
+        let (shutdown, _) = watch::channel(false);
+        let shared = Arc::new(Shared {
+            config,
+            ingest,
+            registry: Mutex::new(registry),
+            persist,
+            store_thread: Mutex::new(Some(store_thread)),
+            passwords,
+            acl,
+            connections: AtomicUsize::new(0),
+            connection_closed: Notify::new(),
+            generation: AtomicU64::new(0),
+            shutdown,
+            rate: Mutex::new(TokenBucket {
+                rate,
+                tokens: rate,
+                last: Instant::now(),
+            }),
+            loaded_expiries: Mutex::new(expiries),
+        });
+        Ok(Broker { shared })
     }
 
     /// Accepts MQTT connections on `listener` (TLS when `tls` is given) until
@@ -52,14 +478,104 @@ impl Broker {
         listener: TcpListener,
         tls: Option<Arc<rustls::ServerConfig>>,
     ) -> JoinHandle<()> {
-        let _ = (&self.shared, tls);
+        let shared = self.shared.clone();
+        let loaded = std::mem::take(&mut *lock(&shared.loaded_expiries));
+        for (client_id, after) in loaded {
+            shared.arm_session_expiry(client_id, 0, after);
+        }
+        let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
         tokio::spawn(async move {
-            let _listener = listener;
-            std::future::pending::<()>().await;
+            let mut shutdown = shared.shutdown.subscribe();
+            loop {
+                let accepted = tokio::select! {
+                    () = stopped(&mut shutdown) => break,
+                    accepted = listener.accept() => accepted,
+                };
+                let (socket, peer) = match accepted {
+                    Ok(accepted) => accepted,
+                    Err(error) => {
+                        tracing::warn!(%error, "cannot accept an MQTT connection");
+                        tokio::time::sleep(ACCEPT_BACKOFF).await;
+                        continue;
+                    }
+                };
+                let _ = socket.set_nodelay(true);
+                shared.connections.fetch_add(1, Ordering::AcqRel);
+                metrics::gauge!("silt_mqtt_connections").increment(1.0);
+                let shared = shared.clone();
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let guard = ConnectionGuard(shared.clone());
+                    serve_socket(shared, socket, peer, acceptor).await;
+                    drop(guard);
+                });
+            }
         })
     }
 
     /// Stops accepting, disconnects every client (5.0: 0x8B server shutting down), waits for
     /// acknowledgements under way, and saves the session state. Idempotent.
-    pub async fn shutdown(&self) {}
+    pub async fn shutdown(&self) {
+        let shared = &self.shared;
+        shared.shutdown.send_replace(true);
+        let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
+        while shared.connections.load(Ordering::Acquire) > 0 {
+            let closed = shared.connection_closed.notified();
+            if shared.connections.load(Ordering::Acquire) == 0 {
+                break;
+            }
+            if tokio::time::timeout_at(deadline, closed).await.is_err() {
+                tracing::warn!(
+                    open = shared.connections.load(Ordering::Acquire),
+                    "connections still open after the shutdown grace period"
+                );
+                break;
+            }
+        }
+        shared.persist.close().await;
+        let thread = lock(&shared.store_thread).take();
+        if let Some(thread) = thread {
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
+    }
+}
+
+/// Counts a connection until it ends.
+struct ConnectionGuard(Arc<Shared>);
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.0.connections.fetch_sub(1, Ordering::AcqRel);
+        metrics::gauge!("silt_mqtt_connections").decrement(1.0);
+        self.0.connection_closed.notify_waiters();
+    }
+}
+
+async fn serve_socket(
+    shared: Arc<Shared>,
+    socket: tokio::net::TcpStream,
+    peer: SocketAddr,
+    acceptor: Option<tokio_rustls::TlsAcceptor>,
+) {
+    match acceptor {
+        None => super::connection::run(shared, socket, peer, None).await,
+        Some(acceptor) => {
+            let timeout = shared.config.limits.connect_timeout;
+            let stream = match tokio::time::timeout(timeout, acceptor.accept(socket)).await {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(error)) => {
+                    tracing::debug!(%peer, %error, "TLS handshake failed");
+                    metrics::counter!("silt_mqtt_connects_refused_total", "reason" => "tls")
+                        .increment(1);
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(%peer, "TLS handshake timed out");
+                    return;
+                }
+            };
+            let identity = super::tls::peer_common_name(stream.get_ref().1);
+            super::connection::run(shared, stream, peer, identity).await;
+        }
+    }
 }

@@ -125,5 +125,23 @@ pub struct BrokerConfig {
 }
 
 mod broker;
+mod connection;
+mod encode;
+mod packet;
+mod persist;
+mod session;
 pub mod tls;
 pub use broker::{Broker, BrokerError};
+
+/// Locks a mutex, recovering the data from a panicked holder: broker state stays usable
+/// (every critical section leaves it consistent between its statements' effects).
+pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Resolves once `shutdown` says true (or its sender is gone).
+pub(crate) async fn stopped(shutdown: &mut tokio::sync::watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|stop| *stop).await;
+}

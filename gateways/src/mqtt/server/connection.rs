@@ -1,0 +1,1326 @@
+//! One client connection: CONNECT, then the packet loop, then the session's hand-over.
+//!
+//! The loop does four things at once: read and handle packets, complete publishes as the log
+//! makes them durable (in arrival order, acknowledging QoS 1/2 only then), send what the
+//! session's queue holds within the client's in-flight window, and write. Reading pauses
+//! while too much is waiting to be written or ingested, so a slow client or a slow disk slows
+//! the publisher down instead of growing buffers.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Buf, BytesMut};
+use futures_util::stream::{FuturesOrdered, StreamExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::time::Instant;
+
+use super::broker::{Registry, Shared, stored_subscription};
+use super::encode::{self, Ack, ConnackProperties, OutPublish};
+use super::packet::{self, ClientPacket, Connect, Publish, Will};
+use super::session::{Message, Queued, Session, SessionCell};
+use super::{BoxFuture, IngestError, IngestRequest, lock, stopped};
+use crate::mqtt::alias::{InboundAliases, OutboundAliases, OutboundTopic};
+use crate::mqtt::auth::Identity;
+use crate::mqtt::codec::{self, CodecError, Decoder, ProtocolVersion};
+use crate::mqtt::ingest::{PublishMeta, ingest_record};
+use crate::mqtt::qos::{InboundAck, InboundAction, QosError, Resend};
+use crate::mqtt::store::Op;
+use crate::mqtt::subscriptions::{QoS, SubscriptionError, SubscriptionId, SubscriptionOptions};
+use crate::mqtt::topic::{FilterSupport, SubscriptionFilter, TopicName};
+
+/// Bytes waiting to be written above which the connection stops reading and stops taking
+/// messages from its queue.
+const OUT_HIGH_WATER: usize = 256 * 1024;
+/// Publishes waiting for the log above which the connection stops reading.
+const PENDING_MAX: usize = 1024;
+/// Bytes read from the socket at most per read.
+const READ_CHUNK: usize = 64 * 1024;
+
+/// 3.1.1 CONNACK return codes (§3.2.2.3).
+mod v4_code {
+    pub(super) const IDENTIFIER_REJECTED: u8 = 0x02;
+    pub(super) const SERVER_UNAVAILABLE: u8 = 0x03;
+    pub(super) const BAD_USERNAME_OR_PASSWORD: u8 = 0x04;
+    pub(super) const NOT_AUTHORIZED: u8 = 0x05;
+}
+
+/// 5.0 reason codes the connection uses.
+mod rc {
+    pub(super) const SUCCESS: u8 = 0x00;
+    pub(super) const DISCONNECT_WITH_WILL: u8 = 0x04;
+    pub(super) const NO_SUBSCRIPTION_EXISTED: u8 = 0x11;
+    pub(super) const UNSPECIFIED: u8 = 0x80;
+    pub(super) const PROTOCOL_ERROR: u8 = 0x82;
+    pub(super) const CLIENT_ID_NOT_VALID: u8 = 0x85;
+    pub(super) const BAD_USERNAME_OR_PASSWORD: u8 = 0x86;
+    pub(super) const NOT_AUTHORIZED: u8 = 0x87;
+    pub(super) const BAD_AUTHENTICATION_METHOD: u8 = 0x8C;
+    pub(super) const SERVER_SHUTTING_DOWN: u8 = 0x8B;
+    pub(super) const KEEP_ALIVE_TIMEOUT: u8 = 0x8D;
+    pub(super) const SESSION_TAKEN_OVER: u8 = 0x8E;
+    pub(super) const TOPIC_NAME_INVALID: u8 = 0x90;
+    pub(super) const PACKET_ID_NOT_FOUND: u8 = 0x92;
+    pub(super) const QUOTA_EXCEEDED: u8 = 0x97;
+    pub(super) const CONNECTION_RATE_EXCEEDED: u8 = 0x9F;
+}
+
+/// How a connection ended, which decides the will and the session's fate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    /// DISCONNECT with reason 0x00 (or any 3.1.1 DISCONNECT): no will.
+    Normal,
+    /// DISCONNECT 0x04: the will goes out.
+    WithWill,
+    /// The network went, the keep-alive ran out, or we closed for a protocol error.
+    Abnormal,
+    /// Another connection took the session.
+    TakenOver,
+    /// The broker is shutting down: no will, the session is kept.
+    Shutdown,
+}
+
+/// Runs one connection to the end.
+pub(crate) async fn run<S>(
+    shared: Arc<Shared>,
+    stream: S,
+    peer: SocketAddr,
+    cert_name: Option<String>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (reader, writer) = tokio::io::split(stream);
+    let mut io = Io {
+        reader,
+        writer,
+        inbuf: BytesMut::with_capacity(4096),
+        out: BytesMut::with_capacity(4096),
+    };
+    let deadline = Instant::now() + shared.config.limits.connect_timeout;
+    let Some((connect, decoder)) = read_connect(&shared, &mut io, deadline).await else {
+        io.close().await;
+        return;
+    };
+    let Some(mut conn) = accept(&shared, &mut io, *connect, decoder, peer, cert_name).await else {
+        io.close().await;
+        return;
+    };
+    let end = conn.serve(&mut io).await;
+    let _ = io.flush().await;
+    conn.finish(end).await;
+    io.close().await;
+}
+
+struct Io<S> {
+    reader: ReadHalf<S>,
+    writer: WriteHalf<S>,
+    inbuf: BytesMut,
+    out: BytesMut,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Io<S> {
+    /// Reads more bytes, at most what the next frame still needs; `false` at end of stream.
+    async fn read_more(&mut self, needed: usize) -> std::io::Result<bool> {
+        let want = needed.saturating_sub(self.inbuf.len()).clamp(1, READ_CHUNK);
+        self.inbuf.reserve(want);
+        let n = self.reader.read_buf(&mut self.inbuf).await?;
+        metrics::counter!("silt_mqtt_bytes_in_total").increment(n as u64);
+        Ok(n > 0)
+    }
+
+    async fn flush(&mut self) -> std::io::Result<()> {
+        if !self.out.is_empty() {
+            let n = self.out.len();
+            self.writer.write_all(&self.out).await?;
+            self.out.clear();
+            metrics::counter!("silt_mqtt_bytes_out_total").increment(n as u64);
+        }
+        self.writer.flush().await
+    }
+
+    async fn close(&mut self) {
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            let _ = self.flush().await;
+            let _ = self.writer.shutdown().await;
+        })
+        .await;
+    }
+}
+
+/// Reads the CONNECT, or answers the client's mistake and gives up.
+async fn read_connect<S: AsyncRead + AsyncWrite + Unpin>(
+    shared: &Shared,
+    io: &mut Io<S>,
+    deadline: Instant,
+) -> Option<(Box<Connect>, Decoder)> {
+    let max = shared.config.limits.max_packet_bytes;
+    let version = loop {
+        match codec::detect_protocol(&io.inbuf, max) {
+            Ok(Some(version)) => break version,
+            Ok(None) => {}
+            Err(error) => {
+                refuse_undecodable(io, None, &error);
+                return None;
+            }
+        }
+        let needed = codec::frame_bytes_needed(&io.inbuf, max).unwrap_or(2);
+        match tokio::time::timeout_at(deadline, io.read_more(needed)).await {
+            Ok(Ok(true)) => {}
+            _ => return None,
+        }
+    };
+    let mut decoder = Decoder::new(version, max);
+    loop {
+        match decoder.decode(&mut io.inbuf) {
+            Ok(Some(frame)) => match packet::from_frame(frame) {
+                Ok(ClientPacket::Connect(connect)) => return Some((connect, decoder)),
+                Ok(_) => return None,
+                Err(error) => {
+                    if version == ProtocolVersion::V5 {
+                        encode::connack(
+                            &mut io.out,
+                            true,
+                            false,
+                            error.reason_code(),
+                            &ConnackProperties::default(),
+                        );
+                    }
+                    return None;
+                }
+            },
+            Ok(None) => {}
+            Err(error) => {
+                refuse_undecodable(io, Some(version), &error);
+                return None;
+            }
+        }
+        let needed = decoder.frame_bytes_needed(&io.inbuf).unwrap_or(2);
+        match tokio::time::timeout_at(deadline, io.read_more(needed)).await {
+            Ok(Ok(true)) => {}
+            _ => return None,
+        }
+    }
+}
+
+/// The CONNACK (if any) for a first packet that could not be decoded.
+fn refuse_undecodable<S>(io: &mut Io<S>, version: Option<ProtocolVersion>, error: &CodecError) {
+    metrics::counter!("silt_mqtt_connects_refused_total", "reason" => "malformed").increment(1);
+    if let Some(refusal) = error.connack_refusal() {
+        io.out.extend_from_slice(refusal.bytes());
+    } else if version == Some(ProtocolVersion::V5) {
+        encode::connack(
+            &mut io.out,
+            true,
+            false,
+            error.reason_code(),
+            &ConnackProperties::default(),
+        );
+    }
+}
+
+fn refuse<S>(io: &mut Io<S>, v5: bool, v5_code: u8, v4: u8, reason: &'static str) {
+    metrics::counter!("silt_mqtt_connects_refused_total", "reason" => reason).increment(1);
+    let code = if v5 { v5_code } else { v4 };
+    encode::connack(&mut io.out, v5, false, code, &ConnackProperties::default());
+}
+
+/// Checks a CONNECT, attaches the session and sends CONNACK.
+async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
+    shared: &Arc<Shared>,
+    io: &mut Io<S>,
+    connect: Connect,
+    decoder: Decoder,
+    peer: SocketAddr,
+    cert_name: Option<String>,
+) -> Option<Conn> {
+    let v5 = connect.v5;
+    let limits = &shared.config.limits;
+    if shared.is_shutting_down() {
+        refuse(io, v5, 0x89, v4_code::SERVER_UNAVAILABLE, "shutting_down");
+        return None;
+    }
+    if shared
+        .connections
+        .load(std::sync::atomic::Ordering::Acquire)
+        > limits.max_connections
+    {
+        refuse(
+            io,
+            v5,
+            rc::QUOTA_EXCEEDED,
+            v4_code::SERVER_UNAVAILABLE,
+            "max_connections",
+        );
+        return None;
+    }
+    if !shared.take_connect_token() {
+        refuse(
+            io,
+            v5,
+            rc::CONNECTION_RATE_EXCEEDED,
+            v4_code::SERVER_UNAVAILABLE,
+            "rate",
+        );
+        return None;
+    }
+    if connect.authentication_method.is_some() {
+        refuse(
+            io,
+            v5,
+            rc::BAD_AUTHENTICATION_METHOD,
+            v4_code::NOT_AUTHORIZED,
+            "auth_method",
+        );
+        return None;
+    }
+    // Who is it?
+    let username = match (&connect.username, &shared.passwords) {
+        (Some(user), Some(passwords)) => {
+            let password = connect.password.as_deref().unwrap_or("");
+            if !passwords.verify(user, password.as_bytes()) {
+                refuse(
+                    io,
+                    v5,
+                    rc::BAD_USERNAME_OR_PASSWORD,
+                    v4_code::BAD_USERNAME_OR_PASSWORD,
+                    "bad_password",
+                );
+                return None;
+            }
+            Some(user.clone())
+        }
+        (Some(_), None) if !shared.config.allow_anonymous => {
+            refuse(
+                io,
+                v5,
+                rc::BAD_USERNAME_OR_PASSWORD,
+                v4_code::BAD_USERNAME_OR_PASSWORD,
+                "bad_password",
+            );
+            return None;
+        }
+        // Anonymous access allowed and no password file: the name is taken as given.
+        (Some(user), None) => Some(user.clone()),
+        (None, _) => match cert_name {
+            Some(name) => Some(name),
+            None if shared.config.allow_anonymous => None,
+            None => {
+                refuse(
+                    io,
+                    v5,
+                    rc::NOT_AUTHORIZED,
+                    v4_code::NOT_AUTHORIZED,
+                    "anonymous",
+                );
+                return None;
+            }
+        },
+    };
+    // The client id, or one we assign.
+    let mut assigned = None;
+    let client_id: Arc<str> = if connect.client_id.is_empty() {
+        if !v5 && !connect.clean_start {
+            refuse(
+                io,
+                v5,
+                rc::CLIENT_ID_NOT_VALID,
+                v4_code::IDENTIFIER_REJECTED,
+                "client_id",
+            );
+            return None;
+        }
+        let id = format!("silt-{:016x}", random_u64());
+        assigned = Some(id.clone());
+        Arc::from(id)
+    } else {
+        Arc::from(connect.client_id.as_str())
+    };
+    let will = match &connect.will {
+        None => None,
+        Some(will) => match TopicName::new(&will.topic) {
+            Ok(topic) => {
+                if let Some(acl) = &shared.acl {
+                    let who = Identity {
+                        client_id: &client_id,
+                        username: username.as_deref(),
+                    };
+                    if !acl.allows_publish(&who, &topic) {
+                        refuse(
+                            io,
+                            v5,
+                            rc::NOT_AUTHORIZED,
+                            v4_code::NOT_AUTHORIZED,
+                            "will_acl",
+                        );
+                        return None;
+                    }
+                }
+                Some((topic, will.clone()))
+            }
+            Err(_) => {
+                refuse(
+                    io,
+                    v5,
+                    rc::TOPIC_NAME_INVALID,
+                    v4_code::IDENTIFIER_REJECTED,
+                    "will_topic",
+                );
+                return None;
+            }
+        },
+    };
+
+    // The session.
+    let requested_expiry = match connect.session_expiry {
+        Some(secs) => secs,
+        None if connect.clean_start => 0,
+        None => u32::MAX,
+    };
+    let expiry_secs = requested_expiry.min(limits.max_session_expiry_secs);
+    let generation = shared.next_generation();
+    let mut ops = Vec::new();
+    let (cell, session_present, taken_from) = {
+        let mut registry = lock(&shared.registry);
+        let existing = registry.sessions.get(&client_id).cloned();
+        let mut taken_from = None;
+        if let Some(cell) = &existing {
+            let mut session = cell.lock();
+            if session.attached.is_some() {
+                taken_from = Some(cell.clone());
+                if connect.clean_start {
+                    // The old session ends here; its connection must see it is detached.
+                    session.attached = None;
+                    session.epoch += 1;
+                    cell.set_online(false);
+                }
+            }
+        }
+        let reuse = existing.filter(|_| !connect.clean_start);
+        let session_present = reuse.is_some();
+        let cell = match reuse {
+            Some(cell) => cell,
+            None => {
+                ops.extend(shared.remove_session(&mut registry, &client_id));
+                let cell = SessionCell::new(Session::new(client_id.clone(), limits));
+                registry.sessions.insert(client_id.clone(), cell.clone());
+                metrics::gauge!("silt_mqtt_sessions").set(registry.sessions.len() as f64);
+                cell
+            }
+        };
+        {
+            let mut session = cell.lock();
+            session.attached = Some(generation);
+            session.epoch += 1;
+            session.username = username.clone();
+            let was_stored = session.stored;
+            session.expiry_secs = expiry_secs;
+            if expiry_secs > 0 {
+                session.stored = true;
+                ops.push(Op::SessionOpen {
+                    client_id: client_id.to_string(),
+                    protocol_level: if v5 { 5 } else { 4 },
+                    expiry_secs,
+                });
+            } else if was_stored {
+                // A persistent session resumed with expiry 0: the store no longer keeps it.
+                session.stored = false;
+                ops.push(Op::SessionRemove {
+                    client_id: client_id.to_string(),
+                });
+            }
+            let client_receive_max = connect.receive_maximum.unwrap_or(u16::MAX);
+            session
+                .outbound
+                .set_receive_maximum(client_receive_max.min(limits.max_inflight_out));
+            cell.set_online(true);
+        }
+        (cell, session_present, taken_from)
+    };
+    if let Some(old) = taken_from {
+        // The old connection sees that its generation is gone and leaves.
+        old.notify.notify_waiters();
+        old.notify.notify_one();
+    }
+    if !ops.is_empty() {
+        match shared.persist.commit(ops).await {
+            Ok(Ok(())) => {}
+            _ => {
+                tracing::error!(client_id = %client_id, "cannot store the session; refusing the connection");
+                refuse(
+                    io,
+                    v5,
+                    rc::UNSPECIFIED,
+                    v4_code::SERVER_UNAVAILABLE,
+                    "store",
+                );
+                detach_failed(&cell, generation);
+                return None;
+            }
+        }
+    }
+
+    // Keep-alive, possibly capped by the server.
+    let mut keep_alive = connect.keep_alive;
+    let mut server_keep_alive = None;
+    if limits.max_keep_alive_secs > 0
+        && (keep_alive == 0 || keep_alive > limits.max_keep_alive_secs)
+    {
+        keep_alive = limits.max_keep_alive_secs;
+        if v5 {
+            server_keep_alive = Some(keep_alive);
+        }
+    }
+    let properties = ConnackProperties {
+        session_expiry_interval: (connect.session_expiry.is_some()
+            && expiry_secs != requested_expiry)
+            .then_some(expiry_secs),
+        receive_maximum: Some(limits.receive_maximum),
+        maximum_packet_size: Some(limits.max_packet_bytes),
+        assigned_client_identifier: assigned,
+        topic_alias_maximum: Some(limits.topic_alias_maximum),
+        server_keep_alive,
+        reason_string: None,
+    };
+    encode::connack(&mut io.out, v5, session_present, rc::SUCCESS, &properties);
+    metrics::counter!("silt_mqtt_connects_total", "protocol" => if v5 { "5" } else { "3.1.1" })
+        .increment(1);
+    tracing::debug!(%peer, client_id = %client_id, v5, session_present, "MQTT client connected");
+
+    let mut conn = Conn {
+        shared: shared.clone(),
+        cell,
+        client_id,
+        generation,
+        v5,
+        username,
+        decoder,
+        keep_alive: (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500)),
+        max_out_packet: connect.maximum_packet_size.unwrap_or(u32::MAX),
+        in_aliases: InboundAliases::new(if v5 { limits.topic_alias_maximum } else { 0 }),
+        out_aliases: OutboundAliases::new(connect.topic_alias_maximum),
+        will,
+        will_delay_secs: connect.will.as_ref().map_or(0, |w| w.delay_secs),
+        pending: FuturesOrdered::new(),
+        acks: FuturesOrdered::new(),
+        ops: Vec::new(),
+    };
+    conn.resend(&mut io.out);
+    Some(conn)
+}
+
+/// Undoes an attach whose session could not be stored.
+fn detach_failed(cell: &Arc<SessionCell>, generation: u64) {
+    let mut session = cell.lock();
+    if session.attached == Some(generation) {
+        session.attached = None;
+        cell.set_online(false);
+    }
+}
+
+fn random_u64() -> u64 {
+    use ring::rand::SecureRandom;
+    let mut bytes = [0u8; 8];
+    if ring::rand::SystemRandom::new().fill(&mut bytes).is_err() {
+        // No system randomness: the time still makes a collision unlikely.
+        return silt_log::now_ms() as u64 ^ u64::from(std::process::id());
+    }
+    u64::from_le_bytes(bytes)
+}
+
+/// A publish on its way into the log.
+struct Pending {
+    packet_id: u16,
+    qos: QoS,
+    outcome: Outcome,
+}
+
+enum Outcome {
+    Durable(Arc<Message>),
+    Refused(IngestError),
+    /// The ACL refused it; it never went to the log.
+    Denied,
+}
+
+/// An acknowledgement waiting for its store commit (or ready).
+struct AckDue {
+    packet_id: u16,
+    qos: QoS,
+    /// 0 for success, else the 5.0 failure reason; `None` sends nothing (3.1.1 failure).
+    reason: Option<u8>,
+}
+
+struct Conn {
+    shared: Arc<Shared>,
+    cell: Arc<SessionCell>,
+    client_id: Arc<str>,
+    generation: u64,
+    v5: bool,
+    username: Option<String>,
+    decoder: Decoder,
+    /// 1.5 times the keep-alive: the longest silence allowed.
+    keep_alive: Option<Duration>,
+    max_out_packet: u32,
+    in_aliases: InboundAliases,
+    out_aliases: OutboundAliases,
+    will: Option<(TopicName, Will)>,
+    will_delay_secs: u32,
+    pending: FuturesOrdered<BoxFuture<'static, Pending>>,
+    acks: FuturesOrdered<BoxFuture<'static, AckDue>>,
+    /// Store changes not yet handed to the store thread.
+    ops: Vec<Op>,
+}
+
+/// The connection must close; `Some(reason)` sends a 5.0 DISCONNECT first.
+struct Close {
+    end: End,
+    reason: Option<u8>,
+}
+
+impl Close {
+    fn protocol(reason: u8) -> Close {
+        Close {
+            end: End::Abnormal,
+            reason: Some(reason),
+        }
+    }
+}
+
+impl Conn {
+    fn identity(&self) -> Identity<'_> {
+        Identity {
+            client_id: &self.client_id,
+            username: self.username.as_deref(),
+        }
+    }
+
+    async fn serve<S: AsyncRead + AsyncWrite + Unpin>(&mut self, io: &mut Io<S>) -> End {
+        let mut shutdown = self.shared.shutdown.subscribe();
+        let mut last_read = Instant::now();
+        // Packets that came in the same read as CONNECT.
+        let first = match self.handle_input(io).await {
+            Ok(Some(end)) => Some(Close { end, reason: None }),
+            Ok(None) => None,
+            Err(close) => Some(close),
+        };
+        let close = if let Some(close) = first {
+            close
+        } else {
+            loop {
+                if let Err(close) = self.pump(&mut io.out) {
+                    break close;
+                }
+                if !self.ops.is_empty() {
+                    self.shared.persist.write(std::mem::take(&mut self.ops));
+                }
+                let can_read = io.out.len() < OUT_HIGH_WATER && self.pending.len() < PENDING_MAX;
+                let keep_alive_deadline = self.keep_alive.map(|k| last_read + k);
+                let needed = self.decoder.frame_bytes_needed(&io.inbuf).unwrap_or(2);
+                tokio::select! {
+                    biased;
+                    () = stopped(&mut shutdown) => {
+                        break Close { end: End::Shutdown, reason: Some(rc::SERVER_SHUTTING_DOWN) };
+                    }
+                    written = io.writer.write(&io.out), if !io.out.is_empty() => {
+                        match written {
+                            Ok(0) | Err(_) => break Close { end: End::Abnormal, reason: None },
+                            Ok(n) => {
+                                io.out.advance(n);
+                                metrics::counter!("silt_mqtt_bytes_out_total").increment(n as u64);
+                            }
+                        }
+                    }
+                    Some(done) = self.acks.next() => self.send_ack(&mut io.out, done),
+                    Some(pending) = self.pending.next() => self.complete(pending),
+                    () = self.cell.notify.notified() => {
+                        if self.cell.lock().attached != Some(self.generation) {
+                            break Close { end: End::TakenOver, reason: Some(rc::SESSION_TAKEN_OVER) };
+                        }
+                    }
+                    read = read_into(&mut io.reader, &mut io.inbuf, needed), if can_read => {
+                        match read {
+                            Ok(0) | Err(_) => break Close { end: End::Abnormal, reason: None },
+                            Ok(n) => {
+                                metrics::counter!("silt_mqtt_bytes_in_total").increment(n as u64);
+                                last_read = Instant::now();
+                                match self.handle_input(io).await {
+                                    Ok(Some(end)) => break Close { end, reason: None },
+                                    Ok(None) => {}
+                                    Err(close) => break close,
+                                }
+                            }
+                        }
+                    }
+                    () = sleep_until_opt(keep_alive_deadline) => {
+                        break Close { end: End::Abnormal, reason: Some(rc::KEEP_ALIVE_TIMEOUT) };
+                    }
+                }
+            }
+        };
+        if let (true, Some(reason)) = (self.v5, close.reason) {
+            codec::write_v5_disconnect(reason, &mut io.out);
+        }
+        close.end
+    }
+
+    /// Decodes and handles every whole packet in the input buffer.
+    async fn handle_input<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        io: &mut Io<S>,
+    ) -> Result<Option<End>, Close> {
+        loop {
+            let frame = match self.decoder.decode(&mut io.inbuf) {
+                Ok(Some(frame)) => frame,
+                Ok(None) => return Ok(None),
+                Err(error) => {
+                    tracing::debug!(client_id = %self.client_id, %error, "bad packet");
+                    metrics::counter!("silt_mqtt_protocol_errors_total").increment(1);
+                    return Err(Close::protocol(error.reason_code()));
+                }
+            };
+            let packet = packet::from_frame(frame).map_err(|e| Close::protocol(e.reason_code()))?;
+            if let Some(end) = self.handle(packet, io).await? {
+                return Ok(Some(end));
+            }
+        }
+    }
+
+    async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        packet: ClientPacket,
+        io: &mut Io<S>,
+    ) -> Result<Option<End>, Close> {
+        match packet {
+            ClientPacket::Publish(publish) => self.on_publish(*publish, &mut io.out).await?,
+            ClientPacket::Puback { id } => {
+                let mut session = self.cell.lock();
+                if let Ok(copy) = session.outbound.on_puback(id) {
+                    session.forget(&copy, &mut self.ops);
+                }
+            }
+            ClientPacket::Pubrec { id, reason } => {
+                let mut session = self.cell.lock();
+                if reason >= 0x80 {
+                    if let Ok(copy) = session.outbound.on_pubrec_failure(id) {
+                        session.forget(&copy, &mut self.ops);
+                    }
+                } else {
+                    match session.outbound.on_pubrec(id) {
+                        Ok(copy) => {
+                            session.forget(&copy, &mut self.ops);
+                            encode::ack(&mut io.out, self.v5, Ack::Pubrel, id, rc::SUCCESS);
+                        }
+                        Err(_) => {
+                            encode::ack(
+                                &mut io.out,
+                                self.v5,
+                                Ack::Pubrel,
+                                id,
+                                rc::PACKET_ID_NOT_FOUND,
+                            );
+                        }
+                    }
+                }
+            }
+            ClientPacket::Pubcomp { id } => {
+                let _ = self.cell.lock().outbound.on_pubcomp(id);
+            }
+            ClientPacket::Pubrel { id } => {
+                let found = self.cell.lock().inbound.on_pubrel(id).is_ok();
+                let reason = if found {
+                    rc::SUCCESS
+                } else {
+                    rc::PACKET_ID_NOT_FOUND
+                };
+                encode::ack(&mut io.out, self.v5, Ack::Pubcomp, id, reason);
+            }
+            ClientPacket::Subscribe {
+                id,
+                subscription_id,
+                filters,
+            } => {
+                self.on_subscribe(id, subscription_id, filters, &mut io.out)
+                    .await?
+            }
+            ClientPacket::Unsubscribe { id, filters } => {
+                self.on_unsubscribe(id, filters, &mut io.out).await;
+            }
+            ClientPacket::Pingreq => encode::pingresp(&mut io.out),
+            ClientPacket::Disconnect {
+                reason,
+                session_expiry,
+            } => {
+                if let Some(expiry) = session_expiry {
+                    let mut session = self.cell.lock();
+                    if session.expiry_secs == 0 && expiry != 0 && !session.stored {
+                        // §3.14.2.2.2: a session that was to end cannot be revived here.
+                        drop(session);
+                        return Err(Close::protocol(rc::PROTOCOL_ERROR));
+                    }
+                    session.expiry_secs =
+                        expiry.min(self.shared.config.limits.max_session_expiry_secs);
+                }
+                let end = if reason == rc::DISCONNECT_WITH_WILL {
+                    End::WithWill
+                } else {
+                    End::Normal
+                };
+                return Ok(Some(end));
+            }
+            ClientPacket::Auth => return Err(Close::protocol(rc::PROTOCOL_ERROR)),
+            ClientPacket::Connect(_) | ClientPacket::ServerOnly => {
+                return Err(Close::protocol(rc::PROTOCOL_ERROR));
+            }
+        }
+        Ok(None)
+    }
+
+    async fn on_publish(&mut self, publish: Publish, out: &mut BytesMut) -> Result<(), Close> {
+        metrics::counter!("silt_mqtt_messages_in_total", "qos" => qos_label(publish.qos))
+            .increment(1);
+        let topic = if self.v5 {
+            self.in_aliases
+                .resolve(&publish.topic, publish.topic_alias)
+                .map_err(|e| Close::protocol(e.reason_code()))?
+        } else {
+            TopicName::new(&publish.topic).map_err(|e| Close::protocol(e.reason_code()))?
+        };
+        let id = publish.packet_id;
+        if publish.qos != QoS::AtMostOnce {
+            let action = self.cell.lock().inbound.on_publish(id, publish.qos);
+            match action {
+                Ok(InboundAction::Ingest) => {}
+                Ok(InboundAction::ResendPubrec) => {
+                    encode::ack(out, self.v5, Ack::Pubrec, id, rc::SUCCESS);
+                    return Ok(());
+                }
+                Ok(InboundAction::AlreadyIngesting) => return Ok(()),
+                Err(error @ QosError::ReceiveMaximumExceeded { .. }) => {
+                    metrics::counter!("silt_mqtt_protocol_errors_total").increment(1);
+                    return Err(Close::protocol(error.reason_code()));
+                }
+                Err(error) => return Err(Close::protocol(error.reason_code())),
+            }
+        }
+        if let Some(acl) = &self.shared.acl
+            && !acl.allows_publish(&self.identity(), &topic)
+        {
+            metrics::counter!("silt_mqtt_dropped_total", "reason" => "not_authorized").increment(1);
+            if publish.qos != QoS::AtMostOnce {
+                // 3.1.1 has no way to say no: the message is acknowledged and dropped.
+                let reason = if self.v5 {
+                    rc::NOT_AUTHORIZED
+                } else {
+                    rc::SUCCESS
+                };
+                let _ = reason;
+                self.pending.push_back(Box::pin(std::future::ready(Pending {
+                    packet_id: id,
+                    qos: publish.qos,
+                    outcome: Outcome::Denied,
+                })));
+            }
+            return Ok(());
+        }
+        let now_ms = silt_log::now_ms();
+        let message = Arc::new(Message {
+            topic,
+            payload: publish.payload,
+            qos: publish.qos,
+            retain: publish.retain,
+            published_at_ms: now_ms,
+            expiry_secs: publish.message_expiry,
+            properties: publish.properties,
+            publisher: self.client_id.clone(),
+        });
+        let record = {
+            let meta = PublishMeta {
+                client_id: &self.client_id,
+                topic: &message.topic,
+                qos: message.qos,
+                retain: message.retain,
+                content_type: message.properties.content_type.as_deref(),
+                payload_format_utf8: message.properties.payload_format_utf8,
+                user_properties: &message.properties.user_properties,
+            };
+            let record = ingest_record(
+                &self.shared.config.routes,
+                &meta,
+                message.payload.clone(),
+                now_ms,
+            );
+            IngestRequest {
+                log_topic: Arc::from(record.log_topic),
+                key: record.key,
+                record: record.record,
+            }
+        };
+        let qos = message.qos;
+        let submitted = self.shared.ingest.submit(record).await;
+        let future: BoxFuture<'static, Pending> = match submitted {
+            Ok(receipt) => Box::pin(async move {
+                let outcome = match receipt.await {
+                    Ok(Ok(())) => Outcome::Durable(message),
+                    Ok(Err(error)) => Outcome::Refused(error),
+                    Err(_) => Outcome::Refused(IngestError::ShuttingDown),
+                };
+                Pending {
+                    packet_id: id,
+                    qos,
+                    outcome,
+                }
+            }),
+            Err(error) => Box::pin(std::future::ready(Pending {
+                packet_id: id,
+                qos,
+                outcome: Outcome::Refused(error),
+            })),
+        };
+        self.pending.push_back(future);
+        Ok(())
+    }
+
+    /// A publish came back from the log: deliver it, then acknowledge it (after the store has
+    /// what the delivery changed, when that matters).
+    fn complete(&mut self, pending: Pending) {
+        let qos = pending.qos;
+        let reason = match &pending.outcome {
+            Outcome::Denied => Some(if self.v5 {
+                rc::NOT_AUTHORIZED
+            } else {
+                rc::SUCCESS
+            }),
+            Outcome::Durable(message) => {
+                let routed = self.shared.route(message);
+                if qos != QoS::AtMostOnce && routed.needs_commit {
+                    let receipt = self.shared.persist.commit(routed.ops);
+                    let packet_id = pending.packet_id;
+                    self.acks.push_back(Box::pin(async move {
+                        let reason = match receipt.await {
+                            Ok(Ok(())) => Some(rc::SUCCESS),
+                            _ => Some(rc::UNSPECIFIED),
+                        };
+                        AckDue {
+                            packet_id,
+                            qos,
+                            reason,
+                        }
+                    }));
+                    return;
+                }
+                self.ops.extend(routed.ops);
+                Some(rc::SUCCESS)
+            }
+            Outcome::Refused(error) => {
+                let label = match error {
+                    IngestError::QuotaExceeded(_) => "quota_exceeded",
+                    IngestError::ShuttingDown => "shutting_down",
+                    IngestError::Failed(_) => "log_failed",
+                };
+                metrics::counter!("silt_mqtt_dropped_total", "reason" => label).increment(1);
+                tracing::debug!(client_id = %self.client_id, %error, "publish not stored");
+                match error {
+                    IngestError::QuotaExceeded(_) => Some(rc::QUOTA_EXCEEDED),
+                    _ => Some(rc::UNSPECIFIED),
+                }
+            }
+        };
+        if qos != QoS::AtMostOnce {
+            self.acks.push_back(Box::pin(std::future::ready(AckDue {
+                packet_id: pending.packet_id,
+                qos,
+                reason,
+            })));
+        }
+    }
+
+    fn send_ack(&mut self, out: &mut BytesMut, due: AckDue) {
+        let kind = if due.qos == QoS::ExactlyOnce {
+            Ack::Pubrec
+        } else {
+            Ack::Puback
+        };
+        let mut session = self.cell.lock();
+        match due.reason {
+            Some(rc::SUCCESS) => match session.inbound.on_ingested(due.packet_id) {
+                Ok(InboundAck::Puback(id)) => {
+                    encode::ack(out, self.v5, Ack::Puback, id, rc::SUCCESS)
+                }
+                Ok(InboundAck::Pubrec(id)) => {
+                    encode::ack(out, self.v5, Ack::Pubrec, id, rc::SUCCESS)
+                }
+                Err(_) => {}
+            },
+            Some(reason) => {
+                let _ = session.inbound.on_ingest_failed(due.packet_id);
+                // 3.1.1 cannot refuse a publish: no acknowledgement, the client sends it
+                // again after reconnecting.
+                if self.v5 {
+                    encode::ack(out, true, kind, due.packet_id, reason);
+                }
+            }
+            None => {
+                let _ = session.inbound.on_ingest_failed(due.packet_id);
+            }
+        }
+    }
+
+    async fn on_subscribe(
+        &mut self,
+        packet_id: u16,
+        subscription_id: Option<u32>,
+        filters: Vec<packet::SubscribeFilter>,
+        out: &mut BytesMut,
+    ) -> Result<(), Close> {
+        let subscription_id = match subscription_id {
+            None => None,
+            Some(raw) => Some(SubscriptionId::new(raw).ok_or(Close::protocol(rc::PROTOCOL_ERROR))?),
+        };
+        let now_ms = silt_log::now_ms();
+        let mut codes = Vec::with_capacity(filters.len());
+        let mut retained = Vec::new();
+        let mut ops = Vec::new();
+        let stored = self.cell.lock().stored;
+        {
+            let mut registry = lock(&self.shared.registry);
+            for requested in filters {
+                let filter = match SubscriptionFilter::parse(&requested.filter, FilterSupport::ALL)
+                {
+                    Ok(filter) => filter,
+                    Err(error) => {
+                        codes.push(if self.v5 { error.reason_code() } else { 0x80 });
+                        continue;
+                    }
+                };
+                if let Some(acl) = &self.shared.acl
+                    && !acl.allows_subscribe(&self.identity(), filter.topic_filter())
+                {
+                    codes.push(if self.v5 { rc::NOT_AUTHORIZED } else { 0x80 });
+                    continue;
+                }
+                let options = SubscriptionOptions {
+                    qos: requested.qos,
+                    no_local: requested.no_local,
+                    retain_as_published: requested.retain_as_published,
+                    retain_handling: requested.retain_handling,
+                    subscription_id,
+                };
+                match registry
+                    .subscriptions
+                    .subscribe(&self.client_id, &filter, options)
+                {
+                    Ok(outcome) => {
+                        codes.push(requested.qos.as_u8());
+                        if stored {
+                            ops.push(Op::Subscribe {
+                                client_id: self.client_id.to_string(),
+                                subscription: stored_subscription(&filter, &options),
+                            });
+                        }
+                        let send_retained = !filter.is_shared() && match options.retain_handling {
+                            crate::mqtt::subscriptions::RetainHandling::SendAtSubscribe => true,
+                            crate::mqtt::subscriptions::RetainHandling::SendAtSubscribeIfNew => {
+                                outcome.is_new()
+                            }
+                            crate::mqtt::subscriptions::RetainHandling::DoNotSend => false,
+                        };
+                        if send_retained {
+                            retained.extend(
+                                self.shared
+                                    .retained_for(&registry, &filter, &options, now_ms),
+                            );
+                        }
+                    }
+                    Err(SubscriptionError::NoLocalOnShared) => {
+                        return Err(Close::protocol(rc::PROTOCOL_ERROR));
+                    }
+                    Err(error) => codes.push(if self.v5 { error.reason_code() } else { 0x80 }),
+                }
+            }
+        }
+        if !ops.is_empty() {
+            let _ = self.shared.persist.commit(ops).await;
+        }
+        encode::suback(out, self.v5, packet_id, &codes);
+        if !retained.is_empty() {
+            let limits = &self.shared.config.limits;
+            let mut session = self.cell.lock();
+            for copy in retained {
+                if let Some(acl) = &self.shared.acl
+                    && !acl.allows_receive(&self.identity(), &copy.message.topic)
+                {
+                    continue;
+                }
+                if let Err(refusal) = session.enqueue(copy, limits, &mut self.ops) {
+                    metrics::counter!("silt_mqtt_dropped_total", "reason" => refusal.label())
+                        .increment(1);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn on_unsubscribe(&mut self, packet_id: u16, filters: Vec<String>, out: &mut BytesMut) {
+        let stored = self.cell.lock().stored;
+        let mut codes = Vec::with_capacity(filters.len());
+        let mut ops = Vec::new();
+        {
+            let mut registry = lock(&self.shared.registry);
+            for raw in filters {
+                let Ok(filter) = SubscriptionFilter::parse(&raw, FilterSupport::ALL) else {
+                    codes.push(0x8F);
+                    continue;
+                };
+                if registry
+                    .subscriptions
+                    .unsubscribe(&self.client_id, &filter)
+                    .is_some()
+                {
+                    codes.push(rc::SUCCESS);
+                    if stored {
+                        ops.push(Op::Unsubscribe {
+                            client_id: self.client_id.to_string(),
+                            filter: filter.to_string(),
+                        });
+                    }
+                } else {
+                    codes.push(rc::NO_SUBSCRIPTION_EXISTED);
+                }
+            }
+        }
+        if !ops.is_empty() {
+            let _ = self.shared.persist.commit(ops).await;
+        }
+        encode::unsuback(out, self.v5, packet_id, &codes);
+    }
+
+    /// Moves messages from the session's queue into the output, within the in-flight window
+    /// and the output's high-water mark.
+    fn pump(&mut self, out: &mut BytesMut) -> Result<(), Close> {
+        let now_ms = silt_log::now_ms();
+        let cell = self.cell.clone();
+        let mut session = cell.lock();
+        if session.attached != Some(self.generation) {
+            return Err(Close {
+                end: End::TakenOver,
+                reason: Some(rc::SESSION_TAKEN_OVER),
+            });
+        }
+        while out.len() < OUT_HIGH_WATER {
+            let Some((copy, packet_id)) = session.next_to_send(now_ms, &mut self.ops) else {
+                break;
+            };
+            if !self.write_publish(out, &copy, packet_id, false, now_ms) {
+                // Too big for the client: dropped as the spec says, as if delivered.
+                if let Some(id) = packet_id {
+                    let _ = session.outbound.on_puback(id);
+                }
+                session.forget(&copy, &mut self.ops);
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes one PUBLISH; `false` if it exceeds the client's Maximum Packet Size.
+    fn write_publish(
+        &mut self,
+        out: &mut BytesMut,
+        copy: &Queued,
+        packet_id: Option<u16>,
+        dup: bool,
+        now_ms: i64,
+    ) -> bool {
+        let message = &copy.message;
+        let expiry = message.remaining_expiry(now_ms).flatten();
+        let mut publish = OutPublish {
+            topic: message.topic.as_str(),
+            topic_alias: None,
+            qos: copy.qos.as_u8(),
+            packet_id,
+            dup,
+            retain: copy.retain,
+            payload: &message.payload,
+            message_expiry: expiry,
+            subscription_ids: &copy.subscription_ids,
+            properties: &message.properties,
+        };
+        let packet = encode::publish(self.v5, &publish);
+        if packet.len() > self.max_out_packet as usize {
+            metrics::counter!("silt_mqtt_dropped_total", "reason" => "client_max_packet")
+                .increment(1);
+            return false;
+        }
+        if self.v5 && !dup {
+            match self.out_aliases.topic_for(&message.topic) {
+                OutboundTopic::Name => out.extend_from_slice(&packet),
+                OutboundTopic::NameAndAlias(alias) => {
+                    publish.topic_alias = Some(alias);
+                    out.extend_from_slice(&encode::publish(true, &publish));
+                }
+                OutboundTopic::Alias(alias) => {
+                    publish.topic_alias = Some(alias);
+                    publish.topic = "";
+                    out.extend_from_slice(&encode::publish(true, &publish));
+                }
+            }
+        } else {
+            out.extend_from_slice(&packet);
+        }
+        metrics::counter!("silt_mqtt_messages_out_total", "qos" => qos_label(copy.qos))
+            .increment(1);
+        true
+    }
+
+    /// Sends again what was in flight when the session's last connection went.
+    fn resend(&mut self, out: &mut BytesMut) {
+        let now_ms = silt_log::now_ms();
+        let resends: Vec<(u16, Option<Queued>)> = {
+            let session = self.cell.lock();
+            session
+                .outbound
+                .resend()
+                .into_iter()
+                .map(|resend| match resend {
+                    Resend::Publish { id, message, .. } => (id, Some(message.clone())),
+                    Resend::Pubrel { id } => (id, None),
+                })
+                .collect()
+        };
+        for (id, copy) in resends {
+            match copy {
+                Some(copy) => {
+                    self.write_publish(out, &copy, Some(id), true, now_ms);
+                }
+                None => encode::ack(out, self.v5, Ack::Pubrel, id, rc::SUCCESS),
+            }
+        }
+    }
+
+    /// Hands the session back: ends it or keeps it for the next connection, and sends the
+    /// will when the connection ended without a DISCONNECT.
+    async fn finish(mut self, end: End) {
+        let shared = self.shared.clone();
+        let now_ms = silt_log::now_ms();
+        let mut ops = std::mem::take(&mut self.ops);
+        let mut session_ended = false;
+        let mut expiry = None;
+        {
+            let mut registry = lock(&shared.registry);
+            let mut session = self.cell.lock();
+            if session.attached == Some(self.generation) {
+                session.attached = None;
+                session.epoch += 1;
+                self.cell.set_online(false);
+                session.inbound.on_disconnect();
+                if session.expiry_secs == 0 {
+                    drop(session);
+                    ops.extend(shared.remove_session_if(
+                        &mut registry,
+                        &self.client_id,
+                        &self.cell,
+                    ));
+                    session_ended = true;
+                } else {
+                    if session.stored {
+                        ops.push(Op::SessionClosed {
+                            client_id: self.client_id.to_string(),
+                            at_ms: now_ms,
+                        });
+                    }
+                    if session.expiry_secs != u32::MAX {
+                        expiry = Some((session.epoch, session.expiry_secs));
+                    }
+                }
+            }
+        }
+        shared.persist.write(ops);
+        if let Some((epoch, secs)) = expiry {
+            shared.arm_session_expiry(
+                self.client_id.clone(),
+                epoch,
+                Duration::from_secs(u64::from(secs)),
+            );
+        }
+        let send_will = match end {
+            End::Abnormal | End::WithWill => true,
+            // Taken over: the will goes now unless it has a delay (the new connection is the
+            // reconnect the delay waits for).
+            End::TakenOver => self.will_delay_secs == 0,
+            End::Normal | End::Shutdown => false,
+        };
+        if let (true, Some((topic, will))) = (send_will, self.will.take()) {
+            let message = Arc::new(Message {
+                topic,
+                payload: will.payload,
+                qos: will.qos,
+                retain: will.retain,
+                published_at_ms: now_ms,
+                expiry_secs: will.message_expiry,
+                properties: will.properties,
+                publisher: self.client_id.clone(),
+            });
+            let session_expiry = if session_ended {
+                0
+            } else {
+                self.cell.lock().expiry_secs
+            };
+            let delay = will.delay_secs.min(session_expiry);
+            if delay == 0 || end == End::TakenOver {
+                shared.publish_internal(message).await;
+            } else {
+                let cell = self.cell.clone();
+                let epoch = cell.lock().epoch;
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_secs(u64::from(delay))).await;
+                    let still_away = {
+                        let session = cell.lock();
+                        session.attached.is_none() && session.epoch == epoch
+                    };
+                    if still_away {
+                        shared.publish_internal(message).await;
+                    }
+                });
+            }
+        }
+        tracing::debug!(client_id = %self.client_id, ?end, "MQTT client disconnected");
+    }
+}
+
+impl Shared {
+    /// Removes `client_id`'s session if it is still `cell` (a new one may have replaced it).
+    pub(crate) fn remove_session_if(
+        &self,
+        registry: &mut Registry,
+        client_id: &str,
+        cell: &Arc<SessionCell>,
+    ) -> Vec<Op> {
+        match registry.sessions.get(client_id) {
+            Some(current) if Arc::ptr_eq(current, cell) => self.remove_session(registry, client_id),
+            _ => Vec::new(),
+        }
+    }
+}
+
+fn qos_label(qos: QoS) -> &'static str {
+    match qos {
+        QoS::AtMostOnce => "0",
+        QoS::AtLeastOnce => "1",
+        QoS::ExactlyOnce => "2",
+    }
+}
+
+async fn read_into<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    buf: &mut BytesMut,
+    needed: usize,
+) -> std::io::Result<usize> {
+    let want = needed.saturating_sub(buf.len()).clamp(1, READ_CHUNK);
+    buf.reserve(want);
+    reader.read_buf(buf).await
+}
+
+async fn sleep_until_opt(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
