@@ -44,12 +44,16 @@ impl IngestPort for DirectLog {
 struct Node {
     broker: Broker,
     addr: std::net::SocketAddr,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
     log: Arc<LogManager>,
 }
 
 async fn start() -> Node {
-    let dir = tempfile::tempdir().unwrap();
+    start_in(tempfile::tempdir().unwrap()).await
+}
+
+/// Starts a broker over `dir`, keeping whatever state a previous broker left there.
+async fn start_in(dir: tempfile::TempDir) -> Node {
     let log = LogManager::open(LogConfig::new(dir.path().join("log"))).unwrap();
     let config = BrokerConfig {
         limits: Limits::default(),
@@ -66,7 +70,7 @@ async fn start() -> Node {
     Node {
         broker,
         addr,
-        _dir: dir,
+        dir,
         log,
     }
 }
@@ -140,5 +144,131 @@ async fn v5_publish_and_subscribe_round_trip() {
             _ => {}
         }
     }
+    node.broker.shutdown().await;
+}
+
+/// Polls `events` until `pick` returns something, within a deadline.
+async fn next_matching<T>(
+    events: &mut rumqttc::v5::EventLoop,
+    mut pick: impl FnMut(&rumqttc::v5::Event) -> Option<T>,
+) -> T {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let event = tokio::time::timeout_at(deadline, events.poll())
+            .await
+            .expect("timed out waiting for an event")
+            .expect("connection failed");
+        if let Some(found) = pick(&event) {
+            return found;
+        }
+    }
+}
+
+fn v5_options(id: &str, addr: std::net::SocketAddr) -> rumqttc::v5::MqttOptions {
+    let mut options = rumqttc::v5::MqttOptions::new(id, addr.ip().to_string(), addr.port());
+    options.set_keep_alive(Duration::from_secs(5));
+    options
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn persistent_session_and_retained_message_survive_a_restart() {
+    use rumqttc::v5::mqttbytes::QoS;
+    use rumqttc::v5::mqttbytes::v5::Packet;
+    use rumqttc::v5::{AsyncClient, Event};
+    let node = start().await;
+
+    // A persistent subscriber subscribes, then goes away.
+    let mut options = v5_options("keeper", node.addr);
+    options.set_clean_start(false);
+    options.set_session_expiry_interval(Some(3600));
+    let (sub, mut sub_events) = AsyncClient::new(options.clone(), 10);
+    sub.subscribe("k/#", QoS::AtLeastOnce).await.unwrap();
+    next_matching(&mut sub_events, |e| matches!(e, Event::Incoming(Packet::SubAck(_))).then_some(())).await;
+    sub.disconnect().await.unwrap();
+    drop(sub_events);
+
+    // While it is away: a queued QoS 1 message and a retained one.
+    let (publisher, mut pub_events) = AsyncClient::new(v5_options("pub", node.addr), 10);
+    publisher.publish("k/queued", QoS::AtLeastOnce, false, "while away").await.unwrap();
+    publisher.publish("r/kept", QoS::AtLeastOnce, true, "retained").await.unwrap();
+    let mut acks = 0;
+    next_matching(&mut pub_events, |e| {
+        if matches!(e, Event::Incoming(Packet::PubAck(_))) {
+            acks += 1;
+        }
+        (acks == 2).then_some(())
+    })
+    .await;
+    drop(pub_events);
+
+    // Restart on the same directory.
+    node.broker.shutdown().await;
+    let Node { broker, dir, log, .. } = node;
+    drop(broker);
+    // The last connection tasks let go of the broker (and its log) as they end.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while Arc::strong_count(&log) > 1 {
+        assert!(std::time::Instant::now() < deadline, "the log is still held");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    log.close().unwrap();
+    drop(log);
+    let node = start_in(dir).await;
+
+    let options = {
+        let mut o = v5_options("keeper", node.addr);
+        o.set_clean_start(false);
+        o.set_session_expiry_interval(Some(3600));
+        o
+    };
+    let (sub, mut sub_events) = AsyncClient::new(options, 10);
+    let present = next_matching(&mut sub_events, |e| match e {
+        Event::Incoming(Packet::ConnAck(ack)) => Some(ack.session_present),
+        _ => None,
+    })
+    .await;
+    assert!(present, "the session survived the restart");
+    let payload = next_matching(&mut sub_events, |e| match e {
+        Event::Incoming(Packet::Publish(p)) => Some(p.payload.clone()),
+        _ => None,
+    })
+    .await;
+    assert_eq!(&payload[..], b"while away");
+    sub.subscribe("r/#", QoS::AtLeastOnce).await.unwrap();
+    let (retain, payload) = next_matching(&mut sub_events, |e| match e {
+        Event::Incoming(Packet::Publish(p)) if &p.topic[..] == b"r/kept" => {
+            Some((p.retain, p.payload.clone()))
+        }
+        _ => None,
+    })
+    .await;
+    assert!(retain);
+    assert_eq!(&payload[..], b"retained");
+    node.broker.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn will_is_published_when_a_client_vanishes() {
+    use rumqttc::v5::mqttbytes::QoS;
+    use rumqttc::v5::mqttbytes::v5::{LastWill, Packet};
+    use rumqttc::v5::{AsyncClient, Event};
+    let node = start().await;
+    let (watcher, mut watch_events) = AsyncClient::new(v5_options("watcher", node.addr), 10);
+    watcher.subscribe("wills/#", QoS::AtLeastOnce).await.unwrap();
+    next_matching(&mut watch_events, |e| matches!(e, Event::Incoming(Packet::SubAck(_))).then_some(())).await;
+
+    let mut options = v5_options("doomed", node.addr);
+    options.set_last_will(LastWill::new("wills/doomed", "gone", QoS::AtLeastOnce, false, None));
+    let (_doomed, mut doomed_events) = AsyncClient::new(options, 10);
+    next_matching(&mut doomed_events, |e| matches!(e, Event::Incoming(Packet::ConnAck(_))).then_some(())).await;
+    // The network connection just goes: no DISCONNECT.
+    drop(doomed_events);
+
+    let payload = next_matching(&mut watch_events, |e| match e {
+        Event::Incoming(Packet::Publish(p)) => Some(p.payload.clone()),
+        _ => None,
+    })
+    .await;
+    assert_eq!(&payload[..], b"gone");
     node.broker.shutdown().await;
 }

@@ -411,6 +411,8 @@ async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
             let mut session = cell.lock();
             session.attached = Some(generation);
             session.epoch += 1;
+            // Publishes the previous connection had under way are sent again by the client.
+            session.inbound.on_disconnect();
             session.username = username.clone();
             let was_stored = session.stored;
             session.expiry_secs = expiry_secs;
