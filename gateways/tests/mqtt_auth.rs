@@ -519,6 +519,14 @@ fn unusable_substitutions_never_widen_access() {
     assert!(rules.allows_publish(&user("bob", "c"), &name("secret/alice/x")));
     assert!(!rules.allows_publish(&user("bob", "c"), &name("secret/bob/x")));
     assert!(rules.allows_publish(&nobody, &name("open/x")));
+    // Even where the value would begin the topic, and so for `$` topics too.
+    let rules =
+        acl("deny subscribe any %u/private/#\nallow subscribe any #\nallow subscribe any $SYS/#");
+    assert!(!rules.allows_subscribe(&nobody, &filter("$SYS/private/x")));
+    assert!(!rules.allows_receive(&nobody, &name("anyone/private/x")));
+    assert!(rules.allows_subscribe(&nobody, &filter("$SYS/public/x")));
+    assert!(rules.allows_subscribe(&user("bob", "c"), &filter("alice/private/x")));
+    assert!(!rules.allows_subscribe(&user("bob", "c"), &filter("bob/private/x")));
 }
 
 #[test]

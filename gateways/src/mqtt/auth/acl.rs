@@ -242,33 +242,25 @@ impl AclRules {
 
     /// Whether `who` may publish to `topic` (and set a will on it).
     pub fn allows_publish(&self, who: &Identity<'_>, topic: &TopicName) -> bool {
-        self.decide(
-            who,
-            Action::covers_publish,
-            |_, levels, skips_dollar, values| matches_topic(levels, skips_dollar, values, topic),
-        )
+        self.decide(who, Action::covers_publish, |_, rule| {
+            matches_topic(rule, topic)
+        })
     }
 
     /// Whether `who` may subscribe to `filter` (for a shared subscription, its inner filter).
     pub fn allows_subscribe(&self, who: &Identity<'_>, filter: &TopicFilter) -> bool {
-        self.decide(
-            who,
-            Action::covers_subscribe,
-            |effect, levels, skips_dollar, values| match effect {
-                Effect::Allow => covers(levels, skips_dollar, values, filter),
-                Effect::Deny => overlaps(levels, skips_dollar, values, filter),
-            },
-        )
+        self.decide(who, Action::covers_subscribe, |effect, rule| match effect {
+            Effect::Allow => covers(rule, filter),
+            Effect::Deny => overlaps(rule, filter),
+        })
     }
 
     /// Whether a message published to `topic` may be delivered to `who`, checked at delivery
     /// so that rules reloaded after a SUBSCRIBE, and retained messages, are still obeyed.
     pub fn allows_receive(&self, who: &Identity<'_>, topic: &TopicName) -> bool {
-        self.decide(
-            who,
-            Action::covers_subscribe,
-            |_, levels, skips_dollar, values| matches_topic(levels, skips_dollar, values, topic),
-        )
+        self.decide(who, Action::covers_subscribe, |_, rule| {
+            matches_topic(rule, topic)
+        })
     }
 
     /// First match wins over the rules of one action; `applies` says whether a rule does.
@@ -276,7 +268,7 @@ impl AclRules {
         &self,
         who: &Identity<'_>,
         action: fn(Action) -> bool,
-        applies: impl Fn(Effect, &[Level<'_>], bool, Values<'_>) -> bool,
+        applies: impl Fn(Effect, Resolved<'_, '_>) -> bool,
     ) -> bool {
         let values = Values {
             username: who.username,
@@ -286,10 +278,10 @@ impl AclRules {
             if !action(rule.action) || !rule.subject.includes(who) {
                 continue;
             }
-            let Some(levels) = resolve(rule, values) else {
+            let Some(resolved) = Resolved::new(rule, values) else {
                 continue;
             };
-            if applies(rule.effect, &levels, rule.filter.skips_dollar, values) {
+            if applies(rule.effect, resolved) {
                 return rule.effect == Effect::Allow;
             }
         }
@@ -418,27 +410,59 @@ fn parse_pieces(raw: &str) -> Result<Vec<Piece>, AclFault> {
     Ok(pieces)
 }
 
-/// The rule's levels for `who`, or `None` when an `allow` rule cannot be used because a
-/// substitution has no usable value (see the module docs).
-fn resolve<'r>(rule: &'r Rule, values: Values<'_>) -> Option<Vec<Level<'r>>> {
-    let mut levels = Vec::with_capacity(rule.filter.levels.len());
-    for (index, level) in rule.filter.levels.iter().enumerate() {
-        let resolved = match level {
+/// A rule's filter seen with one client's `%u` and `%c` values; levels are resolved as the
+/// matchers walk them, so a check allocates nothing.
+#[derive(Debug, Clone, Copy)]
+struct Resolved<'r, 'v> {
+    levels: &'r [PatternLevel],
+    skips_dollar: bool,
+    deny: bool,
+    values: Values<'v>,
+}
+
+impl<'r, 'v> Resolved<'r, 'v> {
+    /// `None` when an `allow` rule cannot be used because a substitution has no usable value
+    /// (see the module docs).
+    fn new(rule: &'r Rule, values: Values<'v>) -> Option<Self> {
+        let deny = rule.effect == Effect::Deny;
+        let usable = deny
+            || rule
+                .filter
+                .levels
+                .iter()
+                .enumerate()
+                .all(|(index, level)| match level {
+                    PatternLevel::Exact(pieces) => pieces_usable(pieces, index == 0, values),
+                    PatternLevel::One | PatternLevel::Many => true,
+                });
+        usable.then_some(Resolved {
+            levels: &rule.filter.levels,
+            skips_dollar: rule.filter.skips_dollar,
+            deny,
+            values,
+        })
+    }
+
+    /// The level at `index`: a `deny` rule's level whose substitution has no usable value
+    /// matches any value, as `+` does.
+    fn get(&self, index: usize) -> Option<Level<'r>> {
+        Some(match self.levels.get(index)? {
             PatternLevel::One => Level::One,
             PatternLevel::Many => Level::Many,
             PatternLevel::Exact(pieces) => {
-                if pieces_usable(pieces, index == 0, values) {
+                if !self.deny || pieces_usable(pieces, index == 0, self.values) {
                     Level::Exact(pieces)
-                } else if rule.effect == Effect::Deny {
-                    Level::One
                 } else {
-                    return None;
+                    Level::One
                 }
             }
-        };
-        levels.push(resolved);
+        })
     }
-    Some(levels)
+
+    /// Whether a resolved exact level reads exactly `level`.
+    fn equals(&self, pieces: &[Piece], level: &str) -> bool {
+        exact_equals(pieces, self.values, level)
+    }
 }
 
 /// Whether every placeholder of a level has a value that keeps the level one exact level.
@@ -451,9 +475,10 @@ fn pieces_usable(pieces: &[Piece], first_level: bool, values: Values<'_>) -> boo
             return false;
         };
         let starts_filter = first_level && position == 0;
-        !value.is_empty()
-            && !value.contains(['+', '#', LEVEL_SEPARATOR, '\0'])
-            && !(starts_filter && value.starts_with('$'))
+        let widens = value.is_empty()
+            || value.contains(['+', '#', LEVEL_SEPARATOR, '\0'])
+            || (starts_filter && value.starts_with('$'));
+        !widens
     })
 }
 
@@ -479,91 +504,80 @@ fn exact_starts_with_dollar(pieces: &[Piece]) -> bool {
     matches!(pieces.first(), Some(Piece::Text(text)) if text.starts_with('$'))
 }
 
-/// Whether the rule's levels match a topic name, with the `$` rule.
-fn matches_topic(
-    levels: &[Level<'_>],
-    skips_dollar: bool,
-    values: Values<'_>,
-    topic: &TopicName,
-) -> bool {
-    if skips_dollar && topic.is_dollar() {
+/// Whether the rule matches a topic name, with the `$` rule.
+fn matches_topic(rule: Resolved<'_, '_>, topic: &TopicName) -> bool {
+    if rule.skips_dollar && topic.is_dollar() {
         return false;
     }
-    let mut rule_levels = levels.iter();
     let mut topic_levels = topic.levels();
+    let mut index = 0;
     loop {
-        match (rule_levels.next(), topic_levels.next()) {
+        match (rule.get(index), topic_levels.next()) {
             // `#` matches the parent level too: `a/#` matches `a`.
             (Some(Level::Many), _) => return true,
             (Some(Level::One), Some(_)) => {}
-            (Some(Level::Exact(pieces)), Some(level)) if exact_equals(pieces, values, level) => {}
+            (Some(Level::Exact(pieces)), Some(level)) if rule.equals(pieces, level) => {}
             (None, None) => return true,
             _ => return false,
         }
+        index += 1;
     }
 }
 
-/// Whether every topic `filter` can match is matched by the rule's levels.
-fn covers(
-    levels: &[Level<'_>],
-    skips_dollar: bool,
-    values: Values<'_>,
-    filter: &TopicFilter,
-) -> bool {
+/// Whether every topic `filter` can match is matched by the rule.
+fn covers(rule: Resolved<'_, '_>, filter: &TopicFilter) -> bool {
     // A filter starting with `$` matches only `$` names; one starting otherwise matches none
     // (a leading wildcard skips them), so one check at the start settles the `$` rule.
-    if skips_dollar && filter.as_str().starts_with('$') {
+    if rule.skips_dollar && filter.as_str().starts_with('$') {
         return false;
     }
-    let filter_levels: Vec<&str> = filter.levels().collect();
-    for (index, &filter_level) in filter_levels.iter().enumerate() {
-        match (levels.get(index), filter_level) {
+    let first_level_empty = filter.as_str().starts_with(LEVEL_SEPARATOR);
+    let mut filter_level_count = 0;
+    for (index, filter_level) in filter.levels().enumerate() {
+        filter_level_count = index + 1;
+        match (rule.get(index), filter_level) {
             (Some(Level::Many), _) => return true,
             (Some(rule_level), MULTI_LEVEL_WILDCARD) => {
                 // The filter's `#` matches any depth and its parent level too, which only a
                 // `#` covers; unless that parent would be the empty string, which is no
                 // topic (`#`, `/#`): then `+/#` (or `/+/#`) matches the same names.
-                let no_parent = index == 0 || (index == 1 && filter_levels[0].is_empty());
+                let no_parent = index == 0 || (index == 1 && first_level_empty);
                 return no_parent
                     && matches!(rule_level, Level::One)
-                    && matches!(levels.get(index + 1), Some(Level::Many));
+                    && matches!(rule.get(index + 1), Some(Level::Many));
             }
             (Some(Level::One), _) => {}
             (Some(Level::Exact(_)), SINGLE_LEVEL_WILDCARD) => return false,
-            (Some(Level::Exact(pieces)), level) if exact_equals(pieces, values, level) => {}
+            (Some(Level::Exact(pieces)), level) if rule.equals(pieces, level) => {}
             _ => return false,
         }
     }
     // The filter ends here: so must the rule, or go on with a `#`, which matches its parent.
-    matches!(levels.get(filter_levels.len()), None | Some(Level::Many))
+    matches!(rule.get(filter_level_count), None | Some(Level::Many))
 }
 
-/// Whether some topic name is matched both by the rule's levels and by `filter`.
-fn overlaps(
-    levels: &[Level<'_>],
-    skips_dollar: bool,
-    values: Values<'_>,
-    filter: &TopicFilter,
-) -> bool {
+/// Whether some topic name is matched both by the rule and by `filter`.
+fn overlaps(rule: Resolved<'_, '_>, filter: &TopicFilter) -> bool {
+    let rule_first = rule.get(0);
     // Only the first level decides the `$` rule: when one side fixes it to a `$` name, the
     // other must not skip those. Wildcards against wildcards can always pick a plain name.
     let rule_fixes_dollar = matches!(
-        levels.first(),
+        rule_first,
         Some(Level::Exact(pieces)) if exact_starts_with_dollar(pieces)
     );
-    if (skips_dollar && filter.as_str().starts_with('$'))
+    if (rule.skips_dollar && filter.as_str().starts_with('$'))
         || (rule_fixes_dollar && filter.starts_with_wildcard())
     {
         return false;
     }
-    let filter_levels: Vec<&str> = filter.levels().collect();
     // Whether a common topic's first level can only be empty; a topic of that level alone
     // would be the empty string, which is no topic.
-    let first_level_empty = matches!(levels.first(), Some(Level::Exact(pieces)) if pieces.is_empty())
-        || filter_levels.first().is_some_and(|level| level.is_empty());
+    let first_level_empty = matches!(rule_first, Some(Level::Exact(pieces)) if pieces.is_empty())
+        || filter.as_str().starts_with(LEVEL_SEPARATOR);
+    let mut filter_levels = filter.levels();
     let mut index = 0;
     loop {
-        match (levels.get(index), filter_levels.get(index).copied()) {
+        match (rule.get(index), filter_levels.next()) {
             // A `#` against further levels: those levels, instantiated, are a common topic.
             (Some(Level::Many), Some(_)) | (Some(_), Some(MULTI_LEVEL_WILDCARD)) => return true,
             // A `#` against the other's end: only the levels so far, through `#`'s parent rule.
@@ -571,7 +585,7 @@ fn overlaps(
                 return !(index == 1 && first_level_empty);
             }
             (Some(Level::One), Some(_)) | (Some(Level::Exact(_)), Some(SINGLE_LEVEL_WILDCARD)) => {}
-            (Some(Level::Exact(pieces)), Some(level)) if exact_equals(pieces, values, level) => {}
+            (Some(Level::Exact(pieces)), Some(level)) if rule.equals(pieces, level) => {}
             (None, None) => return true,
             _ => return false,
         }
