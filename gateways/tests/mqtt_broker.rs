@@ -183,14 +183,23 @@ async fn persistent_session_and_retained_message_survive_a_restart() {
     options.set_session_expiry_interval(Some(3600));
     let (sub, mut sub_events) = AsyncClient::new(options.clone(), 10);
     sub.subscribe("k/#", QoS::AtLeastOnce).await.unwrap();
-    next_matching(&mut sub_events, |e| matches!(e, Event::Incoming(Packet::SubAck(_))).then_some(())).await;
+    next_matching(&mut sub_events, |e| {
+        matches!(e, Event::Incoming(Packet::SubAck(_))).then_some(())
+    })
+    .await;
     sub.disconnect().await.unwrap();
     drop(sub_events);
 
     // While it is away: a queued QoS 1 message and a retained one.
     let (publisher, mut pub_events) = AsyncClient::new(v5_options("pub", node.addr), 10);
-    publisher.publish("k/queued", QoS::AtLeastOnce, false, "while away").await.unwrap();
-    publisher.publish("r/kept", QoS::AtLeastOnce, true, "retained").await.unwrap();
+    publisher
+        .publish("k/queued", QoS::AtLeastOnce, false, "while away")
+        .await
+        .unwrap();
+    publisher
+        .publish("r/kept", QoS::AtLeastOnce, true, "retained")
+        .await
+        .unwrap();
     let mut acks = 0;
     next_matching(&mut pub_events, |e| {
         if matches!(e, Event::Incoming(Packet::PubAck(_))) {
@@ -203,12 +212,17 @@ async fn persistent_session_and_retained_message_survive_a_restart() {
 
     // Restart on the same directory.
     node.broker.shutdown().await;
-    let Node { broker, dir, log, .. } = node;
+    let Node {
+        broker, dir, log, ..
+    } = node;
     drop(broker);
     // The last connection tasks let go of the broker (and its log) as they end.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while Arc::strong_count(&log) > 1 {
-        assert!(std::time::Instant::now() < deadline, "the log is still held");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the log is still held"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     log.close().unwrap();
@@ -254,13 +268,28 @@ async fn will_is_published_when_a_client_vanishes() {
     use rumqttc::v5::{AsyncClient, Event};
     let node = start().await;
     let (watcher, mut watch_events) = AsyncClient::new(v5_options("watcher", node.addr), 10);
-    watcher.subscribe("wills/#", QoS::AtLeastOnce).await.unwrap();
-    next_matching(&mut watch_events, |e| matches!(e, Event::Incoming(Packet::SubAck(_))).then_some(())).await;
+    watcher
+        .subscribe("wills/#", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    next_matching(&mut watch_events, |e| {
+        matches!(e, Event::Incoming(Packet::SubAck(_))).then_some(())
+    })
+    .await;
 
     let mut options = v5_options("doomed", node.addr);
-    options.set_last_will(LastWill::new("wills/doomed", "gone", QoS::AtLeastOnce, false, None));
+    options.set_last_will(LastWill::new(
+        "wills/doomed",
+        "gone",
+        QoS::AtLeastOnce,
+        false,
+        None,
+    ));
     let (_doomed, mut doomed_events) = AsyncClient::new(options, 10);
-    next_matching(&mut doomed_events, |e| matches!(e, Event::Incoming(Packet::ConnAck(_))).then_some(())).await;
+    next_matching(&mut doomed_events, |e| {
+        matches!(e, Event::Incoming(Packet::ConnAck(_))).then_some(())
+    })
+    .await;
     // The network connection just goes: no DISCONNECT.
     drop(doomed_events);
 

@@ -16,6 +16,7 @@ pub mod subscriptions;
 pub mod topic;
 
 pub use alias::{AliasError, InboundAliases, OutboundAliases, OutboundTopic};
+pub use auth::{AclRules, AuthError, Identity, PasswordFile, hash_password_line};
 pub use codec::{
     CodecError, ConnackRefusal, Decoder, Frame, Malformation, ProtocolVersion, ProtocolViolation,
     detect_protocol, frame_bytes_needed, write_v5_disconnect,

@@ -132,6 +132,7 @@ mod persist;
 mod session;
 pub mod tls;
 pub use broker::{Broker, BrokerError};
+pub use tls::{ClientAuth, TlsError, peer_common_name, server_config};
 
 /// Locks a mutex, recovering the data from a panicked holder: broker state stays usable
 /// (every critical section leaves it consistent between its statements' effects).
