@@ -4,11 +4,13 @@
 //! - in the file (`--config FILE`, or `SILT_CONFIG`);
 //! - by env var: `SILT_NODE_ID`, `SILT_DATA_DIR`, `SILT_ADMIN_LISTEN` for the top-level keys,
 //!   and `SILT_<SECTION>__<KEY>` for keys inside a section, as `SILT_LOG__BUDGET_BYTES` for
-//!   `log.budget_bytes`; in `[topic_defaults]`, whose keys are Kafka's dotted names, `_`
-//!   stands for `.`: `SILT_TOPIC_DEFAULTS__SEGMENT_BYTES` is `topic_defaults.segment.bytes`;
-//! - by flag: `--node-id`, `--data-dir`, `--admin-listen`, and `--set KEY=VALUE` for any key
-//!   by its dotted path, as `--set log.budget_bytes=1000000`. The named flags are applied
-//!   after `--set`.
+//!   `log.budget_bytes`, with `__` between nested tables too: `SILT_MQTT__LIMITS__MAX_PACKET_BYTES`
+//!   is `mqtt.limits.max_packet_bytes`; in `[topic_defaults]`, whose keys are Kafka's dotted
+//!   names, `_` stands for `.`: `SILT_TOPIC_DEFAULTS__SEGMENT_BYTES` is
+//!   `topic_defaults.segment.bytes`;
+//! - by flag: `--node-id`, `--data-dir`, `--admin-listen`, `--mqtt-listen`, and
+//!   `--set KEY=VALUE` for any key by its dotted path, as `--set log.budget_bytes=1000000`.
+//!   The named flags are applied after `--set`.
 //!
 //! `silt-edge dump` is a subcommand with flags of its own; it reads a data directory and does
 //! not take the node's config.
@@ -46,6 +48,10 @@ pub(crate) struct Cli {
     /// Admin (metrics, health) listen address [config key: admin_listen].
     #[arg(long, value_name = "ADDR", env = "SILT_ADMIN_LISTEN")]
     pub(crate) admin_listen: Option<String>,
+    /// MQTT (plain TCP) listen address, e.g. 0.0.0.0:1883; without it (or mqtt.tls_listen)
+    /// the node runs no broker [config key: mqtt.listen; env: SILT_MQTT__LISTEN].
+    #[arg(long, value_name = "ADDR")]
+    pub(crate) mqtt_listen: Option<String>,
     /// Override any config key by its dotted path, e.g. `--set log.budget_bytes=2GiB` or
     /// `--set topic_defaults.retention.ms=86400000`. Repeatable; later ones win.
     #[arg(long = "set", value_name = "KEY=VALUE", value_parser = parse_key_value)]
@@ -101,7 +107,8 @@ corrupt); 2 for bad usage, including a --topic or --partition that does not exis
 const ENV_HELP: &str = "\
 Every config key is also read from the environment, below flags and above the file:
 SILT_NODE_ID, SILT_DATA_DIR and SILT_ADMIN_LISTEN for the top-level keys, and
-SILT_<SECTION>__<KEY> for keys in a section, e.g. SILT_LOG__BUDGET_BYTES=2GiB or
+SILT_<SECTION>__<KEY> for keys in a section, e.g. SILT_LOG__BUDGET_BYTES=2GiB,
+SILT_MQTT__LISTEN=0.0.0.0:1883, SILT_MQTT__LIMITS__MAX_CONNECTIONS=500 or
 SILT_TOPIC_DEFAULTS__RETENTION_MS=86400000 (in topic_defaults, '_' stands for '.').";
 
 /// Prefix of every env var the edge reads.
@@ -169,6 +176,14 @@ impl Cli {
                 origin: origin.to_string(),
             });
         }
+        // `--mqtt-listen` has no env var of its own: SILT_MQTT__LISTEN is the section form.
+        if let Some(listen) = &self.mqtt_listen {
+            flag_overrides.push(Override {
+                key: "mqtt.listen".to_string(),
+                value: listen.clone(),
+                origin: "--mqtt-listen".to_string(),
+            });
+        }
         env_overrides.extend(section_env_overrides(env)?);
         env_overrides.extend(flag_overrides);
         Ok(Sources {
@@ -197,6 +212,8 @@ fn section_env_overrides(
         let mut key = key.to_ascii_lowercase();
         if section == "topic_defaults" {
             key = key.replace('_', ".");
+        } else {
+            key = key.replace(ENV_SECTION_SEPARATOR, ".");
         }
         let key = format!("{section}.{key}");
         let value = value.into_string().map_err(|_| ConfigError {
@@ -238,6 +255,7 @@ mod tests {
         let overrides = section_env_overrides(env(&[
             ("SILT_TOPIC_DEFAULTS__SEGMENT_BYTES", "4096"),
             ("SILT_LOG__BUDGET_BYTES", "2GiB"),
+            ("SILT_MQTT__LIMITS__MAX_PACKET_BYTES", "4096"),
             ("SILT_NODE_ID", "not-a-section-key"),
             ("SILT_BATCHCAT", "/usr/bin/true"),
             ("PATH", "/bin"),
@@ -251,6 +269,7 @@ mod tests {
             keys,
             [
                 ("log.budget_bytes", "2GiB"),
+                ("mqtt.limits.max_packet_bytes", "4096"),
                 ("topic_defaults.segment.bytes", "4096")
             ]
         );
@@ -297,6 +316,76 @@ mod tests {
         // The named flag is applied after `--set`.
         let config = resolve(&["--set", "data_dir=/set", "--data-dir", "/flag"], &[]).unwrap();
         assert_eq!(config.log.data_dir, PathBuf::from("/flag"));
+    }
+
+    #[test]
+    fn mqtt_keys_come_from_the_file_env_and_flags_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("edge.toml");
+        std::fs::write(
+            &path,
+            "data_dir = \"/d\"\n[mqtt]\nlisten = \"127.0.0.1:1001\"\n[mqtt.limits]\nmax_connections = 1\n",
+        )
+        .unwrap();
+        let path = path.to_str().unwrap();
+        let config = resolve(&["--config", path], &[]).unwrap();
+        assert_eq!(config.mqtt.listen, Some("127.0.0.1:1001".parse().unwrap()));
+
+        let vars = [
+            ("SILT_MQTT__LISTEN", "127.0.0.1:1002"),
+            ("SILT_MQTT__LIMITS__MAX_CONNECTIONS", "2"),
+            ("SILT_MQTT__ALLOW_ANONYMOUS", "true"),
+            ("SILT_LOG__RETENTION_CHECK_MS", "200"),
+        ];
+        let config = resolve(&["--config", path], &vars).unwrap();
+        assert_eq!(config.mqtt.listen, Some("127.0.0.1:1002".parse().unwrap()));
+        assert_eq!(config.mqtt.limits.max_connections, 2);
+        assert!(config.mqtt.allow_anonymous);
+        assert_eq!(
+            config.retention_check,
+            std::time::Duration::from_millis(200)
+        );
+
+        let config = resolve(
+            &[
+                "--config",
+                path,
+                "--mqtt-listen",
+                "127.0.0.1:1003",
+                "--set",
+                "mqtt.listen=127.0.0.1:1004",
+                "--set",
+                "mqtt.limits.max_connections=3",
+            ],
+            &vars,
+        )
+        .unwrap();
+        assert_eq!(
+            config.mqtt.listen,
+            Some("127.0.0.1:1003".parse().unwrap()),
+            "--mqtt-listen is applied after --set"
+        );
+        assert_eq!(config.mqtt.limits.max_connections, 3);
+
+        let message = resolve(&["--data-dir", "/d", "--mqtt-listen", "nowhere"], &[])
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            message,
+            "config key mqtt.listen: expected an IP address and port such as 0.0.0.0:1883, \
+             got \"nowhere\" (from --mqtt-listen)"
+        );
+        let message = resolve(
+            &["--data-dir", "/d"],
+            &[("SILT_MQTT__LIMITS__RECEIVE_MAXIMUM", "0")],
+        )
+        .unwrap_err()
+        .to_string();
+        assert_eq!(
+            message,
+            "config key mqtt.limits.receive_maximum: must be between 1 and 65535, got 0 \
+             (from SILT_MQTT__LIMITS__RECEIVE_MAXIMUM)"
+        );
     }
 
     #[test]

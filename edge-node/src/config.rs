@@ -6,8 +6,14 @@
 //! the same way wherever it came from, and every error names the key (and where its value came
 //! from, when that was not the file).
 //!
-//! Defaults live in [`defaults`] for the keys the edge owns and in `silt_log::config` for the
-//! log's, so each has one home.
+//! Defaults live in [`defaults`] (and `mqtt::defaults`) for the keys the edge owns, in
+//! `silt_log::config` for the log's and in `silt_gateways::mqtt::server::Limits` for the
+//! broker's limits, so each has one home.
+//!
+//! The `[mqtt]` section lives in [`mqtt`]. No `mqtt.listen` and no `mqtt.tls_listen` means no
+//! broker: the node then only keeps its log, as before MQTT existed.
+
+mod mqtt;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -21,6 +27,8 @@ use silt_log::config::{
     BudgetPolicy, DiskBudget, FlushPolicy, LogConfig, SEGMENT_BYTES_MAX, TOPIC_CONFIG_KEYS,
 };
 
+pub(crate) use self::mqtt::{MqttConfig, MqttTls, TlsClientAuth};
+
 /// Defaults of the keys the edge itself owns; the log's come from `silt_log::config`.
 pub(crate) mod defaults {
     /// The admin (metrics and health) listener: loopback only, so nothing is exposed unless an
@@ -30,6 +38,9 @@ pub(crate) mod defaults {
     pub(crate) const FLUSH_INTERVAL_MS: u64 = 1000;
     /// The node id when none is configured and the hostname is unusable.
     pub(crate) const NODE_ID: &str = "edge";
+    /// How often retention runs over every partition: often enough that a size limit is
+    /// kept within a few seconds' ingest, rarely enough to cost nothing.
+    pub(crate) const RETENTION_CHECK_MS: u64 = 30_000;
 }
 
 /// Longest node id: it travels in every uplink idempotency key.
@@ -38,7 +49,7 @@ pub(crate) const NODE_ID_LEN_MAX: usize = 64;
 const MAX_BATCH_BYTES_MIN: u64 = 61;
 
 /// Tables of the config file; `--set SECTION.KEY=VALUE` addresses a key inside one.
-const SECTIONS: &[&str] = &["log", "topic_defaults"];
+const SECTIONS: &[&str] = &["log", "topic_defaults", "mqtt"];
 
 /// A validated edge node configuration.
 #[derive(Debug, Clone, PartialEq)]
@@ -49,12 +60,17 @@ pub(crate) struct EdgeConfig {
     pub(crate) admin_listen: SocketAddr,
     /// The local log, including the data directory.
     pub(crate) log: LogConfig,
+    /// How often retention runs (`log.retention_check_ms`).
+    pub(crate) retention_check: Duration,
+    /// The MQTT broker; off unless a listener is configured.
+    pub(crate) mqtt: MqttConfig,
 }
 
 /// A config value that does not come from the file: an env var or a flag.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Override {
-    /// Dotted path of the key, as in `log.budget_bytes` or `topic_defaults.segment.bytes`.
+    /// Dotted path of the key, as in `log.budget_bytes`, `mqtt.limits.max_packet_bytes` or
+    /// `topic_defaults.segment.bytes`.
     pub(crate) key: String,
     pub(crate) value: String,
     /// Where it was set, for error messages: `--set`, `SILT_NODE_ID`, ...
@@ -150,7 +166,20 @@ impl EdgeConfig {
             .file
             .as_ref()
             .map(|(path, _)| path.display().to_string());
-        let origin_of = |key: &str| origins.get(key).cloned().or_else(|| file_origin.clone());
+        // An error may name a key inside the value an override set (`mqtt.routes[2].key`
+        // inside `mqtt.routes`): the nearest enclosing key set by an override is the origin.
+        let origin_of = |key: &str| {
+            let mut key = key;
+            loop {
+                if let Some(origin) = origins.get(key) {
+                    return Some(origin.clone());
+                }
+                match key.rfind(['.', '[']) {
+                    Some(cut) => key = &key[..cut],
+                    None => return file_origin.clone(),
+                }
+            }
+        };
 
         let raw: RawConfig =
             serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|error| {
@@ -204,7 +233,12 @@ impl EdgeConfig {
             "index_interval_bytes".into(),
             toml_int(self.log.index_interval_bytes),
         );
+        log.insert(
+            "retention_check_ms".into(),
+            toml_int(self.retention_check.as_millis()),
+        );
         root.insert("log".into(), log.into());
+        root.insert("mqtt".into(), self.mqtt.to_toml().into());
 
         let topic_defaults: toml::Table = self
             .log
@@ -235,35 +269,45 @@ fn toml_int(value: impl TryInto<i64>) -> toml::Value {
 
 /// Sets the dotted `key` in `table` to the string `value`, returning the key's canonical path.
 ///
-/// `SECTION.REST` addresses `REST` inside a section, whole: `topic_defaults.segment.bytes` is
-/// the key `segment.bytes` of `[topic_defaults]`, as Kafka's config names contain dots.
+/// `SECTION.REST` addresses `REST` inside a section. In `[topic_defaults]`, `REST` is one key,
+/// whole: `topic_defaults.segment.bytes` is the key `segment.bytes`, as Kafka's config names
+/// contain dots. Elsewhere dots nest tables: `mqtt.limits.max_packet_bytes`. `mqtt.routes`,
+/// a list of tables, takes its value as a TOML inline array.
 fn set_key(table: &mut toml::Table, key: &str, value: &str) -> Result<String, ConfigError> {
-    let (section, name) = match key.split_once('.') {
+    let path: Vec<&str> = match key.split_once('.') {
+        Some(("topic_defaults", rest)) => vec!["topic_defaults", rest.trim_matches('"')],
         Some((section, rest)) if SECTIONS.contains(&section) => {
-            (Some(section), rest.trim_matches('"'))
+            std::iter::once(section).chain(rest.split('.')).collect()
         }
-        _ => (None, key),
+        _ => vec![key],
     };
-    if name.is_empty() {
+    if path.iter().any(|name| name.is_empty()) {
         return Err(ConfigError::key(key, "empty key name"));
     }
-    let value = toml::Value::String(value.to_string());
-    match section {
-        None => {
-            table.insert(name.to_string(), value);
-            Ok(name.to_string())
-        }
-        Some(section) => {
-            let entry = table
-                .entry(section)
-                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-            let toml::Value::Table(inner) = entry else {
-                return Err(ConfigError::key(section, "expected a table"));
-            };
-            inner.insert(name.to_string(), value);
-            Ok(format!("{section}.{name}"))
-        }
+    let canonical = path.join(".");
+    let value = if canonical == "mqtt.routes" {
+        mqtt::parse_routes_override(value)?
+    } else {
+        toml::Value::String(value.to_string())
+    };
+    let Some((leaf, parents)) = path.split_last() else {
+        return Err(ConfigError::key(key, "empty key name"));
+    };
+    let mut current = table;
+    for (depth, name) in parents.iter().enumerate() {
+        let entry = current
+            .entry(*name)
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        let toml::Value::Table(inner) = entry else {
+            return Err(ConfigError::key(
+                &path[..=depth].join("."),
+                "expected a table",
+            ));
+        };
+        current = inner;
     }
+    current.insert(leaf.to_string(), value);
+    Ok(canonical)
 }
 
 /// The config as written, before validation.
@@ -277,6 +321,8 @@ struct RawConfig {
     log: RawLog,
     #[serde(default)]
     topic_defaults: BTreeMap<String, Scalar>,
+    #[serde(default)]
+    mqtt: mqtt::RawMqtt,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -289,6 +335,7 @@ struct RawLog {
     fs_reserve_bytes: Option<Scalar>,
     max_batch_bytes: Option<Scalar>,
     index_interval_bytes: Option<Scalar>,
+    retention_check_ms: Option<Scalar>,
 }
 
 impl RawConfig {
@@ -326,6 +373,10 @@ impl RawConfig {
             )
         })?;
 
+        let retention_check_ms = match &self.log.retention_check_ms {
+            Some(value) => value.integer("log.retention_check_ms", 1, u32::MAX.into())?,
+            None => defaults::RETENTION_CHECK_MS,
+        };
         let mut log = LogConfig::new(data_dir);
         self.log.apply(&mut log)?;
         for (key, value) in &self.topic_defaults {
@@ -344,10 +395,17 @@ impl RawConfig {
                 ConfigError::key(&path, format!("{}, got {text:?}", error.reason))
             })?;
         }
+        let mqtt = self.mqtt.validate(&mqtt::Context {
+            data_dir: &log.data_dir,
+            admin_listen,
+            max_batch_bytes: log.max_batch_bytes,
+        })?;
         Ok(EdgeConfig {
             node_id,
             admin_listen,
             log,
+            retention_check: Duration::from_millis(retention_check_ms),
+            mqtt,
         })
     }
 }
@@ -702,7 +760,12 @@ mod tests {
 
         let message = error(&file("data_dir = \"/d\"\n[mqtt]\nport = 1"));
         assert!(
-            message.starts_with("config key mqtt: unknown field `mqtt`"),
+            message.starts_with("config key mqtt.port: unknown field `port`"),
+            "{message}"
+        );
+        let message = error(&file("data_dir = \"/d\"\n[mqtt.limits]\nmax_packets = 1"));
+        assert!(
+            message.starts_with("config key mqtt.limits.max_packets: unknown field"),
             "{message}"
         );
     }

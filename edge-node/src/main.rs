@@ -6,6 +6,7 @@
 //! - `config`: the TOML config, raw and validated, with its defaults.
 //! - `node`: `run`, the node itself, given its config, admin listener, metrics and a shutdown
 //!   future.
+//! - `ingest`: `LogIngest`, the log behind the MQTT broker's ingest port, with group commit.
 //! - `admin`: the admin port (`/health`, `/metrics`) and its minimal HTTP/1.1 codec.
 //! - `telemetry`: the Prometheus recorder and the metrics the node reports.
 //! - `dump`: `silt-edge dump`, the data directory as JSON lines.
@@ -14,6 +15,7 @@ mod admin;
 mod cli;
 mod config;
 mod dump;
+mod ingest;
 mod node;
 mod telemetry;
 

@@ -1,19 +1,19 @@
 //! The node's Prometheus metrics: the recorder behind the `metrics` facade, the names and
 //! help texts of the metrics the node itself reports, and their refresh from the log.
 //!
-//! Names start with `silt_`, then the part of the node (`log`, `edge`), then what is measured,
-//! with the unit last (`_bytes`, `_offset`) and `_total` after it for counters, as Prometheus
-//! names counters. The log keeps its own numbers (disk use, drops, offsets); they are copied
+//! Names start with `silt_`, then the part of the node (`log`, `edge`, `mqtt`, `ingest`), then
+//! what is measured, with the unit last (`_bytes`, `_offset`, `_seconds`) and `_total` after it
+//! for counters, as Prometheus names counters. The log keeps its own numbers (disk use, drops, offsets); they are copied
 //! into the recorder when `/metrics` is scraped, so a scrape always sees current values and the
 //! log's hot path records nothing twice. Counters the log keeps are set with
 //! `Counter::absolute`: they only rise while a process lives, so `rate()` works on them.
 //!
-//! The recorder is global (the facade's macros need one, and the gateways will record through
-//! them), so one process holds one node's metrics.
+//! The recorder is global (the facade's macros need one, and the MQTT broker records its
+//! `silt_mqtt_*` metrics through them), so one process holds one node's metrics.
 
 use anyhow::anyhow;
-use metrics::{counter, describe_counter, describe_gauge, gauge};
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics::{Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use silt_log::LogManager;
 
 /// Content type of the Prometheus text exposition format.
@@ -31,10 +31,37 @@ pub(crate) const PARTITION_START_OFFSET: &str = "silt_log_partition_start_offset
 pub(crate) const PARTITION_END_OFFSET: &str = "silt_log_partition_end_offset";
 pub(crate) const PARTITION_SIZE_BYTES: &str = "silt_log_partition_size_bytes";
 pub(crate) const PARTITION_FSYNCS: &str = "silt_log_partition_fsyncs_total";
+pub(crate) const APPEND_LATENCY_SECONDS: &str = "silt_mqtt_append_latency_seconds";
+pub(crate) const APPEND_BATCH_RECORDS: &str = "silt_log_append_batch_records";
+pub(crate) const INGEST_REJECTED: &str = "silt_ingest_rejected_total";
+
+/// Bucket bounds of every `*_seconds` histogram (the ingest path's and the broker's): from
+/// a fast SSD fsync to an SD card having a bad second.
+const LATENCY_BUCKETS_SECONDS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+];
+/// Bucket bounds of the records-per-batch histogram: group commit at work shows as mass
+/// above 1.
+const BATCH_RECORDS_BUCKETS: &[f64] = &[
+    1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0,
+];
 
 /// Installs the process's Prometheus recorder and returns the handle that renders it.
+///
+/// Install it before anything records (the MQTT broker included), or those first values go
+/// to the facade's no-op recorder. Histograms named `*_seconds` and the batch-size histogram
+/// get buckets; any other histogram is rendered as a summary.
 pub(crate) fn install_recorder() -> anyhow::Result<PrometheusHandle> {
-    let recorder = PrometheusBuilder::new().build_recorder();
+    let recorder = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS_SECONDS)
+        .and_then(|builder| {
+            builder.set_buckets_for_metric(
+                Matcher::Full(APPEND_BATCH_RECORDS.into()),
+                BATCH_RECORDS_BUCKETS,
+            )
+        })
+        .map_err(|error| anyhow!("invalid histogram buckets: {error}"))?
+        .build_recorder();
     let handle = recorder.handle();
     metrics::set_global_recorder(recorder)
         .map_err(|_| anyhow!("a metrics recorder is already installed"))?;
@@ -82,6 +109,20 @@ fn describe() {
     describe_counter!(
         PARTITION_FSYNCS,
         "fsyncs of segment data since the partition was opened"
+    );
+    describe_histogram!(
+        APPEND_LATENCY_SECONDS,
+        Unit::Seconds,
+        "Time from an MQTT publish reaching the log's queue to its record being durable"
+    );
+    describe_histogram!(
+        APPEND_BATCH_RECORDS,
+        Unit::Count,
+        "Records per batch the ingest path appended; above 1, publishers shared an fsync"
+    );
+    describe_counter!(
+        INGEST_REJECTED,
+        "Records the log refused to ingest, by reason: quota_exceeded, shutting_down, failed"
     );
 }
 

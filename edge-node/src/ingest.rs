@@ -1,0 +1,460 @@
+//! `LogIngest`: the local log behind the MQTT broker's [`IngestPort`], with group commit.
+//!
+//! Each (log topic, partition) has a queue and one writer thread. A writer takes every request
+//! waiting in its queue, up to a batch's byte and record limits, encodes them as one Kafka
+//! RecordBatch v2, appends it with [`PartitionLog::append`] (which under the durable flush
+//! policy returns only once the bytes are fsync'd) and then completes every request's receipt.
+//! While one append and its fsync are under way, new requests pile up in the queue and go out
+//! together in the next batch: many publishers share one fsync (group commit), and the batch
+//! grows by itself exactly when the disk is the bottleneck, with no timer and no added latency
+//! when it is not.
+//!
+//! One writer per partition keeps the log's order equal to the queue's, so records of one key
+//! (one partition) land in the order they were submitted. Different partitions append and
+//! fsync in parallel.
+//!
+//! Memory is bounded by one byte budget shared by every queue ([`IngestConfig::queue_bytes_max`]):
+//! a request holds its share from `submit` until its batch is durable (or refused), and
+//! `submit` waits while the budget is spent. That wait is how a publisher faster than the disk
+//! is slowed down: its connection stops reading.
+//!
+//! A refused append (budget full, filesystem reserve reached, IO error) fails every request of
+//! its batch and the writer goes on with the next: ingest resumes by itself once space is
+//! freed. Log topics are created on first use, with [`IngestConfig::default_partitions`].
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use bytes::BytesMut;
+use metrics::{counter, histogram};
+use silt_gateways::mqtt::server::{
+    BoxFuture, IngestError, IngestPort, IngestReceipt, IngestRequest,
+};
+use silt_log::batch::{BATCH_HEADER_LEN, BatchSpec, Record, VARINT_BYTES_MAX, VARLONG_BYTES_MAX};
+use silt_log::{LogError, LogManager, PartitionLog};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
+
+use crate::telemetry;
+
+/// How the ingest path is sized.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct IngestConfig {
+    /// Partitions of a log topic created on first use (`mqtt.default_partitions`).
+    pub(crate) default_partitions: u32,
+    /// Most bytes of records queued or being written, all partitions together
+    /// (`mqtt.ingest_queue_bytes`). At least `batch_bytes_max`, so any record that fits a
+    /// batch also fits the queue.
+    pub(crate) queue_bytes_max: usize,
+    /// Largest batch, header included: the log's `max_batch_bytes`, which it refuses beyond.
+    pub(crate) batch_bytes_max: usize,
+    /// Most records in one batch.
+    pub(crate) batch_records_max: usize,
+}
+
+/// Default [`IngestConfig::batch_records_max`]: enough to fill a default-sized batch with
+/// small sensor readings, few enough that completing one batch's receipts stays short.
+pub(crate) const BATCH_RECORDS_MAX_DEFAULT: usize = 8_192;
+
+/// Labels of `silt_ingest_rejected_total`.
+const REASON_QUOTA: &str = "quota_exceeded";
+const REASON_SHUTDOWN: &str = "shutting_down";
+const REASON_FAILED: &str = "failed";
+
+/// The log-backed [`IngestPort`]. Call [`LogIngest::shutdown`] before closing the log.
+#[derive(Debug)]
+pub(crate) struct LogIngest {
+    log: Arc<LogManager>,
+    config: IngestConfig,
+    /// Bytes that may still be queued; requests hold permits until they complete.
+    space: Arc<Semaphore>,
+    routes: Mutex<Routes>,
+}
+
+/// Which topics and partitions the ingest path knows, and their writers.
+#[derive(Debug, Default)]
+struct Routes {
+    closed: bool,
+    /// Partition count of each log topic seen so far. Log topics come from the configured
+    /// routes only, so this stays as small as the route table.
+    partitions: HashMap<Arc<str>, u32>,
+    queues: HashMap<(Arc<str>, u32), Arc<PartitionQueue>>,
+    writers: Vec<JoinHandle<()>>,
+}
+
+/// One request waiting for its batch.
+#[derive(Debug)]
+struct Pending {
+    record: Record,
+    /// Upper bound of the record's encoded size ([`record_bytes_max`]).
+    bytes: usize,
+    submitted: Instant,
+    done: oneshot::Sender<Result<(), IngestError>>,
+    /// Its share of the queue budget, given back when the request completes.
+    _space: OwnedSemaphorePermit,
+}
+
+/// The queue of one partition, shared by submitters and its writer.
+#[derive(Debug, Default)]
+struct PartitionQueue {
+    state: Mutex<QueueState>,
+    /// Signalled when a request arrives or the queue closes.
+    ready: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct QueueState {
+    pending: VecDeque<Pending>,
+    /// No new requests; the writer drains what is queued and exits.
+    closed: bool,
+}
+
+impl LogIngest {
+    /// An ingest path over `log`; writers start with the first request for each partition.
+    pub(crate) fn new(log: Arc<LogManager>, config: IngestConfig) -> LogIngest {
+        assert!(config.default_partitions > 0, "validated by the config");
+        assert!(
+            config.queue_bytes_max >= config.batch_bytes_max,
+            "validated by the config"
+        );
+        let permits = config.queue_bytes_max.min(Semaphore::MAX_PERMITS);
+        LogIngest {
+            log,
+            config,
+            space: Arc::new(Semaphore::new(permits)),
+            routes: Mutex::new(Routes::default()),
+        }
+    }
+
+    /// Stops taking requests, lets every writer finish what is queued, and waits for them.
+    /// Requests waiting for queue space fail with [`IngestError::ShuttingDown`]. Idempotent.
+    /// The log stays open: the caller closes it afterwards.
+    pub(crate) async fn shutdown(&self) {
+        let writers = self.close();
+        let joined = tokio::task::spawn_blocking(move || {
+            for writer in writers {
+                if writer.join().is_err() {
+                    tracing::error!("an ingest writer panicked");
+                }
+            }
+        })
+        .await;
+        if let Err(error) = joined {
+            tracing::error!(%error, "waiting for the ingest writers failed");
+        }
+    }
+
+    /// Closes every queue and returns the writers to wait for.
+    fn close(&self) -> Vec<JoinHandle<()>> {
+        let (queues, writers) = {
+            let mut routes = lock(&self.routes);
+            routes.closed = true;
+            let queues: Vec<_> = routes.queues.values().cloned().collect();
+            (queues, std::mem::take(&mut routes.writers))
+        };
+        self.space.close();
+        for queue in queues {
+            queue.close();
+        }
+        writers
+    }
+
+    async fn enqueue(
+        &self,
+        request: IngestRequest,
+        submitted: Instant,
+    ) -> Result<IngestReceipt, IngestError> {
+        let bytes = record_bytes_max(&request.record);
+        if BATCH_HEADER_LEN.saturating_add(bytes) > self.config.batch_bytes_max {
+            return Err(IngestError::Failed(format!(
+                "a record of up to {bytes} bytes does not fit a batch of log.max_batch_bytes = {}",
+                self.config.batch_bytes_max
+            )));
+        }
+        let partitions = self.partitions_of(&request.log_topic).await?;
+        let partition = silt_log::partitioner::partition_for_key(&request.key, partitions);
+        // Fits: `bytes` < batch_bytes_max <= queue_bytes_max, and the config caps that at
+        // u32::MAX.
+        let cost = u32::try_from(bytes.min(self.config.queue_bytes_max)).unwrap_or(u32::MAX);
+        let space = self
+            .space
+            .clone()
+            .acquire_many_owned(cost)
+            .await
+            .map_err(|_| IngestError::ShuttingDown)?;
+        let queue = self.queue(&request.log_topic, partition)?;
+        let (done, receipt) = oneshot::channel();
+        queue.push(Pending {
+            record: request.record,
+            bytes,
+            submitted,
+            done,
+            _space: space,
+        })?;
+        Ok(receipt)
+    }
+
+    /// The partition count of `topic`, creating the topic on first use.
+    async fn partitions_of(&self, topic: &Arc<str>) -> Result<u32, IngestError> {
+        {
+            let routes = lock(&self.routes);
+            if routes.closed {
+                return Err(IngestError::ShuttingDown);
+            }
+            if let Some(&partitions) = routes.partitions.get(topic) {
+                return Ok(partitions);
+            }
+        }
+        let log = self.log.clone();
+        let name = topic.clone();
+        let default_partitions = self.config.default_partitions;
+        // Creating a topic makes directories and fsyncs them: blocking work.
+        let info = tokio::task::spawn_blocking(move || log.ensure_topic(&name, default_partitions))
+            .await
+            .map_err(|error| {
+                IngestError::Failed(format!("creating log topic {topic} panicked: {error}"))
+            })?
+            .map_err(|error| {
+                tracing::warn!(topic = %topic, %error, "cannot create log topic");
+                ingest_error(&error)
+            })?;
+        lock(&self.routes)
+            .partitions
+            .insert(topic.clone(), info.partitions);
+        Ok(info.partitions)
+    }
+
+    /// The queue of one partition, starting its writer on first use.
+    fn queue(&self, topic: &Arc<str>, partition: u32) -> Result<Arc<PartitionQueue>, IngestError> {
+        let mut routes = lock(&self.routes);
+        if routes.closed {
+            return Err(IngestError::ShuttingDown);
+        }
+        let key = (topic.clone(), partition);
+        if let Some(queue) = routes.queues.get(&key) {
+            return Ok(queue.clone());
+        }
+        let log = self
+            .log
+            .partition(topic, partition)
+            .map_err(|error| ingest_error(&error))?;
+        let queue = Arc::new(PartitionQueue::default());
+        let writer = Writer {
+            queue: queue.clone(),
+            log,
+            batch_bytes_max: self.config.batch_bytes_max,
+            batch_records_max: self.config.batch_records_max,
+            failing: false,
+        };
+        let thread = std::thread::Builder::new()
+            .name(format!("silt-ingest-{partition}"))
+            .spawn(move || writer.run())
+            .map_err(|error| {
+                IngestError::Failed(format!(
+                    "cannot start the writer of {topic}/{partition}: {error}"
+                ))
+            })?;
+        routes.writers.push(thread);
+        routes.queues.insert(key, queue.clone());
+        Ok(queue)
+    }
+}
+
+impl IngestPort for LogIngest {
+    fn submit(&self, request: IngestRequest) -> BoxFuture<'_, Result<IngestReceipt, IngestError>> {
+        Box::pin(async move {
+            let submitted = Instant::now();
+            let result = self.enqueue(request, submitted).await;
+            if let Err(error) = &result {
+                count_rejected(error, 1);
+            }
+            result
+        })
+    }
+}
+
+impl Drop for LogIngest {
+    /// Lets the writers drain and exit if [`LogIngest::shutdown`] was never called (a node
+    /// that failed half-way), without waiting for them.
+    fn drop(&mut self) {
+        drop(self.close());
+    }
+}
+
+impl PartitionQueue {
+    fn push(&self, pending: Pending) -> Result<(), IngestError> {
+        let mut state = lock(&self.state);
+        if state.closed {
+            return Err(IngestError::ShuttingDown);
+        }
+        state.pending.push_back(pending);
+        drop(state);
+        self.ready.notify_one();
+        Ok(())
+    }
+
+    fn close(&self) {
+        lock(&self.state).closed = true;
+        self.ready.notify_all();
+    }
+}
+
+/// The thread that turns one partition's queue into appended batches.
+#[derive(Debug)]
+struct Writer {
+    queue: Arc<PartitionQueue>,
+    log: Arc<PartitionLog>,
+    batch_bytes_max: usize,
+    batch_records_max: usize,
+    /// Whether the last append failed, so a full disk is logged once, not once per batch.
+    failing: bool,
+}
+
+impl Writer {
+    fn run(mut self) {
+        let mut taken = Vec::new();
+        while self.take(&mut taken) {
+            self.write(&mut taken);
+        }
+    }
+
+    /// Waits for requests and moves as many as one batch holds into `taken`; false once the
+    /// queue is closed and empty.
+    fn take(&self, taken: &mut Vec<Pending>) -> bool {
+        let mut state = lock(&self.queue.state);
+        while state.pending.is_empty() {
+            if state.closed {
+                return false;
+            }
+            state = self
+                .queue
+                .ready
+                .wait(state)
+                .unwrap_or_else(|e| e.into_inner());
+        }
+        let mut batch_bytes = BATCH_HEADER_LEN;
+        while let Some(next) = state.pending.front() {
+            // The first request always goes: `enqueue` checked that it fits a batch alone.
+            let full = taken.len() >= self.batch_records_max
+                || batch_bytes.saturating_add(next.bytes) > self.batch_bytes_max;
+            if !taken.is_empty() && full {
+                break;
+            }
+            batch_bytes = batch_bytes.saturating_add(next.bytes);
+            let Some(next) = state.pending.pop_front() else {
+                break;
+            };
+            taken.push(next);
+        }
+        true
+    }
+
+    /// Appends `taken` as one batch and completes each request with the outcome.
+    fn write(&mut self, taken: &mut Vec<Pending>) {
+        let records: Vec<Record> = taken
+            .iter_mut()
+            .map(|pending| std::mem::take(&mut pending.record))
+            .collect();
+        let capacity = taken
+            .iter()
+            .fold(BATCH_HEADER_LEN, |sum, pending| sum + pending.bytes);
+        let mut batch = BytesMut::with_capacity(capacity);
+        // No compression: topic configs have no `compression.type`, zstd costs a small board
+        // CPU on the hot path, and the uplink compresses what it ships anyway.
+        let result = silt_log::batch::encode_batch(&BatchSpec::default(), &records, &mut batch)
+            .map_err(LogError::from)
+            .and_then(|_| self.log.append(&mut batch));
+        drop(records);
+        drop(batch);
+        histogram!(telemetry::APPEND_BATCH_RECORDS).record(taken.len() as f64);
+        let outcome = match result {
+            Ok(_) => {
+                if self.failing {
+                    tracing::info!(
+                        topic = self.log.topic(),
+                        partition = self.log.partition(),
+                        "ingest appends succeed again"
+                    );
+                    self.failing = false;
+                }
+                Ok(())
+            }
+            Err(error) => {
+                if !self.failing {
+                    tracing::warn!(
+                        topic = self.log.topic(),
+                        partition = self.log.partition(),
+                        %error,
+                        "ingest append refused; publishers get an error until it succeeds"
+                    );
+                    self.failing = true;
+                }
+                let error = ingest_error(&error);
+                count_rejected(&error, taken.len() as u64);
+                Err(error)
+            }
+        };
+        let latency = histogram!(telemetry::APPEND_LATENCY_SECONDS);
+        for pending in taken.drain(..) {
+            if outcome.is_ok() {
+                latency.record(pending.submitted.elapsed().as_secs_f64());
+            }
+            // A receiver that is gone (its connection closed) needs no answer.
+            let _ = pending.done.send(outcome.clone());
+        }
+    }
+}
+
+/// What a log error means to a publisher.
+fn ingest_error(error: &LogError) -> IngestError {
+    match error {
+        LogError::BudgetExceeded { .. } | LogError::FilesystemFull { .. } => {
+            IngestError::QuotaExceeded(error.to_string())
+        }
+        LogError::Closed => IngestError::ShuttingDown,
+        other => IngestError::Failed(other.to_string()),
+    }
+}
+
+fn count_rejected(error: &IngestError, requests: u64) {
+    let reason = match error {
+        IngestError::QuotaExceeded(_) => REASON_QUOTA,
+        IngestError::ShuttingDown => REASON_SHUTDOWN,
+        IngestError::Failed(_) => REASON_FAILED,
+    };
+    counter!(telemetry::INGEST_REJECTED, "reason" => reason).increment(requests);
+}
+
+/// An upper bound of the bytes `record` takes in a batch, at any position: every varint at
+/// its longest. It overestimates by a few bytes per field, which only makes batches and the
+/// queue budget a little conservative; it is never below the real size, so a batch packed by
+/// it never exceeds the log's limit.
+fn record_bytes_max(record: &Record) -> usize {
+    let field = |value: Option<usize>| VARINT_BYTES_MAX + value.unwrap_or(0);
+    let headers: usize = record
+        .headers
+        .iter()
+        .map(|header| {
+            field(Some(header.key.len())) + field(header.value.as_ref().map(|value| value.len()))
+        })
+        .sum();
+    // Length, attributes, timestamp delta, offset delta, key, value, header count, headers.
+    VARINT_BYTES_MAX
+        + 1
+        + VARLONG_BYTES_MAX
+        + VARINT_BYTES_MAX
+        + field(record.key.as_ref().map(|key| key.len()))
+        + field(record.value.as_ref().map(|value| value.len()))
+        + VARINT_BYTES_MAX
+        + headers
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // The data under these locks stays consistent at every await and return point, so a
+    // panic elsewhere while holding one leaves nothing half-done.
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests;
