@@ -82,7 +82,12 @@ fn init_tracing(level: LevelFilter) {
 }
 
 fn serve(config: EdgeConfig) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
+    // One worker per core: connections spread over the cores, while appends and fsyncs run on
+    // the ingest writer threads. The blocking pool (log open/close, retention) stays small.
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .max_blocking_threads(8)
         .enable_all()
         .build()
         .context("cannot start the tokio runtime")?;

@@ -287,30 +287,20 @@ fn warn_if_nobody_can_connect(config: &MqttConfig) {
 }
 
 /// The rustls server config of the TLS listener.
-///
-/// MERGE: silt-gateways' TLS helper is being written on another branch; at merge this
-/// becomes:
-///
-/// ```text
-/// use silt_gateways::mqtt::server::tls::{ClientAuth, server_config};
-/// let client_auth = match &tls.client_auth {
-///     TlsClientAuth::None => ClientAuth::None,
-///     TlsClientAuth::Optional { ca } => ClientAuth::Optional { ca: ca.clone() },
-///     TlsClientAuth::Required { ca } => ClientAuth::Required { ca: ca.clone() },
-/// };
-/// server_config(&tls.cert, &tls.key, client_auth).with_context(|| {
-///     format!("cannot load mqtt.tls_cert {} / mqtt.tls_key {}", tls.cert.display(), tls.key.display())
-/// })
-/// ```
 fn tls_server_config(tls: &MqttTls) -> anyhow::Result<Arc<rustls::ServerConfig>> {
-    anyhow::bail!(
-        "mqtt.tls_listen {}: TLS is not wired into this build yet (mqtt.tls_cert {}, \
-         mqtt.tls_key {}, client certificates {:?})",
-        tls.listen,
-        tls.cert.display(),
-        tls.key.display(),
-        tls.client_auth
-    )
+    use silt_gateways::mqtt::server::{ClientAuth, server_config};
+    let client_auth = match &tls.client_auth {
+        TlsClientAuth::None => ClientAuth::None,
+        TlsClientAuth::Optional { ca } => ClientAuth::Optional { ca: ca.clone() },
+        TlsClientAuth::Required { ca } => ClientAuth::Required { ca: ca.clone() },
+    };
+    server_config(&tls.cert, &tls.key, client_auth).with_context(|| {
+        format!(
+            "cannot load mqtt.tls_cert {} / mqtt.tls_key {}",
+            tls.cert.display(),
+            tls.key.display()
+        )
+    })
 }
 
 /// Aborts a task when dropped, so a node that fails half-way leaves no task behind.
