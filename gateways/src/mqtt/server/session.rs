@@ -42,7 +42,7 @@ impl Message {
             Some(secs) => {
                 let elapsed_secs = (now_ms - self.published_at_ms).max(0) / 1000;
                 let left = i64::from(secs) - elapsed_secs;
-                (left > 0).then(|| Some(left as u32))
+                (left > 0).then_some(Some(left as u32))
             }
         }
     }
