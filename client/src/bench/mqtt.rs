@@ -97,6 +97,10 @@ pub(crate) struct MqttBench {
     /// before counting the client as failed.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     timeout: Duration,
+    /// Threads running the load clients; 0 means one per CPU. On a small machine shared with
+    /// the broker, fewer leaves it more CPU (the load is the same for every broker either way).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
     /// Print one JSON object with every run and the medians instead of a table.
     #[arg(long)]
     json: bool,
@@ -168,7 +172,11 @@ pub(crate) fn run(options: &MqttBench) -> anyhow::Result<()> {
             bail!("{name} is longer than MQTT's 65,535 bytes");
         }
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if options.threads > 0 {
+        builder.worker_threads(options.threads);
+    }
+    let runtime = builder
         .enable_all()
         .build()
         .context("cannot start the tokio runtime")?;
