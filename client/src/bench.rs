@@ -4,6 +4,12 @@
 //! and compares the rate with the raw sequential write bandwidth of the same disk, measured by
 //! writing and fsyncing a file of the same size, in the same directory, in the same run. It
 //! then reads the log back from the page cache. Each figure is the median of several runs.
+//!
+//! `silt bench mqtt` loads any MQTT broker and reports publish throughput and acknowledgement
+//! latency (see [`mqtt`]); `scripts/bench-mqtt` runs it against Mosquitto and silt-edge in
+//! alternating runs.
+
+mod mqtt;
 
 use std::fs::{self, File};
 use std::io::Write;
@@ -22,6 +28,8 @@ use silt_log::{LogConfig, LogManager};
 pub(crate) enum BenchTarget {
     /// Append and read throughput of the storage engine against the raw disk.
     Log(LogBench),
+    /// Publish throughput and acknowledgement latency of any MQTT broker.
+    Mqtt(mqtt::MqttBench),
 }
 
 #[derive(Debug, Args)]
@@ -50,6 +58,7 @@ pub(crate) struct LogBench {
 pub(crate) fn run(target: BenchTarget) -> anyhow::Result<()> {
     match target {
         BenchTarget::Log(options) => log_bench(&options),
+        BenchTarget::Mqtt(options) => mqtt::run(&options),
     }
 }
 
