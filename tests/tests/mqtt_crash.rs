@@ -307,11 +307,6 @@ async fn a_full_budget_under_reject_answers_0x97_in_v5_and_loses_nothing() {
             .all(|event| !matches!(event, Event::Closed { .. })),
         "0x97 does not close the connection"
     );
-    let metrics = blocking(|| broker.metrics());
-    assert!(
-        metric_value(&metrics, "silt_log_rejected_appends_total", &[]).unwrap_or(0.0) >= 4.0,
-        "{metrics}"
-    );
     // The broker still serves: a new client connects and subscribes.
     let mut other = Client::connect_clean(Version::V311, broker.mqtt, "other").await;
     assert_eq!(other.subscribe("budget/#", 1).await, 1);

@@ -185,8 +185,9 @@ async fn overlapping_subscriptions(version: Version) {
             "{copies:?}"
         );
         match version {
-            // 5.0 §3.3.4: one copy, at the highest QoS granted, with every matching
-            // subscription's identifier.
+            // 5.0 §3.3.4 allows a copy per subscription, or one copy at the highest QoS
+            // granted carrying every matching subscription's identifier. Silt sends one copy
+            // (Mosquitto sends three, so this fails against it by design).
             Version::V5 => {
                 assert_eq!(copies.len(), 1, "one copy in 5.0: {copies:?}");
                 assert_eq!(copies[0].qos, pub_qos);
@@ -479,6 +480,7 @@ async fn keep_alive_expiry_closes_a_silent_client(version: Version) {
     let ((), closed) = tokio::join!(pings, silence);
     let after = closed.at - connected;
     // §3.1.2.10 / §4.1.2.1: closed once one and a half keep-alives pass without a packet.
+    // (Mosquitto 2.0.11 takes about 5.5 s, so this fails against it.)
     assert!(
         after >= Duration::from_millis(1400) && after <= Duration::from_millis(2500),
         "a 1 s keep-alive closed the silent client after {after:?}"

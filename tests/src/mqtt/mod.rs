@@ -245,13 +245,54 @@ pub fn metric_value(metrics: &str, name: &str, labels: &[(&str, &str)]) -> Optio
         }
         let (series, value) = line.rsplit_once(' ')?;
         let (series_name, series_labels) = match series.split_once('{') {
-            Some((series_name, rest)) => (series_name, rest.trim_end_matches('}')),
-            None => (series, ""),
+            Some((series_name, rest)) => (series_name, parse_labels(rest.strip_suffix('}')?)),
+            None => (series, Vec::new()),
         };
         let wanted = series_name == name
-            && labels
-                .iter()
-                .all(|(key, value)| series_labels.contains(&format!("{key}=\"{value}\"")));
+            && labels.iter().all(|(key, value)| {
+                series_labels
+                    .iter()
+                    .any(|(series_key, series_value)| series_key == key && series_value == value)
+            });
         wanted.then(|| value.parse().ok()).flatten()
     })
+}
+
+/// `a="x",b="y"` as pairs; escapes are kept as written, which is enough for test labels.
+fn parse_labels(text: &str) -> Vec<(String, String)> {
+    let mut pairs = Vec::new();
+    let mut rest = text;
+    while let Some((key, after)) = rest.split_once("=\"") {
+        let mut end = 0;
+        let bytes = after.as_bytes();
+        while end < bytes.len() && !(bytes[end] == b'"' && (end == 0 || bytes[end - 1] != b'\\')) {
+            end += 1;
+        }
+        pairs.push((
+            key.trim_start_matches(',').trim().to_string(),
+            after[..end].to_string(),
+        ));
+        rest = after.get(end + 1..).unwrap_or("");
+    }
+    pairs
+}
+
+#[cfg(test)]
+mod tests {
+    use super::metric_value;
+
+    #[test]
+    fn metric_value_matches_whole_names_and_label_pairs() {
+        let metrics = "# TYPE silt_x_total counter\n\
+                       silt_x_total 3\n\
+                       silt_y{qos=\"1\",dir=\"in\"} 7\n\
+                       silt_y{qos=\"10\",dir=\"in\"} 8\n\
+                       silt_y{xqos=\"2\",dir=\"\"} 9\n";
+        assert_eq!(metric_value(metrics, "silt_x_total", &[]), Some(3.0));
+        assert_eq!(metric_value(metrics, "silt_x", &[]), None);
+        assert_eq!(metric_value(metrics, "silt_y", &[("qos", "1")]), Some(7.0));
+        assert_eq!(metric_value(metrics, "silt_y", &[("qos", "10")]), Some(8.0));
+        assert_eq!(metric_value(metrics, "silt_y", &[("qos", "2")]), None);
+        assert_eq!(metric_value(metrics, "silt_y", &[("dir", "")]), Some(9.0));
+    }
 }
