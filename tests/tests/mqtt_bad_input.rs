@@ -480,6 +480,11 @@ async fn silent_and_half_sent_connects_are_closed_after_the_connect_timeout() {
             after >= CONNECT_TIMEOUT - Duration::from_millis(50),
             "{what}: closed after {after:?}, before the {CONNECT_TIMEOUT:?} connect timeout"
         );
+        // Long before the default timeout: the setting took effect.
+        assert!(
+            after <= CONNECT_TIMEOUT + Duration::from_secs(2),
+            "{what}: closed only after {after:?}"
+        );
         assert!(
             closed.packets.is_empty(),
             "{what}: nothing to answer: {:?}",

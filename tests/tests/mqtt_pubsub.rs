@@ -15,8 +15,8 @@ use silt_tests::mqtt::client::SubscribeOpts;
 use silt_tests::mqtt::dump::{DumpRecord, dump_topic};
 use silt_tests::mqtt::raw::{self, RawConn};
 use silt_tests::mqtt::{
-    BrokerKind, Client, ClientOptions, MQTT_TIMEOUT, Message, MqttBroker, PublishProps, Version,
-    Will, skip_unless_silt,
+    BrokerKind, Client, ClientOptions, Event, MQTT_TIMEOUT, Message, MqttBroker, PublishProps,
+    Version, Will, skip_unless_silt,
 };
 use tokio::time::Instant;
 
@@ -593,7 +593,7 @@ async fn shared_subscriptions_v5() {
         for member in &mut members {
             let got = member
                 .try_wait_for(Duration::from_millis(50), |event| match event {
-                    silt_tests::mqtt::Event::Publish(message) => Some(message.text()),
+                    Event::Publish(message) => Some(message.text()),
                     _ => None,
                 })
                 .await;
