@@ -5,6 +5,8 @@
 //! - [`binary`]: builds a workspace binary once per test process and returns its path.
 //! - [`Running`]: a started binary whose stderr is read line by line in the background.
 //! - [`http_exchange`]: one raw HTTP/1.1 exchange with a deadline, for admin ports.
+//! - [`mqtt`]: the MQTT broker under test, rumqttc clients for 3.1.1 and 5.0, raw packets,
+//!   and the log read back with `silt-edge dump`.
 //!
 //! Tests here start real binaries. `env!("CARGO_BIN_EXE_...")` only names binaries of the
 //! test's own package, so [`binary`] asks cargo to build the one wanted and reads its path
@@ -20,6 +22,8 @@ use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 pub use rustix::process::Signal;
+
+pub mod mqtt;
 
 /// How long a test waits for a binary to say it started; generous for a loaded CI machine.
 pub const START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -168,6 +172,16 @@ impl Running {
         }
     }
 
+    /// Whether the process is still running (it has not exited).
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// The process id.
+    pub fn id(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Sends `signal` to the process.
     pub fn signal(&self, signal: Signal) {
         rustix::process::kill_process(rustix::process::Pid::from_child(&self.child), signal)
@@ -247,6 +261,19 @@ pub fn edge_admin_addr(started_line: &str) -> SocketAddr {
         .find_map(|field| field.strip_prefix("admin="))
         .and_then(|addr| addr.parse().ok())
         .unwrap_or_else(|| panic!("no admin=IP:PORT in {started_line:?}"))
+}
+
+/// The address a `silt-edge started` log line gives for the MQTT listener (`mqtt=IP:PORT`), so
+/// tests can bind port 0.
+///
+/// # Panics
+/// If the line has no such field.
+pub fn edge_mqtt_addr(started_line: &str) -> SocketAddr {
+    started_line
+        .split_whitespace()
+        .find_map(|field| field.strip_prefix("mqtt="))
+        .and_then(|addr| addr.parse().ok())
+        .unwrap_or_else(|| panic!("no mqtt=IP:PORT in {started_line:?}"))
 }
 
 /// A response read by [`http_exchange`].
