@@ -112,7 +112,7 @@ pub struct ConnAckInfo {
 /// A message delivered to the client.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Message {
-    /// The topic, with a 5.0 topic alias already resolved by rumqttc.
+    /// The topic, with a 5.0 topic alias resolved.
     pub topic: String,
     pub payload: Bytes,
     pub qos: u8,
@@ -748,6 +748,8 @@ async fn pump_v5(mut eventloop: rumqttc::v5::EventLoop, sender: mpsc::UnboundedS
     use rumqttc::Outgoing;
     use rumqttc::v5::{ConnectionError, Event as RawEvent, StateError};
     use v5_packets::Packet;
+    // rumqttc leaves inbound topic aliases to the application: resolve them here.
+    let mut aliases: std::collections::HashMap<u16, String> = std::collections::HashMap::new();
     loop {
         let event = match eventloop.poll().await {
             Ok(RawEvent::Incoming(Packet::ConnAck(connack))) => {
@@ -763,8 +765,16 @@ async fn pump_v5(mut eventloop: rumqttc::v5::EventLoop, sender: mpsc::UnboundedS
             }
             Ok(RawEvent::Incoming(Packet::Publish(publish))) => {
                 let properties = publish.properties.unwrap_or_default();
+                let mut topic = String::from_utf8_lossy(&publish.topic).into_owned();
+                if let Some(alias) = properties.topic_alias {
+                    if topic.is_empty() {
+                        topic = aliases.get(&alias).cloned().unwrap_or_default();
+                    } else {
+                        aliases.insert(alias, topic.clone());
+                    }
+                }
                 Event::Publish(Message {
-                    topic: String::from_utf8_lossy(&publish.topic).into_owned(),
+                    topic,
                     payload: publish.payload,
                     qos: publish.qos as u8,
                     retain: publish.retain,

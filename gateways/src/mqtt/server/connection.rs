@@ -158,6 +158,12 @@ async fn read_connect<S: AsyncRead + AsyncWrite + Unpin>(
         match codec::detect_protocol(&io.inbuf, max) {
             Ok(Some(version)) => break version,
             Ok(None) => {}
+            Err(error @ CodecError::PacketTooLarge { .. }) => {
+                // A 5.0 client is told why; the version is in the first bytes of the body.
+                let version = peek_version(io, deadline).await;
+                refuse_undecodable(io, version, &error);
+                return None;
+            }
             Err(error) => {
                 refuse_undecodable(io, None, &error);
                 return None;
@@ -196,6 +202,26 @@ async fn read_connect<S: AsyncRead + AsyncWrite + Unpin>(
         }
         let needed = decoder.frame_bytes_needed(&io.inbuf).unwrap_or(2);
         match tokio::time::timeout_at(deadline, io.read_more(needed)).await {
+            Ok(Ok(true)) => {}
+            _ => return None,
+        }
+    }
+}
+
+/// The protocol version of a CONNECT too large to accept, from the few bytes that name it.
+async fn peek_version<S: AsyncRead + AsyncWrite + Unpin>(
+    io: &mut Io<S>,
+    deadline: Instant,
+) -> Option<ProtocolVersion> {
+    // Fixed header (at most 5 bytes), protocol name (6) and level (1).
+    const NEEDED: usize = 12;
+    loop {
+        match codec::detect_protocol(&io.inbuf, codec::REMAINING_LENGTH_MAX) {
+            Ok(Some(version)) => return Some(version),
+            Ok(None) if io.inbuf.len() < NEEDED => {}
+            _ => return None,
+        }
+        match tokio::time::timeout_at(deadline, io.read_more(NEEDED)).await {
             Ok(Ok(true)) => {}
             _ => return None,
         }
