@@ -11,6 +11,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
+use futures_util::FutureExt;
+use futures_util::future::{self, Either};
 use futures_util::stream::{FuturesOrdered, StreamExt};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::time::Instant;
@@ -530,6 +532,8 @@ async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
         will_delay_secs: connect.will.as_ref().map_or(0, |w| w.delay_secs),
         pending: FuturesOrdered::new(),
         acks: FuturesOrdered::new(),
+        last_log_topic: None,
+        counters: Counters::new(),
         ops: Vec::new(),
     };
     conn.resend(&mut io.out);
@@ -569,6 +573,82 @@ enum Outcome {
     Denied,
 }
 
+/// Resolves with a publish's outcome once the log has it (or at once).
+struct PendingFuture {
+    receipt: Option<super::IngestReceipt>,
+    message: Option<Arc<Message>>,
+    packet_id: u16,
+    qos: QoS,
+    done: Option<Pending>,
+}
+
+impl PendingFuture {
+    fn ready(pending: Pending) -> PendingFuture {
+        PendingFuture {
+            receipt: None,
+            message: None,
+            packet_id: pending.packet_id,
+            qos: pending.qos,
+            done: Some(pending),
+        }
+    }
+}
+
+impl std::future::Future for PendingFuture {
+    type Output = Pending;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Pending> {
+        use std::task::Poll;
+        let this = &mut *self;
+        if let Some(done) = this.done.take() {
+            return Poll::Ready(done);
+        }
+        let Some(receipt) = this.receipt.as_mut() else {
+            // Polled after completion; FuturesOrdered never does that.
+            return Poll::Pending;
+        };
+        let outcome = match std::pin::Pin::new(receipt).poll(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(Ok(Ok(()))) => match this.message.take() {
+                Some(message) => Outcome::Durable(message),
+                None => Outcome::Refused(IngestError::ShuttingDown),
+            },
+            Poll::Ready(Ok(Err(error))) => Outcome::Refused(error),
+            Poll::Ready(Err(_)) => Outcome::Refused(IngestError::ShuttingDown),
+        };
+        this.receipt = None;
+        Poll::Ready(Pending {
+            packet_id: this.packet_id,
+            qos: this.qos,
+            outcome,
+        })
+    }
+}
+
+/// Metric handles of one connection, looked up once instead of per packet.
+struct Counters {
+    messages_in: [metrics::Counter; 3],
+    messages_out: [metrics::Counter; 3],
+    bytes_in: metrics::Counter,
+    bytes_out: metrics::Counter,
+}
+
+impl Counters {
+    fn new() -> Counters {
+        let by_qos =
+            |name: &'static str| ["0", "1", "2"].map(|qos| metrics::counter!(name, "qos" => qos));
+        Counters {
+            messages_in: by_qos("silt_mqtt_messages_in_total"),
+            messages_out: by_qos("silt_mqtt_messages_out_total"),
+            bytes_in: metrics::counter!("silt_mqtt_bytes_in_total"),
+            bytes_out: metrics::counter!("silt_mqtt_bytes_out_total"),
+        }
+    }
+}
+
 /// An acknowledgement waiting for its store commit (or ready).
 struct AckDue {
     packet_id: u16,
@@ -592,8 +672,11 @@ struct Conn {
     out_aliases: OutboundAliases,
     will: Option<(TopicName, Will)>,
     will_delay_secs: u32,
-    pending: FuturesOrdered<BoxFuture<'static, Pending>>,
-    acks: FuturesOrdered<BoxFuture<'static, AckDue>>,
+    pending: FuturesOrdered<PendingFuture>,
+    acks: FuturesOrdered<Either<future::Ready<AckDue>, BoxFuture<'static, AckDue>>>,
+    /// The log topic of the last publish, shared by the requests that go to it.
+    last_log_topic: Option<Arc<str>>,
+    counters: Counters,
     /// Store changes not yet handed to the store thread.
     ops: Vec<Op>,
 }
@@ -648,27 +731,39 @@ impl Conn {
                     () = stopped(&mut shutdown) => {
                         break Close { end: End::Shutdown, reason: Some(rc::SERVER_SHUTTING_DOWN) };
                     }
+                    // Everything ready is handled before anything is written, so that a group
+                    // commit's acknowledgements leave in one write.
+                    Some(done) = self.acks.next() => {
+                        self.send_ack(&mut io.out, done);
+                        while let Some(Some(done)) = self.acks.next().now_or_never() {
+                            self.send_ack(&mut io.out, done);
+                        }
+                    }
+                    Some(pending) = self.pending.next() => {
+                        self.complete(&mut io.out, pending);
+                        while let Some(Some(pending)) = self.pending.next().now_or_never() {
+                            self.complete(&mut io.out, pending);
+                        }
+                    }
+                    () = self.cell.notify.notified() => {
+                        if self.cell.lock().attached != Some(self.generation) {
+                            break Close { end: End::TakenOver, reason: Some(rc::SESSION_TAKEN_OVER) };
+                        }
+                    }
                     written = io.writer.write(&io.out), if !io.out.is_empty() => {
                         match written {
                             Ok(0) | Err(_) => break Close { end: End::Abnormal, reason: None },
                             Ok(n) => {
                                 io.out.advance(n);
-                                metrics::counter!("silt_mqtt_bytes_out_total").increment(n as u64);
+                                self.counters.bytes_out.increment(n as u64);
                             }
-                        }
-                    }
-                    Some(done) = self.acks.next() => self.send_ack(&mut io.out, done),
-                    Some(pending) = self.pending.next() => self.complete(pending),
-                    () = self.cell.notify.notified() => {
-                        if self.cell.lock().attached != Some(self.generation) {
-                            break Close { end: End::TakenOver, reason: Some(rc::SESSION_TAKEN_OVER) };
                         }
                     }
                     read = read_into(&mut io.reader, &mut io.inbuf, needed), if can_read => {
                         match read {
                             Ok(0) | Err(_) => break Close { end: End::Abnormal, reason: None },
                             Ok(n) => {
-                                metrics::counter!("silt_mqtt_bytes_in_total").increment(n as u64);
+                                self.counters.bytes_in.increment(n as u64);
                                 last_read = Instant::now();
                                 match self.handle_input(io).await {
                                     Ok(Some(end)) => break Close { end, reason: None },
@@ -803,8 +898,7 @@ impl Conn {
     }
 
     async fn on_publish(&mut self, publish: Publish, out: &mut BytesMut) -> Result<(), Close> {
-        metrics::counter!("silt_mqtt_messages_in_total", "qos" => qos_label(publish.qos))
-            .increment(1);
+        self.counters.messages_in[usize::from(publish.qos.as_u8())].increment(1);
         let topic = if self.v5 {
             self.in_aliases
                 .resolve(&publish.topic, publish.topic_alias)
@@ -841,11 +935,11 @@ impl Conn {
                     rc::SUCCESS
                 };
                 let _ = reason;
-                self.pending.push_back(Box::pin(std::future::ready(Pending {
+                self.pending.push_back(PendingFuture::ready(Pending {
                     packet_id: id,
                     qos: publish.qos,
                     outcome: Outcome::Denied,
-                })));
+                }));
             }
             return Ok(());
         }
@@ -876,32 +970,35 @@ impl Conn {
                 message.payload.clone(),
                 now_ms,
             );
+            let log_topic = match &self.last_log_topic {
+                Some(topic) if &**topic == record.log_topic => topic.clone(),
+                _ => {
+                    let topic: Arc<str> = Arc::from(record.log_topic);
+                    self.last_log_topic = Some(topic.clone());
+                    topic
+                }
+            };
             IngestRequest {
-                log_topic: Arc::from(record.log_topic),
+                log_topic,
                 key: record.key,
                 record: record.record,
             }
         };
         let qos = message.qos;
         let submitted = self.shared.ingest.submit(record).await;
-        let future: BoxFuture<'static, Pending> = match submitted {
-            Ok(receipt) => Box::pin(async move {
-                let outcome = match receipt.await {
-                    Ok(Ok(())) => Outcome::Durable(message),
-                    Ok(Err(error)) => Outcome::Refused(error),
-                    Err(_) => Outcome::Refused(IngestError::ShuttingDown),
-                };
-                Pending {
-                    packet_id: id,
-                    qos,
-                    outcome,
-                }
-            }),
-            Err(error) => Box::pin(std::future::ready(Pending {
+        let future = match submitted {
+            Ok(receipt) => PendingFuture {
+                receipt: Some(receipt),
+                message: Some(message),
+                packet_id: id,
+                qos,
+                done: None,
+            },
+            Err(error) => PendingFuture::ready(Pending {
                 packet_id: id,
                 qos,
                 outcome: Outcome::Refused(error),
-            })),
+            }),
         };
         self.pending.push_back(future);
         Ok(())
@@ -909,7 +1006,7 @@ impl Conn {
 
     /// A publish came back from the log: deliver it, then acknowledge it (after the store has
     /// what the delivery changed, when that matters).
-    fn complete(&mut self, pending: Pending) {
+    fn complete(&mut self, out: &mut BytesMut, pending: Pending) {
         let qos = pending.qos;
         let reason = match &pending.outcome {
             Outcome::Denied => Some(if self.v5 {
@@ -922,7 +1019,7 @@ impl Conn {
                 if qos != QoS::AtMostOnce && routed.needs_commit {
                     let receipt = self.shared.persist.commit(routed.ops);
                     let packet_id = pending.packet_id;
-                    self.acks.push_back(Box::pin(async move {
+                    self.acks.push_back(Either::Right(Box::pin(async move {
                         let reason = match receipt.await {
                             Ok(Ok(())) => Some(rc::SUCCESS),
                             _ => Some(rc::UNSPECIFIED),
@@ -932,7 +1029,7 @@ impl Conn {
                             qos,
                             reason,
                         }
-                    }));
+                    })));
                     return;
                 }
                 self.ops.extend(routed.ops);
@@ -953,11 +1050,18 @@ impl Conn {
             }
         };
         if qos != QoS::AtMostOnce {
-            self.acks.push_back(Box::pin(std::future::ready(AckDue {
+            let due = AckDue {
                 packet_id: pending.packet_id,
                 qos,
                 reason,
-            })));
+            };
+            // Acknowledgements leave in publish order: straight out unless an earlier one
+            // still waits for the store.
+            if self.acks.is_empty() {
+                self.send_ack(out, due);
+            } else {
+                self.acks.push_back(Either::Left(future::ready(due)));
+            }
         }
     }
 
@@ -1193,8 +1297,7 @@ impl Conn {
         } else {
             out.extend_from_slice(&packet);
         }
-        metrics::counter!("silt_mqtt_messages_out_total", "qos" => qos_label(copy.qos))
-            .increment(1);
+        self.counters.messages_out[usize::from(copy.qos.as_u8())].increment(1);
         true
     }
 
@@ -1325,14 +1428,6 @@ impl Shared {
             Some(current) if Arc::ptr_eq(current, cell) => self.remove_session(registry, client_id),
             _ => Vec::new(),
         }
-    }
-}
-
-fn qos_label(qos: QoS) -> &'static str {
-    match qos {
-        QoS::AtMostOnce => "0",
-        QoS::AtLeastOnce => "1",
-        QoS::ExactlyOnce => "2",
     }
 }
 
