@@ -83,16 +83,60 @@ struct Routes {
     writers: Vec<JoinHandle<()>>,
 }
 
-/// One request waiting for its batch.
+/// Records of one submission for one partition, waiting for their batch. A submission that
+/// spans partitions (or more than a batch) becomes several, sharing one [`Completion`].
 #[derive(Debug)]
 struct Pending {
-    record: Record,
-    /// Upper bound of the record's encoded size ([`record_bytes_max`]).
+    records: Vec<Record>,
+    /// Upper bound of the records' encoded size ([`record_bytes_max`]).
     bytes: usize,
+    completion: Arc<Completion>,
+}
+
+/// The receipt of one submission: answered when its last part is appended.
+#[derive(Debug)]
+struct Completion {
+    parts_left: std::sync::atomic::AtomicUsize,
+    state: Mutex<CompletionState>,
     submitted: Instant,
-    done: oneshot::Sender<Result<(), IngestError>>,
-    /// Its share of the queue budget, given back when the request completes.
-    _space: OwnedSemaphorePermit,
+}
+
+#[derive(Debug)]
+struct CompletionState {
+    /// The first refusal of any part.
+    failed: Option<IngestError>,
+    done: Option<oneshot::Sender<Result<(), IngestError>>>,
+    /// The submission's share of the queue budget, given back when it completes.
+    _space: Option<OwnedSemaphorePermit>,
+}
+
+impl Completion {
+    /// One part is appended (or refused); the last one answers the receipt.
+    fn part_done(&self, result: &Result<(), IngestError>) {
+        use std::sync::atomic::Ordering;
+        if let Err(error) = result {
+            let mut state = lock(&self.state);
+            if state.failed.is_none() {
+                state.failed = Some(error.clone());
+            }
+        }
+        if self.parts_left.fetch_sub(1, Ordering::AcqRel) == 1 {
+            let mut state = lock(&self.state);
+            let outcome = match state.failed.take() {
+                Some(error) => Err(error),
+                None => {
+                    histogram!(telemetry::APPEND_LATENCY_SECONDS)
+                        .record(self.submitted.elapsed().as_secs_f64());
+                    Ok(())
+                }
+            };
+            if let Some(done) = state.done.take() {
+                // A receiver that is gone (its connection closed) needs no answer.
+                let _ = done.send(outcome);
+            }
+            state._space = None;
+        }
+    }
 }
 
 /// The queue of one partition, shared by submitters and its writer.
@@ -162,36 +206,78 @@ impl LogIngest {
 
     async fn enqueue(
         &self,
-        request: IngestRequest,
+        requests: Vec<IngestRequest>,
         submitted: Instant,
     ) -> Result<IngestReceipt, IngestError> {
-        let bytes = record_bytes_max(&request.record);
-        if BATCH_HEADER_LEN.saturating_add(bytes) > self.config.batch_bytes_max {
-            return Err(IngestError::Failed(format!(
-                "a record of up to {bytes} bytes does not fit a batch of log.max_batch_bytes = {}",
-                self.config.batch_bytes_max
-            )));
+        // Group by partition, keeping the order within each, and split groups at a batch.
+        let mut parts: Vec<(Arc<PartitionQueue>, Vec<Record>, usize)> = Vec::new();
+        let mut total_bytes = 0usize;
+        let mut last: Option<(Arc<str>, u32)> = None;
+        let mut last_partitions = 0;
+        for request in requests {
+            let bytes = record_bytes_max(&request.record);
+            if BATCH_HEADER_LEN.saturating_add(bytes) > self.config.batch_bytes_max {
+                return Err(IngestError::Failed(format!(
+                    "a record of up to {bytes} bytes does not fit a batch of log.max_batch_bytes = {}",
+                    self.config.batch_bytes_max
+                )));
+            }
+            let partitions = match &last {
+                Some((topic, _)) if *topic == request.log_topic => last_partitions,
+                _ => self.partitions_of(&request.log_topic).await?,
+            };
+            last_partitions = partitions;
+            let partition = silt_log::partitioner::partition_for_key(&request.key, partitions);
+            let same =
+                matches!(&last, Some((topic, p)) if *topic == request.log_topic && *p == partition);
+            let fits = parts.last().is_some_and(|(_, records, part_bytes)| {
+                records.len() < self.config.batch_records_max
+                    && BATCH_HEADER_LEN + part_bytes + bytes <= self.config.batch_bytes_max
+            });
+            if same && fits {
+                if let Some((_, records, part_bytes)) = parts.last_mut() {
+                    records.push(request.record);
+                    *part_bytes += bytes;
+                }
+            } else {
+                let queue = self.queue(&request.log_topic, partition)?;
+                parts.push((queue, vec![request.record], bytes));
+            }
+            total_bytes = total_bytes.saturating_add(bytes);
+            last = Some((request.log_topic, partition));
         }
-        let partitions = self.partitions_of(&request.log_topic).await?;
-        let partition = silt_log::partitioner::partition_for_key(&request.key, partitions);
-        // Fits: `bytes` < batch_bytes_max <= queue_bytes_max, and the config caps that at
-        // u32::MAX.
-        let cost = u32::try_from(bytes.min(self.config.queue_bytes_max)).unwrap_or(u32::MAX);
+        let (done, receipt) = oneshot::channel();
+        if parts.is_empty() {
+            let _ = done.send(Ok(()));
+            return Ok(receipt);
+        }
+        // Fits u32: the config caps the queue at u32::MAX bytes.
+        let cost = u32::try_from(total_bytes.min(self.config.queue_bytes_max)).unwrap_or(u32::MAX);
         let space = self
             .space
             .clone()
             .acquire_many_owned(cost)
             .await
             .map_err(|_| IngestError::ShuttingDown)?;
-        let queue = self.queue(&request.log_topic, partition)?;
-        let (done, receipt) = oneshot::channel();
-        queue.push(Pending {
-            record: request.record,
-            bytes,
+        let completion = Arc::new(Completion {
+            parts_left: std::sync::atomic::AtomicUsize::new(parts.len()),
+            state: Mutex::new(CompletionState {
+                failed: None,
+                done: Some(done),
+                _space: Some(space),
+            }),
             submitted,
-            done,
-            _space: space,
-        })?;
+        });
+        for (queue, records, bytes) in parts {
+            let pending = Pending {
+                records,
+                bytes,
+                completion: completion.clone(),
+            };
+            if let Err(error) = queue.push(pending) {
+                completion.part_done(&Err(error));
+            }
+        }
         Ok(receipt)
     }
 
@@ -262,12 +348,16 @@ impl LogIngest {
 }
 
 impl IngestPort for LogIngest {
-    fn submit(&self, request: IngestRequest) -> BoxFuture<'_, Result<IngestReceipt, IngestError>> {
+    fn submit(
+        &self,
+        requests: Vec<IngestRequest>,
+    ) -> BoxFuture<'_, Result<IngestReceipt, IngestError>> {
         Box::pin(async move {
             let submitted = Instant::now();
-            let result = self.enqueue(request, submitted).await;
+            let count = requests.len() as u64;
+            let result = self.enqueue(requests, submitted).await;
             if let Err(error) = &result {
-                count_rejected(error, 1);
+                count_rejected(error, count);
             }
             result
         })
@@ -334,14 +424,16 @@ impl Writer {
                 .unwrap_or_else(|e| e.into_inner());
         }
         let mut batch_bytes = BATCH_HEADER_LEN;
+        let mut records = 0usize;
         while let Some(next) = state.pending.front() {
-            // The first request always goes: `enqueue` checked that it fits a batch alone.
-            let full = taken.len() >= self.batch_records_max
+            // The first part always goes: `enqueue` made every part fit a batch alone.
+            let full = records + next.records.len() > self.batch_records_max
                 || batch_bytes.saturating_add(next.bytes) > self.batch_bytes_max;
             if !taken.is_empty() && full {
                 break;
             }
             batch_bytes = batch_bytes.saturating_add(next.bytes);
+            records += next.records.len();
             let Some(next) = state.pending.pop_front() else {
                 break;
             };
@@ -354,7 +446,7 @@ impl Writer {
     fn write(&mut self, taken: &mut Vec<Pending>) {
         let records: Vec<Record> = taken
             .iter_mut()
-            .map(|pending| std::mem::take(&mut pending.record))
+            .flat_map(|pending| std::mem::take(&mut pending.records))
             .collect();
         let capacity = taken
             .iter()
@@ -365,9 +457,10 @@ impl Writer {
         let result = silt_log::batch::encode_batch(&BatchSpec::default(), &records, &mut batch)
             .map_err(LogError::from)
             .and_then(|_| self.log.append(&mut batch));
+        let record_count = records.len();
         drop(records);
         drop(batch);
-        histogram!(telemetry::APPEND_BATCH_RECORDS).record(taken.len() as f64);
+        histogram!(telemetry::APPEND_BATCH_RECORDS).record(record_count as f64);
         let outcome = match result {
             Ok(_) => {
                 if self.failing {
@@ -391,17 +484,12 @@ impl Writer {
                     self.failing = true;
                 }
                 let error = ingest_error(&error);
-                count_rejected(&error, taken.len() as u64);
+                count_rejected(&error, record_count as u64);
                 Err(error)
             }
         };
-        let latency = histogram!(telemetry::APPEND_LATENCY_SECONDS);
         for pending in taken.drain(..) {
-            if outcome.is_ok() {
-                latency.record(pending.submitted.elapsed().as_secs_f64());
-            }
-            // A receiver that is gone (its connection closed) needs no answer.
-            let _ = pending.done.send(outcome.clone());
+            pending.completion.part_done(&outcome);
         }
     }
 }

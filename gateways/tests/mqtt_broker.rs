@@ -15,23 +15,28 @@ use silt_log::{LogConfig, LogManager};
 struct DirectLog(Arc<LogManager>);
 
 impl IngestPort for DirectLog {
-    fn submit(&self, request: IngestRequest) -> BoxFuture<'_, Result<IngestReceipt, IngestError>> {
+    fn submit(
+        &self,
+        requests: Vec<IngestRequest>,
+    ) -> BoxFuture<'_, Result<IngestReceipt, IngestError>> {
         let log = self.0.clone();
         Box::pin(async move {
             let (done, receipt) = tokio::sync::oneshot::channel();
             tokio::task::spawn_blocking(move || {
                 let result = (|| {
-                    let info = log
-                        .ensure_topic(&request.log_topic, 1)
-                        .map_err(|e| IngestError::Failed(e.to_string()))?;
-                    let partition =
-                        silt_log::partitioner::partition_for_key(&request.key, info.partitions);
-                    let mut batch = BytesMut::new();
-                    encode_batch(&BatchSpec::default(), &[request.record], &mut batch)
-                        .map_err(|e| IngestError::Failed(e.to_string()))?;
-                    log.partition(&request.log_topic, partition)
-                        .and_then(|p| p.append(&mut batch))
-                        .map_err(|e| IngestError::Failed(e.to_string()))?;
+                    for request in requests {
+                        let info = log
+                            .ensure_topic(&request.log_topic, 1)
+                            .map_err(|e| IngestError::Failed(e.to_string()))?;
+                        let partition =
+                            silt_log::partitioner::partition_for_key(&request.key, info.partitions);
+                        let mut batch = BytesMut::new();
+                        encode_batch(&BatchSpec::default(), &[request.record], &mut batch)
+                            .map_err(|e| IngestError::Failed(e.to_string()))?;
+                        log.partition(&request.log_topic, partition)
+                            .and_then(|p| p.append(&mut batch))
+                            .map_err(|e| IngestError::Failed(e.to_string()))?;
+                    }
                     Ok(())
                 })();
                 let _ = done.send(result);

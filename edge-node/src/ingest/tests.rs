@@ -47,7 +47,7 @@ fn request(topic: &Arc<str>, key: &str, value: &str) -> IngestRequest {
 
 /// Submits one record and waits until it is durable or refused.
 async fn publish(ingest: &LogIngest, request: IngestRequest) -> Result<(), IngestError> {
-    let receipt = ingest.submit(request).await?;
+    let receipt = ingest.submit(vec![request]).await?;
     receipt.await.expect("every receipt is answered")
 }
 
@@ -235,7 +235,7 @@ async fn shutdown_drains_the_queue_and_refuses_new_records() {
     for sequence in 0..500 {
         let key = format!("k{}", sequence % 7);
         let receipt = ingest
-            .submit(request(&topic, &key, &sequence.to_string()))
+            .submit(vec![request(&topic, &key, &sequence.to_string())])
             .await
             .unwrap();
         receipts.push(receipt);
@@ -244,7 +244,7 @@ async fn shutdown_drains_the_queue_and_refuses_new_records() {
     for receipt in receipts {
         assert_eq!(receipt.await.expect("answered"), Ok(()));
     }
-    let late = ingest.submit(request(&topic, "k0", "late")).await;
+    let late = ingest.submit(vec![request(&topic, "k0", "late")]).await;
     assert!(matches!(late, Err(IngestError::ShuttingDown)), "{late:?}");
     let stored: usize = read_topic(&log, "t").iter().map(Vec::len).sum();
     assert_eq!(stored, 500);
@@ -261,7 +261,7 @@ async fn a_record_larger_than_a_batch_is_refused_by_name() {
     let ingest = LogIngest::new(log.clone(), config);
     let topic: Arc<str> = "t".into();
     let error = ingest
-        .submit(request(&topic, "k", &"x".repeat(5000)))
+        .submit(vec![request(&topic, "k", &"x".repeat(5000))])
         .await
         .unwrap_err();
     assert!(
@@ -290,7 +290,12 @@ async fn batches_respect_the_log_batch_limit() {
     let mut receipts = Vec::new();
     for sequence in 0..300 {
         let value = format!("{sequence:04}-{}", "v".repeat(sequence % 300));
-        receipts.push(ingest.submit(request(&topic, "k", &value)).await.unwrap());
+        receipts.push(
+            ingest
+                .submit(vec![request(&topic, "k", &value)])
+                .await
+                .unwrap(),
+        );
     }
     for receipt in receipts {
         assert_eq!(receipt.await.unwrap(), Ok(()));

@@ -120,63 +120,27 @@ impl Shared {
     /// store. Returns the store changes; `needs_commit` says whether any of them must be
     /// durable before the publisher is acknowledged.
     pub(crate) fn route(&self, message: &Arc<Message>) -> Routed {
+        self.route_all(std::slice::from_ref(message))
+    }
+
+    /// [`Shared::route`] for several messages, in order, under one lock of the registry.
+    pub(crate) fn route_all(&self, messages: &[Arc<Message>]) -> Routed {
         let mut ops = Vec::new();
         let mut needs_commit = false;
         let limits = &self.config.limits;
-        let targets: Vec<(Arc<SessionCell>, Queued)> = {
+        let mut targets: Vec<(Arc<SessionCell>, Queued)> = Vec::new();
+        {
             let mut registry = lock(&self.registry);
-            if message.retain {
-                let topic = message.topic.as_str();
-                if message.payload.is_empty() {
-                    if registry.retained.remove(topic).is_some() {
-                        ops.push(Op::ClearRetained {
-                            topic: topic.to_string(),
-                        });
-                        needs_commit = true;
-                    }
-                } else if registry.retained.len() < limits.max_retained_messages
-                    || registry.retained.contains_key(topic)
-                {
-                    let mut kept = Message::clone_for_retain(message);
-                    kept.retain = true;
-                    registry.retained.insert(topic.to_string(), Arc::new(kept));
-                    ops.push(Op::Retain {
-                        message: message.to_stored(),
-                    });
-                    needs_commit = true;
-                } else {
-                    metrics::counter!("silt_mqtt_dropped_total", "reason" => "retained_full")
-                        .increment(1);
-                }
-                metrics::gauge!("silt_mqtt_retained_messages").set(registry.retained.len() as f64);
+            for message in messages {
+                self.route_one(
+                    &mut registry,
+                    message,
+                    &mut targets,
+                    &mut ops,
+                    &mut needs_commit,
+                );
             }
-            let Registry {
-                sessions,
-                subscriptions,
-                ..
-            } = &mut *registry;
-            let deliveries = subscriptions.matches_with(&message.topic, &message.publisher, |id| {
-                sessions.get(id).is_some_and(|cell| cell.is_online())
-            });
-            deliveries
-                .into_iter()
-                .filter_map(|delivery| {
-                    let cell = sessions.get(&delivery.client_id)?.clone();
-                    let copy = Queued {
-                        message: message.clone(),
-                        qos: delivery.qos.min(message.qos),
-                        retain: delivery.retain_as_published && message.retain,
-                        subscription_ids: delivery
-                            .subscription_ids
-                            .iter()
-                            .map(|id| id.get())
-                            .collect(),
-                        seq: None,
-                    };
-                    Some((cell, copy))
-                })
-                .collect()
-        };
+        }
         for (cell, copy) in targets {
             let mut session = cell.lock();
             if let Some(acl) = &self.acl {
@@ -184,7 +148,7 @@ impl Shared {
                     client_id: &session.client_id,
                     username: session.username.as_deref(),
                 };
-                if !acl.allows_receive(&who, &message.topic) {
+                if !acl.allows_receive(&who, &copy.message.topic) {
                     continue;
                 }
             }
@@ -202,6 +166,69 @@ impl Shared {
             }
         }
         Routed { ops, needs_commit }
+    }
+
+    /// Retained-message bookkeeping and the copies for one message, under the registry lock.
+    fn route_one(
+        &self,
+        registry: &mut Registry,
+        message: &Arc<Message>,
+        targets: &mut Vec<(Arc<SessionCell>, Queued)>,
+        ops: &mut Vec<Op>,
+        needs_commit: &mut bool,
+    ) {
+        let limits = &self.config.limits;
+        if message.retain {
+            let topic = message.topic.as_str();
+            if message.payload.is_empty() {
+                if registry.retained.remove(topic).is_some() {
+                    ops.push(Op::ClearRetained {
+                        topic: topic.to_string(),
+                    });
+                    *needs_commit = true;
+                }
+            } else if registry.retained.len() < limits.max_retained_messages
+                || registry.retained.contains_key(topic)
+            {
+                let mut kept = Message::clone_for_retain(message);
+                kept.retain = true;
+                registry.retained.insert(topic.to_string(), Arc::new(kept));
+                ops.push(Op::Retain {
+                    message: message.to_stored(),
+                });
+                *needs_commit = true;
+            } else {
+                metrics::counter!("silt_mqtt_dropped_total", "reason" => "retained_full")
+                    .increment(1);
+            }
+            metrics::gauge!("silt_mqtt_retained_messages").set(registry.retained.len() as f64);
+        }
+        if registry.subscriptions.is_empty() {
+            return;
+        }
+        let Registry {
+            sessions,
+            subscriptions,
+            ..
+        } = registry;
+        let deliveries = subscriptions.matches_with(&message.topic, &message.publisher, |id| {
+            sessions.get(id).is_some_and(|cell| cell.is_online())
+        });
+        targets.extend(deliveries.into_iter().filter_map(|delivery| {
+            let cell = sessions.get(&delivery.client_id)?.clone();
+            let copy = Queued {
+                message: message.clone(),
+                qos: delivery.qos.min(message.qos),
+                retain: delivery.retain_as_published && message.retain,
+                subscription_ids: delivery
+                    .subscription_ids
+                    .iter()
+                    .map(|id| id.get())
+                    .collect(),
+                seq: None,
+            };
+            Some((cell, copy))
+        }));
     }
 
     /// Publishes a will (or any broker-made message): into the log first, then to subscribers.
@@ -226,7 +253,7 @@ impl Shared {
             key: record.key,
             record: record.record,
         };
-        let durable = match self.ingest.submit(request).await {
+        let durable = match self.ingest.submit(vec![request]).await {
             Ok(receipt) => matches!(receipt.await, Ok(Ok(()))),
             Err(_) => false,
         };

@@ -34,8 +34,15 @@ use crate::mqtt::topic::{FilterSupport, SubscriptionFilter, TopicName};
 /// Bytes waiting to be written above which the connection stops reading and stops taking
 /// messages from its queue.
 const OUT_HIGH_WATER: usize = 256 * 1024;
-/// Publishes waiting for the log above which the connection stops reading.
-const PENDING_MAX: usize = 1024;
+/// Submissions waiting for the log above which the connection stops reading (the log's
+/// queue bounds their bytes; this bounds their number).
+const PENDING_MAX: usize = 8;
+/// Payload bytes of publishes gathered before they are submitted to the log together.
+const BATCH_BYTES_MAX: usize = 64 * 1024;
+/// Publishes gathered before they are submitted to the log together.
+const BATCH_PUBLISHES_MAX: usize = 512;
+/// How long a closing connection waits for its publishes under way to reach the log.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// Bytes read from the socket at most per read.
 const READ_CHUNK: usize = 64 * 1024;
 
@@ -109,6 +116,7 @@ pub(crate) async fn run<S>(
     };
     let end = conn.serve(&mut io).await;
     let _ = io.flush().await;
+    conn.drain().await;
     conn.finish(end).await;
     io.close().await;
 }
@@ -534,6 +542,9 @@ async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
         acks: FuturesOrdered::new(),
         last_log_topic: None,
         counters: Counters::new(),
+        batch: Vec::new(),
+        batch_entries: Vec::new(),
+        batch_bytes: 0,
         ops: Vec::new(),
     };
     conn.resend(&mut io.out);
@@ -559,26 +570,34 @@ fn random_u64() -> u64 {
     u64::from_le_bytes(bytes)
 }
 
-/// A publish on its way into the log.
-struct Pending {
+/// One publish of a submission.
+struct Entry {
     packet_id: u16,
     qos: QoS,
+    /// `None` for a publish the ACL refused.
+    message: Option<Arc<Message>>,
+}
+
+/// Publishes submitted together, back from the log.
+struct Pending {
+    entries: Vec<Entry>,
     outcome: Outcome,
 }
 
 enum Outcome {
-    Durable(Arc<Message>),
+    Durable,
     Refused(IngestError),
     /// The ACL refused it; it never went to the log.
     Denied,
 }
 
-/// Resolves with a publish's outcome once the log has it (or at once).
+/// Acknowledgements ready now, or once the session store has what they depend on.
+type AcksDue = Either<future::Ready<Vec<AckDue>>, BoxFuture<'static, Vec<AckDue>>>;
+
+/// Resolves with a submission's outcome once the log has it (or at once).
 struct PendingFuture {
     receipt: Option<super::IngestReceipt>,
-    message: Option<Arc<Message>>,
-    packet_id: u16,
-    qos: QoS,
+    entries: Vec<Entry>,
     done: Option<Pending>,
 }
 
@@ -586,9 +605,7 @@ impl PendingFuture {
     fn ready(pending: Pending) -> PendingFuture {
         PendingFuture {
             receipt: None,
-            message: None,
-            packet_id: pending.packet_id,
-            qos: pending.qos,
+            entries: Vec::new(),
             done: Some(pending),
         }
     }
@@ -612,20 +629,32 @@ impl std::future::Future for PendingFuture {
         };
         let outcome = match std::pin::Pin::new(receipt).poll(cx) {
             Poll::Pending => return Poll::Pending,
-            Poll::Ready(Ok(Ok(()))) => match this.message.take() {
-                Some(message) => Outcome::Durable(message),
-                None => Outcome::Refused(IngestError::ShuttingDown),
-            },
+            Poll::Ready(Ok(Ok(()))) => Outcome::Durable,
             Poll::Ready(Ok(Err(error))) => Outcome::Refused(error),
             Poll::Ready(Err(_)) => Outcome::Refused(IngestError::ShuttingDown),
         };
         this.receipt = None;
         Poll::Ready(Pending {
-            packet_id: this.packet_id,
-            qos: this.qos,
+            entries: std::mem::take(&mut this.entries),
             outcome,
         })
     }
+}
+
+fn ack_for(entry: &Entry, reason: u8) -> AckDue {
+    AckDue {
+        packet_id: entry.packet_id,
+        qos: entry.qos,
+        reason: Some(reason),
+    }
+}
+
+fn acks_for(entries: &[Entry], reason: u8) -> Vec<AckDue> {
+    entries
+        .iter()
+        .filter(|entry| entry.qos != QoS::AtMostOnce)
+        .map(|entry| ack_for(entry, reason))
+        .collect()
 }
 
 /// Metric handles of one connection, looked up once instead of per packet.
@@ -673,7 +702,11 @@ struct Conn {
     will: Option<(TopicName, Will)>,
     will_delay_secs: u32,
     pending: FuturesOrdered<PendingFuture>,
-    acks: FuturesOrdered<Either<future::Ready<AckDue>, BoxFuture<'static, AckDue>>>,
+    acks: FuturesOrdered<AcksDue>,
+    /// Publishes read but not yet submitted, and what the connection keeps of each.
+    batch: Vec<IngestRequest>,
+    batch_entries: Vec<Entry>,
+    batch_bytes: usize,
     /// The log topic of the last publish, shared by the requests that go to it.
     last_log_topic: Option<Arc<str>>,
     counters: Counters,
@@ -734,9 +767,13 @@ impl Conn {
                     // Everything ready is handled before anything is written, so that a group
                     // commit's acknowledgements leave in one write.
                     Some(done) = self.acks.next() => {
-                        self.send_ack(&mut io.out, done);
+                        for due in done {
+                            self.send_ack(&mut io.out, due);
+                        }
                         while let Some(Some(done)) = self.acks.next().now_or_never() {
-                            self.send_ack(&mut io.out, done);
+                            for due in done {
+                                self.send_ack(&mut io.out, due);
+                            }
                         }
                     }
                     Some(pending) = self.pending.next() => {
@@ -790,6 +827,16 @@ impl Conn {
         &mut self,
         io: &mut Io<S>,
     ) -> Result<Option<End>, Close> {
+        let result = self.handle_frames(io).await;
+        // Publishes read so far go to the log together, whatever happens next.
+        self.flush_batch().await;
+        result
+    }
+
+    async fn handle_frames<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        io: &mut Io<S>,
+    ) -> Result<Option<End>, Close> {
         loop {
             let frame = match self.decoder.decode(&mut io.inbuf) {
                 Ok(Some(frame)) => frame,
@@ -801,10 +848,36 @@ impl Conn {
                 }
             };
             let packet = packet::from_frame(frame).map_err(|e| Close::protocol(e.reason_code()))?;
+            if !matches!(packet, ClientPacket::Publish(_)) {
+                // Anything else is handled after the publishes before it.
+                self.flush_batch().await;
+            }
             if let Some(end) = self.handle(packet, io).await? {
                 return Ok(Some(end));
             }
         }
+    }
+
+    /// Submits the publishes gathered so far as one request to the log.
+    async fn flush_batch(&mut self) {
+        if self.batch.is_empty() {
+            return;
+        }
+        let requests = std::mem::take(&mut self.batch);
+        let entries = std::mem::take(&mut self.batch_entries);
+        self.batch_bytes = 0;
+        let future = match self.shared.ingest.submit(requests).await {
+            Ok(receipt) => PendingFuture {
+                receipt: Some(receipt),
+                entries,
+                done: None,
+            },
+            Err(error) => PendingFuture::ready(Pending {
+                entries,
+                outcome: Outcome::Refused(error),
+            }),
+        };
+        self.pending.push_back(future);
     }
 
     async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
@@ -935,9 +1008,13 @@ impl Conn {
                     rc::SUCCESS
                 };
                 let _ = reason;
+                self.flush_batch().await;
                 self.pending.push_back(PendingFuture::ready(Pending {
-                    packet_id: id,
-                    qos: publish.qos,
+                    entries: vec![Entry {
+                        packet_id: id,
+                        qos: publish.qos,
+                        message: None,
+                    }],
                     outcome: Outcome::Denied,
                 }));
             }
@@ -984,56 +1061,52 @@ impl Conn {
                 record: record.record,
             }
         };
-        let qos = message.qos;
-        let submitted = self.shared.ingest.submit(record).await;
-        let future = match submitted {
-            Ok(receipt) => PendingFuture {
-                receipt: Some(receipt),
-                message: Some(message),
-                packet_id: id,
-                qos,
-                done: None,
-            },
-            Err(error) => PendingFuture::ready(Pending {
-                packet_id: id,
-                qos,
-                outcome: Outcome::Refused(error),
-            }),
-        };
-        self.pending.push_back(future);
+        self.batch_bytes += message.payload.len();
+        self.batch.push(record);
+        self.batch_entries.push(Entry {
+            packet_id: id,
+            qos: message.qos,
+            message: Some(message),
+        });
+        if self.batch_bytes >= BATCH_BYTES_MAX || self.batch.len() >= BATCH_PUBLISHES_MAX {
+            self.flush_batch().await;
+        }
         Ok(())
     }
 
     /// A publish came back from the log: deliver it, then acknowledge it (after the store has
     /// what the delivery changed, when that matters).
     fn complete(&mut self, out: &mut BytesMut, pending: Pending) {
-        let qos = pending.qos;
         let reason = match &pending.outcome {
-            Outcome::Denied => Some(if self.v5 {
-                rc::NOT_AUTHORIZED
-            } else {
-                rc::SUCCESS
-            }),
-            Outcome::Durable(message) => {
-                let routed = self.shared.route(message);
-                if qos != QoS::AtMostOnce && routed.needs_commit {
+            Outcome::Denied => {
+                if self.v5 {
+                    rc::NOT_AUTHORIZED
+                } else {
+                    rc::SUCCESS
+                }
+            }
+            Outcome::Durable => {
+                let messages: Vec<Arc<Message>> = pending
+                    .entries
+                    .iter()
+                    .filter_map(|entry| entry.message.clone())
+                    .collect();
+                let routed = self.shared.route_all(&messages);
+                let acknowledged = pending.entries.iter().any(|e| e.qos != QoS::AtMostOnce);
+                if acknowledged && routed.needs_commit {
                     let receipt = self.shared.persist.commit(routed.ops);
-                    let packet_id = pending.packet_id;
+                    let entries = pending.entries;
                     self.acks.push_back(Either::Right(Box::pin(async move {
                         let reason = match receipt.await {
-                            Ok(Ok(())) => Some(rc::SUCCESS),
-                            _ => Some(rc::UNSPECIFIED),
+                            Ok(Ok(())) => rc::SUCCESS,
+                            _ => rc::UNSPECIFIED,
                         };
-                        AckDue {
-                            packet_id,
-                            qos,
-                            reason,
-                        }
+                        acks_for(&entries, reason)
                     })));
                     return;
                 }
                 self.ops.extend(routed.ops);
-                Some(rc::SUCCESS)
+                rc::SUCCESS
             }
             Outcome::Refused(error) => {
                 let label = match error {
@@ -1041,26 +1114,45 @@ impl Conn {
                     IngestError::ShuttingDown => "shutting_down",
                     IngestError::Failed(_) => "log_failed",
                 };
-                metrics::counter!("silt_mqtt_dropped_total", "reason" => label).increment(1);
-                tracing::debug!(client_id = %self.client_id, %error, "publish not stored");
+                metrics::counter!("silt_mqtt_dropped_total", "reason" => label)
+                    .increment(pending.entries.len() as u64);
+                tracing::debug!(client_id = %self.client_id, %error, "publishes not stored");
                 match error {
-                    IngestError::QuotaExceeded(_) => Some(rc::QUOTA_EXCEEDED),
-                    _ => Some(rc::UNSPECIFIED),
+                    IngestError::QuotaExceeded(_) => rc::QUOTA_EXCEEDED,
+                    _ => rc::UNSPECIFIED,
                 }
             }
         };
-        if qos != QoS::AtMostOnce {
-            let due = AckDue {
-                packet_id: pending.packet_id,
-                qos,
+        // Acknowledgements leave in publish order: straight out unless an earlier one still
+        // waits for the store.
+        if self.acks.is_empty() {
+            for entry in &pending.entries {
+                if entry.qos != QoS::AtMostOnce {
+                    self.send_ack(out, ack_for(entry, reason));
+                }
+            }
+        } else {
+            self.acks.push_back(Either::Left(future::ready(acks_for(
+                &pending.entries,
                 reason,
-            };
-            // Acknowledgements leave in publish order: straight out unless an earlier one
-            // still waits for the store.
-            if self.acks.is_empty() {
-                self.send_ack(out, due);
-            } else {
-                self.acks.push_back(Either::Left(future::ready(due)));
+            ))));
+        }
+    }
+
+    /// Routes what the log has of the publishes still under way when the connection ends,
+    /// so that subscribers get every stored message (nobody is left to acknowledge).
+    async fn drain(&mut self) {
+        self.flush_batch().await;
+        let deadline = Instant::now() + DRAIN_TIMEOUT;
+        while let Ok(Some(pending)) = tokio::time::timeout_at(deadline, self.pending.next()).await {
+            if let Outcome::Durable = pending.outcome {
+                let messages: Vec<Arc<Message>> = pending
+                    .entries
+                    .iter()
+                    .filter_map(|entry| entry.message.clone())
+                    .collect();
+                let routed = self.shared.route_all(&messages);
+                self.ops.extend(routed.ops);
             }
         }
     }

@@ -40,7 +40,7 @@ pub struct IngestRequest {
     pub record: Record,
 }
 
-/// Resolves once the record is durable (or refused).
+/// Resolves once every record of a submission is durable, or with the first refusal.
 pub type IngestReceipt = tokio::sync::oneshot::Receiver<Result<(), IngestError>>;
 
 /// A boxed future, as the port returns it.
@@ -48,11 +48,18 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// What the broker needs from the log. The node implements it.
 pub trait IngestPort: Send + Sync + 'static {
-    /// Queues a record for the log and returns a receipt that resolves once the record is
-    /// durable (fsync'd under the durable policy). The future itself waits while the log's
-    /// queue is full, which is how a publisher faster than the disk is slowed down; it fails
-    /// at once when the record can never be taken (for example the log is closing).
-    fn submit(&self, request: IngestRequest) -> BoxFuture<'_, Result<IngestReceipt, IngestError>>;
+    /// Queues records for the log, keeping their order per partition, and returns one receipt
+    /// that resolves once all of them are durable (fsync'd under the durable policy), or with
+    /// an error if any was refused. A connection submits every publish of one read together,
+    /// so a burst costs one queue operation and one wake-up, not one per message.
+    ///
+    /// The future itself waits while the log's queue is full, which is how a publisher
+    /// faster than the disk is slowed down; it fails at once when the records can never be
+    /// taken (for example the log is closing, or a record is larger than a batch).
+    fn submit(
+        &self,
+        requests: Vec<IngestRequest>,
+    ) -> BoxFuture<'_, Result<IngestReceipt, IngestError>>;
 }
 
 /// Limits that bound every buffer and queue of the broker.
