@@ -66,6 +66,22 @@ pub(crate) struct Cli {
 pub(crate) enum Command {
     /// Print every record of a stopped node's data directory as JSON lines.
     Dump(DumpArgs),
+    /// Add a user to an MQTT password file, or change its password (mosquitto_passwd format).
+    Passwd(PasswdArgs),
+}
+
+/// Flags of `silt-edge passwd`.
+#[derive(Debug, Args)]
+pub(crate) struct PasswdArgs {
+    /// The password file (`mqtt.password_file`); created if missing.
+    #[arg(value_name = "FILE")]
+    pub(crate) file: PathBuf,
+    /// The user name.
+    #[arg(value_name = "USER")]
+    pub(crate) username: String,
+    /// Remove the user instead.
+    #[arg(long, short = 'D')]
+    pub(crate) delete: bool,
 }
 
 /// Flags of `silt-edge dump`.

@@ -17,6 +17,7 @@ mod config;
 mod dump;
 mod ingest;
 mod node;
+mod passwd;
 mod telemetry;
 
 /// mimalloc instead of glibc's malloc: the ingest path allocates records on the connection
@@ -48,6 +49,15 @@ fn main() -> ExitCode {
         // stdout carries the records.
         init_tracing(LevelFilter::WARN);
         return dump::main(args);
+    }
+    if let Some(Command::Passwd(args)) = &cli.command {
+        return match passwd::main(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("silt-edge passwd: {error:#}");
+                ExitCode::FAILURE
+            }
+        };
     }
     let config = match cli
         .sources(&matches, std::env::vars_os())

@@ -311,9 +311,20 @@ async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
     }
     // Who is it?
     let username = match (&connect.username, &shared.passwords) {
-        (Some(user), Some(passwords)) => {
-            let password = connect.password.as_deref().unwrap_or("");
-            if !passwords.verify(user, password.as_bytes()) {
+        (Some(user), Some(_)) => {
+            // A password hash costs milliseconds of CPU (more on a Pi): off the IO threads.
+            let password = connect.password.clone().unwrap_or_default();
+            let checker = shared.clone();
+            let name = user.clone();
+            let verified = tokio::task::spawn_blocking(move || {
+                checker
+                    .passwords
+                    .as_ref()
+                    .is_some_and(|passwords| passwords.verify(&name, password.as_bytes()))
+            })
+            .await
+            .unwrap_or(false);
+            if !verified {
                 refuse(
                     io,
                     v5,
