@@ -306,3 +306,61 @@ async fn will_is_published_when_a_client_vanishes() {
     assert_eq!(&payload[..], b"gone");
     node.broker.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_that_never_reads_does_not_stall_publishers() {
+    use rumqttc::v5::mqttbytes::QoS;
+    use rumqttc::v5::mqttbytes::v5::Packet;
+    use rumqttc::v5::{AsyncClient, Event};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let node = start().await;
+
+    // A 3.1.1 subscriber on a raw socket: CONNECT, SUBSCRIBE slow/# at QoS 1, then it reads
+    // the CONNACK and SUBACK and nothing ever again.
+    let mut slow = tokio::net::TcpStream::connect(node.addr).await.unwrap();
+    let connect = [
+        0x10, 0x10, 0x00, 0x04, b'M', b'Q', b'T', b'T', 0x04, 0x02, 0x00, 0x3c, 0x00, 0x04, b's',
+        b'l', b'o', b'w',
+    ];
+    let subscribe = [
+        0x82, 0x0b, 0x00, 0x01, 0x00, 0x06, b's', b'l', b'o', b'w', b'/', b'#', 0x01,
+    ];
+    slow.write_all(&connect).await.unwrap();
+    slow.write_all(&subscribe).await.unwrap();
+    let mut acks = [0u8; 9];
+    tokio::time::timeout(Duration::from_secs(10), slow.read_exact(&mut acks))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(acks[0], 0x20, "CONNACK");
+    assert_eq!(acks[4], 0x90, "SUBACK");
+
+    // 4,000 messages of 4 KiB: far more than the socket buffers and the subscriber's queue
+    // hold. Every one is acknowledged all the same.
+    let (publisher, mut events) = AsyncClient::new(v5_options("fast", node.addr), 100);
+    let payload = vec![b'x'; 4096];
+    let sender = tokio::spawn(async move {
+        for _ in 0..4_000 {
+            publisher
+                .publish("slow/topic", QoS::AtLeastOnce, false, payload.clone())
+                .await
+                .unwrap();
+        }
+        publisher
+    });
+    let mut acked = 0;
+    next_matching(&mut events, |e| {
+        if matches!(e, Event::Incoming(Packet::PubAck(_))) {
+            acked += 1;
+        }
+        (acked == 4_000).then_some(())
+    })
+    .await;
+    let _publisher = sender.await.unwrap();
+    assert_eq!(
+        node.log.partition("mqtt", 0).unwrap().log_end_offset(),
+        4_000
+    );
+    drop(slow);
+    node.broker.shutdown().await;
+}
