@@ -1042,7 +1042,7 @@ class Sub:
         """Waits until the broker delivers to this subscriber (its SUBSCRIBE is done)."""
         end = time.monotonic() + TIMEOUT
         while True:
-            run_pub(self.broker, self.version, "-t", self.ready_topic, "-m", "ready")
+            run_pub(self.broker, self.version, "-t", self.ready_topic, "-m", "ready", "-q", "1")
             line = self._next(0.2)
             if line is not None:
                 assert line["topic"] == self.ready_topic, f"unexpected {line}"

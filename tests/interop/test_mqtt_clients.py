@@ -147,6 +147,34 @@ def test_dollar_topics_do_not_match_leading_wildcards(mqtt, topic, version):
         assert [m.topic for m in got if m.topic.startswith("$")] == []
 
 
+@pytest.mark.parametrize("ending", ["disconnect", "close"])
+@pytest.mark.parametrize("version", VERSIONS, ids=VERSION_IDS)
+def test_qos0_publish_right_before_the_connection_ends_is_delivered(mqtt, topic, version,
+                                                                     ending):
+    """What `mosquitto_pub -m` does by default: CONNECT, a QoS 0 PUBLISH, DISCONNECT at once
+    (or just closing). The broker has read the PUBLISH before the end of the connection, so
+    it forwards it like any other."""
+    subscriber = mqtt.raw(V5)
+    subscriber.subscribe([(topic + "#", 0)])
+    publisher = mqtt.raw(version)
+    publisher.publish(topic + "last-words", b"sent at QoS 0", qos=0)
+    if ending == "disconnect":
+        publisher.disconnect()
+    else:
+        publisher.close()
+    message = subscriber.expect_publish()
+    assert (message.topic, message.payload) == (topic + "last-words", b"sent at QoS 0")
+
+
+@pytest.mark.parametrize("version", VERSIONS, ids=VERSION_IDS)
+def test_mosquitto_pub_default_qos_reaches_paho(broker, mqtt, topic, version):
+    subscriber = mqtt.paho(version)
+    subscriber.subscribe(topic + "#", qos=1)
+    fx.run_pub(broker, version, "-t", topic + "plain", "-m", "no -q given")
+    message = subscriber.expect_message()
+    assert (message.topic, message.payload, message.qos) == (topic + "plain", b"no -q given", 0)
+
+
 # ---- mosquitto_pub and mosquitto_sub --------------------------------------------------------
 
 @pytest.mark.parametrize("qos", [0, 1, 2])
