@@ -182,9 +182,8 @@ class Broker:
             "log_type error",
             "log_type warning",
             "log_type notice",
-            # Run as whoever runs the tests: as root it would switch to user mosquitto, who
-            # cannot read our temporary files.
-            "user " + os.environ.get("USER", "root") if os.geteuid() == 0 else "",
+            # As root it would switch to user mosquitto, who cannot read our temporary files.
+            "user root" if os.geteuid() == 0 else "",
         ]
         if options.password_file is not None:
             lines.append(f"password_file {options.password_file}")

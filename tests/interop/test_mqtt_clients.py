@@ -133,15 +133,19 @@ def test_wildcards_match_as_the_spec_says(mqtt, topic, version):
 
 @pytest.mark.parametrize("version", VERSIONS, ids=VERSION_IDS)
 def test_dollar_topics_do_not_match_leading_wildcards(mqtt, topic, version):
-    """[MQTT-4.7.2-1]: `#` and `+/...` never match a topic starting with `$`: neither $SYS nor
+    """4.7.2: `#` and `+/...` never match a topic starting with `$`: neither $SYS nor
     a `$` topic a client publishes to (which a server may also refuse)."""
     first, second, _ = topic.split("/")
     everything = mqtt.raw(version)
     everything.subscribe("#")
     plus = mqtt.raw(version)
     plus.subscribe([(f"+/{second}/x", 0), (topic + "barrier", 0)])
+    dollar = mqtt.raw(version)
+    try:
+        dollar.publish(f"${first}/{second}/x", b"dollar", qos=1)
+    except fx.Closed:
+        pass  # the broker may refuse client publishes to $ topics, this way too
     publisher = mqtt.raw(version)
-    publisher.publish(f"${first}/{second}/x", b"dollar", qos=1)
     for client in (everything, plus):
         got = fx.barrier(publisher, client, topic + "barrier")
         assert [m.topic for m in got if m.topic.startswith("$")] == []
@@ -166,15 +170,6 @@ def test_qos0_publish_right_before_the_connection_ends_is_delivered(mqtt, topic,
     assert (message.topic, message.payload) == (topic + "last-words", b"sent at QoS 0")
 
 
-@pytest.mark.parametrize("version", VERSIONS, ids=VERSION_IDS)
-def test_mosquitto_pub_default_qos_reaches_paho(broker, mqtt, topic, version):
-    subscriber = mqtt.paho(version)
-    subscriber.subscribe(topic + "#", qos=1)
-    fx.run_pub(broker, version, "-t", topic + "plain", "-m", "no -q given")
-    message = subscriber.expect_message()
-    assert (message.topic, message.payload, message.qos) == (topic + "plain", b"no -q given", 0)
-
-
 # ---- mosquitto_pub and mosquitto_sub --------------------------------------------------------
 
 @pytest.mark.parametrize("qos", [0, 1, 2])
@@ -193,6 +188,15 @@ def test_mosquitto_pub_to_mosquitto_sub(broker, mqtt, topic, version, qos):
     assert [line["payload"] for line in received] == lines
     assert {line["topic"] for line in received} == {topic + "lines"}
     assert {line["qos"] for line in received} == {qos}
+
+
+@pytest.mark.parametrize("version", VERSIONS, ids=VERSION_IDS)
+def test_mosquitto_pub_default_qos_reaches_paho(broker, mqtt, topic, version):
+    subscriber = mqtt.paho(version)
+    subscriber.subscribe(topic + "#", qos=1)
+    fx.run_pub(broker, version, "-t", topic + "plain", "-m", "no -q given")
+    message = subscriber.expect_message()
+    assert (message.topic, message.payload, message.qos) == (topic + "plain", b"no -q given", 0)
 
 
 @pytest.mark.parametrize("version", VERSIONS, ids=VERSION_IDS)

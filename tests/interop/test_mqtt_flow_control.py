@@ -12,7 +12,7 @@ import struct
 import pytest
 
 import mqtt_fixtures as fx
-from mqtt_fixtures import V5, V311, VERSIONS, VERSION_IDS
+from mqtt_fixtures import V5, VERSIONS, VERSION_IDS
 from paho.mqtt.packettypes import PacketTypes
 
 RECEIVE_MAXIMUM = 4

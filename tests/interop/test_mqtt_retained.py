@@ -3,6 +3,7 @@ the 5.0 subscription options Retain Handling (0/1/2) and Retain As Published; re
 message expiry; and the command-line clients' -r.
 """
 
+import subprocess
 import time
 
 import pytest
@@ -143,10 +144,10 @@ def test_mosquitto_clients_retained(broker, topic, version):
     fx.run_pub(broker, version, "-t", topic + "cli", "-m", "kept", "-r", "-q", "1")
     args = [fx.MOSQUITTO_SUB, *fx.mosquitto_args(broker, version), "-t", topic + "cli",
             "-C", "1", "-W", "5", "-F", "%r %p"]
-    result = fx.subprocess.run(args, capture_output=True, timeout=fx.TIMEOUT)
+    result = subprocess.run(args, capture_output=True, timeout=fx.TIMEOUT)
     assert (result.returncode, result.stdout) == (0, b"1 kept\n")
     # -n -r: an empty retained message clears it; mosquitto_sub then times out with nothing.
     fx.run_pub(broker, version, "-t", topic + "cli", "-n", "-r", "-q", "1")
     args[args.index("-W") + 1] = "1"
-    result = fx.subprocess.run(args, capture_output=True, timeout=fx.TIMEOUT)
+    result = subprocess.run(args, capture_output=True, timeout=fx.TIMEOUT)
     assert result.stdout == b""

@@ -59,7 +59,9 @@ def test_will_on_keep_alive_timeout(mqtt, topic, version):
     started = time.monotonic()
     message = observer.expect_publish()
     assert message.topic == topic + "will/silent"
-    assert time.monotonic() - started >= 1.0
+    # Not before the keep-alive itself (measured from the CONNACK, a little after the
+    # broker's own clock started).
+    assert time.monotonic() - started >= 0.95
     client.wait_closed()
 
 
