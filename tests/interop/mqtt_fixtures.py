@@ -392,7 +392,8 @@ class Paho:
         client.on_message = lambda c, u, message: self.messages.put(message)
         client.on_subscribe = lambda c, u, mid, codes, props: self.subacks.put((mid, codes))
         client.on_unsubscribe = lambda c, u, mid, codes, props: self.unsubacks.put((mid, codes))
-        client.on_disconnect = lambda c, u, flags, code, props: self.disconnects.put(code)
+        self.gone = threading.Event()
+        client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
         if will is not None:
             props = None
@@ -405,6 +406,10 @@ class Paho:
         self.started = False
         if connect:
             self.connack = self.connect(expect_code)
+
+    def _on_disconnect(self, client, userdata, flags, code, props):
+        self.gone.set()
+        self.disconnects.put(code)
 
     def _on_publish(self, client, userdata, mid, code, props):
         with self.acks_lock:
@@ -421,6 +426,7 @@ class Paho:
                 pairs.append(("ReceiveMaximum", self.receive_maximum))
             props = paho_properties(PacketTypes.CONNECT, pairs) if pairs else None
         kwargs = {"clean_start": self.clean, "properties": props} if self.version == V5 else {}
+        self.gone.clear()
         self.client.connect(self.broker.host, self.broker.port, self.keep_alive, **kwargs)
         if not self.started:
             self.client.loop_start()
@@ -482,12 +488,12 @@ class Paho:
         raise AssertionError(f"unexpected message on {message.topic}: {message.payload!r}")
 
     def disconnect(self):
+        """A normal DISCONNECT, waiting for paho to finish it; or, when the broker already
+        closed the connection, just stopping paho's thread."""
         if self.started:
-            self.client.disconnect()
-            try:
-                self.disconnects.get(timeout=TIMEOUT)
-            except queue.Empty:
-                pass
+            if not self.gone.is_set():
+                self.client.disconnect()
+                self.gone.wait(timeout=TIMEOUT)
             self.client.loop_stop()
             self.started = False
 

@@ -7,6 +7,7 @@ A raw socket client does what a well-behaved library would refuse to: exceed the
 aliases, send a packet one byte too large.
 """
 
+import queue
 import struct
 
 import pytest
@@ -126,6 +127,26 @@ def test_one_byte_over_the_maximum_size_closes_the_connection(mqtt, limited, top
     assert reason == (0x95 if version == V5 else None)
     other = mqtt.raw(V5, broker=limited)
     assert fx.barrier(other, subscriber, topic + "after") == []
+
+
+@fx.mosquitto_violates("it accepts (and PUBACKs) packets up to 2 bytes larger than the "
+                       "Maximum Packet Size it announces")
+def test_paho_at_the_packet_limit_and_one_byte_over(mqtt, limited, topic):
+    """paho 5.0 publishes the largest payload that fits; one byte more and paho is told why
+    it was disconnected: 0x95 (Packet too large)."""
+    client = mqtt.paho(V5, broker=limited)
+    name = topic + "paho"
+    # Fixed header 3 (remaining length > 127), topic, packet id 2, property length 1.
+    fits = MAX_PACKET - 3 - (2 + len(name)) - 2 - 1
+    assert client.publish(name, b"p" * fits, qos=1) == 0
+    # paho may already report the connection gone when this call returns: the broker can
+    # answer before paho's own bookkeeping of the write is done. Its return code says nothing.
+    client.client.publish(name, b"p" * (fits + 1), qos=1)
+    try:
+        code = client.disconnects.get(timeout=DISCONNECT_WAIT)
+    except queue.Empty:
+        raise AssertionError("paho was not disconnected") from None
+    assert code.value == 0x95
 
 
 def test_server_drops_what_exceeds_the_client_maximum_packet_size(mqtt, topic):
