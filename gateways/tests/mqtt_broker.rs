@@ -364,3 +364,47 @@ async fn a_subscriber_that_never_reads_does_not_stall_publishers() {
     drop(slow);
     node.broker.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_over_the_limit_are_refused_with_quota_exceeded() {
+    use rumqttc::v5::mqttbytes::v5::{ConnectReturnCode, Packet};
+    use rumqttc::v5::{AsyncClient, ConnectionError, Event};
+    let dir = tempfile::tempdir().unwrap();
+    let log = LogManager::open(LogConfig::new(dir.path().join("log"))).unwrap();
+    let config = BrokerConfig {
+        limits: Limits {
+            max_connections: 2,
+            ..Limits::default()
+        },
+        allow_anonymous: true,
+        password_file: None,
+        acl_file: None,
+        state_dir: dir.path().join("mqtt"),
+        routes: RouteTable::default(),
+    };
+    let broker = Broker::open(config, Arc::new(DirectLog(log.clone()))).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    broker.serve(listener, None);
+
+    let mut kept = Vec::new();
+    for id in ["one", "two"] {
+        let (client, mut events) = AsyncClient::new(v5_options(id, addr), 10);
+        next_matching(&mut events, |e| {
+            matches!(e, Event::Incoming(Packet::ConnAck(_))).then_some(())
+        })
+        .await;
+        kept.push((client, events));
+    }
+    let (_third, mut events) = AsyncClient::new(v5_options("three", addr), 10);
+    let refused = tokio::time::timeout(Duration::from_secs(10), events.poll())
+        .await
+        .expect("no answer to the third CONNECT");
+    match refused {
+        Err(ConnectionError::ConnectionRefused(code)) => {
+            assert_eq!(code, ConnectReturnCode::QuotaExceeded)
+        }
+        other => panic!("the third connection was not refused: {other:?}"),
+    }
+    broker.shutdown().await;
+}

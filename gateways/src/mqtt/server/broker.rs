@@ -27,6 +27,8 @@ use crate::mqtt::topic::{FilterSupport, SubscriptionFilter};
 
 /// How long shutdown waits for connections to finish what is under way.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// Connections over `max_connections` still read far enough to be refused with a CONNACK.
+const CONNACK_GRACE: usize = 64;
 /// Pause after a failed accept (out of file descriptors, say) before trying again.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
@@ -526,6 +528,22 @@ impl Broker {
                         continue;
                     }
                 };
+                // Beyond the limit (plus room to tell a few clients so in a CONNACK), a socket
+                // is closed at once: a flood of silent connections cannot pin tasks and buffers
+                // until their connect timeout.
+                let open = shared.connections.load(Ordering::Acquire);
+                if open
+                    >= shared
+                        .config
+                        .limits
+                        .max_connections
+                        .saturating_add(CONNACK_GRACE)
+                {
+                    metrics::counter!("silt_mqtt_connects_refused_total", "reason" => "max_connections")
+                        .increment(1);
+                    drop(socket);
+                    continue;
+                }
                 let _ = socket.set_nodelay(true);
                 shared.connections.fetch_add(1, Ordering::AcqRel);
                 metrics::gauge!("silt_mqtt_connections").increment(1.0);
