@@ -59,9 +59,13 @@ async fn start() -> Node {
 
 /// Starts a broker over `dir`, keeping whatever state a previous broker left there.
 async fn start_in(dir: tempfile::TempDir) -> Node {
+    start_with(dir, Limits::default()).await
+}
+
+async fn start_with(dir: tempfile::TempDir, limits: Limits) -> Node {
     let log = LogManager::open(LogConfig::new(dir.path().join("log"))).unwrap();
     let config = BrokerConfig {
-        limits: Limits::default(),
+        limits,
         allow_anonymous: true,
         password_file: None,
         acl_file: None,
@@ -369,23 +373,15 @@ async fn a_subscriber_that_never_reads_does_not_stall_publishers() {
 async fn connections_over_the_limit_are_refused_with_quota_exceeded() {
     use rumqttc::v5::mqttbytes::v5::{ConnectReturnCode, Packet};
     use rumqttc::v5::{AsyncClient, ConnectionError, Event};
-    let dir = tempfile::tempdir().unwrap();
-    let log = LogManager::open(LogConfig::new(dir.path().join("log"))).unwrap();
-    let config = BrokerConfig {
-        limits: Limits {
+    let node = start_with(
+        tempfile::tempdir().unwrap(),
+        Limits {
             max_connections: 2,
             ..Limits::default()
         },
-        allow_anonymous: true,
-        password_file: None,
-        acl_file: None,
-        state_dir: dir.path().join("mqtt"),
-        routes: RouteTable::default(),
-    };
-    let broker = Broker::open(config, Arc::new(DirectLog(log.clone()))).unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    broker.serve(listener, None);
+    )
+    .await;
+    let addr = node.addr;
 
     let mut kept = Vec::new();
     for id in ["one", "two"] {
@@ -406,5 +402,5 @@ async fn connections_over_the_limit_are_refused_with_quota_exceeded() {
         }
         other => panic!("the third connection was not refused: {other:?}"),
     }
-    broker.shutdown().await;
+    node.broker.shutdown().await;
 }

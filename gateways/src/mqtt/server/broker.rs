@@ -235,21 +235,7 @@ impl Shared {
 
     /// Publishes a will (or any broker-made message): into the log first, then to subscribers.
     pub(crate) async fn publish_internal(self: &Arc<Self>, message: Arc<Message>) {
-        let meta = crate::mqtt::ingest::PublishMeta {
-            client_id: &message.publisher,
-            topic: &message.topic,
-            qos: message.qos,
-            retain: message.retain,
-            content_type: message.properties.content_type.as_deref(),
-            payload_format_utf8: message.properties.payload_format_utf8,
-            user_properties: &message.properties.user_properties,
-        };
-        let record = crate::mqtt::ingest::ingest_record(
-            &self.config.routes,
-            &meta,
-            message.payload.clone(),
-            message.published_at_ms,
-        );
+        let record = message.ingest_record(&self.config.routes);
         let request = super::IngestRequest {
             log_topic: Arc::from(record.log_topic),
             key: record.key,

@@ -25,7 +25,6 @@ use super::{BoxFuture, IngestError, IngestRequest, lock, stopped};
 use crate::mqtt::alias::{InboundAliases, OutboundAliases, OutboundTopic};
 use crate::mqtt::auth::Identity;
 use crate::mqtt::codec::{self, CodecError, Decoder, ProtocolVersion};
-use crate::mqtt::ingest::{PublishMeta, ingest_record};
 use crate::mqtt::qos::{InboundAck, InboundAction, QosError, Resend};
 use crate::mqtt::store::Op;
 use crate::mqtt::subscriptions::{QoS, SubscriptionError, SubscriptionId, SubscriptionOptions};
@@ -260,6 +259,17 @@ fn refuse<S>(io: &mut Io<S>, v5: bool, v5_code: u8, v4: u8, reason: &'static str
     encode::connack(&mut io.out, v5, false, code, &ConnackProperties::default());
 }
 
+/// CONNACK for a user name and password that do not check out.
+fn refuse_credentials<S>(io: &mut Io<S>, v5: bool) {
+    refuse(
+        io,
+        v5,
+        rc::BAD_USERNAME_OR_PASSWORD,
+        v4_code::BAD_USERNAME_OR_PASSWORD,
+        "bad_password",
+    );
+}
+
 /// Checks a CONNECT, attaches the session and sends CONNACK.
 async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
     shared: &Arc<Shared>,
@@ -325,25 +335,13 @@ async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
             .await
             .unwrap_or(false);
             if !verified {
-                refuse(
-                    io,
-                    v5,
-                    rc::BAD_USERNAME_OR_PASSWORD,
-                    v4_code::BAD_USERNAME_OR_PASSWORD,
-                    "bad_password",
-                );
+                refuse_credentials(io, v5);
                 return None;
             }
             Some(user.clone())
         }
         (Some(_), None) if !shared.config.allow_anonymous => {
-            refuse(
-                io,
-                v5,
-                rc::BAD_USERNAME_OR_PASSWORD,
-                v4_code::BAD_USERNAME_OR_PASSWORD,
-                "bad_password",
-            );
+            refuse_credentials(io, v5);
             return None;
         }
         // Anonymous access allowed and no password file: the name is taken as given.
@@ -1043,21 +1041,7 @@ impl Conn {
             publisher: self.client_id.clone(),
         });
         let record = {
-            let meta = PublishMeta {
-                client_id: &self.client_id,
-                topic: &message.topic,
-                qos: message.qos,
-                retain: message.retain,
-                content_type: message.properties.content_type.as_deref(),
-                payload_format_utf8: message.properties.payload_format_utf8,
-                user_properties: &message.properties.user_properties,
-            };
-            let record = ingest_record(
-                &self.shared.config.routes,
-                &meta,
-                message.payload.clone(),
-                now_ms,
-            );
+            let record = message.ingest_record(&self.shared.config.routes);
             let log_topic = match &self.last_log_topic {
                 Some(topic) if &**topic == record.log_topic => topic.clone(),
                 _ => {

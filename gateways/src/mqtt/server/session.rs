@@ -13,7 +13,9 @@ use tokio::sync::Notify;
 
 use super::encode::PublishProperties;
 use super::{Limits, lock};
+use crate::mqtt::ingest::{IngestRecord, PublishMeta, ingest_record};
 use crate::mqtt::qos::{Inbound, Outbound};
+use crate::mqtt::route::RouteTable;
 use crate::mqtt::store::{Op, StoredMessage, StoredProperties};
 use crate::mqtt::subscriptions::QoS;
 use crate::mqtt::topic::TopicName;
@@ -45,6 +47,20 @@ impl Message {
                 (left > 0).then_some(Some(left as u32))
             }
         }
+    }
+
+    /// The log record that keeps this message, as the routes place it.
+    pub(crate) fn ingest_record<'r>(&self, routes: &'r RouteTable) -> IngestRecord<'r> {
+        let meta = PublishMeta {
+            client_id: &self.publisher,
+            topic: &self.topic,
+            qos: self.qos,
+            retain: self.retain,
+            content_type: self.properties.content_type.as_deref(),
+            payload_format_utf8: self.properties.payload_format_utf8,
+            user_properties: &self.properties.user_properties,
+        };
+        ingest_record(routes, &meta, self.payload.clone(), self.published_at_ms)
     }
 
     pub(crate) fn to_stored(&self) -> StoredMessage {
