@@ -428,19 +428,23 @@ async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
         let mut registry = lock(&shared.registry);
         let existing = registry.sessions.get(&client_id).cloned();
         let mut taken_from = None;
+        let mut ended = false;
         if let Some(cell) = &existing {
             let mut session = cell.lock();
             if session.attached.is_some() {
                 taken_from = Some(cell.clone());
-                if connect.clean_start {
+                // A session with expiry 0 ends with its connection, even if that connection
+                // (which sent DISCONNECT a moment ago, say) has not finished closing yet.
+                if connect.clean_start || session.expiry_secs == 0 {
                     // The old session ends here; its connection must see it is detached.
+                    ended = true;
                     session.attached = None;
                     session.epoch += 1;
                     cell.set_online(false);
                 }
             }
         }
-        let reuse = existing.filter(|_| !connect.clean_start);
+        let reuse = existing.filter(|_| !connect.clean_start && !ended);
         let session_present = reuse.is_some();
         let cell = match reuse {
             Some(cell) => cell,
