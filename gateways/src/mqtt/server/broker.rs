@@ -273,6 +273,19 @@ impl Shared {
         ops
     }
 
+    /// Removes `client_id`'s session if it is still `cell` (a new one may have replaced it).
+    pub(crate) fn remove_session_if(
+        &self,
+        registry: &mut Registry,
+        client_id: &str,
+        cell: &Arc<SessionCell>,
+    ) -> Vec<Op> {
+        match registry.sessions.get(client_id) {
+            Some(current) if Arc::ptr_eq(current, cell) => self.remove_session(registry, client_id),
+            _ => Vec::new(),
+        }
+    }
+
     /// Removes the session `client_id` after `after` unless a connection attaches to it first
     /// (which changes its epoch).
     pub(crate) fn arm_session_expiry(

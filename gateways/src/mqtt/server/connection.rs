@@ -17,7 +17,7 @@ use futures_util::stream::{FuturesOrdered, StreamExt};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::time::Instant;
 
-use super::broker::{Registry, Shared, stored_subscription};
+use super::broker::{Shared, stored_subscription};
 use super::encode::{self, Ack, ConnackProperties, OutPublish};
 use super::packet::{self, ClientPacket, Connect, Publish, Will};
 use super::session::{Message, Queued, Session, SessionCell};
@@ -130,9 +130,7 @@ struct Io<S> {
 impl<S: AsyncRead + AsyncWrite + Unpin> Io<S> {
     /// Reads more bytes, at most what the next frame still needs; `false` at end of stream.
     async fn read_more(&mut self, needed: usize) -> std::io::Result<bool> {
-        let want = needed.saturating_sub(self.inbuf.len()).clamp(1, READ_CHUNK);
-        self.inbuf.reserve(want);
-        let n = self.reader.read_buf(&mut self.inbuf).await?;
+        let n = read_into(&mut self.reader, &mut self.inbuf, needed).await?;
         metrics::counter!("silt_mqtt_bytes_in_total").increment(n as u64);
         Ok(n > 0)
     }
@@ -1014,13 +1012,8 @@ impl Conn {
         {
             metrics::counter!("silt_mqtt_dropped_total", "reason" => "not_authorized").increment(1);
             if publish.qos != QoS::AtMostOnce {
-                // 3.1.1 has no way to say no: the message is acknowledged and dropped.
-                let reason = if self.v5 {
-                    rc::NOT_AUTHORIZED
-                } else {
-                    rc::SUCCESS
-                };
-                let _ = reason;
+                // Acknowledged in order with the publishes before it: 0x87 in 5.0; 3.1.1 has
+                // no way to say no, so it is acknowledged and dropped (see `complete`).
                 self.flush_batch().await;
                 self.pending.push_back(PendingFuture::ready(Pending {
                     entries: vec![Entry {
@@ -1504,21 +1497,6 @@ impl Conn {
             }
         }
         tracing::debug!(client_id = %self.client_id, ?end, "MQTT client disconnected");
-    }
-}
-
-impl Shared {
-    /// Removes `client_id`'s session if it is still `cell` (a new one may have replaced it).
-    pub(crate) fn remove_session_if(
-        &self,
-        registry: &mut Registry,
-        client_id: &str,
-        cell: &Arc<SessionCell>,
-    ) -> Vec<Op> {
-        match registry.sessions.get(client_id) {
-            Some(current) if Arc::ptr_eq(current, cell) => self.remove_session(registry, client_id),
-            _ => Vec::new(),
-        }
     }
 }
 
