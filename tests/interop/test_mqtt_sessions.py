@@ -7,6 +7,8 @@ for silt, sessions and retained messages surviving a broker restart.
 import struct
 import time
 
+import mqtt_raw
+
 import pytest
 
 import mqtt_fixtures as fx
@@ -87,7 +89,11 @@ def test_disconnect_can_shorten_the_session_expiry(mqtt, topic):
     client_id = client_id_for(topic, "shorten")
     first = mqtt.raw(V5, client_id, **session_args(V5, expiry=300))
     first.subscribe([(topic + "#", 1)])
-    first.disconnect(props=[("session_expiry", 0)])
+    # MQTT orders nothing across connections: wait until the broker has handled the
+    # DISCONNECT (it closes the connection) before connecting again.
+    body = bytes([0]) + mqtt_raw.encode_properties([("session_expiry", 0)])
+    first.send(mqtt_raw.frame(mqtt_raw.DISCONNECT << 4, body))
+    first.wait_closed()
     again = mqtt.raw(V5, client_id, **session_args(V5))
     assert not again.connack.session_present
 
