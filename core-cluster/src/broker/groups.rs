@@ -172,7 +172,11 @@ impl Coordinator {
         let group = groups
             .entry(request.group_id.clone())
             .or_insert_with(|| Group::new(now));
-        if group.state != State::Empty && group.protocol_type != request.protocol_type
+        let other_type = group
+            .members
+            .values()
+            .any(|member| member.protocol_type != request.protocol_type);
+        if other_type
             || !group.members.is_empty()
                 && !group.members.values().all(|member| {
                     member

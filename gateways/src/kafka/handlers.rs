@@ -410,6 +410,7 @@ pub(crate) fn describe_configs<B: KafkaBroker>(
                 // Broker configs: none are exposed; an empty list is a valid answer.
                 return result;
             }
+            // Null: every config; a list, even empty, names the ones wanted.
             let wanted: Option<Vec<String>> = resource
                 .configuration_keys
                 .map(|keys| keys.iter().map(|key| key.as_str().to_string()).collect());
