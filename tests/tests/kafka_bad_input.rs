@@ -22,7 +22,10 @@ fn assert_api_versions_works(kafka: &mut RawKafka) {
         .map(|_| (reader.i16(), reader.i16(), reader.i16()))
         .collect();
     assert!(apis.contains(&(API_VERSIONS, 0, 4)), "{apis:?}");
-    assert!(apis.iter().any(|(key, _, _)| *key == 0), "Produce is advertised");
+    assert!(
+        apis.iter().any(|(key, _, _)| *key == 0),
+        "Produce is advertised"
+    );
 }
 
 #[test]
@@ -67,7 +70,10 @@ fn unknown_apis_and_versions_get_an_error_code_not_a_closed_connection() {
 #[test]
 fn broken_frames_close_only_their_connection() {
     let dir = tempfile::tempdir().unwrap();
-    let core = Core::start(&dir.path().join("data"), &["--set", "kafka.max_request_bytes=1MiB"]);
+    let core = Core::start(
+        &dir.path().join("data"),
+        &["--set", "kafka.max_request_bytes=1MiB"],
+    );
 
     // A length over kafka.max_request_bytes: closed before any of it is buffered.
     let mut kafka = RawKafka::connect(core.kafka);
@@ -90,7 +96,12 @@ fn broken_frames_close_only_their_connection() {
 
     // A truncated request: Produce v3 whose topic array promises more than the frame holds.
     let mut kafka = RawKafka::connect(core.kafka);
-    kafka.send(0, 3, false, &[0xff, 0xff, 0, 1, 0, 0, 0x75, 0x30, 0, 0, 0, 5]);
+    kafka.send(
+        0,
+        3,
+        false,
+        &[0xff, 0xff, 0, 1, 0, 0, 0x75, 0x30, 0, 0, 0, 5],
+    );
     assert_eq!(kafka.read_answer(), Answer::Closed);
 
     // A frame that stops half-way, then the client leaves: nothing to answer, no harm done.

@@ -65,25 +65,43 @@ fn idempotent_retries_are_stored_once_even_after_kill_9() {
     let mut kafka = RawKafka::connect(core.kafka);
     let producer_id = 4242;
 
-    assert_eq!(produce(&mut kafka, "idem", &batch(producer_id, 0, &["a", "b"])), (0, 0));
-    assert_eq!(produce(&mut kafka, "idem", &batch(producer_id, 2, &["c"])), (0, 2));
+    assert_eq!(
+        produce(&mut kafka, "idem", &batch(producer_id, 0, &["a", "b"])),
+        (0, 0)
+    );
+    assert_eq!(
+        produce(&mut kafka, "idem", &batch(producer_id, 2, &["c"])),
+        (0, 2)
+    );
     // The retry of the first batch: same offsets, nothing appended.
-    assert_eq!(produce(&mut kafka, "idem", &batch(producer_id, 0, &["a", "b"])), (0, 0));
+    assert_eq!(
+        produce(&mut kafka, "idem", &batch(producer_id, 0, &["a", "b"])),
+        (0, 0)
+    );
     // A gap: sequence 5 after 2.
     assert_eq!(
         produce(&mut kafka, "idem", &batch(producer_id, 5, &["x"])).0,
         OUT_OF_ORDER_SEQUENCE
     );
     // A plain (non-idempotent) batch is always appended.
-    assert_eq!(produce(&mut kafka, "idem", &batch(-1, -1, &["plain"])), (0, 3));
+    assert_eq!(
+        produce(&mut kafka, "idem", &batch(-1, -1, &["plain"])),
+        (0, 3)
+    );
     drop(kafka);
 
     core.kill();
     let core = Core::start(&data_dir, &[]);
     let mut kafka = RawKafka::connect(core.kafka);
     // After the restart the retry of the last idempotent batch is still recognised.
-    assert_eq!(produce(&mut kafka, "idem", &batch(producer_id, 2, &["c"])), (0, 2));
-    assert_eq!(produce(&mut kafka, "idem", &batch(producer_id, 3, &["d"])), (0, 4));
+    assert_eq!(
+        produce(&mut kafka, "idem", &batch(producer_id, 2, &["c"])),
+        (0, 2)
+    );
+    assert_eq!(
+        produce(&mut kafka, "idem", &batch(producer_id, 3, &["d"])),
+        (0, 4)
+    );
     drop(kafka);
     core.stop();
 
@@ -111,7 +129,10 @@ fn acks_zero_gets_no_response_but_is_stored() {
         &produce_v3_body("zero", 0, 0, &batch(-1, -1, &["fire", "forget"])),
     );
     // The next request's answer is the first thing to arrive: acks=0 was answered by silence.
-    assert_eq!(produce(&mut kafka, "zero", &batch(-1, -1, &["acked"])), (0, 2));
+    assert_eq!(
+        produce(&mut kafka, "zero", &batch(-1, -1, &["acked"])),
+        (0, 2)
+    );
     drop(kafka);
     core.stop();
     let values: Vec<String> = stored(&data_dir, "zero")

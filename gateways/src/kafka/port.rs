@@ -403,11 +403,7 @@ pub trait KafkaBroker: Send + Sync + 'static {
     ) -> Result<(), KafkaError>;
 
     /// Removes members; one result per member, in order.
-    fn leave_group(
-        &self,
-        group_id: &str,
-        members: Vec<String>,
-    ) -> Vec<Result<(), KafkaError>>;
+    fn leave_group(&self, group_id: &str, members: Vec<String>) -> Vec<Result<(), KafkaError>>;
 
     /// Commits durably; one result per offset, in order.
     fn commit_offsets(
