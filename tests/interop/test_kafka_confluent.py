@@ -36,8 +36,7 @@ def consume(bootstrap, topic, group, count):
     got = []
     try:
         def more():
-            message = consumer.poll(0.2)
-            if message is not None:
+            for message in consumer.consume(num_messages=1000, timeout=0.2):
                 if message.error() and message.error().code() != KafkaError._PARTITION_EOF:
                     raise AssertionError(message.error())
                 if not message.error():

@@ -518,7 +518,10 @@ impl Coordinator {
         if !group.members.contains_key(member_id) {
             return Err(KafkaError::UnknownMemberId);
         }
-        if group.state == State::PreparingRebalance {
+        // As Kafka: a member of the current generation may still commit while the group
+        // prepares a rebalance (it commits what it consumed before giving its partitions
+        // up), but not while the new generation's assignment is being handed out.
+        if group.state == State::CompletingRebalance {
             return Err(KafkaError::RebalanceInProgress);
         }
         if generation_id != group.generation {
