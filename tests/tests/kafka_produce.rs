@@ -134,6 +134,16 @@ fn acks_zero_gets_no_response_but_is_stored() {
         (0, 2)
     );
     drop(kafka);
+    let metrics = core.metrics();
+    for line in [
+        "silt_kafka_requests_total{api=\"produce\"} 2",
+        "silt_kafka_produce_records_total 3",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "no {line:?} in:\n{metrics}"
+        );
+    }
     core.stop();
     let values: Vec<String> = stored(&data_dir, "zero")
         .into_iter()

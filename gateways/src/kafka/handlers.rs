@@ -176,7 +176,7 @@ pub(crate) async fn fetch<B: KafkaBroker>(
         Duration::from_millis(request.max_wait_ms.max(0) as u64).min(context.limits.fetch_wait_max);
     let deadline = Instant::now() + wait;
     let min_bytes = request.min_bytes.max(0) as usize;
-    let max_bytes = request.max_bytes.max(0) as usize;
+    let max_bytes = (request.max_bytes.max(0) as usize).min(context.limits.fetch_bytes_max);
     let mut stopping = context.stopping.clone();
     loop {
         // Registered before reading, so an append between the read and the wait is seen.
@@ -736,7 +736,8 @@ pub(crate) async fn offset_commit<B: KafkaBroker>(
             indexes.push(partition.partition_index);
             offsets.push((
                 name.clone(),
-                partition.partition_index.max(0) as u32,
+                // A negative index names no partition: u32::MAX is none either.
+                u32::try_from(partition.partition_index).unwrap_or(u32::MAX),
                 CommittedOffset {
                     offset: partition.committed_offset,
                     leader_epoch: partition.committed_leader_epoch,
@@ -792,10 +793,10 @@ pub(crate) fn offset_fetch<B: KafkaBroker>(
         topics
             .iter()
             .flat_map(|topic| {
-                topic
-                    .partition_indexes
-                    .iter()
-                    .map(|index| (topic.name.0.as_str().to_string(), (*index).max(0) as u32))
+                topic.partition_indexes.iter().map(|index| {
+                    let index = u32::try_from(*index).unwrap_or(u32::MAX);
+                    (topic.name.0.as_str().to_string(), index)
+                })
             })
             .collect::<Vec<_>>()
     });
