@@ -710,7 +710,10 @@ mod tests {
 
         // One leaves: the other hears of the rebalance by heartbeat and rejoins alone.
         let now = t0 + Duration::from_secs(6);
-        assert_eq!(coordinator.leave("g", &[a.clone()], now), vec![Ok(())]);
+        assert_eq!(
+            coordinator.leave("g", std::slice::from_ref(&a), now),
+            vec![Ok(())]
+        );
         assert_eq!(
             coordinator.heartbeat("g", 1, &b, now),
             Err(KafkaError::RebalanceInProgress)
