@@ -164,3 +164,59 @@ pub fn produce_v3_result(response: &[u8]) -> (i16, i64) {
     let base_offset = reader.i64();
     (error, base_offset)
 }
+
+/// The body of a Fetch v4 request for one partition.
+pub fn fetch_v4_body(
+    topic: &str,
+    partition: i32,
+    offset: i64,
+    max_wait_ms: i32,
+    min_bytes: i32,
+    partition_max_bytes: i32,
+) -> Vec<u8> {
+    let mut body = Vec::new();
+    body.extend_from_slice(&(-1i32).to_be_bytes());
+    body.extend_from_slice(&max_wait_ms.to_be_bytes());
+    body.extend_from_slice(&min_bytes.to_be_bytes());
+    body.extend_from_slice(&(50i32 << 20).to_be_bytes());
+    body.push(0);
+    body.extend_from_slice(&1i32.to_be_bytes());
+    body.extend_from_slice(&(topic.len() as i16).to_be_bytes());
+    body.extend_from_slice(topic.as_bytes());
+    body.extend_from_slice(&1i32.to_be_bytes());
+    body.extend_from_slice(&partition.to_be_bytes());
+    body.extend_from_slice(&offset.to_be_bytes());
+    body.extend_from_slice(&partition_max_bytes.to_be_bytes());
+    body
+}
+
+/// One partition of a Fetch v4 response.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FetchedPartition {
+    pub error_code: i16,
+    pub high_watermark: i64,
+    pub records: Vec<u8>,
+}
+
+/// The one partition of a Fetch v4 response for one topic and partition.
+pub fn fetch_v4_result(response: &[u8]) -> FetchedPartition {
+    let mut reader = Reader { bytes: response };
+    let _correlation_id = reader.i32();
+    let _throttle = reader.i32();
+    assert_eq!(reader.i32(), 1, "one topic");
+    let _topic = reader.string();
+    assert_eq!(reader.i32(), 1, "one partition");
+    let _partition = reader.i32();
+    let error_code = reader.i16();
+    let high_watermark = reader.i64();
+    let _last_stable = reader.i64();
+    let aborted = reader.i32();
+    assert!(aborted <= 0, "no aborted transactions");
+    let len = reader.i32();
+    let records = reader.bytes[..len.max(0) as usize].to_vec();
+    FetchedPartition {
+        error_code,
+        high_watermark,
+        records,
+    }
+}
