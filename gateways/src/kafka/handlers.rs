@@ -42,12 +42,14 @@ fn code(result: &Result<impl Sized, KafkaError>) -> i16 {
 
 pub(crate) async fn metadata<B: KafkaBroker>(
     broker: &B,
-    context: &Context,
     version: i16,
     request: MetadataRequest,
 ) -> MetadataResponse {
-    let _ = context;
-    let topics = request.topics.map(|topics| {
+    // v0 has no null list: an empty one asks for every topic.
+    let topics = request
+        .topics
+        .filter(|topics| version > 0 || !topics.is_empty());
+    let topics = topics.map(|topics| {
         topics
             .into_iter()
             .filter_map(|topic| topic.name.map(|name| name.0.as_str().to_string()))
@@ -785,10 +787,8 @@ pub(crate) async fn offset_commit<B: KafkaBroker>(
 
 pub(crate) fn offset_fetch<B: KafkaBroker>(
     broker: &B,
-    version: i16,
     request: OffsetFetchRequest,
 ) -> OffsetFetchResponse {
-    let _ = version;
     let partitions = request.topics.map(|topics| {
         topics
             .iter()

@@ -217,7 +217,7 @@ async fn handle_request<B: KafkaBroker>(
             versions::api_versions_response(0)
         }),
         ApiKey::Metadata => answer!(MetadataRequest, |request| handlers::metadata(
-            broker, context, version, request
+            broker, version, request
         )),
         ApiKey::Produce => {
             let decoded = ProduceRequest::decode(&mut request, version)
@@ -282,7 +282,7 @@ async fn handle_request<B: KafkaBroker>(
             broker, request
         )),
         ApiKey::OffsetFetch => answer!(OffsetFetchRequest, |request| async {
-            handlers::offset_fetch(broker, version, request)
+            handlers::offset_fetch(broker, request)
         }),
         ApiKey::ListGroups => answer!(ListGroupsRequest, |request| async {
             handlers::list_groups(broker, request)
