@@ -70,7 +70,8 @@ struct Group {
     protocol_name: String,
     leader: Option<String>,
     members: BTreeMap<String, Member>,
-    /// Member ids handed out with MEMBER_ID_REQUIRED and not joined yet.
+    /// Member ids handed out with MEMBER_ID_REQUIRED and not joined yet, with when they
+    /// expire (a session timeout later, as in Kafka).
     pending: HashMap<String, Instant>,
     /// When a rebalance in progress completes whatever members have not rejoined.
     rebalance_deadline: Instant,
@@ -196,7 +197,12 @@ impl Coordinator {
         let member_id = if request.member_id.is_empty() {
             let member_id = self.new_member_id(&request.client_id);
             if request.require_known_member_id {
-                group.pending.insert(member_id.clone(), now);
+                if group.pending.len() + group.members.len() >= GROUP_MEMBERS_MAX {
+                    return Err(Box::new(join_error(KafkaError::GroupMaxSizeReached, "")));
+                }
+                group
+                    .pending
+                    .insert(member_id.clone(), now + request.session_timeout);
                 return Err(Box::new(join_error(
                     KafkaError::MemberIdRequired,
                     &member_id,
@@ -216,7 +222,7 @@ impl Coordinator {
         };
         if !group.members.contains_key(&member_id) && group.members.len() >= GROUP_MEMBERS_MAX {
             return Err(Box::new(join_error(
-                KafkaError::RebalanceInProgress,
+                KafkaError::GroupMaxSizeReached,
                 &member_id,
             )));
         }
@@ -486,9 +492,7 @@ impl Coordinator {
                 tracing::info!(member = %id, "consumer group member session expired");
                 group.members.remove(id);
             }
-            group
-                .pending
-                .retain(|_, since| now.duration_since(*since) < SESSION_TIMEOUT_MAX);
+            group.pending.retain(|_, expires| now < *expires);
             if !expired.is_empty() {
                 self.after_removal(group, now);
             }
@@ -739,5 +743,18 @@ mod tests {
             Err(KafkaError::UnknownMemberId)
         );
         assert_eq!(coordinator.describe("g").state, "Dead");
+    }
+
+    #[test]
+    fn member_ids_handed_out_expire_unused() {
+        let coordinator = Coordinator::new(Duration::ZERO);
+        let t0 = Instant::now();
+        let refused = *coordinator.join_start(join(""), t0).unwrap_err();
+        assert_eq!(refused.error, Some(KafkaError::MemberIdRequired));
+        coordinator.tick(t0 + Duration::from_secs(11));
+        let late = *coordinator
+            .join_start(join(&refused.member_id), t0 + Duration::from_secs(11))
+            .unwrap_err();
+        assert_eq!(late.error, Some(KafkaError::UnknownMemberId));
     }
 }
