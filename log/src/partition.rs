@@ -36,6 +36,8 @@ const CHECKPOINT_FILE: &str = "checkpoint";
 /// client's fetch size never turns into an unbounded allocation.
 pub const READ_BYTES_MAX: u64 = 64 << 20;
 const CHECKPOINT_VERSION: u32 = 1;
+/// Bytes [`PartitionLog::find_record`] reads at a time (at least one batch).
+pub const FIND_READ_BYTES: usize = 1 << 20;
 
 /// Where the partition's persistent offsets live, replaced atomically.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -690,6 +692,58 @@ impl PartitionLog {
             return Ok(slice);
         }
         Ok(slice)
+    }
+
+    /// The offset of the first visible record at or above `from_offset` that `matches`
+    /// accepts, reading forward batch by batch (at most [`FIND_READ_BYTES`] at a time); `None`
+    /// when no record up to the high watermark does. A `from_offset` below the local start
+    /// scans from the local start; one at or past the end finds nothing. Meant for short
+    /// scans of a log's tail (a broker checking after a crash whether a record made it),
+    /// not for consumers.
+    pub fn find_record(
+        &self,
+        from_offset: u64,
+        mut matches: impl FnMut(&batch::DecodedRecord) -> bool,
+    ) -> Result<Option<u64>> {
+        let limits = DecodeLimits {
+            max_batch_bytes: usize::MAX,
+            ..DecodeLimits::default()
+        };
+        let mut offset = from_offset.max(self.local_start_offset());
+        while offset < self.high_watermark() {
+            let slice = match self.read(offset, FIND_READ_BYTES) {
+                Ok(slice) => slice,
+                // Retention moved the start past `offset` meanwhile: go on from there.
+                Err(LogError::OffsetOutOfRange { log_start, .. }) if offset < log_start => {
+                    offset = log_start;
+                    continue;
+                }
+                Err(LogError::NotLocal { local_start, .. }) if offset < local_start => {
+                    offset = local_start;
+                    continue;
+                }
+                Err(error) => return Err(error),
+            };
+            if slice.bytes.is_empty() {
+                break;
+            }
+            let mut rest = &slice.bytes[..];
+            let mut next = offset;
+            while let Some((header, records, len)) = batch::decode_batch(rest, &limits)? {
+                for record in &records {
+                    if record.offset >= 0 && record.offset as u64 >= offset && matches(record) {
+                        return Ok(Some(record.offset as u64));
+                    }
+                }
+                next = next.max(header.last_offset() as u64 + 1);
+                rest = &rest[len..];
+            }
+            if next == offset {
+                break;
+            }
+            offset = next;
+        }
+        Ok(None)
     }
 
     /// The first offset whose record timestamp is at or after `timestamp`, with that

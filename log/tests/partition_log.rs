@@ -662,3 +662,33 @@ fn a_huge_read_request_is_capped() {
     assert!(slice.bytes.len() as u64 <= silt_log::READ_BYTES_MAX);
     assert!((slice.bytes.len() as u64) < total);
 }
+
+#[test]
+fn find_record_scans_forward_from_an_offset_across_segments() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_manager, log) = open_partition(small_config(dir.path()), "t");
+    for round in 0..30 {
+        let mut batch = batch_of(&format!("r{round}"), 5, 0);
+        log.append(&mut batch).unwrap();
+    }
+    assert!(log.segment_count() > 3, "1 KiB segments must roll");
+    let value_is = |wanted: &'static str| {
+        move |record: &silt_log::batch::DecodedRecord| {
+            record.value.as_deref() == Some(wanted.as_bytes())
+        }
+    };
+    // Found from below it (in an earlier segment), from itself, not from past it.
+    assert_eq!(log.find_record(0, value_is("r20-3")).unwrap(), Some(103));
+    assert_eq!(log.find_record(103, value_is("r20-3")).unwrap(), Some(103));
+    assert_eq!(log.find_record(104, value_is("r20-3")).unwrap(), None);
+    // From the middle of a batch, the records before the offset are skipped.
+    assert_eq!(log.find_record(101, value_is("r20-0")).unwrap(), None);
+    assert_eq!(log.find_record(0, value_is("absent")).unwrap(), None);
+    // At or past the end: nothing, and no error.
+    assert_eq!(log.find_record(150, value_is("r0-0")).unwrap(), None);
+    assert_eq!(log.find_record(10_000, value_is("r0-0")).unwrap(), None);
+    // Below the log start: the scan starts at the start.
+    log.delete_before(50).unwrap();
+    assert_eq!(log.find_record(0, value_is("r0-0")).unwrap(), None);
+    assert_eq!(log.find_record(0, value_is("r29-4")).unwrap(), Some(149));
+}
