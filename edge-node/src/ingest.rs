@@ -30,7 +30,7 @@ use std::time::Instant;
 use bytes::BytesMut;
 use metrics::{counter, histogram};
 use silt_gateways::mqtt::server::{
-    BoxFuture, IngestError, IngestPort, IngestReceipt, IngestRequest,
+    BoxFuture, IngestError, IngestPort, IngestReceipt, IngestRequest, LogPosition,
 };
 use silt_log::batch::{BATCH_HEADER_LEN, BatchSpec, Record, VARINT_BYTES_MAX, VARLONG_BYTES_MAX};
 use silt_log::{LogError, LogManager, PartitionLog};
@@ -362,6 +362,61 @@ impl IngestPort for LogIngest {
             result
         })
     }
+
+    fn position<'a>(
+        &'a self,
+        log_topic: &'a str,
+        key: &'a [u8],
+    ) -> BoxFuture<'a, Result<LogPosition, IngestError>> {
+        Box::pin(async move {
+            let topic: Arc<str> = Arc::from(log_topic);
+            let partitions = self.partitions_of(&topic).await?;
+            let partition = silt_log::partitioner::partition_for_key(key, partitions);
+            let log = self
+                .log
+                .partition(log_topic, partition)
+                .map_err(|error| ingest_error(&error))?;
+            Ok(LogPosition {
+                partition,
+                offset: log.log_end_offset(),
+            })
+        })
+    }
+
+    fn find_header(
+        &self,
+        log_topic: &str,
+        from: &LogPosition,
+        name: &str,
+        value: &[u8],
+    ) -> Result<bool, IngestError> {
+        find_header(&self.log, log_topic, from, name, value)
+    }
+}
+
+/// Whether the log holds a record with header `name` = `value` in `from.partition` of
+/// `log_topic` at or above `from.offset`.
+pub(crate) fn find_header(
+    log: &LogManager,
+    log_topic: &str,
+    from: &LogPosition,
+    name: &str,
+    value: &[u8],
+) -> Result<bool, IngestError> {
+    let partition = match log.partition(log_topic, from.partition) {
+        Ok(partition) => partition,
+        Err(LogError::UnknownTopic(_) | LogError::UnknownPartition { .. }) => return Ok(false),
+        Err(error) => return Err(ingest_error(&error)),
+    };
+    let found = partition
+        .find_record(from.offset, |record| {
+            record
+                .headers
+                .iter()
+                .any(|header| header.key == name && header.value.as_deref() == Some(value))
+        })
+        .map_err(|error| ingest_error(&error))?;
+    Ok(found.is_some())
 }
 
 impl Drop for LogIngest {

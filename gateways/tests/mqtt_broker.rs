@@ -7,6 +7,7 @@ use bytes::BytesMut;
 use silt_gateways::mqtt::RouteTable;
 use silt_gateways::mqtt::server::{
     BoxFuture, Broker, BrokerConfig, IngestError, IngestPort, IngestReceipt, IngestRequest, Limits,
+    LogPosition,
 };
 use silt_log::batch::{BatchSpec, encode_batch};
 use silt_log::{LogConfig, LogManager};
@@ -43,6 +44,43 @@ impl IngestPort for DirectLog {
             });
             Ok(receipt)
         })
+    }
+
+    fn position<'a>(
+        &'a self,
+        log_topic: &'a str,
+        key: &'a [u8],
+    ) -> BoxFuture<'a, Result<LogPosition, IngestError>> {
+        let failed = |e: silt_log::LogError| IngestError::Failed(e.to_string());
+        Box::pin(async move {
+            let info = self.0.ensure_topic(log_topic, 1).map_err(failed)?;
+            let partition = silt_log::partitioner::partition_for_key(key, info.partitions);
+            let log = self.0.partition(log_topic, partition).map_err(failed)?;
+            Ok(LogPosition {
+                partition,
+                offset: log.log_end_offset(),
+            })
+        })
+    }
+
+    fn find_header(
+        &self,
+        log_topic: &str,
+        from: &LogPosition,
+        name: &str,
+        value: &[u8],
+    ) -> Result<bool, IngestError> {
+        let Ok(log) = self.0.partition(log_topic, from.partition) else {
+            return Ok(false);
+        };
+        log.find_record(from.offset, |record| {
+            record
+                .headers
+                .iter()
+                .any(|h| h.key == name && h.value.as_deref() == Some(value))
+        })
+        .map(|found| found.is_some())
+        .map_err(|e| IngestError::Failed(e.to_string()))
     }
 }
 

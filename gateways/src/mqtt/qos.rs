@@ -169,6 +169,16 @@ impl Inbound {
         }
     }
 
+    /// Marks the QoS 2 message `id` as stored and awaiting PUBREL, wherever its ingest
+    /// stood: a session restored after a restart, or a connection that closed after the log
+    /// took the message but before its PUBREC went out. A re-sent PUBLISH with this id then
+    /// gets PUBREC again, never a second append.
+    pub fn mark_received(&mut self, id: u16) {
+        self.ingesting
+            .retain(|&(pending, qos)| !(pending == id && qos == QoS::ExactlyOnce));
+        self.awaiting_pubrel.insert(id);
+    }
+
     /// QoS 2 ids awaiting PUBREL: they survive a reconnect with a kept session.
     pub fn awaiting_pubrel(&self) -> impl Iterator<Item = u16> + '_ {
         self.awaiting_pubrel.iter().copied()
