@@ -119,8 +119,11 @@ pub(crate) async fn run<S>(
     // taking it over) waiting.
     let _ = tokio::time::timeout(Duration::from_secs(1), io.flush()).await;
     conn.drain().await;
-    conn.finish(end).await;
+    let done = conn.finish(end).await;
     io.close().await;
+    // Only now may a connection that takes the session over go on: the client sees this one
+    // closed before the new one is accepted.
+    drop(done);
 }
 
 struct Io<S> {
@@ -527,7 +530,7 @@ async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
         will_delay_secs: connect.will.as_ref().map_or(0, |w| w.delay_secs),
         pending: FuturesOrdered::new(),
         acks: FuturesOrdered::new(),
-        _done: done,
+        done,
         last_log_topic: None,
         counters: Counters::new(),
         batch: Vec::new(),
@@ -811,9 +814,9 @@ struct Conn {
     will_delay_secs: u32,
     pending: FuturesOrdered<PendingFuture>,
     acks: FuturesOrdered<AcksDue>,
-    /// Dropped once the connection has finished with its session: a connection taking the
-    /// session over waits for that.
-    _done: tokio::sync::watch::Sender<()>,
+    /// Dropped once the connection has finished with its session and closed: a connection
+    /// taking the session over waits for that.
+    done: tokio::sync::watch::Sender<()>,
     /// Publishes read but not yet submitted, and what the connection keeps of each.
     batch: Vec<IngestRequest>,
     batch_entries: Vec<Entry>,
@@ -1655,8 +1658,9 @@ impl Conn {
     }
 
     /// Hands the session back: ends it or keeps it for the next connection, and sends the
-    /// will when the connection ended without a DISCONNECT.
-    async fn finish(mut self, end: End) {
+    /// will when the connection ended without a DISCONNECT. Returns the sender whose drop lets
+    /// a connection waiting to take the session over go on.
+    async fn finish(mut self, end: End) -> tokio::sync::watch::Sender<()> {
         let shared = self.shared.clone();
         let now_ms = silt_log::now_ms();
         let mut ops = std::mem::take(&mut self.ops);
@@ -1743,6 +1747,7 @@ impl Conn {
             }
         }
         tracing::debug!(client_id = %self.client_id, ?end, "MQTT client disconnected");
+        self.done
     }
 }
 
