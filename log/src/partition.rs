@@ -387,6 +387,23 @@ impl PartitionLog {
     /// Appends whole batches (one or more, concatenated), validating each header and CRC.
     /// Under [`FlushPolicy::Durable`] it returns only once the bytes are fsync'd.
     pub fn append_with(&self, batches: &mut [u8], options: AppendOptions) -> Result<AppendInfo> {
+        let info = self.append_unsynced(batches, options)?;
+        if matches!(self.flush, FlushPolicy::Durable) {
+            self.wait_durable(info.last_offset + 1)?;
+        }
+        Ok(info)
+    }
+
+    /// Appends like [`PartitionLog::append_with`] but returns once the bytes are written (to
+    /// the page cache), without waiting for an fsync, so that a caller can write its next
+    /// batch while this one is being synced. Under [`FlushPolicy::Durable`] readers still see
+    /// the records only once they are durable, and nothing may be acknowledged before
+    /// [`PartitionLog::sync_through`] returns for them.
+    pub fn append_unsynced(
+        &self,
+        batches: &mut [u8],
+        options: AppendOptions,
+    ) -> Result<AppendInfo> {
         let headers = self.validate(batches)?;
         self.disk.admit(batches.len() as u64)?;
         let config = self.config();
@@ -443,10 +460,14 @@ impl PartitionLog {
                 append_time_ms: now,
             }
         };
-        if matches!(self.flush, FlushPolicy::Durable) {
-            self.wait_durable(info.last_offset + 1)?;
-        }
         Ok(info)
+    }
+
+    /// Returns once every offset below `end` is fsync'd, running the fsync itself or sharing
+    /// one in flight (group commit), whatever the flush policy. Fails like a durable append
+    /// (`FsyncFailed`, or `Truncated` when a truncation removed offsets below `end` first).
+    pub fn sync_through(&self, end: u64) -> Result<()> {
+        self.wait_durable(end)
     }
 
     /// Checks that `batches` is a run of whole, valid batches within the size limit.

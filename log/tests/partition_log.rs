@@ -692,3 +692,28 @@ fn find_record_scans_forward_from_an_offset_across_segments() {
     assert_eq!(log.find_record(0, value_is("r0-0")).unwrap(), None);
     assert_eq!(log.find_record(0, value_is("r29-4")).unwrap(), Some(149));
 }
+
+#[test]
+fn an_unsynced_append_is_visible_only_once_synced() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_manager, log) = open_partition(small_config(dir.path()), "t");
+    log.append(&mut batch_of("a", 3, 0)).unwrap();
+    let fsyncs = log.fsync_count();
+    let info = log
+        .append_unsynced(&mut batch_of("b", 4, 0), AppendOptions::default())
+        .unwrap();
+    assert_eq!((info.base_offset, info.last_offset), (3, 6));
+    assert_eq!(log.log_end_offset(), 7);
+    assert_eq!(log.fsync_count(), fsyncs, "no fsync yet");
+    assert_eq!(log.high_watermark(), 3, "readers see only durable records");
+    assert_eq!(read_all(&log, 0).len(), 3);
+    // The next write goes on while the first is unsynced; one fsync covers both.
+    log.append_unsynced(&mut batch_of("c", 2, 0), AppendOptions::default())
+        .unwrap();
+    log.sync_through(info.last_offset + 1).unwrap();
+    assert_eq!(log.fsync_count(), fsyncs + 1);
+    assert_eq!(log.high_watermark(), 9);
+    log.sync_through(9).unwrap();
+    assert_eq!(log.fsync_count(), fsyncs + 1, "already durable: no second fsync");
+    assert_eq!(read_all(&log, 0).len(), 9);
+}
