@@ -389,6 +389,37 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_qos2_id_marked_received_is_not_ingested_again() {
+        let mut inbound = Inbound::new(10);
+        // Restored after a restart: nothing under way, the id awaits PUBREL.
+        inbound.mark_received(3);
+        assert_eq!(
+            inbound.on_publish(3, QoS::ExactlyOnce),
+            Ok(InboundAction::ResendPubrec)
+        );
+        // Stored while its connection closed: it leaves the ingests under way.
+        assert_eq!(
+            inbound.on_publish(4, QoS::ExactlyOnce),
+            Ok(InboundAction::Ingest)
+        );
+        inbound.mark_received(4);
+        assert_eq!(inbound.unacknowledged(), 2);
+        inbound.on_disconnect();
+        assert_eq!(
+            inbound.on_publish(4, QoS::ExactlyOnce),
+            Ok(InboundAction::ResendPubrec)
+        );
+        assert_eq!(inbound.on_pubrel(3), Ok(()));
+        assert_eq!(inbound.on_pubrel(4), Ok(()));
+        assert_eq!(inbound.unacknowledged(), 0);
+        assert_eq!(
+            inbound.on_publish(4, QoS::ExactlyOnce),
+            Ok(InboundAction::Ingest),
+            "a released id is free for a new message"
+        );
+    }
+
+    #[test]
     fn qos1_inbound_acks_in_order_after_ingest() {
         let mut inbound = Inbound::new(10);
         assert_eq!(

@@ -11,7 +11,20 @@
 //! format version as a u32 LE), then entries `[u32 LE body length][u32 LE CRC-32C of the
 //! body][body]`. A body is `[u8 op kind][fields]`: integers are fixed-width little-endian,
 //! strings and byte strings are a u32 LE length then the bytes, an option is a `u8` tag (0 or
-//! 1) then the value, a bool is one byte, 0 or 1. One entry holds one op.
+//! 1) then the value, a bool is one byte, 0 or 1. One entry holds one op. Op kinds 10 and 11
+//! (inbound QoS 2 state) came after the first release of version 1: a build without them
+//! refuses a journal holding them as undecodable, never misreads it.
+//!
+//! # Inbound QoS 2 (exactly once across kill -9)
+//! For a QoS 2 PUBLISH of a persistent session the broker commits (fsyncs) a
+//! [`StoredQos2::Intent`] before the record goes to the log: the log topic, the partition, the
+//! partition's end offset before the append, and a random token the record carries in its
+//! `mqtt.qos2_id` header. Once the log has the record, [`StoredQos2::Received`] is written
+//! (lazily: the intent and the log already tell it), and PUBREL releases the id with
+//! [`Op::Qos2Release`], committed before PUBCOMP goes out (else, after a crash, a new message
+//! under the reused id would be taken for a re-send). On open, an intent left by a crash is
+//! settled by scanning the partition from its offset for the token: found means received,
+//! not found means the id is free again.
 //!
 //! # Ordering and crash rules
 //! - [`Store::apply`] updates the mirror and appends entries to an in-memory buffer, written
