@@ -523,18 +523,22 @@ async fn qos2_intents_left_by_a_crash_are_settled_from_the_log() {
         let log = LogManager::open(LogConfig::new(dir.path().join("log"))).unwrap();
         log.ensure_topic("mqtt", 1).unwrap();
         // Someone else's record first, then the one that made it before the crash.
-        let records = [("other", 0x1234u64), ("stored", STORED_TOKEN)].map(|(value, token)| Record {
-            timestamp: now_ms,
-            key: Some(bytes::Bytes::from_static(b"q/t")),
-            value: Some(bytes::Bytes::from(value)),
-            headers: vec![Header {
-                key: HEADER_QOS2_ID.to_string(),
-                value: Some(qos2_id_value(token)),
-            }],
-        });
+        let records =
+            [("other", 0x1234u64), ("stored", STORED_TOKEN)].map(|(value, token)| Record {
+                timestamp: now_ms,
+                key: Some(bytes::Bytes::from_static(b"q/t")),
+                value: Some(bytes::Bytes::from(value)),
+                headers: vec![Header {
+                    key: HEADER_QOS2_ID.to_string(),
+                    value: Some(qos2_id_value(token)),
+                }],
+            });
         let mut batch = BytesMut::new();
         encode_batch(&BatchSpec::default(), &records, &mut batch).unwrap();
-        log.partition("mqtt", 0).unwrap().append(&mut batch).unwrap();
+        log.partition("mqtt", 0)
+            .unwrap()
+            .append(&mut batch)
+            .unwrap();
         log.close().unwrap();
 
         let mut store = Store::open(&dir.path().join("mqtt"), StoreLimits::default()).unwrap();
@@ -592,7 +596,12 @@ async fn qos2_intents_left_by_a_crash_are_settled_from_the_log() {
     drop(stream);
     node.broker.shutdown().await;
 
-    let slice = node.log.partition("mqtt", 0).unwrap().read(0, 1 << 20).unwrap();
+    let slice = node
+        .log
+        .partition("mqtt", 0)
+        .unwrap()
+        .read(0, 1 << 20)
+        .unwrap();
     let mut values = Vec::new();
     let mut rest = &slice.bytes[..];
     while let Some((_, records, len)) =

@@ -714,6 +714,10 @@ fn an_unsynced_append_is_visible_only_once_synced() {
     assert_eq!(log.fsync_count(), fsyncs + 1);
     assert_eq!(log.high_watermark(), 9);
     log.sync_through(9).unwrap();
-    assert_eq!(log.fsync_count(), fsyncs + 1, "already durable: no second fsync");
+    assert_eq!(
+        log.fsync_count(),
+        fsyncs + 1,
+        "already durable: no second fsync"
+    );
     assert_eq!(read_all(&log, 0).len(), 9);
 }

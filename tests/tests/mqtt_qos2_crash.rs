@@ -108,7 +108,10 @@ impl Publisher {
                 let flow = self.unfinished.get_mut(&packet_id).unwrap_or_else(|| {
                     panic!("{}: PUBREC for unknown id {packet_id}", self.client_id)
                 });
-                if swallow && flow.1 == Stage::Published && flow.0 % 4 == 0 && swallowed < SWALLOWED_MAX
+                if swallow
+                    && flow.1 == Stage::Published
+                    && flow.0 % 4 == 0
+                    && swallowed < SWALLOWED_MAX
                 {
                     flow.1 = Stage::Swallowed;
                     return false;
@@ -258,7 +261,10 @@ async fn kill9_during_qos2_ingest(version: Version) {
         completed.load(Ordering::Relaxed),
         count(Stage::Published)
     );
-    assert!(swallowed > 0, "no PUBREC was swallowed: the test checks nothing");
+    assert!(
+        swallowed > 0,
+        "no PUBREC was swallowed: the test checks nothing"
+    );
 
     tokio::task::block_in_place(|| broker.start_again());
     assert!(

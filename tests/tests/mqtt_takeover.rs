@@ -13,7 +13,9 @@ use std::time::Duration;
 
 use silt_tests::mqtt::dump::dump_topic;
 use silt_tests::mqtt::raw::{self, Connect, RawConn};
-use silt_tests::mqtt::{Client, ClientOptions, MQTT_TIMEOUT, MqttBroker, Version, skip_unless_silt};
+use silt_tests::mqtt::{
+    Client, ClientOptions, MQTT_TIMEOUT, MqttBroker, Version, skip_unless_silt,
+};
 
 /// QoS 0 publishes the old connection sends in one burst just before the takeover.
 const BURST: usize = 3_000;
@@ -76,10 +78,7 @@ async fn takeover_waits_for_the_old_connection(version: Version) {
     if version == Version::V5 {
         assert_eq!(closed.disconnect_reason(), Some(0x8E), "{closed:?}");
     }
-    let qos2_acknowledged = closed
-        .packets
-        .iter()
-        .any(|packet| packet.kind() == PUBREC);
+    let qos2_acknowledged = closed.packets.iter().any(|packet| packet.kind() == PUBREC);
 
     // The client sends its unfinished QoS 2 publish again, then new messages, then a QoS 1
     // sentinel.
@@ -153,7 +152,10 @@ async fn takeover_waits_for_the_old_connection(version: Version) {
         "after {old_read} messages of the old connection"
     );
     if qos2_acknowledged {
-        assert_eq!(old_read, BURST, "PUBREC came after the whole burst was read");
+        assert_eq!(
+            old_read, BURST,
+            "PUBREC came after the whole burst was read"
+        );
     }
     subscriber.disconnect().await;
     new.send(&raw::DISCONNECT).await;
@@ -168,7 +170,10 @@ async fn takeover_waits_for_the_old_connection(version: Version) {
         .filter_map(|record| record.value)
         .collect();
     assert_eq!(
-        stored.iter().filter(|value| value.starts_with("old:")).count(),
+        stored
+            .iter()
+            .filter(|value| value.starts_with("old:"))
+            .count(),
         old_read + 1,
         "the log holds every message the old connection read, and the QoS 2 one once"
     );

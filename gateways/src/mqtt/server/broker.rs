@@ -407,7 +407,12 @@ fn restore_qos2(
             false
         }
     };
-    tracing::info!(client_id, packet_id, stored, "settled a QoS 2 message cut short by a crash");
+    tracing::info!(
+        client_id,
+        packet_id,
+        stored,
+        "settled a QoS 2 message cut short by a crash"
+    );
     let client_id = client_id.to_string();
     ops.push(if stored {
         Op::Qos2Set {
