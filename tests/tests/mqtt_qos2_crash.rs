@@ -110,7 +110,7 @@ impl Publisher {
                 });
                 if swallow
                     && flow.1 == Stage::Published
-                    && flow.0 % 4 == 0
+                    && flow.0.is_multiple_of(4)
                     && swallowed < SWALLOWED_MAX
                 {
                     flow.1 = Stage::Swallowed;

@@ -11,9 +11,10 @@
 //! format version as a u32 LE), then entries `[u32 LE body length][u32 LE CRC-32C of the
 //! body][body]`. A body is `[u8 op kind][fields]`: integers are fixed-width little-endian,
 //! strings and byte strings are a u32 LE length then the bytes, an option is a `u8` tag (0 or
-//! 1) then the value, a bool is one byte, 0 or 1. One entry holds one op. Op kinds 10 and 11
-//! (inbound QoS 2 state) came after the first release of version 1: a build without them
-//! refuses a journal holding them as undecodable, never misreads it.
+//! 1) then the value, a bool is one byte, 0 or 1. One entry holds one op.
+//!
+//! Op kinds 10 and 11 (inbound QoS 2 state) came after the first release of version 1: a
+//! build without them refuses a journal holding them as undecodable, never misreads it.
 //!
 //! # Inbound QoS 2 (exactly once across kill -9)
 //! For a QoS 2 PUBLISH of a persistent session the broker commits (fsyncs) a
