@@ -9,6 +9,14 @@
 //! grows by itself exactly when the disk is the bottleneck, with no timer and no added latency
 //! when it is not.
 //!
+//! Under the durable flush policy each writer has a sync thread: the writer appends a batch
+//! without waiting for its fsync ([`PartitionLog::append_unsynced`]) and hands it over; the
+//! sync thread waits until the batch is durable ([`PartitionLog::sync_through`], one fsync
+//! covering everything written before it started) and only then completes its receipts.
+//! Meanwhile the writer takes and writes the next batch, so the write and the wake-ups of one
+//! batch overlap the fsync of the one before instead of adding to it. Nothing is acknowledged
+//! before the fsync that covers it.
+//!
 //! One writer per partition keeps the log's order equal to the queue's, so records of one key
 //! (one partition) land in the order they were submitted. Different partitions append and
 //! fsync in parallel.
@@ -30,10 +38,10 @@ use std::time::Instant;
 use bytes::BytesMut;
 use metrics::{counter, histogram};
 use silt_gateways::mqtt::server::{
-    BoxFuture, IngestError, IngestPort, IngestReceipt, IngestRequest,
+    BoxFuture, IngestError, IngestPort, IngestReceipt, IngestRequest, LogPosition,
 };
 use silt_log::batch::{BATCH_HEADER_LEN, BatchSpec, Record, VARINT_BYTES_MAX, VARLONG_BYTES_MAX};
-use silt_log::{LogError, LogManager, PartitionLog};
+use silt_log::{AppendOptions, FlushPolicy, LogError, LogManager, PartitionLog};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 
 use crate::telemetry;
@@ -56,6 +64,10 @@ pub(crate) struct IngestConfig {
 /// Default [`IngestConfig::batch_records_max`]: enough to fill a default-sized batch with
 /// small sensor readings, few enough that completing one batch's receipts stays short.
 pub(crate) const BATCH_RECORDS_MAX_DEFAULT: usize = 8_192;
+
+/// Batches a writer may have written and handed to its sync thread, not yet durable, before
+/// it waits: enough to keep one batch writing while one syncs.
+const SYNC_AHEAD_BATCHES: usize = 2;
 
 /// Labels of `silt_ingest_rejected_total`.
 const REASON_QUOTA: &str = "quota_exceeded";
@@ -332,6 +344,7 @@ impl LogIngest {
             batch_bytes_max: self.config.batch_bytes_max,
             batch_records_max: self.config.batch_records_max,
             failing: false,
+            durable: matches!(self.log.config().flush, FlushPolicy::Durable),
         };
         let thread = std::thread::Builder::new()
             .name(format!("silt-ingest-{partition}"))
@@ -362,6 +375,61 @@ impl IngestPort for LogIngest {
             result
         })
     }
+
+    fn position<'a>(
+        &'a self,
+        log_topic: &'a str,
+        key: &'a [u8],
+    ) -> BoxFuture<'a, Result<LogPosition, IngestError>> {
+        Box::pin(async move {
+            let topic: Arc<str> = Arc::from(log_topic);
+            let partitions = self.partitions_of(&topic).await?;
+            let partition = silt_log::partitioner::partition_for_key(key, partitions);
+            let log = self
+                .log
+                .partition(log_topic, partition)
+                .map_err(|error| ingest_error(&error))?;
+            Ok(LogPosition {
+                partition,
+                offset: log.log_end_offset(),
+            })
+        })
+    }
+
+    fn find_header(
+        &self,
+        log_topic: &str,
+        from: &LogPosition,
+        name: &str,
+        value: &[u8],
+    ) -> Result<bool, IngestError> {
+        find_header(&self.log, log_topic, from, name, value)
+    }
+}
+
+/// Whether the log holds a record with header `name` = `value` in `from.partition` of
+/// `log_topic` at or above `from.offset`.
+pub(crate) fn find_header(
+    log: &LogManager,
+    log_topic: &str,
+    from: &LogPosition,
+    name: &str,
+    value: &[u8],
+) -> Result<bool, IngestError> {
+    let partition = match log.partition(log_topic, from.partition) {
+        Ok(partition) => partition,
+        Err(LogError::UnknownTopic(_) | LogError::UnknownPartition { .. }) => return Ok(false),
+        Err(error) => return Err(ingest_error(&error)),
+    };
+    let found = partition
+        .find_record(from.offset, |record| {
+            record
+                .headers
+                .iter()
+                .any(|header| header.key == name && header.value.as_deref() == Some(value))
+        })
+        .map_err(|error| ingest_error(&error))?;
+    Ok(found.is_some())
 }
 
 impl Drop for LogIngest {
@@ -399,13 +467,47 @@ struct Writer {
     batch_records_max: usize,
     /// Whether the last append failed, so a full disk is logged once, not once per batch.
     failing: bool,
+    /// Under the durable flush policy receipts wait for the fsync; otherwise (the relaxed
+    /// policy) they complete once the append returns, as that policy promises.
+    durable: bool,
+}
+
+/// A batch written and not yet known durable, on its way to the sync thread.
+struct Unsynced {
+    /// One past its last offset.
+    end: u64,
+    taken: Vec<Pending>,
+    record_count: usize,
 }
 
 impl Writer {
     fn run(mut self) {
+        let syncer = if self.durable {
+            let (sender, receiver) = std::sync::mpsc::sync_channel(SYNC_AHEAD_BATCHES);
+            let log = self.log.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("silt-sync-{}", self.log.partition()))
+                .spawn(move || sync_loop(&log, &receiver));
+            match spawned {
+                Ok(thread) => Some((sender, thread)),
+                Err(error) => {
+                    // Still correct, only slower: each append waits for its own fsync.
+                    tracing::warn!(%error, "cannot start an ingest sync thread; syncing inline");
+                    None
+                }
+            }
+        } else {
+            None
+        };
         let mut taken = Vec::new();
         while self.take(&mut taken) {
-            self.write(&mut taken);
+            self.write(&mut taken, syncer.as_ref().map(|(sender, _)| sender));
+        }
+        if let Some((sender, thread)) = syncer {
+            drop(sender);
+            if thread.join().is_err() {
+                tracing::error!("an ingest sync thread panicked");
+            }
         }
     }
 
@@ -442,8 +544,13 @@ impl Writer {
         true
     }
 
-    /// Appends `taken` as one batch and completes each request with the outcome.
-    fn write(&mut self, taken: &mut Vec<Pending>) {
+    /// Appends `taken` as one batch, then hands it to the sync thread (or, without one, syncs
+    /// and completes it here); a refused append completes each request with the error.
+    fn write(
+        &mut self,
+        taken: &mut Vec<Pending>,
+        syncer: Option<&std::sync::mpsc::SyncSender<Unsynced>>,
+    ) {
         let records: Vec<Record> = taken
             .iter_mut()
             .flat_map(|pending| std::mem::take(&mut pending.records))
@@ -456,13 +563,16 @@ impl Writer {
         // CPU on the hot path, and the uplink compresses what it ships anyway.
         let result = silt_log::batch::encode_batch(&BatchSpec::default(), &records, &mut batch)
             .map_err(LogError::from)
-            .and_then(|_| self.log.append(&mut batch));
+            .and_then(|_| {
+                self.log
+                    .append_unsynced(&mut batch, AppendOptions::default())
+            });
         let record_count = records.len();
         drop(records);
         drop(batch);
         histogram!(telemetry::APPEND_BATCH_RECORDS).record(record_count as f64);
         let outcome = match result {
-            Ok(_) => {
+            Ok(info) => {
                 if self.failing {
                     tracing::info!(
                         topic = self.log.topic(),
@@ -471,7 +581,26 @@ impl Writer {
                     );
                     self.failing = false;
                 }
-                Ok(())
+                let unsynced = Unsynced {
+                    end: info.last_offset + 1,
+                    taken: std::mem::take(taken),
+                    record_count,
+                };
+                if !self.durable {
+                    complete(unsynced.taken, &Ok(()));
+                    return;
+                }
+                match syncer {
+                    // The sync thread completes it once durable; a full channel waits here,
+                    // which bounds how far writes run ahead of fsyncs.
+                    Some(syncer) => {
+                        if let Err(std::sync::mpsc::SendError(unsynced)) = syncer.send(unsynced) {
+                            sync_and_complete(&self.log, unsynced);
+                        }
+                    }
+                    None => sync_and_complete(&self.log, unsynced),
+                }
+                return;
             }
             Err(error) => {
                 if !self.failing {
@@ -488,10 +617,36 @@ impl Writer {
                 Err(error)
             }
         };
-        for pending in taken.drain(..) {
-            pending.completion.part_done(&outcome);
-        }
+        complete(std::mem::take(taken), &outcome);
     }
+}
+
+fn complete(taken: Vec<Pending>, outcome: &Result<(), IngestError>) {
+    for pending in taken {
+        pending.completion.part_done(outcome);
+    }
+}
+
+/// The sync thread of one partition: completes each written batch once it is durable.
+fn sync_loop(log: &PartitionLog, batches: &std::sync::mpsc::Receiver<Unsynced>) {
+    while let Ok(unsynced) = batches.recv() {
+        sync_and_complete(log, unsynced);
+    }
+}
+
+fn sync_and_complete(log: &PartitionLog, unsynced: Unsynced) {
+    let outcome = log.sync_through(unsynced.end).map_err(|error| {
+        tracing::error!(
+            topic = log.topic(),
+            partition = log.partition(),
+            %error,
+            "ingest fsync failed; publishers get an error"
+        );
+        let error = ingest_error(&error);
+        count_rejected(&error, unsynced.record_count as u64);
+        error
+    });
+    complete(unsynced.taken, &outcome);
 }
 
 /// What a log error means to a publisher.

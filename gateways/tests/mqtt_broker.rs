@@ -7,6 +7,7 @@ use bytes::BytesMut;
 use silt_gateways::mqtt::RouteTable;
 use silt_gateways::mqtt::server::{
     BoxFuture, Broker, BrokerConfig, IngestError, IngestPort, IngestReceipt, IngestRequest, Limits,
+    LogPosition,
 };
 use silt_log::batch::{BatchSpec, encode_batch};
 use silt_log::{LogConfig, LogManager};
@@ -43,6 +44,43 @@ impl IngestPort for DirectLog {
             });
             Ok(receipt)
         })
+    }
+
+    fn position<'a>(
+        &'a self,
+        log_topic: &'a str,
+        key: &'a [u8],
+    ) -> BoxFuture<'a, Result<LogPosition, IngestError>> {
+        let failed = |e: silt_log::LogError| IngestError::Failed(e.to_string());
+        Box::pin(async move {
+            let info = self.0.ensure_topic(log_topic, 1).map_err(failed)?;
+            let partition = silt_log::partitioner::partition_for_key(key, info.partitions);
+            let log = self.0.partition(log_topic, partition).map_err(failed)?;
+            Ok(LogPosition {
+                partition,
+                offset: log.log_end_offset(),
+            })
+        })
+    }
+
+    fn find_header(
+        &self,
+        log_topic: &str,
+        from: &LogPosition,
+        name: &str,
+        value: &[u8],
+    ) -> Result<bool, IngestError> {
+        let Ok(log) = self.0.partition(log_topic, from.partition) else {
+            return Ok(false);
+        };
+        log.find_record(from.offset, |record| {
+            record
+                .headers
+                .iter()
+                .any(|h| h.key == name && h.value.as_deref() == Some(value))
+        })
+        .map(|found| found.is_some())
+        .map_err(|e| IngestError::Failed(e.to_string()))
     }
 }
 
@@ -403,4 +441,181 @@ async fn connections_over_the_limit_are_refused_with_quota_exceeded() {
         other => panic!("the third connection was not refused: {other:?}"),
     }
     node.broker.shutdown().await;
+}
+
+/// Minimal raw MQTT 5.0 packets, to re-send a QoS 2 PUBLISH with a chosen packet id and DUP.
+mod raw {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    fn put_str(text: &str, out: &mut Vec<u8>) {
+        out.extend_from_slice(&(text.len() as u16).to_be_bytes());
+        out.extend_from_slice(text.as_bytes());
+    }
+
+    fn packet(first_byte: u8, body: &[u8]) -> Vec<u8> {
+        assert!(body.len() < 128, "short packets only");
+        let mut out = vec![first_byte, body.len() as u8];
+        out.extend_from_slice(body);
+        out
+    }
+
+    /// CONNECT, clean start 0, session expiry 3600.
+    pub(super) fn connect(client_id: &str) -> Vec<u8> {
+        let mut body = Vec::new();
+        put_str("MQTT", &mut body);
+        body.extend_from_slice(&[5, 0x00, 0, 30, 5, 0x11]);
+        body.extend_from_slice(&3600u32.to_be_bytes());
+        put_str(client_id, &mut body);
+        packet(0x10, &body)
+    }
+
+    /// PUBLISH QoS 2 with DUP set.
+    pub(super) fn publish_qos2_dup(topic: &str, packet_id: u16, payload: &[u8]) -> Vec<u8> {
+        let mut body = Vec::new();
+        put_str(topic, &mut body);
+        body.extend_from_slice(&packet_id.to_be_bytes());
+        body.push(0);
+        body.extend_from_slice(payload);
+        packet(0x3C, &body)
+    }
+
+    pub(super) fn pubrel(packet_id: u16) -> Vec<u8> {
+        packet(0x62, &packet_id.to_be_bytes())
+    }
+
+    pub(super) async fn send(stream: &mut TcpStream, bytes: &[u8]) {
+        stream.write_all(bytes).await.unwrap();
+    }
+
+    /// The next packet's first byte and body.
+    pub(super) async fn read(stream: &mut TcpStream) -> (u8, Vec<u8>) {
+        let first = stream.read_u8().await.unwrap();
+        let mut remaining = 0usize;
+        for shift in (0..28).step_by(7) {
+            let byte = stream.read_u8().await.unwrap();
+            remaining |= usize::from(byte & 0x7F) << shift;
+            if byte & 0x80 == 0 {
+                break;
+            }
+        }
+        let mut body = vec![0; remaining];
+        stream.read_exact(&mut body).await.unwrap();
+        (first, body)
+    }
+}
+
+/// What kill -9 can leave of a QoS 2 publish of a persistent session: its intent journaled,
+/// and the record in the log or not. Opening the broker settles it from the log: a stored one
+/// awaits PUBREL (a re-send gets PUBREC and is not stored again), one not stored has its id
+/// free (a re-send is stored).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qos2_intents_left_by_a_crash_are_settled_from_the_log() {
+    use silt_gateways::mqtt::ingest::{HEADER_QOS2_ID, qos2_id_value};
+    use silt_gateways::mqtt::store::{Op, Store, StoreLimits, StoredQos2};
+    use silt_log::batch::{Header, Record};
+
+    const STORED_TOKEN: u64 = 0xAB;
+    const LOST_TOKEN: u64 = 0xCD;
+    let dir = tempfile::tempdir().unwrap();
+    let now_ms = silt_log::now_ms();
+    {
+        let log = LogManager::open(LogConfig::new(dir.path().join("log"))).unwrap();
+        log.ensure_topic("mqtt", 1).unwrap();
+        // Someone else's record first, then the one that made it before the crash.
+        let records =
+            [("other", 0x1234u64), ("stored", STORED_TOKEN)].map(|(value, token)| Record {
+                timestamp: now_ms,
+                key: Some(bytes::Bytes::from_static(b"q/t")),
+                value: Some(bytes::Bytes::from(value)),
+                headers: vec![Header {
+                    key: HEADER_QOS2_ID.to_string(),
+                    value: Some(qos2_id_value(token)),
+                }],
+            });
+        let mut batch = BytesMut::new();
+        encode_batch(&BatchSpec::default(), &records, &mut batch).unwrap();
+        log.partition("mqtt", 0)
+            .unwrap()
+            .append(&mut batch)
+            .unwrap();
+        log.close().unwrap();
+
+        let mut store = Store::open(&dir.path().join("mqtt"), StoreLimits::default()).unwrap();
+        let intent = |packet_id, token| Op::Qos2Set {
+            client_id: "q2".to_string(),
+            packet_id,
+            state: StoredQos2::Intent {
+                log_topic: "mqtt".to_string(),
+                partition: 0,
+                from_offset: 1,
+                token,
+            },
+        };
+        store
+            .apply(&[
+                Op::SessionOpen {
+                    client_id: "q2".to_string(),
+                    protocol_level: 5,
+                    expiry_secs: 3600,
+                },
+                Op::SessionClosed {
+                    client_id: "q2".to_string(),
+                    at_ms: now_ms,
+                },
+                intent(1, STORED_TOKEN),
+                intent(2, LOST_TOKEN),
+                // Below the intent's offset: must not count as the intent's record.
+                intent(3, 0x1234),
+            ])
+            .unwrap();
+        store.sync().unwrap();
+    }
+
+    let node = start_in(dir).await;
+    let mut stream = tokio::net::TcpStream::connect(node.addr).await.unwrap();
+    raw::send(&mut stream, &raw::connect("q2")).await;
+    let (first, connack) = raw::read(&mut stream).await;
+    assert_eq!(first, 0x20);
+    assert_eq!(&connack[..2], &[1, 0], "session present, success");
+    for (packet_id, payload) in [(1u16, "stored"), (2, "lost"), (3, "other")] {
+        raw::send(
+            &mut stream,
+            &raw::publish_qos2_dup("q/t", packet_id, payload.as_bytes()),
+        )
+        .await;
+        let (first, body) = raw::read(&mut stream).await;
+        assert_eq!(first, 0x50, "PUBREC");
+        assert_eq!(&body[..2], &packet_id.to_be_bytes());
+        assert!(body.len() == 2 || body[2] == 0, "success: {body:?}");
+        raw::send(&mut stream, &raw::pubrel(packet_id)).await;
+        let (first, body) = raw::read(&mut stream).await;
+        assert_eq!(first, 0x70, "PUBCOMP");
+        assert!(body.len() == 2 || body[2] == 0, "success: {body:?}");
+    }
+    drop(stream);
+    node.broker.shutdown().await;
+
+    let slice = node
+        .log
+        .partition("mqtt", 0)
+        .unwrap()
+        .read(0, 1 << 20)
+        .unwrap();
+    let mut values = Vec::new();
+    let mut rest = &slice.bytes[..];
+    while let Some((_, records, len)) =
+        silt_log::batch::decode_batch(rest, &Default::default()).unwrap()
+    {
+        values.extend(records.into_iter().map(|r| r.value.unwrap()));
+        rest = &rest[len..];
+    }
+    assert_eq!(
+        values,
+        ["other", "stored", "lost", "other"].map(|v| bytes::Bytes::from_static(v.as_bytes())),
+        "the stored message is not stored again; the others are stored once now"
+    );
+    // Every id was released by its PUBREL, durably.
+    let store = Store::open(&node.dir.path().join("mqtt"), StoreLimits::default()).unwrap();
+    assert!(store.state().sessions["q2"].qos2.is_empty());
 }

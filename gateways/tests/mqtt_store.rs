@@ -15,7 +15,7 @@ use bytes::Bytes;
 use proptest::prelude::*;
 use silt_gateways::mqtt::store::{
     JOURNAL_FILE_NAME, JOURNAL_HEADER_BYTES, Op, Store, StoreError, StoreLimits, StoreState,
-    StoredMessage, StoredProperties, StoredSession, StoredSubscription, TailFault,
+    StoredMessage, StoredProperties, StoredQos2, StoredSession, StoredSubscription, TailFault,
 };
 
 fn open(dir: &Path) -> Store {
@@ -97,6 +97,7 @@ fn model_apply(state: &mut StoreState, op: &Op) {
                         disconnected_at_ms: None,
                         subscriptions: Vec::new(),
                         queue: BTreeMap::new(),
+                        qos2: BTreeMap::new(),
                     });
             session.protocol_level = *protocol_level;
             session.expiry_secs = *expiry_secs;
@@ -151,6 +152,23 @@ fn model_apply(state: &mut StoreState, op: &Op) {
         }
         Op::ClearRetained { topic } => {
             state.retained.remove(topic);
+        }
+        Op::Qos2Set {
+            client_id,
+            packet_id,
+            state: qos2,
+        } => {
+            if let Some(session) = state.sessions.get_mut(client_id) {
+                session.qos2.insert(*packet_id, qos2.clone());
+            }
+        }
+        Op::Qos2Release {
+            client_id,
+            packet_id,
+        } => {
+            if let Some(session) = state.sessions.get_mut(client_id) {
+                session.qos2.remove(packet_id);
+            }
         }
     }
 }
@@ -223,6 +241,41 @@ fn every_op() -> Vec<Op> {
         },
         Op::ClearRetained {
             topic: "status/c".to_owned(),
+        },
+        Op::Qos2Set {
+            client_id: "alpha".to_owned(),
+            packet_id: 7,
+            state: StoredQos2::Intent {
+                log_topic: "mqtt".to_owned(),
+                partition: 3,
+                from_offset: 1 << 40,
+                token: u64::MAX - 1,
+            },
+        },
+        Op::Qos2Set {
+            client_id: "alpha".to_owned(),
+            packet_id: 8,
+            state: StoredQos2::Intent {
+                log_topic: "mqtt".to_owned(),
+                partition: 0,
+                from_offset: 5,
+                token: 1,
+            },
+        },
+        // Setting again replaces.
+        Op::Qos2Set {
+            client_id: "alpha".to_owned(),
+            packet_id: 8,
+            state: StoredQos2::Received,
+        },
+        Op::Qos2Set {
+            client_id: "alpha".to_owned(),
+            packet_id: 65535,
+            state: StoredQos2::Received,
+        },
+        Op::Qos2Release {
+            client_id: "alpha".to_owned(),
+            packet_id: 65535,
         },
     ]
 }
@@ -795,6 +848,72 @@ fn the_journal_format_is_pinned() {
     assert_eq!(fs::read(journal(dir.path())).unwrap(), expected);
 }
 
+/// Pins the bytes of the inbound QoS 2 entries (added to format version 1: older builds
+/// refuse a journal holding them as undecodable rather than misread it).
+#[test]
+fn the_qos2_entries_are_pinned() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = open(dir.path());
+    let ops = [
+        Op::SessionOpen {
+            client_id: "c".to_owned(),
+            protocol_level: 5,
+            expiry_secs: 60,
+        },
+        Op::Qos2Set {
+            client_id: "c".to_owned(),
+            packet_id: 0x0102,
+            state: StoredQos2::Intent {
+                log_topic: "m".to_owned(),
+                partition: 2,
+                from_offset: 7,
+                token: 0x0A0B,
+            },
+        },
+        Op::Qos2Set {
+            client_id: "c".to_owned(),
+            packet_id: 3,
+            state: StoredQos2::Received,
+        },
+        Op::Qos2Release {
+            client_id: "c".to_owned(),
+            packet_id: 3,
+        },
+    ];
+    store.apply(&ops).unwrap();
+    store.sync().unwrap();
+    let bytes = fs::read(journal(dir.path())).unwrap();
+    let bodies: Vec<&[u8]> = {
+        let mut bodies = Vec::new();
+        let mut at = JOURNAL_HEADER_BYTES as usize;
+        while at < bytes.len() {
+            let len = u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
+            bodies.push(&bytes[at + 8..at + 8 + len]);
+            at += 8 + len;
+        }
+        bodies
+    };
+    assert_eq!(bodies.len(), 4);
+    // Qos2Set: kind 10, "c", packet id 0x0102 (LE), tag 0 (intent), log topic "m",
+    // partition 2, from offset 7, token 0x0A0B.
+    let intent: Vec<u8> = [
+        &[10, 1, 0, 0, 0, b'c', 2, 1, 0, 1, 0, 0, 0, b'm'][..],
+        &[2, 0, 0, 0],
+        &[7, 0, 0, 0, 0, 0, 0, 0],
+        &[0x0B, 0x0A, 0, 0, 0, 0, 0, 0],
+    ]
+    .concat();
+    assert_eq!(bodies[1], &intent[..]);
+    // Qos2Set: kind 10, "c", packet id 3, tag 1 (received).
+    assert_eq!(bodies[2], &[10, 1, 0, 0, 0, b'c', 3, 0, 1]);
+    // Qos2Release: kind 11, "c", packet id 3.
+    assert_eq!(bodies[3], &[11, 1, 0, 0, 0, b'c', 3, 0]);
+    drop(store);
+    let reopened = open(dir.path());
+    assert!(reopened.state().sessions["c"].qos2.contains_key(&0x0102));
+    assert!(!reopened.state().sessions["c"].qos2.contains_key(&3));
+}
+
 const SESSION_OPEN_CRC: u32 = 0x22C9_9A9F;
 const SUBSCRIBE_CRC: u32 = 0xCF30_8C3C;
 const RETAIN_CRC: u32 = 0x281B_BD9E;
@@ -910,6 +1029,22 @@ fn op_strategy() -> impl Strategy<Value = Op> {
         2 => (client_id(), 0u64..6).prop_map(|(client_id, seq)| Op::Dequeue { client_id, seq }),
         2 => message_strategy().prop_map(|message| Op::Retain { message }),
         1 => topic().prop_map(|topic| Op::ClearRetained { topic }),
+        2 => (client_id(), 1u16..4, prop::option::of(("[a-z]{1,4}", any::<u32>(), any::<u64>(), any::<u64>())))
+            .prop_map(|(client_id, packet_id, intent)| Op::Qos2Set {
+                client_id,
+                packet_id,
+                state: match intent {
+                    Some((log_topic, partition, from_offset, token)) => StoredQos2::Intent {
+                        log_topic,
+                        partition,
+                        from_offset,
+                        token,
+                    },
+                    None => StoredQos2::Received,
+                },
+            }),
+        1 => (client_id(), 1u16..4)
+            .prop_map(|(client_id, packet_id)| Op::Qos2Release { client_id, packet_id }),
     ]
 }
 

@@ -33,7 +33,7 @@ pub use manager::{
     LogManager, PARTITIONS_MAX, TOPIC_NAME_BYTES_MAX, TopicInfo, validate_topic_name,
 };
 pub use partition::{
-    AppendInfo, AppendOptions, DeleteReport, OffsetAssignment, PartitionLog, READ_BYTES_MAX,
-    ReadSlice, RecoveryReport,
+    AppendInfo, AppendOptions, DeleteReport, FIND_READ_BYTES, OffsetAssignment, PartitionLog,
+    READ_BYTES_MAX, ReadSlice, RecoveryReport,
 };
 pub use time::now_ms;

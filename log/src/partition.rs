@@ -36,6 +36,8 @@ const CHECKPOINT_FILE: &str = "checkpoint";
 /// client's fetch size never turns into an unbounded allocation.
 pub const READ_BYTES_MAX: u64 = 64 << 20;
 const CHECKPOINT_VERSION: u32 = 1;
+/// Bytes [`PartitionLog::find_record`] reads at a time (at least one batch).
+pub const FIND_READ_BYTES: usize = 1 << 20;
 
 /// Where the partition's persistent offsets live, replaced atomically.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -385,6 +387,23 @@ impl PartitionLog {
     /// Appends whole batches (one or more, concatenated), validating each header and CRC.
     /// Under [`FlushPolicy::Durable`] it returns only once the bytes are fsync'd.
     pub fn append_with(&self, batches: &mut [u8], options: AppendOptions) -> Result<AppendInfo> {
+        let info = self.append_unsynced(batches, options)?;
+        if matches!(self.flush, FlushPolicy::Durable) {
+            self.wait_durable(info.last_offset + 1)?;
+        }
+        Ok(info)
+    }
+
+    /// Appends like [`PartitionLog::append_with`] but returns once the bytes are written (to
+    /// the page cache), without waiting for an fsync, so that a caller can write its next
+    /// batch while this one is being synced. Under [`FlushPolicy::Durable`] readers still see
+    /// the records only once they are durable, and nothing may be acknowledged before
+    /// [`PartitionLog::sync_through`] returns for them.
+    pub fn append_unsynced(
+        &self,
+        batches: &mut [u8],
+        options: AppendOptions,
+    ) -> Result<AppendInfo> {
         let headers = self.validate(batches)?;
         self.disk.admit(batches.len() as u64)?;
         let config = self.config();
@@ -441,10 +460,14 @@ impl PartitionLog {
                 append_time_ms: now,
             }
         };
-        if matches!(self.flush, FlushPolicy::Durable) {
-            self.wait_durable(info.last_offset + 1)?;
-        }
         Ok(info)
+    }
+
+    /// Returns once every offset below `end` is fsync'd, running the fsync itself or sharing
+    /// one in flight (group commit), whatever the flush policy. Fails like a durable append
+    /// (`FsyncFailed`, or `Truncated` when a truncation removed offsets below `end` first).
+    pub fn sync_through(&self, end: u64) -> Result<()> {
+        self.wait_durable(end)
     }
 
     /// Checks that `batches` is a run of whole, valid batches within the size limit.
@@ -690,6 +713,58 @@ impl PartitionLog {
             return Ok(slice);
         }
         Ok(slice)
+    }
+
+    /// The offset of the first visible record at or above `from_offset` that `matches`
+    /// accepts, reading forward batch by batch (at most [`FIND_READ_BYTES`] at a time); `None`
+    /// when no record up to the high watermark does. A `from_offset` below the local start
+    /// scans from the local start; one at or past the end finds nothing. Meant for short
+    /// scans of a log's tail (a broker checking after a crash whether a record made it),
+    /// not for consumers.
+    pub fn find_record(
+        &self,
+        from_offset: u64,
+        mut matches: impl FnMut(&batch::DecodedRecord) -> bool,
+    ) -> Result<Option<u64>> {
+        let limits = DecodeLimits {
+            max_batch_bytes: usize::MAX,
+            ..DecodeLimits::default()
+        };
+        let mut offset = from_offset.max(self.local_start_offset());
+        while offset < self.high_watermark() {
+            let slice = match self.read(offset, FIND_READ_BYTES) {
+                Ok(slice) => slice,
+                // Retention moved the start past `offset` meanwhile: go on from there.
+                Err(LogError::OffsetOutOfRange { log_start, .. }) if offset < log_start => {
+                    offset = log_start;
+                    continue;
+                }
+                Err(LogError::NotLocal { local_start, .. }) if offset < local_start => {
+                    offset = local_start;
+                    continue;
+                }
+                Err(error) => return Err(error),
+            };
+            if slice.bytes.is_empty() {
+                break;
+            }
+            let mut rest = &slice.bytes[..];
+            let mut next = offset;
+            while let Some((header, records, len)) = batch::decode_batch(rest, &limits)? {
+                for record in &records {
+                    if record.offset >= 0 && record.offset as u64 >= offset && matches(record) {
+                        return Ok(Some(record.offset as u64));
+                    }
+                }
+                next = next.max(header.last_offset() as u64 + 1);
+                rest = &rest[len..];
+            }
+            if next == offset {
+                break;
+            }
+            offset = next;
+        }
+        Ok(None)
     }
 
     /// The first offset whose record timestamp is at or after `timestamp`, with that

@@ -662,3 +662,62 @@ fn a_huge_read_request_is_capped() {
     assert!(slice.bytes.len() as u64 <= silt_log::READ_BYTES_MAX);
     assert!((slice.bytes.len() as u64) < total);
 }
+
+#[test]
+fn find_record_scans_forward_from_an_offset_across_segments() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_manager, log) = open_partition(small_config(dir.path()), "t");
+    for round in 0..30 {
+        let mut batch = batch_of(&format!("r{round}"), 5, 0);
+        log.append(&mut batch).unwrap();
+    }
+    assert!(log.segment_count() > 3, "1 KiB segments must roll");
+    let value_is = |wanted: &'static str| {
+        move |record: &silt_log::batch::DecodedRecord| {
+            record.value.as_deref() == Some(wanted.as_bytes())
+        }
+    };
+    // Found from below it (in an earlier segment), from itself, not from past it.
+    assert_eq!(log.find_record(0, value_is("r20-3")).unwrap(), Some(103));
+    assert_eq!(log.find_record(103, value_is("r20-3")).unwrap(), Some(103));
+    assert_eq!(log.find_record(104, value_is("r20-3")).unwrap(), None);
+    // From the middle of a batch, the records before the offset are skipped.
+    assert_eq!(log.find_record(101, value_is("r20-0")).unwrap(), None);
+    assert_eq!(log.find_record(0, value_is("absent")).unwrap(), None);
+    // At or past the end: nothing, and no error.
+    assert_eq!(log.find_record(150, value_is("r0-0")).unwrap(), None);
+    assert_eq!(log.find_record(10_000, value_is("r0-0")).unwrap(), None);
+    // Below the log start: the scan starts at the start.
+    log.delete_before(50).unwrap();
+    assert_eq!(log.find_record(0, value_is("r0-0")).unwrap(), None);
+    assert_eq!(log.find_record(0, value_is("r29-4")).unwrap(), Some(149));
+}
+
+#[test]
+fn an_unsynced_append_is_visible_only_once_synced() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_manager, log) = open_partition(small_config(dir.path()), "t");
+    log.append(&mut batch_of("a", 3, 0)).unwrap();
+    let fsyncs = log.fsync_count();
+    let info = log
+        .append_unsynced(&mut batch_of("b", 4, 0), AppendOptions::default())
+        .unwrap();
+    assert_eq!((info.base_offset, info.last_offset), (3, 6));
+    assert_eq!(log.log_end_offset(), 7);
+    assert_eq!(log.fsync_count(), fsyncs, "no fsync yet");
+    assert_eq!(log.high_watermark(), 3, "readers see only durable records");
+    assert_eq!(read_all(&log, 0).len(), 3);
+    // The next write goes on while the first is unsynced; one fsync covers both.
+    log.append_unsynced(&mut batch_of("c", 2, 0), AppendOptions::default())
+        .unwrap();
+    log.sync_through(info.last_offset + 1).unwrap();
+    assert_eq!(log.fsync_count(), fsyncs + 1);
+    assert_eq!(log.high_watermark(), 9);
+    log.sync_through(9).unwrap();
+    assert_eq!(
+        log.fsync_count(),
+        fsyncs + 1,
+        "already durable: no second fsync"
+    );
+    assert_eq!(read_all(&log, 0).len(), 9);
+}

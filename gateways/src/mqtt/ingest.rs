@@ -10,7 +10,10 @@
 //! - `mqtt.content_type` (5.0, when set) and `mqtt.payload_format` (5.0, when set: `utf8` or
 //!   `bytes`);
 //! - then the 5.0 user properties, each as a header named by the property, in order,
-//!   duplicates kept.
+//!   duplicates kept;
+//! - last, `mqtt.qos2_id` on QoS 2 publishes of persistent sessions only: 16 hex digits, random
+//!   per message. The broker journals it before the append, so that after a crash it can
+//!   tell from the log whether the message was stored (exactly once across kill -9).
 
 use bytes::Bytes;
 use silt_log::batch::{Header, Record};
@@ -25,6 +28,12 @@ pub const HEADER_RETAIN: &str = "mqtt.retain";
 pub const HEADER_CLIENT_ID: &str = "mqtt.client_id";
 pub const HEADER_CONTENT_TYPE: &str = "mqtt.content_type";
 pub const HEADER_PAYLOAD_FORMAT: &str = "mqtt.payload_format";
+pub const HEADER_QOS2_ID: &str = "mqtt.qos2_id";
+
+/// The `mqtt.qos2_id` header's value for `token`.
+pub fn qos2_id_value(token: u64) -> Bytes {
+    Bytes::from(format!("{token:016x}"))
+}
 
 /// What the broker knows about one PUBLISH besides its payload.
 #[derive(Debug, Clone, Copy)]

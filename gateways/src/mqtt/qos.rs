@@ -169,6 +169,16 @@ impl Inbound {
         }
     }
 
+    /// Marks the QoS 2 message `id` as stored and awaiting PUBREL, wherever its ingest
+    /// stood: a session restored after a restart, or a connection that closed after the log
+    /// took the message but before its PUBREC went out. A re-sent PUBLISH with this id then
+    /// gets PUBREC again, never a second append.
+    pub fn mark_received(&mut self, id: u16) {
+        self.ingesting
+            .retain(|&(pending, qos)| !(pending == id && qos == QoS::ExactlyOnce));
+        self.awaiting_pubrel.insert(id);
+    }
+
     /// QoS 2 ids awaiting PUBREL: they survive a reconnect with a kept session.
     pub fn awaiting_pubrel(&self) -> impl Iterator<Item = u16> + '_ {
         self.awaiting_pubrel.iter().copied()
@@ -377,6 +387,37 @@ impl<M> Outbound<M> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_qos2_id_marked_received_is_not_ingested_again() {
+        let mut inbound = Inbound::new(10);
+        // Restored after a restart: nothing under way, the id awaits PUBREL.
+        inbound.mark_received(3);
+        assert_eq!(
+            inbound.on_publish(3, QoS::ExactlyOnce),
+            Ok(InboundAction::ResendPubrec)
+        );
+        // Stored while its connection closed: it leaves the ingests under way.
+        assert_eq!(
+            inbound.on_publish(4, QoS::ExactlyOnce),
+            Ok(InboundAction::Ingest)
+        );
+        inbound.mark_received(4);
+        assert_eq!(inbound.unacknowledged(), 2);
+        inbound.on_disconnect();
+        assert_eq!(
+            inbound.on_publish(4, QoS::ExactlyOnce),
+            Ok(InboundAction::ResendPubrec)
+        );
+        assert_eq!(inbound.on_pubrel(3), Ok(()));
+        assert_eq!(inbound.on_pubrel(4), Ok(()));
+        assert_eq!(inbound.unacknowledged(), 0);
+        assert_eq!(
+            inbound.on_publish(4, QoS::ExactlyOnce),
+            Ok(InboundAction::Ingest),
+            "a released id is free for a new message"
+        );
+    }
 
     #[test]
     fn qos1_inbound_acks_in_order_after_ingest() {

@@ -13,6 +13,20 @@
 //! strings and byte strings are a u32 LE length then the bytes, an option is a `u8` tag (0 or
 //! 1) then the value, a bool is one byte, 0 or 1. One entry holds one op.
 //!
+//! Op kinds 10 and 11 (inbound QoS 2 state) came after the first release of version 1: a
+//! build without them refuses a journal holding them as undecodable, never misreads it.
+//!
+//! # Inbound QoS 2 (exactly once across kill -9)
+//! For a QoS 2 PUBLISH of a persistent session the broker commits (fsyncs) a
+//! [`StoredQos2::Intent`] before the record goes to the log: the log topic, the partition, the
+//! partition's end offset before the append, and a random token the record carries in its
+//! `mqtt.qos2_id` header. Once the log has the record, [`StoredQos2::Received`] is written
+//! (lazily: the intent and the log already tell it), and PUBREL releases the id with
+//! [`Op::Qos2Release`], committed before PUBCOMP goes out (else, after a crash, a new message
+//! under the reused id would be taken for a re-send). On open, an intent left by a crash is
+//! settled by scanning the partition from its offset for the token: found means received,
+//! not found means the id is free again.
+//!
 //! # Ordering and crash rules
 //! - [`Store::apply`] updates the mirror and appends entries to an in-memory buffer, written
 //!   to the file when it fills; [`Store::sync`] writes the rest and fdatasyncs. What was
@@ -111,6 +125,26 @@ pub struct StoredSession {
     /// Messages waiting for delivery or acknowledgement, by the broker's per-session sequence
     /// number.
     pub queue: BTreeMap<u64, StoredMessage>,
+    /// Inbound QoS 2 packet ids not yet released by PUBREL, by packet id.
+    pub qos2: BTreeMap<u16, StoredQos2>,
+}
+
+/// Where an inbound QoS 2 message of a persistent session stands, for exactly-once delivery
+/// across restarts (MQTT 5.0 §4.3.3: the id stays taken from PUBREC until PUBREL).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoredQos2 {
+    /// Journaled before the record went to the log: after a crash the log tells whether the
+    /// append happened. The record carries `token` in its `mqtt.qos2_id` header and lands in
+    /// `partition` of `log_topic` at or above `from_offset`.
+    Intent {
+        log_topic: String,
+        partition: u32,
+        from_offset: u64,
+        token: u64,
+    },
+    /// The record is durable in the log and PUBREC may have gone out: a re-sent PUBLISH with
+    /// this id is answered with PUBREC and not stored again.
+    Received,
 }
 
 /// Everything the store keeps: what the broker reloads at start.
@@ -171,6 +205,17 @@ pub enum Op {
     ClearRetained {
         topic: String,
     },
+    /// Records (or replaces) the state of an inbound QoS 2 packet id.
+    Qos2Set {
+        client_id: String,
+        packet_id: u16,
+        state: StoredQos2,
+    },
+    /// Frees an inbound QoS 2 packet id: PUBREL arrived, or the message was never stored.
+    Qos2Release {
+        client_id: String,
+        packet_id: u16,
+    },
 }
 
 impl Op {
@@ -186,6 +231,8 @@ impl Op {
             Op::Dequeue { .. } => "dequeue",
             Op::Retain { .. } => "retain",
             Op::ClearRetained { .. } => "clear-retained",
+            Op::Qos2Set { .. } => "qos2-set",
+            Op::Qos2Release { .. } => "qos2-release",
         }
     }
 
@@ -198,6 +245,7 @@ impl Op {
                 | Op::Unsubscribe { .. }
                 | Op::Dequeue { .. }
                 | Op::ClearRetained { .. }
+                | Op::Qos2Release { .. }
         )
     }
 
@@ -240,6 +288,22 @@ impl Op {
             },
             Op::Retain { message } => Entry::Retain { message },
             Op::ClearRetained { topic } => Entry::ClearRetained { topic },
+            Op::Qos2Set {
+                client_id,
+                packet_id,
+                state,
+            } => Entry::Qos2Set {
+                client_id,
+                packet_id: *packet_id,
+                state,
+            },
+            Op::Qos2Release {
+                client_id,
+                packet_id,
+            } => Entry::Qos2Release {
+                client_id,
+                packet_id: *packet_id,
+            },
         }
     }
 }
@@ -675,6 +739,7 @@ impl Mirror {
                         disconnected_at_ms: None,
                         subscriptions: Vec::new(),
                         queue: BTreeMap::new(),
+                        qos2: BTreeMap::new(),
                     };
                     self.state.sessions.insert(client_id, session);
                     true
@@ -791,6 +856,45 @@ impl Mirror {
                 self.live_bytes -= entry_bytes(Entry::Retain { message: &removed });
                 true
             }
+            Op::Qos2Set {
+                client_id,
+                packet_id,
+                state,
+            } => {
+                let Some(session) = self.state.sessions.get_mut(&client_id) else {
+                    return false;
+                };
+                self.live_bytes += entry_bytes(Entry::Qos2Set {
+                    client_id: &client_id,
+                    packet_id,
+                    state: &state,
+                });
+                if let Some(replaced) = session.qos2.insert(packet_id, state) {
+                    self.live_bytes -= entry_bytes(Entry::Qos2Set {
+                        client_id: &client_id,
+                        packet_id,
+                        state: &replaced,
+                    });
+                }
+                true
+            }
+            Op::Qos2Release {
+                client_id,
+                packet_id,
+            } => {
+                let Some(session) = self.state.sessions.get_mut(&client_id) else {
+                    return false;
+                };
+                let Some(removed) = session.qos2.remove(&packet_id) else {
+                    return false;
+                };
+                self.live_bytes -= entry_bytes(Entry::Qos2Set {
+                    client_id: &client_id,
+                    packet_id,
+                    state: &removed,
+                });
+                true
+            }
         }
     }
 }
@@ -817,6 +921,13 @@ fn session_bytes(session: &StoredSession) -> u64 {
             client_id,
             seq,
             message,
+        });
+    }
+    for (&packet_id, state) in &session.qos2 {
+        bytes += entry_bytes(Entry::Qos2Set {
+            client_id,
+            packet_id,
+            state,
         });
     }
     bytes
@@ -856,6 +967,13 @@ fn for_each_snapshot_entry(
                 client_id,
                 seq,
                 message,
+            })?;
+        }
+        for (&packet_id, state) in &session.qos2 {
+            visit(Entry::Qos2Set {
+                client_id,
+                packet_id,
+                state,
             })?;
         }
     }

@@ -17,9 +17,10 @@ use tokio::task::JoinHandle;
 
 use super::persist::Persist;
 use super::session::{Message, Queued, Session, SessionCell};
-use super::{BrokerConfig, IngestPort, lock, stopped};
+use super::{BrokerConfig, IngestPort, LogPosition, lock, stopped};
 use crate::mqtt::auth::{AclRules, Identity, PasswordFile};
-use crate::mqtt::store::{Op, StoredSubscription};
+use crate::mqtt::ingest::{HEADER_QOS2_ID, qos2_id_value};
+use crate::mqtt::store::{Op, StoredQos2, StoredSubscription};
 use crate::mqtt::subscriptions::{
     QoS, RetainHandling, SubscriptionId, SubscriptionLimits, SubscriptionOptions, SubscriptionStore,
 };
@@ -369,6 +370,65 @@ impl Message {
     }
 }
 
+/// Restores one inbound QoS 2 packet id of a persistent session; returns whether the message
+/// is stored (the id awaits PUBREL). An intent journaled before an append that the crash may
+/// have cut short is settled by the log: the record carries the intent's token, so it is
+/// stored exactly when the log holds that token at or above the journaled offset. If the log
+/// cannot tell, the id is freed: a re-sent PUBLISH is then stored again (a duplicate), which
+/// is better than answering PUBREC for a message that was never stored (a loss).
+fn restore_qos2(
+    ingest: &dyn IngestPort,
+    client_id: &str,
+    packet_id: u16,
+    qos2: StoredQos2,
+    ops: &mut Vec<Op>,
+) -> bool {
+    let (log_topic, from, token) = match qos2 {
+        StoredQos2::Received => return true,
+        StoredQos2::Intent {
+            log_topic,
+            partition,
+            from_offset,
+            token,
+        } => (
+            log_topic,
+            LogPosition {
+                partition,
+                offset: from_offset,
+            },
+            token,
+        ),
+    };
+    let stored = match ingest.find_header(&log_topic, &from, HEADER_QOS2_ID, &qos2_id_value(token))
+    {
+        Ok(found) => found,
+        Err(error) => {
+            tracing::warn!(client_id, packet_id, %error, "cannot check the log for a QoS 2 message cut short; a re-send will be stored again");
+            false
+        }
+    };
+    tracing::info!(
+        client_id,
+        packet_id,
+        stored,
+        "settled a QoS 2 message cut short by a crash"
+    );
+    let client_id = client_id.to_string();
+    ops.push(if stored {
+        Op::Qos2Set {
+            client_id,
+            packet_id,
+            state: StoredQos2::Received,
+        }
+    } else {
+        Op::Qos2Release {
+            client_id,
+            packet_id,
+        }
+    });
+    stored
+}
+
 /// Options stored for a subscription, back into the store's form.
 pub(crate) fn stored_subscription(
     filter: &SubscriptionFilter,
@@ -425,6 +485,7 @@ impl Broker {
         }
         let now_ms = silt_log::now_ms();
         let mut expiries = Vec::new();
+        let mut recovered = Vec::new();
         for (client_id, stored) in state.sessions {
             let client_id: Arc<str> = Arc::from(client_id.as_str());
             let mut session = Session::new(client_id.clone(), &limits);
@@ -465,6 +526,11 @@ impl Broker {
                     seq: Some(seq),
                 });
             }
+            for (packet_id, qos2) in stored.qos2 {
+                if restore_qos2(ingest.as_ref(), &client_id, packet_id, qos2, &mut recovered) {
+                    session.inbound.mark_received(packet_id);
+                }
+            }
             let gone_ms = now_ms - stored.disconnected_at_ms.unwrap_or(now_ms);
             let left_ms = (i64::from(session.expiry_secs) * 1000 - gone_ms).max(0);
             expiries.push((client_id.clone(), Duration::from_millis(left_ms as u64)));
@@ -474,6 +540,9 @@ impl Broker {
         }
         metrics::gauge!("silt_mqtt_sessions").set(registry.sessions.len() as f64);
         metrics::gauge!("silt_mqtt_retained_messages").set(registry.retained.len() as f64);
+        // What the log said is a fact that the next recovery would find again: no need to
+        // wait for it.
+        persist.write(recovered);
 
         let rate = f64::from(limits.connect_rate_per_sec.max(1));
         let (shutdown, _) = watch::channel(false);

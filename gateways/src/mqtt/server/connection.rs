@@ -25,8 +25,9 @@ use super::{BoxFuture, IngestError, IngestRequest, lock, stopped};
 use crate::mqtt::alias::{InboundAliases, OutboundAliases, OutboundTopic};
 use crate::mqtt::auth::Identity;
 use crate::mqtt::codec::{self, CodecError, Decoder, ProtocolVersion};
+use crate::mqtt::ingest::{HEADER_QOS2_ID, qos2_id_value};
 use crate::mqtt::qos::{InboundAck, InboundAction, QosError, Resend};
-use crate::mqtt::store::Op;
+use crate::mqtt::store::{Op, StoredQos2};
 use crate::mqtt::subscriptions::{QoS, SubscriptionError, SubscriptionId, SubscriptionOptions};
 use crate::mqtt::topic::{FilterSupport, SubscriptionFilter, TopicName};
 
@@ -114,10 +115,15 @@ pub(crate) async fn run<S>(
         return;
     };
     let end = conn.serve(&mut io).await;
-    let _ = io.flush().await;
+    // Bounded: a client that stopped reading must not keep its session (and a connection
+    // taking it over) waiting.
+    let _ = tokio::time::timeout(Duration::from_secs(1), io.flush()).await;
     conn.drain().await;
-    conn.finish(end).await;
+    let done = conn.finish(end).await;
     io.close().await;
+    // Only now may a connection that takes the session over go on: the client sees this one
+    // closed before the new one is accepted.
+    drop(done);
 }
 
 struct Io<S> {
@@ -421,75 +427,48 @@ async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
     };
     let expiry_secs = requested_expiry.min(limits.max_session_expiry_secs);
     let generation = shared.next_generation();
+    let (done, done_signal) = tokio::sync::watch::channel(());
     let mut ops = Vec::new();
-    let (cell, session_present, taken_from) = {
-        let mut registry = lock(&shared.registry);
-        let existing = registry.sessions.get(&client_id).cloned();
-        let mut taken_from = None;
-        let mut ended = false;
-        if let Some(cell) = &existing {
-            let mut session = cell.lock();
-            if session.attached.is_some() {
-                taken_from = Some(cell.clone());
-                // A session with expiry 0 ends with its connection, even if that connection
-                // (which sent DISCONNECT a moment ago, say) has not finished closing yet.
-                if connect.clean_start || session.expiry_secs == 0 {
-                    // The old session ends here; its connection must see it is detached.
-                    ended = true;
-                    session.attached = None;
-                    session.epoch += 1;
-                    cell.set_online(false);
-                }
-            }
-        }
-        let reuse = existing.filter(|_| !connect.clean_start && !ended);
-        let session_present = reuse.is_some();
-        let cell = match reuse {
-            Some(cell) => cell,
-            None => {
-                ops.extend(shared.remove_session(&mut registry, &client_id));
-                let cell = SessionCell::new(Session::new(client_id.clone(), limits));
-                registry.sessions.insert(client_id.clone(), cell.clone());
-                metrics::gauge!("silt_mqtt_sessions").set(registry.sessions.len() as f64);
-                cell
-            }
-        };
-        {
-            let mut session = cell.lock();
-            session.attached = Some(generation);
-            session.epoch += 1;
-            // Publishes the previous connection had under way are sent again by the client.
-            session.inbound.on_disconnect();
-            session.username = username.clone();
-            let was_stored = session.stored;
-            session.expiry_secs = expiry_secs;
-            if expiry_secs > 0 {
-                session.stored = true;
-                ops.push(Op::SessionOpen {
-                    client_id: client_id.to_string(),
-                    protocol_level: if v5 { 5 } else { 4 },
+    // A connection still attached to this client id is closed first, and finishes with the
+    // session (routes and acknowledges what it read, hands the session back) before this one
+    // takes it, so nothing it received is lost or overtaken by this connection.
+    let takeover_deadline = Instant::now() + TAKEOVER_WAIT;
+    let (cell, session_present) = loop {
+        let forced = Instant::now() >= takeover_deadline;
+        let attach = {
+            let mut registry = lock(&shared.registry);
+            attach(
+                shared,
+                &mut registry,
+                &client_id,
+                AttachRequest {
+                    generation,
+                    clean_start: connect.clean_start,
+                    v5,
                     expiry_secs,
-                });
-            } else if was_stored {
-                // A persistent session resumed with expiry 0: the store no longer keeps it.
-                session.stored = false;
-                ops.push(Op::SessionRemove {
-                    client_id: client_id.to_string(),
-                });
+                    receive_maximum: connect.receive_maximum,
+                    username: &username,
+                    done: &done_signal,
+                    forced,
+                },
+                &mut ops,
+            )
+        };
+        match attach {
+            Attach::Attached {
+                cell,
+                session_present,
+            } => break (cell, session_present),
+            Attach::Wait { old, mut closed } => {
+                old.notify.notify_waiters();
+                old.notify.notify_one();
+                let _ = tokio::time::timeout_at(takeover_deadline, async {
+                    while closed.changed().await.is_ok() {}
+                })
+                .await;
             }
-            let client_receive_max = connect.receive_maximum.unwrap_or(u16::MAX);
-            session
-                .outbound
-                .set_receive_maximum(client_receive_max.min(limits.max_inflight_out));
-            cell.set_online(true);
         }
-        (cell, session_present, taken_from)
     };
-    if let Some(old) = taken_from {
-        // The old connection sees that its generation is gone and leaves.
-        old.notify.notify_waiters();
-        old.notify.notify_one();
-    }
     if !ops.is_empty() {
         match shared.persist.commit(ops).await {
             Ok(Ok(())) => {}
@@ -551,15 +530,133 @@ async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
         will_delay_secs: connect.will.as_ref().map_or(0, |w| w.delay_secs),
         pending: FuturesOrdered::new(),
         acks: FuturesOrdered::new(),
+        done,
         last_log_topic: None,
         counters: Counters::new(),
         batch: Vec::new(),
         batch_entries: Vec::new(),
         batch_bytes: 0,
         ops: Vec::new(),
+        releases: Vec::new(),
     };
     conn.resend(&mut io.out);
     Some(conn)
+}
+
+/// How long a new connection waits for the connection it takes a session over from to
+/// finish (that one's drain is bounded by [`DRAIN_TIMEOUT`]); after it, the old connection is
+/// detached by force.
+const TAKEOVER_WAIT: Duration = Duration::from_secs(10);
+
+/// What a CONNECT asks of its session.
+struct AttachRequest<'a> {
+    generation: u64,
+    clean_start: bool,
+    v5: bool,
+    expiry_secs: u32,
+    receive_maximum: Option<u16>,
+    username: &'a Option<String>,
+    done: &'a tokio::sync::watch::Receiver<()>,
+    /// The old connection had its time: detach it without waiting.
+    forced: bool,
+}
+
+enum Attach {
+    Attached {
+        cell: Arc<SessionCell>,
+        session_present: bool,
+    },
+    /// Another connection is attached: it was told to stop; wait until `closed` closes.
+    Wait {
+        old: Arc<SessionCell>,
+        closed: tokio::sync::watch::Receiver<()>,
+    },
+}
+
+/// Attaches the connection `request.generation` to the session of `client_id` (a new one, or
+/// the existing one unless a clean start or its expiry ends it), or, while another connection
+/// is attached, tells that one to stop.
+fn attach(
+    shared: &Shared,
+    registry: &mut super::broker::Registry,
+    client_id: &Arc<str>,
+    request: AttachRequest<'_>,
+    ops: &mut Vec<Op>,
+) -> Attach {
+    let limits = &shared.config.limits;
+    let existing = registry.sessions.get(client_id).cloned();
+    let mut ended = false;
+    if let Some(cell) = &existing {
+        let mut session = cell.lock();
+        if let Some(old) = session.attached {
+            if !request.forced {
+                session.evicted = Some(old);
+                let closed = session
+                    .attached_done
+                    .clone()
+                    .unwrap_or_else(|| tokio::sync::watch::channel(()).1);
+                return Attach::Wait {
+                    old: cell.clone(),
+                    closed,
+                };
+            }
+            tracing::warn!(client_id = %client_id, "the connection taken over did not finish in time; detaching it");
+            session.attached = None;
+            session.evicted = None;
+            session.epoch += 1;
+            cell.set_online(false);
+            cell.notify.notify_waiters();
+            // A session with expiry 0 ends with its connection.
+            ended = session.expiry_secs == 0;
+        }
+    }
+    let reuse = existing.filter(|_| !request.clean_start && !ended);
+    let session_present = reuse.is_some();
+    let cell = match reuse {
+        Some(cell) => cell,
+        None => {
+            ops.extend(shared.remove_session(registry, client_id));
+            let cell = SessionCell::new(Session::new(client_id.clone(), limits));
+            registry.sessions.insert(client_id.clone(), cell.clone());
+            metrics::gauge!("silt_mqtt_sessions").set(registry.sessions.len() as f64);
+            cell
+        }
+    };
+    {
+        let mut session = cell.lock();
+        session.attached = Some(request.generation);
+        session.evicted = None;
+        session.attached_done = Some(request.done.clone());
+        session.epoch += 1;
+        // Publishes the previous connection had under way are sent again by the client.
+        session.inbound.on_disconnect();
+        session.username = request.username.clone();
+        let was_stored = session.stored;
+        session.expiry_secs = request.expiry_secs;
+        if request.expiry_secs > 0 {
+            session.stored = true;
+            ops.push(Op::SessionOpen {
+                client_id: client_id.to_string(),
+                protocol_level: if request.v5 { 5 } else { 4 },
+                expiry_secs: request.expiry_secs,
+            });
+        } else if was_stored {
+            // A persistent session resumed with expiry 0: the store no longer keeps it.
+            session.stored = false;
+            ops.push(Op::SessionRemove {
+                client_id: client_id.to_string(),
+            });
+        }
+        let client_receive_max = request.receive_maximum.unwrap_or(u16::MAX);
+        session
+            .outbound
+            .set_receive_maximum(client_receive_max.min(limits.max_inflight_out));
+        cell.set_online(true);
+    }
+    Attach::Attached {
+        cell,
+        session_present,
+    }
 }
 
 /// Undoes an attach whose session could not be stored.
@@ -587,6 +684,9 @@ struct Entry {
     qos: QoS,
     /// `None` for a publish the ACL refused.
     message: Option<Arc<Message>>,
+    /// The `mqtt.qos2_id` of a QoS 2 publish of a persistent session, whose intent is
+    /// journaled before the append.
+    qos2_token: Option<u64>,
 }
 
 /// Publishes submitted together, back from the log.
@@ -714,6 +814,9 @@ struct Conn {
     will_delay_secs: u32,
     pending: FuturesOrdered<PendingFuture>,
     acks: FuturesOrdered<AcksDue>,
+    /// Dropped once the connection has finished with its session and closed: a connection
+    /// taking the session over waits for that.
+    done: tokio::sync::watch::Sender<()>,
     /// Publishes read but not yet submitted, and what the connection keeps of each.
     batch: Vec<IngestRequest>,
     batch_entries: Vec<Entry>,
@@ -723,6 +826,9 @@ struct Conn {
     counters: Counters,
     /// Store changes not yet handed to the store thread.
     ops: Vec<Op>,
+    /// QoS 2 ids of a persistent session released by PUBREL, whose PUBCOMP waits for the
+    /// store (`flush_releases`).
+    releases: Vec<u16>,
 }
 
 /// The connection must close; `Some(reason)` sends a 5.0 DISCONNECT first.
@@ -794,7 +900,7 @@ impl Conn {
                         }
                     }
                     () = self.cell.notify.notified() => {
-                        if self.cell.lock().attached != Some(self.generation) {
+                        if !self.cell.lock().is_served_by(self.generation) {
                             break Close { end: End::TakenOver, reason: Some(rc::SESSION_TAKEN_OVER) };
                         }
                     }
@@ -841,6 +947,9 @@ impl Conn {
         let result = self.handle_frames(io).await;
         // Publishes read so far go to the log together, whatever happens next.
         self.flush_batch().await;
+        if !self.flush_releases(&mut io.out).await && matches!(result, Ok(None)) {
+            return Err(Close::protocol(rc::UNSPECIFIED));
+        }
         result
     }
 
@@ -877,6 +986,15 @@ impl Conn {
         let requests = std::mem::take(&mut self.batch);
         let entries = std::mem::take(&mut self.batch_entries);
         self.batch_bytes = 0;
+        if entries.iter().any(|entry| entry.qos2_token.is_some())
+            && let Err(error) = self.journal_intents(&requests, &entries).await
+        {
+            self.pending.push_back(PendingFuture::ready(Pending {
+                entries,
+                outcome: Outcome::Refused(error),
+            }));
+            return;
+        }
         let future = match self.shared.ingest.submit(requests).await {
             Ok(receipt) => PendingFuture {
                 receipt: Some(receipt),
@@ -889,6 +1007,66 @@ impl Conn {
             }),
         };
         self.pending.push_back(future);
+    }
+
+    /// Journals, durably, where each QoS 2 publish of a persistent session is about to go,
+    /// before it goes: after a crash, the broker finds out from the log whether the append
+    /// happened, and so never stores a re-sent PUBLISH twice (see `Broker::open`).
+    async fn journal_intents(
+        &mut self,
+        requests: &[IngestRequest],
+        entries: &[Entry],
+    ) -> Result<(), IngestError> {
+        let mut ops = Vec::new();
+        for (request, entry) in requests.iter().zip(entries) {
+            let Some(token) = entry.qos2_token else {
+                continue;
+            };
+            let position = self
+                .shared
+                .ingest
+                .position(&request.log_topic, &request.key)
+                .await?;
+            ops.push(Op::Qos2Set {
+                client_id: self.client_id.to_string(),
+                packet_id: entry.packet_id,
+                state: StoredQos2::Intent {
+                    log_topic: request.log_topic.to_string(),
+                    partition: position.partition,
+                    from_offset: position.offset,
+                    token,
+                },
+            });
+        }
+        match self.shared.persist.commit(ops).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(error)) => Err(IngestError::Failed(error)),
+            Err(_) => Err(IngestError::ShuttingDown),
+        }
+    }
+
+    /// Makes the PUBRELs handled so far durable in the store, then answers them with
+    /// PUBCOMP. `false` if the store failed: no PUBCOMP goes out (the client sends PUBREL
+    /// again after reconnecting), since after a restart the id would still look taken and
+    /// a new message under it would be taken for a re-send.
+    async fn flush_releases(&mut self, out: &mut BytesMut) -> bool {
+        if self.releases.is_empty() {
+            return true;
+        }
+        let ids = std::mem::take(&mut self.releases);
+        let mut ops = std::mem::take(&mut self.ops);
+        ops.extend(ids.iter().map(|&packet_id| Op::Qos2Release {
+            client_id: self.client_id.to_string(),
+            packet_id,
+        }));
+        if !matches!(self.shared.persist.commit(ops).await, Ok(Ok(()))) {
+            tracing::warn!(client_id = %self.client_id, "cannot store PUBRELs; closing the connection");
+            return false;
+        }
+        for id in ids {
+            encode::ack(out, self.v5, Ack::Pubcomp, id, rc::SUCCESS);
+        }
+        true
     }
 
     async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
@@ -932,13 +1110,21 @@ impl Conn {
                 let _ = self.cell.lock().outbound.on_pubcomp(id);
             }
             ClientPacket::Pubrel { id } => {
-                let found = self.cell.lock().inbound.on_pubrel(id).is_ok();
-                let reason = if found {
-                    rc::SUCCESS
-                } else {
-                    rc::PACKET_ID_NOT_FOUND
+                let (found, stored) = {
+                    let mut session = self.cell.lock();
+                    (session.inbound.on_pubrel(id).is_ok(), session.stored)
                 };
-                encode::ack(&mut io.out, self.v5, Ack::Pubcomp, id, reason);
+                if found && stored {
+                    // Answered once the release is durable (`flush_releases`).
+                    self.releases.push(id);
+                } else {
+                    let reason = if found {
+                        rc::SUCCESS
+                    } else {
+                        rc::PACKET_ID_NOT_FOUND
+                    };
+                    encode::ack(&mut io.out, self.v5, Ack::Pubcomp, id, reason);
+                }
             }
             ClientPacket::Subscribe {
                 id,
@@ -1020,6 +1206,7 @@ impl Conn {
                         packet_id: id,
                         qos: publish.qos,
                         message: None,
+                        qos2_token: None,
                     }],
                     outcome: Outcome::Denied,
                 }));
@@ -1037,8 +1224,16 @@ impl Conn {
             properties: publish.properties,
             publisher: self.client_id.clone(),
         });
+        let persistent = publish.qos == QoS::ExactlyOnce && self.cell.lock().stored;
+        let qos2_token = persistent.then(random_u64);
         let record = {
-            let record = message.ingest_record(&self.shared.config.routes);
+            let mut record = message.ingest_record(&self.shared.config.routes);
+            if let Some(token) = qos2_token {
+                record.record.headers.push(silt_log::batch::Header {
+                    key: HEADER_QOS2_ID.to_string(),
+                    value: Some(qos2_id_value(token)),
+                });
+            }
             let log_topic = match &self.last_log_topic {
                 Some(topic) if &**topic == record.log_topic => topic.clone(),
                 _ => {
@@ -1059,6 +1254,7 @@ impl Conn {
             packet_id: id,
             qos: message.qos,
             message: Some(message),
+            qos2_token,
         });
         if self.batch_bytes >= BATCH_BYTES_MAX || self.batch.len() >= BATCH_PUBLISHES_MAX {
             self.flush_batch().await;
@@ -1078,6 +1274,7 @@ impl Conn {
                 }
             }
             Outcome::Durable => {
+                self.journal_qos2(&pending, true);
                 let messages: Vec<Arc<Message>> = pending
                     .entries
                     .iter()
@@ -1101,6 +1298,7 @@ impl Conn {
                 rc::SUCCESS
             }
             Outcome::Refused(error) => {
+                self.journal_qos2(&pending, false);
                 let label = match error {
                     IngestError::QuotaExceeded(_) => "quota_exceeded",
                     IngestError::ShuttingDown => "shutting_down",
@@ -1131,20 +1329,69 @@ impl Conn {
         }
     }
 
+    /// Records in the store how the QoS 2 publishes of a persistent session ended: stored
+    /// (awaiting PUBREL) or not stored (the id is free again). Written lazily: until it is
+    /// durable, the journaled intent and the log tell the same after a crash.
+    fn journal_qos2(&mut self, pending: &Pending, stored: bool) {
+        for entry in &pending.entries {
+            if entry.qos2_token.is_none() {
+                continue;
+            }
+            let client_id = self.client_id.to_string();
+            let packet_id = entry.packet_id;
+            self.ops.push(if stored {
+                Op::Qos2Set {
+                    client_id,
+                    packet_id,
+                    state: StoredQos2::Received,
+                }
+            } else {
+                Op::Qos2Release {
+                    client_id,
+                    packet_id,
+                }
+            });
+        }
+    }
+
     /// Routes what the log has of the publishes still under way when the connection ends,
     /// so that subscribers get every stored message (nobody is left to acknowledge).
     async fn drain(&mut self) {
         self.flush_batch().await;
         let deadline = Instant::now() + DRAIN_TIMEOUT;
+        // Publishes whose acknowledgement waited for the store are stored and routed already.
+        while let Ok(Some(done)) = tokio::time::timeout_at(deadline, self.acks.next()).await {
+            let mut session = self.cell.lock();
+            for due in done {
+                if due.qos == QoS::ExactlyOnce && due.reason == Some(rc::SUCCESS) {
+                    session.inbound.mark_received(due.packet_id);
+                }
+            }
+        }
         while let Ok(Some(pending)) = tokio::time::timeout_at(deadline, self.pending.next()).await {
-            if let Outcome::Durable = pending.outcome {
-                let messages: Vec<Arc<Message>> = pending
-                    .entries
-                    .iter()
-                    .filter_map(|entry| entry.message.clone())
-                    .collect();
-                let routed = self.shared.route_all(&messages);
-                self.ops.extend(routed.ops);
+            match pending.outcome {
+                Outcome::Durable => {
+                    self.journal_qos2(&pending, true);
+                    {
+                        // Stored but never acknowledged: the client sends these QoS 2
+                        // publishes again, and must get PUBREC, not a second copy.
+                        let mut session = self.cell.lock();
+                        for entry in &pending.entries {
+                            if entry.qos == QoS::ExactlyOnce {
+                                session.inbound.mark_received(entry.packet_id);
+                            }
+                        }
+                    }
+                    let messages: Vec<Arc<Message>> = pending
+                        .entries
+                        .iter()
+                        .filter_map(|entry| entry.message.clone())
+                        .collect();
+                    let routed = self.shared.route_all(&messages);
+                    self.ops.extend(routed.ops);
+                }
+                Outcome::Refused(_) => self.journal_qos2(&pending, false),
+                Outcome::Denied => {}
             }
         }
     }
@@ -1315,7 +1562,7 @@ impl Conn {
         let now_ms = silt_log::now_ms();
         let cell = self.cell.clone();
         let mut session = cell.lock();
-        if session.attached != Some(self.generation) {
+        if !session.is_served_by(self.generation) {
             return Err(Close {
                 end: End::TakenOver,
                 reason: Some(rc::SESSION_TAKEN_OVER),
@@ -1411,8 +1658,9 @@ impl Conn {
     }
 
     /// Hands the session back: ends it or keeps it for the next connection, and sends the
-    /// will when the connection ended without a DISCONNECT.
-    async fn finish(mut self, end: End) {
+    /// will when the connection ended without a DISCONNECT. Returns the sender whose drop lets
+    /// a connection waiting to take the session over go on.
+    async fn finish(mut self, end: End) -> tokio::sync::watch::Sender<()> {
         let shared = self.shared.clone();
         let now_ms = silt_log::now_ms();
         let mut ops = std::mem::take(&mut self.ops);
@@ -1423,6 +1671,8 @@ impl Conn {
             let mut session = self.cell.lock();
             if session.attached == Some(self.generation) {
                 session.attached = None;
+                session.evicted = None;
+                session.attached_done = None;
                 session.epoch += 1;
                 self.cell.set_online(false);
                 session.inbound.on_disconnect();
@@ -1497,6 +1747,7 @@ impl Conn {
             }
         }
         tracing::debug!(client_id = %self.client_id, ?end, "MQTT client disconnected");
+        self.done
     }
 }
 

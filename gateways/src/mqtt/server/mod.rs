@@ -43,6 +43,14 @@ pub struct IngestRequest {
 /// Resolves once every record of a submission is durable, or with the first refusal.
 pub type IngestReceipt = tokio::sync::oneshot::Receiver<Result<(), IngestError>>;
 
+/// Where a record submitted after the port answered lands: a partition of its log topic, at
+/// or above `offset` (the partition's end when asked).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogPosition {
+    pub partition: u32,
+    pub offset: u64,
+}
+
 /// A boxed future, as the port returns it.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -60,6 +68,28 @@ pub trait IngestPort: Send + Sync + 'static {
         &self,
         requests: Vec<IngestRequest>,
     ) -> BoxFuture<'_, Result<IngestReceipt, IngestError>>;
+
+    /// The partition a record with `key` goes to in `log_topic` (creating the topic on first
+    /// use, as `submit` would), and its end offset now: a record submitted after this
+    /// answers lands there at or above that offset. The broker journals it before a QoS 2
+    /// append so that, after a crash, [`IngestPort::find_header`] needs to scan only from
+    /// there.
+    fn position<'a>(
+        &'a self,
+        log_topic: &'a str,
+        key: &'a [u8],
+    ) -> BoxFuture<'a, Result<LogPosition, IngestError>>;
+
+    /// Whether `partition` of `log_topic` holds a durable record at or above `from_offset`
+    /// with a header `name` whose value is `value`. Blocking: the broker calls it while it
+    /// opens, before it serves. A topic or partition that does not exist holds nothing.
+    fn find_header(
+        &self,
+        log_topic: &str,
+        from: &LogPosition,
+        name: &str,
+        value: &[u8],
+    ) -> Result<bool, IngestError>;
 }
 
 /// Limits that bound every buffer and queue of the broker.

@@ -128,6 +128,12 @@ pub(crate) struct Session {
     pub(crate) stored: bool,
     /// The generation of the connection attached now, if any.
     pub(crate) attached: Option<u64>,
+    /// Set to the attached generation when a new connection takes the session over: that
+    /// connection stops and hands the session back as if its client had gone.
+    pub(crate) evicted: Option<u64>,
+    /// Closes (its sender drops) once the attached connection has finished with the session:
+    /// everything it read is routed or acknowledged and the session handed back.
+    pub(crate) attached_done: Option<tokio::sync::watch::Receiver<()>>,
     /// Bumped at every attach and detach: timers armed for an older generation do nothing.
     pub(crate) epoch: u64,
     /// User name of the last connection, for access checks on delivery.
@@ -163,6 +169,8 @@ impl Session {
             expiry_secs: 0,
             stored: false,
             attached: None,
+            evicted: None,
+            attached_done: None,
             epoch: 0,
             username: None,
             queue: VecDeque::new(),
@@ -171,6 +179,12 @@ impl Session {
             inbound: Inbound::new(limits.receive_maximum),
             next_seq: 1,
         }
+    }
+
+    /// Whether the connection of `generation` still serves this session (it is attached and
+    /// not being taken over).
+    pub(crate) fn is_served_by(&self, generation: u64) -> bool {
+        self.attached == Some(generation) && self.evicted != Some(generation)
     }
 
     /// Queues a copy, recording it in the store when the session is persistent.

@@ -7,7 +7,7 @@
 
 use bytes::Bytes;
 
-use super::{Op, StoredMessage, StoredProperties, StoredSubscription};
+use super::{Op, StoredMessage, StoredProperties, StoredQos2, StoredSubscription};
 
 /// Bytes before each entry's body: length then CRC-32C.
 pub(super) const ENTRY_HEADER_BYTES: u64 = 8;
@@ -21,6 +21,12 @@ const KIND_ENQUEUE: u8 = 6;
 const KIND_DEQUEUE: u8 = 7;
 const KIND_RETAIN: u8 = 8;
 const KIND_CLEAR_RETAINED: u8 = 9;
+const KIND_QOS2_SET: u8 = 10;
+const KIND_QOS2_RELEASE: u8 = 11;
+
+/// Tags of [`StoredQos2`] in a `qos2-set` entry.
+const QOS2_INTENT: u8 = 0;
+const QOS2_RECEIVED: u8 = 1;
 
 /// An op borrowed from an [`Op`] or from the mirror, so that compaction encodes without
 /// cloning messages.
@@ -61,6 +67,15 @@ pub(super) enum Entry<'a> {
     ClearRetained {
         topic: &'a str,
     },
+    Qos2Set {
+        client_id: &'a str,
+        packet_id: u16,
+        state: &'a StoredQos2,
+    },
+    Qos2Release {
+        client_id: &'a str,
+        packet_id: u16,
+    },
 }
 
 /// Where an entry body is encoded: a buffer, or a counter, so that sizes are computed by the
@@ -74,6 +89,10 @@ trait Sink {
 
     fn put_bool(&mut self, value: bool) {
         self.put_u8(u8::from(value));
+    }
+
+    fn put_u16(&mut self, value: u16) {
+        self.put(&value.to_le_bytes());
     }
 
     fn put_u32(&mut self, value: u32) {
@@ -203,6 +222,38 @@ fn put_body<S: Sink>(sink: &mut S, entry: Entry<'_>) {
             sink.put_u8(KIND_CLEAR_RETAINED);
             sink.put_str(topic);
         }
+        Entry::Qos2Set {
+            client_id,
+            packet_id,
+            state,
+        } => {
+            sink.put_u8(KIND_QOS2_SET);
+            sink.put_str(client_id);
+            sink.put_u16(packet_id);
+            match state {
+                StoredQos2::Intent {
+                    log_topic,
+                    partition,
+                    from_offset,
+                    token,
+                } => {
+                    sink.put_u8(QOS2_INTENT);
+                    sink.put_str(log_topic);
+                    sink.put_u32(*partition);
+                    sink.put_u64(*from_offset);
+                    sink.put_u64(*token);
+                }
+                StoredQos2::Received => sink.put_u8(QOS2_RECEIVED),
+            }
+        }
+        Entry::Qos2Release {
+            client_id,
+            packet_id,
+        } => {
+            sink.put_u8(KIND_QOS2_RELEASE);
+            sink.put_str(client_id);
+            sink.put_u16(packet_id);
+        }
     }
 }
 
@@ -268,6 +319,10 @@ impl<'a> Fields<'a> {
             1 => Ok(true),
             _ => Err("a boolean is neither 0 nor 1"),
         }
+    }
+
+    fn u16(&mut self) -> DecodeResult<u16> {
+        self.array().map(u16::from_le_bytes)
     }
 
     fn u32(&mut self) -> DecodeResult<u32> {
@@ -393,6 +448,24 @@ pub(super) fn decode_body(body: &[u8]) -> DecodeResult<Op> {
         },
         KIND_CLEAR_RETAINED => Op::ClearRetained {
             topic: fields.string()?,
+        },
+        KIND_QOS2_SET => Op::Qos2Set {
+            client_id: fields.string()?,
+            packet_id: fields.u16()?,
+            state: match fields.u8()? {
+                QOS2_INTENT => StoredQos2::Intent {
+                    log_topic: fields.string()?,
+                    partition: fields.u32()?,
+                    from_offset: fields.u64()?,
+                    token: fields.u64()?,
+                },
+                QOS2_RECEIVED => StoredQos2::Received,
+                _ => return Err("unknown QoS 2 state"),
+            },
+        },
+        KIND_QOS2_RELEASE => Op::Qos2Release {
+            client_id: fields.string()?,
+            packet_id: fields.u16()?,
         },
         _ => return Err("unknown op kind"),
     };
