@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 
 pub use rustix::process::Signal;
 
+pub mod cli;
 pub mod core;
 pub mod mqtt;
 
