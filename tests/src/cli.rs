@@ -41,7 +41,9 @@ pub fn run_silt(args: &[&str], stdin: &[u8]) -> Output {
         }
         if Instant::now() >= deadline {
             let _ = child.kill();
-            let output = child.wait_with_output().expect("cannot collect silt's output");
+            let output = child
+                .wait_with_output()
+                .expect("cannot collect silt's output");
             panic!(
                 "silt {args:?} ran past {CLI_TIMEOUT:?}; stderr:\n{}",
                 String::from_utf8_lossy(&output.stderr)
@@ -50,7 +52,9 @@ pub fn run_silt(args: &[&str], stdin: &[u8]) -> Output {
         std::thread::sleep(Duration::from_millis(10));
     }
     let _ = writer.join();
-    child.wait_with_output().expect("cannot collect silt's output")
+    child
+        .wait_with_output()
+        .expect("cannot collect silt's output")
 }
 
 /// Runs `silt ARGS`, requires success, and returns stdout as text.
