@@ -41,6 +41,9 @@ pub(crate) mod defaults {
     pub(crate) const KAFKA_AUTO_CREATE_TOPICS: bool = true;
     /// Largest Kafka request accepted, as Kafka's `socket.request.max.bytes` (100 MiB).
     pub(crate) const KAFKA_MAX_REQUEST_BYTES: u64 = 100 << 20;
+    /// How long a rebalance of an empty consumer group waits for more members, as Kafka's
+    /// `group.initial.rebalance.delay.ms`.
+    pub(crate) const KAFKA_GROUP_INITIAL_REBALANCE_DELAY_MS: u64 = 3000;
     /// The uplink's QUIC (UDP) listener.
     pub(crate) const UPLINK_LISTEN: &str = "0.0.0.0:9093";
     /// How often retention runs over every partition: often enough that a size limit is
@@ -87,6 +90,8 @@ pub(crate) struct KafkaConfig {
     pub(crate) auto_create_topics: bool,
     /// Largest request frame accepted (`kafka.max_request_bytes`).
     pub(crate) max_request_bytes: u32,
+    /// `kafka.group_initial_rebalance_delay_ms`.
+    pub(crate) group_initial_rebalance_delay: Duration,
 }
 
 /// The `[uplink]` section.
@@ -290,6 +295,10 @@ impl CoreConfig {
             "max_request_bytes".into(),
             toml_int(self.kafka.max_request_bytes),
         );
+        kafka.insert(
+            "group_initial_rebalance_delay_ms".into(),
+            toml_int(self.kafka.group_initial_rebalance_delay.as_millis()),
+        );
         root.insert("kafka".into(), kafka.into());
         let mut uplink = toml::Table::new();
         uplink.insert("listen".into(), self.uplink.listen.to_string().into());
@@ -389,6 +398,7 @@ struct RawKafka {
     default_partitions: Option<Scalar>,
     auto_create_topics: Option<Flag>,
     max_request_bytes: Option<Scalar>,
+    group_initial_rebalance_delay_ms: Option<Scalar>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -515,7 +525,16 @@ impl RawKafka {
             Some(flag) => flag.boolean("kafka.auto_create_topics")?,
             None => defaults::KAFKA_AUTO_CREATE_TOPICS,
         };
+        let delay_ms = match &self.group_initial_rebalance_delay_ms {
+            Some(value) => value.integer(
+                "kafka.group_initial_rebalance_delay_ms",
+                0,
+                u32::MAX.into(),
+            )?,
+            None => defaults::KAFKA_GROUP_INITIAL_REBALANCE_DELAY_MS,
+        };
         Ok(KafkaConfig {
+            group_initial_rebalance_delay: Duration::from_millis(delay_ms),
             listen,
             advertised_listener,
             default_partitions: u32::try_from(default_partitions).expect("at most PARTITIONS_MAX"),

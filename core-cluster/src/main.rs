@@ -6,10 +6,13 @@
 //! - `config`: the TOML config, raw and validated, with its defaults.
 //! - `node`: `run`, the node itself, given its config, listeners, metrics and a shutdown
 //!   future.
+//! - `broker`: the broker behind the Kafka gateway: leadership, idempotent producers,
+//!   consumer groups, committed offsets.
 //! - `admin`: the admin port (`/health`, `/metrics`) and its minimal HTTP/1.1 codec.
 //! - `telemetry`: the Prometheus recorder and the metrics the node reports.
 
 mod admin;
+mod broker;
 mod cli;
 mod config;
 mod node;

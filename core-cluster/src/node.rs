@@ -2,7 +2,8 @@
 //!
 //! A core node owns its data directory, its admin port and its Kafka listener. It serves
 //! `/health` and `/metrics` from the start, opens the data directory (recovering it after an
-//! unclean stop) and applies retention on a timer.
+//! unclean stop), opens the broker (replaying committed offsets), serves the Kafka protocol,
+//! and applies retention and the group coordinator's timeouts on timers.
 //!
 //! Shutdown runs in the opposite order, each step only once the one before is done: health
 //! turns 503; the listeners stop, so no request is under way; the log closes cleanly, so the
@@ -19,8 +20,12 @@ use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
+use silt_gateways::kafka::{self, KafkaLimits};
+
 use crate::admin::{self, Admin, NodeState};
+use crate::broker::{Broker, BrokerConfig, GROUP_TICK};
 use crate::config::CoreConfig;
+use crate::telemetry;
 
 /// How often the metrics recorder drains its histogram samples, so that they stay bounded
 /// between scrapes.
@@ -69,6 +74,43 @@ pub(crate) async fn run(
         .context("opening the data directory panicked")?
         .with_context(|| format!("cannot open data directory {}", data_dir.display()))?;
 
+    let advertised = config
+        .kafka
+        .advertised_listener
+        .clone()
+        .unwrap_or_else(|| (kafka_addr.ip().to_string(), kafka_addr.port()));
+    let broker_config = BrokerConfig {
+        node_id: config.node_id,
+        advertised,
+        default_partitions: config.kafka.default_partitions,
+        auto_create_topics: config.kafka.auto_create_topics,
+        group_initial_rebalance_delay: config.kafka.group_initial_rebalance_delay,
+    };
+    let opening = log.clone();
+    let broker = match tokio::task::spawn_blocking(move || Broker::open(broker_config, opening))
+        .await
+        .context("opening the broker panicked")?
+    {
+        Ok(broker) => Arc::new(broker),
+        Err(error) => {
+            close_log(&log).await?;
+            return Err(error).context("cannot open the broker (committed offsets)");
+        }
+    };
+    let (stop_kafka, kafka_stopped) = oneshot::channel::<()>();
+    let limits = KafkaLimits {
+        max_request_bytes: config.kafka.max_request_bytes,
+        ..KafkaLimits::default()
+    };
+    let mut kafka_server = AbortOnDrop(tokio::spawn(kafka::serve(
+        listeners.kafka,
+        broker.clone(),
+        limits,
+        async move {
+            let _ = kafka_stopped.await;
+        },
+    )));
+
     // uplink server: wired by the uplink work (config.uplink.listen), started here, after
     // the log is open and before the node reports itself serving.
 
@@ -93,17 +135,24 @@ pub(crate) async fn run(
     retention.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut upkeep = tokio::time::interval(METRICS_UPKEEP_INTERVAL);
     upkeep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut group_tick = tokio::time::interval(GROUP_TICK);
+    group_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             () = &mut shutdown => break,
             _ = retention.tick() => enforce_retention(&log).await,
-            _ = upkeep.tick() => metrics.run_upkeep(),
+            _ = upkeep.tick() => {
+                telemetry::refresh_groups(&broker);
+                metrics.run_upkeep();
+            }
+            _ = group_tick.tick() => broker.tick(),
         }
     }
 
     // Health turns 503 first, so probes stop sending traffic while the node winds down.
     state.send_replace(NodeState::Stopping(log.clone()));
-    drop(listeners.kafka);
+    let _ = stop_kafka.send(());
+    let _ = (&mut kafka_server.0).await;
     close_log(&log).await?;
     let _ = stop_admin.send(());
     let _ = (&mut admin_server.0).await;

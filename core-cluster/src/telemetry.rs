@@ -32,6 +32,7 @@ pub(crate) const PARTITION_START_OFFSET: &str = "silt_log_partition_start_offset
 pub(crate) const PARTITION_END_OFFSET: &str = "silt_log_partition_end_offset";
 pub(crate) const PARTITION_SIZE_BYTES: &str = "silt_log_partition_size_bytes";
 pub(crate) const PARTITION_FSYNCS: &str = "silt_log_partition_fsyncs_total";
+pub(crate) const KAFKA_GROUPS: &str = "silt_kafka_groups";
 
 /// Bucket bounds of every `*_seconds` histogram: from a fast SSD fsync to a disk having a bad
 /// second.
@@ -92,6 +93,35 @@ fn describe() {
         "One past the last appended offset, per partition"
     );
     describe_gauge!(PARTITION_SIZE_BYTES, "Bytes of the partition's segments");
+    describe_gauge!(KAFKA_GROUPS, "Consumer groups with members, by state");
+    describe_counter!(
+        silt_gateways::kafka::metrics::REQUESTS,
+        "Kafka requests received, by api"
+    );
+    describe_counter!(
+        silt_gateways::kafka::metrics::REQUEST_ERRORS,
+        "Kafka requests refused whole (unknown api or version), by api"
+    );
+    describe_counter!(
+        silt_gateways::kafka::metrics::PARTITION_ERRORS,
+        "Per-partition errors in Kafka responses, by api and error code"
+    );
+    describe_counter!(
+        silt_gateways::kafka::metrics::PRODUCE_BYTES,
+        "Record batch bytes appended by Produce"
+    );
+    describe_counter!(
+        silt_gateways::kafka::metrics::PRODUCE_RECORDS,
+        "Records appended by Produce"
+    );
+    describe_counter!(
+        silt_gateways::kafka::metrics::FETCH_BYTES,
+        "Record batch bytes served by Fetch"
+    );
+    describe_counter!(
+        silt_gateways::kafka::metrics::FETCH_RECORDS,
+        "Records served by Fetch (whole batches, so from the batch start)"
+    );
     describe_counter!(
         PARTITION_FSYNCS,
         "fsyncs of segment data since the partition was opened"
@@ -128,5 +158,14 @@ pub(crate) fn refresh_log(log: &LogManager) {
             gauge!(PARTITION_SIZE_BYTES, &labels).set(partition.size_bytes() as f64);
             counter!(PARTITION_FSYNCS, &labels).absolute(partition.fsync_count());
         }
+    }
+}
+
+/// Sets the consumer group gauges from the coordinator.
+pub(crate) fn refresh_groups(broker: &crate::broker::Broker) {
+    let counts = broker.group_state_counts();
+    for state in ["Empty", "PreparingRebalance", "CompletingRebalance", "Stable"] {
+        let count = counts.get(state).copied().unwrap_or(0);
+        gauge!(KAFKA_GROUPS, "state" => state).set(count as f64);
     }
 }

@@ -5,12 +5,17 @@
 - `mqtt`: makes clients (raw, paho, mosquitto_sub) and closes them after the test.
 - `topic`: a topic prefix unique to the test, so tests sharing a broker never see each other's
   messages or retained messages.
+
+Kafka suites (test_kafka_*.py), see kafka_fixtures:
+- `core`: one silt-core per test module; `kafka_topic`: a Kafka topic name unique to the test.
+- `make_core(*flags)`: a silt-core of the test's own (restartable with `.restart()`).
 """
 
 import hashlib
 
 import pytest
 
+import kafka_fixtures
 import mqtt_fixtures as fx
 
 
@@ -87,3 +92,30 @@ def mqtt(request):
 def topic(request):
     digest = hashlib.sha1(request.node.nodeid.encode()).hexdigest()[:10]
     return f"it/{digest}/"
+
+
+@pytest.fixture(scope="module")
+def core(tmp_path_factory):
+    running = kafka_fixtures.Core(tmp_path_factory.mktemp("core") / "data")
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def make_core(tmp_path):
+    started = []
+
+    def make(*flags):
+        running = kafka_fixtures.Core(tmp_path / f"core{len(started)}", *flags)
+        started.append(running)
+        return running
+
+    yield make
+    for running in started:
+        running.stop()
+
+
+@pytest.fixture
+def kafka_topic(request):
+    digest = hashlib.sha1(request.node.nodeid.encode()).hexdigest()[:10]
+    return f"it-{digest}"

@@ -1,0 +1,647 @@
+//! The broker behind the Kafka gateway: topics and partitions on the node's log, the
+//! partitions' leadership (role and leader epoch), idempotent producers, the group
+//! coordinator and committed offsets. It implements `silt_gateways::kafka::KafkaBroker`.
+//!
+//! One node today, shaped for the cluster: every partition has a role (leader here, as this
+//! node is the whole cluster) and a leader epoch that is stamped into every batch appended;
+//! acks=1 and acks=all both wait until the in-sync replicas (today: this node) have the batch
+//! durably, which on one node is the fsync.
+//!
+//! # Layout
+//! - `groups`: the consumer group coordinator.
+//! - `offsets`: committed offsets in an internal log topic.
+//! - `producers`: idempotent producer state per partition.
+
+mod groups;
+mod offsets;
+mod producers;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use silt_gateways::kafka::{
+    Acks, BrokerInfo, ClusterMetadata, CommittedOffset, ConfigChange, ConfigEntry,
+    FetchedPartition, GroupDescription, GroupListing, JoinGroup, JoinResult, KafkaBroker,
+    KafkaError, NewTopic, OffsetCommit, OffsetQuery, PartitionInfo, ProduceResult, SyncGroup,
+    SyncResult, TopicMetadata,
+};
+use silt_log::batch::BatchHeader;
+use silt_log::config::TOPIC_CONFIG_KEYS;
+use silt_log::{AppendOptions, LogError, LogManager, PartitionLog};
+use tokio::sync::Notify;
+
+pub(crate) use self::offsets::OFFSETS_TOPIC;
+use self::offsets::OffsetStore;
+use self::producers::{Check, PartitionProducers, ProducerBatch};
+
+/// How often the group coordinator checks sessions and rebalance deadlines.
+pub(crate) const GROUP_TICK: Duration = Duration::from_millis(100);
+/// Bytes read at a time when rebuilding producer state from a partition.
+const PRODUCER_SCAN_READ_BYTES: usize = 4 << 20;
+
+/// What the broker is configured with.
+#[derive(Debug, Clone)]
+pub(crate) struct BrokerConfig {
+    pub(crate) node_id: i32,
+    /// The address Metadata and FindCoordinator give clients.
+    pub(crate) advertised: (String, u16),
+    pub(crate) default_partitions: u32,
+    pub(crate) auto_create_topics: bool,
+    pub(crate) group_initial_rebalance_delay: Duration,
+}
+
+/// A partition's role on this node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Role {
+    /// Takes produce requests; `epoch` is stamped into the batches it appends.
+    Leader { epoch: i32 },
+    /// Copies from `leader`; refuses produce requests (NOT_LEADER_OR_FOLLOWER). No partition
+    /// is a follower until replication arrives.
+    #[allow(dead_code)]
+    Follower { leader: i32, epoch: i32 },
+}
+
+/// The broker of one core node.
+#[derive(Debug)]
+pub(crate) struct Broker {
+    config: BrokerConfig,
+    log: Arc<LogManager>,
+    roles: Mutex<HashMap<(String, u32), Role>>,
+    producers: Mutex<HashMap<(String, u32), Arc<Mutex<PartitionProducers>>>>,
+    next_producer_id: AtomicI64,
+    groups: groups::Coordinator,
+    offsets: OffsetStore,
+    appended: Notify,
+}
+
+impl Broker {
+    /// Opens the broker over `log`, replaying committed offsets. Blocking.
+    pub(crate) fn open(config: BrokerConfig, log: Arc<LogManager>) -> Result<Broker, LogError> {
+        let offsets = OffsetStore::open(&log)?;
+        // Producer ids must never repeat across restarts: they start from the clock, in ms,
+        // shifted to leave room for 4096 ids per ms.
+        let first_id = silt_log::now_ms().max(1) << 12;
+        Ok(Broker {
+            groups: groups::Coordinator::new(config.group_initial_rebalance_delay),
+            config,
+            log,
+            roles: Mutex::new(HashMap::new()),
+            producers: Mutex::new(HashMap::new()),
+            next_producer_id: AtomicI64::new(first_id),
+            offsets,
+            appended: Notify::new(),
+        })
+    }
+
+    /// Lets the group coordinator expire sessions and finish rebalances.
+    pub(crate) fn tick(&self) {
+        self.groups.tick(Instant::now());
+    }
+
+    /// Counts of groups by state, for metrics.
+    pub(crate) fn group_state_counts(&self) -> BTreeMap<&'static str, usize> {
+        self.groups.state_counts()
+    }
+
+    /// This partition's role; a partition first seen here is led by this node at epoch 0,
+    /// as the only node of its cluster.
+    fn role(&self, topic: &str, partition: u32) -> Role {
+        let mut roles = self.roles.lock().unwrap_or_else(|e| e.into_inner());
+        *roles
+            .entry((topic.to_string(), partition))
+            .or_insert(Role::Leader { epoch: 0 })
+    }
+
+    fn partition_info(&self, topic: &str, partition: u32) -> PartitionInfo {
+        let (leader_id, leader_epoch) = match self.role(topic, partition) {
+            Role::Leader { epoch } => (self.config.node_id, epoch),
+            Role::Follower { leader, epoch } => (leader, epoch),
+        };
+        PartitionInfo {
+            partition,
+            leader_id,
+            leader_epoch,
+            replicas: vec![self.config.node_id],
+            in_sync_replicas: vec![self.config.node_id],
+        }
+    }
+
+    fn topic_metadata(&self, name: &str) -> TopicMetadata {
+        match self.log.topic(name) {
+            Some(info) => TopicMetadata {
+                name: name.to_string(),
+                result: Ok((0..info.partitions)
+                    .map(|partition| self.partition_info(name, partition))
+                    .collect()),
+                internal: name == OFFSETS_TOPIC,
+            },
+            None => TopicMetadata {
+                name: name.to_string(),
+                result: Err(KafkaError::UnknownTopicOrPartition),
+                internal: false,
+            },
+        }
+    }
+
+    /// The partition, creating its topic first when auto-creation allows.
+    async fn partition_for_produce(
+        &self,
+        topic: &str,
+        partition: u32,
+    ) -> Result<Arc<PartitionLog>, KafkaError> {
+        if self.log.topic(topic).is_none() && self.config.auto_create_topics {
+            self.auto_create(topic).await?;
+        }
+        self.log
+            .partition(topic, partition)
+            .map_err(|error| map_log_error(&error))
+    }
+
+    async fn auto_create(&self, topic: &str) -> Result<(), KafkaError> {
+        if topic == OFFSETS_TOPIC {
+            return Err(KafkaError::InvalidTopic("internal topic".into()));
+        }
+        let log = self.log.clone();
+        let name = topic.to_string();
+        let partitions = self.config.default_partitions;
+        blocking(move || log.ensure_topic(&name, partitions).map(|_| ())).await
+    }
+
+    /// The producer state of a partition, rebuilt from the log the first time. Blocking.
+    fn producer_state(&self, topic: &str, partition: &PartitionLog) -> Result<Arc<Mutex<PartitionProducers>>, LogError> {
+        let state = {
+            let mut producers = self.producers.lock().unwrap_or_else(|e| e.into_inner());
+            producers
+                .entry((topic.to_string(), partition.partition()))
+                .or_default()
+                .clone()
+        };
+        {
+            let mut guard = state.lock().unwrap_or_else(|e| e.into_inner());
+            if !guard.loaded {
+                load_producers(partition, &mut guard)?;
+                guard.loaded = true;
+            }
+        }
+        Ok(state)
+    }
+
+    fn append(
+        &self,
+        topic: &str,
+        partition: &PartitionLog,
+        mut batches: Vec<u8>,
+        epoch: i32,
+    ) -> Result<ProduceResult, KafkaError> {
+        let header = BatchHeader::parse(&batches)
+            .map_err(|error| KafkaError::CorruptMessage(error.to_string()))?
+            .ok_or_else(|| KafkaError::CorruptMessage("shorter than a batch header".into()))?;
+        let options = AppendOptions {
+            leader_epoch: Some(epoch),
+            ..AppendOptions::default()
+        };
+        let done = |info: silt_log::AppendInfo| ProduceResult {
+            base_offset: info.base_offset as i64,
+            log_append_time_ms: -1,
+            log_start_offset: partition.log_start_offset() as i64,
+        };
+        if header.producer_id < 0 {
+            let info = partition
+                .append_with(&mut batches, options)
+                .map_err(|error| map_log_error(&error))?;
+            return Ok(done(info));
+        }
+        if header.is_transactional() {
+            return Err(KafkaError::TransactionsUnsupported);
+        }
+        let state = self
+            .producer_state(topic, partition)
+            .map_err(|error| map_log_error(&error))?;
+        // Held across the append: the check and the record must see the same log.
+        let mut state = state.lock().unwrap_or_else(|e| e.into_inner());
+        let last_sequence = header.base_sequence.wrapping_add(header.last_offset_delta);
+        match state.check(
+            header.producer_id,
+            header.producer_epoch,
+            header.base_sequence,
+            last_sequence,
+        )? {
+            Check::Duplicate { base_offset } => Ok(ProduceResult {
+                base_offset: base_offset as i64,
+                log_append_time_ms: -1,
+                log_start_offset: partition.log_start_offset() as i64,
+            }),
+            Check::Append => {
+                let info = partition
+                    .append_with(&mut batches, options)
+                    .map_err(|error| map_log_error(&error))?;
+                state.record(ProducerBatch {
+                    producer_id: header.producer_id,
+                    epoch: header.producer_epoch,
+                    first_sequence: header.base_sequence,
+                    last_sequence,
+                    base_offset: info.base_offset,
+                });
+                Ok(done(info))
+            }
+        }
+    }
+}
+
+/// Replays a partition's batch headers into its producer state.
+fn load_producers(partition: &PartitionLog, state: &mut PartitionProducers) -> Result<(), LogError> {
+    let mut offset = partition.log_start_offset();
+    loop {
+        let slice = match partition.read(offset, PRODUCER_SCAN_READ_BYTES) {
+            Ok(slice) => slice,
+            // Below the local start (archived): what is local is what can be rebuilt.
+            Err(LogError::NotLocal { local_start, .. }) => {
+                offset = local_start;
+                continue;
+            }
+            Err(error) => return Err(error),
+        };
+        if slice.bytes.is_empty() {
+            return Ok(());
+        }
+        for batch in silt_log::batch::batches(&slice.bytes, usize::MAX) {
+            let (header, _) = batch?;
+            if header.producer_id >= 0 {
+                state.record(ProducerBatch {
+                    producer_id: header.producer_id,
+                    epoch: header.producer_epoch,
+                    first_sequence: header.base_sequence,
+                    last_sequence: header.base_sequence.wrapping_add(header.last_offset_delta),
+                    base_offset: header.base_offset as u64,
+                });
+            }
+            offset = header.last_offset() as u64 + 1;
+        }
+    }
+}
+
+/// Runs blocking log work off the runtime's threads.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, LogError> + Send + 'static,
+) -> Result<T, KafkaError> {
+    match tokio::task::spawn_blocking(work).await {
+        Ok(result) => result.map_err(|error| map_log_error(&error)),
+        Err(error) => Err(KafkaError::Storage(format!("log task failed: {error}"))),
+    }
+}
+
+/// The one place log errors become Kafka errors.
+fn map_log_error(error: &LogError) -> KafkaError {
+    match error {
+        LogError::UnknownTopic(_) | LogError::UnknownPartition { .. } => {
+            KafkaError::UnknownTopicOrPartition
+        }
+        LogError::OffsetOutOfRange { .. } | LogError::NotLocal { .. } => {
+            KafkaError::OffsetOutOfRange
+        }
+        LogError::InvalidBatch(error) => KafkaError::CorruptMessage(error.to_string()),
+        LogError::TopicExists(_) => KafkaError::TopicAlreadyExists,
+        LogError::InvalidTopicName { name, reason } => {
+            KafkaError::InvalidTopic(format!("{name:?}: {reason}"))
+        }
+        LogError::InvalidPartitionCount(count) => {
+            KafkaError::InvalidPartitions(format!("{count} partitions"))
+        }
+        LogError::Config(error) => KafkaError::InvalidConfig(error.to_string()),
+        LogError::BudgetExceeded { .. } | LogError::FilesystemFull { .. } => {
+            KafkaError::StorageFull
+        }
+        LogError::Closed => KafkaError::ShuttingDown,
+        other => {
+            tracing::warn!(error = %other, "log error answered as KAFKA_STORAGE_ERROR");
+            KafkaError::Storage(other.to_string())
+        }
+    }
+}
+
+impl KafkaBroker for Broker {
+    fn local_broker(&self) -> BrokerInfo {
+        BrokerInfo {
+            node_id: self.config.node_id,
+            host: self.config.advertised.0.clone(),
+            port: self.config.advertised.1,
+        }
+    }
+
+    async fn metadata(&self, topics: Option<Vec<String>>, auto_create: bool) -> ClusterMetadata {
+        let names: Vec<String> = match topics {
+            Some(names) => names,
+            // Every topic, internal ones hidden unless asked for by name.
+            None => self
+                .log
+                .topics()
+                .into_iter()
+                .map(|topic| topic.name)
+                .filter(|name| name != OFFSETS_TOPIC)
+                .collect(),
+        };
+        let mut result = Vec::with_capacity(names.len());
+        for name in names {
+            if self.log.topic(&name).is_none() && auto_create && self.config.auto_create_topics {
+                if let Err(error) = self.auto_create(&name).await {
+                    result.push(TopicMetadata {
+                        name,
+                        result: Err(error),
+                        internal: false,
+                    });
+                    continue;
+                }
+            }
+            result.push(self.topic_metadata(&name));
+        }
+        ClusterMetadata {
+            cluster_id: "silt".into(),
+            controller_id: self.config.node_id,
+            brokers: vec![self.local_broker()],
+            topics: result,
+        }
+    }
+
+    async fn produce(
+        &self,
+        topic: &str,
+        partition: u32,
+        batches: Bytes,
+        acks: Acks,
+    ) -> Result<ProduceResult, KafkaError> {
+        let _ = acks; // Every level waits for the fsync; see the module doc.
+        let log_partition = self.partition_for_produce(topic, partition).await?;
+        let epoch = match self.role(topic, partition) {
+            Role::Leader { epoch } => epoch,
+            Role::Follower { .. } => return Err(KafkaError::NotLeader),
+        };
+        let bytes = batches.to_vec();
+        // The append blocks on the fsync: the worker thread hands its other tasks over
+        // while it waits (`block_in_place`), so the broker needs no 'static clone of itself.
+        let result =
+            tokio::task::block_in_place(|| self.append(topic, &log_partition, bytes, epoch));
+        if result.is_ok() {
+            self.appended.notify_waiters();
+        }
+        result
+    }
+
+    async fn fetch(
+        &self,
+        topic: &str,
+        partition: u32,
+        offset: i64,
+        max_bytes: usize,
+    ) -> Result<FetchedPartition, KafkaError> {
+        let log_partition = self
+            .log
+            .partition(topic, partition)
+            .map_err(|error| map_log_error(&error))?;
+        let offset = u64::try_from(offset).map_err(|_| KafkaError::OffsetOutOfRange)?;
+        let slice = blocking(move || log_partition.read(offset, max_bytes)).await?;
+        Ok(FetchedPartition {
+            high_watermark: slice.high_watermark as i64,
+            log_start_offset: slice.log_start_offset as i64,
+            records: Bytes::from(slice.bytes),
+        })
+    }
+
+    fn appended(&self) -> impl Future<Output = ()> + Send {
+        self.appended.notified()
+    }
+
+    async fn list_offset(
+        &self,
+        topic: &str,
+        partition: u32,
+        query: OffsetQuery,
+    ) -> Result<(i64, i64), KafkaError> {
+        let log_partition = self
+            .log
+            .partition(topic, partition)
+            .map_err(|error| map_log_error(&error))?;
+        match query {
+            OffsetQuery::Earliest => Ok((log_partition.log_start_offset() as i64, -1)),
+            OffsetQuery::Latest => Ok((log_partition.high_watermark() as i64, -1)),
+            OffsetQuery::Timestamp(time) => {
+                let found = blocking(move || log_partition.offset_for_timestamp(time)).await?;
+                Ok(found.map_or((-1, -1), |(offset, timestamp)| (offset as i64, timestamp)))
+            }
+        }
+    }
+
+    async fn create_topic(
+        &self,
+        topic: NewTopic,
+        validate_only: bool,
+    ) -> Result<(u32, u16), KafkaError> {
+        let partitions = topic.partitions.unwrap_or(self.config.default_partitions);
+        let replication = topic.replication_factor.unwrap_or(1);
+        if replication != 1 {
+            return Err(KafkaError::InvalidReplicationFactor(format!(
+                "replication factor {replication} is larger than the 1 available broker"
+            )));
+        }
+        for key in topic.configs.keys() {
+            if !TOPIC_CONFIG_KEYS.contains(&key.as_str()) {
+                return Err(KafkaError::InvalidConfig(format!(
+                    "unknown topic config {key}; known: {}",
+                    TOPIC_CONFIG_KEYS.join(", ")
+                )));
+            }
+        }
+        silt_log::validate_topic_name(&topic.name).map_err(|error| map_log_error(&error))?;
+        if topic.name == OFFSETS_TOPIC {
+            return Err(KafkaError::InvalidTopic("internal topic".into()));
+        }
+        if validate_only {
+            self.log
+                .config()
+                .topic_defaults
+                .clone()
+                .with_overrides(topic.configs.iter())
+                .map_err(|error| KafkaError::InvalidConfig(error.to_string()))?;
+            if self.log.topic(&topic.name).is_some() {
+                return Err(KafkaError::TopicAlreadyExists);
+            }
+            return Ok((partitions, replication));
+        }
+        let log = self.log.clone();
+        blocking(move || log.create_topic(&topic.name, partitions, &topic.configs)).await?;
+        Ok((partitions, replication))
+    }
+
+    async fn delete_topic(&self, topic: &str) -> Result<(), KafkaError> {
+        if topic == OFFSETS_TOPIC {
+            return Err(KafkaError::InvalidTopic("internal topic".into()));
+        }
+        let log = self.log.clone();
+        let name = topic.to_string();
+        blocking(move || log.delete_topic(&name)).await?;
+        let mut roles = self.roles.lock().unwrap_or_else(|e| e.into_inner());
+        roles.retain(|(name, _), _| name != topic);
+        let mut producers = self.producers.lock().unwrap_or_else(|e| e.into_inner());
+        producers.retain(|(name, _), _| name != topic);
+        Ok(())
+    }
+
+    fn describe_topic_config(&self, topic: &str) -> Result<Vec<ConfigEntry>, KafkaError> {
+        let info = self
+            .log
+            .topic(topic)
+            .ok_or(KafkaError::UnknownTopicOrPartition)?;
+        Ok(info
+            .config
+            .to_map()
+            .into_iter()
+            .map(|(name, value)| ConfigEntry {
+                is_topic_override: info.overrides.contains_key(&name),
+                name,
+                value,
+            })
+            .collect())
+    }
+
+    async fn alter_topic_config(
+        &self,
+        topic: &str,
+        changes: Vec<ConfigChange>,
+        incremental: bool,
+        validate_only: bool,
+    ) -> Result<(), KafkaError> {
+        let info = self
+            .log
+            .topic(topic)
+            .ok_or(KafkaError::UnknownTopicOrPartition)?;
+        let mut overrides = if incremental {
+            info.overrides.clone()
+        } else {
+            BTreeMap::new()
+        };
+        for change in changes {
+            match change {
+                ConfigChange::Set(key, value) => {
+                    if !TOPIC_CONFIG_KEYS.contains(&key.as_str()) {
+                        return Err(KafkaError::InvalidConfig(format!(
+                            "unknown topic config {key}; known: {}",
+                            TOPIC_CONFIG_KEYS.join(", ")
+                        )));
+                    }
+                    overrides.insert(key, value);
+                }
+                ConfigChange::Delete(key) => {
+                    overrides.remove(&key);
+                }
+            }
+        }
+        if validate_only {
+            self.log
+                .config()
+                .topic_defaults
+                .clone()
+                .with_overrides(overrides.iter())
+                .map_err(|error| KafkaError::InvalidConfig(error.to_string()))?;
+            return Ok(());
+        }
+        let log = self.log.clone();
+        let name = topic.to_string();
+        blocking(move || log.alter_topic_config(&name, &overrides).map(|_| ())).await
+    }
+
+    async fn init_producer_id(
+        &self,
+        transactional_id: Option<String>,
+    ) -> Result<(i64, i16), KafkaError> {
+        if transactional_id.is_some() {
+            return Err(KafkaError::TransactionsUnsupported);
+        }
+        Ok((self.next_producer_id.fetch_add(1, Ordering::Relaxed), 0))
+    }
+
+    async fn join_group(&self, request: JoinGroup) -> JoinResult {
+        self.groups.join(request, Instant::now()).await
+    }
+
+    async fn sync_group(&self, request: SyncGroup) -> Result<SyncResult, KafkaError> {
+        self.groups.sync(request, Instant::now()).await
+    }
+
+    fn heartbeat(&self, group_id: &str, generation_id: i32, member_id: &str) -> Result<(), KafkaError> {
+        self.groups
+            .heartbeat(group_id, generation_id, member_id, Instant::now())
+    }
+
+    fn leave_group(&self, group_id: &str, members: Vec<String>) -> Vec<Result<(), KafkaError>> {
+        self.groups.leave(group_id, &members, Instant::now())
+    }
+
+    async fn commit_offsets(&self, request: OffsetCommit) -> Vec<Result<(), KafkaError>> {
+        let count = request.offsets.len();
+        if let Err(error) =
+            self.groups
+                .check_commit(&request.group_id, request.generation_id, &request.member_id)
+        {
+            return vec![Err(error); count];
+        }
+        let mut results = Vec::with_capacity(count);
+        let mut valid = Vec::with_capacity(count);
+        for (topic, partition, committed) in request.offsets {
+            let known = self
+                .log
+                .topic(&topic)
+                .is_some_and(|info| partition < info.partitions);
+            if known {
+                valid.push((topic, partition, committed));
+                results.push(Ok(()));
+            } else {
+                results.push(Err(KafkaError::UnknownTopicOrPartition));
+            }
+        }
+        let written =
+            tokio::task::block_in_place(|| self.offsets.commit(&request.group_id, &valid));
+        if let Err(error) = written {
+            let error = map_log_error(&error);
+            return vec![Err(error); count];
+        }
+        results
+    }
+
+    fn fetch_offsets(
+        &self,
+        group_id: &str,
+        partitions: Option<Vec<(String, u32)>>,
+    ) -> Vec<(String, u32, Option<CommittedOffset>)> {
+        match partitions {
+            Some(partitions) => partitions
+                .into_iter()
+                .map(|(topic, partition)| {
+                    let committed = self.offsets.get(group_id, &topic, partition);
+                    (topic, partition, committed)
+                })
+                .collect(),
+            None => self
+                .offsets
+                .group(group_id)
+                .into_iter()
+                .map(|(topic, partition, committed)| (topic, partition, Some(committed)))
+                .collect(),
+        }
+    }
+
+    fn list_groups(&self) -> Vec<GroupListing> {
+        self.groups.list(self.offsets.groups())
+    }
+
+    fn describe_group(&self, group_id: &str) -> GroupDescription {
+        let mut description = self.groups.describe(group_id);
+        if description.state == "Dead" && !self.offsets.group(group_id).is_empty() {
+            description.state = "Empty".into();
+            description.protocol_type = "consumer".into();
+        }
+        description
+    }
+}

@@ -1,0 +1,328 @@
+//! The Kafka listener: accepts connections and answers each one's requests in order.
+//!
+//! A connection reads size-prefixed frames (at most `max_request_bytes` each) and handles one
+//! request at a time, as Kafka does (it mutes a connection until its response is sent), so
+//! pipelined requests are answered in the order they came. Requests it cannot parse close the
+//! connection, as in Kafka; an api or version it does not implement gets UNSUPPORTED_VERSION.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Buf, BytesMut};
+use kafka_protocol::messages::{ApiKey, ResponseHeader};
+use kafka_protocol::protocol::{Decodable, Encodable};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use super::frame::{self, FrameError};
+use super::handlers::{self, Context};
+use super::metrics as kafka_metrics;
+use super::port::KafkaBroker;
+use super::versions;
+
+/// Limits of the Kafka listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KafkaLimits {
+    /// Largest request frame accepted; a larger one closes the connection.
+    pub max_request_bytes: u32,
+    /// Most connections served at once; more are closed on accept.
+    pub max_connections: usize,
+    /// Longest a Fetch may wait for data (caps the client's `max_wait_ms`).
+    pub fetch_wait_max: Duration,
+}
+
+impl Default for KafkaLimits {
+    fn default() -> Self {
+        KafkaLimits {
+            max_request_bytes: 100 << 20,
+            max_connections: 4096,
+            fetch_wait_max: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Bytes read from a socket at a time.
+const READ_CHUNK_BYTES: usize = 64 << 10;
+/// Pause after a failed accept (out of file descriptors), so it is not a busy loop.
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
+
+/// Serves `listener` until `shutdown` completes, then drops every connection.
+pub async fn serve<B: KafkaBroker>(
+    listener: TcpListener,
+    broker: Arc<B>,
+    limits: KafkaLimits,
+    shutdown: impl Future<Output = ()>,
+) {
+    let mut connections = JoinSet::new();
+    let (stopping, stopping_receiver) = watch::channel(false);
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    if connections.len() >= limits.max_connections {
+                        tracing::debug!(%peer, "kafka connection closed: too many open");
+                        continue;
+                    }
+                    let broker = broker.clone();
+                    let stopping = stopping_receiver.clone();
+                    connections.spawn(async move {
+                        let _ = stream.set_nodelay(true);
+                        if let Err(error) = serve_connection(stream, peer, broker, limits, stopping).await {
+                            tracing::debug!(%peer, %error, "kafka connection closed");
+                        }
+                    });
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "kafka listener cannot accept");
+                    tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                }
+            },
+        }
+    }
+    let _ = stopping.send(true);
+    connections.shutdown().await;
+}
+
+/// Why a connection ended early.
+#[derive(Debug, thiserror::Error)]
+enum ConnectionError {
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    #[error("cannot parse {api:?} v{version} request: {reason}")]
+    Malformed {
+        api: i16,
+        version: i16,
+        reason: String,
+    },
+}
+
+async fn serve_connection<B: KafkaBroker>(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    broker: Arc<B>,
+    limits: KafkaLimits,
+    mut stopping: watch::Receiver<bool>,
+) -> Result<(), ConnectionError> {
+    let mut buf = BytesMut::with_capacity(READ_CHUNK_BYTES);
+    let mut out = BytesMut::new();
+    loop {
+        while let Some(len) = frame::frame_len(&buf, limits.max_request_bytes)? {
+            let mut request = buf.split_to(len);
+            request.advance(frame::SIZE_PREFIX_BYTES);
+            out.clear();
+            let context = Context {
+                peer,
+                limits,
+                stopping: stopping.clone(),
+            };
+            if handle_request(&*broker, &context, request, &mut out).await? {
+                stream.write_all(&out).await?;
+            }
+        }
+        buf.reserve(READ_CHUNK_BYTES);
+        tokio::select! {
+            read = stream.read_buf(&mut buf) => {
+                if read? == 0 {
+                    return Ok(());
+                }
+            }
+            _ = stopping.changed() => return Ok(()),
+        }
+    }
+}
+
+/// Handles one request (the frame without its size prefix), writing the framed response to
+/// `out`. Returns false when there is nothing to send (Produce with acks=0).
+async fn handle_request<B: KafkaBroker>(
+    broker: &B,
+    context: &Context,
+    mut request: BytesMut,
+    out: &mut BytesMut,
+) -> Result<bool, ConnectionError> {
+    let prefix = frame::header_prefix(&request).expect("frame_len guarantees a header prefix");
+    let malformed = |reason: String| ConnectionError::Malformed {
+        api: prefix.api_key,
+        version: prefix.api_version,
+        reason,
+    };
+    let Ok(api) = ApiKey::try_from(prefix.api_key) else {
+        kafka_metrics::request("unknown", true);
+        tracing::debug!(api_key = prefix.api_key, "unknown kafka api key");
+        write_error_response(prefix.correlation_id, out);
+        return Ok(true);
+    };
+    let Some(range) = versions::supported(api) else {
+        kafka_metrics::request(api_name(api), true);
+        write_error_response(prefix.correlation_id, out);
+        return Ok(true);
+    };
+    if prefix.api_version < range.min || prefix.api_version > range.max {
+        kafka_metrics::request(api_name(api), true);
+        if api == ApiKey::ApiVersions {
+            // The client cannot know our header format yet: answer at v0, with our versions,
+            // so it can pick one (KIP-511).
+            let response = versions::api_versions_response(35);
+            write_response(prefix.correlation_id, 0, 0, &response, out)
+                .map_err(|error| malformed(error.to_string()))?;
+        } else {
+            write_error_response(prefix.correlation_id, out);
+        }
+        return Ok(true);
+    }
+    let header_version = api.request_header_version(prefix.api_version);
+    let header = RequestHeader::decode(&mut request, header_version)
+        .map_err(|error| malformed(error.to_string()))?;
+    let version = prefix.api_version;
+    let response_header_version = api.response_header_version(version);
+    let correlation_id = header.correlation_id;
+    let client_id = header
+        .client_id
+        .as_ref()
+        .map(|id| id.as_str().to_string())
+        .unwrap_or_default();
+    kafka_metrics::request(api_name(api), false);
+
+    macro_rules! answer {
+        ($request:ty, $handler:expr) => {{
+            let decoded = <$request>::decode(&mut request, version)
+                .map_err(|error| malformed(error.to_string()))?;
+            let response = $handler(decoded).await;
+            write_response(
+                correlation_id,
+                response_header_version,
+                version,
+                &response,
+                out,
+            )
+            .map_err(malformed)?;
+            Ok(true)
+        }};
+    }
+    use kafka_protocol::messages::*;
+    match api {
+        ApiKey::ApiVersions => answer!(ApiVersionsRequest, |_request| async {
+            versions::api_versions_response(0)
+        }),
+        ApiKey::Metadata => answer!(MetadataRequest, |request| handlers::metadata(
+            broker, context, version, request
+        )),
+        ApiKey::Produce => {
+            let decoded = ProduceRequest::decode(&mut request, version)
+                .map_err(|error| malformed(error.to_string()))?;
+            let acks = decoded.acks;
+            let response = handlers::produce(broker, decoded).await;
+            if acks == 0 {
+                return Ok(false);
+            }
+            write_response(
+                correlation_id,
+                response_header_version,
+                version,
+                &response,
+                out,
+            )
+            .map_err(|error| malformed(error.to_string()))?;
+            Ok(true)
+        }
+        ApiKey::Fetch => answer!(FetchRequest, |request| handlers::fetch(
+            broker, context, request
+        )),
+        ApiKey::ListOffsets => answer!(ListOffsetsRequest, |request| handlers::list_offsets(
+            broker, request
+        )),
+        ApiKey::CreateTopics => answer!(CreateTopicsRequest, |request| handlers::create_topics(
+            broker, request
+        )),
+        ApiKey::DeleteTopics => answer!(DeleteTopicsRequest, |request| handlers::delete_topics(
+            broker, request
+        )),
+        ApiKey::DescribeConfigs => answer!(DescribeConfigsRequest, |request| async {
+            handlers::describe_configs(broker, request)
+        }),
+        ApiKey::AlterConfigs => answer!(AlterConfigsRequest, |request| handlers::alter_configs(
+            broker, request
+        )),
+        ApiKey::IncrementalAlterConfigs => {
+            answer!(IncrementalAlterConfigsRequest, |request| {
+                handlers::incremental_alter_configs(broker, request)
+            })
+        }
+        ApiKey::InitProducerId => answer!(InitProducerIdRequest, |request| {
+            handlers::init_producer_id(broker, request)
+        }),
+        ApiKey::FindCoordinator => answer!(FindCoordinatorRequest, |request| async {
+            handlers::find_coordinator(broker, version, request)
+        }),
+        ApiKey::JoinGroup => answer!(JoinGroupRequest, |request| handlers::join_group(
+            broker, context, &client_id, version, request
+        )),
+        ApiKey::SyncGroup => answer!(SyncGroupRequest, |request| handlers::sync_group(
+            broker, request
+        )),
+        ApiKey::Heartbeat => answer!(HeartbeatRequest, |request| async {
+            handlers::heartbeat(broker, request)
+        }),
+        ApiKey::LeaveGroup => answer!(LeaveGroupRequest, |request| async {
+            handlers::leave_group(broker, version, request)
+        }),
+        ApiKey::OffsetCommit => answer!(OffsetCommitRequest, |request| handlers::offset_commit(
+            broker, request
+        )),
+        ApiKey::OffsetFetch => answer!(OffsetFetchRequest, |request| async {
+            handlers::offset_fetch(broker, version, request)
+        }),
+        ApiKey::ListGroups => answer!(ListGroupsRequest, |request| async {
+            handlers::list_groups(broker, request)
+        }),
+        ApiKey::DescribeGroups => answer!(DescribeGroupsRequest, |request| async {
+            handlers::describe_groups(broker, request)
+        }),
+        _ => {
+            write_error_response(correlation_id, out);
+            Ok(true)
+        }
+    }
+}
+
+/// Encodes a framed response: size, header, body.
+fn write_response<M: Encodable>(
+    correlation_id: i32,
+    header_version: i16,
+    version: i16,
+    body: &M,
+    out: &mut BytesMut,
+) -> Result<(), String> {
+    let start = out.len();
+    out.extend_from_slice(&[0; 4]);
+    ResponseHeader::default()
+        .with_correlation_id(correlation_id)
+        .encode(out, header_version)
+        .map_err(|error| error.to_string())?;
+    body.encode(out, version)
+        .map_err(|error| error.to_string())?;
+    let size = (out.len() - start - 4) as i32;
+    out[start..start + 4].copy_from_slice(&size.to_be_bytes());
+    Ok(())
+}
+
+/// A response to a request this gateway does not implement: the correlation id and
+/// UNSUPPORTED_VERSION, which starts every v0 error body clients look for.
+fn write_error_response(correlation_id: i32, out: &mut BytesMut) {
+    out.extend_from_slice(&6i32.to_be_bytes());
+    out.extend_from_slice(&correlation_id.to_be_bytes());
+    out.extend_from_slice(&35i16.to_be_bytes());
+}
+
+/// The api's name for metric labels.
+pub(crate) fn api_name(api: ApiKey) -> &'static str {
+    versions::name(api)
+}
