@@ -411,13 +411,21 @@ impl Consumer {
                         None => {}
                         Some(ResponseError::OffsetOutOfRange) => {
                             if args.offset.is_some() && args.group.is_none() {
-                                return Err(KafkaError::from_code(
-                                    data.error_code,
-                                    format!(
-                                        "offset {position} of {}[{partition}] (log start {}, end {})",
-                                        self.topic.name, data.log_start_offset, data.high_watermark
-                                    ),
-                                ));
+                                let low = cluster
+                                    .list_offsets(&self.topic, &[partition], EARLIEST)
+                                    .await?;
+                                let high = cluster
+                                    .list_offsets(&self.topic, &[partition], LATEST)
+                                    .await?;
+                                let (low, high) = (
+                                    low.get(&partition).copied().flatten().unwrap_or(0),
+                                    high.get(&partition).copied().flatten().unwrap_or(0),
+                                );
+                                return Err(KafkaError::Unsupported(format!(
+                                    "offset {position} of {}[{partition}] is out of range: the partition \
+                                     holds offsets from {low} up to (not including) {high}",
+                                    self.topic.name
+                                )));
                             }
                             let reset = self.reset_offsets(cluster, &[partition]).await?;
                             let to = reset.get(&partition).copied().unwrap_or(0);

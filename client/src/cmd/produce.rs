@@ -116,7 +116,14 @@ pub(crate) async fn run(args: ProduceArgs) -> Result<(), KafkaError> {
                 return Ok(());
             }
             line_number += 1;
-            let record = parse_line(&line, &args, line_number)?;
+            let record = match parse_line(&line, &args, line_number) {
+                Ok(record) => record,
+                Err(error) => {
+                    // The lines before the bad one are sent; the error names the bad one.
+                    produced += producer.flush(&mut pending).await?;
+                    return Err(error);
+                }
+            };
             pending_bytes += record.key.as_ref().map_or(0, Bytes::len)
                 + record.value.as_ref().map_or(0, Bytes::len);
             pending_records += 1;
@@ -161,7 +168,8 @@ fn parse_line(line: &[u8], args: &ProduceArgs, number: u64) -> Result<Record, Ka
 /// An idempotent producer id, or `None` when the broker does not offer idempotence.
 async fn init_producer_id(cluster: &mut Cluster) -> Result<Option<(i64, i16)>, KafkaError> {
     let request = InitProducerIdRequest::default()
-        .with_transaction_timeout_ms(-1)
+        .with_transactional_id(None)
+        .with_transaction_timeout_ms(60_000)
         .with_producer_id(ProducerId(-1))
         .with_producer_epoch(-1);
     let connection = cluster.any().await?;

@@ -236,17 +236,23 @@ impl Member {
 
     /// Leaves the group so the others rebalance at once instead of after the session timeout.
     pub(crate) async fn leave(self, cluster: &mut Cluster) -> Result<(), KafkaError> {
-        let request = LeaveGroupRequest::default()
-            .with_group_id(GroupId(str_bytes(&self.group)))
-            .with_member_id(str_bytes(&self.member_id))
-            .with_members(vec![
-                MemberIdentity::default().with_member_id(str_bytes(&self.member_id)),
-            ]);
-        let (response, _) = cluster
-            .broker(self.coordinator)
-            .await?
-            .call(&request, LEAVE_GROUP_VERSION, Duration::ZERO)
-            .await?;
+        let connection = cluster.broker(self.coordinator).await?;
+        let version = connection.version::<LeaveGroupRequest>(LEAVE_GROUP_VERSION)?;
+        let mut request =
+            LeaveGroupRequest::default().with_group_id(GroupId(str_bytes(&self.group)));
+        // Version 3 moved the member id into a list of members.
+        if version >= 3 {
+            request.members =
+                vec![MemberIdentity::default().with_member_id(str_bytes(&self.member_id))];
+        } else {
+            request.member_id = str_bytes(&self.member_id);
+        }
+        let (response, _) = connection.call(&request, version, Duration::ZERO).await?;
+        for member in &response.members {
+            KafkaError::check(member.error_code, || {
+                format!("leaving group {:?}", self.group)
+            })?;
+        }
         KafkaError::check(response.error_code, || {
             format!("leaving group {:?}", self.group)
         })

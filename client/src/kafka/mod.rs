@@ -33,6 +33,11 @@ const FIND_COORDINATOR_VERSION: i16 = 3;
 /// ListOffsets v8+ only adds timestamp kinds this client does not use.
 const LIST_OFFSETS_VERSION: i16 = 7;
 
+/// Kafka's UNKNOWN_TOPIC_OR_PARTITION.
+const UNKNOWN_TOPIC_OR_PARTITION: i16 = 3;
+/// How long a topic Metadata does not know is waited for before it counts as missing.
+const UNKNOWN_TOPIC_GRACE: Duration = Duration::from_secs(2);
+
 /// ListOffsets' timestamp for the log start offset.
 pub(crate) const EARLIEST: i64 = -2;
 /// ListOffsets' timestamp for the log end offset (the high watermark for consumers).
@@ -297,6 +302,7 @@ impl Cluster {
         auto_create: bool,
     ) -> Result<TopicMeta, KafkaError> {
         let deadline = tokio::time::Instant::now() + self.timeout;
+        let unknown_deadline = tokio::time::Instant::now() + UNKNOWN_TOPIC_GRACE;
         loop {
             let topics = self
                 .metadata(Some(&[name.to_string()]), auto_create)
@@ -310,6 +316,15 @@ impl Cluster {
             match KafkaError::check(topic.error_code, || format!("topic {name:?}")) {
                 Ok(()) if !topic.partitions.is_empty() => return Ok(topic),
                 Ok(()) => {}
+                // A topic that does not exist: give metadata a moment to catch up with a topic
+                // just created, then say so.
+                Err(error) if error.code() == Some(UNKNOWN_TOPIC_OR_PARTITION) => {
+                    if tokio::time::Instant::now() >= unknown_deadline {
+                        return Err(KafkaError::Unsupported(format!(
+                            "topic {name:?} does not exist"
+                        )));
+                    }
+                }
                 // A topic being created (LEADER_NOT_AVAILABLE) settles quickly; others are final.
                 Err(error) if error.is_retriable() => {}
                 Err(error) => return Err(error),
