@@ -245,3 +245,43 @@ fn write_durable(path: &Path, bytes: &[u8], private: bool) -> anyhow::Result<()>
         .with_context(|| format!("cannot sync {}", dir.display()))?;
     Ok(())
 }
+
+/// `silt-core issue-cert`: issues an edge client certificate from the core's CA.
+#[derive(Debug, clap::Parser)]
+#[command(
+    name = "silt-core issue-cert",
+    about = "Issue a client certificate for an edge from the core's uplink CA"
+)]
+struct IssueCert {
+    /// The core's data directory; its CA lives in `<data-dir>.tls/` unless --tls-dir says.
+    #[arg(long, value_name = "DIR", required_unless_present = "tls_dir")]
+    data_dir: Option<PathBuf>,
+    /// The directory holding `ca.pem` and `ca-key.pem` (the core's `uplink.tls_dir`).
+    #[arg(long, value_name = "DIR")]
+    tls_dir: Option<PathBuf>,
+    /// The edge's node id; the certificate names it, and the core accepts it only for that
+    /// edge id.
+    #[arg(long, value_name = "ID")]
+    edge_id: String,
+    /// Where to write `<edge-id>.pem`, `<edge-id>-key.pem` and `ca.pem`.
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+}
+
+/// Runs `silt-core issue-cert` with `args` (after the subcommand name).
+pub(crate) fn issue_cert_main(args: impl Iterator<Item = std::ffi::OsString>) -> anyhow::Result<()> {
+    use clap::Parser as _;
+    let cli = IssueCert::parse_from(std::iter::once("silt-core issue-cert".into()).chain(args));
+    let tls_dir = match (cli.tls_dir, cli.data_dir) {
+        (Some(dir), _) => dir,
+        (None, Some(data_dir)) => {
+            let mut name = data_dir.into_os_string();
+            name.push(".tls");
+            PathBuf::from(name)
+        }
+        (None, None) => bail!("--data-dir or --tls-dir is required"),
+    };
+    let cert = issue_edge_cert(&tls_dir, &cli.edge_id, &cli.out)?;
+    println!("{}", cert.display());
+    Ok(())
+}

@@ -5,6 +5,7 @@
 //! - [`binary`]: builds a workspace binary once per test process and returns its path.
 //! - [`Running`]: a started binary whose stderr is read line by line in the background.
 //! - [`http_exchange`]: one raw HTTP/1.1 exchange with a deadline, for admin ports.
+//! - [`core`]: the `silt-core` binary started on free ports, waited on until healthy.
 //! - [`mqtt`]: the MQTT broker under test, rumqttc clients for 3.1.1 and 5.0, raw packets,
 //!   and the log read back with `silt-edge dump`.
 //!
@@ -23,6 +24,7 @@ use std::time::{Duration, Instant};
 
 pub use rustix::process::Signal;
 
+pub mod core;
 pub mod mqtt;
 
 /// How long a test waits for a binary to say it started; generous for a loaded CI machine.

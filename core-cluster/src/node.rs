@@ -1,0 +1,201 @@
+//! The core node's top-level `run`: what a core node does between start and shutdown.
+//!
+//! A core node owns its data directory, its admin port and its Kafka listener. It serves
+//! `/health` and `/metrics` from the start, opens the data directory (recovering it after an
+//! unclean stop) and applies retention on a timer.
+//!
+//! Shutdown runs in the opposite order, each step only once the one before is done: health
+//! turns 503; the listeners stop, so no request is under way; the log closes cleanly, so the
+//! next start skips recovery; and only then does the admin port stop.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use metrics_exporter_prometheus::PrometheusHandle;
+use silt_log::LogManager;
+use tokio::net::TcpListener;
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinHandle;
+
+use crate::admin::{self, Admin, NodeState};
+use crate::config::CoreConfig;
+use crate::tls::{self, ServerTls};
+use crate::uplink::{UplinkServer, UplinkServerConfig};
+
+/// How often the metrics recorder drains its histogram samples, so that they stay bounded
+/// between scrapes.
+const METRICS_UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
+
+/// The listeners a node serves, bound by the caller so tests can use port 0.
+#[derive(Debug)]
+pub(crate) struct Listeners {
+    pub(crate) admin: TcpListener,
+    pub(crate) kafka: TcpListener,
+    /// The uplink's UDP socket (QUIC).
+    pub(crate) uplink: std::net::UdpSocket,
+}
+
+/// Runs a core node with `config` until `shutdown` completes.
+///
+/// It takes its whole world as arguments (the listeners already bound, the metrics handle,
+/// the shutdown future), so tests can bind port 0 and run nodes in-process.
+pub(crate) async fn run(
+    config: CoreConfig,
+    listeners: Listeners,
+    metrics: PrometheusHandle,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let admin_addr = listeners
+        .admin
+        .local_addr()
+        .context("cannot read the admin listener's address")?;
+    let kafka_addr = listeners
+        .kafka
+        .local_addr()
+        .context("cannot read the kafka listener's address")?;
+    let (state, state_receiver) = watch::channel(NodeState::Starting);
+    let (stop_admin, admin_stopped) = oneshot::channel::<()>();
+    let mut admin_server = AbortOnDrop(tokio::spawn(admin::serve(
+        listeners.admin,
+        Admin::new(state_receiver, metrics.clone()),
+        async move {
+            let _ = admin_stopped.await;
+        },
+    )));
+
+    let data_dir = config.log.data_dir.clone();
+    let log_config = config.log.clone();
+    // Opening may scan segments after a crash: blocking work, off the runtime's thread.
+    let log = tokio::task::spawn_blocking(move || LogManager::open(log_config))
+        .await
+        .context("opening the data directory panicked")?
+        .with_context(|| format!("cannot open data directory {}", data_dir.display()))?;
+
+    let uplink = match start_uplink(&config, listeners.uplink, &log) {
+        Ok(uplink) => uplink,
+        Err(error) => {
+            close_log(&log).await?;
+            return Err(error);
+        }
+    };
+
+    state.send_replace(NodeState::Serving(log.clone()));
+    let recovery = log.recovery_report();
+    // Tests bind port 0 and read the real ports from the `admin=` and `kafka=` fields of this
+    // line.
+    tracing::info!(
+        node_id = config.node_id,
+        data_dir = %data_dir.display(),
+        admin = %admin_addr,
+        kafka = %kafka_addr,
+        uplink = %uplink.addr,
+        clean = log.opened_clean(),
+        topics = log.topics().len(),
+        segments_recovered = recovery.segments_recovered,
+        bytes_truncated = recovery.bytes_truncated,
+        "silt-core started"
+    );
+
+    tokio::pin!(shutdown);
+    let mut retention = tokio::time::interval(config.retention_check);
+    retention.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut upkeep = tokio::time::interval(METRICS_UPKEEP_INTERVAL);
+    upkeep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            _ = retention.tick() => enforce_retention(&log).await,
+            _ = upkeep.tick() => metrics.run_upkeep(),
+        }
+    }
+
+    // Health turns 503 first, so probes stop sending traffic while the node winds down.
+    state.send_replace(NodeState::Stopping(log.clone()));
+    drop(listeners.kafka);
+    // Appends under way finish before the log closes: nothing acked is lost.
+    let _ = uplink.stop.send(());
+    let _ = uplink.server.await;
+    close_log(&log).await?;
+    let _ = stop_admin.send(());
+    let _ = (&mut admin_server.0).await;
+    tracing::info!(node_id = config.node_id, "silt-core stopped");
+    Ok(())
+}
+
+/// The running uplink server.
+struct RunningUplink {
+    addr: std::net::SocketAddr,
+    stop: oneshot::Sender<()>,
+    server: JoinHandle<()>,
+}
+
+fn start_uplink(
+    config: &CoreConfig,
+    socket: std::net::UdpSocket,
+    log: &Arc<LogManager>,
+) -> anyhow::Result<RunningUplink> {
+    let tls = match &config.uplink.cert {
+        Some((cert, key)) => ServerTls {
+            cert: cert.clone(),
+            key: key.clone(),
+            client_ca: None,
+        },
+        None => tls::ensure_dev_tls(&config.uplink.tls_dir, &[])?,
+    };
+    let tls = ServerTls {
+        client_ca: config.uplink.client_ca.clone(),
+        ..tls
+    };
+    let server = UplinkServer::bind(
+        socket,
+        log.clone(),
+        &UplinkServerConfig {
+            tls,
+            default_partitions: config.kafka.default_partitions,
+        },
+    )?;
+    let addr = server.local_addr()?;
+    let (stop, stopped) = oneshot::channel::<()>();
+    let server = tokio::spawn(server.serve(async move {
+        let _ = stopped.await;
+    }));
+    Ok(RunningUplink { addr, stop, server })
+}
+
+/// Closes the data directory cleanly, off the runtime's thread.
+async fn close_log(log: &Arc<LogManager>) -> anyhow::Result<()> {
+    let closing = log.clone();
+    tokio::task::spawn_blocking(move || closing.close())
+        .await
+        .context("closing the data directory panicked")?
+        .context("cannot close the data directory cleanly")
+}
+
+/// Aborts a task when dropped, so a node that fails half-way leaves no task behind.
+#[derive(Debug)]
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// One retention pass; a failure is logged and retried at the next tick.
+async fn enforce_retention(log: &Arc<LogManager>) {
+    let log = log.clone();
+    let result =
+        tokio::task::spawn_blocking(move || log.enforce_retention(silt_log::now_ms())).await;
+    match result {
+        Ok(Ok(report)) if report.segments > 0 => tracing::info!(
+            segments = report.segments,
+            bytes = report.bytes,
+            "retention deleted segments"
+        ),
+        Ok(Ok(_)) => {}
+        Ok(Err(error)) => tracing::warn!(%error, "retention pass failed"),
+        Err(error) => tracing::error!(%error, "retention pass panicked"),
+    }
+}

@@ -1,0 +1,132 @@
+//! The node's Prometheus metrics: the recorder behind the `metrics` facade, the names and
+//! help texts of the metrics the node itself reports, and their refresh from the log.
+//!
+//! Names start with `silt_`, then the part of the node (`log`, `core`, `kafka`), then
+//! what is measured, with the unit last (`_bytes`, `_offset`, `_seconds`) and `_total` after it
+//! for counters, as Prometheus names counters. The log keeps its own numbers (disk use, drops, offsets); they are copied
+//! into the recorder when `/metrics` is scraped, so a scrape always sees current values and the
+//! log's hot path records nothing twice. Counters the log keeps are set with
+//! `Counter::absolute`: they only rise while a process lives, so `rate()` works on them.
+//!
+//! The recorder is global (the facade's macros need one, and the Kafka gateway records its
+//! `silt_kafka_*` metrics through them), so one process holds one node's metrics. This file
+//! mirrors `silt-edge`'s `telemetry.rs` for the log's numbers, so both nodes name them alike.
+
+use anyhow::anyhow;
+use metrics::{counter, describe_counter, describe_gauge, gauge};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use silt_log::LogManager;
+
+/// Content type of the Prometheus text exposition format.
+pub(crate) const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+pub(crate) const BUILD_INFO: &str = "silt_core_build_info";
+pub(crate) const DISK_USED_BYTES: &str = "silt_log_disk_used_bytes";
+pub(crate) const DISK_BUDGET_BYTES: &str = "silt_log_disk_budget_bytes";
+pub(crate) const DROPPED_SEGMENTS: &str = "silt_log_dropped_segments_total";
+pub(crate) const DROPPED_BYTES: &str = "silt_log_dropped_bytes_total";
+pub(crate) const DROPPED_OFFSETS: &str = "silt_log_dropped_offsets_total";
+pub(crate) const REJECTED_APPENDS: &str = "silt_log_rejected_appends_total";
+pub(crate) const TOPICS: &str = "silt_log_topics";
+pub(crate) const PARTITION_START_OFFSET: &str = "silt_log_partition_start_offset";
+pub(crate) const PARTITION_END_OFFSET: &str = "silt_log_partition_end_offset";
+pub(crate) const PARTITION_SIZE_BYTES: &str = "silt_log_partition_size_bytes";
+pub(crate) const PARTITION_FSYNCS: &str = "silt_log_partition_fsyncs_total";
+
+/// Bucket bounds of every `*_seconds` histogram: from a fast SSD fsync to a disk having a bad
+/// second.
+const LATENCY_BUCKETS_SECONDS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+];
+/// Installs the process's Prometheus recorder and returns the handle that renders it.
+///
+/// Install it before anything records (the Kafka gateway included), or those first values go
+/// to the facade's no-op recorder. Histograms named `*_seconds` get buckets; any other
+/// histogram is rendered as a summary.
+pub(crate) fn install_recorder() -> anyhow::Result<PrometheusHandle> {
+    let recorder = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS_SECONDS)
+        .map_err(|error| anyhow!("invalid histogram buckets: {error}"))?
+        .build_recorder();
+    let handle = recorder.handle();
+    metrics::set_global_recorder(recorder)
+        .map_err(|_| anyhow!("a metrics recorder is already installed"))?;
+    describe();
+    gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    Ok(handle)
+}
+
+fn describe() {
+    describe_gauge!(
+        BUILD_INFO,
+        "Always 1; the version label says which silt-core build runs"
+    );
+    describe_gauge!(
+        DISK_USED_BYTES,
+        "Bytes of log segments in the data directory, as counted against the budget"
+    );
+    describe_gauge!(
+        DISK_BUDGET_BYTES,
+        "The data directory's byte budget (log.budget_bytes); absent when there is none"
+    );
+    describe_counter!(
+        DROPPED_SEGMENTS,
+        "Segments the drop-oldest budget policy deleted"
+    );
+    describe_counter!(DROPPED_BYTES, "Bytes the drop-oldest budget policy deleted");
+    describe_counter!(
+        DROPPED_OFFSETS,
+        "Offsets (records) the drop-oldest budget policy deleted"
+    );
+    describe_counter!(
+        REJECTED_APPENDS,
+        "Appends refused because of the budget or the filesystem free-space reserve"
+    );
+    describe_gauge!(TOPICS, "Topics in the local log");
+    describe_gauge!(
+        PARTITION_START_OFFSET,
+        "First offset readers may ask for, per partition"
+    );
+    describe_gauge!(
+        PARTITION_END_OFFSET,
+        "One past the last appended offset, per partition"
+    );
+    describe_gauge!(PARTITION_SIZE_BYTES, "Bytes of the partition's segments");
+    describe_counter!(
+        PARTITION_FSYNCS,
+        "fsyncs of segment data since the partition was opened"
+    );
+}
+
+/// Copies the log's numbers into the recorder. It takes partition locks, which a segment roll
+/// or a retention pass may hold across file operations: call it on a blocking thread.
+pub(crate) fn refresh_log(log: &LogManager) {
+    let disk = log.disk_stats();
+    gauge!(DISK_USED_BYTES).set(disk.used_bytes as f64);
+    if let Some(budget_bytes) = disk.budget_bytes {
+        gauge!(DISK_BUDGET_BYTES, "policy" => disk.budget_policy.as_str()).set(budget_bytes as f64);
+    }
+    counter!(DROPPED_SEGMENTS).absolute(disk.dropped_segments);
+    counter!(DROPPED_BYTES).absolute(disk.dropped_bytes);
+    counter!(DROPPED_OFFSETS).absolute(disk.dropped_offsets);
+    counter!(REJECTED_APPENDS).absolute(disk.rejected_appends);
+
+    let topics = log.topics();
+    gauge!(TOPICS).set(topics.len() as f64);
+    for topic in topics {
+        for number in 0..topic.partitions {
+            // A topic deleted since `topics()` is simply skipped.
+            let Ok(partition) = log.partition(&topic.name, number) else {
+                continue;
+            };
+            let labels = [
+                ("topic", topic.name.clone()),
+                ("partition", number.to_string()),
+            ];
+            gauge!(PARTITION_START_OFFSET, &labels).set(partition.log_start_offset() as f64);
+            gauge!(PARTITION_END_OFFSET, &labels).set(partition.log_end_offset() as f64);
+            gauge!(PARTITION_SIZE_BYTES, &labels).set(partition.size_bytes() as f64);
+            counter!(PARTITION_FSYNCS, &labels).absolute(partition.fsync_count());
+        }
+    }
+}
