@@ -103,12 +103,20 @@ async fn every_acked_message_reaches_the_core_exactly_once_through_kill9_on_both
         assert!(Instant::now() < deadline, "nothing shipped within {DRAIN_TIMEOUT:?}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    let at_kill = blocking(|| shipped_records(&edge));
     blocking(|| core.kill());
     let core = blocking(|| Core::start(&core_dir, &core_args));
     assert!(core.started_line.contains("clean=false"), "{}", core.started_line);
     proxy.set_target(field_addr(&core.started_line, "uplink="));
     let phase0 = collect(tasks, &mut acked).await;
     assert_eq!(phase0, CLIENTS * PER_PHASE as usize, "the edge must ack everything");
+    // The edge notices the dead connection by its idle timeout, reconnects to the new core
+    // and ships again.
+    let deadline = Instant::now() + DRAIN_TIMEOUT;
+    while blocking(|| shipped_records(&edge)) <= at_kill {
+        assert!(Instant::now() < deadline, "shipping did not resume within {DRAIN_TIMEOUT:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     // Phase 1: the edge dies with SIGKILL mid-ingest (and mid-shipping), then restarts.
     let tasks = phase(edge.mqtt, 1, KILLED_PHASE, &acked);

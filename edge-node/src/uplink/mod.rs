@@ -46,8 +46,11 @@ const BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// Must match the core's: a dead path is given up after this long without a packet.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(2);
-/// How long a connection attempt (resolution and handshake) may take.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a connection attempt (resolution and handshake) may take. Short, because an
+/// attempt made while the link was down only succeeds if a handshake retransmission
+/// happens after the link returns (they back off: 1, 2, 4 s); a new attempt after at most
+/// [`BACKOFF_MAX`] keeps the reconnection within 5 s of the link returning.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// How often the client looks for new topics and partitions, and refreshes lag gauges.
 const DISCOVERY_INTERVAL: Duration = Duration::from_secs(1);
 /// How long a sender sleeps on the high watermark before looking again.
