@@ -301,3 +301,143 @@ fn record_size(record: &Record) -> usize {
             .sum::<usize>()
         + RECORD_OVERHEAD_BYTES
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use silt_log::LogConfig;
+    use silt_log::batch::decode_batch;
+
+    /// The edge's records at offsets `base_offset..base_offset + count`: the record at offset
+    /// `o` always has key `KEYS[o % 6]` and value `v<o>`, as a real edge log re-read.
+    fn edge_batch(base_offset: i64, count: usize) -> Vec<u8> {
+        let records: Vec<Record> = (0..count)
+            .map(|index| (index, KEYS[(base_offset as usize + index) % KEYS.len()]))
+            .map(|(index, key)| Record {
+                timestamp: 1_000 + index as i64,
+                key: Some(Bytes::copy_from_slice(key.as_bytes())),
+                value: Some(Bytes::from(format!("v{}", base_offset + index as i64))),
+                headers: vec![Header {
+                    key: "mqtt.topic".into(),
+                    value: Some(Bytes::from_static(b"t")),
+                }],
+            })
+            .collect();
+        let mut out = BytesMut::new();
+        let spec = BatchSpec {
+            base_offset,
+            ..BatchSpec::default()
+        };
+        encode_batch(&spec, &records, &mut out).unwrap();
+        out.to_vec()
+    }
+
+    fn stream() -> StreamKey {
+        StreamKey {
+            edge_id: "e1".into(),
+            edge_partition: 0,
+        }
+    }
+
+    /// Every (value, edge offset) stored in the topic, partition by partition.
+    fn stored(log: &LogManager, topic: &str) -> Vec<(String, u64)> {
+        let mut out = Vec::new();
+        for partition in 0..log.topic(topic).unwrap().partitions {
+            let part = log.partition(topic, partition).unwrap();
+            let bytes = part.read(0, 1 << 20).unwrap().bytes;
+            let mut rest = &bytes[..];
+            while let Some((_, records, used)) = decode_batch(rest, &DecodeLimits::default()).unwrap()
+            {
+                rest = &rest[used..];
+                for record in records {
+                    let (_, offset) = record_origin(&record.headers).unwrap();
+                    let value = String::from_utf8(record.value.unwrap().to_vec()).unwrap();
+                    out.push((value, offset));
+                }
+            }
+        }
+        out.sort_by_key(|(_, offset)| *offset);
+        out
+    }
+
+    // Keys spread over 3 partitions; the tests check that more than one is used.
+    const KEYS: [&str; 6] = ["a", "b", "c", "d", "e", "f"];
+
+    #[test]
+    fn resends_are_skipped_within_and_across_restarts() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = LogManager::open(LogConfig::new(dir.path().join("core"))).unwrap();
+        let store = UplinkStore::new(log.clone(), 3);
+        let first = store.append("mqtt", &stream(), 0, &edge_batch(0, 6)).unwrap();
+        assert_eq!(first.appended_records, 6);
+        // The same batch again (a lost ack), and a batch straddling the cursor.
+        let again = store.append("mqtt", &stream(), 0, &edge_batch(0, 6)).unwrap();
+        assert_eq!((again.appended_records, again.duplicate_records), (0, 6));
+        let straddle = store.append("mqtt", &stream(), 4, &edge_batch(4, 6)).unwrap();
+        assert_eq!((straddle.appended_records, straddle.duplicate_records), (4, 2));
+        let used: std::collections::HashSet<u32> = KEYS
+            .iter()
+            .map(|key| route(Some(key.as_bytes()), "e1", 3))
+            .collect();
+        assert!(used.len() > 1, "the keys must span partitions");
+        drop(store);
+        log.close().unwrap();
+        drop(log);
+
+        // A restarted core rebuilds the state from the log: the whole history re-sent
+        // appends nothing.
+        let log = LogManager::open(LogConfig::new(dir.path().join("core"))).unwrap();
+        let store = UplinkStore::new(log.clone(), 3);
+        let resent = store.append("mqtt", &stream(), 0, &edge_batch(0, 6)).unwrap();
+        assert_eq!(resent.appended_records, 0);
+        let resent = store.append("mqtt", &stream(), 4, &edge_batch(4, 6)).unwrap();
+        assert_eq!(resent.appended_records, 0);
+        let offsets: Vec<u64> = stored(&log, "mqtt").iter().map(|(_, o)| *o).collect();
+        assert_eq!(offsets, (0..10).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_crash_between_partitions_is_completed_by_the_resend() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = LogManager::open(LogConfig::new(dir.path().join("core"))).unwrap();
+        let store = UplinkStore::new(log.clone(), 3);
+        // Simulate a crash after one partition's append: store only the records of the first
+        // key's partition, by shipping a batch holding only them at their edge offsets.
+        let target = route(Some(b"a"), "e1", 3);
+        let partial: Vec<usize> = (0..KEYS.len())
+            .filter(|&index| route(Some(KEYS[index].as_bytes()), "e1", 3) == target)
+            .collect();
+        for &index in &partial {
+            let batch = edge_batch(index as i64, 1);
+            store.append("mqtt", &stream(), index as u64, &batch).unwrap();
+        }
+        drop(store);
+        drop(log);
+        // Crash: no clean close. The edge re-sends the whole batch to a restarted core.
+        let log = LogManager::open(LogConfig::new(dir.path().join("core"))).unwrap();
+        let store = UplinkStore::new(log.clone(), 3);
+        let outcome = store.append("mqtt", &stream(), 0, &edge_batch(0, 6)).unwrap();
+        assert_eq!(outcome.duplicate_records, partial.len() as u64);
+        assert_eq!(outcome.appended_records, (KEYS.len() - partial.len()) as u64);
+        let offsets: Vec<u64> = stored(&log, "mqtt").iter().map(|(_, o)| *o).collect();
+        assert_eq!(offsets, (0..6).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn garbage_is_an_error_not_a_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = LogManager::open(LogConfig::new(dir.path().join("core"))).unwrap();
+        let store = UplinkStore::new(log, 1);
+        let mut batch = edge_batch(0, 6);
+        let last = batch.len() - 1;
+        batch[last] ^= 0xff;
+        assert!(matches!(
+            store.append("mqtt", &stream(), 0, &batch),
+            Err(StoreError::BadBatch(_))
+        ));
+        assert!(matches!(
+            store.append("mqtt", &stream(), 0, &batch[..20]),
+            Err(StoreError::BadBatch(_))
+        ));
+    }
+}
