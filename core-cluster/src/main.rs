@@ -100,7 +100,10 @@ fn serve(config: CoreConfig) -> anyhow::Result<()> {
             admin: bind(config.admin_listen, "admin_listen (--admin-listen)").await?,
             kafka: bind(config.kafka.listen, "kafka.listen (--kafka-listen)").await?,
             uplink: std::net::UdpSocket::bind(config.uplink.listen).with_context(|| {
-                format!("cannot listen on uplink.listen (--uplink-listen) {}", config.uplink.listen)
+                format!(
+                    "cannot listen on uplink.listen (--uplink-listen) {}",
+                    config.uplink.listen
+                )
             })?,
         };
         node::run(config, listeners, metrics, shutdown).await

@@ -75,7 +75,11 @@ pub(crate) fn ensure_dev_tls(dir: &Path, extra_names: &[String]) -> anyhow::Resu
         let ca_cert = ca_params()
             .self_signed(&ca_key)
             .context("cannot sign the CA certificate")?;
-        write_durable(&dir.join(CA_KEY_FILE), ca_key.serialize_pem().as_bytes(), true)?;
+        write_durable(
+            &dir.join(CA_KEY_FILE),
+            ca_key.serialize_pem().as_bytes(),
+            true,
+        )?;
         write_durable(&dir.join(CA_FILE), ca_cert.pem().as_bytes(), false)?;
         ca_key
     };
@@ -105,7 +109,11 @@ pub(crate) fn ensure_dev_tls(dir: &Path, extra_names: &[String]) -> anyhow::Resu
 
 /// Issues a client certificate for edge `edge_id` from the CA in `tls_dir` into `out`:
 /// `<edge_id>.pem`, `<edge_id>-key.pem` and a copy of `ca.pem`. Returns the certificate path.
-pub(crate) fn issue_edge_cert(tls_dir: &Path, edge_id: &str, out: &Path) -> anyhow::Result<PathBuf> {
+pub(crate) fn issue_edge_cert(
+    tls_dir: &Path,
+    edge_id: &str,
+    out: &Path,
+) -> anyhow::Result<PathBuf> {
     if edge_id.is_empty()
         || edge_id.len() > silt_wire::EDGE_ID_BYTES_MAX
         || !edge_id
@@ -134,7 +142,11 @@ pub(crate) fn issue_edge_cert(tls_dir: &Path, edge_id: &str, out: &Path) -> anyh
         .context("cannot sign the edge certificate")?;
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     let cert_path = out.join(format!("{edge_id}.pem"));
-    write_durable(&out.join(format!("{edge_id}-key.pem")), key.serialize_pem().as_bytes(), true)?;
+    write_durable(
+        &out.join(format!("{edge_id}-key.pem")),
+        key.serialize_pem().as_bytes(),
+        true,
+    )?;
     write_durable(&cert_path, cert.pem().as_bytes(), false)?;
     let ca = std::fs::read(tls_dir.join(CA_FILE)).context("cannot read the CA certificate")?;
     write_durable(&out.join(CA_FILE), &ca, false)?;
@@ -162,7 +174,9 @@ pub(crate) fn server_config(tls: &ServerTls) -> anyhow::Result<rustls::ServerCon
             }
             let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
                 .build()
-                .with_context(|| format!("cannot verify client certificates against {}", ca.display()))?;
+                .with_context(|| {
+                    format!("cannot verify client certificates against {}", ca.display())
+                })?;
             builder.with_client_cert_verifier(verifier)
         }
     };
@@ -218,7 +232,10 @@ fn read_limited(path: &Path) -> anyhow::Result<Vec<u8>> {
         .with_context(|| format!("cannot read {}", path.display()))?
         .len();
     if size > PEM_FILE_BYTES_MAX {
-        bail!("{} is larger than {PEM_FILE_BYTES_MAX} bytes", path.display());
+        bail!(
+            "{} is larger than {PEM_FILE_BYTES_MAX} bytes",
+            path.display()
+        );
     }
     std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))
 }
@@ -269,7 +286,9 @@ struct IssueCert {
 }
 
 /// Runs `silt-core issue-cert` with `args` (after the subcommand name).
-pub(crate) fn issue_cert_main(args: impl Iterator<Item = std::ffi::OsString>) -> anyhow::Result<()> {
+pub(crate) fn issue_cert_main(
+    args: impl Iterator<Item = std::ffi::OsString>,
+) -> anyhow::Result<()> {
     use clap::Parser as _;
     let cli = IssueCert::parse_from(std::iter::once("silt-core issue-cert".into()).chain(args));
     let tls_dir = match (cli.tls_dir, cli.data_dir) {

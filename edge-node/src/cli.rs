@@ -222,7 +222,11 @@ impl Cli {
         let uplink_flags = [
             (&self.uplink, "uplink.addr", "--uplink"),
             (&self.uplink_ca, "uplink.ca", "--uplink-ca"),
-            (&self.uplink_server_name, "uplink.server_name", "--uplink-server-name"),
+            (
+                &self.uplink_server_name,
+                "uplink.server_name",
+                "--uplink-server-name",
+            ),
             (&self.uplink_cert, "uplink.cert", "--uplink-cert"),
             (&self.uplink_key, "uplink.key", "--uplink-key"),
         ];

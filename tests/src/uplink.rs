@@ -123,7 +123,9 @@ fn front_loop(front: Arc<UdpSocket>, shared: &Arc<ProxyShared>) {
             }
             let target = *shared.target.lock().unwrap();
             let socket = UdpSocket::bind("127.0.0.1:0").expect("cannot bind an upstream socket");
-            socket.connect(target).expect("cannot aim the upstream socket");
+            socket
+                .connect(target)
+                .expect("cannot aim the upstream socket");
             socket.set_read_timeout(Some(PROXY_POLL)).unwrap();
             let socket = Arc::new(socket);
             let alive = Arc::new(AtomicBool::new(true));
@@ -131,7 +133,8 @@ fn front_loop(front: Arc<UdpSocket>, shared: &Arc<ProxyShared>) {
                 (socket.clone(), front.clone(), alive.clone(), shared.clone());
             threads.push(std::thread::spawn(move || {
                 let mut buf = vec![0u8; DATAGRAM_BYTES_MAX];
-                while reply_alive.load(Ordering::SeqCst) && !reply_shared.stop.load(Ordering::SeqCst)
+                while reply_alive.load(Ordering::SeqCst)
+                    && !reply_shared.stop.load(Ordering::SeqCst)
                 {
                     let Ok(len) = reply_socket.recv(&mut buf) else {
                         continue;
@@ -194,8 +197,15 @@ pub fn start_edge(
 /// Publishes `"<seq>"` for `seq` in `from..to` at QoS 1 to `topic`, one at a time, and
 /// returns the sequence numbers acknowledged; stops at the first publish that gets no
 /// acknowledgement (the broker went away).
-pub async fn publish_numbered(addr: SocketAddr, client_id: &str, topic: &str, from: u64, to: u64) -> Vec<u64> {
-    let Ok(mut client) = Client::try_connect(Version::V5, addr, ClientOptions::new(client_id)).await
+pub async fn publish_numbered(
+    addr: SocketAddr,
+    client_id: &str,
+    topic: &str,
+    from: u64,
+    to: u64,
+) -> Vec<u64> {
+    let Ok(mut client) =
+        Client::try_connect(Version::V5, addr, ClientOptions::new(client_id)).await
     else {
         return Vec::new();
     };

@@ -28,7 +28,10 @@ const RECONNECT_MAX: Duration = Duration::from_secs(5);
 fn blackhole_duration() -> Duration {
     let secs = std::env::var("SILT_TEST_BLACKHOLE_SECS")
         .ok()
-        .map(|text| text.parse::<u64>().expect("SILT_TEST_BLACKHOLE_SECS: seconds"))
+        .map(|text| {
+            text.parse::<u64>()
+                .expect("SILT_TEST_BLACKHOLE_SECS: seconds")
+        })
         .unwrap_or(20);
     Duration::from_secs(secs)
 }
@@ -51,7 +54,11 @@ async fn publish_phase(edge: &MqttBroker, phase: u64, acked: &mut HashMap<String
     }
     for task in tasks {
         let (topic, values) = task.await.expect("a publisher panicked");
-        assert_eq!(values.len() as u64, PER_PHASE, "{topic}: the edge must ack everything");
+        assert_eq!(
+            values.len() as u64,
+            PER_PHASE,
+            "{topic}: the edge must ack everything"
+        );
         acked.entry(topic).or_default().extend(values);
     }
 }
@@ -132,7 +139,11 @@ async fn a_blackholed_uplink_reconnects_and_drains_without_loss_or_duplicates() 
     blocking(|| core.stop());
     let records = blocking(|| dump_topic(&core_dir, "mqtt"));
     let distinct = check_exactly_once(&records, EDGE_ID, &acked);
-    assert_eq!(distinct, CLIENTS * 4 * PER_PHASE as usize, "every message exactly once");
+    assert_eq!(
+        distinct,
+        CLIENTS * 4 * PER_PHASE as usize,
+        "every message exactly once"
+    );
     eprintln!(
         "outage of {outage:?} (dead link noticed after {noticed:?}, {dropped} datagrams \
          dropped, backlog {lag} records); reconnected {reconnected_in:?} after the link \

@@ -100,21 +100,35 @@ async fn every_acked_message_reaches_the_core_exactly_once_through_kill9_on_both
     let tasks = phase(edge.mqtt, 0, PER_PHASE, &acked);
     let deadline = Instant::now() + DRAIN_TIMEOUT;
     while blocking(|| shipped_records(&edge)) == 0.0 {
-        assert!(Instant::now() < deadline, "nothing shipped within {DRAIN_TIMEOUT:?}");
+        assert!(
+            Instant::now() < deadline,
+            "nothing shipped within {DRAIN_TIMEOUT:?}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let at_kill = blocking(|| shipped_records(&edge));
     blocking(|| core.kill());
     let core = blocking(|| Core::start(&core_dir, &core_args));
-    assert!(core.started_line.contains("clean=false"), "{}", core.started_line);
+    assert!(
+        core.started_line.contains("clean=false"),
+        "{}",
+        core.started_line
+    );
     proxy.set_target(field_addr(&core.started_line, "uplink="));
     let phase0 = collect(tasks, &mut acked).await;
-    assert_eq!(phase0, CLIENTS * PER_PHASE as usize, "the edge must ack everything");
+    assert_eq!(
+        phase0,
+        CLIENTS * PER_PHASE as usize,
+        "the edge must ack everything"
+    );
     // The edge notices the dead connection by its idle timeout, reconnects to the new core
     // and ships again.
     let deadline = Instant::now() + DRAIN_TIMEOUT;
     while blocking(|| shipped_records(&edge)) <= at_kill {
-        assert!(Instant::now() < deadline, "shipping did not resume within {DRAIN_TIMEOUT:?}");
+        assert!(
+            Instant::now() < deadline,
+            "shipping did not resume within {DRAIN_TIMEOUT:?}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
@@ -123,14 +137,24 @@ async fn every_acked_message_reaches_the_core_exactly_once_through_kill9_on_both
     let before = blocking(|| shipped_records(&edge));
     let deadline = Instant::now() + DRAIN_TIMEOUT;
     while blocking(|| shipped_records(&edge)) <= before {
-        assert!(Instant::now() < deadline, "shipping did not resume within {DRAIN_TIMEOUT:?}");
+        assert!(
+            Instant::now() < deadline,
+            "shipping did not resume within {DRAIN_TIMEOUT:?}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     blocking(|| edge.kill());
     let phase1 = collect(tasks, &mut acked).await;
-    assert!(phase1 > 0 && phase1 < CLIENTS * KILLED_PHASE as usize, "{phase1}");
+    assert!(
+        phase1 > 0 && phase1 < CLIENTS * KILLED_PHASE as usize,
+        "{phase1}"
+    );
     blocking(|| edge.start_again());
-    assert!(edge.started_line.contains("clean=false"), "{}", edge.started_line);
+    assert!(
+        edge.started_line.contains("clean=false"),
+        "{}",
+        edge.started_line
+    );
 
     // Phase 2: live ingest on the restarted edge, then a full drain.
     let tasks = phase(edge.mqtt, 2, PER_PHASE, &acked);
@@ -150,5 +174,8 @@ async fn every_acked_message_reaches_the_core_exactly_once_through_kill9_on_both
          after the last publish",
         phase0 + phase1 + phase2
     );
-    assert!(partitions.len() > 1, "keys should spread over the core's partitions");
+    assert!(
+        partitions.len() > 1,
+        "keys should spread over the core's partitions"
+    );
 }

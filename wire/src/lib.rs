@@ -126,7 +126,7 @@ impl Frame<'_> {
     pub fn encode(&self, out: &mut BytesMut) {
         let body_len = self.body_len();
         assert!(
-            body_len + 1 <= FRAME_BYTES_MAX,
+            body_len < FRAME_BYTES_MAX,
             "frame of {body_len} bytes exceeds the limit"
         );
         out.reserve(FRAME_HEADER_LEN + body_len);
@@ -183,9 +183,7 @@ impl Frame<'_> {
             Frame::Hello { edge_id, topic, .. } => 2 + 1 + edge_id.len() + 1 + topic.len() + 4,
             Frame::Data { payload, .. } => 8 + 8 + 1 + 4 + payload.len(),
             Frame::Ack { .. } => 8,
-            Frame::Error { message, .. } => {
-                2 + 2 + truncate_utf8(message, MESSAGE_BYTES_MAX).len()
-            }
+            Frame::Error { message, .. } => 2 + 2 + truncate_utf8(message, MESSAGE_BYTES_MAX).len(),
         }
     }
 
@@ -333,7 +331,8 @@ impl<'a> Reader<'a> {
     }
 
     fn u32(&mut self) -> Option<u32> {
-        self.take(4).map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+        self.take(4)
+            .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
     }
 
     fn u64(&mut self) -> Option<u64> {
@@ -363,13 +362,17 @@ pub fn compress_batches(raw: &[u8]) -> (Codec, Vec<u8>) {
 
 /// The batch bytes of a `Data` payload, never more than `raw_len` (itself bounded by
 /// [`DATA_RAW_BYTES_MAX`] at decode).
-pub fn decompress_batches(codec: Codec, raw_len: u32, payload: &[u8]) -> Result<Vec<u8>, WireError> {
+pub fn decompress_batches(
+    codec: Codec,
+    raw_len: u32,
+    payload: &[u8],
+) -> Result<Vec<u8>, WireError> {
     match codec {
         Codec::None => Ok(payload.to_vec()),
         Codec::Zstd => {
             let max = (raw_len as usize).min(DATA_RAW_BYTES_MAX);
-            let raw = zstd::bulk::decompress(payload, max)
-                .map_err(|_| WireError::Decompress { max })?;
+            let raw =
+                zstd::bulk::decompress(payload, max).map_err(|_| WireError::Decompress { max })?;
             if raw.len() != raw_len as usize {
                 return Err(WireError::Decompress { max });
             }

@@ -39,9 +39,18 @@ impl Owned {
 
 fn owned() -> impl Strategy<Value = Owned> {
     prop_oneof![
-        (any::<u16>(), "[a-z0-9-]{1,40}", "[a-z.]{1,40}", any::<u32>())
+        (
+            any::<u16>(),
+            "[a-z0-9-]{1,40}",
+            "[a-z.]{1,40}",
+            any::<u32>()
+        )
             .prop_map(|(v, e, t, p)| Owned::Hello(v, e, t, p)),
-        (any::<u64>(), any::<u64>(), proptest::collection::vec(any::<u8>(), 0..2000))
+        (
+            any::<u64>(),
+            any::<u64>(),
+            proptest::collection::vec(any::<u8>(), 0..2000)
+        )
             .prop_map(|(f, l, p)| Owned::Data(f, l, p)),
         any::<u64>().prop_map(Owned::Ack),
         (any::<u16>(), ".{0,100}").prop_map(|(c, m)| Owned::Error(c, m)),
@@ -109,7 +118,10 @@ fn limits_are_errors() {
         Err(WireError::FrameTooLarge { .. })
     ));
     assert_eq!(Frame::decode(&[0, 0, 0, 0]), Err(WireError::Empty));
-    assert_eq!(Frame::decode(&[0, 0, 0, 1, 9]), Err(WireError::UnknownType(9)));
+    assert_eq!(
+        Frame::decode(&[0, 0, 0, 1, 9]),
+        Err(WireError::UnknownType(9))
+    );
     // An ack with a trailing byte.
     assert!(matches!(
         Frame::decode(&[0, 0, 0, 10, 3, 0, 0, 0, 0, 0, 0, 0, 7, 1]),

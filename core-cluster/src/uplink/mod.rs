@@ -131,7 +131,11 @@ impl UplinkServer {
     }
 }
 
-async fn serve_connection(connection: quinn::Connection, store: Arc<UplinkStore>, mutual_tls: bool) {
+async fn serve_connection(
+    connection: quinn::Connection,
+    store: Arc<UplinkStore>,
+    mutual_tls: bool,
+) {
     let remote = connection.remote_address();
     let allowed_ids = if mutual_tls {
         peer_dns_names(&connection)
@@ -165,7 +169,12 @@ fn peer_dns_names(connection: &quinn::Connection) -> Option<Vec<String>> {
     let chain = identity
         .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
         .ok()?;
-    Some(chain.first().map(tls::certificate_dns_names).unwrap_or_default())
+    Some(
+        chain
+            .first()
+            .map(tls::certificate_dns_names)
+            .unwrap_or_default(),
+    )
 }
 
 /// Why a stream ended early, sent to the edge as an `Error` frame.
@@ -196,7 +205,10 @@ async fn serve_stream(
 
 /// Reads one whole frame into `buf` (which may already hold bytes); `Ok(false)` at a clean
 /// end of stream. `Err(None)` is a lost connection, not worth an `Error` frame.
-async fn fill_frame(recv: &mut quinn::RecvStream, buf: &mut BytesMut) -> Result<usize, Option<StreamFault>> {
+async fn fill_frame(
+    recv: &mut quinn::RecvStream,
+    buf: &mut BytesMut,
+) -> Result<usize, Option<StreamFault>> {
     loop {
         match Frame::decode(buf) {
             Ok(Some((_, used))) => return Ok(used),

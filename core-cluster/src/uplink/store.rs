@@ -70,8 +70,11 @@ pub(crate) struct UplinkStore {
     log: Arc<LogManager>,
     default_partitions: u32,
     topics: Mutex<HashMap<String, Arc<Mutex<TopicDedup>>>>,
-    streams: Mutex<HashMap<(String, StreamKey), Arc<Mutex<()>>>>,
+    streams: Mutex<HashMap<(String, StreamKey), StreamLock>>,
 }
+
+/// Held while one stream's records are checked and appended.
+type StreamLock = Arc<Mutex<()>>;
 
 impl UplinkStore {
     pub(crate) fn new(log: Arc<LogManager>, default_partitions: u32) -> UplinkStore {
@@ -141,7 +144,10 @@ impl UplinkStore {
                 continue;
             }
             let log = self.log.partition(topic, partition as u32)?;
-            let last = records.last().map(|(offset, _)| *offset).expect("non-empty");
+            let last = records
+                .last()
+                .map(|(offset, _)| *offset)
+                .expect("non-empty");
             let count = records.len() as u64;
             let budget = self.log.config().max_batch_bytes / 2;
             outcome.appended_bytes += append_records(&log, records, budget)?;
@@ -152,7 +158,7 @@ impl UplinkStore {
         Ok(outcome)
     }
 
-    fn stream_lock(&self, topic: &str, stream: &StreamKey) -> Arc<Mutex<()>> {
+    fn stream_lock(&self, topic: &str, stream: &StreamKey) -> StreamLock {
         let mut streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
         streams
             .entry((topic.to_string(), stream.clone()))
@@ -161,7 +167,11 @@ impl UplinkStore {
     }
 
     /// The topic's dedup state, rebuilt from its partitions on first use.
-    fn topic_dedup(&self, topic: &str, partitions: u32) -> Result<Arc<Mutex<TopicDedup>>, StoreError> {
+    fn topic_dedup(
+        &self,
+        topic: &str,
+        partitions: u32,
+    ) -> Result<Arc<Mutex<TopicDedup>>, StoreError> {
         if let Some(found) = self
             .topics
             .lock()
@@ -238,8 +248,8 @@ fn scan_streams(log: &PartitionLog) -> Result<HashMap<StreamKey, u64>, StoreErro
             break;
         }
         let mut rest = &slice.bytes[..];
-        while let Some((header, records, used)) = decode_batch(rest, &limits)
-            .map_err(|error| StoreError::BadBatch(error.to_string()))?
+        while let Some((header, records, used)) =
+            decode_batch(rest, &limits).map_err(|error| StoreError::BadBatch(error.to_string()))?
         {
             rest = &rest[used..];
             offset = (header.last_offset() + 1) as u64;
@@ -346,7 +356,8 @@ mod tests {
             let part = log.partition(topic, partition).unwrap();
             let bytes = part.read(0, 1 << 20).unwrap().bytes;
             let mut rest = &bytes[..];
-            while let Some((_, records, used)) = decode_batch(rest, &DecodeLimits::default()).unwrap()
+            while let Some((_, records, used)) =
+                decode_batch(rest, &DecodeLimits::default()).unwrap()
             {
                 rest = &rest[used..];
                 for record in records {
@@ -368,13 +379,22 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let log = LogManager::open(LogConfig::new(dir.path().join("core"))).unwrap();
         let store = UplinkStore::new(log.clone(), 3);
-        let first = store.append("mqtt", &stream(), 0, &edge_batch(0, 6)).unwrap();
+        let first = store
+            .append("mqtt", &stream(), 0, &edge_batch(0, 6))
+            .unwrap();
         assert_eq!(first.appended_records, 6);
         // The same batch again (a lost ack), and a batch straddling the cursor.
-        let again = store.append("mqtt", &stream(), 0, &edge_batch(0, 6)).unwrap();
+        let again = store
+            .append("mqtt", &stream(), 0, &edge_batch(0, 6))
+            .unwrap();
         assert_eq!((again.appended_records, again.duplicate_records), (0, 6));
-        let straddle = store.append("mqtt", &stream(), 4, &edge_batch(4, 6)).unwrap();
-        assert_eq!((straddle.appended_records, straddle.duplicate_records), (4, 2));
+        let straddle = store
+            .append("mqtt", &stream(), 4, &edge_batch(4, 6))
+            .unwrap();
+        assert_eq!(
+            (straddle.appended_records, straddle.duplicate_records),
+            (4, 2)
+        );
         let used: std::collections::HashSet<u32> = KEYS
             .iter()
             .map(|key| route(Some(key.as_bytes()), "e1", 3))
@@ -388,9 +408,13 @@ mod tests {
         // appends nothing.
         let log = LogManager::open(LogConfig::new(dir.path().join("core"))).unwrap();
         let store = UplinkStore::new(log.clone(), 3);
-        let resent = store.append("mqtt", &stream(), 0, &edge_batch(0, 6)).unwrap();
+        let resent = store
+            .append("mqtt", &stream(), 0, &edge_batch(0, 6))
+            .unwrap();
         assert_eq!(resent.appended_records, 0);
-        let resent = store.append("mqtt", &stream(), 4, &edge_batch(4, 6)).unwrap();
+        let resent = store
+            .append("mqtt", &stream(), 4, &edge_batch(4, 6))
+            .unwrap();
         assert_eq!(resent.appended_records, 0);
         let offsets: Vec<u64> = stored(&log, "mqtt").iter().map(|(_, o)| *o).collect();
         assert_eq!(offsets, (0..10).collect::<Vec<_>>());
@@ -409,16 +433,23 @@ mod tests {
             .collect();
         for &index in &partial {
             let batch = edge_batch(index as i64, 1);
-            store.append("mqtt", &stream(), index as u64, &batch).unwrap();
+            store
+                .append("mqtt", &stream(), index as u64, &batch)
+                .unwrap();
         }
         drop(store);
         drop(log);
         // Crash: no clean close. The edge re-sends the whole batch to a restarted core.
         let log = LogManager::open(LogConfig::new(dir.path().join("core"))).unwrap();
         let store = UplinkStore::new(log.clone(), 3);
-        let outcome = store.append("mqtt", &stream(), 0, &edge_batch(0, 6)).unwrap();
+        let outcome = store
+            .append("mqtt", &stream(), 0, &edge_batch(0, 6))
+            .unwrap();
         assert_eq!(outcome.duplicate_records, partial.len() as u64);
-        assert_eq!(outcome.appended_records, (KEYS.len() - partial.len()) as u64);
+        assert_eq!(
+            outcome.appended_records,
+            (KEYS.len() - partial.len()) as u64
+        );
         let offsets: Vec<u64> = stored(&log, "mqtt").iter().map(|(_, o)| *o).collect();
         assert_eq!(offsets, (0..6).collect::<Vec<_>>());
     }

@@ -54,9 +54,10 @@ impl RawUplink {
             return Ok(None);
         };
         let host = match addr.rsplit_once(':') {
-            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {
-                host.trim_start_matches('[').trim_end_matches(']').to_string()
-            }
+            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_string(),
             _ => {
                 return Err(ConfigError::key(
                     "uplink.addr",

@@ -47,7 +47,12 @@ impl Cursors {
     /// The partition's cursor, read from disk the first time (0 when it has none).
     pub(crate) fn get(&self, topic: &str, partition: u32) -> anyhow::Result<u64> {
         let key = (topic.to_string(), partition);
-        if let Some(next) = self.loaded.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
+        if let Some(next) = self
+            .loaded
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)
+        {
             return Ok(*next);
         }
         let path = self.path(topic, partition);
@@ -135,7 +140,15 @@ mod tests {
         let reloaded = Cursors::new(dir.path().to_path_buf());
         assert_eq!(reloaded.get("mqtt", 0).unwrap(), 10);
         assert_eq!(reloaded.get("mqtt", 1).unwrap(), 0);
-        std::fs::write(dir.path().join("mqtt/0"), b"{\"version\":9,\"next_offset\":1}").unwrap();
-        assert!(Cursors::new(dir.path().to_path_buf()).get("mqtt", 0).is_err());
+        std::fs::write(
+            dir.path().join("mqtt/0"),
+            b"{\"version\":9,\"next_offset\":1}",
+        )
+        .unwrap();
+        assert!(
+            Cursors::new(dir.path().to_path_buf())
+                .get("mqtt", 0)
+                .is_err()
+        );
     }
 }

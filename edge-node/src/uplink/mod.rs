@@ -191,7 +191,11 @@ impl Shipper {
                 // The connection worked for a while: start the backoff over.
                 Ok(()) => backoff = BACKOFF_MIN,
                 Err(error) => {
-                    tracing::warn!(attempt = attempts, error = format!("{error:#}"), "uplink down");
+                    tracing::warn!(
+                        attempt = attempts,
+                        error = format!("{error:#}"),
+                        "uplink down"
+                    );
                 }
             }
             // Full jitter over the upper half, so edges that lost the same core do not come
@@ -331,11 +335,18 @@ impl Shipper {
         let window = Arc::new(Semaphore::new(inflight_max));
         // Sent frames awaiting their ack, oldest first: (end offset, bytes held).
         let (sent_tx, mut sent_rx) = tokio::sync::mpsc::unbounded_channel::<(u64, u32)>();
-        let labels = [("topic", topic.clone()), ("partition", partition.to_string())];
+        let labels = [
+            ("topic", topic.clone()),
+            ("partition", partition.to_string()),
+        ];
 
         let acks = {
-            let (window, cursors, topic, labels) =
-                (window.clone(), cursors.clone(), topic.clone(), labels.clone());
+            let (window, cursors, topic, labels) = (
+                window.clone(),
+                cursors.clone(),
+                topic.clone(),
+                labels.clone(),
+            );
             async move {
                 let mut buf = BytesMut::with_capacity(ACK_BUFFER_BYTES);
                 let mut pending: VecDeque<(u64, u32)> = VecDeque::new();
@@ -350,7 +361,12 @@ impl Shipper {
                             None => {}
                         }
                         buf.reserve(ACK_BUFFER_BYTES);
-                        if recv.read_buf(&mut buf).await.context("stream read failed")? == 0 {
+                        if recv
+                            .read_buf(&mut buf)
+                            .await
+                            .context("stream read failed")?
+                            == 0
+                        {
                             bail!("the core closed the stream");
                         }
                     };
@@ -390,7 +406,11 @@ impl Shipper {
                         .await??
                 };
                 let (first, end, batches) = match read {
-                    Read::Data { first, end, batches } => (first, end, batches),
+                    Read::Data {
+                        first,
+                        end,
+                        batches,
+                    } => (first, end, batches),
                     Read::Lost { log_start } => {
                         let lost = log_start - next;
                         tracing::warn!(%topic, partition, lost, "records dropped by the disk budget before they were shipped");
