@@ -155,3 +155,52 @@ pub(super) fn to_toml(config: Option<&UplinkConfig>) -> toml::Table {
     );
     table
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use crate::config::{EdgeConfig, Sources};
+
+    fn resolve(text: &str) -> Result<EdgeConfig, String> {
+        EdgeConfig::resolve(&Sources {
+            file: Some((PathBuf::from("/etc/silt/edge.toml"), text.to_string())),
+            overrides: Vec::new(),
+            hostname: Some("pi-7".into()),
+        })
+        .map_err(|error| error.to_string())
+    }
+
+    #[test]
+    fn off_without_an_address_and_defaults_with_one() {
+        assert_eq!(resolve("data_dir = \"/d/log\"").unwrap().uplink, None);
+        let config = resolve(
+            "data_dir = \"/d/log\"\n[uplink]\naddr = \"core.example:7100\"\nca = \"/d/ca.pem\"",
+        )
+        .unwrap();
+        let uplink = config.uplink.clone().unwrap();
+        assert_eq!(uplink.server_name, "core.example");
+        assert_eq!(uplink.state_dir, PathBuf::from("/d/log.uplink"));
+        assert_eq!(uplink.inflight_bytes, super::defaults::INFLIGHT_BYTES);
+        assert_eq!(uplink.client_cert, None);
+        // The printed config reads back the same.
+        let printed = config.to_toml();
+        assert_eq!(resolve(&printed).unwrap(), config);
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let cases = [
+            ("addr = \"nohost\"\nca = \"/c\"", "config key uplink.addr"),
+            ("addr = \"h:1\"", "config key uplink.ca"),
+            ("addr = \"h:1\"\nca = \"/c\"\ncert = \"/x\"", "config key uplink.key"),
+            ("addr = \"h:1\"\nca = \"/c\"\nstate_dir = \"/d/log/s\"", "config key uplink.state_dir"),
+            ("addr = \"h:1\"\nca = \"/c\"\nframe_bytes = \"1GiB\"", "config key uplink.frame_bytes"),
+            ("adr = \"h:1\"", "config key uplink.adr"),
+        ];
+        for (section, expected) in cases {
+            let message = resolve(&format!("data_dir = \"/d/log\"\n[uplink]\n{section}")).unwrap_err();
+            assert!(message.starts_with(expected), "{section}: {message}");
+        }
+    }
+}
