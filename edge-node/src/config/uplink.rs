@@ -193,13 +193,23 @@ mod tests {
         let cases = [
             ("addr = \"nohost\"\nca = \"/c\"", "config key uplink.addr"),
             ("addr = \"h:1\"", "config key uplink.ca"),
-            ("addr = \"h:1\"\nca = \"/c\"\ncert = \"/x\"", "config key uplink.key"),
-            ("addr = \"h:1\"\nca = \"/c\"\nstate_dir = \"/d/log/s\"", "config key uplink.state_dir"),
-            ("addr = \"h:1\"\nca = \"/c\"\nframe_bytes = \"1GiB\"", "config key uplink.frame_bytes"),
+            (
+                "addr = \"h:1\"\nca = \"/c\"\ncert = \"/x\"",
+                "config key uplink.key",
+            ),
+            (
+                "addr = \"h:1\"\nca = \"/c\"\nstate_dir = \"/d/log/s\"",
+                "config key uplink.state_dir",
+            ),
+            (
+                "addr = \"h:1\"\nca = \"/c\"\nframe_bytes = \"1GiB\"",
+                "config key uplink.frame_bytes",
+            ),
             ("adr = \"h:1\"", "config key uplink.adr"),
         ];
         for (section, expected) in cases {
-            let message = resolve(&format!("data_dir = \"/d/log\"\n[uplink]\n{section}")).unwrap_err();
+            let message =
+                resolve(&format!("data_dir = \"/d/log\"\n[uplink]\n{section}")).unwrap_err();
             assert!(message.starts_with(expected), "{section}: {message}");
         }
     }
