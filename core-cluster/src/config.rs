@@ -574,11 +574,9 @@ impl RawKafka {
             None => defaults::KAFKA_AUTO_CREATE_TOPICS,
         };
         let delay_ms = match &self.group_initial_rebalance_delay_ms {
-            Some(value) => value.integer(
-                "kafka.group_initial_rebalance_delay_ms",
-                0,
-                u32::MAX.into(),
-            )?,
+            Some(value) => {
+                value.integer("kafka.group_initial_rebalance_delay_ms", 0, u32::MAX.into())?
+            }
             None => defaults::KAFKA_GROUP_INITIAL_REBALANCE_DELAY_MS,
         };
         Ok(KafkaConfig {

@@ -101,6 +101,7 @@ pub(crate) async fn run(
             return Err(error).context("cannot open the broker (committed offsets)");
         }
     };
+    telemetry::refresh_groups(&broker);
     let (stop_kafka, kafka_stopped) = oneshot::channel::<()>();
     let limits = KafkaLimits {
         max_request_bytes: config.kafka.max_request_bytes,

@@ -164,7 +164,12 @@ pub(crate) fn refresh_log(log: &LogManager) {
 /// Sets the consumer group gauges from the coordinator.
 pub(crate) fn refresh_groups(broker: &crate::broker::Broker) {
     let counts = broker.group_state_counts();
-    for state in ["Empty", "PreparingRebalance", "CompletingRebalance", "Stable"] {
+    for state in [
+        "Empty",
+        "PreparingRebalance",
+        "CompletingRebalance",
+        "Stable",
+    ] {
         let count = counts.get(state).copied().unwrap_or(0);
         gauge!(KAFKA_GROUPS, "state" => state).set(count as f64);
     }

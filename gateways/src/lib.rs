@@ -5,8 +5,8 @@
 //! it uses `silt-log` and `silt-wire` for types only.
 //!
 //! # Layout
-//! - `kafka`: the Kafka protocol gateway: framing, ApiVersions negotiation, one handler per
-//!   api, over the `kafka::KafkaBroker` port the core node implements.
+//! - `kafka` (feature `kafka`): the Kafka protocol gateway: framing, ApiVersions negotiation,
+//!   one handler per api, over the `kafka::KafkaBroker` port the core node implements.
 //! - `mqtt`: the MQTT 3.1.1 / 5.0 broker's pure (sans-IO) parts so far:
 //!   - `mqtt::topic`: topic names, topic filters, shared-subscription filters, matching.
 //!   - `mqtt::subscriptions`: the subscription store, a trie over topic levels that turns a
@@ -18,5 +18,6 @@
 //!   - `mqtt::alias`: MQTT 5 topic aliases in both directions.
 //!   - `mqtt::ingest`: a PUBLISH turned into the log record that keeps it.
 
+#[cfg(feature = "kafka")]
 pub mod kafka;
 pub mod mqtt;

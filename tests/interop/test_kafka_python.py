@@ -101,6 +101,16 @@ def test_two_member_group_splits_partitions_commits_and_resumes_after_restart(
     assert sum(len(offsets) for offsets in offsets_per_partition.values()) == 40
     assert all(offsets == set(range(len(offsets))) for offsets in offsets_per_partition.values())
 
+    # Both members left: the group is known (it has offsets) and has no members.
+    admin = KafkaAdminClient(bootstrap_servers=running.bootstrap)
+    try:
+        listed = {g["group_id"]: g["group_state"] for g in admin.list_groups()}
+        assert listed[group] == "Empty", listed
+        described = admin.describe_groups([group])[group]
+        assert (described["group_state"], described["members"]) == ("Empty", []), described
+    finally:
+        admin.close()
+
     # Committed offsets survive a restart: a new member of the group starts after them.
     running.restart()
     produce(running.bootstrap, kafka_topic, 8, start=40)

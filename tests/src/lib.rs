@@ -6,6 +6,7 @@
 //! - [`Running`]: a started binary whose stderr is read line by line in the background.
 //! - [`http_exchange`]: one raw HTTP/1.1 exchange with a deadline, for admin ports.
 //! - [`core`]: the `silt-core` binary started on free ports, waited on until healthy.
+//! - [`kafka`]: a raw Kafka protocol client, for exact bytes and bad input.
 //! - [`mqtt`]: the MQTT broker under test, rumqttc clients for 3.1.1 and 5.0, raw packets,
 //!   and the log read back with `silt-edge dump`.
 //!
@@ -26,6 +27,7 @@ pub use rustix::process::Signal;
 
 pub mod cli;
 pub mod core;
+pub mod kafka;
 pub mod mqtt;
 pub mod uplink;
 

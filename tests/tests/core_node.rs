@@ -18,7 +18,12 @@ fn starts_serves_health_and_metrics_and_stops_cleanly_on_sigterm() {
         )),
         "{metrics}"
     );
-    assert!(metrics.contains("silt_log_topics 0"), "{metrics}");
+    // One topic: the internal one that keeps committed consumer offsets.
+    assert!(metrics.contains("silt_log_topics 1"), "{metrics}");
+    assert!(
+        metrics.contains("silt_kafka_groups{state=\"Stable\"} 0"),
+        "{metrics}"
+    );
     core.stop();
 
     // The clean stop left the marker: the next start skips recovery.

@@ -39,10 +39,10 @@ pub(crate) struct DevArgs {
     #[arg(long, default_value = "127.0.0.1:9093")]
     uplink_listen: SocketAddr,
     /// The core's admin port (/metrics, /health).
-    #[arg(long, default_value = "127.0.0.1:9644")]
+    #[arg(long, default_value = "127.0.0.1:9645")]
     core_admin_listen: SocketAddr,
     /// The edge's admin port (/metrics, /health).
-    #[arg(long, default_value = "127.0.0.1:9645")]
+    #[arg(long, default_value = "127.0.0.1:9644")]
     edge_admin_listen: SocketAddr,
 }
 

@@ -70,7 +70,8 @@ struct Group {
     protocol_name: String,
     leader: Option<String>,
     members: BTreeMap<String, Member>,
-    /// Member ids handed out with MEMBER_ID_REQUIRED and not joined yet.
+    /// Member ids handed out with MEMBER_ID_REQUIRED and not joined yet, with when they
+    /// expire (a session timeout later, as in Kafka).
     pending: HashMap<String, Instant>,
     /// When a rebalance in progress completes whatever members have not rejoined.
     rebalance_deadline: Instant,
@@ -140,7 +141,7 @@ impl Coordinator {
     pub(crate) async fn join(&self, request: JoinGroup, now: Instant) -> JoinResult {
         let receiver = match self.join_start(request, now) {
             Ok(receiver) => receiver,
-            Err(result) => return result,
+            Err(result) => return *result,
         };
         // A dropped sender means the member was removed before the rebalance completed.
         receiver
@@ -152,21 +153,24 @@ impl Coordinator {
         &self,
         request: JoinGroup,
         now: Instant,
-    ) -> Result<oneshot::Receiver<JoinResult>, JoinResult> {
+    ) -> Result<oneshot::Receiver<JoinResult>, Box<JoinResult>> {
         if request.group_id.is_empty() || request.group_id.len() > GROUP_ID_BYTES_MAX {
-            return Err(join_error(KafkaError::InvalidGroupId, &request.member_id));
+            return Err(Box::new(join_error(
+                KafkaError::InvalidGroupId,
+                &request.member_id,
+            )));
         }
         if !(SESSION_TIMEOUT_MIN..=SESSION_TIMEOUT_MAX).contains(&request.session_timeout) {
-            return Err(join_error(
+            return Err(Box::new(join_error(
                 KafkaError::InvalidSessionTimeout,
                 &request.member_id,
-            ));
+            )));
         }
         if request.protocols.is_empty() || request.protocol_type.is_empty() {
-            return Err(join_error(
+            return Err(Box::new(join_error(
                 KafkaError::InconsistentGroupProtocol,
                 &request.member_id,
-            ));
+            )));
         }
         let mut groups = self.lock();
         let group = groups
@@ -185,43 +189,60 @@ impl Coordinator {
                         .any(|(name, _)| request.protocols.iter().any(|(n, _)| n == name))
                 })
         {
-            return Err(join_error(
+            return Err(Box::new(join_error(
                 KafkaError::InconsistentGroupProtocol,
                 &request.member_id,
-            ));
+            )));
         }
         let member_id = if request.member_id.is_empty() {
             let member_id = self.new_member_id(&request.client_id);
             if request.require_known_member_id {
-                group.pending.insert(member_id.clone(), now);
-                return Err(join_error(KafkaError::MemberIdRequired, &member_id));
+                if group.pending.len() + group.members.len() >= GROUP_MEMBERS_MAX {
+                    return Err(Box::new(join_error(KafkaError::GroupMaxSizeReached, "")));
+                }
+                group
+                    .pending
+                    .insert(member_id.clone(), now + request.session_timeout);
+                return Err(Box::new(join_error(
+                    KafkaError::MemberIdRequired,
+                    &member_id,
+                )));
             }
             member_id
         } else {
             let known = group.members.contains_key(&request.member_id)
                 || group.pending.remove(&request.member_id).is_some();
             if !known {
-                return Err(join_error(KafkaError::UnknownMemberId, &request.member_id));
+                return Err(Box::new(join_error(
+                    KafkaError::UnknownMemberId,
+                    &request.member_id,
+                )));
             }
             request.member_id.clone()
         };
         if !group.members.contains_key(&member_id) && group.members.len() >= GROUP_MEMBERS_MAX {
-            return Err(join_error(KafkaError::RebalanceInProgress, &member_id));
+            return Err(Box::new(join_error(
+                KafkaError::GroupMaxSizeReached,
+                &member_id,
+            )));
         }
         let (sender, receiver) = oneshot::channel();
-        let member = group.members.entry(member_id.clone()).or_insert_with(|| Member {
-            group_instance_id: request.group_instance_id.clone(),
-            client_id: request.client_id.clone(),
-            client_host: request.client_host.clone(),
-            session_timeout: request.session_timeout,
-            rebalance_timeout: request.rebalance_timeout,
-            protocol_type: request.protocol_type.clone(),
-            protocols: Vec::new(),
-            assignment: Bytes::new(),
-            last_heard: now,
-            join_waiter: None,
-            sync_waiter: None,
-        });
+        let member = group
+            .members
+            .entry(member_id.clone())
+            .or_insert_with(|| Member {
+                group_instance_id: request.group_instance_id.clone(),
+                client_id: request.client_id.clone(),
+                client_host: request.client_host.clone(),
+                session_timeout: request.session_timeout,
+                rebalance_timeout: request.rebalance_timeout,
+                protocol_type: request.protocol_type.clone(),
+                protocols: Vec::new(),
+                assignment: Bytes::new(),
+                last_heard: now,
+                join_waiter: None,
+                sync_waiter: None,
+            });
         member.protocols = request.protocols;
         member.protocol_type = request.protocol_type;
         member.session_timeout = request.session_timeout;
@@ -261,12 +282,17 @@ impl Coordinator {
         if group.state != State::PreparingRebalance {
             return;
         }
-        let all_joined = group.members.values().all(|member| member.join_waiter.is_some());
+        let all_joined = group
+            .members
+            .values()
+            .all(|member| member.join_waiter.is_some());
         let delay_over = group.initial_delay_until.is_none_or(|until| now >= until);
         if !(all_joined && delay_over || now >= group.rebalance_deadline) {
             return;
         }
-        group.members.retain(|_, member| member.join_waiter.is_some());
+        group
+            .members
+            .retain(|_, member| member.join_waiter.is_some());
         group.generation += 1;
         group.initial_delay_until = None;
         if group.members.is_empty() {
@@ -388,7 +414,9 @@ impl Coordinator {
         now: Instant,
     ) -> Result<(), KafkaError> {
         let mut groups = self.lock();
-        let group = groups.get_mut(group_id).ok_or(KafkaError::UnknownMemberId)?;
+        let group = groups
+            .get_mut(group_id)
+            .ok_or(KafkaError::UnknownMemberId)?;
         let member = group
             .members
             .get_mut(member_id)
@@ -464,9 +492,7 @@ impl Coordinator {
                 tracing::info!(member = %id, "consumer group member session expired");
                 group.members.remove(id);
             }
-            group
-                .pending
-                .retain(|_, since| now.duration_since(*since) < SESSION_TIMEOUT_MAX);
+            group.pending.retain(|_, expires| now < *expires);
             if !expired.is_empty() {
                 self.after_removal(group, now);
             }
@@ -496,7 +522,10 @@ impl Coordinator {
         if !group.members.contains_key(member_id) {
             return Err(KafkaError::UnknownMemberId);
         }
-        if group.state == State::PreparingRebalance {
+        // As Kafka: a member of the current generation may still commit while the group
+        // prepares a rebalance (it commits what it consumed before giving its partitions
+        // up), but not while the new generation's assignment is being handed out.
+        if group.state == State::CompletingRebalance {
             return Err(KafkaError::RebalanceInProgress);
         }
         if generation_id != group.generation {
@@ -613,7 +642,119 @@ fn choose_protocol(members: &BTreeMap<String, Member>) -> String {
     }
     candidates
         .iter()
-        .max_by_key(|name| (votes.get(*name).copied().unwrap_or(0), std::cmp::Reverse(candidates.iter().position(|c| c == *name))))
+        .max_by_key(|name| {
+            (
+                votes.get(*name).copied().unwrap_or(0),
+                std::cmp::Reverse(candidates.iter().position(|c| c == *name)),
+            )
+        })
         .map(|name| (*name).clone())
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn join(member_id: &str) -> JoinGroup {
+        JoinGroup {
+            group_id: "g".into(),
+            member_id: member_id.into(),
+            group_instance_id: None,
+            client_id: "c".into(),
+            client_host: "/127.0.0.1".into(),
+            session_timeout: Duration::from_secs(10),
+            rebalance_timeout: Duration::from_secs(30),
+            protocol_type: "consumer".into(),
+            protocols: vec![("range".into(), Bytes::from_static(b"meta"))],
+            require_known_member_id: true,
+        }
+    }
+
+    /// Joins with a fresh member id (after MEMBER_ID_REQUIRED); the join waits.
+    fn start_join(
+        coordinator: &Coordinator,
+        now: Instant,
+    ) -> (String, oneshot::Receiver<JoinResult>) {
+        let refused = *coordinator.join_start(join(""), now).unwrap_err();
+        assert_eq!(refused.error, Some(KafkaError::MemberIdRequired));
+        let member_id = refused.member_id;
+        let receiver = coordinator.join_start(join(&member_id), now).unwrap();
+        (member_id, receiver)
+    }
+
+    #[test]
+    fn members_join_after_the_initial_delay_then_a_leave_rebalances() {
+        let coordinator = Coordinator::new(Duration::from_secs(3));
+        let t0 = Instant::now();
+        let (a, mut a_join) = start_join(&coordinator, t0);
+        let (b, mut b_join) = start_join(&coordinator, t0 + Duration::from_secs(1));
+        coordinator.tick(t0 + Duration::from_secs(2));
+        assert!(a_join.try_recv().is_err(), "still in the initial delay");
+        coordinator.tick(t0 + Duration::from_secs(4));
+        let a_result = a_join.try_recv().unwrap();
+        let b_result = b_join.try_recv().unwrap();
+        assert_eq!(a_result.generation_id, 1);
+        assert_eq!(a_result.protocol_name, "range");
+        let (leader, follower) = if a_result.leader_id == a {
+            (a_result, b_result)
+        } else {
+            (b_result, a_result)
+        };
+        assert_eq!(leader.members.len(), 2);
+        assert!(follower.members.is_empty());
+        assert_eq!(
+            coordinator.heartbeat("g", 1, &b, t0 + Duration::from_secs(5)),
+            Ok(())
+        );
+        assert_eq!(
+            coordinator.heartbeat("g", 0, &b, t0 + Duration::from_secs(5)),
+            Err(KafkaError::IllegalGeneration)
+        );
+
+        // One leaves: the other hears of the rebalance by heartbeat and rejoins alone.
+        let now = t0 + Duration::from_secs(6);
+        assert_eq!(
+            coordinator.leave("g", std::slice::from_ref(&a), now),
+            vec![Ok(())]
+        );
+        assert_eq!(
+            coordinator.heartbeat("g", 1, &b, now),
+            Err(KafkaError::RebalanceInProgress)
+        );
+        let mut rejoin = coordinator.join_start(join(&b), now).unwrap();
+        let result = rejoin.try_recv().unwrap();
+        assert_eq!(result.generation_id, 2);
+        assert_eq!(result.leader_id, b);
+        assert_eq!(coordinator.describe("g").members.len(), 1);
+    }
+
+    #[test]
+    fn a_silent_member_expires_and_an_empty_group_is_forgotten() {
+        let coordinator = Coordinator::new(Duration::ZERO);
+        let t0 = Instant::now();
+        let (a, mut a_join) = start_join(&coordinator, t0);
+        coordinator.tick(t0);
+        assert_eq!(a_join.try_recv().unwrap().generation_id, 1);
+        assert_eq!(coordinator.describe("g").state, "CompletingRebalance");
+        coordinator.tick(t0 + Duration::from_secs(11));
+        assert_eq!(
+            coordinator.heartbeat("g", 1, &a, t0 + Duration::from_secs(11)),
+            Err(KafkaError::UnknownMemberId)
+        );
+        assert_eq!(coordinator.describe("g").state, "Dead");
+    }
+
+    #[test]
+    fn member_ids_handed_out_expire_unused() {
+        let coordinator = Coordinator::new(Duration::ZERO);
+        let t0 = Instant::now();
+        let refused = *coordinator.join_start(join(""), t0).unwrap_err();
+        assert_eq!(refused.error, Some(KafkaError::MemberIdRequired));
+        coordinator.tick(t0 + Duration::from_secs(11));
+        let late = *coordinator
+            .join_start(join(&refused.member_id), t0 + Duration::from_secs(11))
+            .unwrap_err();
+        assert_eq!(late.error, Some(KafkaError::UnknownMemberId));
+    }
 }

@@ -17,9 +17,9 @@ mod offsets;
 mod producers;
 
 use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::future::Future;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -42,6 +42,9 @@ use self::producers::{Check, PartitionProducers, ProducerBatch};
 pub(crate) const GROUP_TICK: Duration = Duration::from_millis(100);
 /// Bytes read at a time when rebuilding producer state from a partition.
 const PRODUCER_SCAN_READ_BYTES: usize = 4 << 20;
+
+/// One partition's producer state, locked across an idempotent append.
+type SharedProducers = Arc<Mutex<PartitionProducers>>;
 
 /// What the broker is configured with.
 #[derive(Debug, Clone)]
@@ -71,7 +74,7 @@ pub(crate) struct Broker {
     config: BrokerConfig,
     log: Arc<LogManager>,
     roles: Mutex<HashMap<(String, u32), Role>>,
-    producers: Mutex<HashMap<(String, u32), Arc<Mutex<PartitionProducers>>>>,
+    producers: Mutex<HashMap<(String, u32), SharedProducers>>,
     next_producer_id: AtomicI64,
     groups: groups::Coordinator,
     offsets: OffsetStore,
@@ -172,7 +175,11 @@ impl Broker {
     }
 
     /// The producer state of a partition, rebuilt from the log the first time. Blocking.
-    fn producer_state(&self, topic: &str, partition: &PartitionLog) -> Result<Arc<Mutex<PartitionProducers>>, LogError> {
+    fn producer_state(
+        &self,
+        topic: &str,
+        partition: &PartitionLog,
+    ) -> Result<Arc<Mutex<PartitionProducers>>, LogError> {
         let state = {
             let mut producers = self.producers.lock().unwrap_or_else(|e| e.into_inner());
             producers
@@ -253,7 +260,10 @@ impl Broker {
 }
 
 /// Replays a partition's batch headers into its producer state.
-fn load_producers(partition: &PartitionLog, state: &mut PartitionProducers) -> Result<(), LogError> {
+fn load_producers(
+    partition: &PartitionLog,
+    state: &mut PartitionProducers,
+) -> Result<(), LogError> {
     let mut offset = partition.log_start_offset();
     loop {
         let slice = match partition.read(offset, PRODUCER_SCAN_READ_BYTES) {
@@ -346,15 +356,17 @@ impl KafkaBroker for Broker {
         };
         let mut result = Vec::with_capacity(names.len());
         for name in names {
-            if self.log.topic(&name).is_none() && auto_create && self.config.auto_create_topics {
-                if let Err(error) = self.auto_create(&name).await {
-                    result.push(TopicMetadata {
-                        name,
-                        result: Err(error),
-                        internal: false,
-                    });
-                    continue;
-                }
+            if self.log.topic(&name).is_none()
+                && auto_create
+                && self.config.auto_create_topics
+                && let Err(error) = self.auto_create(&name).await
+            {
+                result.push(TopicMetadata {
+                    name,
+                    result: Err(error),
+                    internal: false,
+                });
+                continue;
             }
             result.push(self.topic_metadata(&name));
         }
@@ -570,7 +582,12 @@ impl KafkaBroker for Broker {
         self.groups.sync(request, Instant::now()).await
     }
 
-    fn heartbeat(&self, group_id: &str, generation_id: i32, member_id: &str) -> Result<(), KafkaError> {
+    fn heartbeat(
+        &self,
+        group_id: &str,
+        generation_id: i32,
+        member_id: &str,
+    ) -> Result<(), KafkaError> {
         self.groups
             .heartbeat(group_id, generation_id, member_id, Instant::now())
     }

@@ -143,7 +143,9 @@ impl OffsetStore {
         table
             .iter()
             .filter(|((g, _, _), _)| g == group)
-            .map(|((_, topic, partition), committed)| (topic.clone(), *partition, committed.clone()))
+            .map(|((_, topic, partition), committed)| {
+                (topic.clone(), *partition, committed.clone())
+            })
             .collect()
     }
 
@@ -178,6 +180,9 @@ fn apply(table: &mut Table, key: &Option<bytes::Bytes>, value: &Option<bytes::By
                 },
             );
         }
-        None => tracing::warn!(topic = OFFSETS_TOPIC, "skipping an unreadable offset record"),
+        None => tracing::warn!(
+            topic = OFFSETS_TOPIC,
+            "skipping an unreadable offset record"
+        ),
     }
 }

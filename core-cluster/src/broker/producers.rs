@@ -133,10 +133,7 @@ mod tests {
             Err(KafkaError::OutOfOrderSequence)
         );
         assert_eq!(state.check(7, 1, 0, 0), Ok(Check::Append), "a new epoch");
-        assert_eq!(
-            state.check(7, 1, 3, 3),
-            Err(KafkaError::OutOfOrderSequence)
-        );
+        assert_eq!(state.check(7, 1, 3, 3), Err(KafkaError::OutOfOrderSequence));
         state.record(ProducerBatch {
             epoch: 1,
             ..batch(0, 0, 110)
@@ -145,7 +142,11 @@ mod tests {
             state.check(7, 0, 10, 10),
             Err(KafkaError::InvalidProducerEpoch)
         );
-        assert_eq!(state.check(8, 0, 3, 3), Ok(Check::Append), "unknown producer");
+        assert_eq!(
+            state.check(8, 0, 3, 3),
+            Ok(Check::Append),
+            "unknown producer"
+        );
     }
 
     #[test]
@@ -154,11 +155,14 @@ mod tests {
         for n in 0..7 {
             state.record(batch(n, n, n as u64));
         }
-        assert_eq!(state.check(7, 0, 6, 6), Ok(Check::Duplicate { base_offset: 6 }));
-        assert_eq!(state.check(7, 0, 2, 2), Ok(Check::Duplicate { base_offset: 2 }));
         assert_eq!(
-            state.check(7, 0, 1, 1),
-            Err(KafkaError::OutOfOrderSequence)
+            state.check(7, 0, 6, 6),
+            Ok(Check::Duplicate { base_offset: 6 })
         );
+        assert_eq!(
+            state.check(7, 0, 2, 2),
+            Ok(Check::Duplicate { base_offset: 2 })
+        );
+        assert_eq!(state.check(7, 0, 1, 1), Err(KafkaError::OutOfOrderSequence));
     }
 }

@@ -68,13 +68,26 @@ mod tests {
         frame.push(0);
         assert_eq!(frame_len(&frame, 100), Ok(Some(14)));
         frame.push(7);
-        assert_eq!(frame_len(&frame, 100), Ok(Some(14)), "trailing bytes are the next frame");
+        assert_eq!(
+            frame_len(&frame, 100),
+            Ok(Some(14)),
+            "trailing bytes are the next frame"
+        );
         assert_eq!(
             frame_len(&101i32.to_be_bytes(), 100),
-            Err(FrameError::TooLarge { size: 101, max: 100 })
+            Err(FrameError::TooLarge {
+                size: 101,
+                max: 100
+            })
         );
-        assert_eq!(frame_len(&(-1i32).to_be_bytes(), 100), Err(FrameError::BadSize(-1)));
-        assert_eq!(frame_len(&3i32.to_be_bytes(), 100), Err(FrameError::BadSize(3)));
+        assert_eq!(
+            frame_len(&(-1i32).to_be_bytes(), 100),
+            Err(FrameError::BadSize(-1))
+        );
+        assert_eq!(
+            frame_len(&3i32.to_be_bytes(), 100),
+            Err(FrameError::BadSize(3))
+        );
     }
 
     #[test]

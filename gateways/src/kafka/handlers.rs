@@ -42,12 +42,14 @@ fn code(result: &Result<impl Sized, KafkaError>) -> i16 {
 
 pub(crate) async fn metadata<B: KafkaBroker>(
     broker: &B,
-    context: &Context,
     version: i16,
     request: MetadataRequest,
 ) -> MetadataResponse {
-    let _ = context;
-    let topics = request.topics.map(|topics| {
+    // v0 has no null list: an empty one asks for every topic.
+    let topics = request
+        .topics
+        .filter(|topics| version > 0 || !topics.is_empty());
+    let topics = topics.map(|topics| {
         topics
             .into_iter()
             .filter_map(|topic| topic.name.map(|name| name.0.as_str().to_string()))
@@ -172,11 +174,11 @@ pub(crate) async fn fetch<B: KafkaBroker>(
     context: &Context,
     request: FetchRequest,
 ) -> FetchResponse {
-    let wait = Duration::from_millis(request.max_wait_ms.max(0) as u64)
-        .min(context.limits.fetch_wait_max);
+    let wait =
+        Duration::from_millis(request.max_wait_ms.max(0) as u64).min(context.limits.fetch_wait_max);
     let deadline = Instant::now() + wait;
     let min_bytes = request.min_bytes.max(0) as usize;
-    let max_bytes = request.max_bytes.max(0) as usize;
+    let max_bytes = (request.max_bytes.max(0) as usize).min(context.limits.fetch_bytes_max);
     let mut stopping = context.stopping.clone();
     loop {
         // Registered before reading, so an append between the read and the wait is seen.
@@ -225,12 +227,13 @@ async fn fetch_once<B: KafkaBroker>(
                         .fetch(name, index, partition.fetch_offset, read_bytes)
                         .await
                 }
-                Ok(index) => broker.fetch(name, index, partition.fetch_offset, 0).await.map(
-                    |mut fetched| {
+                Ok(index) => broker
+                    .fetch(name, index, partition.fetch_offset, 0)
+                    .await
+                    .map(|mut fetched| {
                         fetched.records = Bytes::new();
                         fetched
-                    },
-                ),
+                    }),
             };
             match result {
                 Ok(fetched) => {
@@ -249,7 +252,9 @@ async fn fetch_once<B: KafkaBroker>(
                 }
                 Err(error) => {
                     kafka_metrics::partition_error("fetch", error.code());
-                    data = data.with_error_code(error.code()).with_records(Some(Bytes::new()));
+                    data = data
+                        .with_error_code(error.code())
+                        .with_records(Some(Bytes::new()));
                 }
             }
             partitions.push(data);
@@ -418,7 +423,11 @@ pub(crate) fn describe_configs<B: KafkaBroker>(
                 Ok(entries) => result.with_configs(
                     entries
                         .into_iter()
-                        .filter(|entry| wanted.as_ref().is_none_or(|keys| keys.contains(&entry.name)))
+                        .filter(|entry| {
+                            wanted
+                                .as_ref()
+                                .is_none_or(|keys| keys.contains(&entry.name))
+                        })
                         .map(|entry| {
                             describe_configs_response::DescribeConfigsResourceResult::default()
                                 .with_name(text(&entry.name))
@@ -450,14 +459,21 @@ pub(crate) async fn alter_configs<B: KafkaBroker>(
             .configs
             .iter()
             .map(|config| match &config.value {
-                Some(value) => ConfigChange::Set(
-                    config.name.as_str().to_string(),
-                    value.as_str().to_string(),
-                ),
+                Some(value) => {
+                    ConfigChange::Set(config.name.as_str().to_string(), value.as_str().to_string())
+                }
                 None => ConfigChange::Delete(config.name.as_str().to_string()),
             })
             .collect();
-        let result = alter(broker, resource.resource_type, resource.resource_name.as_str(), changes, false, request.validate_only).await;
+        let result = alter(
+            broker,
+            resource.resource_type,
+            resource.resource_name.as_str(),
+            changes,
+            false,
+            request.validate_only,
+        )
+        .await;
         responses.push(
             alter_configs_response::AlterConfigsResourceResponse::default()
                 .with_resource_type(resource.resource_type)
@@ -483,7 +499,9 @@ pub(crate) async fn incremental_alter_configs<B: KafkaBroker>(
                 match (config.config_operation, &config.value) {
                     (0, Some(value)) => Ok(ConfigChange::Set(name, value.as_str().to_string())),
                     (1, _) => Ok(ConfigChange::Delete(name)),
-                    (0, None) => Err(KafkaError::InvalidConfig(format!("{name}: no value to set"))),
+                    (0, None) => Err(KafkaError::InvalidConfig(format!(
+                        "{name}: no value to set"
+                    ))),
                     _ => Err(KafkaError::InvalidConfig(format!(
                         "{name}: only SET and DELETE apply to Silt's topic configs"
                     ))),
@@ -492,7 +510,15 @@ pub(crate) async fn incremental_alter_configs<B: KafkaBroker>(
             .collect();
         let result = match changes {
             Ok(changes) => {
-                alter(broker, resource.resource_type, resource.resource_name.as_str(), changes, true, request.validate_only).await
+                alter(
+                    broker,
+                    resource.resource_type,
+                    resource.resource_name.as_str(),
+                    changes,
+                    true,
+                    request.validate_only,
+                )
+                .await
             }
             Err(error) => Err(error),
         };
@@ -529,9 +555,7 @@ pub(crate) async fn init_producer_id<B: KafkaBroker>(
     broker: &B,
     request: InitProducerIdRequest,
 ) -> InitProducerIdResponse {
-    let transactional_id = request
-        .transactional_id
-        .map(|id| id.0.as_str().to_string());
+    let transactional_id = request.transactional_id.map(|id| id.0.as_str().to_string());
     match broker.init_producer_id(transactional_id).await {
         Ok((producer_id, epoch)) => InitProducerIdResponse::default()
             .with_producer_id(ProducerId(producer_id))
@@ -592,9 +616,7 @@ pub(crate) async fn join_group<B: KafkaBroker>(
         .join_group(JoinGroup {
             group_id: request.group_id.0.as_str().to_string(),
             member_id: request.member_id.as_str().to_string(),
-            group_instance_id: request
-                .group_instance_id
-                .map(|id| id.as_str().to_string()),
+            group_instance_id: request.group_instance_id.map(|id| id.as_str().to_string()),
             client_id: client_id.to_string(),
             client_host: format!("/{}", context.peer.ip()),
             session_timeout,
@@ -641,7 +663,12 @@ pub(crate) async fn sync_group<B: KafkaBroker>(
             assignments: request
                 .assignments
                 .into_iter()
-                .map(|assignment| (assignment.member_id.as_str().to_string(), assignment.assignment))
+                .map(|assignment| {
+                    (
+                        assignment.member_id.as_str().to_string(),
+                        assignment.assignment,
+                    )
+                })
                 .collect(),
         })
         .await;
@@ -654,7 +681,10 @@ pub(crate) async fn sync_group<B: KafkaBroker>(
     }
 }
 
-pub(crate) fn heartbeat<B: KafkaBroker>(broker: &B, request: HeartbeatRequest) -> HeartbeatResponse {
+pub(crate) fn heartbeat<B: KafkaBroker>(
+    broker: &B,
+    request: HeartbeatRequest,
+) -> HeartbeatResponse {
     let result = broker.heartbeat(
         request.group_id.0.as_str(),
         request.generation_id,
@@ -708,7 +738,8 @@ pub(crate) async fn offset_commit<B: KafkaBroker>(
             indexes.push(partition.partition_index);
             offsets.push((
                 name.clone(),
-                partition.partition_index.max(0) as u32,
+                // A negative index names no partition: u32::MAX is none either.
+                u32::try_from(partition.partition_index).unwrap_or(u32::MAX),
                 CommittedOffset {
                     offset: partition.committed_offset,
                     leader_epoch: partition.committed_leader_epoch,
@@ -756,18 +787,16 @@ pub(crate) async fn offset_commit<B: KafkaBroker>(
 
 pub(crate) fn offset_fetch<B: KafkaBroker>(
     broker: &B,
-    version: i16,
     request: OffsetFetchRequest,
 ) -> OffsetFetchResponse {
-    let _ = version;
     let partitions = request.topics.map(|topics| {
         topics
             .iter()
             .flat_map(|topic| {
-                topic
-                    .partition_indexes
-                    .iter()
-                    .map(|index| (topic.name.0.as_str().to_string(), (*index).max(0) as u32))
+                topic.partition_indexes.iter().map(|index| {
+                    let index = u32::try_from(*index).unwrap_or(u32::MAX);
+                    (topic.name.0.as_str().to_string(), index)
+                })
             })
             .collect::<Vec<_>>()
     });

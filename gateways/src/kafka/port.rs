@@ -66,6 +66,8 @@ pub enum KafkaError {
     GroupIdNotFound,
     #[error("non-empty group")]
     NonEmptyGroup,
+    #[error("the group is at its member limit")]
+    GroupMaxSizeReached,
     #[error("coordinator not available")]
     CoordinatorNotAvailable,
     #[error("unsupported version")]
@@ -106,6 +108,7 @@ impl KafkaError {
             KafkaError::NonEmptyGroup => 68,
             KafkaError::GroupIdNotFound => 69,
             KafkaError::MemberIdRequired => 79,
+            KafkaError::GroupMaxSizeReached => 81,
             // KAFKA_STORAGE_ERROR: retriable, so a producer retries after space frees up.
             KafkaError::StorageFull | KafkaError::Storage(_) => 56,
         }
@@ -403,11 +406,7 @@ pub trait KafkaBroker: Send + Sync + 'static {
     ) -> Result<(), KafkaError>;
 
     /// Removes members; one result per member, in order.
-    fn leave_group(
-        &self,
-        group_id: &str,
-        members: Vec<String>,
-    ) -> Vec<Result<(), KafkaError>>;
+    fn leave_group(&self, group_id: &str, members: Vec<String>) -> Vec<Result<(), KafkaError>>;
 
     /// Commits durably; one result per offset, in order.
     fn commit_offsets(

@@ -33,6 +33,9 @@ pub struct KafkaLimits {
     pub max_connections: usize,
     /// Longest a Fetch may wait for data (caps the client's `max_wait_ms`).
     pub fetch_wait_max: Duration,
+    /// Most record bytes in one Fetch response (caps the client's `max_bytes`), as Kafka's
+    /// `fetch.max.bytes`, so a client cannot make the broker buffer gigabytes.
+    pub fetch_bytes_max: usize,
 }
 
 impl Default for KafkaLimits {
@@ -41,6 +44,7 @@ impl Default for KafkaLimits {
             max_request_bytes: 100 << 20,
             max_connections: 4096,
             fetch_wait_max: Duration::from_secs(30),
+            fetch_bytes_max: 55 << 20,
         }
     }
 }
@@ -213,7 +217,7 @@ async fn handle_request<B: KafkaBroker>(
             versions::api_versions_response(0)
         }),
         ApiKey::Metadata => answer!(MetadataRequest, |request| handlers::metadata(
-            broker, context, version, request
+            broker, version, request
         )),
         ApiKey::Produce => {
             let decoded = ProduceRequest::decode(&mut request, version)
@@ -278,7 +282,7 @@ async fn handle_request<B: KafkaBroker>(
             broker, request
         )),
         ApiKey::OffsetFetch => answer!(OffsetFetchRequest, |request| async {
-            handlers::offset_fetch(broker, version, request)
+            handlers::offset_fetch(broker, request)
         }),
         ApiKey::ListGroups => answer!(ListGroupsRequest, |request| async {
             handlers::list_groups(broker, request)

@@ -1,0 +1,139 @@
+//! The Kafka listener against bad input, over real sockets to the real `silt-core`: garbage
+//! and truncated frames and oversized lengths close only the offending connection; an
+//! unknown api or an unsupported version gets UNSUPPORTED_VERSION (35) and the connection
+//! stays usable; ApiVersions at a version we do not know answers at v0 with our versions.
+
+use silt_tests::core::Core;
+use silt_tests::kafka::{Answer, RawKafka, Reader};
+
+const UNSUPPORTED_VERSION: i16 = 35;
+const API_VERSIONS: i16 = 18;
+const METADATA: i16 = 3;
+
+/// Sends ApiVersions v0 and checks the answer, proving the connection still works.
+fn assert_api_versions_works(kafka: &mut RawKafka) {
+    let correlation_id = kafka.send(API_VERSIONS, 0, false, &[]);
+    let response = kafka.read_response();
+    let mut reader = Reader { bytes: &response };
+    assert_eq!(reader.i32(), correlation_id);
+    assert_eq!(reader.i16(), 0, "error code");
+    let count = reader.i32();
+    let apis: Vec<(i16, i16, i16)> = (0..count)
+        .map(|_| (reader.i16(), reader.i16(), reader.i16()))
+        .collect();
+    assert!(apis.contains(&(API_VERSIONS, 0, 4)), "{apis:?}");
+    assert!(
+        apis.iter().any(|(key, _, _)| *key == 0),
+        "Produce is advertised"
+    );
+}
+
+#[test]
+fn unknown_apis_and_versions_get_an_error_code_not_a_closed_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let core = Core::start(&dir.path().join("data"), &[]);
+    let mut kafka = RawKafka::connect(core.kafka);
+
+    // An api key no Kafka has.
+    let correlation_id = kafka.send(999, 0, false, &[]);
+    let response = kafka.read_response();
+    let mut reader = Reader { bytes: &response };
+    assert_eq!(reader.i32(), correlation_id);
+    assert_eq!(reader.i16(), UNSUPPORTED_VERSION);
+    assert_api_versions_works(&mut kafka);
+
+    // A known api we do not implement (DescribeAcls, 29).
+    let correlation_id = kafka.send(29, 1, false, &[]);
+    let response = kafka.read_response();
+    let mut reader = Reader { bytes: &response };
+    assert_eq!(reader.i32(), correlation_id);
+    assert_eq!(reader.i16(), UNSUPPORTED_VERSION);
+
+    // Metadata at a version above what we advertise.
+    let correlation_id = kafka.send(METADATA, 99, true, &[]);
+    let response = kafka.read_response();
+    let mut reader = Reader { bytes: &response };
+    assert_eq!(reader.i32(), correlation_id);
+    assert_eq!(reader.i16(), UNSUPPORTED_VERSION);
+
+    // ApiVersions v127 (a future client): answered at v0, error 35, with our versions.
+    let correlation_id = kafka.send(API_VERSIONS, 127, true, &[0, 0, 0]);
+    let response = kafka.read_response();
+    let mut reader = Reader { bytes: &response };
+    assert_eq!(reader.i32(), correlation_id);
+    assert_eq!(reader.i16(), UNSUPPORTED_VERSION);
+    assert!(reader.i32() > 10, "the v0 body lists our apis");
+    assert_api_versions_works(&mut kafka);
+    core.stop();
+}
+
+#[test]
+fn broken_frames_close_only_their_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let core = Core::start(
+        &dir.path().join("data"),
+        &["--set", "kafka.max_request_bytes=1MiB"],
+    );
+
+    // A length over kafka.max_request_bytes: closed before any of it is buffered.
+    let mut kafka = RawKafka::connect(core.kafka);
+    kafka.send_bytes(&(64i32 << 20).to_be_bytes());
+    assert_eq!(kafka.read_answer(), Answer::Closed);
+
+    // A negative length.
+    let mut kafka = RawKafka::connect(core.kafka);
+    kafka.send_bytes(&(-5i32).to_be_bytes());
+    assert_eq!(kafka.read_answer(), Answer::Closed);
+
+    // Garbage: a frame whose header claims Metadata v1, then a client id longer than the
+    // frame, then noise.
+    let mut kafka = RawKafka::connect(core.kafka);
+    let mut frame = 40i32.to_be_bytes().to_vec();
+    frame.extend_from_slice(&[0, 3, 0, 1, 0, 0, 0, 9, 0x7f, 0xff]);
+    frame.extend_from_slice(&[0xa5; 30]);
+    kafka.send_bytes(&frame);
+    assert_eq!(kafka.read_answer(), Answer::Closed);
+
+    // A truncated request: Produce v3 whose topic array promises more than the frame holds.
+    let mut kafka = RawKafka::connect(core.kafka);
+    kafka.send(
+        0,
+        3,
+        false,
+        &[0xff, 0xff, 0, 1, 0, 0, 0x75, 0x30, 0, 0, 0, 5],
+    );
+    assert_eq!(kafka.read_answer(), Answer::Closed);
+
+    // A frame that stops half-way, then the client leaves: nothing to answer, no harm done.
+    let mut kafka = RawKafka::connect(core.kafka);
+    kafka.send_bytes(&[0, 0, 0, 100, 0, 18]);
+    drop(kafka);
+
+    // The broker still serves everyone else.
+    let mut kafka = RawKafka::connect(core.kafka);
+    assert_api_versions_works(&mut kafka);
+    core.stop();
+}
+
+#[test]
+fn pipelined_requests_are_answered_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let core = Core::start(&dir.path().join("data"), &[]);
+    let mut kafka = RawKafka::connect(core.kafka);
+    let sent: Vec<i32> = (0..50)
+        .map(|n| {
+            if n % 2 == 0 {
+                kafka.send(API_VERSIONS, 0, false, &[])
+            } else {
+                // Metadata v1 for no topics: an empty array.
+                kafka.send(METADATA, 1, false, &[0, 0, 0, 0])
+            }
+        })
+        .collect();
+    for correlation_id in sent {
+        let response = kafka.read_response();
+        let mut reader = Reader { bytes: &response };
+        assert_eq!(reader.i32(), correlation_id);
+    }
+    core.stop();
+}
