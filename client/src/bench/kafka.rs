@@ -17,8 +17,7 @@ use anyhow::{Context, bail};
 use bytes::{Bytes, BytesMut};
 use clap::Args;
 use kafka_protocol::messages::{
-    BrokerId, CreateTopicsRequest, FetchRequest, ProduceRequest, TopicName,
-    create_topics_request::CreatableTopic,
+    BrokerId, FetchRequest, ProduceRequest, TopicName,
     fetch_request::{FetchPartition, FetchTopic},
     produce_request::{PartitionProduceData, TopicProduceData},
 };
@@ -58,7 +57,8 @@ pub(crate) struct KafkaBench {
 
 const PRODUCE_VERSION: i16 = 9;
 const FETCH_VERSION: i16 = 12;
-const CREATE_TOPICS_VERSION: i16 = 5;
+/// Kafka's TOPIC_ALREADY_EXISTS.
+const TOPIC_ALREADY_EXISTS: i16 = 36;
 const FETCH_MAX_BYTES: i32 = 64 << 20;
 const PARTITION_MAX_BYTES: i32 = 16 << 20;
 const TIMEOUT: Duration = Duration::from_secs(60);
@@ -203,28 +203,12 @@ async fn bench(options: &KafkaBench) -> anyhow::Result<()> {
 }
 
 async fn create_topic(cluster: &mut Cluster, options: &KafkaBench) -> anyhow::Result<()> {
-    let request = CreateTopicsRequest::default()
-        .with_topics(vec![
-            CreatableTopic::default()
-                .with_name(TopicName(StrBytes::from_string(options.topic.clone())))
-                .with_num_partitions(options.partitions as i32)
-                .with_replication_factor(-1),
-        ])
-        .with_timeout_ms(30_000);
-    let (response, _) = cluster
-        .any()
-        .await?
-        .call(&request, CREATE_TOPICS_VERSION, Duration::ZERO)
-        .await?;
-    for topic in &response.topics {
-        // TOPIC_ALREADY_EXISTS (36) is fine: the run appends to it.
-        if topic.error_code != 0 && topic.error_code != 36 {
-            crate::kafka::KafkaError::check(topic.error_code, || {
-                format!("creating {}", options.topic)
-            })?;
-        }
+    let partitions = i32::try_from(options.partitions).context("--partitions is too large")?;
+    match crate::cmd::topic::create_topic(cluster, &options.topic, partitions, -1, &[]).await {
+        // The run appends to an existing topic.
+        Err(error) if error.code() == Some(TOPIC_ALREADY_EXISTS) => Ok(()),
+        other => Ok(other?),
     }
-    Ok(())
 }
 
 /// Fetches every partition from its start to its end offset; returns the batch bytes read.

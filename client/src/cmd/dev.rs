@@ -21,6 +21,8 @@ use super::KafkaError;
 
 /// How long a node may take to become healthy (recovery of a large data directory included).
 const START_TIMEOUT: Duration = Duration::from_secs(60);
+/// Kafka's TOPIC_ALREADY_EXISTS.
+const TOPIC_ALREADY_EXISTS: i16 = 36;
 /// How long a node may take to stop after SIGTERM before it is killed.
 const STOP_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -77,6 +79,8 @@ pub(crate) async fn run(args: DevArgs) -> Result<(), KafkaError> {
     std::fs::create_dir_all(&objects)
         .map_err(|error| failed(format!("cannot create {}: {error}", objects.display())))?;
     let core_dir = data_dir.join("core");
+    // The core's development CA and certificates, which the edge trusts.
+    let tls_dir = data_dir.join("tls");
     let edge_dir = data_dir.join("edge");
 
     let mut core_command = Command::new(&core_bin);
@@ -90,13 +94,21 @@ pub(crate) async fn run(args: DevArgs) -> Result<(), KafkaError> {
         .arg("--admin-listen")
         .arg(args.core_admin_listen.to_string())
         .arg("--object-store")
-        .arg(format!("file://{}", objects.display()));
+        .arg(format!("file://{}", objects.display()))
+        .arg("--set")
+        .arg(format!("uplink.tls_dir={}", tls_dir.display()));
     let mut core = spawn("core", core_command, &data_dir)?;
     if let Err(error) = wait_healthy(&mut core, args.core_admin_listen).await {
         stop(core).await;
         return Err(error);
     }
-    let ca = core_dir.join("tls").join("ca.pem");
+    // The topic the edge ships MQTT messages to exists from the start, so a consumer can
+    // subscribe before the first message arrives.
+    if let Err(error) = create_mqtt_topic(args.kafka_listen).await {
+        stop(core).await;
+        return Err(error);
+    }
+    let ca = tls_dir.join("ca.pem");
     let mut edge_command = Command::new(&edge_bin);
     edge_command
         .arg("--data-dir")
@@ -148,6 +160,7 @@ pub(crate) async fn run(args: DevArgs) -> Result<(), KafkaError> {
         args.kafka_listen
     );
     println!("Ctrl-C stops both nodes.");
+    eprintln!("silt: dev is running (mqtt={} kafka={})", args.mqtt_listen, args.kafka_listen);
 
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|error| failed(format!("cannot watch SIGTERM: {error}")))?;
@@ -161,6 +174,15 @@ pub(crate) async fn run(args: DevArgs) -> Result<(), KafkaError> {
     stop(edge).await;
     stop(core).await;
     outcome
+}
+
+async fn create_mqtt_topic(kafka: SocketAddr) -> Result<(), KafkaError> {
+    let mut cluster =
+        crate::kafka::Cluster::connect(&kafka.to_string(), Duration::from_secs(30)).await?;
+    match super::topic::create_topic(&mut cluster, "mqtt", -1, -1, &[]).await {
+        Err(error) if error.code() == Some(TOPIC_ALREADY_EXISTS) => Ok(()),
+        other => other,
+    }
 }
 
 fn sibling(dir: &Path, name: &str) -> Result<PathBuf, KafkaError> {

@@ -87,12 +87,39 @@ async fn create(args: CreateArgs) -> Result<(), KafkaError> {
             .map_err(|_| KafkaError::Unsupported("--partitions is too large".into()))?,
         None => -1,
     };
+    let replication = args.replication_factor.map_or(-1, |rf| rf as i16);
+    create_topic(
+        &mut cluster,
+        &args.topic,
+        partitions,
+        replication,
+        &args.configs,
+    )
+    .await?;
+    let topic = cluster.topic(&args.topic, false).await?;
+    eprintln!(
+        "silt: created topic {:?} with {} partition(s)",
+        args.topic,
+        topic.partitions.len()
+    );
+    Ok(())
+}
+
+/// Creates `name` with `partitions` (-1: the broker's default) and `configs`; the error of a
+/// topic that exists is TOPIC_ALREADY_EXISTS (36).
+pub(crate) async fn create_topic(
+    cluster: &mut Cluster,
+    name: &str,
+    partitions: i32,
+    replication: i16,
+    configs: &[(String, String)],
+) -> Result<(), KafkaError> {
     let topic = CreatableTopic::default()
-        .with_name(TopicName(StrBytes::from_string(args.topic.clone())))
+        .with_name(TopicName(StrBytes::from_string(name.to_string())))
         .with_num_partitions(partitions)
-        .with_replication_factor(args.replication_factor.map_or(-1, |rf| rf as i16))
+        .with_replication_factor(replication)
         .with_configs(
-            args.configs
+            configs
                 .iter()
                 .map(|(key, value)| {
                     CreatableTopicConfig::default()
@@ -104,7 +131,7 @@ async fn create(args: CreateArgs) -> Result<(), KafkaError> {
     let request = CreateTopicsRequest::default()
         .with_topics(vec![topic])
         .with_timeout_ms(ADMIN_TIMEOUT_MS);
-    let (response, _) = controller(&mut cluster)
+    let (response, _) = controller(cluster)
         .await?
         .call(
             &request,
@@ -117,23 +144,13 @@ async fn create(args: CreateArgs) -> Result<(), KafkaError> {
             let message = result
                 .error_message
                 .as_ref()
-                .map(|m| m.as_str().to_string());
+                .map(|m| format!(" ({})", m.as_str()));
             return Err(KafkaError::from_code(
                 result.error_code,
-                format!(
-                    "creating topic {:?}{}",
-                    args.topic,
-                    message.map(|m| format!(" ({m})")).unwrap_or_default()
-                ),
+                format!("creating topic {name:?}{}", message.unwrap_or_default()),
             ));
         }
     }
-    let topic = cluster.topic(&args.topic, false).await?;
-    eprintln!(
-        "silt: created topic {:?} with {} partition(s)",
-        args.topic,
-        topic.partitions.len()
-    );
     Ok(())
 }
 
