@@ -8,7 +8,11 @@
 //! `silt bench mqtt` loads any MQTT broker and reports publish throughput and acknowledgement
 //! latency (see [`mqtt`]); `scripts/bench-mqtt` runs it against Mosquitto and silt-edge in
 //! alternating runs.
+//!
+//! `silt bench kafka` measures produce and consume throughput of any Kafka-protocol broker
+//! beside raw disk and loopback TCP bandwidth (see [`kafka`]).
 
+mod kafka;
 mod mqtt;
 
 use std::fs::{self, File};
@@ -30,6 +34,8 @@ pub(crate) enum BenchTarget {
     Log(LogBench),
     /// Publish throughput and acknowledgement latency of any MQTT broker.
     Mqtt(mqtt::MqttBench),
+    /// Produce and consume throughput of any Kafka-protocol broker against raw disk and loopback.
+    Kafka(kafka::KafkaBench),
 }
 
 #[derive(Debug, Args)]
@@ -59,6 +65,7 @@ pub(crate) fn run(target: BenchTarget) -> anyhow::Result<()> {
     match target {
         BenchTarget::Log(options) => log_bench(&options),
         BenchTarget::Mqtt(options) => mqtt::run(&options),
+        BenchTarget::Kafka(options) => kafka::run(&options),
     }
 }
 
@@ -152,7 +159,7 @@ fn batch_template(options: &LogBench) -> anyhow::Result<BytesMut> {
 
 /// Sequential write bandwidth of the disk under `dir`: `bytes` written in `chunk_bytes`
 /// writes, then one fsync, timed together.
-fn raw_write(dir: &Path, bytes: u64, chunk_bytes: usize) -> anyhow::Result<f64> {
+pub(crate) fn raw_write(dir: &Path, bytes: u64, chunk_bytes: usize) -> anyhow::Result<f64> {
     let path = dir.join("raw.bin");
     let chunk = vec![0x5a_u8; chunk_bytes];
     let started = Instant::now();
@@ -237,11 +244,11 @@ fn log_run(
     })
 }
 
-fn mb_per_s(bytes: u64, elapsed: Duration) -> f64 {
+pub(crate) fn mb_per_s(bytes: u64, elapsed: Duration) -> f64 {
     bytes as f64 / 1e6 / elapsed.as_secs_f64().max(1e-9)
 }
 
-fn median(values: impl Iterator<Item = f64>) -> f64 {
+pub(crate) fn median(values: impl Iterator<Item = f64>) -> f64 {
     let mut values: Vec<f64> = values.collect();
     values.sort_by(f64::total_cmp);
     match values.len() {

@@ -99,6 +99,14 @@ pub(crate) struct KafkaConfig {
 pub(crate) struct UplinkConfig {
     /// Where the uplink's QUIC server binds (`uplink.listen`).
     pub(crate) listen: SocketAddr,
+    /// Where the development CA and server certificate are created when `uplink.cert` is
+    /// not set (`uplink.tls_dir`, default `<data_dir>.tls`: the log owns its data directory).
+    pub(crate) tls_dir: PathBuf,
+    /// Server certificate and key (`uplink.cert`, `uplink.key`); default: the development
+    /// ones in `tls_dir`.
+    pub(crate) cert: Option<(PathBuf, PathBuf)>,
+    /// CA of edge client certificates (`uplink.client_ca`): set, it turns on mutual TLS.
+    pub(crate) client_ca: Option<PathBuf>,
 }
 
 /// An object store URL: `file:///path`, `s3://bucket/prefix`, `memory://`. Validated for
@@ -302,6 +310,17 @@ impl CoreConfig {
         root.insert("kafka".into(), kafka.into());
         let mut uplink = toml::Table::new();
         uplink.insert("listen".into(), self.uplink.listen.to_string().into());
+        uplink.insert(
+            "tls_dir".into(),
+            self.uplink.tls_dir.to_string_lossy().into_owned().into(),
+        );
+        if let Some((cert, key)) = &self.uplink.cert {
+            uplink.insert("cert".into(), cert.to_string_lossy().into_owned().into());
+            uplink.insert("key".into(), key.to_string_lossy().into_owned().into());
+        }
+        if let Some(ca) = &self.uplink.client_ca {
+            uplink.insert("client_ca".into(), ca.to_string_lossy().into_owned().into());
+        }
         root.insert("uplink".into(), uplink.into());
         if let Some(store) = &self.object_store {
             root.insert("object_store".into(), store.url.clone().into());
@@ -405,6 +424,10 @@ struct RawKafka {
 #[serde(deny_unknown_fields)]
 struct RawUplink {
     listen: Option<String>,
+    tls_dir: Option<String>,
+    cert: Option<String>,
+    key: Option<String>,
+    client_ca: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -484,7 +507,32 @@ impl RawConfig {
                     .unwrap_or(defaults::UPLINK_LISTEN),
                 "0.0.0.0:9093",
             )?,
+            tls_dir: self.uplink.tls_dir.map_or_else(
+                || {
+                    let mut name = log.data_dir.as_os_str().to_os_string();
+                    name.push(".tls");
+                    PathBuf::from(name)
+                },
+                PathBuf::from,
+            ),
+            cert: match (self.uplink.cert, self.uplink.key) {
+                (None, None) => None,
+                (Some(cert), Some(key)) => Some((cert.into(), key.into())),
+                (Some(_), None) => {
+                    return Err(ConfigError::key("uplink.key", "required with uplink.cert"));
+                }
+                (None, Some(_)) => {
+                    return Err(ConfigError::key("uplink.cert", "required with uplink.key"));
+                }
+            },
+            client_ca: self.uplink.client_ca.map(PathBuf::from),
         };
+        if uplink.tls_dir.starts_with(&log.data_dir) {
+            return Err(ConfigError::key(
+                "uplink.tls_dir",
+                "must be outside data_dir: the log owns every entry of its data directory",
+            ));
+        }
         Ok(CoreConfig {
             node_id,
             admin_listen,

@@ -17,6 +17,8 @@ mod cli;
 mod config;
 mod node;
 mod telemetry;
+mod tls;
+mod uplink;
 
 use std::future::Future;
 use std::io::IsTerminal;
@@ -36,6 +38,16 @@ use crate::config::CoreConfig;
 const EXIT_CONFIG: u8 = 2;
 
 fn main() -> ExitCode {
+    let mut args = std::env::args_os().skip(1);
+    if args.next().is_some_and(|first| first == "issue-cert") {
+        return match tls::issue_cert_main(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("silt-core issue-cert: {error:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let (cli, matches) = Cli::parse_args();
     let config = match cli
         .sources(&matches, std::env::vars_os())
@@ -90,6 +102,12 @@ fn serve(config: CoreConfig) -> anyhow::Result<()> {
         let listeners = node::Listeners {
             admin: bind(config.admin_listen, "admin_listen (--admin-listen)").await?,
             kafka: bind(config.kafka.listen, "kafka.listen (--kafka-listen)").await?,
+            uplink: std::net::UdpSocket::bind(config.uplink.listen).with_context(|| {
+                format!(
+                    "cannot listen on uplink.listen (--uplink-listen) {}",
+                    config.uplink.listen
+                )
+            })?,
         };
         node::run(config, listeners, metrics, shutdown).await
     })

@@ -26,6 +26,8 @@ use crate::admin::{self, Admin, NodeState};
 use crate::broker::{Broker, BrokerConfig, GROUP_TICK};
 use crate::config::CoreConfig;
 use crate::telemetry;
+use crate::tls::{self, ServerTls};
+use crate::uplink::{UplinkServer, UplinkServerConfig};
 
 /// How often the metrics recorder drains its histogram samples, so that they stay bounded
 /// between scrapes.
@@ -36,6 +38,8 @@ const METRICS_UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
 pub(crate) struct Listeners {
     pub(crate) admin: TcpListener,
     pub(crate) kafka: TcpListener,
+    /// The uplink's UDP socket (QUIC).
+    pub(crate) uplink: std::net::UdpSocket,
 }
 
 /// Runs a core node with `config` until `shutdown` completes.
@@ -111,9 +115,15 @@ pub(crate) async fn run(
             let _ = kafka_stopped.await;
         },
     )));
-
-    // uplink server: wired by the uplink work (config.uplink.listen), started here, after
-    // the log is open and before the node reports itself serving.
+    let uplink = match start_uplink(&config, listeners.uplink, &log) {
+        Ok(uplink) => uplink,
+        Err(error) => {
+            let _ = stop_kafka.send(());
+            let _ = (&mut kafka_server.0).await;
+            close_log(&log).await?;
+            return Err(error);
+        }
+    };
 
     state.send_replace(NodeState::Serving(log.clone()));
     let recovery = log.recovery_report();
@@ -124,6 +134,7 @@ pub(crate) async fn run(
         data_dir = %data_dir.display(),
         admin = %admin_addr,
         kafka = %kafka_addr,
+        uplink = %uplink.addr,
         clean = log.opened_clean(),
         topics = log.topics().len(),
         segments_recovered = recovery.segments_recovered,
@@ -154,11 +165,54 @@ pub(crate) async fn run(
     state.send_replace(NodeState::Stopping(log.clone()));
     let _ = stop_kafka.send(());
     let _ = (&mut kafka_server.0).await;
+    // Appends under way finish before the log closes: nothing acked is lost.
+    let _ = uplink.stop.send(());
+    let _ = uplink.server.await;
     close_log(&log).await?;
     let _ = stop_admin.send(());
     let _ = (&mut admin_server.0).await;
     tracing::info!(node_id = config.node_id, "silt-core stopped");
     Ok(())
+}
+
+/// The running uplink server.
+struct RunningUplink {
+    addr: std::net::SocketAddr,
+    stop: oneshot::Sender<()>,
+    server: JoinHandle<()>,
+}
+
+fn start_uplink(
+    config: &CoreConfig,
+    socket: std::net::UdpSocket,
+    log: &Arc<LogManager>,
+) -> anyhow::Result<RunningUplink> {
+    let tls = match &config.uplink.cert {
+        Some((cert, key)) => ServerTls {
+            cert: cert.clone(),
+            key: key.clone(),
+            client_ca: None,
+        },
+        None => tls::ensure_dev_tls(&config.uplink.tls_dir, &[])?,
+    };
+    let tls = ServerTls {
+        client_ca: config.uplink.client_ca.clone(),
+        ..tls
+    };
+    let server = UplinkServer::bind(
+        socket,
+        log.clone(),
+        &UplinkServerConfig {
+            tls,
+            default_partitions: config.kafka.default_partitions,
+        },
+    )?;
+    let addr = server.local_addr()?;
+    let (stop, stopped) = oneshot::channel::<()>();
+    let server = tokio::spawn(server.serve(async move {
+        let _ = stopped.await;
+    }));
+    Ok(RunningUplink { addr, stop, server })
 }
 
 /// Closes the data directory cleanly, off the runtime's thread.

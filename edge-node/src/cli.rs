@@ -52,6 +52,25 @@ pub(crate) struct Cli {
     /// the node runs no broker [config key: mqtt.listen; env: SILT_MQTT__LISTEN].
     #[arg(long, value_name = "ADDR")]
     pub(crate) mqtt_listen: Option<String>,
+    /// The core's uplink address, host:port; without it the node ships nothing
+    /// [config key: uplink.addr; env: SILT_UPLINK__ADDR].
+    #[arg(long, value_name = "ADDR")]
+    pub(crate) uplink: Option<String>,
+    /// CA certificate (PEM) the core's uplink certificate must chain to, e.g. the core's
+    /// `<data-dir>/tls/ca.pem` [config key: uplink.ca].
+    #[arg(long, value_name = "FILE")]
+    pub(crate) uplink_ca: Option<String>,
+    /// Name the core's certificate must carry; defaults to the host of --uplink
+    /// [config key: uplink.server_name].
+    #[arg(long, value_name = "NAME")]
+    pub(crate) uplink_server_name: Option<String>,
+    /// Client certificate (PEM) for mutual TLS, e.g. from `silt-core issue-cert`
+    /// [config key: uplink.cert].
+    #[arg(long, value_name = "FILE")]
+    pub(crate) uplink_cert: Option<String>,
+    /// The client certificate's private key [config key: uplink.key].
+    #[arg(long, value_name = "FILE")]
+    pub(crate) uplink_key: Option<String>,
     /// Override any config key by its dotted path, e.g. `--set log.budget_bytes=2GiB` or
     /// `--set topic_defaults.retention.ms=86400000`. Repeatable; later ones win.
     #[arg(long = "set", value_name = "KEY=VALUE", value_parser = parse_key_value)]
@@ -199,6 +218,26 @@ impl Cli {
                 value: listen.clone(),
                 origin: "--mqtt-listen".to_string(),
             });
+        }
+        let uplink_flags = [
+            (&self.uplink, "uplink.addr", "--uplink"),
+            (&self.uplink_ca, "uplink.ca", "--uplink-ca"),
+            (
+                &self.uplink_server_name,
+                "uplink.server_name",
+                "--uplink-server-name",
+            ),
+            (&self.uplink_cert, "uplink.cert", "--uplink-cert"),
+            (&self.uplink_key, "uplink.key", "--uplink-key"),
+        ];
+        for (value, key, flag) in uplink_flags {
+            if let Some(value) = value {
+                flag_overrides.push(Override {
+                    key: key.to_string(),
+                    value: value.clone(),
+                    origin: flag.to_string(),
+                });
+            }
         }
         env_overrides.extend(section_env_overrides(env)?);
         env_overrides.extend(flag_overrides);

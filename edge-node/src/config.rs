@@ -14,6 +14,7 @@
 //! broker: the node then only keeps its log, as before MQTT existed.
 
 mod mqtt;
+mod uplink;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -28,6 +29,7 @@ use silt_log::config::{
 };
 
 pub(crate) use self::mqtt::{MqttConfig, MqttTls, TlsClientAuth};
+pub(crate) use self::uplink::UplinkConfig;
 
 /// Defaults of the keys the edge itself owns; the log's come from `silt_log::config`.
 pub(crate) mod defaults {
@@ -49,7 +51,7 @@ pub(crate) const NODE_ID_LEN_MAX: usize = 64;
 const MAX_BATCH_BYTES_MIN: u64 = 61;
 
 /// Tables of the config file; `--set SECTION.KEY=VALUE` addresses a key inside one.
-const SECTIONS: &[&str] = &["log", "topic_defaults", "mqtt"];
+const SECTIONS: &[&str] = &["log", "topic_defaults", "mqtt", "uplink"];
 
 /// A validated edge node configuration.
 #[derive(Debug, Clone, PartialEq)]
@@ -64,6 +66,8 @@ pub(crate) struct EdgeConfig {
     pub(crate) retention_check: Duration,
     /// The MQTT broker; off unless a listener is configured.
     pub(crate) mqtt: MqttConfig,
+    /// The uplink to the core; off unless `uplink.addr` is set.
+    pub(crate) uplink: Option<UplinkConfig>,
 }
 
 /// A config value that does not come from the file: an env var or a flag.
@@ -239,6 +243,10 @@ impl EdgeConfig {
         );
         root.insert("log".into(), log.into());
         root.insert("mqtt".into(), self.mqtt.to_toml().into());
+        root.insert(
+            "uplink".into(),
+            uplink::to_toml(self.uplink.as_ref()).into(),
+        );
 
         let topic_defaults: toml::Table = self
             .log
@@ -323,6 +331,8 @@ struct RawConfig {
     topic_defaults: BTreeMap<String, Scalar>,
     #[serde(default)]
     mqtt: mqtt::RawMqtt,
+    #[serde(default)]
+    uplink: uplink::RawUplink,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -400,12 +410,14 @@ impl RawConfig {
             admin_listen,
             max_batch_bytes: log.max_batch_bytes,
         })?;
+        let uplink = self.uplink.validate(&log.data_dir)?;
         Ok(EdgeConfig {
             node_id,
             admin_listen,
             log,
             retention_check: Duration::from_millis(retention_check_ms),
             mqtt,
+            uplink,
         })
     }
 }

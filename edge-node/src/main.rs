@@ -19,6 +19,7 @@ mod ingest;
 mod node;
 mod passwd;
 mod telemetry;
+mod uplink;
 
 /// mimalloc instead of glibc's malloc: the ingest path allocates records on the connection
 /// threads and frees them on the writer threads, which glibc's arenas handle poorly (half of

@@ -8,8 +8,10 @@
 //! Shutdown runs in the opposite order, each step only once the one before is done: health
 //! turns 503; the broker disconnects its clients and saves its sessions, so no publish is
 //! under way; the ingest writers append what is queued; the log closes cleanly, so the next
-//! start skips recovery; and only then does the admin port stop. The uplink plugs in here
-//! when it arrives.
+//! start skips recovery; and only then does the admin port stop. The uplink client (when
+//! `uplink.addr` is set) starts once the log is open and stops right after the broker; with
+//! it, retention keeps everything the core has not acknowledged (only the disk budget can
+//! drop unshipped data, which the uplink counts as lost).
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -27,6 +29,7 @@ use tokio::task::JoinHandle;
 use crate::admin::{self, Admin, NodeState};
 use crate::config::{EdgeConfig, MqttConfig, MqttTls, TlsClientAuth};
 use crate::ingest::{BATCH_RECORDS_MAX_DEFAULT, IngestConfig, LogIngest};
+use crate::uplink::{Cursors, Uplink};
 
 /// How long the broker's accept loops get to end once [`Broker::shutdown`] has returned,
 /// before they are aborted.
@@ -78,6 +81,20 @@ pub(crate) async fn run(
     } else {
         None
     };
+    let uplink = match &config.uplink {
+        None => None,
+        Some(uplink_config) => match Uplink::start(uplink_config, &config.node_id, log.clone()) {
+            Ok(uplink) => Some(uplink),
+            Err(error) => {
+                if let Some(mqtt) = mqtt {
+                    mqtt.stop().await;
+                }
+                close_log(&log).await?;
+                return Err(error.context("cannot start the uplink"));
+            }
+        },
+    };
+    let cursors = uplink.as_ref().map(|uplink| uplink.cursors.clone());
     state.send_replace(NodeState::Serving(log.clone()));
     let recovery = log.recovery_report();
     let mqtt_addr = mqtt.as_ref().and_then(|mqtt| mqtt.addr);
@@ -90,6 +107,7 @@ pub(crate) async fn run(
         admin = %admin_addr,
         mqtt = mqtt_addr.map(tracing::field::display),
         mqtt_tls = mqtt_tls_addr.map(tracing::field::display),
+        uplink = config.uplink.as_ref().map(|uplink| tracing::field::display(&uplink.addr)),
         clean = log.opened_clean(),
         topics = log.topics().len(),
         segments_recovered = recovery.segments_recovered,
@@ -105,7 +123,7 @@ pub(crate) async fn run(
     loop {
         tokio::select! {
             () = &mut shutdown => break,
-            _ = retention.tick() => enforce_retention(&log).await,
+            _ = retention.tick() => enforce_retention(&log, cursors.clone()).await,
             _ = upkeep.tick() => metrics.run_upkeep(),
         }
     }
@@ -114,6 +132,9 @@ pub(crate) async fn run(
     state.send_replace(NodeState::Stopping(log.clone()));
     if let Some(mqtt) = mqtt {
         mqtt.stop().await;
+    }
+    if let Some(uplink) = uplink {
+        uplink.stop().await;
     }
     close_log(&log).await?;
     let _ = stop_admin.send(());
@@ -303,6 +324,30 @@ fn tls_server_config(tls: &MqttTls) -> anyhow::Result<Arc<rustls::ServerConfig>>
     })
 }
 
+/// Retention that treats a partition's uplink cursor as its archive bound: time and size
+/// limits apply only to what the core has acknowledged, and the log start then follows the
+/// local start (on an edge there is no cold tier to read the gap from). A partition whose
+/// cursor was never loaded keeps everything.
+fn retain_unshipped(
+    log: &LogManager,
+    cursors: &Cursors,
+    now: i64,
+) -> silt_log::Result<silt_log::DeleteReport> {
+    let mut total = silt_log::DeleteReport::default();
+    for topic in log.topics() {
+        for partition in 0..topic.partitions {
+            let partition_log = log.partition(&topic.name, partition)?;
+            let shipped = cursors.cached(&topic.name, partition).unwrap_or(0);
+            total.add(partition_log.enforce_retention(now, Some(shipped))?);
+            let local_start = partition_log.local_start_offset();
+            if local_start > partition_log.log_start_offset() {
+                total.add(partition_log.delete_before(local_start)?);
+            }
+        }
+    }
+    Ok(total)
+}
+
 /// Aborts a task when dropped, so a node that fails half-way leaves no task behind.
 #[derive(Debug)]
 struct AbortOnDrop(JoinHandle<()>);
@@ -313,11 +358,15 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// One retention pass; a failure is logged and retried at the next tick.
-async fn enforce_retention(log: &Arc<LogManager>) {
+/// One retention pass; a failure is logged and retried at the next tick. With an uplink,
+/// nothing at or above a partition's cursor is deleted.
+async fn enforce_retention(log: &Arc<LogManager>, cursors: Option<Arc<Cursors>>) {
     let log = log.clone();
-    let result =
-        tokio::task::spawn_blocking(move || log.enforce_retention(silt_log::now_ms())).await;
+    let result = tokio::task::spawn_blocking(move || match cursors {
+        None => log.enforce_retention(silt_log::now_ms()),
+        Some(cursors) => retain_unshipped(&log, &cursors, silt_log::now_ms()),
+    })
+    .await;
     match result {
         Ok(Ok(report)) if report.segments > 0 => tracing::info!(
             segments = report.segments,

@@ -30,7 +30,8 @@ pub use config::{BudgetPolicy, DiskBudget, FlushPolicy, LogConfig, TopicConfig};
 pub use disk::DiskStats;
 pub use error::{LogError, Result};
 pub use manager::{
-    LogManager, PARTITIONS_MAX, TOPIC_NAME_BYTES_MAX, TopicInfo, validate_topic_name,
+    LogManager, PARTITIONS_MAX, RESERVED_DIR_NAMES, TOPIC_NAME_BYTES_MAX, TopicInfo,
+    validate_topic_name,
 };
 pub use partition::{
     AppendInfo, AppendOptions, DeleteReport, FIND_READ_BYTES, OffsetAssignment, PartitionLog,

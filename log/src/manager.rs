@@ -463,7 +463,13 @@ fn topic_info(name: &str, topic: &Topic) -> TopicInfo {
     }
 }
 
-/// Kafka's topic name rules: 1 to 249 of `[a-zA-Z0-9._-]`, and not `.` or `..`.
+/// Directories of a data directory that belong to the node, not to the log: `tls` holds a
+/// core's development CA and certificates (`<data-dir>/tls/ca.pem`). The log skips them when
+/// it opens, and no topic may take their names.
+pub const RESERVED_DIR_NAMES: &[&str] = &["tls"];
+
+/// Kafka's topic name rules: 1 to 249 of `[a-zA-Z0-9._-]`, and not `.` or `..`; nor one of
+/// [`RESERVED_DIR_NAMES`].
 pub fn validate_topic_name(name: &str) -> Result<()> {
     let invalid = |reason| {
         Err(LogError::InvalidTopicName {
@@ -479,6 +485,9 @@ pub fn validate_topic_name(name: &str) -> Result<()> {
     }
     if name == "." || name == ".." {
         return invalid("'.' and '..' are reserved");
+    }
+    if RESERVED_DIR_NAMES.contains(&name) {
+        return invalid("the name is reserved for the node's own files in the data directory");
     }
     if !name
         .bytes()
@@ -559,6 +568,7 @@ fn list_topic_dirs(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
             || name == LOCK_FILE
             || name == CLEAN_SHUTDOWN_FILE
             || name == "lost+found"
+            || (RESERVED_DIR_NAMES.contains(&name.as_str()) && path.is_dir())
         {
             continue;
         }

@@ -641,6 +641,30 @@ impl PartitionLog {
         Ok(())
     }
 
+    /// Blocks until the high watermark passes `offset` or `timeout` elapses, and returns the
+    /// high watermark: lets a reader that follows the log (the uplink) sleep until new data
+    /// is visible instead of polling.
+    pub fn wait_for_high_watermark(&self, offset: u64, timeout: std::time::Duration) -> u64 {
+        /// The relaxed policy publishes appends without the sync lock or a notification; a
+        /// waiter then looks again at this interval.
+        const RECHECK: std::time::Duration = std::time::Duration::from_millis(100);
+        let deadline = std::time::Instant::now() + timeout;
+        let mut sync = self.lock_sync();
+        loop {
+            let high_watermark = self.high_watermark();
+            let now = std::time::Instant::now();
+            if high_watermark > offset || now >= deadline || sync.failed.is_some() {
+                return high_watermark;
+            }
+            let wait = (deadline - now).min(RECHECK);
+            sync = self
+                .synced
+                .wait_timeout(sync, wait)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
     /// Reads whole batches starting with the one holding `offset`, up to `max_bytes` (at
     /// least one batch when any is visible, as Kafka does so that a large batch never blocks
     /// a consumer).

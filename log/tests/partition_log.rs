@@ -524,6 +524,30 @@ fn data_dir_is_locked_and_foreign_dirs_refused() {
 }
 
 #[test]
+fn reserved_node_dirs_are_skipped_and_no_topic_takes_their_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = LogConfig::new(dir.path().join("data"));
+    let manager = LogManager::open(config.clone()).unwrap();
+    manager.ensure_topic("t", 1).unwrap();
+    manager.close().unwrap();
+    drop(manager);
+    // A core keeps its development CA in <data-dir>/tls.
+    let tls = dir.path().join("data").join("tls");
+    std::fs::create_dir(&tls).unwrap();
+    std::fs::write(tls.join("ca.pem"), "-----BEGIN CERTIFICATE-----").unwrap();
+    let manager = LogManager::open(config).unwrap();
+    assert_eq!(manager.topics().len(), 1);
+    let error = manager
+        .create_topic("tls", 1, &Default::default())
+        .unwrap_err();
+    assert!(
+        matches!(error, LogError::InvalidTopicName { .. }),
+        "{error}"
+    );
+    assert!(tls.join("ca.pem").exists());
+}
+
+#[test]
 fn foreign_and_corrupt_files_are_errors_not_panics() {
     let dir = tempfile::tempdir().unwrap();
     let config = small_config(dir.path());

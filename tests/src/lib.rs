@@ -25,9 +25,11 @@ use std::time::{Duration, Instant};
 
 pub use rustix::process::Signal;
 
+pub mod cli;
 pub mod core;
 pub mod kafka;
 pub mod mqtt;
+pub mod uplink;
 
 /// How long a test waits for a binary to say it started; generous for a loaded CI machine.
 pub const START_TIMEOUT: Duration = Duration::from_secs(30);

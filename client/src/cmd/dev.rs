@@ -1,0 +1,296 @@
+//! `silt dev`: a whole Silt on this machine. It starts a core (`silt-core`: Kafka protocol, the
+//! uplink server, a local directory as the object store) and an edge (`silt-edge`: MQTT with
+//! anonymous access, shipping to the core), prints the endpoints and a line to try, and stops
+//! both cleanly on Ctrl-C.
+//!
+//! The two nodes are the real binaries, found next to `silt`, run as child processes with their
+//! logs in the data directory: what a newcomer sees is what a deployment does.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use clap::Args;
+use rustix::process::{Pid, Signal, kill_process};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::process::{Child, Command};
+use tokio::time::Instant;
+
+use super::KafkaError;
+
+/// How long a node may take to become healthy (recovery of a large data directory included).
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+/// Kafka's TOPIC_ALREADY_EXISTS.
+const TOPIC_ALREADY_EXISTS: i16 = 36;
+/// How long a node may take to stop after SIGTERM before it is killed.
+const STOP_TIMEOUT: Duration = Duration::from_secs(20);
+
+#[derive(Debug, Args)]
+pub(crate) struct DevArgs {
+    /// Where the edge, the core and the object store keep their data.
+    #[arg(long, default_value = "silt-dev")]
+    data_dir: PathBuf,
+    /// The edge's MQTT listener.
+    #[arg(long, default_value = "127.0.0.1:1883")]
+    mqtt_listen: SocketAddr,
+    /// The core's Kafka-protocol listener.
+    #[arg(long, default_value = "127.0.0.1:9092")]
+    kafka_listen: SocketAddr,
+    /// The core's uplink listener (QUIC over UDP).
+    #[arg(long, default_value = "127.0.0.1:9093")]
+    uplink_listen: SocketAddr,
+    /// The core's admin port (/metrics, /health).
+    #[arg(long, default_value = "127.0.0.1:9645")]
+    core_admin_listen: SocketAddr,
+    /// The edge's admin port (/metrics, /health).
+    #[arg(long, default_value = "127.0.0.1:9644")]
+    edge_admin_listen: SocketAddr,
+}
+
+/// One child node.
+struct Node {
+    name: &'static str,
+    child: Child,
+    log: PathBuf,
+}
+
+pub(crate) async fn run(args: DevArgs) -> Result<(), KafkaError> {
+    let failed = |what: String| KafkaError::Unsupported(what);
+    let bin_dir = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(Path::to_path_buf))
+        .ok_or_else(|| failed("cannot find the directory of the silt executable".into()))?;
+    let core_bin = sibling(&bin_dir, "silt-core")?;
+    let edge_bin = sibling(&bin_dir, "silt-edge")?;
+    std::fs::create_dir_all(&args.data_dir).map_err(|error| {
+        failed(format!(
+            "cannot create {}: {error}",
+            args.data_dir.display()
+        ))
+    })?;
+    let data_dir = args.data_dir.canonicalize().map_err(|error| {
+        failed(format!(
+            "cannot resolve {}: {error}",
+            args.data_dir.display()
+        ))
+    })?;
+    let objects = data_dir.join("objects");
+    std::fs::create_dir_all(&objects)
+        .map_err(|error| failed(format!("cannot create {}: {error}", objects.display())))?;
+    let core_dir = data_dir.join("core");
+    // The core's development CA and certificates, which the edge trusts.
+    let tls_dir = data_dir.join("tls");
+    let edge_dir = data_dir.join("edge");
+
+    let mut core_command = Command::new(&core_bin);
+    core_command
+        .arg("--data-dir")
+        .arg(&core_dir)
+        .arg("--kafka-listen")
+        .arg(args.kafka_listen.to_string())
+        .arg("--uplink-listen")
+        .arg(args.uplink_listen.to_string())
+        .arg("--admin-listen")
+        .arg(args.core_admin_listen.to_string())
+        .arg("--object-store")
+        .arg(format!("file://{}", objects.display()))
+        .arg("--set")
+        .arg(format!("uplink.tls_dir={}", tls_dir.display()));
+    let mut core = spawn("core", core_command, &data_dir)?;
+    if let Err(error) = wait_healthy(&mut core, args.core_admin_listen).await {
+        stop(core).await;
+        return Err(error);
+    }
+    // The topic the edge ships MQTT messages to exists from the start, so a consumer can
+    // subscribe before the first message arrives.
+    if let Err(error) = create_mqtt_topic(args.kafka_listen).await {
+        stop(core).await;
+        return Err(error);
+    }
+    let ca = tls_dir.join("ca.pem");
+    let mut edge_command = Command::new(&edge_bin);
+    edge_command
+        .arg("--data-dir")
+        .arg(&edge_dir)
+        .arg("--mqtt-listen")
+        .arg(args.mqtt_listen.to_string())
+        .arg("--admin-listen")
+        .arg(args.edge_admin_listen.to_string())
+        .arg("--uplink")
+        .arg(args.uplink_listen.to_string())
+        .arg("--uplink-ca")
+        .arg(&ca)
+        .arg("--set")
+        .arg("mqtt.allow_anonymous=true");
+    let mut edge = match spawn("edge", edge_command, &data_dir) {
+        Ok(edge) => edge,
+        Err(error) => {
+            stop(core).await;
+            return Err(error);
+        }
+    };
+    if let Err(error) = wait_healthy(&mut edge, args.edge_admin_listen).await {
+        stop(edge).await;
+        stop(core).await;
+        return Err(error);
+    }
+
+    println!("Silt dev is running. Data: {}", data_dir.display());
+    println!(
+        "  MQTT    {}  (edge, anonymous; every publish goes to log topic \"mqtt\")",
+        args.mqtt_listen
+    );
+    println!(
+        "  Kafka   {}  (core; the edge ships topic \"mqtt\" here)",
+        args.kafka_listen
+    );
+    println!("  uplink  {}  (QUIC, edge -> core)", args.uplink_listen);
+    println!("  objects file://{}", objects.display());
+    println!(
+        "  metrics http://{}/metrics (core), http://{}/metrics (edge)",
+        args.core_admin_listen, args.edge_admin_listen
+    );
+    println!("  logs    {}, {}", core.log.display(), edge.log.display());
+    println!("Try this:");
+    println!(
+        "  mosquitto_pub -h {} -p {} -q 1 -t sensors/room1 -m '{{\"temp\":21.5}}' && kcat -b {} -C -t mqtt -o beginning -e",
+        args.mqtt_listen.ip(),
+        args.mqtt_listen.port(),
+        args.kafka_listen
+    );
+    println!("Ctrl-C stops both nodes.");
+    eprintln!("silt: dev is running (mqtt={} kafka={})", args.mqtt_listen, args.kafka_listen);
+
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|error| failed(format!("cannot watch SIGTERM: {error}")))?;
+    let outcome = tokio::select! {
+        _ = tokio::signal::ctrl_c() => Ok(()),
+        _ = terminate.recv() => Ok(()),
+        status = core.child.wait() => Err(exited("core", status, &core.log)),
+        status = edge.child.wait() => Err(exited("edge", status, &edge.log)),
+    };
+    eprintln!("silt: stopping the edge, then the core");
+    stop(edge).await;
+    stop(core).await;
+    outcome
+}
+
+async fn create_mqtt_topic(kafka: SocketAddr) -> Result<(), KafkaError> {
+    let mut cluster =
+        crate::kafka::Cluster::connect(&kafka.to_string(), Duration::from_secs(30)).await?;
+    match super::topic::create_topic(&mut cluster, "mqtt", -1, -1, &[]).await {
+        Err(error) if error.code() == Some(TOPIC_ALREADY_EXISTS) => Ok(()),
+        other => other,
+    }
+}
+
+fn sibling(dir: &Path, name: &str) -> Result<PathBuf, KafkaError> {
+    let path = dir.join(name);
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(KafkaError::Unsupported(format!(
+            "silt dev runs {name}, which is not next to silt in {}; build every binary with `cargo build --release`",
+            dir.display()
+        )))
+    }
+}
+
+fn spawn(name: &'static str, mut command: Command, data_dir: &Path) -> Result<Node, KafkaError> {
+    let log = data_dir.join(format!("{name}.log"));
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log)
+        .map_err(|error| {
+            KafkaError::Unsupported(format!("cannot open {}: {error}", log.display()))
+        })?;
+    let stderr = file.try_clone().map_err(|error| {
+        KafkaError::Unsupported(format!("cannot open {}: {error}", log.display()))
+    })?;
+    command
+        .stdin(Stdio::null())
+        .stdout(file)
+        .stderr(stderr)
+        // If `silt dev` itself dies, do not leave the nodes running.
+        .kill_on_drop(true);
+    let child = command
+        .spawn()
+        .map_err(|error| KafkaError::Unsupported(format!("cannot start the {name}: {error}")))?;
+    Ok(Node { name, child, log })
+}
+
+/// Waits until the node's `/health` answers 200, or fails with the end of its log if it exits.
+async fn wait_healthy(node: &mut Node, admin: SocketAddr) -> Result<(), KafkaError> {
+    let deadline = Instant::now() + START_TIMEOUT;
+    loop {
+        if let Ok(Some(status)) = node.child.try_wait() {
+            return Err(exited(node.name, Ok(status), &node.log));
+        }
+        if health(admin).await {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(KafkaError::Timeout(format!(
+                "waiting for the {} to become healthy on {admin}; see {}",
+                node.name,
+                node.log.display()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Whether `GET /health` on `admin` answers 200.
+async fn health(admin: SocketAddr) -> bool {
+    let probe = async {
+        let mut stream = tokio::net::TcpStream::connect(admin).await.ok()?;
+        stream
+            .write_all(b"GET /health HTTP/1.1\r\nHost: silt\r\nConnection: close\r\n\r\n")
+            .await
+            .ok()?;
+        let mut head = [0u8; 12];
+        stream.read_exact(&mut head).await.ok()?;
+        Some(head.starts_with(b"HTTP/1.1 200") || head.starts_with(b"HTTP/1.0 200"))
+    };
+    tokio::time::timeout(Duration::from_secs(2), probe)
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or(false)
+}
+
+fn exited(name: &str, status: std::io::Result<std::process::ExitStatus>, log: &Path) -> KafkaError {
+    let status = match status {
+        Ok(status) => status.to_string(),
+        Err(error) => error.to_string(),
+    };
+    let tail = std::fs::read_to_string(log)
+        .map(|text| {
+            let lines: Vec<&str> = text.lines().collect();
+            lines[lines.len().saturating_sub(10)..].join("\n")
+        })
+        .unwrap_or_default();
+    KafkaError::Unsupported(format!(
+        "the {name} exited ({status}); the end of {}:\n{tail}",
+        log.display()
+    ))
+}
+
+/// SIGTERM, then SIGKILL if the node has not stopped in time.
+async fn stop(mut node: Node) {
+    if let Some(pid) = node.child.id().and_then(|id| Pid::from_raw(id as i32)) {
+        let _ = kill_process(pid, Signal::TERM);
+    }
+    match tokio::time::timeout(STOP_TIMEOUT, node.child.wait()).await {
+        Ok(_) => {}
+        Err(_) => {
+            eprintln!(
+                "silt: the {} did not stop in {STOP_TIMEOUT:?}; killing it",
+                node.name
+            );
+            let _ = node.child.kill().await;
+        }
+    }
+}

@@ -1,0 +1,347 @@
+//! The uplink server: edges connect over QUIC (ALPN `silt-uplink/1`) and ship their log.
+//!
+//! One connection per edge, one bidirectional stream per edge partition. A stream starts
+//! with `Hello` (edge id, topic, partition); then each `Data` frame is decoded, appended by
+//! [`store::UplinkStore`] (dedup, routing by key, fsync) and answered with an `Ack` carrying
+//! its end offset, in order. The edge pipelines several `Data` frames (its in-flight byte
+//! bound); the stream's flow control bounds what the server buffers, and the server reads at
+//! most one frame ([`silt_wire::FRAME_BYTES_MAX`]) ahead of the append under way.
+//!
+//! With mutual TLS, the edge id a `Hello` claims must be a DNS name of the client
+//! certificate, so one edge cannot write as another.
+//!
+//! # Layout
+//! - `store`: appends with exactly-once dedup, its state rebuilt from the log.
+
+pub(crate) mod store;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use bytes::BytesMut;
+use quinn::crypto::rustls::QuicServerConfig;
+use silt_log::LogManager;
+use silt_wire::{Frame, error_code};
+use tokio::io::AsyncReadExt as _;
+
+use crate::tls::{self, ServerTls};
+use store::{StoreError, StreamKey, UplinkStore};
+
+/// A connection that has heard nothing (not even a keep-alive) for this long is dead.
+pub(crate) const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Edges send keep-alives at this interval; the server sends them too.
+pub(crate) const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(2);
+/// Most partition streams one edge may have open.
+const STREAMS_PER_CONNECTION_MAX: u32 = 1024;
+/// Bytes the server lets an edge have in flight per stream (QUIC flow control).
+const STREAM_RECEIVE_WINDOW_BYTES: u32 = 16 << 20;
+
+/// What the uplink server needs to run.
+#[derive(Debug, Clone)]
+pub(crate) struct UplinkServerConfig {
+    pub(crate) tls: ServerTls,
+    /// Partitions of a topic the uplink creates.
+    pub(crate) default_partitions: u32,
+}
+
+/// QUIC transport settings shared by both sides: a dead path is noticed within
+/// [`IDLE_TIMEOUT`], so a fresh connection can be made when the link returns.
+fn transport() -> quinn::TransportConfig {
+    let mut transport = quinn::TransportConfig::default();
+    transport
+        .max_idle_timeout(Some(
+            quinn::IdleTimeout::try_from(IDLE_TIMEOUT).expect("idle timeout fits a varint"),
+        ))
+        .keep_alive_interval(Some(KEEP_ALIVE_INTERVAL))
+        .max_concurrent_bidi_streams(STREAMS_PER_CONNECTION_MAX.into())
+        .max_concurrent_uni_streams(0u32.into())
+        .stream_receive_window(STREAM_RECEIVE_WINDOW_BYTES.into());
+    transport
+}
+
+/// A bound uplink endpoint, ready to serve.
+#[derive(Debug)]
+pub(crate) struct UplinkServer {
+    endpoint: quinn::Endpoint,
+    store: Arc<UplinkStore>,
+    mutual_tls: bool,
+}
+
+impl UplinkServer {
+    /// Binds the endpoint on `socket` (already bound, so tests can use port 0).
+    pub(crate) fn bind(
+        socket: std::net::UdpSocket,
+        log: Arc<LogManager>,
+        config: &UplinkServerConfig,
+    ) -> anyhow::Result<UplinkServer> {
+        let crypto = tls::server_config(&config.tls)?;
+        let crypto = QuicServerConfig::try_from(crypto).context("TLS config unusable for QUIC")?;
+        let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+        server.transport_config(Arc::new(transport()));
+        let endpoint = quinn::Endpoint::new(
+            quinn::EndpointConfig::default(),
+            Some(server),
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )
+        .context("cannot start the uplink endpoint")?;
+        Ok(UplinkServer {
+            endpoint,
+            store: Arc::new(UplinkStore::new(log, config.default_partitions)),
+            mutual_tls: config.tls.client_ca.is_some(),
+        })
+    }
+
+    pub(crate) fn local_addr(&self) -> anyhow::Result<SocketAddr> {
+        self.endpoint
+            .local_addr()
+            .context("cannot read the uplink address")
+    }
+
+    /// Accepts edges until `shutdown` completes, then closes every connection. Appends under
+    /// way finish first (they run on blocking threads), so nothing acked is lost.
+    pub(crate) async fn serve(self, shutdown: impl std::future::Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        let mut connections = tokio::task::JoinSet::new();
+        loop {
+            tokio::select! {
+                () = &mut shutdown => break,
+                incoming = self.endpoint.accept() => {
+                    let Some(incoming) = incoming else { break };
+                    let store = self.store.clone();
+                    let mutual_tls = self.mutual_tls;
+                    connections.spawn(async move {
+                        let remote = incoming.remote_address();
+                        match incoming.await {
+                            Ok(connection) => serve_connection(connection, store, mutual_tls).await,
+                            Err(error) => {
+                                tracing::info!(%remote, %error, "uplink handshake failed");
+                            }
+                        }
+                    });
+                }
+                Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            }
+        }
+        self.endpoint.close(0u32.into(), b"shutting down");
+        while connections.join_next().await.is_some() {}
+        self.endpoint.wait_idle().await;
+    }
+}
+
+async fn serve_connection(
+    connection: quinn::Connection,
+    store: Arc<UplinkStore>,
+    mutual_tls: bool,
+) {
+    let remote = connection.remote_address();
+    let allowed_ids = if mutual_tls {
+        peer_dns_names(&connection)
+    } else {
+        None
+    };
+    metrics::counter!("silt_uplink_connections_total").increment(1);
+    metrics::gauge!("silt_uplink_connections").increment(1.0);
+    tracing::info!(%remote, "edge connected");
+    let mut streams = tokio::task::JoinSet::new();
+    let reason = loop {
+        tokio::select! {
+            accepted = connection.accept_bi() => match accepted {
+                Ok((send, recv)) => {
+                    streams.spawn(serve_stream(send, recv, store.clone(), allowed_ids.clone()));
+                }
+                Err(error) => break error,
+            },
+            Some(_) = streams.join_next(), if !streams.is_empty() => {}
+        }
+    };
+    // Appends under way complete (their acks may no longer reach the edge, which re-sends
+    // and is deduplicated).
+    while streams.join_next().await.is_some() {}
+    metrics::gauge!("silt_uplink_connections").decrement(1.0);
+    tracing::info!(%remote, %reason, "edge disconnected");
+}
+
+fn peer_dns_names(connection: &quinn::Connection) -> Option<Vec<String>> {
+    let identity = connection.peer_identity()?;
+    let chain = identity
+        .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+        .ok()?;
+    Some(
+        chain
+            .first()
+            .map(tls::certificate_dns_names)
+            .unwrap_or_default(),
+    )
+}
+
+/// Why a stream ended early, sent to the edge as an `Error` frame.
+struct StreamFault {
+    code: u16,
+    message: String,
+}
+
+async fn serve_stream(
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    store: Arc<UplinkStore>,
+    allowed_ids: Option<Vec<String>>,
+) {
+    let result = stream_loop(&mut send, &mut recv, &store, allowed_ids.as_deref()).await;
+    if let Err(Some(fault)) = result {
+        tracing::warn!(code = fault.code, error = %fault.message, "uplink stream refused");
+        let mut out = BytesMut::new();
+        Frame::Error {
+            code: fault.code,
+            message: &fault.message,
+        }
+        .encode(&mut out);
+        let _ = send.write_all(&out).await;
+        let _ = send.finish();
+    }
+}
+
+/// Reads one whole frame into `buf` (which may already hold bytes); `Ok(false)` at a clean
+/// end of stream. `Err(None)` is a lost connection, not worth an `Error` frame.
+async fn fill_frame(
+    recv: &mut quinn::RecvStream,
+    buf: &mut BytesMut,
+) -> Result<usize, Option<StreamFault>> {
+    loop {
+        match Frame::decode(buf) {
+            Ok(Some((_, used))) => return Ok(used),
+            Ok(None) => {}
+            Err(error) => {
+                return Err(Some(StreamFault {
+                    code: error_code::MALFORMED,
+                    message: error.to_string(),
+                }));
+            }
+        }
+        buf.reserve(64 << 10);
+        match recv.read_buf(buf).await {
+            Ok(0) | Err(_) => return Err(None),
+            Ok(_) => {}
+        }
+    }
+}
+
+async fn stream_loop(
+    send: &mut quinn::SendStream,
+    recv: &mut quinn::RecvStream,
+    store: &Arc<UplinkStore>,
+    allowed_ids: Option<&[String]>,
+) -> Result<(), Option<StreamFault>> {
+    let mut buf = BytesMut::with_capacity(64 << 10);
+    let used = fill_frame(recv, &mut buf).await?;
+    let (topic, stream) = match Frame::decode(&buf[..used]) {
+        Ok(Some((
+            Frame::Hello {
+                version,
+                edge_id,
+                topic,
+                partition,
+            },
+            _,
+        ))) => {
+            if version != silt_wire::VERSION {
+                return Err(Some(StreamFault {
+                    code: error_code::UNSUPPORTED_VERSION,
+                    message: format!("uplink version {version} is not supported"),
+                }));
+            }
+            if let Err(error) = silt_log::validate_topic_name(topic) {
+                return Err(Some(StreamFault {
+                    code: error_code::REFUSED,
+                    message: error.to_string(),
+                }));
+            }
+            if let Some(allowed) = allowed_ids
+                && !allowed.iter().any(|name| name == edge_id)
+            {
+                return Err(Some(StreamFault {
+                    code: error_code::REFUSED,
+                    message: format!("the client certificate is not for edge {edge_id:?}"),
+                }));
+            }
+            (
+                topic.to_string(),
+                StreamKey {
+                    edge_id: edge_id.to_string(),
+                    edge_partition: partition,
+                },
+            )
+        }
+        _ => {
+            return Err(Some(StreamFault {
+                code: error_code::MALFORMED,
+                message: "a stream must start with Hello".into(),
+            }));
+        }
+    };
+    let _ = buf.split_to(used);
+    tracing::debug!(edge = %stream.edge_id, %topic, partition = stream.edge_partition, "stream opened");
+    loop {
+        let used = fill_frame(recv, &mut buf).await?;
+        let frame = buf.split_to(used).freeze();
+        let Ok(Some((
+            Frame::Data {
+                first_offset,
+                end_offset,
+                codec,
+                raw_len,
+                payload,
+            },
+            _,
+        ))) = Frame::decode(&frame)
+        else {
+            return Err(Some(StreamFault {
+                code: error_code::MALFORMED,
+                message: "expected a Data frame".into(),
+            }));
+        };
+        let batches = silt_wire::decompress_batches(codec, raw_len, payload).map_err(|error| {
+            Some(StreamFault {
+                code: error_code::MALFORMED,
+                message: error.to_string(),
+            })
+        })?;
+        let (store, topic_name, key) = (store.clone(), topic.clone(), stream.clone());
+        let outcome = tokio::task::spawn_blocking(move || {
+            store.append(&topic_name, &key, first_offset, &batches)
+        })
+        .await
+        .map_err(|_| {
+            Some(StreamFault {
+                code: error_code::STORAGE,
+                message: "the append panicked".into(),
+            })
+        })?;
+        let outcome = outcome.map_err(|error| {
+            let code = match error {
+                StoreError::BadBatch(_) => error_code::MALFORMED,
+                StoreError::Log(_) => error_code::STORAGE,
+            };
+            Some(StreamFault {
+                code,
+                message: error.to_string(),
+            })
+        })?;
+        let labels = [("topic", topic.clone()), ("edge", stream.edge_id.clone())];
+        metrics::counter!("silt_uplink_received_records_total", &labels)
+            .increment(outcome.appended_records);
+        metrics::counter!("silt_uplink_duplicate_records_total", &labels)
+            .increment(outcome.duplicate_records);
+        metrics::counter!("silt_uplink_received_bytes_total", &labels)
+            .increment(outcome.appended_bytes);
+        metrics::counter!("silt_uplink_received_wire_bytes_total", &labels)
+            .increment(frame.len() as u64);
+        let mut out = BytesMut::with_capacity(16);
+        Frame::Ack { end_offset }.encode(&mut out);
+        if send.write_all(&out).await.is_err() {
+            return Err(None);
+        }
+    }
+}

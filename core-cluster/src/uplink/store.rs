@@ -1,0 +1,474 @@
+//! Where shipped batches land: appends to the core log with exactly-once dedup.
+//!
+//! Each edge partition is a *stream* `(edge id, edge partition)` of one topic, and its records
+//! carry their edge offsets. A shipped record goes to the core partition its key hashes to
+//! (Kafka's murmur2; a null key hashes the edge id, so an edge's unkeyed records stay in
+//! order) with three headers added: `silt.edge` (edge id), `silt.edge.partition` and
+//! `silt.edge.offset` (decimal). The core keeps, per core partition and stream, the next edge
+//! offset it expects: a record below it is a duplicate and is skipped.
+//!
+//! That state is exact across any crash because it is derived from the log itself: on first
+//! use of a topic, every partition is scanned and each stream's highest `silt.edge.offset` is
+//! taken. A crash between appending to one core partition and another (one edge batch spans
+//! several when keys differ) leaves some records durable and others not; the edge re-sends
+//! the batch, and each core partition skips exactly what it already has, because a stream's
+//! records reach one core partition in edge-offset order. An append is durable (fsync) before
+//! the state moves and before the edge gets its ack.
+//!
+//! Appends of one stream are serialised (a lock per stream), so a stale connection of an edge
+//! racing its reconnected self cannot interleave the check and the append.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use bytes::{Bytes, BytesMut};
+use silt_log::batch::{BatchSpec, DecodeLimits, Header, Record, decode_batch, encode_batch};
+use silt_log::{LogError, LogManager, PartitionLog, partitioner};
+
+/// Header naming the edge a record came from.
+pub(crate) const HEADER_EDGE: &str = "silt.edge";
+/// Header with the record's partition on its edge.
+pub(crate) const HEADER_EDGE_PARTITION: &str = "silt.edge.partition";
+/// Header with the record's offset on its edge.
+pub(crate) const HEADER_EDGE_OFFSET: &str = "silt.edge.offset";
+/// Bytes a header-and-framing estimate adds per record when splitting batches.
+const RECORD_OVERHEAD_BYTES: usize = 96;
+
+/// One edge partition's records, as the core tells them apart.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) struct StreamKey {
+    pub(crate) edge_id: String,
+    pub(crate) edge_partition: u32,
+}
+
+/// Why shipped data was not stored.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum StoreError {
+    #[error("shipped batches are invalid: {0}")]
+    BadBatch(String),
+    #[error(transparent)]
+    Log(#[from] LogError),
+}
+
+/// What one `append` did, for the ack and the metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct AppendOutcome {
+    pub(crate) appended_records: u64,
+    pub(crate) duplicate_records: u64,
+    pub(crate) appended_bytes: u64,
+}
+
+/// Next expected edge offset per stream, for each partition of one topic.
+#[derive(Debug, Default)]
+struct TopicDedup {
+    partitions: Vec<HashMap<StreamKey, u64>>,
+}
+
+/// The core log behind the uplink server.
+#[derive(Debug)]
+pub(crate) struct UplinkStore {
+    log: Arc<LogManager>,
+    default_partitions: u32,
+    topics: Mutex<HashMap<String, Arc<Mutex<TopicDedup>>>>,
+    streams: Mutex<HashMap<(String, StreamKey), StreamLock>>,
+}
+
+/// Held while one stream's records are checked and appended.
+type StreamLock = Arc<Mutex<()>>;
+
+impl UplinkStore {
+    pub(crate) fn new(log: Arc<LogManager>, default_partitions: u32) -> UplinkStore {
+        UplinkStore {
+            log,
+            default_partitions,
+            topics: Mutex::new(HashMap::new()),
+            streams: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Appends the records of `batches` (edge RecordBatch v2 bytes) at edge offsets from
+    /// `first_offset` on, skipping those already stored, and returns once they are durable.
+    /// Blocking: call from a blocking thread.
+    pub(crate) fn append(
+        &self,
+        topic: &str,
+        stream: &StreamKey,
+        first_offset: u64,
+        batches: &[u8],
+    ) -> Result<AppendOutcome, StoreError> {
+        let stream_lock = self.stream_lock(topic, stream);
+        let _serialised = stream_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let info = self.log.ensure_topic(topic, self.default_partitions)?;
+        let dedup = self.topic_dedup(topic, info.partitions)?;
+        let limits = DecodeLimits {
+            max_batch_bytes: self.log.config().max_batch_bytes.max(1 << 20) + 64,
+            ..DecodeLimits::default()
+        };
+        // Group the new records by core partition, keeping edge order within each.
+        let mut routed: Vec<Vec<(u64, Record)>> = vec![Vec::new(); info.partitions as usize];
+        let mut outcome = AppendOutcome::default();
+        {
+            let dedup = dedup.lock().unwrap_or_else(|e| e.into_inner());
+            let mut rest = batches;
+            while !rest.is_empty() {
+                let (header, records, used) = decode_batch(rest, &limits)
+                    .map_err(|error| StoreError::BadBatch(error.to_string()))?
+                    .ok_or_else(|| StoreError::BadBatch("a batch is cut short".into()))?;
+                rest = &rest[used..];
+                if header.is_control() {
+                    continue;
+                }
+                for record in records {
+                    let offset = u64::try_from(record.offset)
+                        .map_err(|_| StoreError::BadBatch("negative record offset".into()))?;
+                    if offset < first_offset {
+                        continue;
+                    }
+                    let partition = route(record.key.as_deref(), &stream.edge_id, info.partitions);
+                    let expected = dedup.partitions[partition as usize]
+                        .get(stream)
+                        .copied()
+                        .unwrap_or(0);
+                    if offset < expected {
+                        outcome.duplicate_records += 1;
+                        continue;
+                    }
+                    let mut record = Record::from(record);
+                    record.headers.extend(stream_headers(stream, offset));
+                    routed[partition as usize].push((offset, record));
+                }
+            }
+        }
+        for (partition, records) in routed.into_iter().enumerate() {
+            if records.is_empty() {
+                continue;
+            }
+            let log = self.log.partition(topic, partition as u32)?;
+            let last = records
+                .last()
+                .map(|(offset, _)| *offset)
+                .expect("non-empty");
+            let count = records.len() as u64;
+            let budget = self.log.config().max_batch_bytes / 2;
+            outcome.appended_bytes += append_records(&log, records, budget)?;
+            outcome.appended_records += count;
+            let mut dedup = dedup.lock().unwrap_or_else(|e| e.into_inner());
+            dedup.partitions[partition].insert(stream.clone(), last + 1);
+        }
+        Ok(outcome)
+    }
+
+    fn stream_lock(&self, topic: &str, stream: &StreamKey) -> StreamLock {
+        let mut streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
+        streams
+            .entry((topic.to_string(), stream.clone()))
+            .or_default()
+            .clone()
+    }
+
+    /// The topic's dedup state, rebuilt from its partitions on first use.
+    fn topic_dedup(
+        &self,
+        topic: &str,
+        partitions: u32,
+    ) -> Result<Arc<Mutex<TopicDedup>>, StoreError> {
+        if let Some(found) = self
+            .topics
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(topic)
+        {
+            return Ok(found.clone());
+        }
+        let mut state = TopicDedup::default();
+        for partition in 0..partitions {
+            let log = self.log.partition(topic, partition)?;
+            state.partitions.push(scan_streams(&log)?);
+        }
+        let mut topics = self.topics.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(topics
+            .entry(topic.to_string())
+            .or_insert_with(|| Arc::new(Mutex::new(state)))
+            .clone())
+    }
+}
+
+/// The core partition of a shipped record.
+fn route(key: Option<&[u8]>, edge_id: &str, partitions: u32) -> u32 {
+    partitioner::partition_for_key(key.unwrap_or(edge_id.as_bytes()), partitions)
+}
+
+fn stream_headers(stream: &StreamKey, offset: u64) -> [Header; 3] {
+    [
+        Header {
+            key: HEADER_EDGE.to_string(),
+            value: Some(Bytes::copy_from_slice(stream.edge_id.as_bytes())),
+        },
+        Header {
+            key: HEADER_EDGE_PARTITION.to_string(),
+            value: Some(Bytes::from(stream.edge_partition.to_string())),
+        },
+        Header {
+            key: HEADER_EDGE_OFFSET.to_string(),
+            value: Some(Bytes::from(offset.to_string())),
+        },
+    ]
+}
+
+/// The stream and edge offset a stored record's headers name, if it came over the uplink.
+pub(crate) fn record_origin(headers: &[Header]) -> Option<(StreamKey, u64)> {
+    let find = |name: &str| {
+        headers
+            .iter()
+            .rev()
+            .find(|header| header.key == name)
+            .and_then(|header| header.value.as_deref())
+            .and_then(|value| std::str::from_utf8(value).ok())
+    };
+    let edge_id = find(HEADER_EDGE)?;
+    let edge_partition = find(HEADER_EDGE_PARTITION)?.parse().ok()?;
+    let offset = find(HEADER_EDGE_OFFSET)?.parse().ok()?;
+    Some((
+        StreamKey {
+            edge_id: edge_id.to_string(),
+            edge_partition,
+        },
+        offset,
+    ))
+}
+
+/// Each stream's next expected edge offset in one core partition, from its records.
+fn scan_streams(log: &PartitionLog) -> Result<HashMap<StreamKey, u64>, StoreError> {
+    let mut next = HashMap::new();
+    let mut offset = log.local_start_offset();
+    let limits = DecodeLimits::default();
+    loop {
+        let slice = log.read(offset, 4 << 20)?;
+        if slice.bytes.is_empty() {
+            break;
+        }
+        let mut rest = &slice.bytes[..];
+        while let Some((header, records, used)) =
+            decode_batch(rest, &limits).map_err(|error| StoreError::BadBatch(error.to_string()))?
+        {
+            rest = &rest[used..];
+            offset = (header.last_offset() + 1) as u64;
+            for record in records {
+                if let Some((stream, edge_offset)) = record_origin(&record.headers) {
+                    let entry = next.entry(stream).or_insert(0);
+                    *entry = (*entry).max(edge_offset + 1);
+                }
+            }
+        }
+    }
+    Ok(next)
+}
+
+/// Appends records to one core partition as batches under the log's size limit, durably.
+/// Returns the bytes written.
+/// `budget` bounds the estimated bytes of one batch, below the log's batch limit.
+fn append_records(
+    log: &PartitionLog,
+    records: Vec<(u64, Record)>,
+    budget: usize,
+) -> Result<u64, StoreError> {
+    let mut bytes = 0u64;
+    let mut chunk: Vec<Record> = Vec::new();
+    let mut chunk_bytes = 0usize;
+    let mut out = BytesMut::new();
+    let flush = |chunk: &mut Vec<Record>, out: &mut BytesMut| -> Result<(), StoreError> {
+        if chunk.is_empty() {
+            return Ok(());
+        }
+        encode_batch(&BatchSpec::default(), chunk, out)
+            .map_err(|error| StoreError::BadBatch(error.to_string()))?;
+        chunk.clear();
+        Ok(())
+    };
+    for (_, record) in records {
+        let size = record_size(&record);
+        if !chunk.is_empty() && chunk_bytes + size > budget {
+            flush(&mut chunk, &mut out)?;
+            chunk_bytes = 0;
+        }
+        chunk_bytes += size;
+        chunk.push(record);
+    }
+    flush(&mut chunk, &mut out)?;
+    // One append of all batches: one fsync covers them.
+    bytes += out.len() as u64;
+    log.append(&mut out)?;
+    Ok(bytes)
+}
+
+fn record_size(record: &Record) -> usize {
+    record.key.as_ref().map_or(0, Bytes::len)
+        + record.value.as_ref().map_or(0, Bytes::len)
+        + record
+            .headers
+            .iter()
+            .map(|header| header.key.len() + header.value.as_ref().map_or(0, Bytes::len) + 10)
+            .sum::<usize>()
+        + RECORD_OVERHEAD_BYTES
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use silt_log::LogConfig;
+    use silt_log::batch::decode_batch;
+
+    /// The edge's records at offsets `base_offset..base_offset + count`: the record at offset
+    /// `o` always has key `KEYS[o % 6]` and value `v<o>`, as a real edge log re-read.
+    fn edge_batch(base_offset: i64, count: usize) -> Vec<u8> {
+        let records: Vec<Record> = (0..count)
+            .map(|index| (index, KEYS[(base_offset as usize + index) % KEYS.len()]))
+            .map(|(index, key)| Record {
+                timestamp: 1_000 + index as i64,
+                key: Some(Bytes::copy_from_slice(key.as_bytes())),
+                value: Some(Bytes::from(format!("v{}", base_offset + index as i64))),
+                headers: vec![Header {
+                    key: "mqtt.topic".into(),
+                    value: Some(Bytes::from_static(b"t")),
+                }],
+            })
+            .collect();
+        let mut out = BytesMut::new();
+        let spec = BatchSpec {
+            base_offset,
+            ..BatchSpec::default()
+        };
+        encode_batch(&spec, &records, &mut out).unwrap();
+        out.to_vec()
+    }
+
+    fn stream() -> StreamKey {
+        StreamKey {
+            edge_id: "e1".into(),
+            edge_partition: 0,
+        }
+    }
+
+    /// Every (value, edge offset) stored in the topic, partition by partition.
+    fn stored(log: &LogManager, topic: &str) -> Vec<(String, u64)> {
+        let mut out = Vec::new();
+        for partition in 0..log.topic(topic).unwrap().partitions {
+            let part = log.partition(topic, partition).unwrap();
+            let bytes = part.read(0, 1 << 20).unwrap().bytes;
+            let mut rest = &bytes[..];
+            while let Some((_, records, used)) =
+                decode_batch(rest, &DecodeLimits::default()).unwrap()
+            {
+                rest = &rest[used..];
+                for record in records {
+                    let (_, offset) = record_origin(&record.headers).unwrap();
+                    let value = String::from_utf8(record.value.unwrap().to_vec()).unwrap();
+                    out.push((value, offset));
+                }
+            }
+        }
+        out.sort_by_key(|(_, offset)| *offset);
+        out
+    }
+
+    // Keys spread over 3 partitions; the tests check that more than one is used.
+    const KEYS: [&str; 6] = ["a", "b", "c", "d", "e", "f"];
+
+    #[test]
+    fn resends_are_skipped_within_and_across_restarts() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = LogManager::open(LogConfig::new(dir.path().join("core"))).unwrap();
+        let store = UplinkStore::new(log.clone(), 3);
+        let first = store
+            .append("mqtt", &stream(), 0, &edge_batch(0, 6))
+            .unwrap();
+        assert_eq!(first.appended_records, 6);
+        // The same batch again (a lost ack), and a batch straddling the cursor.
+        let again = store
+            .append("mqtt", &stream(), 0, &edge_batch(0, 6))
+            .unwrap();
+        assert_eq!((again.appended_records, again.duplicate_records), (0, 6));
+        let straddle = store
+            .append("mqtt", &stream(), 4, &edge_batch(4, 6))
+            .unwrap();
+        assert_eq!(
+            (straddle.appended_records, straddle.duplicate_records),
+            (4, 2)
+        );
+        let used: std::collections::HashSet<u32> = KEYS
+            .iter()
+            .map(|key| route(Some(key.as_bytes()), "e1", 3))
+            .collect();
+        assert!(used.len() > 1, "the keys must span partitions");
+        drop(store);
+        log.close().unwrap();
+        drop(log);
+
+        // A restarted core rebuilds the state from the log: the whole history re-sent
+        // appends nothing.
+        let log = LogManager::open(LogConfig::new(dir.path().join("core"))).unwrap();
+        let store = UplinkStore::new(log.clone(), 3);
+        let resent = store
+            .append("mqtt", &stream(), 0, &edge_batch(0, 6))
+            .unwrap();
+        assert_eq!(resent.appended_records, 0);
+        let resent = store
+            .append("mqtt", &stream(), 4, &edge_batch(4, 6))
+            .unwrap();
+        assert_eq!(resent.appended_records, 0);
+        let offsets: Vec<u64> = stored(&log, "mqtt").iter().map(|(_, o)| *o).collect();
+        assert_eq!(offsets, (0..10).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_crash_between_partitions_is_completed_by_the_resend() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = LogManager::open(LogConfig::new(dir.path().join("core"))).unwrap();
+        let store = UplinkStore::new(log.clone(), 3);
+        // Simulate a crash after one partition's append: store only the records of the first
+        // key's partition, by shipping a batch holding only them at their edge offsets.
+        let target = route(Some(b"a"), "e1", 3);
+        let partial: Vec<usize> = (0..KEYS.len())
+            .filter(|&index| route(Some(KEYS[index].as_bytes()), "e1", 3) == target)
+            .collect();
+        for &index in &partial {
+            let batch = edge_batch(index as i64, 1);
+            store
+                .append("mqtt", &stream(), index as u64, &batch)
+                .unwrap();
+        }
+        drop(store);
+        drop(log);
+        // Crash: no clean close. The edge re-sends the whole batch to a restarted core.
+        let log = LogManager::open(LogConfig::new(dir.path().join("core"))).unwrap();
+        let store = UplinkStore::new(log.clone(), 3);
+        let outcome = store
+            .append("mqtt", &stream(), 0, &edge_batch(0, 6))
+            .unwrap();
+        assert_eq!(outcome.duplicate_records, partial.len() as u64);
+        assert_eq!(
+            outcome.appended_records,
+            (KEYS.len() - partial.len()) as u64
+        );
+        let offsets: Vec<u64> = stored(&log, "mqtt").iter().map(|(_, o)| *o).collect();
+        assert_eq!(offsets, (0..6).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn garbage_is_an_error_not_a_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = LogManager::open(LogConfig::new(dir.path().join("core"))).unwrap();
+        let store = UplinkStore::new(log, 1);
+        let mut batch = edge_batch(0, 6);
+        let last = batch.len() - 1;
+        batch[last] ^= 0xff;
+        assert!(matches!(
+            store.append("mqtt", &stream(), 0, &batch),
+            Err(StoreError::BadBatch(_))
+        ));
+        assert!(matches!(
+            store.append("mqtt", &stream(), 0, &batch[..20]),
+            Err(StoreError::BadBatch(_))
+        ));
+    }
+}

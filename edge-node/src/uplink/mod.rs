@@ -1,0 +1,532 @@
+//! The uplink client: ships every partition of the local log to the core over QUIC.
+//!
+//! One connection to the core; one bidirectional stream per (topic, partition), opened for
+//! every partition the log has (new ones are noticed within [`DISCOVERY_INTERVAL`]). A
+//! stream sends `Hello`, then `Data` frames read from the partition's cursor onwards, at
+//! most `inflight_bytes` of batches unacknowledged at a time; each `Ack` moves the cursor
+//! (persisted, fsync'd) and frees its bytes. When the log has nothing new, the sender sleeps
+//! on the partition's high watermark instead of polling.
+//!
+//! Any failure drops the whole connection; the client reconnects with exponential backoff
+//! and jitter, capped at [`BACKOFF_MAX`] so that it is back within 5 s of the link
+//! returning, and resumes from the cursors. QUIC's idle timeout (keep-alives every 2 s)
+//! notices a dead path within 10 s.
+//!
+//! When the disk budget drops segments nobody shipped, the sender finds its cursor below the
+//! log start, counts the records lost (`silt_uplink_lost_records_total`) and goes on from
+//! the log start.
+//!
+//! # Layout
+//! - `cursor`: the persisted per-partition cursors, also read by retention.
+
+pub(crate) mod cursor;
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use bytes::BytesMut;
+use quinn::crypto::rustls::QuicClientConfig;
+use rand::Rng as _;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use silt_log::{LogError, LogManager, PartitionLog};
+use silt_wire::Frame;
+use tokio::io::AsyncReadExt as _;
+use tokio::sync::{Semaphore, watch};
+
+use crate::config::UplinkConfig;
+pub(crate) use cursor::Cursors;
+
+/// First reconnect delay.
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+/// Longest reconnect delay: keeps reconnection within 5 s of the link returning.
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// Must match the core's: a dead path is given up after this long without a packet.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(2);
+/// How long a connection attempt (resolution and handshake) may take. Short, because an
+/// attempt made while the link was down only succeeds if a handshake retransmission
+/// happens after the link returns (they back off: 1, 2, 4 s); a new attempt after at most
+/// [`BACKOFF_MAX`] keeps the reconnection within 5 s of the link returning.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// How often the client looks for new topics and partitions, and refreshes lag gauges.
+const DISCOVERY_INTERVAL: Duration = Duration::from_secs(1);
+/// How long a sender sleeps on the high watermark before looking again.
+const WAIT_FOR_DATA: Duration = Duration::from_secs(1);
+/// Bytes of `Ack` frames buffered at most: a handful of 13-byte frames.
+const ACK_BUFFER_BYTES: usize = 4096;
+
+/// A running uplink client.
+#[derive(Debug)]
+pub(crate) struct Uplink {
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+    pub(crate) cursors: Arc<Cursors>,
+}
+
+impl Uplink {
+    /// Starts shipping `log` to the core as edge `edge_id`. Fails only on configuration that
+    /// can never work (unreadable CA or client certificate).
+    pub(crate) fn start(
+        config: &UplinkConfig,
+        edge_id: &str,
+        log: Arc<LogManager>,
+    ) -> anyhow::Result<Uplink> {
+        let client = client_config(config)?;
+        let cursors = Arc::new(Cursors::new(config.state_dir.clone()));
+        let (stop, stopped) = watch::channel(false);
+        let shipper = Shipper {
+            config: config.clone(),
+            edge_id: edge_id.to_string(),
+            log,
+            cursors: cursors.clone(),
+            client,
+        };
+        let task = tokio::spawn(shipper.run(stopped));
+        Ok(Uplink {
+            stop,
+            task,
+            cursors,
+        })
+    }
+
+    /// Stops shipping: acks in flight are dropped (their data is re-sent and deduplicated
+    /// after the next start).
+    pub(crate) async fn stop(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+    }
+}
+
+fn client_config(config: &UplinkConfig) -> anyhow::Result<quinn::ClientConfig> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    let ca_pem = read_pem(&config.ca)?;
+    let mut found = false;
+    for cert in CertificateDer::pem_slice_iter(&ca_pem) {
+        let cert = cert.with_context(|| format!("{} is not valid PEM", config.ca.display()))?;
+        roots
+            .add(cert)
+            .with_context(|| format!("a CA certificate in {} is unusable", config.ca.display()))?;
+        found = true;
+    }
+    if !found {
+        bail!("{} holds no CA certificate", config.ca.display());
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .context("cannot build the uplink TLS configuration")?
+        .with_root_certificates(roots);
+    let mut tls = match &config.client_cert {
+        None => builder.with_no_client_auth(),
+        Some((cert_path, key_path)) => {
+            let cert_pem = read_pem(cert_path)?;
+            let chain = CertificateDer::pem_slice_iter(&cert_pem)
+                .collect::<Result<Vec<_>, _>>()
+                .with_context(|| format!("{} is not valid PEM", cert_path.display()))?;
+            let key = PrivateKeyDer::from_pem_slice(&read_pem(key_path)?)
+                .with_context(|| format!("{} holds no usable private key", key_path.display()))?;
+            builder.with_client_auth_cert(chain, key).with_context(|| {
+                format!(
+                    "the certificate {} does not fit the key {}",
+                    cert_path.display(),
+                    key_path.display()
+                )
+            })?
+        }
+    };
+    tls.alpn_protocols = vec![silt_wire::ALPN.to_vec()];
+    let quic = QuicClientConfig::try_from(tls).context("TLS config unusable for QUIC")?;
+    let mut client = quinn::ClientConfig::new(Arc::new(quic));
+    let mut transport = quinn::TransportConfig::default();
+    transport
+        .max_idle_timeout(Some(
+            quinn::IdleTimeout::try_from(IDLE_TIMEOUT).expect("idle timeout fits a varint"),
+        ))
+        .keep_alive_interval(Some(KEEP_ALIVE_INTERVAL));
+    client.transport_config(Arc::new(transport));
+    Ok(client)
+}
+
+fn read_pem(path: &std::path::Path) -> anyhow::Result<Vec<u8>> {
+    const PEM_FILE_BYTES_MAX: u64 = 4 << 20;
+    let size = std::fs::metadata(path)
+        .with_context(|| format!("cannot read {}", path.display()))?
+        .len();
+    anyhow::ensure!(
+        size <= PEM_FILE_BYTES_MAX,
+        "{} is larger than {PEM_FILE_BYTES_MAX} bytes",
+        path.display()
+    );
+    std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))
+}
+
+struct Shipper {
+    config: UplinkConfig,
+    edge_id: String,
+    log: Arc<LogManager>,
+    cursors: Arc<Cursors>,
+    client: quinn::ClientConfig,
+}
+
+impl Shipper {
+    async fn run(self, mut stopped: watch::Receiver<bool>) {
+        let shipper = Arc::new(self);
+        let mut backoff = BACKOFF_MIN;
+        let mut attempts = 0u64;
+        loop {
+            if *stopped.borrow() {
+                return;
+            }
+            let outcome = tokio::select! {
+                outcome = shipper.clone().connect_and_ship() => outcome,
+                _ = stopped.changed() => return,
+            };
+            attempts += 1;
+            metrics::gauge!("silt_uplink_connected").set(0.0);
+            metrics::counter!("silt_uplink_reconnects_total").increment(1);
+            match outcome {
+                // The connection worked for a while: start the backoff over.
+                Ok(()) => backoff = BACKOFF_MIN,
+                Err(error) => {
+                    tracing::warn!(
+                        attempt = attempts,
+                        error = format!("{error:#}"),
+                        "uplink down"
+                    );
+                }
+            }
+            // Full jitter over the upper half, so edges that lost the same core do not come
+            // back in step.
+            let delay = backoff.mul_f64(rand::rng().random_range(0.5..=1.0));
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                _ = stopped.changed() => return,
+            }
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+
+    /// One connection's life: `Ok` when it ended after having worked, `Err` when it never
+    /// came up.
+    async fn connect_and_ship(self: Arc<Self>) -> anyhow::Result<()> {
+        let connection = tokio::time::timeout(CONNECT_TIMEOUT, self.connect())
+            .await
+            .context("connecting to the core timed out")??;
+        metrics::gauge!("silt_uplink_connected").set(1.0);
+        tracing::info!(core = %self.config.addr, "uplink connected");
+        let mut streams: HashMap<(String, u32), tokio::task::JoinHandle<anyhow::Result<()>>> =
+            HashMap::new();
+        let mut discovery = tokio::time::interval(DISCOVERY_INTERVAL);
+        let result = loop {
+            tokio::select! {
+                reason = connection.closed() => break Err(anyhow::Error::new(reason)),
+                _ = discovery.tick() => {
+                    for topic in self.log.topics() {
+                        for partition in 0..topic.partitions {
+                            let key = (topic.name.clone(), partition);
+                            if let Some(task) = streams.get(&key)
+                                && task.is_finished()
+                            {
+                                // A stream ended: the whole connection starts over.
+                                let task = streams.remove(&key).expect("just seen");
+                                let error = match task.await {
+                                    Ok(Err(error)) => error,
+                                    Ok(Ok(())) => anyhow::anyhow!("stream ended"),
+                                    Err(error) => anyhow::Error::new(error),
+                                };
+                                connection.close(0u32.into(), b"stream failed");
+                                return finish(streams, Err(error)).await;
+                            }
+                            if streams.contains_key(&key) {
+                                continue;
+                            }
+                            let Ok(log) = self.log.partition(&topic.name, partition) else {
+                                continue;
+                            };
+                            let task = tokio::spawn(self.clone().ship_partition(
+                                connection.clone(),
+                                log,
+                            ));
+                            streams.insert(key, task);
+                        }
+                    }
+                    self.refresh_lag();
+                }
+            }
+        };
+        finish(streams, result).await
+    }
+
+    async fn connect(&self) -> anyhow::Result<quinn::Connection> {
+        let addr = tokio::net::lookup_host(&self.config.addr)
+            .await
+            .with_context(|| format!("cannot resolve {}", self.config.addr))?
+            .next()
+            .with_context(|| format!("{} resolves to no address", self.config.addr))?;
+        let bind: std::net::SocketAddr = if addr.is_ipv4() {
+            ([0, 0, 0, 0], 0).into()
+        } else {
+            ([0u16; 8], 0).into()
+        };
+        // A fresh endpoint (and UDP socket) per attempt: after a path change, the old
+        // socket's binding may be what is broken.
+        let endpoint = quinn::Endpoint::client(bind).context("cannot open a UDP socket")?;
+        let connection = endpoint
+            .connect_with(self.client.clone(), addr, &self.config.server_name)
+            .context("cannot start connecting")?
+            .await
+            .with_context(|| format!("cannot connect to the core at {addr}"))?;
+        Ok(connection)
+    }
+
+    /// Lag gauges per partition: records and (estimated) bytes not yet acknowledged.
+    fn refresh_lag(&self) {
+        for topic in self.log.topics() {
+            for partition in 0..topic.partitions {
+                let Ok(log) = self.log.partition(&topic.name, partition) else {
+                    continue;
+                };
+                let Some(cursor) = self.cursors.cached(&topic.name, partition) else {
+                    continue;
+                };
+                let end = log.high_watermark();
+                let start = log.local_start_offset().max(cursor);
+                let lag_records = end.saturating_sub(start);
+                let span = end.saturating_sub(log.local_start_offset()).max(1);
+                let lag_bytes = log.size_bytes() as u128 * lag_records as u128 / span as u128;
+                let labels = [
+                    ("topic", topic.name.clone()),
+                    ("partition", partition.to_string()),
+                ];
+                metrics::gauge!("silt_uplink_lag_records", &labels).set(lag_records as f64);
+                metrics::gauge!("silt_uplink_lag_bytes", &labels).set(lag_bytes as f64);
+            }
+        }
+    }
+
+    /// Ships one partition on its own stream until an error.
+    async fn ship_partition(
+        self: Arc<Self>,
+        connection: quinn::Connection,
+        log: Arc<PartitionLog>,
+    ) -> anyhow::Result<()> {
+        let topic = log.topic().to_string();
+        let partition = log.partition();
+        let cursors = self.cursors.clone();
+        let start = {
+            let (cursors, topic) = (cursors.clone(), topic.clone());
+            tokio::task::spawn_blocking(move || cursors.get(&topic, partition)).await??
+        };
+        let (mut send, mut recv) = connection.open_bi().await.context("cannot open a stream")?;
+        let mut out = BytesMut::new();
+        Frame::Hello {
+            version: silt_wire::VERSION,
+            edge_id: &self.edge_id,
+            topic: &topic,
+            partition,
+        }
+        .encode(&mut out);
+        send.write_all(&out).await.context("cannot send Hello")?;
+
+        let inflight_max = self.config.inflight_bytes as usize;
+        let window = Arc::new(Semaphore::new(inflight_max));
+        // Sent frames awaiting their ack, oldest first: (end offset, bytes held).
+        let (sent_tx, mut sent_rx) = tokio::sync::mpsc::unbounded_channel::<(u64, u32)>();
+        let labels = [
+            ("topic", topic.clone()),
+            ("partition", partition.to_string()),
+        ];
+
+        let acks = {
+            let (window, cursors, topic, labels) = (
+                window.clone(),
+                cursors.clone(),
+                topic.clone(),
+                labels.clone(),
+            );
+            async move {
+                let mut buf = BytesMut::with_capacity(ACK_BUFFER_BYTES);
+                let mut pending: VecDeque<(u64, u32)> = VecDeque::new();
+                loop {
+                    let (end_offset, used) = loop {
+                        match Frame::decode(&buf)? {
+                            Some((Frame::Ack { end_offset }, used)) => break (end_offset, used),
+                            Some((Frame::Error { code, message }, _)) => {
+                                bail!("the core refused the stream (code {code}): {message}")
+                            }
+                            Some((other, _)) => bail!("unexpected frame from the core: {other:?}"),
+                            None => {}
+                        }
+                        buf.reserve(ACK_BUFFER_BYTES);
+                        if recv
+                            .read_buf(&mut buf)
+                            .await
+                            .context("stream read failed")?
+                            == 0
+                        {
+                            bail!("the core closed the stream");
+                        }
+                    };
+                    let _ = buf.split_to(used);
+                    while let Ok(item) = sent_rx.try_recv() {
+                        pending.push_back(item);
+                    }
+                    let mut acked_bytes = 0u64;
+                    while let Some(&(end, bytes)) = pending.front() {
+                        if end > end_offset {
+                            break;
+                        }
+                        pending.pop_front();
+                        acked_bytes += u64::from(bytes);
+                        window.add_permits(bytes as usize);
+                    }
+                    let (cursors, topic_name) = (cursors.clone(), topic.clone());
+                    tokio::task::spawn_blocking(move || {
+                        cursors.advance(&topic_name, partition, end_offset)
+                    })
+                    .await??;
+                    metrics::counter!("silt_uplink_acked_bytes_total", &labels)
+                        .increment(acked_bytes);
+                    metrics::gauge!("silt_uplink_inflight_bytes", &labels)
+                        .set((inflight_max - window.available_permits()) as f64);
+                }
+            }
+        };
+
+        let sender = async {
+            let mut next = start;
+            loop {
+                let read = {
+                    let log = log.clone();
+                    let frame_bytes = self.config.frame_bytes as usize;
+                    tokio::task::spawn_blocking(move || read_next(&log, next, frame_bytes))
+                        .await??
+                };
+                let (first, end, batches) = match read {
+                    Read::Data {
+                        first,
+                        end,
+                        batches,
+                    } => (first, end, batches),
+                    Read::Lost { log_start } => {
+                        let lost = log_start - next;
+                        tracing::warn!(%topic, partition, lost, "records dropped by the disk budget before they were shipped");
+                        metrics::counter!("silt_uplink_lost_records_total", &labels)
+                            .increment(lost);
+                        next = log_start;
+                        continue;
+                    }
+                    Read::Nothing => {
+                        let log = log.clone();
+                        tokio::task::spawn_blocking(move || {
+                            log.wait_for_high_watermark(next, WAIT_FOR_DATA)
+                        })
+                        .await?;
+                        continue;
+                    }
+                };
+                let raw_len = batches.len();
+                let permits = raw_len.min(inflight_max) as u32;
+                window
+                    .acquire_many(permits)
+                    .await
+                    .expect("the window is never closed")
+                    .forget();
+                let (codec, payload) = silt_wire::compress_batches(&batches);
+                let mut out = BytesMut::with_capacity(payload.len() + 32);
+                Frame::Data {
+                    first_offset: first,
+                    end_offset: end,
+                    codec,
+                    raw_len: raw_len as u32,
+                    payload: &payload,
+                }
+                .encode(&mut out);
+                sent_tx
+                    .send((end, permits))
+                    .expect("the ack reader outlives the sender");
+                send.write_all(&out).await.context("stream write failed")?;
+                metrics::counter!("silt_uplink_shipped_records_total", &labels)
+                    .increment(end - first);
+                metrics::counter!("silt_uplink_shipped_bytes_total", &labels)
+                    .increment(raw_len as u64);
+                metrics::counter!("silt_uplink_wire_bytes_total", &labels)
+                    .increment(out.len() as u64);
+                next = end;
+            }
+            #[allow(unreachable_code)]
+            Ok::<(), anyhow::Error>(())
+        };
+        tokio::select! {
+            result = acks => result,
+            result = sender => result,
+        }
+    }
+}
+
+/// Aborts what is left of a connection's streams and returns `result`.
+async fn finish(
+    streams: HashMap<(String, u32), tokio::task::JoinHandle<anyhow::Result<()>>>,
+    result: anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    for task in streams.values() {
+        task.abort();
+    }
+    for (_, task) in streams {
+        let _ = task.await;
+    }
+    result
+}
+
+/// What the log holds at a sender's position.
+enum Read {
+    /// Whole batches covering offsets `first..end`.
+    Data {
+        first: u64,
+        end: u64,
+        batches: Vec<u8>,
+    },
+    /// Nothing visible beyond the position yet.
+    Nothing,
+    /// The position is below the log start: the disk budget dropped unshipped records.
+    Lost { log_start: u64 },
+}
+
+fn read_next(log: &PartitionLog, next: u64, frame_bytes: usize) -> anyhow::Result<Read> {
+    let slice = match log.read(next, frame_bytes) {
+        Ok(slice) => slice,
+        Err(LogError::OffsetOutOfRange { log_start, .. }) if next < log_start => {
+            return Ok(Read::Lost { log_start });
+        }
+        Err(LogError::NotLocal { local_start, .. }) => {
+            return Ok(Read::Lost {
+                log_start: local_start,
+            });
+        }
+        Err(error) => return Err(error.into()),
+    };
+    let mut end = next;
+    let mut taken = 0;
+    for batch in silt_log::batch::batches(&slice.bytes, usize::MAX) {
+        let (header, bytes) = batch.context("a batch read from the local log is invalid")?;
+        // Keep a frame within the wire's limit even when the first batch alone is large.
+        if taken > 0 && taken + bytes.len() > frame_bytes.min(silt_wire::DATA_RAW_BYTES_MAX) {
+            break;
+        }
+        taken += bytes.len();
+        end = header.last_offset() as u64 + 1;
+    }
+    if taken == 0 {
+        return Ok(Read::Nothing);
+    }
+    let mut batches = slice.bytes;
+    batches.truncate(taken);
+    Ok(Read::Data {
+        first: next,
+        end,
+        batches,
+    })
+}

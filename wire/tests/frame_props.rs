@@ -1,0 +1,135 @@
+//! Property and pinned-byte tests of the uplink frame codec.
+
+use bytes::BytesMut;
+use proptest::prelude::*;
+use silt_wire::{Codec, Frame, WireError, compress_batches, decompress_batches};
+
+#[derive(Debug, Clone)]
+enum Owned {
+    Hello(u16, String, String, u32),
+    Data(u64, u64, Vec<u8>),
+    Ack(u64),
+    Error(u16, String),
+}
+
+impl Owned {
+    fn frame(&self) -> Frame<'_> {
+        match self {
+            Owned::Hello(version, edge, topic, partition) => Frame::Hello {
+                version: *version,
+                edge_id: edge,
+                topic,
+                partition: *partition,
+            },
+            Owned::Data(first, len, payload) => Frame::Data {
+                first_offset: *first,
+                end_offset: first.saturating_add(*len),
+                codec: Codec::None,
+                raw_len: payload.len() as u32,
+                payload,
+            },
+            Owned::Ack(end) => Frame::Ack { end_offset: *end },
+            Owned::Error(code, message) => Frame::Error {
+                code: *code,
+                message,
+            },
+        }
+    }
+}
+
+fn owned() -> impl Strategy<Value = Owned> {
+    prop_oneof![
+        (
+            any::<u16>(),
+            "[a-z0-9-]{1,40}",
+            "[a-z.]{1,40}",
+            any::<u32>()
+        )
+            .prop_map(|(v, e, t, p)| Owned::Hello(v, e, t, p)),
+        (
+            any::<u64>(),
+            any::<u64>(),
+            proptest::collection::vec(any::<u8>(), 0..2000)
+        )
+            .prop_map(|(f, l, p)| Owned::Data(f, l, p)),
+        any::<u64>().prop_map(Owned::Ack),
+        (any::<u16>(), ".{0,100}").prop_map(|(c, m)| Owned::Error(c, m)),
+    ]
+}
+
+proptest! {
+    #[test]
+    fn decode_inverts_encode(frames in proptest::collection::vec(owned(), 1..8)) {
+        let mut buf = BytesMut::new();
+        for frame in &frames {
+            frame.frame().encode(&mut buf);
+        }
+        let mut at = 0;
+        for frame in &frames {
+            // Every strict prefix of a frame is "incomplete", never an error.
+            let (decoded, used) = Frame::decode(&buf[at..]).unwrap().unwrap();
+            prop_assert_eq!(decoded, frame.frame());
+            for cut in [0, 1, 4, used / 2, used - 1] {
+                prop_assert_eq!(Frame::decode(&buf[at..at + cut]).unwrap(), None);
+            }
+            at += used;
+        }
+        prop_assert_eq!(at, buf.len());
+    }
+
+    #[test]
+    fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+        let _ = Frame::decode(&bytes);
+    }
+
+    #[test]
+    fn compression_round_trips(raw in proptest::collection::vec(0u8..4, 0..5000)) {
+        let (codec, payload) = compress_batches(&raw);
+        let back = decompress_batches(codec, raw.len() as u32, &payload).unwrap();
+        prop_assert_eq!(back, raw);
+    }
+}
+
+#[test]
+fn pinned_bytes() {
+    let mut buf = BytesMut::new();
+    Frame::Hello {
+        version: 1,
+        edge_id: "e1",
+        topic: "mqtt",
+        partition: 2,
+    }
+    .encode(&mut buf);
+    Frame::Ack { end_offset: 7 }.encode(&mut buf);
+    assert_eq!(
+        &buf[..],
+        &[
+            0, 0, 0, 15, 1, 0, 1, 2, b'e', b'1', 4, b'm', b'q', b't', b't', 0, 0, 0, 2, //
+            0, 0, 0, 9, 3, 0, 0, 0, 0, 0, 0, 0, 7,
+        ]
+    );
+}
+
+#[test]
+fn limits_are_errors() {
+    let huge = (silt_wire::FRAME_BYTES_MAX as u32 + 1).to_be_bytes();
+    assert!(matches!(
+        Frame::decode(&[huge[0], huge[1], huge[2], huge[3], 2]),
+        Err(WireError::FrameTooLarge { .. })
+    ));
+    assert_eq!(Frame::decode(&[0, 0, 0, 0]), Err(WireError::Empty));
+    assert_eq!(
+        Frame::decode(&[0, 0, 0, 1, 9]),
+        Err(WireError::UnknownType(9))
+    );
+    // An ack with a trailing byte.
+    assert!(matches!(
+        Frame::decode(&[0, 0, 0, 10, 3, 0, 0, 0, 0, 0, 0, 0, 7, 1]),
+        Err(WireError::BadLength { frame_type: 3 })
+    ));
+    // A zstd bomb claiming a small raw size is refused at that size.
+    let raw = vec![0u8; 100_000];
+    let (codec, payload) = compress_batches(&raw);
+    assert_eq!(codec, Codec::Zstd);
+    assert!(decompress_batches(codec, 1000, &payload).is_err());
+}
