@@ -425,12 +425,13 @@ impl Shipper {
                     tokio::task::spawn_blocking(move || read_next(&log, next, frame_bytes))
                         .await??
                 };
-                let (first, end, batches) = match read {
+                let (first, end, edge_end, batches) = match read {
                     Read::Data {
                         first,
                         end,
+                        edge_end,
                         batches,
-                    } => (first, end, batches),
+                    } => (first, end, edge_end, batches),
                     Read::Lost { log_start } => {
                         let lost = log_start - next;
                         tracing::warn!(%topic, partition, lost, "records dropped by the disk budget before they were shipped");
@@ -460,6 +461,7 @@ impl Shipper {
                 Frame::Data {
                     first_offset: first,
                     end_offset: end,
+                    edge_end,
                     codec,
                     raw_len: raw_len as u32,
                     payload: &payload,
@@ -528,6 +530,8 @@ enum Read {
     Data {
         first: u64,
         end: u64,
+        /// The partition's high watermark at the read.
+        edge_end: u64,
         batches: Vec<u8>,
     },
     /// Nothing visible beyond the position yet.
@@ -568,6 +572,7 @@ fn read_next(log: &PartitionLog, next: u64, frame_bytes: usize) -> anyhow::Resul
     Ok(Read::Data {
         first: next,
         end,
+        edge_end: slice.high_watermark.max(end),
         batches,
     })
 }
