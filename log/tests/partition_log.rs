@@ -745,3 +745,35 @@ fn an_unsynced_append_is_visible_only_once_synced() {
     );
     assert_eq!(read_all(&log, 0).len(), 9);
 }
+
+#[test]
+fn a_follower_sleeps_until_new_data_is_durable() {
+    use std::time::{Duration, Instant};
+    let dir = tempfile::tempdir().unwrap();
+    let (_manager, log) = open_partition(small_config(dir.path()), "t");
+    // Nothing new: the wait ends at its timeout with the current high watermark.
+    let start = Instant::now();
+    assert_eq!(
+        log.wait_for_high_watermark(0, Duration::from_millis(150)),
+        0
+    );
+    assert!(start.elapsed() >= Duration::from_millis(150));
+    // An append wakes a waiter long before its timeout.
+    let waiter = {
+        let log = log.clone();
+        std::thread::spawn(move || {
+            let start = Instant::now();
+            (
+                log.wait_for_high_watermark(0, Duration::from_secs(30)),
+                start.elapsed(),
+            )
+        })
+    };
+    std::thread::sleep(Duration::from_millis(50));
+    log.append(&mut batch_of("w", 3, 1_000)).unwrap();
+    let (high_watermark, waited) = waiter.join().unwrap();
+    assert_eq!(high_watermark, 3);
+    assert!(waited < Duration::from_secs(10), "{waited:?}");
+    // Data already past the offset returns at once.
+    assert_eq!(log.wait_for_high_watermark(1, Duration::from_secs(30)), 3);
+}

@@ -106,7 +106,6 @@ async fn every_acked_message_reaches_the_core_exactly_once_through_kill9_on_both
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let at_kill = blocking(|| shipped_records(&edge));
     blocking(|| core.kill());
     let core = blocking(|| Core::start(&core_dir, &core_args));
     assert!(
@@ -121,13 +120,16 @@ async fn every_acked_message_reaches_the_core_exactly_once_through_kill9_on_both
         CLIENTS * PER_PHASE as usize,
         "the edge must ack everything"
     );
-    // The edge notices the dead connection by its idle timeout, reconnects to the new core
-    // and ships again.
+    // The edge notices the dead connection by its idle timeout and connects to the new core.
     let deadline = Instant::now() + DRAIN_TIMEOUT;
-    while blocking(|| shipped_records(&edge)) <= at_kill {
+    while metric_sum(
+        &blocking(|| core.metrics()),
+        "silt_uplink_connections_total",
+    ) == 0.0
+    {
         assert!(
             Instant::now() < deadline,
-            "shipping did not resume within {DRAIN_TIMEOUT:?}"
+            "the edge did not reconnect within {DRAIN_TIMEOUT:?}"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

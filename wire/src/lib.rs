@@ -13,7 +13,7 @@
 //! ```text
 //! frame   = length:u32be type:u8 body          length counts type and body
 //! Hello   (1) = version:u16 edge_id:str8 topic:str8 partition:u32
-//! Data    (2) = first_offset:u64 end_offset:u64 codec:u8 raw_len:u32 payload
+//! Data    (2) = first_offset:u64 end_offset:u64 edge_end:u64 codec:u8 raw_len:u32 payload
 //! Ack     (3) = end_offset:u64
 //! Error   (4) = code:u16 message:str16
 //! str8 / str16 = length (u8 / u16 big-endian) then UTF-8 bytes
@@ -81,6 +81,9 @@ pub enum Frame<'a> {
     Data {
         first_offset: u64,
         end_offset: u64,
+        /// The edge partition's high watermark when the frame was read (at least
+        /// `end_offset`): lets the core report the edge's lag.
+        edge_end: u64,
         codec: Codec,
         raw_len: u32,
         payload: &'a [u8],
@@ -112,8 +115,14 @@ pub enum WireError {
     },
     #[error("unknown payload codec {0}")]
     UnknownCodec(u8),
-    #[error("data frame offsets {first_offset}..{end_offset} are reversed")]
-    BadRange { first_offset: u64, end_offset: u64 },
+    #[error(
+        "data frame offsets {first_offset}..{end_offset} (edge end {edge_end}) are out of order"
+    )]
+    BadRange {
+        first_offset: u64,
+        end_offset: u64,
+        edge_end: u64,
+    },
     #[error("payload decompresses to more than {max} bytes")]
     Decompress { max: usize },
 }
@@ -151,15 +160,17 @@ impl Frame<'_> {
             Frame::Data {
                 first_offset,
                 end_offset,
+                edge_end,
                 codec,
                 raw_len,
                 payload,
             } => {
-                assert!(first_offset <= end_offset);
+                assert!(first_offset <= end_offset && end_offset <= edge_end);
                 assert!(raw_len as usize <= DATA_RAW_BYTES_MAX);
                 out.put_u8(TYPE_DATA);
                 out.put_u64(first_offset);
                 out.put_u64(end_offset);
+                out.put_u64(edge_end);
                 out.put_u8(codec as u8);
                 out.put_u32(raw_len);
                 out.put_slice(payload);
@@ -181,7 +192,7 @@ impl Frame<'_> {
     fn body_len(&self) -> usize {
         match *self {
             Frame::Hello { edge_id, topic, .. } => 2 + 1 + edge_id.len() + 1 + topic.len() + 4,
-            Frame::Data { payload, .. } => 8 + 8 + 1 + 4 + payload.len(),
+            Frame::Data { payload, .. } => 8 + 8 + 8 + 1 + 4 + payload.len(),
             Frame::Ack { .. } => 8,
             Frame::Error { message, .. } => 2 + 2 + truncate_utf8(message, MESSAGE_BYTES_MAX).len(),
         }
@@ -228,16 +239,18 @@ impl Frame<'_> {
             TYPE_DATA => {
                 let first_offset = reader.u64().ok_or(bad.clone())?;
                 let end_offset = reader.u64().ok_or(bad.clone())?;
+                let edge_end = reader.u64().ok_or(bad.clone())?;
                 let codec = match reader.u8().ok_or(bad.clone())? {
                     0 => Codec::None,
                     1 => Codec::Zstd,
                     other => return Err(WireError::UnknownCodec(other)),
                 };
                 let raw_len = reader.u32().ok_or(bad.clone())?;
-                if first_offset > end_offset {
+                if first_offset > end_offset || end_offset > edge_end {
                     return Err(WireError::BadRange {
                         first_offset,
                         end_offset,
+                        edge_end,
                     });
                 }
                 if raw_len as usize > DATA_RAW_BYTES_MAX {
@@ -254,6 +267,7 @@ impl Frame<'_> {
                 Frame::Data {
                     first_offset,
                     end_offset,
+                    edge_end,
                     codec,
                     raw_len,
                     payload,

@@ -7,7 +7,7 @@ use silt_wire::{Codec, Frame, WireError, compress_batches, decompress_batches};
 #[derive(Debug, Clone)]
 enum Owned {
     Hello(u16, String, String, u32),
-    Data(u64, u64, Vec<u8>),
+    Data(u64, u64, u64, Vec<u8>),
     Ack(u64),
     Error(u16, String),
 }
@@ -21,9 +21,10 @@ impl Owned {
                 topic,
                 partition: *partition,
             },
-            Owned::Data(first, len, payload) => Frame::Data {
+            Owned::Data(first, len, ahead, payload) => Frame::Data {
                 first_offset: *first,
                 end_offset: first.saturating_add(*len),
+                edge_end: first.saturating_add(*len).saturating_add(*ahead),
                 codec: Codec::None,
                 raw_len: payload.len() as u32,
                 payload,
@@ -49,9 +50,10 @@ fn owned() -> impl Strategy<Value = Owned> {
         (
             any::<u64>(),
             any::<u64>(),
+            any::<u64>(),
             proptest::collection::vec(any::<u8>(), 0..2000)
         )
-            .prop_map(|(f, l, p)| Owned::Data(f, l, p)),
+            .prop_map(|(f, l, a, p)| Owned::Data(f, l, a, p)),
         any::<u64>().prop_map(Owned::Ack),
         (any::<u16>(), ".{0,100}").prop_map(|(c, m)| Owned::Error(c, m)),
     ]
@@ -101,11 +103,22 @@ fn pinned_bytes() {
     }
     .encode(&mut buf);
     Frame::Ack { end_offset: 7 }.encode(&mut buf);
+    Frame::Data {
+        first_offset: 3,
+        end_offset: 5,
+        edge_end: 9,
+        codec: Codec::None,
+        raw_len: 2,
+        payload: b"ab",
+    }
+    .encode(&mut buf);
     assert_eq!(
         &buf[..],
         &[
             0, 0, 0, 15, 1, 0, 1, 2, b'e', b'1', 4, b'm', b'q', b't', b't', 0, 0, 0, 2, //
-            0, 0, 0, 9, 3, 0, 0, 0, 0, 0, 0, 0, 7,
+            0, 0, 0, 9, 3, 0, 0, 0, 0, 0, 0, 0, 7, //
+            0, 0, 0, 32, 2, 0, 0, 0, 0, 0, 0, 0, 3, 0, 0, 0, 0, 0, 0, 0, 5, 0, 0, 0, 0, 0, 0, 0, 9,
+            0, 0, 0, 0, 2, b'a', b'b',
         ]
     );
 }

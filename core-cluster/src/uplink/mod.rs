@@ -290,6 +290,7 @@ async fn stream_loop(
             Frame::Data {
                 first_offset,
                 end_offset,
+                edge_end,
                 codec,
                 raw_len,
                 payload,
@@ -338,6 +339,14 @@ async fn stream_loop(
             .increment(outcome.appended_bytes);
         metrics::counter!("silt_uplink_received_wire_bytes_total", &labels)
             .increment(frame.len() as u64);
+        // What the edge had not shipped when it read this frame: its lag as the core sees it.
+        let stream_labels = [
+            ("topic", topic.clone()),
+            ("edge", stream.edge_id.clone()),
+            ("edge_partition", stream.edge_partition.to_string()),
+        ];
+        metrics::gauge!("silt_uplink_edge_lag_records", &stream_labels)
+            .set((edge_end - end_offset) as f64);
         let mut out = BytesMut::with_capacity(16);
         Frame::Ack { end_offset }.encode(&mut out);
         if send.write_all(&out).await.is_err() {

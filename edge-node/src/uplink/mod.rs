@@ -84,7 +84,12 @@ impl Uplink {
             cursors: cursors.clone(),
             client,
         };
-        let task = tokio::spawn(shipper.run(stopped));
+        let shipper = Arc::new(shipper);
+        let lag = tokio::spawn(shipper.clone().report_lag(stopped.clone()));
+        let task = tokio::spawn(async move {
+            shipper.run(stopped).await;
+            let _ = lag.await;
+        });
         Ok(Uplink {
             stop,
             task,
@@ -172,8 +177,23 @@ struct Shipper {
 }
 
 impl Shipper {
-    async fn run(self, mut stopped: watch::Receiver<bool>) {
-        let shipper = Arc::new(self);
+    /// Refreshes the lag gauges every [`DISCOVERY_INTERVAL`], connected or not, so an
+    /// outage's growing backlog shows.
+    async fn report_lag(self: Arc<Self>, mut stopped: watch::Receiver<bool>) {
+        let mut tick = tokio::time::interval(DISCOVERY_INTERVAL);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    let shipper = self.clone();
+                    let _ = tokio::task::spawn_blocking(move || shipper.refresh_lag()).await;
+                }
+                _ = stopped.changed() => return,
+            }
+        }
+    }
+
+    async fn run(self: Arc<Self>, mut stopped: watch::Receiver<bool>) {
+        let shipper = self;
         let mut backoff = BACKOFF_MIN;
         let mut attempts = 0u64;
         loop {
@@ -217,8 +237,7 @@ impl Shipper {
             .context("connecting to the core timed out")??;
         metrics::gauge!("silt_uplink_connected").set(1.0);
         tracing::info!(core = %self.config.addr, "uplink connected");
-        let mut streams: HashMap<(String, u32), tokio::task::JoinHandle<anyhow::Result<()>>> =
-            HashMap::new();
+        let mut streams = Streams::default();
         let mut discovery = tokio::time::interval(DISCOVERY_INTERVAL);
         let result = loop {
             tokio::select! {
@@ -253,7 +272,6 @@ impl Shipper {
                             streams.insert(key, task);
                         }
                     }
-                    self.refresh_lag();
                 }
             }
         };
@@ -283,13 +301,15 @@ impl Shipper {
     }
 
     /// Lag gauges per partition: records and (estimated) bytes not yet acknowledged.
+    /// Blocking (may read cursor files).
     fn refresh_lag(&self) {
         for topic in self.log.topics() {
             for partition in 0..topic.partitions {
                 let Ok(log) = self.log.partition(&topic.name, partition) else {
                     continue;
                 };
-                let Some(cursor) = self.cursors.cached(&topic.name, partition) else {
+                // Loads the cursor from disk the first time (a few bytes, once).
+                let Ok(cursor) = self.cursors.get(&topic.name, partition) else {
                     continue;
                 };
                 let end = log.high_watermark();
@@ -405,12 +425,13 @@ impl Shipper {
                     tokio::task::spawn_blocking(move || read_next(&log, next, frame_bytes))
                         .await??
                 };
-                let (first, end, batches) = match read {
+                let (first, end, edge_end, batches) = match read {
                     Read::Data {
                         first,
                         end,
+                        edge_end,
                         batches,
-                    } => (first, end, batches),
+                    } => (first, end, edge_end, batches),
                     Read::Lost { log_start } => {
                         let lost = log_start - next;
                         tracing::warn!(%topic, partition, lost, "records dropped by the disk budget before they were shipped");
@@ -440,6 +461,7 @@ impl Shipper {
                 Frame::Data {
                     first_offset: first,
                     end_offset: end,
+                    edge_end,
                     codec,
                     raw_len: raw_len as u32,
                     payload: &payload,
@@ -467,15 +489,36 @@ impl Shipper {
     }
 }
 
-/// Aborts what is left of a connection's streams and returns `result`.
-async fn finish(
-    streams: HashMap<(String, u32), tokio::task::JoinHandle<anyhow::Result<()>>>,
-    result: anyhow::Result<()>,
-) -> anyhow::Result<()> {
-    for task in streams.values() {
-        task.abort();
+/// One connection's partition streams, aborted when dropped: also when the node stops and
+/// drops the connection's future mid-way.
+#[derive(Default)]
+struct Streams(HashMap<(String, u32), tokio::task::JoinHandle<anyhow::Result<()>>>);
+
+impl std::ops::Deref for Streams {
+    type Target = HashMap<(String, u32), tokio::task::JoinHandle<anyhow::Result<()>>>;
+    fn deref(&self) -> &Self::Target {
+        &self.0
     }
-    for (_, task) in streams {
+}
+
+impl std::ops::DerefMut for Streams {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
+impl Drop for Streams {
+    fn drop(&mut self) {
+        for task in self.0.values() {
+            task.abort();
+        }
+    }
+}
+
+/// Aborts what is left of a connection's streams, waits for them, and returns `result`.
+async fn finish(mut streams: Streams, result: anyhow::Result<()>) -> anyhow::Result<()> {
+    for (_, task) in streams.0.drain() {
+        task.abort();
         let _ = task.await;
     }
     result
@@ -487,6 +530,8 @@ enum Read {
     Data {
         first: u64,
         end: u64,
+        /// The partition's high watermark at the read.
+        edge_end: u64,
         batches: Vec<u8>,
     },
     /// Nothing visible beyond the position yet.
@@ -527,6 +572,7 @@ fn read_next(log: &PartitionLog, next: u64, frame_bytes: usize) -> anyhow::Resul
     Ok(Read::Data {
         first: next,
         end,
+        edge_end: slice.high_watermark.max(end),
         batches,
     })
 }
