@@ -63,7 +63,11 @@ Every config key is also read from the environment, below flags and above the fi
 SILT_NODE_ID, SILT_DATA_DIR, SILT_ADMIN_LISTEN and SILT_OBJECT_STORE for the top-level keys,
 and SILT_<SECTION>__<KEY> for keys in a section, e.g. SILT_KAFKA__LISTEN=0.0.0.0:9092,
 SILT_KAFKA__DEFAULT_PARTITIONS=3 or SILT_TOPIC_DEFAULTS__RETENTION_MS=86400000 (in
-topic_defaults, '_' stands for '.').";
+topic_defaults, '_' stands for '.').
+
+Other commands:
+  silt-core issue-cert --data-dir DIR --edge-id ID --out DIR
+      Sign a client certificate for an edge with the core's uplink CA (mutual TLS).";
 
 /// Prefix of every env var the edge reads.
 const ENV_PREFIX: &str = "SILT_";

@@ -23,6 +23,9 @@ use silt_log::config::{
 };
 
 /// Defaults of the keys the core itself owns; the log's come from `silt_log::config`.
+/// The data directory's entry that holds the uplink's TLS files, which the log leaves alone.
+const TLS_DIR_NAME: &str = silt_log::TLS_DIR_NAME;
+
 pub(crate) mod defaults {
     /// The admin (metrics and health) listener: loopback only, so nothing is exposed unless an
     /// operator says so. One port above the edge's, so both run on one machine (`silt dev`).
@@ -100,7 +103,7 @@ pub(crate) struct UplinkConfig {
     /// Where the uplink's QUIC server binds (`uplink.listen`).
     pub(crate) listen: SocketAddr,
     /// Where the development CA and server certificate are created when `uplink.cert` is
-    /// not set (`uplink.tls_dir`, default `<data_dir>.tls`: the log owns its data directory).
+    /// not set (`uplink.tls_dir`, default `<data_dir>/tls`, a directory the log leaves to the node).
     pub(crate) tls_dir: PathBuf,
     /// Server certificate and key (`uplink.cert`, `uplink.key`); default: the development
     /// ones in `tls_dir`.
@@ -507,14 +510,10 @@ impl RawConfig {
                     .unwrap_or(defaults::UPLINK_LISTEN),
                 "0.0.0.0:9093",
             )?,
-            tls_dir: self.uplink.tls_dir.map_or_else(
-                || {
-                    let mut name = log.data_dir.as_os_str().to_os_string();
-                    name.push(".tls");
-                    PathBuf::from(name)
-                },
-                PathBuf::from,
-            ),
+            tls_dir: self
+                .uplink
+                .tls_dir
+                .map_or_else(|| log.data_dir.join(TLS_DIR_NAME), PathBuf::from),
             cert: match (self.uplink.cert, self.uplink.key) {
                 (None, None) => None,
                 (Some(cert), Some(key)) => Some((cert.into(), key.into())),
@@ -527,10 +526,12 @@ impl RawConfig {
             },
             client_ca: self.uplink.client_ca.map(PathBuf::from),
         };
-        if uplink.tls_dir.starts_with(&log.data_dir) {
+        if uplink.tls_dir.starts_with(&log.data_dir)
+            && uplink.tls_dir != log.data_dir.join(TLS_DIR_NAME)
+        {
             return Err(ConfigError::key(
                 "uplink.tls_dir",
-                "must be outside data_dir: the log owns every entry of its data directory",
+                "must be <data_dir>/tls or outside data_dir: the log owns every other entry of its data directory",
             ));
         }
         Ok(CoreConfig {

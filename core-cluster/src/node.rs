@@ -27,7 +27,7 @@ use crate::broker::{Broker, BrokerConfig, GROUP_TICK};
 use crate::config::CoreConfig;
 use crate::telemetry;
 use crate::tls::{self, ServerTls};
-use crate::uplink::{UplinkServer, UplinkServerConfig};
+use crate::uplink::{AppendHook, UplinkServer, UplinkServerConfig};
 
 /// How often the metrics recorder drains its histogram samples, so that they stay bounded
 /// between scrapes.
@@ -115,7 +115,7 @@ pub(crate) async fn run(
             let _ = kafka_stopped.await;
         },
     )));
-    let uplink = match start_uplink(&config, listeners.uplink, &log) {
+    let uplink = match start_uplink(&config, listeners.uplink, &log, &broker) {
         Ok(uplink) => uplink,
         Err(error) => {
             let _ = stop_kafka.send(());
@@ -186,6 +186,7 @@ fn start_uplink(
     config: &CoreConfig,
     socket: std::net::UdpSocket,
     log: &Arc<LogManager>,
+    broker: &Arc<Broker>,
 ) -> anyhow::Result<RunningUplink> {
     let tls = match &config.uplink.cert {
         Some((cert, key)) => ServerTls {
@@ -205,6 +206,10 @@ fn start_uplink(
         &UplinkServerConfig {
             tls,
             default_partitions: config.kafka.default_partitions,
+            on_append: {
+                let broker = broker.clone();
+                AppendHook(Arc::new(move || broker.notify_appended()))
+            },
         },
     )?;
     let addr = server.local_addr()?;

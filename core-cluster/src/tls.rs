@@ -270,7 +270,7 @@ fn write_durable(path: &Path, bytes: &[u8], private: bool) -> anyhow::Result<()>
     about = "Issue a client certificate for an edge from the core's uplink CA"
 )]
 struct IssueCert {
-    /// The core's data directory; its CA lives in `<data-dir>.tls/` unless --tls-dir says.
+    /// The core's data directory; its CA lives in `<data-dir>/tls/` unless --tls-dir says.
     #[arg(long, value_name = "DIR", required_unless_present = "tls_dir")]
     data_dir: Option<PathBuf>,
     /// The directory holding `ca.pem` and `ca-key.pem` (the core's `uplink.tls_dir`).
@@ -293,11 +293,7 @@ pub(crate) fn issue_cert_main(
     let cli = IssueCert::parse_from(std::iter::once("silt-core issue-cert".into()).chain(args));
     let tls_dir = match (cli.tls_dir, cli.data_dir) {
         (Some(dir), _) => dir,
-        (None, Some(data_dir)) => {
-            let mut name = data_dir.into_os_string();
-            name.push(".tls");
-            PathBuf::from(name)
-        }
+        (None, Some(data_dir)) => data_dir.join(silt_log::TLS_DIR_NAME),
         (None, None) => bail!("--data-dir or --tls-dir is required"),
     };
     let cert = issue_edge_cert(&tls_dir, &cli.edge_id, &cli.out)?;

@@ -30,7 +30,7 @@ pub use config::{BudgetPolicy, DiskBudget, FlushPolicy, LogConfig, TopicConfig};
 pub use disk::DiskStats;
 pub use error::{LogError, Result};
 pub use manager::{
-    LogManager, PARTITIONS_MAX, RESERVED_DIR_NAMES, TOPIC_NAME_BYTES_MAX, TopicInfo,
+    LogManager, PARTITIONS_MAX, RESERVED_DIR_NAMES, TLS_DIR_NAME, TOPIC_NAME_BYTES_MAX, TopicInfo,
     validate_topic_name,
 };
 pub use partition::{

@@ -466,7 +466,10 @@ fn topic_info(name: &str, topic: &Topic) -> TopicInfo {
 /// Directories of a data directory that belong to the node, not to the log: `tls` holds a
 /// core's development CA and certificates (`<data-dir>/tls/ca.pem`). The log skips them when
 /// it opens, and no topic may take their names.
-pub const RESERVED_DIR_NAMES: &[&str] = &["tls"];
+pub const RESERVED_DIR_NAMES: &[&str] = &[TLS_DIR_NAME];
+
+/// The reserved directory for a node's TLS files.
+pub const TLS_DIR_NAME: &str = "tls";
 
 /// Kafka's topic name rules: 1 to 249 of `[a-zA-Z0-9._-]`, and not `.` or `..`; nor one of
 /// [`RESERVED_DIR_NAMES`].

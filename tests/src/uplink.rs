@@ -168,9 +168,7 @@ fn front_loop(front: Arc<UdpSocket>, shared: &Arc<ProxyShared>) {
 
 /// The development CA a core started on `core_data_dir` created.
 pub fn core_ca(core_data_dir: &Path) -> PathBuf {
-    let mut name = core_data_dir.as_os_str().to_os_string();
-    name.push(".tls");
-    PathBuf::from(name).join("ca.pem")
+    core_data_dir.join("tls").join("ca.pem")
 }
 
 /// Starts `silt-edge` as `edge_id` on `data_dir` with MQTT on a free port and its uplink

@@ -160,7 +160,10 @@ pub(crate) async fn run(args: DevArgs) -> Result<(), KafkaError> {
         args.kafka_listen
     );
     println!("Ctrl-C stops both nodes.");
-    eprintln!("silt: dev is running (mqtt={} kafka={})", args.mqtt_listen, args.kafka_listen);
+    eprintln!(
+        "silt: dev is running (mqtt={} kafka={})",
+        args.mqtt_listen, args.kafka_listen
+    );
 
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|error| failed(format!("cannot watch SIGTERM: {error}")))?;

@@ -112,6 +112,12 @@ impl Broker {
 
     /// This partition's role; a partition first seen here is led by this node at epoch 0,
     /// as the only node of its cluster.
+    /// Wakes fetches waiting for new data: for appends that do not come through Produce (the
+    /// uplink's).
+    pub(crate) fn notify_appended(&self) {
+        self.appended.notify_waiters();
+    }
+
     fn role(&self, topic: &str, partition: u32) -> Role {
         let mut roles = self.roles.lock().unwrap_or_else(|e| e.into_inner());
         *roles

@@ -44,6 +44,24 @@ pub(crate) struct UplinkServerConfig {
     pub(crate) tls: ServerTls,
     /// Partitions of a topic the uplink creates.
     pub(crate) default_partitions: u32,
+    /// Called after each durable append, so Kafka fetches waiting for data wake at once.
+    pub(crate) on_append: AppendHook,
+}
+
+/// A callback run after records are appended.
+#[derive(Clone)]
+pub(crate) struct AppendHook(pub(crate) Arc<dyn Fn() + Send + Sync>);
+
+impl std::fmt::Debug for AppendHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AppendHook")
+    }
+}
+
+impl Default for AppendHook {
+    fn default() -> Self {
+        AppendHook(Arc::new(|| {}))
+    }
 }
 
 /// QUIC transport settings shared by both sides: a dead path is noticed within
@@ -89,7 +107,10 @@ impl UplinkServer {
         .context("cannot start the uplink endpoint")?;
         Ok(UplinkServer {
             endpoint,
-            store: Arc::new(UplinkStore::new(log, config.default_partitions)),
+            store: Arc::new(
+                UplinkStore::new(log, config.default_partitions)
+                    .with_on_append(config.on_append.clone()),
+            ),
             mutual_tls: config.tls.client_ca.is_some(),
         })
     }

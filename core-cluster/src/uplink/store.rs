@@ -71,6 +71,7 @@ pub(crate) struct UplinkStore {
     default_partitions: u32,
     topics: Mutex<HashMap<String, Arc<Mutex<TopicDedup>>>>,
     streams: Mutex<HashMap<(String, StreamKey), StreamLock>>,
+    on_append: super::AppendHook,
 }
 
 /// Held while one stream's records are checked and appended.
@@ -83,7 +84,14 @@ impl UplinkStore {
             default_partitions,
             topics: Mutex::new(HashMap::new()),
             streams: Mutex::new(HashMap::new()),
+            on_append: super::AppendHook::default(),
         }
+    }
+
+    /// Runs `hook` after every append that stored records.
+    pub(crate) fn with_on_append(mut self, hook: super::AppendHook) -> UplinkStore {
+        self.on_append = hook;
+        self
     }
 
     /// Appends the records of `batches` (edge RecordBatch v2 bytes) at edge offsets from
@@ -154,6 +162,9 @@ impl UplinkStore {
             outcome.appended_records += count;
             let mut dedup = dedup.lock().unwrap_or_else(|e| e.into_inner());
             dedup.partitions[partition].insert(stream.clone(), last + 1);
+        }
+        if outcome.appended_records > 0 {
+            (self.on_append.0)();
         }
         Ok(outcome)
     }
