@@ -20,6 +20,16 @@ mod telemetry;
 mod tls;
 mod uplink;
 
+/// mimalloc, as on the edge, for a reason of its own here: `kafka-protocol` 0.18 sizes a
+/// vector from an array's element count before decoding one element, so a 20-byte request
+/// claiming 2^31 elements asks for hundreds of GB at once. glibc's malloc fails that and the
+/// process aborts; mimalloc reserves address space without committing it (MAP_NORESERVE, with
+/// the kernel's default overcommit), so the decode fails on the missing bytes and only that
+/// connection closes. `kafka_bad_input` checks it. A bound in the codec itself is the real fix
+/// (upstream pull requests are open).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::future::Future;
 use std::io::IsTerminal;
 use std::net::SocketAddr;

@@ -116,6 +116,25 @@ fn broken_frames_close_only_their_connection() {
 }
 
 #[test]
+fn an_array_claiming_billions_of_elements_is_refused_not_allocated() {
+    let dir = tempfile::tempdir().unwrap();
+    let core = Core::start(&dir.path().join("data"), &[]);
+    // Metadata v1 whose topic array claims i32::MAX entries in a 4-byte body: the codec sizes
+    // a vector from that count before reading one element (hundreds of GB). The node must
+    // survive it and close only this connection.
+    let mut kafka = RawKafka::connect(core.kafka);
+    kafka.send(METADATA, 1, false, &i32::MAX.to_be_bytes());
+    assert_eq!(kafka.read_answer(), Answer::Closed);
+    // The same in a flexible version: a compact array of u32::MAX - 1 entries.
+    let mut kafka = RawKafka::connect(core.kafka);
+    kafka.send(METADATA, 9, true, &[0xff, 0xff, 0xff, 0xff, 0x0f]);
+    assert_eq!(kafka.read_answer(), Answer::Closed);
+    let mut kafka = RawKafka::connect(core.kafka);
+    assert_api_versions_works(&mut kafka);
+    core.stop();
+}
+
+#[test]
 fn pipelined_requests_are_answered_in_order() {
     let dir = tempfile::tempdir().unwrap();
     let core = Core::start(&dir.path().join("data"), &[]);
