@@ -95,9 +95,12 @@ async fn takeover_waits_for_the_old_connection(version: Version) {
     let sentinel = format!("{topic}/end");
     after.extend(raw::publish(version, &sentinel, 1, Some(8), b"new:end"));
     new.send(&after).await;
+    // PUBREC (QoS 2) and PUBACK (the QoS 1 sentinel) come in either order, and the PUBCOMP
+    // answering our PUBREL may come before the PUBACK.
     let mut pubrec = false;
     let mut puback = false;
-    while !(pubrec && puback) {
+    let mut pubcomp = false;
+    while !(pubrec && puback && pubcomp) {
         let packet = new
             .read_packet(MQTT_TIMEOUT)
             .await
@@ -109,12 +112,14 @@ async fn takeover_waits_for_the_old_connection(version: Version) {
                 new.send(&raw::packet(0x62, &7u16.to_be_bytes())).await;
             }
             PUBACK => puback = true,
-            PUBCOMP => {}
+            PUBCOMP => {
+                assert!(pubrec, "PUBCOMP before our PUBREL: {packet:?}");
+                assert_eq!(&packet.body[..2], &7u16.to_be_bytes(), "{packet:?}");
+                pubcomp = true;
+            }
             other => panic!("unexpected packet type {other}: {packet:?}"),
         }
     }
-    let pubcomp = new.read_packet(MQTT_TIMEOUT).await.expect("no PUBCOMP");
-    assert_eq!(pubcomp.kind(), PUBCOMP, "{pubcomp:?}");
 
     // The subscriber: the old connection's messages as read (a gap-free prefix of the
     // burst, then its QoS 2 message if it was read), then the new connection's.
