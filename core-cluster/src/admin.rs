@@ -1,6 +1,6 @@
 //! The admin port: `GET /health` and `GET /metrics` over a deliberately small HTTP/1.1 server.
 //!
-//! A copy of `silt-edge`'s admin port (the edge binary must stay small, so it is not hyper): each connection sends one request
+//! The edge binary must stay small, so this is not hyper: each connection sends one request
 //! head (at most [`http::HEAD_BYTES_MAX`] bytes, within [`HEAD_READ_TIMEOUT`]), gets one
 //! response and is closed. At most [`CONNECTIONS_MAX`] connections are served at once; more are
 //! closed on accept. Shutting the server down drops every connection, idle or not, so an open
@@ -11,7 +11,7 @@
 //! - `/metrics`: the Prometheus text format, with the log's numbers refreshed on each scrape.
 //! - Unknown paths get 404; known paths with a method other than GET or HEAD get 405.
 
-mod http;
+use silt_gateways::admin_http as http;
 
 use std::future::Future;
 use std::io;
@@ -26,8 +26,8 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio::time::timeout;
 
-use self::http::{HEAD_BYTES_MAX, HeadError, Method, Request, Response, Status};
 use crate::telemetry;
+use silt_gateways::admin_http::{HEAD_BYTES_MAX, HeadError, Method, Request, Response, Status};
 
 /// Most admin connections served at once; a scraper and a probe or two need far fewer.
 const CONNECTIONS_MAX: usize = 32;

@@ -11,7 +11,7 @@
 //! - `/metrics`: the Prometheus text format, with the log's numbers refreshed on each scrape.
 //! - Unknown paths get 404; known paths with a method other than GET or HEAD get 405.
 
-mod http;
+use silt_gateways::admin_http as http;
 
 use std::future::Future;
 use std::io;
@@ -26,8 +26,8 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio::time::timeout;
 
-use self::http::{HEAD_BYTES_MAX, HeadError, Method, Request, Response, Status};
 use crate::telemetry;
+use silt_gateways::admin_http::{HEAD_BYTES_MAX, HeadError, Method, Request, Response, Status};
 
 /// Most admin connections served at once; a scraper and a probe or two need far fewer.
 const CONNECTIONS_MAX: usize = 32;

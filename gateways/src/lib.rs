@@ -18,6 +18,8 @@
 //!   - `mqtt::alias`: MQTT 5 topic aliases in both directions.
 //!   - `mqtt::ingest`: a PUBLISH turned into the log record that keeps it.
 
+/// The admin port's minimal HTTP/1.1 head codec, shared by `silt-edge` and `silt-core`.
+pub mod admin_http;
 #[cfg(feature = "kafka")]
 pub mod kafka;
 pub mod mqtt;

@@ -4,14 +4,14 @@
 //! most [`HEAD_BYTES_MAX`] bytes, so a client can never make the node hold more than that.
 
 /// Longest request head (request line and header fields) accepted.
-pub(crate) const HEAD_BYTES_MAX: usize = 8 * 1024;
+pub const HEAD_BYTES_MAX: usize = 8 * 1024;
 
 /// Content type of plain text responses.
-pub(crate) const TEXT_PLAIN: &str = "text/plain; charset=utf-8";
+pub const TEXT_PLAIN: &str = "text/plain; charset=utf-8";
 
 /// The request methods the admin port tells apart.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Method {
+pub enum Method {
     Get,
     /// A GET whose response carries no body (HTTP requires servers to support it).
     Head,
@@ -21,15 +21,15 @@ pub(crate) enum Method {
 
 /// A parsed request head: all the admin port looks at.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Request {
-    pub(crate) method: Method,
+pub struct Request {
+    pub method: Method,
     /// The target's path, without query or fragment.
-    pub(crate) path: String,
+    pub path: String,
 }
 
 /// Why a request head is refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum HeadError {
+pub enum HeadError {
     /// No end of the head within [`HEAD_BYTES_MAX`] bytes.
     TooLarge,
     /// Not HTTP/1.x syntax; the reason is for logs.
@@ -42,7 +42,7 @@ pub(crate) enum HeadError {
 
 impl HeadError {
     /// The status that answers this error.
-    pub(crate) fn status(self) -> Status {
+    pub fn status(self) -> Status {
         match self {
             HeadError::TooLarge => Status::HeadTooLarge,
             HeadError::Malformed(_) | HeadError::Incomplete => Status::BadRequest,
@@ -53,7 +53,7 @@ impl HeadError {
 
 /// Response statuses the admin port sends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Status {
+pub enum Status {
     Ok,
     BadRequest,
     NotFound,
@@ -66,7 +66,7 @@ pub(crate) enum Status {
 }
 
 impl Status {
-    pub(crate) fn code(self) -> u16 {
+    pub fn code(self) -> u16 {
         match self {
             Status::Ok => 200,
             Status::BadRequest => 400,
@@ -97,15 +97,15 @@ impl Status {
 
 /// A complete response; the connection closes after it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Response {
-    pub(crate) status: Status,
-    pub(crate) content_type: &'static str,
-    pub(crate) body: Vec<u8>,
+pub struct Response {
+    pub status: Status,
+    pub content_type: &'static str,
+    pub body: Vec<u8>,
 }
 
 impl Response {
     /// A plain text response.
-    pub(crate) fn text(status: Status, body: &str) -> Response {
+    pub fn text(status: Status, body: &str) -> Response {
         Response {
             status,
             content_type: TEXT_PLAIN,
@@ -114,7 +114,7 @@ impl Response {
     }
 
     /// The plain text response for `status` alone, its reason phrase as the body.
-    pub(crate) fn status(status: Status) -> Response {
+    pub fn status(status: Status) -> Response {
         Response::text(
             status,
             &format!("{}\n", status.reason().to_ascii_lowercase()),
@@ -122,7 +122,7 @@ impl Response {
     }
 
     /// The bytes on the wire; the body is left out in answer to HEAD, its length kept.
-    pub(crate) fn encode(&self, method: Method) -> Vec<u8> {
+    pub fn encode(&self, method: Method) -> Vec<u8> {
         let mut out = format!(
             "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n",
             self.status.code(),
@@ -147,7 +147,7 @@ impl Response {
 /// Returns `Ok(None)` while the head is incomplete, and judges the request line as soon as it
 /// is complete, so garbage is refused without waiting for a blank line that may never come.
 /// Accepts bare LF line ends as well as CRLF (RFC 9112 section 2.2).
-pub(crate) fn parse_head(buf: &[u8]) -> Result<Option<Request>, HeadError> {
+pub fn parse_head(buf: &[u8]) -> Result<Option<Request>, HeadError> {
     let window = &buf[..buf.len().min(HEAD_BYTES_MAX)];
     let incomplete = || {
         if buf.len() >= HEAD_BYTES_MAX {
