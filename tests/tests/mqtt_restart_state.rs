@@ -61,7 +61,11 @@ fn log_records_on(data: &Path, topic: &str) -> usize {
 }
 
 /// Messages the watcher gets before a sentinel published now.
-async fn before_sentinel(version: Version, broker: &MqttBroker, watcher: &mut Client) -> Vec<String> {
+async fn before_sentinel(
+    version: Version,
+    broker: &MqttBroker,
+    watcher: &mut Client,
+) -> Vec<String> {
     let mut publisher = Client::connect_clean(version, broker.mqtt, "sentinel").await;
     publisher
         .publish_acked("wills/end", 1, false, "sentinel")
@@ -235,7 +239,10 @@ async fn queued_messages_keep_their_subscription_ids_across_a_restart() {
             Client::connect(Version::V5, broker.mqtt, ClientOptions::persistent(name)).await;
         assert_eq!(subscriber.subscribe_with("ids/+", 1, subscribe(5)).await, 1);
         assert_eq!(subscriber.subscribe_with("ids/#", 2, subscribe(9)).await, 2);
-        assert_eq!(subscriber.subscribe_with("ids/b/+", 1, subscribe(12)).await, 1);
+        assert_eq!(
+            subscriber.subscribe_with("ids/b/+", 1, subscribe(12)).await,
+            1
+        );
         subscriber.disconnect().await;
     }
     let mut publisher = Client::connect_clean(Version::V5, broker.mqtt, "publisher").await;
@@ -254,7 +261,8 @@ async fn queued_messages_keep_their_subscription_ids_across_a_restart() {
             })
             .collect()
     };
-    let mut twin = Client::connect(Version::V5, broker.mqtt, ClientOptions::persistent("twin")).await;
+    let mut twin =
+        Client::connect(Version::V5, broker.mqtt, ClientOptions::persistent("twin")).await;
     assert!(twin.connack.session_present);
     let expected = summary(twin.recv_many(3).await);
     assert_eq!(
@@ -268,8 +276,12 @@ async fn queued_messages_keep_their_subscription_ids_across_a_restart() {
     twin.disconnect().await;
 
     blocking(|| broker.restart());
-    let mut restarted =
-        Client::connect(Version::V5, broker.mqtt, ClientOptions::persistent("restarted")).await;
+    let mut restarted = Client::connect(
+        Version::V5,
+        broker.mqtt,
+        ClientOptions::persistent("restarted"),
+    )
+    .await;
     assert!(restarted.connack.session_present);
     assert_eq!(summary(restarted.recv_many(3).await), expected);
     restarted.disconnect().await;

@@ -660,8 +660,8 @@ impl Broker {
                     session.inbound.mark_received(packet_id);
                 }
             }
-            if let Some(will) = stored.will {
-                if let Some((will, due)) = restore_will(
+            let restored = stored.will.and_then(|will| {
+                restore_will(
                     ingest.as_ref(),
                     &client_id,
                     will,
@@ -669,10 +669,11 @@ impl Broker {
                     stored.expiry_secs,
                     now_ms,
                     &mut recovered,
-                ) {
-                    session.will = Some(will);
-                    wills.push((client_id.clone(), due));
-                }
+                )
+            });
+            if let Some((will, due)) = restored {
+                session.will = Some(will);
+                wills.push((client_id.clone(), due));
             }
             let gone_ms = now_ms - stored.disconnected_at_ms.unwrap_or(now_ms);
             let left_ms = (i64::from(session.expiry_secs) * 1000 - gone_ms).max(0);
