@@ -619,3 +619,176 @@ async fn qos2_intents_left_by_a_crash_are_settled_from_the_log() {
     let store = Store::open(&node.dir.path().join("mqtt"), StoreLimits::default()).unwrap();
     assert!(store.state().sessions["q2"].qos2.is_empty());
 }
+
+/// The values of `log_topic`'s partition 0, in order.
+fn log_values(log: &LogManager, log_topic: &str) -> Vec<String> {
+    let Ok(partition) = log.partition(log_topic, 0) else {
+        return Vec::new();
+    };
+    let slice = partition.read(0, 1 << 20).unwrap();
+    let mut values = Vec::new();
+    let mut rest = &slice.bytes[..];
+    while let Some((_, records, len)) =
+        silt_log::batch::decode_batch(rest, &Default::default()).unwrap()
+    {
+        values.extend(
+            records
+                .into_iter()
+                .map(|r| String::from_utf8(r.value.unwrap().to_vec()).unwrap()),
+        );
+        rest = &rest[len..];
+    }
+    values
+}
+
+/// What a restart finds of persistent sessions' wills: one that started firing before a
+/// crash and whose record is in the log (its `mqtt.will_id` token at or above the journaled
+/// offset) was published and is only cleared; one that started firing and did not reach the
+/// log, and one whose delay ran out while the broker was down, are published once now (a
+/// persistent subscriber gets both queued); one whose delay is still running waits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wills_left_by_a_crash_are_settled_from_the_log() {
+    use silt_gateways::mqtt::ingest::{HEADER_WILL_ID, qos2_id_value};
+    use silt_gateways::mqtt::store::{
+        Op, Store, StoreLimits, StoredMessage, StoredProperties, StoredSubscription, StoredWill,
+        StoredWillFiring,
+    };
+    use silt_log::batch::{Header, Record};
+
+    const PUBLISHED_TOKEN: u64 = 0xAB;
+    let dir = tempfile::tempdir().unwrap();
+    let now_ms = silt_log::now_ms();
+    let open = |client_id: &str| Op::SessionOpen {
+        client_id: client_id.to_string(),
+        protocol_level: 5,
+        expiry_secs: 3600,
+    };
+    let closed = |client_id: &str, at_ms| Op::SessionClosed {
+        client_id: client_id.to_string(),
+        at_ms,
+    };
+    let will = |client_id: &str, token, delay_secs, firing| Op::WillSet {
+        client_id: client_id.to_string(),
+        will: StoredWill {
+            message: StoredMessage {
+                topic: format!("wills/{client_id}"),
+                payload: bytes::Bytes::from(format!("{client_id} is gone")),
+                qos: 1,
+                retain: false,
+                published_at_ms: 0,
+                expiry_interval_secs: None,
+                properties: StoredProperties::default(),
+                subscription_ids: Vec::new(),
+            },
+            delay_secs,
+            token,
+            firing,
+        },
+    };
+    let firing_at = |from_offset| {
+        Some(StoredWillFiring {
+            log_topic: "mqtt".to_string(),
+            partition: 0,
+            from_offset,
+        })
+    };
+    {
+        let log = LogManager::open(LogConfig::new(dir.path().join("log"))).unwrap();
+        log.ensure_topic("mqtt", 1).unwrap();
+        // Someone else's record with the lost will's token, below its journaled offset, then
+        // the published will's record.
+        let records =
+            [("other", 2u64), ("published is gone", PUBLISHED_TOKEN)].map(|(value, token)| {
+                Record {
+                    timestamp: now_ms,
+                    key: Some(bytes::Bytes::from_static(b"wills/x")),
+                    value: Some(bytes::Bytes::from(value)),
+                    headers: vec![Header {
+                        key: HEADER_WILL_ID.to_string(),
+                        value: Some(qos2_id_value(token)),
+                    }],
+                }
+            });
+        let mut batch = BytesMut::new();
+        encode_batch(&BatchSpec::default(), &records, &mut batch).unwrap();
+        log.partition("mqtt", 0)
+            .unwrap()
+            .append(&mut batch)
+            .unwrap();
+        log.close().unwrap();
+
+        let mut store = Store::open(&dir.path().join("mqtt"), StoreLimits::default()).unwrap();
+        store
+            .apply(&[
+                open("watch"),
+                Op::Subscribe {
+                    client_id: "watch".to_string(),
+                    subscription: StoredSubscription {
+                        filter: "wills/#".to_string(),
+                        qos: 1,
+                        no_local: false,
+                        retain_as_published: false,
+                        retain_handling: 0,
+                        subscription_id: Some(4),
+                    },
+                },
+                closed("watch", now_ms),
+                open("published"),
+                closed("published", now_ms - 60_000),
+                will("published", PUBLISHED_TOKEN, 5, firing_at(1)),
+                open("lost"),
+                closed("lost", now_ms - 60_000),
+                will("lost", 2, 5, firing_at(1)),
+                open("due"),
+                closed("due", now_ms - 60_000),
+                will("due", 3, 5, None),
+                open("waiting"),
+                closed("waiting", now_ms),
+                will("waiting", 4, 3600, None),
+            ])
+            .unwrap();
+        store.sync().unwrap();
+    }
+
+    let node = start_in(dir).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while log_values(&node.log, "mqtt").len() < 4 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the due wills were not published: {:?}",
+            log_values(&node.log, "mqtt")
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    node.broker.shutdown().await;
+    let mut values = log_values(&node.log, "mqtt");
+    values[2..].sort();
+    assert_eq!(
+        values,
+        ["other", "published is gone", "due is gone", "lost is gone"],
+        "the published will is not published again; the others are published once"
+    );
+
+    let store = Store::open(&node.dir.path().join("mqtt"), StoreLimits::default()).unwrap();
+    let sessions = &store.state().sessions;
+    for client_id in ["published", "lost", "due"] {
+        assert_eq!(
+            sessions[client_id].will, None,
+            "{client_id}'s will is cleared"
+        );
+    }
+    assert_eq!(sessions["waiting"].will.as_ref().unwrap().token, 4);
+    let mut queued: Vec<(String, Vec<u32>)> = sessions["watch"]
+        .queue
+        .values()
+        .map(|message| (message.topic.clone(), message.subscription_ids.clone()))
+        .collect();
+    queued.sort();
+    assert_eq!(
+        queued,
+        [
+            ("wills/due".to_string(), vec![4]),
+            ("wills/lost".to_string(), vec![4])
+        ]
+    );
+}

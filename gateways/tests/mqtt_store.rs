@@ -15,7 +15,8 @@ use bytes::Bytes;
 use proptest::prelude::*;
 use silt_gateways::mqtt::store::{
     JOURNAL_FILE_NAME, JOURNAL_HEADER_BYTES, Op, Store, StoreError, StoreLimits, StoreState,
-    StoredMessage, StoredProperties, StoredQos2, StoredSession, StoredSubscription, TailFault,
+    StoredMessage, StoredProperties, StoredQos2, StoredSession, StoredSubscription, StoredWill,
+    StoredWillFiring, TailFault,
 };
 
 fn open(dir: &Path) -> Store {
@@ -48,6 +49,19 @@ fn message(topic: &str, payload: &[u8]) -> StoredMessage {
                 ("site".to_owned(), "".to_owned()),
             ],
         },
+        subscription_ids: Vec::new(),
+    }
+}
+
+fn will(topic: &str, token: u64) -> StoredWill {
+    StoredWill {
+        message: StoredMessage {
+            published_at_ms: 0,
+            ..message(topic, b"gone")
+        },
+        delay_secs: 30,
+        token,
+        firing: None,
     }
 }
 
@@ -98,6 +112,7 @@ fn model_apply(state: &mut StoreState, op: &Op) {
                         subscriptions: Vec::new(),
                         queue: BTreeMap::new(),
                         qos2: BTreeMap::new(),
+                        will: None,
                     });
             session.protocol_level = *protocol_level;
             session.expiry_secs = *expiry_secs;
@@ -146,9 +161,9 @@ fn model_apply(state: &mut StoreState, op: &Op) {
             }
         }
         Op::Retain { message } => {
-            state
-                .retained
-                .insert(message.topic.clone(), message.clone());
+            let mut message = message.clone();
+            message.subscription_ids.clear();
+            state.retained.insert(message.topic.clone(), message);
         }
         Op::ClearRetained { topic } => {
             state.retained.remove(topic);
@@ -168,6 +183,33 @@ fn model_apply(state: &mut StoreState, op: &Op) {
         } => {
             if let Some(session) = state.sessions.get_mut(client_id) {
                 session.qos2.remove(packet_id);
+            }
+        }
+        Op::WillSet { client_id, will } => {
+            if let Some(session) = state.sessions.get_mut(client_id) {
+                session.will = Some(will.clone());
+            }
+        }
+        Op::WillFiring {
+            client_id,
+            token,
+            firing,
+        } => {
+            if let Some(session) = state.sessions.get_mut(client_id)
+                && let Some(will) = &mut session.will
+                && will.token == *token
+            {
+                will.firing = Some(firing.clone());
+            }
+        }
+        Op::WillClear { client_id, token } => {
+            if let Some(session) = state.sessions.get_mut(client_id)
+                && session
+                    .will
+                    .as_ref()
+                    .is_some_and(|will| token.is_none_or(|token| token == will.token))
+            {
+                session.will = None;
             }
         }
     }
@@ -277,6 +319,29 @@ fn every_op() -> Vec<Op> {
             client_id: "alpha".to_owned(),
             packet_id: 65535,
         },
+        // A copy with subscription ids (kind 15).
+        Op::Enqueue {
+            client_id: "alpha".to_owned(),
+            seq: 4,
+            message: StoredMessage {
+                subscription_ids: vec![7, 268_435_455],
+                ..message("sensors/2", b"four")
+            },
+        },
+        Op::WillSet {
+            client_id: "alpha".to_owned(),
+            will: will("wills/alpha", 11),
+        },
+        // Marks the will as firing.
+        Op::WillFiring {
+            client_id: "alpha".to_owned(),
+            token: 11,
+            firing: StoredWillFiring {
+                log_topic: "mqtt".to_owned(),
+                partition: 1,
+                from_offset: 99,
+            },
+        },
     ]
 }
 
@@ -301,8 +366,12 @@ fn every_op_round_trips_through_a_reopen() {
     assert_eq!(filters, ["sensors/+", "$share/g/sensors/#"]);
     assert_eq!(alpha.subscriptions[0].qos, 2);
     assert_eq!(alpha.subscriptions[0].subscription_id, None);
-    assert_eq!(alpha.queue.keys().copied().collect::<Vec<_>>(), [1, 3]);
+    assert_eq!(alpha.queue.keys().copied().collect::<Vec<_>>(), [1, 3, 4]);
     assert_eq!(alpha.queue[&3].payload.len(), 300);
+    assert_eq!(alpha.queue[&4].subscription_ids, [7, 268_435_455]);
+    let alpha_will = alpha.will.as_ref().unwrap();
+    assert_eq!(alpha_will.token, 11);
+    assert_eq!(alpha_will.firing.as_ref().unwrap().from_offset, 99);
     assert!(!store.state().sessions.contains_key("beta"));
     let retained: Vec<&str> = store.state().retained.keys().map(String::as_str).collect();
     assert_eq!(retained, ["status/a", "status/b"]);
@@ -310,7 +379,7 @@ fn every_op_round_trips_through_a_reopen() {
     // Opening again connects the session, keeping subscriptions and queue.
     store.apply(&[open_op("alpha")]).unwrap();
     assert_eq!(store.state().sessions["alpha"].disconnected_at_ms, None);
-    assert_eq!(store.state().sessions["alpha"].queue.len(), 2);
+    assert_eq!(store.state().sessions["alpha"].queue.len(), 3);
     drop(store);
 
     let mut all = ops.clone();
@@ -815,6 +884,7 @@ fn the_journal_format_is_pinned() {
                         user_properties: vec![("k".to_owned(), "v".to_owned())],
                         ..StoredProperties::default()
                     },
+                    subscription_ids: Vec::new(),
                 },
             },
         ])
@@ -914,6 +984,173 @@ fn the_qos2_entries_are_pinned() {
     assert!(!reopened.state().sessions["c"].qos2.contains_key(&3));
 }
 
+/// The entries journal bodies, in order.
+fn journal_bodies(bytes: &[u8]) -> Vec<Vec<u8>> {
+    let mut bodies = Vec::new();
+    let mut at = JOURNAL_HEADER_BYTES as usize;
+    while at < bytes.len() {
+        let len = u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
+        bodies.push(bytes[at + 8..at + 8 + len].to_vec());
+        at += 8 + len;
+    }
+    bodies
+}
+
+/// A bare message body as kind 6 and 8 write it: topic "t", payload "p", qos 1, no retain,
+/// published at 5, and no properties.
+const BARE_MESSAGE: &[u8] = &[
+    1, 0, 0, 0, b't', 1, 0, 0, 0, b'p', 1, 0, 5, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+];
+
+fn bare_message() -> StoredMessage {
+    StoredMessage {
+        topic: "t".to_owned(),
+        payload: Bytes::from_static(b"p"),
+        qos: 1,
+        retain: false,
+        published_at_ms: 5,
+        expiry_interval_secs: None,
+        properties: StoredProperties::default(),
+        subscription_ids: Vec::new(),
+    }
+}
+
+/// Pins the entries added for subscription ids and wills (format version 1 still: a copy
+/// without ids keeps kind 6's bytes, so journals written before kind 15 load unchanged).
+#[test]
+fn the_subscription_id_and_will_entries_are_pinned() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = open(dir.path());
+    let ops = [
+        Op::SessionOpen {
+            client_id: "c".to_owned(),
+            protocol_level: 5,
+            expiry_secs: 60,
+        },
+        Op::Enqueue {
+            client_id: "c".to_owned(),
+            seq: 1,
+            message: bare_message(),
+        },
+        Op::Enqueue {
+            client_id: "c".to_owned(),
+            seq: 2,
+            message: StoredMessage {
+                subscription_ids: vec![3, 0x0102],
+                ..bare_message()
+            },
+        },
+        Op::WillSet {
+            client_id: "c".to_owned(),
+            will: StoredWill {
+                message: bare_message(),
+                delay_secs: 9,
+                token: 0x0A0B,
+                firing: None,
+            },
+        },
+        Op::WillFiring {
+            client_id: "c".to_owned(),
+            token: 0x0A0B,
+            firing: StoredWillFiring {
+                log_topic: "m".to_owned(),
+                partition: 2,
+                from_offset: 7,
+            },
+        },
+        Op::WillClear {
+            client_id: "c".to_owned(),
+            token: Some(0x0A0B),
+        },
+    ];
+    store.apply(&ops).unwrap();
+    store.sync().unwrap();
+    let bodies = journal_bodies(&fs::read(journal(dir.path())).unwrap());
+    assert_eq!(bodies.len(), 6);
+    let client_and_seq = |seq: u8| [1, 0, 0, 0, b'c', seq, 0, 0, 0, 0, 0, 0, 0];
+    // Enqueue without ids: kind 6, "c", seq 1, the message.
+    assert_eq!(
+        bodies[1],
+        [&[6][..], &client_and_seq(1), BARE_MESSAGE].concat()
+    );
+    // Enqueue with ids: kind 15, "c", seq 2, the message, 2 ids: 3 and 0x0102.
+    assert_eq!(
+        bodies[2],
+        [
+            &[15][..],
+            &client_and_seq(2),
+            BARE_MESSAGE,
+            &[2, 0, 0, 0, 3, 0, 0, 0, 2, 1, 0, 0]
+        ]
+        .concat()
+    );
+    // WillSet: kind 12, "c", the message, delay 9, token 0x0A0B, not firing.
+    assert_eq!(
+        bodies[3],
+        [
+            &[12, 1, 0, 0, 0, b'c'][..],
+            BARE_MESSAGE,
+            &[9, 0, 0, 0, 0x0B, 0x0A, 0, 0, 0, 0, 0, 0, 0]
+        ]
+        .concat()
+    );
+    // WillFiring: kind 13, "c", token, log topic "m", partition 2, from offset 7.
+    assert_eq!(
+        bodies[4],
+        [
+            &[13, 1, 0, 0, 0, b'c', 0x0B, 0x0A, 0, 0, 0, 0, 0, 0][..],
+            &[1, 0, 0, 0, b'm', 2, 0, 0, 0, 7, 0, 0, 0, 0, 0, 0, 0]
+        ]
+        .concat()
+    );
+    // WillClear: kind 14, "c", Some(token).
+    assert_eq!(
+        bodies[5],
+        [14, 1, 0, 0, 0, b'c', 1, 0x0B, 0x0A, 0, 0, 0, 0, 0, 0]
+    );
+    drop(store);
+    let reopened = open(dir.path());
+    let session = &reopened.state().sessions["c"];
+    assert_eq!(session.queue[&1].subscription_ids, Vec::<u32>::new());
+    assert_eq!(session.queue[&2].subscription_ids, [3, 0x0102]);
+    assert_eq!(session.will, None);
+}
+
+/// A journal written before kinds 12 to 15 existed (built here byte by byte) loads: its
+/// queued copies come back without subscription ids and its sessions without a will.
+#[test]
+fn a_journal_from_before_the_will_and_id_entries_loads() {
+    let dir = tempfile::tempdir().unwrap();
+    let entry = |body: &[u8]| {
+        [
+            &(body.len() as u32).to_le_bytes()[..],
+            &crc32c::crc32c(body).to_le_bytes(),
+            body,
+        ]
+        .concat()
+    };
+    let open_body = [1, 1, 0, 0, 0, b'c', 5, 60, 0, 0, 0];
+    let enqueue_body = [
+        &[6, 1, 0, 0, 0, b'c', 4, 0, 0, 0, 0, 0, 0, 0][..],
+        BARE_MESSAGE,
+    ]
+    .concat();
+    let bytes = [
+        &b"SILTMQST"[..],
+        &[1, 0, 0, 0],
+        &entry(&open_body),
+        &entry(&enqueue_body),
+    ]
+    .concat();
+    fs::create_dir_all(dir.path()).unwrap();
+    fs::write(journal(dir.path()), bytes).unwrap();
+    let store = open(dir.path());
+    let session = &store.state().sessions["c"];
+    assert_eq!(session.queue[&4], bare_message());
+    assert_eq!(session.will, None);
+    assert_eq!(store.recovery().tail_fault, None);
+}
+
 const SESSION_OPEN_CRC: u32 = 0x22C9_9A9F;
 const SUBSCRIBE_CRC: u32 = 0xCF30_8C3C;
 const RETAIN_CRC: u32 = 0x281B_BD9E;
@@ -954,6 +1191,7 @@ fn message_strategy() -> impl Strategy<Value = StoredMessage> {
         prop::option::of(short_string()),
         prop::option::of(prop::collection::vec(any::<u8>(), 0..8)),
         prop::collection::vec((short_string(), short_string()), 0..3),
+        prop::collection::vec(1u32..268_435_456, 0..3),
     )
         .prop_map(
             |(
@@ -968,6 +1206,7 @@ fn message_strategy() -> impl Strategy<Value = StoredMessage> {
                 response_topic,
                 correlation_data,
                 user_properties,
+                subscription_ids,
             )| StoredMessage {
                 topic,
                 payload: Bytes::from(payload),
@@ -982,8 +1221,37 @@ fn message_strategy() -> impl Strategy<Value = StoredMessage> {
                     correlation_data: correlation_data.map(Bytes::from),
                     user_properties,
                 },
+                subscription_ids,
             },
         )
+}
+
+fn will_firing_strategy() -> impl Strategy<Value = StoredWillFiring> {
+    ("[a-z]{1,4}", any::<u32>(), any::<u64>()).prop_map(|(log_topic, partition, from_offset)| {
+        StoredWillFiring {
+            log_topic,
+            partition,
+            from_offset,
+        }
+    })
+}
+
+fn will_strategy() -> impl Strategy<Value = StoredWill> {
+    (
+        message_strategy(),
+        any::<u32>(),
+        0u64..3,
+        prop::option::of(will_firing_strategy()),
+    )
+        .prop_map(|(mut message, delay_secs, token, firing)| {
+            message.subscription_ids.clear();
+            StoredWill {
+                message,
+                delay_secs,
+                token,
+                firing,
+            }
+        })
 }
 
 fn filter() -> impl Strategy<Value = String> {
@@ -1045,6 +1313,12 @@ fn op_strategy() -> impl Strategy<Value = Op> {
             }),
         1 => (client_id(), 1u16..4)
             .prop_map(|(client_id, packet_id)| Op::Qos2Release { client_id, packet_id }),
+        2 => (client_id(), will_strategy())
+            .prop_map(|(client_id, will)| Op::WillSet { client_id, will }),
+        1 => (client_id(), 0u64..3, will_firing_strategy())
+            .prop_map(|(client_id, token, firing)| Op::WillFiring { client_id, token, firing }),
+        1 => (client_id(), prop::option::of(0u64..3))
+            .prop_map(|(client_id, token)| Op::WillClear { client_id, token }),
     ]
 }
 

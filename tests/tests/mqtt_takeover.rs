@@ -73,13 +73,6 @@ async fn takeover_waits_for_the_old_connection(version: Version) {
     let connack = new.read_packet(MQTT_TIMEOUT).await.expect("no CONNACK");
     assert_eq!(connack.connack_code(), Some(0), "{connack:?}");
     assert_eq!(connack.body[0] & 1, 1, "the session was kept: {connack:?}");
-    // The old connection was closed before the new one was accepted: its end is already here.
-    let closed = old.expect_closed(Duration::from_millis(200)).await;
-    if version == Version::V5 {
-        assert_eq!(closed.disconnect_reason(), Some(0x8E), "{closed:?}");
-    }
-    let qos2_acknowledged = closed.packets.iter().any(|packet| packet.kind() == PUBREC);
-
     // The client sends its unfinished QoS 2 publish again, then new messages, then a QoS 1
     // sentinel.
     let mut second = raw::publish(version, &topic, 2, Some(7), b"old:qos2");
@@ -95,6 +88,16 @@ async fn takeover_waits_for_the_old_connection(version: Version) {
     let sentinel = format!("{topic}/end");
     after.extend(raw::publish(version, &sentinel, 1, Some(8), b"new:end"));
     new.send(&after).await;
+    // Only now look at the old connection: the new one's messages went out right after its
+    // CONNACK, so a takeover that did not wait for the old connection to finish would let
+    // them overtake what the old one read (and its will, which takes a journal commit and a
+    // log append). The old connection was closed before the new one was accepted: its end
+    // is already here.
+    let closed = old.expect_closed(Duration::from_millis(200)).await;
+    if version == Version::V5 {
+        assert_eq!(closed.disconnect_reason(), Some(0x8E), "{closed:?}");
+    }
+    let qos2_acknowledged = closed.packets.iter().any(|packet| packet.kind() == PUBREC);
     // PUBREC (QoS 2) and PUBACK (the QoS 1 sentinel) come in either order, and the PUBCOMP
     // answering our PUBREL may come before the PUBACK.
     let mut pubrec = false;

@@ -13,7 +13,10 @@
 //!   duplicates kept;
 //! - last, `mqtt.qos2_id` on QoS 2 publishes of persistent sessions only: 16 hex digits, random
 //!   per message. The broker journals it before the append, so that after a crash it can
-//!   tell from the log whether the message was stored (exactly once across kill -9).
+//!   tell from the log whether the message was stored (exactly once across kill -9);
+//! - last, `mqtt.will_id` on the will messages of persistent sessions only: 16 hex digits,
+//!   random per connection, journaled with the will so that after a crash the broker can
+//!   tell from the log whether the will was already published.
 
 use bytes::Bytes;
 use silt_log::batch::{Header, Record};
@@ -30,7 +33,9 @@ pub const HEADER_CONTENT_TYPE: &str = "mqtt.content_type";
 pub const HEADER_PAYLOAD_FORMAT: &str = "mqtt.payload_format";
 pub const HEADER_QOS2_ID: &str = "mqtt.qos2_id";
 
-/// The `mqtt.qos2_id` header's value for `token`.
+pub const HEADER_WILL_ID: &str = "mqtt.will_id";
+
+/// The `mqtt.qos2_id` (or `mqtt.will_id`) header's value for `token`.
 pub fn qos2_id_value(token: u64) -> Bytes {
     Bytes::from(format!("{token:016x}"))
 }

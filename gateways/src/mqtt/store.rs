@@ -13,8 +13,21 @@
 //! strings and byte strings are a u32 LE length then the bytes, an option is a `u8` tag (0 or
 //! 1) then the value, a bool is one byte, 0 or 1. One entry holds one op.
 //!
-//! Op kinds 10 and 11 (inbound QoS 2 state) came after the first release of version 1: a
-//! build without them refuses a journal holding them as undecodable, never misreads it.
+//! Op kinds 10 and 11 (inbound QoS 2 state), 12 to 14 (wills) and 15 (a queued copy with
+//! subscription identifiers) came after the first release of version 1: a build without them
+//! refuses a journal holding them as undecodable, never misreads it, and every older entry
+//! still loads. A queued copy without subscription identifiers is still written as kind 6.
+//!
+//! # Wills (published exactly once, even across a restart)
+//! A persistent session's will is journaled with [`Op::WillSet`] when its connection opens
+//! (with a random token the will's log record carries in its `mqtt.will_id` header) and
+//! cleared with [`Op::WillClear`] when the connection ends with a normal DISCONNECT or a new
+//! connection replaces it. While it is in the journal it may still fire: after a restart the
+//! broker publishes it once its delay has passed since the session's `disconnected_at_ms` (or
+//! since the restart, for a connection that was alive at the crash). Firing journals
+//! [`Op::WillFiring`] (the log position before the append) before the append, and
+//! [`Op::WillClear`] with the token once the will is routed, so that a will cut short by a
+//! crash is settled like a QoS 2 intent: the log holding its token means it was published.
 //!
 //! # Inbound QoS 2 (exactly once across kill -9)
 //! For a QoS 2 PUBLISH of a persistent session the broker commits (fsyncs) a
@@ -98,6 +111,33 @@ pub struct StoredMessage {
     pub published_at_ms: i64,
     pub expiry_interval_secs: Option<u32>,
     pub properties: StoredProperties,
+    /// For a queued copy, the Subscription Identifiers of the subscriptions it matched (5.0
+    /// §3.3.4), which it is delivered with; always empty for a retained message (its copies
+    /// take the ids of the subscription they go to).
+    pub subscription_ids: Vec<u32>,
+}
+
+/// A persistent session's will message while it may still be published.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredWill {
+    /// The will as a message; `published_at_ms` is not used (a will is stamped when it
+    /// fires) and `subscription_ids` is empty.
+    pub message: StoredMessage,
+    /// 5.0 Will Delay Interval, seconds (0 in 3.1.1).
+    pub delay_secs: u32,
+    /// Random per connection; the will's log record carries it in `mqtt.will_id`.
+    pub token: u64,
+    /// Set once the will started firing: where its record lands in the log.
+    pub firing: Option<StoredWillFiring>,
+}
+
+/// Where a firing will's record lands: `partition` of `log_topic`, at or above
+/// `from_offset`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredWillFiring {
+    pub log_topic: String,
+    pub partition: u32,
+    pub from_offset: u64,
 }
 
 /// One subscription of a persistent session, with its options as subscribed.
@@ -127,6 +167,8 @@ pub struct StoredSession {
     pub queue: BTreeMap<u64, StoredMessage>,
     /// Inbound QoS 2 packet ids not yet released by PUBREL, by packet id.
     pub qos2: BTreeMap<u16, StoredQos2>,
+    /// The will of the last connection, while it may still be published.
+    pub will: Option<StoredWill>,
 }
 
 /// Where an inbound QoS 2 message of a persistent session stands, for exactly-once delivery
@@ -216,6 +258,24 @@ pub enum Op {
         client_id: String,
         packet_id: u16,
     },
+    /// Sets (or replaces) the session's will.
+    WillSet {
+        client_id: String,
+        will: StoredWill,
+    },
+    /// Marks the will with `token` as firing; changes nothing if the session's will has
+    /// another token (a new connection replaced it).
+    WillFiring {
+        client_id: String,
+        token: u64,
+        firing: StoredWillFiring,
+    },
+    /// Drops the session's will: any will when `token` is `None`, else only the one with
+    /// that token.
+    WillClear {
+        client_id: String,
+        token: Option<u64>,
+    },
 }
 
 impl Op {
@@ -233,6 +293,9 @@ impl Op {
             Op::ClearRetained { .. } => "clear-retained",
             Op::Qos2Set { .. } => "qos2-set",
             Op::Qos2Release { .. } => "qos2-release",
+            Op::WillSet { .. } => "will-set",
+            Op::WillFiring { .. } => "will-firing",
+            Op::WillClear { .. } => "will-clear",
         }
     }
 
@@ -246,6 +309,7 @@ impl Op {
                 | Op::Dequeue { .. }
                 | Op::ClearRetained { .. }
                 | Op::Qos2Release { .. }
+                | Op::WillClear { .. }
         )
     }
 
@@ -303,6 +367,20 @@ impl Op {
             } => Entry::Qos2Release {
                 client_id,
                 packet_id: *packet_id,
+            },
+            Op::WillSet { client_id, will } => Entry::WillSet { client_id, will },
+            Op::WillFiring {
+                client_id,
+                token,
+                firing,
+            } => Entry::WillFiring {
+                client_id,
+                token: *token,
+                firing,
+            },
+            Op::WillClear { client_id, token } => Entry::WillClear {
+                client_id,
+                token: *token,
             },
         }
     }
@@ -740,6 +818,7 @@ impl Mirror {
                         subscriptions: Vec::new(),
                         queue: BTreeMap::new(),
                         qos2: BTreeMap::new(),
+                        will: None,
                     };
                     self.state.sessions.insert(client_id, session);
                     true
@@ -842,7 +921,9 @@ impl Mirror {
                 });
                 true
             }
-            Op::Retain { message } => {
+            Op::Retain { mut message } => {
+                // A retained message has no subscription ids; its entry does not keep them.
+                message.subscription_ids.clear();
                 self.live_bytes += entry_bytes(Entry::Retain { message: &message });
                 if let Some(replaced) = self.state.retained.insert(message.topic.clone(), message) {
                     self.live_bytes -= entry_bytes(Entry::Retain { message: &replaced });
@@ -895,6 +976,66 @@ impl Mirror {
                 });
                 true
             }
+            Op::WillSet { client_id, will } => {
+                let Some(session) = self.state.sessions.get_mut(&client_id) else {
+                    return false;
+                };
+                self.live_bytes += entry_bytes(Entry::WillSet {
+                    client_id: &client_id,
+                    will: &will,
+                });
+                if let Some(replaced) = session.will.replace(will) {
+                    self.live_bytes -= entry_bytes(Entry::WillSet {
+                        client_id: &client_id,
+                        will: &replaced,
+                    });
+                }
+                true
+            }
+            Op::WillFiring {
+                client_id,
+                token,
+                firing,
+            } => {
+                let Some(will) = self
+                    .state
+                    .sessions
+                    .get_mut(&client_id)
+                    .and_then(|session| session.will.as_mut())
+                    .filter(|will| will.token == token)
+                else {
+                    return false;
+                };
+                self.live_bytes -= entry_bytes(Entry::WillSet {
+                    client_id: &client_id,
+                    will,
+                });
+                will.firing = Some(firing);
+                self.live_bytes += entry_bytes(Entry::WillSet {
+                    client_id: &client_id,
+                    will,
+                });
+                true
+            }
+            Op::WillClear { client_id, token } => {
+                let Some(session) = self.state.sessions.get_mut(&client_id) else {
+                    return false;
+                };
+                let matches = session
+                    .will
+                    .as_ref()
+                    .is_some_and(|will| token.is_none_or(|token| will.token == token));
+                if !matches {
+                    return false;
+                }
+                if let Some(removed) = session.will.take() {
+                    self.live_bytes -= entry_bytes(Entry::WillSet {
+                        client_id: &client_id,
+                        will: &removed,
+                    });
+                }
+                true
+            }
         }
     }
 }
@@ -929,6 +1070,9 @@ fn session_bytes(session: &StoredSession) -> u64 {
             packet_id,
             state,
         });
+    }
+    if let Some(will) = &session.will {
+        bytes += entry_bytes(Entry::WillSet { client_id, will });
     }
     bytes
 }
@@ -975,6 +1119,9 @@ fn for_each_snapshot_entry(
                 packet_id,
                 state,
             })?;
+        }
+        if let Some(will) = &session.will {
+            visit(Entry::WillSet { client_id, will })?;
         }
     }
     for message in state.retained.values() {

@@ -16,11 +16,11 @@ use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 
 use super::persist::Persist;
-use super::session::{Message, Queued, Session, SessionCell};
+use super::session::{Message, PendingWill, Queued, Session, SessionCell};
 use super::{BrokerConfig, IngestPort, LogPosition, lock, stopped};
 use crate::mqtt::auth::{AclRules, Identity, PasswordFile};
-use crate::mqtt::ingest::{HEADER_QOS2_ID, qos2_id_value};
-use crate::mqtt::store::{Op, StoredQos2, StoredSubscription};
+use crate::mqtt::ingest::{HEADER_QOS2_ID, HEADER_WILL_ID, qos2_id_value};
+use crate::mqtt::store::{Op, StoredQos2, StoredSubscription, StoredWill};
 use crate::mqtt::subscriptions::{
     QoS, RetainHandling, SubscriptionId, SubscriptionLimits, SubscriptionOptions, SubscriptionStore,
 };
@@ -80,6 +80,8 @@ pub(crate) struct Shared {
     /// Sessions loaded from the store, with the time left before they expire; their timers
     /// start when the broker first serves (they need the runtime).
     loaded_expiries: Mutex<Vec<(Arc<str>, Duration)>>,
+    /// Sessions loaded with a will still to publish, with the time left before it is due.
+    loaded_wills: Mutex<Vec<(Arc<str>, Duration)>>,
 }
 
 /// New connections allowed per second, with an equal burst.
@@ -234,9 +236,40 @@ impl Shared {
         }));
     }
 
-    /// Publishes a will (or any broker-made message): into the log first, then to subscribers.
-    pub(crate) async fn publish_internal(self: &Arc<Self>, message: Arc<Message>) {
-        let record = message.ingest_record(&self.config.routes);
+    /// Publishes a will: into the log first, then to subscribers. A persistent session's will
+    /// (one with a token) is exactly once across crashes: its log position is journaled
+    /// before the append and the will cleared from the journal, first in the same commit as
+    /// the copies routing queued, once it is routed (see `mqtt::store`).
+    pub(crate) async fn fire_will(self: &Arc<Self>, client_id: Arc<str>, will: PendingWill) {
+        let message = Arc::new(will.message(client_id.clone(), silt_log::now_ms()));
+        let mut record = message.ingest_record(&self.config.routes);
+        if let Some(token) = will.token {
+            record.record.headers.push(silt_log::batch::Header {
+                key: HEADER_WILL_ID.to_string(),
+                value: Some(qos2_id_value(token)),
+            });
+            let position = self.ingest.position(record.log_topic, &record.key).await;
+            let journaled = match position {
+                Ok(position) => {
+                    let op = Op::WillFiring {
+                        client_id: client_id.to_string(),
+                        token,
+                        firing: crate::mqtt::store::StoredWillFiring {
+                            log_topic: record.log_topic.to_string(),
+                            partition: position.partition,
+                            from_offset: position.offset,
+                        },
+                    };
+                    matches!(self.persist.commit(vec![op]).await, Ok(Ok(())))
+                }
+                Err(_) => false,
+            };
+            if !journaled {
+                // Still published: a crash before it is cleared would publish it again after
+                // the restart (a duplicate), which is better than never.
+                tracing::warn!(client_id = %client_id, "cannot journal a will before publishing it");
+            }
+        }
         let request = super::IngestRequest {
             log_topic: Arc::from(record.log_topic),
             key: record.key,
@@ -247,15 +280,45 @@ impl Shared {
             Err(_) => false,
         };
         if !durable {
-            tracing::warn!(topic = %message.topic, "a will message could not be stored; not published");
+            tracing::warn!(client_id = %client_id, topic = %message.topic, "a will message could not be stored; not published");
             return;
         }
+        metrics::counter!("silt_mqtt_wills_published_total").increment(1);
         let routed = self.route(&message);
-        if routed.needs_commit {
-            let _ = self.persist.commit(routed.ops).await;
-        } else {
-            self.persist.write(routed.ops);
+        let mut ops = Vec::with_capacity(routed.ops.len() + 1);
+        // First, so that a crash that keeps any queued copy also keeps the clear: a will is
+        // never queued twice.
+        if let Some(token) = will.token {
+            ops.push(Op::WillClear {
+                client_id: client_id.to_string(),
+                token: Some(token),
+            });
         }
+        ops.extend(routed.ops);
+        if routed.needs_commit || will.token.is_some() {
+            let _ = self.persist.commit(ops).await;
+        } else {
+            self.persist.write(ops);
+        }
+    }
+
+    /// Publishes the will of `client_id`'s session after `after` unless a connection
+    /// attaches first (which changes the session's epoch and cancels the will).
+    pub(crate) fn arm_will(self: &Arc<Self>, client_id: Arc<str>, epoch: u64, after: Duration) {
+        let shared = self.clone();
+        tokio::spawn(async move {
+            let mut shutdown = shared.shutdown.subscribe();
+            tokio::select! {
+                () = tokio::time::sleep(after) => {}
+                // A persistent session's will stays in the store and fires after the restart.
+                () = stopped(&mut shutdown) => return,
+            }
+            let cell = lock(&shared.registry).sessions.get(&client_id).cloned();
+            let will = cell.and_then(|cell| take_will(&cell, epoch));
+            if let Some(will) = will {
+                shared.fire_will(client_id, will).await;
+            }
+        });
     }
 
     /// Ends a session: its subscriptions, its queue, and its record in the store.
@@ -302,11 +365,16 @@ impl Shared {
                 () = tokio::time::sleep(after) => {}
                 () = stopped(&mut shutdown) => return,
             }
+            // A will still waiting goes out when its session ends (MQTT 5.0 §3.1.3.2).
+            let cell = lock(&shared.registry).sessions.get(&client_id).cloned();
+            let Some(cell) = cell else {
+                return;
+            };
+            if let Some(will) = take_will(&cell, epoch) {
+                shared.fire_will(client_id.clone(), will).await;
+            }
             let ops = {
                 let mut registry = lock(&shared.registry);
-                let Some(cell) = registry.sessions.get(&client_id).cloned() else {
-                    return;
-                };
                 let expired = {
                     let session = cell.lock();
                     session.attached.is_none() && session.epoch == epoch
@@ -314,7 +382,7 @@ impl Shared {
                 if !expired {
                     return;
                 }
-                shared.remove_session(&mut registry, &client_id)
+                shared.remove_session_if(&mut registry, &client_id, &cell)
             };
             shared.persist.write(ops);
         });
@@ -368,6 +436,65 @@ impl Message {
             publisher: message.publisher.clone(),
         }
     }
+}
+
+/// The session's pending will, if the client is still away since `epoch`.
+fn take_will(cell: &SessionCell, epoch: u64) -> Option<PendingWill> {
+    let mut session = cell.lock();
+    if session.attached.is_none() && session.epoch == epoch {
+        session.will.take()
+    } else {
+        None
+    }
+}
+
+/// Restores the will of a persistent session loaded from the store: `None` when there is
+/// nothing left to publish, else the will and when it is due. A will that started firing
+/// before the crash was published exactly when the log holds its token (then it is cleared);
+/// one that did not is due its delay (capped by the session expiry) after the disconnect, or
+/// after now for a connection that was alive when the broker stopped.
+fn restore_will(
+    ingest: &dyn IngestPort,
+    client_id: &str,
+    stored: StoredWill,
+    disconnected_at_ms: Option<i64>,
+    expiry_secs: u32,
+    now_ms: i64,
+    ops: &mut Vec<Op>,
+) -> Option<(PendingWill, Duration)> {
+    let token = stored.token;
+    if let Some(firing) = &stored.firing {
+        let from = LogPosition {
+            partition: firing.partition,
+            offset: firing.from_offset,
+        };
+        let published = ingest
+            .find_header(
+                &firing.log_topic,
+                &from,
+                HEADER_WILL_ID,
+                &qos2_id_value(token),
+            )
+            .unwrap_or_else(|error| {
+                tracing::warn!(client_id, %error, "cannot check the log for a will cut short; publishing it again");
+                false
+            });
+        tracing::info!(client_id, published, "settled a will cut short by a crash");
+        if published {
+            ops.push(Op::WillClear {
+                client_id: client_id.to_string(),
+                token: Some(token),
+            });
+            return None;
+        }
+        return PendingWill::from_stored(stored).map(|will| (will, Duration::ZERO));
+    }
+    let delay_ms = i64::from(stored.delay_secs.min(expiry_secs)) * 1000;
+    let due_ms = disconnected_at_ms
+        .unwrap_or(now_ms)
+        .saturating_add(delay_ms);
+    let left = Duration::from_millis(due_ms.saturating_sub(now_ms).max(0) as u64);
+    PendingWill::from_stored(stored).map(|will| (will, left))
 }
 
 /// Restores one inbound QoS 2 packet id of a persistent session; returns whether the message
@@ -485,6 +612,7 @@ impl Broker {
         }
         let now_ms = silt_log::now_ms();
         let mut expiries = Vec::new();
+        let mut wills = Vec::new();
         let mut recovered = Vec::new();
         for (client_id, stored) in state.sessions {
             let client_id: Arc<str> = Arc::from(client_id.as_str());
@@ -510,7 +638,8 @@ impl Broker {
                     .subscriptions
                     .subscribe(&client_id, &filter, options);
             }
-            for (seq, stored_message) in stored.queue {
+            for (seq, mut stored_message) in stored.queue {
+                let subscription_ids = std::mem::take(&mut stored_message.subscription_ids);
                 let Some(message) = Message::from_stored(stored_message, broker_id.clone()) else {
                     continue;
                 };
@@ -522,7 +651,7 @@ impl Broker {
                     message: Arc::new(message),
                     qos,
                     retain,
-                    subscription_ids: Vec::new(),
+                    subscription_ids,
                     seq: Some(seq),
                 });
             }
@@ -530,6 +659,21 @@ impl Broker {
                 if restore_qos2(ingest.as_ref(), &client_id, packet_id, qos2, &mut recovered) {
                     session.inbound.mark_received(packet_id);
                 }
+            }
+            let restored = stored.will.and_then(|will| {
+                restore_will(
+                    ingest.as_ref(),
+                    &client_id,
+                    will,
+                    stored.disconnected_at_ms,
+                    stored.expiry_secs,
+                    now_ms,
+                    &mut recovered,
+                )
+            });
+            if let Some((will, due)) = restored {
+                session.will = Some(will);
+                wills.push((client_id.clone(), due));
             }
             let gone_ms = now_ms - stored.disconnected_at_ms.unwrap_or(now_ms);
             let left_ms = (i64::from(session.expiry_secs) * 1000 - gone_ms).max(0);
@@ -564,6 +708,7 @@ impl Broker {
                 last: Instant::now(),
             }),
             loaded_expiries: Mutex::new(expiries),
+            loaded_wills: Mutex::new(wills),
         });
         Ok(Broker { shared })
     }
@@ -579,6 +724,10 @@ impl Broker {
         let loaded = std::mem::take(&mut *lock(&shared.loaded_expiries));
         for (client_id, after) in loaded {
             shared.arm_session_expiry(client_id, 0, after);
+        }
+        let wills = std::mem::take(&mut *lock(&shared.loaded_wills));
+        for (client_id, after) in wills {
+            shared.arm_will(client_id, 0, after);
         }
         let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
         tokio::spawn(async move {

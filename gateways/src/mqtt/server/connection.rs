@@ -19,8 +19,8 @@ use tokio::time::Instant;
 
 use super::broker::{Shared, stored_subscription};
 use super::encode::{self, Ack, ConnackProperties, OutPublish};
-use super::packet::{self, ClientPacket, Connect, Publish, Will};
-use super::session::{Message, Queued, Session, SessionCell};
+use super::packet::{self, ClientPacket, Connect, Publish};
+use super::session::{Message, PendingWill, Queued, Session, SessionCell};
 use super::{BoxFuture, IngestError, IngestRequest, lock, stopped};
 use crate::mqtt::alias::{InboundAliases, OutboundAliases, OutboundTopic};
 use crate::mqtt::auth::Identity;
@@ -85,7 +85,10 @@ enum End {
     Abnormal,
     /// Another connection took the session.
     TakenOver,
-    /// The broker is shutting down: no will, the session is kept.
+    /// The broker is shutting down: the session is kept, and so is a will with a delay
+    /// (in the store, for persistent sessions: it is published after the restart unless the
+    /// client reconnects first); a will without one (the session's expiry caps the delay,
+    /// so every will of a session that ends now) is published now.
     Shutdown,
 }
 
@@ -384,7 +387,7 @@ async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
     } else {
         Arc::from(connect.client_id.as_str())
     };
-    let will = match &connect.will {
+    let will_topic = match &connect.will {
         None => None,
         Some(will) => match TopicName::new(&will.topic) {
             Ok(topic) => {
@@ -404,7 +407,7 @@ async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
                         return None;
                     }
                 }
-                Some((topic, will.clone()))
+                Some(topic)
             }
             Err(_) => {
                 refuse(
@@ -469,6 +472,34 @@ async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
             }
         }
     };
+    // The will, journaled for a persistent session so that it outlives a crash or a restart;
+    // it replaces the will a previous connection left.
+    let stored = cell.lock().stored;
+    let will = match (&connect.will, will_topic) {
+        (Some(will), Some(topic)) => Some(PendingWill {
+            topic,
+            payload: will.payload.clone(),
+            qos: will.qos,
+            retain: will.retain,
+            expiry_secs: will.message_expiry,
+            properties: will.properties.clone(),
+            delay_secs: will.delay_secs,
+            token: stored.then(random_u64),
+        }),
+        _ => None,
+    };
+    if stored {
+        ops.push(match &will {
+            Some(will) => Op::WillSet {
+                client_id: client_id.to_string(),
+                will: will.to_stored(will.token.unwrap_or_default()),
+            },
+            None => Op::WillClear {
+                client_id: client_id.to_string(),
+                token: None,
+            },
+        });
+    }
     if !ops.is_empty() {
         match shared.persist.commit(ops).await {
             Ok(Ok(())) => {}
@@ -527,7 +558,6 @@ async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
         in_aliases: InboundAliases::new(if v5 { limits.topic_alias_maximum } else { 0 }),
         out_aliases: OutboundAliases::new(connect.topic_alias_maximum),
         will,
-        will_delay_secs: connect.will.as_ref().map_or(0, |w| w.delay_secs),
         pending: FuturesOrdered::new(),
         acks: FuturesOrdered::new(),
         done,
@@ -628,6 +658,8 @@ fn attach(
         session.evicted = None;
         session.attached_done = Some(request.done.clone());
         session.epoch += 1;
+        // The client is back: a will waiting for its delay is not published (§3.1.3.2).
+        session.will = None;
         // Publishes the previous connection had under way are sent again by the client.
         session.inbound.on_disconnect();
         session.username = request.username.clone();
@@ -810,8 +842,8 @@ struct Conn {
     max_out_packet: u32,
     in_aliases: InboundAliases,
     out_aliases: OutboundAliases,
-    will: Option<(TopicName, Will)>,
-    will_delay_secs: u32,
+    /// The will of this connection (journaled with its token for a persistent session).
+    will: Option<PendingWill>,
     pending: FuturesOrdered<PendingFuture>,
     acks: FuturesOrdered<AcksDue>,
     /// Dropped once the connection has finished with its session and closed: a connection
@@ -1705,45 +1737,56 @@ impl Conn {
                 Duration::from_secs(u64::from(secs)),
             );
         }
-        let send_will = match end {
-            End::Abnormal | End::WithWill => true,
-            // Taken over: the will goes now unless it has a delay (the new connection is the
-            // reconnect the delay waits for).
-            End::TakenOver => self.will_delay_secs == 0,
-            End::Normal | End::Shutdown => false,
-        };
-        if let (true, Some((topic, will))) = (send_will, self.will.take()) {
-            let message = Arc::new(Message {
-                topic,
-                payload: will.payload,
-                qos: will.qos,
-                retain: will.retain,
-                published_at_ms: now_ms,
-                expiry_secs: will.message_expiry,
-                properties: will.properties,
-                publisher: self.client_id.clone(),
-            });
+        if let Some(will) = self.will.take() {
             let session_expiry = if session_ended {
                 0
             } else {
                 self.cell.lock().expiry_secs
             };
             let delay = will.delay_secs.min(session_expiry);
-            if delay == 0 || end == End::TakenOver {
-                shared.publish_internal(message).await;
-            } else {
-                let cell = self.cell.clone();
-                let epoch = cell.lock().epoch;
-                tokio::spawn(async move {
-                    tokio::time::sleep(Duration::from_secs(u64::from(delay))).await;
-                    let still_away = {
-                        let session = cell.lock();
-                        session.attached.is_none() && session.epoch == epoch
-                    };
-                    if still_away {
-                        shared.publish_internal(message).await;
+            match end {
+                End::Normal => {
+                    // Cleared before the client can count on it: a crash must not publish it.
+                    if let Some(token) = will.token {
+                        let op = Op::WillClear {
+                            client_id: self.client_id.to_string(),
+                            token: Some(token),
+                        };
+                        let _ = shared.persist.commit(vec![op]).await;
                     }
-                });
+                }
+                // Taken over: the will goes now unless it has a delay (the new connection is
+                // the reconnect the delay waits for, and replaces the stored will).
+                End::TakenOver => {
+                    if will.delay_secs == 0 {
+                        shared.fire_will(self.client_id.clone(), will).await;
+                    }
+                }
+                End::Abnormal | End::WithWill | End::Shutdown if delay == 0 => {
+                    shared.fire_will(self.client_id.clone(), will).await;
+                }
+                // Shutting down with a delay to wait: the store keeps the will of a
+                // persistent session (the only kind with a delay left) for after the restart.
+                End::Shutdown => {}
+                End::Abnormal | End::WithWill => {
+                    let epoch = {
+                        let mut session = self.cell.lock();
+                        if session.attached.is_some() {
+                            // Another connection attached meanwhile: it is the reconnect.
+                            None
+                        } else {
+                            session.will = Some(will);
+                            Some(session.epoch)
+                        }
+                    };
+                    if let Some(epoch) = epoch {
+                        shared.arm_will(
+                            self.client_id.clone(),
+                            epoch,
+                            Duration::from_secs(u64::from(delay)),
+                        );
+                    }
+                }
             }
         }
         tracing::debug!(client_id = %self.client_id, ?end, "MQTT client disconnected");

@@ -16,7 +16,7 @@ use super::{Limits, lock};
 use crate::mqtt::ingest::{IngestRecord, PublishMeta, ingest_record};
 use crate::mqtt::qos::{Inbound, Outbound};
 use crate::mqtt::route::RouteTable;
-use crate::mqtt::store::{Op, StoredMessage, StoredProperties};
+use crate::mqtt::store::{Op, StoredMessage, StoredProperties, StoredWill};
 use crate::mqtt::subscriptions::QoS;
 use crate::mqtt::topic::TopicName;
 
@@ -79,6 +79,7 @@ impl Message {
                 correlation_data: p.correlation_data.clone(),
                 user_properties: p.user_properties.clone(),
             },
+            subscription_ids: Vec::new(),
         }
     }
 
@@ -101,6 +102,66 @@ impl Message {
                 user_properties: p.user_properties,
             },
             publisher,
+        })
+    }
+}
+
+/// A will that may still be published: the connection that left it ended without a normal
+/// DISCONNECT and its delay is running (or it waits in the store for one to start).
+#[derive(Debug, Clone)]
+pub(crate) struct PendingWill {
+    pub(crate) topic: TopicName,
+    pub(crate) payload: Bytes,
+    pub(crate) qos: QoS,
+    pub(crate) retain: bool,
+    /// 5.0 Message Expiry Interval of the will message.
+    pub(crate) expiry_secs: Option<u32>,
+    pub(crate) properties: PublishProperties,
+    /// 5.0 Will Delay Interval, seconds.
+    pub(crate) delay_secs: u32,
+    /// The token the store knows it by (persistent sessions only); its log record carries
+    /// it in `mqtt.will_id`.
+    pub(crate) token: Option<u64>,
+}
+
+impl PendingWill {
+    /// The will as the message it publishes at `now_ms`.
+    pub(crate) fn message(&self, publisher: Arc<str>, now_ms: i64) -> Message {
+        Message {
+            topic: self.topic.clone(),
+            payload: self.payload.clone(),
+            qos: self.qos,
+            retain: self.retain,
+            published_at_ms: now_ms,
+            expiry_secs: self.expiry_secs,
+            properties: self.properties.clone(),
+            publisher,
+        }
+    }
+
+    /// The store's form; `token` is the one it is journaled under.
+    pub(crate) fn to_stored(&self, token: u64) -> StoredWill {
+        let message = self.message(Arc::from(""), 0).to_stored();
+        StoredWill {
+            message,
+            delay_secs: self.delay_secs,
+            token,
+            firing: None,
+        }
+    }
+
+    /// A will from the store; `None` if its topic is no longer valid (a foreign edit).
+    pub(crate) fn from_stored(stored: StoredWill) -> Option<PendingWill> {
+        let message = Message::from_stored(stored.message, Arc::from(""))?;
+        Some(PendingWill {
+            topic: message.topic,
+            payload: message.payload,
+            qos: message.qos,
+            retain: message.retain,
+            expiry_secs: message.expiry_secs,
+            properties: message.properties,
+            delay_secs: stored.delay_secs,
+            token: Some(stored.token),
         })
     }
 }
@@ -143,6 +204,9 @@ pub(crate) struct Session {
     pub(crate) outbound: Outbound<Queued>,
     pub(crate) inbound: Inbound,
     pub(crate) next_seq: u64,
+    /// The will waiting for its delay while the client is away; a connection attaching
+    /// cancels it.
+    pub(crate) will: Option<PendingWill>,
 }
 
 /// Why a copy was not queued.
@@ -178,6 +242,7 @@ impl Session {
             outbound: Outbound::new(limits.max_inflight_out),
             inbound: Inbound::new(limits.receive_maximum),
             next_seq: 1,
+            will: None,
         }
     }
 
@@ -207,10 +272,16 @@ impl Session {
             let seq = self.next_seq;
             self.next_seq += 1;
             copy.seq = Some(seq);
+            // The copy as it goes out (its QoS, RETAIN flag and subscription ids), so that a
+            // restart delivers it as it would have been delivered without one.
+            let mut message = copy.message.to_stored();
+            message.qos = copy.qos.as_u8();
+            message.retain = copy.retain;
+            message.subscription_ids = copy.subscription_ids.clone();
             ops.push(Op::Enqueue {
                 client_id: self.client_id.to_string(),
                 seq,
-                message: copy.message.to_stored(),
+                message,
             });
         }
         self.queued_bytes += bytes;

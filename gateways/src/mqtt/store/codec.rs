@@ -7,7 +7,10 @@
 
 use bytes::Bytes;
 
-use super::{Op, StoredMessage, StoredProperties, StoredQos2, StoredSubscription};
+use super::{
+    Op, StoredMessage, StoredProperties, StoredQos2, StoredSubscription, StoredWill,
+    StoredWillFiring,
+};
 
 /// Bytes before each entry's body: length then CRC-32C.
 pub(super) const ENTRY_HEADER_BYTES: u64 = 8;
@@ -23,6 +26,12 @@ const KIND_RETAIN: u8 = 8;
 const KIND_CLEAR_RETAINED: u8 = 9;
 const KIND_QOS2_SET: u8 = 10;
 const KIND_QOS2_RELEASE: u8 = 11;
+const KIND_WILL_SET: u8 = 12;
+const KIND_WILL_FIRING: u8 = 13;
+const KIND_WILL_CLEAR: u8 = 14;
+/// An enqueue whose copy carries subscription identifiers: kind 6's fields, then a u32 count
+/// and the ids. A copy without ids is written as kind 6, as before kind 15 existed.
+const KIND_ENQUEUE_IDS: u8 = 15;
 
 /// Tags of [`StoredQos2`] in a `qos2-set` entry.
 const QOS2_INTENT: u8 = 0;
@@ -75,6 +84,19 @@ pub(super) enum Entry<'a> {
     Qos2Release {
         client_id: &'a str,
         packet_id: u16,
+    },
+    WillSet {
+        client_id: &'a str,
+        will: &'a StoredWill,
+    },
+    WillFiring {
+        client_id: &'a str,
+        token: u64,
+        firing: &'a StoredWillFiring,
+    },
+    WillClear {
+        client_id: &'a str,
+        token: Option<u64>,
     },
 }
 
@@ -204,10 +226,21 @@ fn put_body<S: Sink>(sink: &mut S, entry: Entry<'_>) {
             seq,
             message,
         } => {
-            sink.put_u8(KIND_ENQUEUE);
+            let ids = &message.subscription_ids;
+            sink.put_u8(if ids.is_empty() {
+                KIND_ENQUEUE
+            } else {
+                KIND_ENQUEUE_IDS
+            });
             sink.put_str(client_id);
             sink.put_u64(seq);
             put_message(sink, message);
+            if !ids.is_empty() {
+                sink.put_u32(ids.len() as u32);
+                for &id in ids {
+                    sink.put_u32(id);
+                }
+            }
         }
         Entry::Dequeue { client_id, seq } => {
             sink.put_u8(KIND_DEQUEUE);
@@ -254,7 +287,36 @@ fn put_body<S: Sink>(sink: &mut S, entry: Entry<'_>) {
             sink.put_str(client_id);
             sink.put_u16(packet_id);
         }
+        Entry::WillSet { client_id, will } => {
+            sink.put_u8(KIND_WILL_SET);
+            sink.put_str(client_id);
+            put_message(sink, &will.message);
+            sink.put_u32(will.delay_secs);
+            sink.put_u64(will.token);
+            sink.put_option(will.firing.as_ref(), put_will_firing);
+        }
+        Entry::WillFiring {
+            client_id,
+            token,
+            firing,
+        } => {
+            sink.put_u8(KIND_WILL_FIRING);
+            sink.put_str(client_id);
+            sink.put_u64(token);
+            put_will_firing(sink, firing);
+        }
+        Entry::WillClear { client_id, token } => {
+            sink.put_u8(KIND_WILL_CLEAR);
+            sink.put_str(client_id);
+            sink.put_option(token, S::put_u64);
+        }
     }
+}
+
+fn put_will_firing<S: Sink>(sink: &mut S, firing: &StoredWillFiring) {
+    sink.put_str(&firing.log_topic);
+    sink.put_u32(firing.partition);
+    sink.put_u64(firing.from_offset);
 }
 
 fn put_subscription<S: Sink>(sink: &mut S, subscription: &StoredSubscription) {
@@ -407,6 +469,27 @@ impl<'a> Fields<'a> {
                 correlation_data,
                 user_properties,
             },
+            subscription_ids: Vec::new(),
+        })
+    }
+
+    /// The subscription identifiers after a kind 15 enqueue's message.
+    fn subscription_ids(&mut self) -> DecodeResult<Vec<u32>> {
+        let count = self.u32()?;
+        if count == 0 {
+            return Err("an enqueue with subscription ids has none");
+        }
+        if u64::from(count) * 4 > self.bytes.len() as u64 {
+            return Err("the subscription id count exceeds the entry");
+        }
+        (0..count).map(|_| self.u32()).collect()
+    }
+
+    fn will_firing(&mut self) -> DecodeResult<StoredWillFiring> {
+        Ok(StoredWillFiring {
+            log_topic: self.string()?,
+            partition: self.u32()?,
+            from_offset: self.u64()?,
         })
     }
 }
@@ -439,6 +522,17 @@ pub(super) fn decode_body(body: &[u8]) -> DecodeResult<Op> {
             seq: fields.u64()?,
             message: fields.message()?,
         },
+        KIND_ENQUEUE_IDS => {
+            let client_id = fields.string()?;
+            let seq = fields.u64()?;
+            let mut message = fields.message()?;
+            message.subscription_ids = fields.subscription_ids()?;
+            Op::Enqueue {
+                client_id,
+                seq,
+                message,
+            }
+        }
         KIND_DEQUEUE => Op::Dequeue {
             client_id: fields.string()?,
             seq: fields.u64()?,
@@ -466,6 +560,24 @@ pub(super) fn decode_body(body: &[u8]) -> DecodeResult<Op> {
         KIND_QOS2_RELEASE => Op::Qos2Release {
             client_id: fields.string()?,
             packet_id: fields.u16()?,
+        },
+        KIND_WILL_SET => Op::WillSet {
+            client_id: fields.string()?,
+            will: StoredWill {
+                message: fields.message()?,
+                delay_secs: fields.u32()?,
+                token: fields.u64()?,
+                firing: fields.option(Fields::will_firing)?,
+            },
+        },
+        KIND_WILL_FIRING => Op::WillFiring {
+            client_id: fields.string()?,
+            token: fields.u64()?,
+            firing: fields.will_firing()?,
+        },
+        KIND_WILL_CLEAR => Op::WillClear {
+            client_id: fields.string()?,
+            token: fields.option(Fields::u64)?,
         },
         _ => return Err("unknown op kind"),
     };
