@@ -4,17 +4,20 @@
 //! # Layout
 //! - `store`: opening the object store from a URL (`s3://`, `file://`, `memory://`).
 //! - `schema`: the archive's Parquet format: columns, footer metadata, object keys.
+//! - `manifest`: per partition, the archived objects: the cold tier's source of truth.
 //! - `write`: converting a contiguous run of record batches into one archive object.
 //! - `read`: reading an archive object back as RecordBatch v2 batches from any offset.
 //! - `error`: the crate's error type.
 
 mod error;
+pub mod manifest;
 pub mod read;
 pub mod schema;
 pub mod store;
 pub mod write;
 
 pub use error::{Result, TierError};
+pub use manifest::{Manifest, ManifestObject};
 pub use read::ArchiveReader;
 pub use store::ArchiveStore;
 pub use write::{ArchiveWriter, ArchivedObject};

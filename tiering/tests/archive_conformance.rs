@@ -14,7 +14,7 @@ use silt_log::batch::{
     decode_records, encode_batch,
 };
 use silt_tiering::read::ArchiveRead;
-use silt_tiering::{ArchiveReader, ArchiveStore, ArchiveWriter, TierError};
+use silt_tiering::{ArchiveReader, ArchiveStore, ArchiveWriter, Manifest, TierError};
 
 const ACCESS_KEY: &str = "silt-test-access-key";
 const SECRET_KEY: &str = "silt-test-secret-key";
@@ -357,6 +357,64 @@ async fn objects_that_are_not_archive_files_are_refused_on_open() {
         let reader = ArchiveReader::open(store, &key, None).await.unwrap();
         assert!(reader.read(10, 100).await.is_err(), "{name}");
         assert!(reader.read(-1, 100).await.is_err(), "{name}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn manifests_commit_atomically_and_load_back() {
+    let stores = stores().await;
+    for (name, store) in &stores.stores {
+        assert_eq!(Manifest::load(store, "t", 3).await.unwrap(), None, "{name}");
+        let input = log_batches(0, 30);
+        let mut manifest = Manifest::new("t", 3);
+        for (base, last) in [(0, 9), (10, 29)] {
+            let mut writer = ArchiveWriter::new(store.clone(), "t", 3, base, last).unwrap();
+            for batch in &input {
+                let first = seen(batch)[0].record.offset;
+                if (base..=last).contains(&first) {
+                    writer.push_batch(batch).await.unwrap();
+                }
+            }
+            manifest.add(writer.finish().await.unwrap().into()).unwrap();
+            manifest.commit(store).await.unwrap();
+        }
+        let loaded = Manifest::load(store, "t", 3).await.unwrap().unwrap();
+        assert_eq!(loaded, manifest, "{name}");
+        assert_eq!(loaded.generation, 2);
+        // Every object the manifest names opens at the size it records, with no HEAD or LIST.
+        for object in &loaded.objects {
+            let reader = ArchiveReader::open(store, &object.key, Some(object.size_bytes))
+                .await
+                .unwrap();
+            assert_eq!(reader.info().base_offset, object.base_offset, "{name}");
+        }
+        // Another partition's manifest is refused, as is garbage.
+        let other = store.key(&Manifest::key("t", 4));
+        let bytes = store
+            .store()
+            .get(&store.key(&Manifest::key("t", 3)))
+            .await
+            .unwrap();
+        store
+            .store()
+            .put(&other, bytes.bytes().await.unwrap().into())
+            .await
+            .unwrap();
+        let error = Manifest::load(store, "t", 4).await.unwrap_err();
+        assert!(
+            matches!(error, TierError::Corrupt { .. }),
+            "{name}: {error}"
+        );
+        store
+            .store()
+            .put(&other, PutPayload::from_static(b"{\"format\":"))
+            .await
+            .unwrap();
+        let error = Manifest::load(store, "t", 4).await.unwrap_err();
+        assert!(
+            matches!(error, TierError::Corrupt { .. }),
+            "{name}: {error}"
+        );
     }
 }
 
