@@ -5,12 +5,14 @@
 //! - `store`: opening the object store from a URL (`s3://`, `file://`, `memory://`).
 //! - `schema`: the archive's Parquet format: columns, footer metadata, object keys.
 //! - `manifest`: per partition, the archived objects: the cold tier's source of truth.
+//! - `offload`: planning and running the conversion of closed segments into objects.
 //! - `write`: converting a contiguous run of record batches into one archive object.
 //! - `read`: reading an archive object back as RecordBatch v2 batches from any offset.
 //! - `error`: the crate's error type.
 
 mod error;
 pub mod manifest;
+pub mod offload;
 pub mod read;
 pub mod schema;
 pub mod store;
@@ -18,6 +20,7 @@ pub mod write;
 
 pub use error::{Result, TierError};
 pub use manifest::{Manifest, ManifestObject};
+pub use offload::{OffloadPolicy, OffloadRange, offload_next, plan_offload};
 pub use read::ArchiveReader;
 pub use store::ArchiveStore;
 pub use write::{ArchiveWriter, ArchivedObject};

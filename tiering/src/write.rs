@@ -60,6 +60,10 @@ pub struct ArchiveWriter {
     partition: u32,
     limits: DecodeLimits,
     open: Option<(AsyncArrowWriter<BufWriter>, Path)>,
+    /// Set once the upload is being completed: from then on it can no longer be aborted
+    /// (`BufWriter` refuses), and a failure leaves at most an incomplete multipart upload, which
+    /// garbage collection aborts.
+    completing: bool,
     rows: RowBuilders,
     base_offset: i64,
     last_offset: i64,
@@ -100,6 +104,7 @@ impl ArchiveWriter {
             partition,
             limits: DecodeLimits::default(),
             open: None,
+            completing: false,
             rows: RowBuilders::default(),
             base_offset,
             last_offset,
@@ -139,12 +144,18 @@ impl ArchiveWriter {
                 header.base_offset
             )));
         }
-        if header.base_offset != self.next_offset {
+        // The first batch may start before the object's base (a log start inside a batch);
+        // it contributes its records from the base on. Every later batch must follow on.
+        let straddles_base = self.open.is_none()
+            && header.base_offset < self.next_offset
+            && header.last_offset() >= self.next_offset;
+        if header.base_offset != self.next_offset && !straddles_base {
             return Err(TierError::InvalidInput(format!(
                 "batch at offset {} where offset {} was expected",
                 header.base_offset, self.next_offset
             )));
         }
+        let skip = usize::try_from(self.next_offset - header.base_offset).unwrap_or(0);
         if header.last_offset() > self.last_offset {
             return Err(TierError::InvalidInput(format!(
                 "batch ending at offset {} is past the object's last offset {}",
@@ -168,11 +179,11 @@ impl ArchiveWriter {
         }
         if self.open.is_none() {
             let first = records
-                .first()
+                .get(skip)
                 .ok_or_else(|| TierError::InvalidInput("a batch with no records".into()))?;
             self.open = Some(self.create(first.timestamp)?);
         }
-        for (index, record) in records.iter().enumerate() {
+        for (index, record) in records.iter().enumerate().skip(skip) {
             let sequence = if header.base_sequence < 0 {
                 -1
             } else {
@@ -244,6 +255,7 @@ impl ArchiveWriter {
         ] {
             writer.append_key_value_metadata(KeyValue::new(name.to_string(), value));
         }
+        self.completing = true;
         writer.finish().await?;
         let size_bytes = writer.bytes_written() as u64;
         let key = key.to_string();
@@ -263,6 +275,7 @@ impl ArchiveWriter {
     /// behind are for garbage collection.
     pub async fn abort(mut self) {
         if let Some((writer, key)) = self.open.take()
+            && !self.completing
             && let Err(error) = writer.into_inner().abort().await
         {
             tracing::warn!(key = %key, %error, "aborting an archive upload failed");
