@@ -1087,6 +1087,24 @@ impl PartitionLog {
         self.lock_state_unchecked().segments.len()
     }
 
+    /// The closed segments (every one but the active), oldest first: what a cold tier may
+    /// archive. Their offsets are contiguous and each ends on a batch boundary.
+    pub fn closed_segments(&self) -> Vec<crate::retention::SegmentSummary> {
+        let state = self.lock_state_unchecked();
+        let count = state.segments.len() - 1;
+        state
+            .segments
+            .values()
+            .take(count)
+            .map(|segment| crate::retention::SegmentSummary {
+                base_offset: segment.base_offset,
+                next_offset: segment.next_offset(),
+                size_bytes: segment.size(),
+                max_timestamp: segment.max_timestamp(),
+            })
+            .collect()
+    }
+
     /// Base offsets of the segments, oldest first.
     pub fn segment_bases(&self) -> Vec<u64> {
         self.lock_state_unchecked()

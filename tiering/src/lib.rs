@@ -1,7 +1,26 @@
 //! Silt's cold tier: the Parquet archive in S3-compatible object storage, its manifest,
 //! retention, garbage collection and cold reads.
 //!
-//! The tiered-storage issue fills this crate; until then it deliberately holds no code.
-//!
 //! # Layout
-//! Empty: no archive code has been built yet.
+//! - `store`: opening the object store from a URL (`s3://`, `file://`, `memory://`).
+//! - `schema`: the archive's Parquet format: columns, footer metadata, object keys.
+//! - `manifest`: per partition, the archived objects: the cold tier's source of truth.
+//! - `offload`: planning and running the conversion of closed segments into objects.
+//! - `write`: converting a contiguous run of record batches into one archive object.
+//! - `read`: reading an archive object back as RecordBatch v2 batches from any offset.
+//! - `error`: the crate's error type.
+
+mod error;
+pub mod manifest;
+pub mod offload;
+pub mod read;
+pub mod schema;
+pub mod store;
+pub mod write;
+
+pub use error::{Result, TierError};
+pub use manifest::{Manifest, ManifestObject};
+pub use offload::{OffloadPolicy, OffloadRange, offload_next, plan_offload};
+pub use read::ArchiveReader;
+pub use store::ArchiveStore;
+pub use write::{ArchiveWriter, ArchivedObject};

@@ -1,0 +1,321 @@
+//! The manifest: per partition, the list of archived objects with their offset and time
+//! ranges. It is the single source of truth for the cold tier (DESIGN.md).
+//!
+//! # Ordering rules
+//! 1. An object is uploaded under a fresh key ([`crate::ArchiveWriter`]).
+//! 2. Then the manifest naming it is committed (one PUT of the whole manifest, which object
+//!    stores make atomic: readers see the old manifest or the new one, never a mix).
+//! 3. Only then may local retention delete the segments the object holds.
+//!
+//! A crash between 1 and 2 leaves an object no manifest names: garbage collection removes it
+//! after a grace period. A crash between 2 and 3 leaves the data in both tiers, which is
+//! harmless: the next offload finds the range already archived. Expiry runs the other way: the
+//! log start offset advances in the manifest (committed) *before* any object is deleted, so a
+//! reader sees either the data or OFFSET_OUT_OF_RANGE, never a missing object.
+//!
+//! Readers never LIST the bucket: the manifest's key is computed from topic and partition, and
+//! it names every object with its size.
+
+use object_store::{ObjectStoreExt, PutPayload};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Result, TierError};
+use crate::store::ArchiveStore;
+use crate::write::ArchivedObject;
+
+/// Version of the manifest's JSON layout.
+pub const MANIFEST_FORMAT: u32 = 1;
+/// Largest manifest accepted when loading, so a corrupt or hostile object cannot make a node
+/// allocate without bound. At about 250 bytes per object this is some 250,000 objects, tens of
+/// terabytes of archive per partition.
+pub const MANIFEST_BYTES_MAX: usize = 64 << 20;
+
+/// One archived object as the manifest records it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManifestObject {
+    /// Key in the store, prefix included.
+    pub key: String,
+    pub base_offset: i64,
+    pub last_offset: i64,
+    pub records: u64,
+    pub min_timestamp_ms: i64,
+    pub max_timestamp_ms: i64,
+    pub size_bytes: u64,
+}
+
+impl From<ArchivedObject> for ManifestObject {
+    fn from(object: ArchivedObject) -> Self {
+        ManifestObject {
+            key: object.key,
+            base_offset: object.base_offset,
+            last_offset: object.last_offset,
+            records: object.records,
+            min_timestamp_ms: object.min_timestamp_ms,
+            max_timestamp_ms: object.max_timestamp_ms,
+            size_bytes: object.size_bytes,
+        }
+    }
+}
+
+/// One partition's manifest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format: u32,
+    pub topic: String,
+    pub partition: u32,
+    /// Bumped by every commit; tells two versions apart in logs and tests.
+    pub generation: u64,
+    /// The first offset readers may ask for: everything below is expired, even while its
+    /// objects still await deletion.
+    pub log_start_offset: i64,
+    /// Archived objects in offset order, contiguous, none wholly below `log_start_offset`.
+    pub objects: Vec<ManifestObject>,
+    /// Objects expired from the manifest whose deletion is still owed (a crash may interrupt
+    /// it); deleting them is idempotent.
+    pub expired: Vec<String>,
+}
+
+impl Manifest {
+    /// An empty manifest.
+    pub fn new(topic: &str, partition: u32) -> Manifest {
+        Manifest {
+            format: MANIFEST_FORMAT,
+            topic: topic.to_string(),
+            partition,
+            generation: 0,
+            log_start_offset: 0,
+            objects: Vec::new(),
+            expired: Vec::new(),
+        }
+    }
+
+    /// The key of `topic`/`partition`'s manifest, relative to the store's prefix. It sits
+    /// beside the Hive tree, not in it, so engines globbing `v1/**/*.parquet` never see it.
+    pub fn key(topic: &str, partition: u32) -> String {
+        format!("_manifests/v1/topic={topic}/partition={partition}.json")
+    }
+
+    /// Offset after the last archived record, or `None` when nothing is archived.
+    pub fn next_offset(&self) -> Option<i64> {
+        self.objects.last().map(|object| object.last_offset + 1)
+    }
+
+    /// Records `object`, which must continue the archive exactly where it ends (or start it).
+    pub fn add(&mut self, object: ManifestObject) -> Result<()> {
+        if object.last_offset < object.base_offset
+            || u64::try_from(object.last_offset - object.base_offset + 1) != Ok(object.records)
+        {
+            return Err(TierError::InvalidInput(format!(
+                "object {} claims offsets {}..={} and {} records",
+                object.key, object.base_offset, object.last_offset, object.records
+            )));
+        }
+        match self.next_offset() {
+            Some(next) if object.base_offset != next => {
+                return Err(TierError::InvalidInput(format!(
+                    "object {} starts at offset {}, the archive continues at {next}",
+                    object.key, object.base_offset
+                )));
+            }
+            None if object.base_offset < self.log_start_offset => {
+                return Err(TierError::InvalidInput(format!(
+                    "object {} starts at offset {}, below the log start offset {}",
+                    object.key, object.base_offset, self.log_start_offset
+                )));
+            }
+            _ => {}
+        }
+        self.objects.push(object);
+        Ok(())
+    }
+
+    /// The object holding `offset`, if it is archived and not expired.
+    pub fn find(&self, offset: i64) -> Option<&ManifestObject> {
+        if offset < self.log_start_offset {
+            return None;
+        }
+        let index = self
+            .objects
+            .partition_point(|object| object.last_offset < offset);
+        self.objects
+            .get(index)
+            .filter(|object| object.base_offset <= offset)
+    }
+
+    /// Moves the log start offset up to `offset` (never down). Objects wholly below it leave
+    /// `objects` for `expired`; the caller commits this manifest, then deletes them, then
+    /// commits again with [`Manifest::forget_expired`].
+    pub fn advance_log_start(&mut self, offset: i64) {
+        if offset <= self.log_start_offset {
+            return;
+        }
+        self.log_start_offset = offset;
+        let keep_from = self
+            .objects
+            .partition_point(|object| object.last_offset < offset);
+        self.expired
+            .extend(self.objects.drain(..keep_from).map(|object| object.key));
+    }
+
+    /// Drops `deleted` keys from the expired list once their objects are gone.
+    pub fn forget_expired(&mut self, deleted: &[String]) {
+        self.expired.retain(|key| !deleted.contains(key));
+    }
+
+    /// Archived bytes the manifest names.
+    pub fn archived_bytes(&self) -> u64 {
+        self.objects.iter().map(|object| object.size_bytes).sum()
+    }
+
+    /// Loads `topic`/`partition`'s manifest; `None` when the partition has never been archived.
+    pub async fn load(
+        store: &ArchiveStore,
+        topic: &str,
+        partition: u32,
+    ) -> Result<Option<Manifest>> {
+        let key = store.key(&Manifest::key(topic, partition));
+        let result = match store.store().get(&key).await {
+            Ok(result) => result,
+            Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(error) => return Err(error.into()),
+        };
+        let corrupt = |why: String| TierError::Corrupt {
+            key: key.to_string(),
+            why,
+        };
+        if result.meta.size > MANIFEST_BYTES_MAX as u64 {
+            return Err(corrupt(format!(
+                "{} bytes, over the {MANIFEST_BYTES_MAX}-byte limit",
+                result.meta.size
+            )));
+        }
+        let bytes = result.bytes().await?;
+        let manifest: Manifest =
+            serde_json::from_slice(&bytes).map_err(|error| corrupt(error.to_string()))?;
+        manifest.check().map_err(corrupt)?;
+        if manifest.topic != topic || manifest.partition != partition {
+            return Err(corrupt(format!(
+                "it names {}/{}",
+                manifest.topic, manifest.partition
+            )));
+        }
+        Ok(Some(manifest))
+    }
+
+    /// Writes this manifest as the new version, bumping its generation. One PUT: atomic.
+    pub async fn commit(&mut self, store: &ArchiveStore) -> Result<()> {
+        self.check().map_err(TierError::InvalidInput)?;
+        self.generation += 1;
+        let bytes = serde_json::to_vec(self).expect("a manifest always serializes");
+        let key = store.key(&Manifest::key(&self.topic, self.partition));
+        if let Err(error) = store.store().put(&key, PutPayload::from(bytes)).await {
+            self.generation -= 1;
+            return Err(error.into());
+        }
+        Ok(())
+    }
+
+    /// The invariants every loaded or committed manifest keeps.
+    fn check(&self) -> std::result::Result<(), String> {
+        if self.format != MANIFEST_FORMAT {
+            return Err(format!(
+                "manifest format {} is not {MANIFEST_FORMAT}",
+                self.format
+            ));
+        }
+        if self.log_start_offset < 0 {
+            return Err(format!("log start offset {}", self.log_start_offset));
+        }
+        let mut next: Option<i64> = None;
+        for object in &self.objects {
+            if object.last_offset < object.base_offset
+                || u64::try_from(object.last_offset - object.base_offset + 1) != Ok(object.records)
+            {
+                return Err(format!("object {} has a bad offset range", object.key));
+            }
+            if next.is_some_and(|next| next != object.base_offset) {
+                return Err(format!("object {} breaks the offset sequence", object.key));
+            }
+            next = Some(object.last_offset + 1);
+        }
+        if let Some(first) = self.objects.first()
+            && first.last_offset < self.log_start_offset
+        {
+            return Err(format!(
+                "object {} is wholly below the log start offset",
+                first.key
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn object(base: i64, last: i64) -> ManifestObject {
+        ManifestObject {
+            key: format!("o{base}"),
+            base_offset: base,
+            last_offset: last,
+            records: u64::try_from(last - base + 1).unwrap(),
+            min_timestamp_ms: base,
+            max_timestamp_ms: last,
+            size_bytes: 100,
+        }
+    }
+
+    #[test]
+    fn objects_must_continue_the_archive() {
+        let mut manifest = Manifest::new("t", 0);
+        manifest.add(object(10, 19)).unwrap();
+        manifest.add(object(20, 29)).unwrap();
+        assert!(manifest.add(object(31, 40)).is_err(), "a gap");
+        assert!(manifest.add(object(25, 40)).is_err(), "an overlap");
+        let mut bad = object(30, 39);
+        bad.records = 3;
+        assert!(manifest.add(bad).is_err(), "a wrong record count");
+        assert_eq!(manifest.next_offset(), Some(30));
+        assert_eq!(manifest.find(9), None);
+        assert_eq!(manifest.find(10).unwrap().key, "o10");
+        assert_eq!(manifest.find(29).unwrap().key, "o20");
+        assert_eq!(manifest.find(30), None);
+    }
+
+    #[test]
+    fn the_log_start_moves_before_objects_are_deleted() {
+        let mut manifest = Manifest::new("t", 0);
+        for base in (0..50).step_by(10) {
+            manifest.add(object(base, base + 9)).unwrap();
+        }
+        manifest.advance_log_start(25);
+        assert_eq!(manifest.log_start_offset, 25);
+        assert_eq!(manifest.expired, ["o0", "o10"]);
+        assert_eq!(
+            manifest.find(24),
+            None,
+            "expired offsets read as out of range"
+        );
+        assert_eq!(manifest.find(25).unwrap().key, "o20");
+        manifest.advance_log_start(5);
+        assert_eq!(manifest.log_start_offset, 25, "never moves down");
+        manifest.forget_expired(&["o0".to_string()]);
+        assert_eq!(manifest.expired, ["o10"]);
+        manifest.check().unwrap();
+    }
+
+    #[test]
+    fn the_json_layout_is_pinned() {
+        let mut manifest = Manifest::new("mqtt", 1);
+        manifest.add(object(0, 9)).unwrap();
+        assert_eq!(
+            serde_json::to_string(&manifest).unwrap(),
+            r#"{"format":1,"topic":"mqtt","partition":1,"generation":0,"log_start_offset":0,"objects":[{"key":"o0","base_offset":0,"last_offset":9,"records":10,"min_timestamp_ms":0,"max_timestamp_ms":9,"size_bytes":100}],"expired":[]}"#
+        );
+        assert_eq!(
+            Manifest::key("mqtt", 1),
+            "_manifests/v1/topic=mqtt/partition=1.json"
+        );
+    }
+}

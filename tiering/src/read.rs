@@ -1,0 +1,471 @@
+//! Reading an archive object back as RecordBatch v2 batches, from any offset in it.
+//!
+//! Offsets in an object are contiguous (the writer refuses anything else), so the row holding
+//! an offset is found by arithmetic, and the reader fetches only the row groups and, through the
+//! page index, only the pages that hold the rows asked for. Batches are rebuilt from the rows
+//! with the producer's fields (id, epoch, sequence), the leader epoch, timestamp type and
+//! compression of the batch each record was written in, and a fresh CRC. A read that starts
+//! inside an original batch yields a batch starting at the offset asked for: its records and
+//! their sequences are the same, which is all a consumer can observe.
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use arrow::array::{
+    Array, AsArray, BinaryArray, Int16Array, Int32Array, Int64Array, ListArray, RecordBatch,
+    StringArray, StructArray, TimestampMicrosecondArray,
+};
+use arrow::datatypes::{Int16Type, Int32Type, Int64Type, TimestampMicrosecondType};
+use bytes::{Bytes, BytesMut};
+use futures_util::TryStreamExt;
+use futures_util::future::{BoxFuture, FutureExt};
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt};
+use parquet::arrow::ParquetRecordBatchStreamBuilder;
+use parquet::arrow::arrow_reader::{
+    ArrowReaderMetadata, ArrowReaderOptions, RowSelection, RowSelector,
+};
+use parquet::arrow::async_reader::AsyncFileReader;
+use parquet::errors::ParquetError;
+use parquet::file::metadata::{PageIndexPolicy, ParquetMetaData, ParquetMetaDataReader};
+use silt_log::batch::{BatchHeader, BatchSpec, Header, MAGIC_V2, Record, encode_batch};
+
+use crate::error::{Result, TierError};
+use crate::schema;
+use crate::store::ArchiveStore;
+
+/// Rows decoded per Arrow batch while rebuilding.
+const READ_BATCH_ROWS: usize = 1024;
+/// Footer bytes fetched in the first request, so most footers take one round trip.
+const FOOTER_PREFETCH_BYTES: usize = 64 << 10;
+
+/// What one read returned: whole batches, and where the next read continues.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ArchiveRead {
+    /// Concatenated RecordBatch v2 batches, as a Fetch response carries them.
+    pub batches: Bytes,
+    /// Offset after the last record returned.
+    pub next_offset: i64,
+    /// Records returned.
+    pub records: u64,
+}
+
+/// The footer facts of an archive object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ArchiveFileInfo {
+    pub topic: String,
+    pub partition: u32,
+    pub base_offset: i64,
+    pub last_offset: i64,
+    pub records: u64,
+    pub min_timestamp_ms: i64,
+    pub max_timestamp_ms: i64,
+}
+
+/// One archive object opened for reading: its footer is fetched once, at open.
+#[derive(Debug, Clone)]
+pub struct ArchiveReader {
+    source: ObjectSource,
+    metadata: ArrowReaderMetadata,
+    info: ArchiveFileInfo,
+    /// Offset of the first row of each row group, and one past the last.
+    row_group_offsets: Vec<i64>,
+}
+
+impl ArchiveReader {
+    /// Opens the object at `key` (prefix included). `size_bytes` comes from the manifest, which
+    /// saves a HEAD request; without it the store is asked.
+    pub async fn open(
+        store: &ArchiveStore,
+        key: &str,
+        size_bytes: Option<u64>,
+    ) -> Result<ArchiveReader> {
+        let path = Path::from(key);
+        let size = match size_bytes {
+            Some(size) => size,
+            None => store.store().head(&path).await?.size,
+        };
+        let mut source = ObjectSource {
+            store: Arc::clone(store.store()),
+            key: path,
+            size,
+        };
+        let options = ArrowReaderOptions::new().with_page_index_policy(PageIndexPolicy::Optional);
+        let parquet_metadata = source.get_metadata(Some(&options)).await?;
+        let metadata = ArrowReaderMetadata::try_new(parquet_metadata, options)?;
+        let corrupt = |why: String| TierError::Corrupt {
+            key: key.to_string(),
+            why,
+        };
+        let info = footer_info(metadata.metadata()).map_err(corrupt)?;
+        if metadata.schema().fields() != schema::archive_schema().fields() {
+            return Err(corrupt(format!(
+                "schema {:?} is not archive format {}",
+                metadata.schema(),
+                schema::FORMAT_VERSION
+            )));
+        }
+        let mut row_group_offsets = vec![info.base_offset];
+        for row_group in metadata.metadata().row_groups() {
+            let last = *row_group_offsets.last().expect("starts non-empty");
+            row_group_offsets.push(last + row_group.num_rows());
+        }
+        if row_group_offsets.last() != Some(&(info.last_offset + 1)) {
+            return Err(corrupt(format!(
+                "row groups hold {} rows, the footer says offsets {}..={}",
+                row_group_offsets.last().unwrap_or(&0) - info.base_offset,
+                info.base_offset,
+                info.last_offset
+            )));
+        }
+        Ok(ArchiveReader {
+            source,
+            metadata,
+            info,
+            row_group_offsets,
+        })
+    }
+
+    /// The object's footer facts.
+    pub fn info(&self) -> &ArchiveFileInfo {
+        &self.info
+    }
+
+    /// Row groups in the object.
+    pub fn row_groups(&self) -> usize {
+        self.row_group_offsets.len() - 1
+    }
+
+    /// Reads whole batches from `from_offset` on, stopping once about `max_bytes` are gathered;
+    /// at least one batch is returned, as Kafka's Fetch does, however small `max_bytes` is.
+    pub async fn read(&self, from_offset: i64, max_bytes: usize) -> Result<ArchiveRead> {
+        if !(self.info.base_offset..=self.info.last_offset).contains(&from_offset) {
+            return Err(TierError::InvalidInput(format!(
+                "offset {from_offset} is outside the object's {}..={}",
+                self.info.base_offset, self.info.last_offset
+            )));
+        }
+        let group = self
+            .row_group_offsets
+            .partition_point(|&start| start <= from_offset)
+            - 1;
+        let row_group = self.metadata.metadata().row_group(group);
+        let group_start = self.row_group_offsets[group];
+        let group_rows = usize::try_from(row_group.num_rows()).unwrap_or(0);
+        let skip = usize::try_from(from_offset - group_start).expect("offset inside the group");
+        // Rows to fetch: enough for `max_bytes` at the group's average row size, so a small
+        // Fetch does not pull a whole row group; at least one row.
+        let row_bytes =
+            usize::try_from(row_group.total_byte_size()).unwrap_or(0) / group_rows.max(1);
+        let wanted = (max_bytes / row_bytes.max(1)).saturating_add(1);
+        let select = wanted.min(group_rows - skip);
+        let selection =
+            RowSelection::from(vec![RowSelector::skip(skip), RowSelector::select(select)]);
+        let mut stream = ParquetRecordBatchStreamBuilder::new_with_metadata(
+            self.source.clone(),
+            self.metadata.clone(),
+        )
+        .with_row_groups(vec![group])
+        .with_row_selection(selection)
+        .with_batch_size(READ_BATCH_ROWS)
+        .build()?;
+        let mut out = BytesMut::new();
+        let mut rebuilder = Rebuilder::new(from_offset);
+        while let Some(batch) = stream.try_next().await? {
+            rebuilder
+                .add(&batch, &mut out)
+                .map_err(|why| TierError::Corrupt {
+                    key: self.source.key.to_string(),
+                    why,
+                })?;
+            if out.len() >= max_bytes {
+                break;
+            }
+        }
+        rebuilder
+            .flush(&mut out)
+            .map_err(|why| TierError::Corrupt {
+                key: self.source.key.to_string(),
+                why,
+            })?;
+        Ok(ArchiveRead {
+            batches: out.freeze(),
+            next_offset: rebuilder.next_offset,
+            records: rebuilder.records,
+        })
+    }
+}
+
+/// Parses and checks the footer's key-value metadata.
+fn footer_info(metadata: &ParquetMetaData) -> std::result::Result<ArchiveFileInfo, String> {
+    let pairs = metadata
+        .file_metadata()
+        .key_value_metadata()
+        .ok_or("no footer metadata")?;
+    let get = |name: &str| -> std::result::Result<&str, String> {
+        pairs
+            .iter()
+            .find(|pair| pair.key == name)
+            .and_then(|pair| pair.value.as_deref())
+            .ok_or_else(|| format!("footer metadata {name} is missing"))
+    };
+    fn number<T: std::str::FromStr>(name: &str, text: &str) -> std::result::Result<T, String> {
+        text.parse()
+            .map_err(|_| format!("footer metadata {name}={text:?} is not a number"))
+    }
+    let format = get(schema::META_FORMAT)?;
+    if format != schema::FORMAT_VERSION {
+        return Err(format!(
+            "archive format {format:?} is not {}",
+            schema::FORMAT_VERSION
+        ));
+    }
+    let info = ArchiveFileInfo {
+        topic: get(schema::META_TOPIC)?.to_string(),
+        partition: number(schema::META_PARTITION, get(schema::META_PARTITION)?)?,
+        base_offset: number(schema::META_BASE_OFFSET, get(schema::META_BASE_OFFSET)?)?,
+        last_offset: number(schema::META_LAST_OFFSET, get(schema::META_LAST_OFFSET)?)?,
+        records: number(schema::META_RECORDS, get(schema::META_RECORDS)?)?,
+        min_timestamp_ms: number(
+            schema::META_MIN_TIMESTAMP_MS,
+            get(schema::META_MIN_TIMESTAMP_MS)?,
+        )?,
+        max_timestamp_ms: number(
+            schema::META_MAX_TIMESTAMP_MS,
+            get(schema::META_MAX_TIMESTAMP_MS)?,
+        )?,
+    };
+    let rows = u64::try_from(metadata.file_metadata().num_rows()).unwrap_or(u64::MAX);
+    if info.base_offset < 0
+        || info.last_offset < info.base_offset
+        || u64::try_from(info.last_offset - info.base_offset + 1) != Ok(info.records)
+        || rows != info.records
+    {
+        return Err(format!(
+            "footer offsets {}..={} and {} records disagree with {rows} rows",
+            info.base_offset, info.last_offset, info.records
+        ));
+    }
+    Ok(info)
+}
+
+/// Turns rows back into batches: consecutive rows of one original batch become one batch.
+struct Rebuilder {
+    next_offset: i64,
+    records: u64,
+    pending: Vec<Record>,
+    spec: Option<BatchSpec>,
+    /// The original batch the pending rows came from.
+    pending_batch_offset: i64,
+}
+
+impl Rebuilder {
+    fn new(from_offset: i64) -> Rebuilder {
+        Rebuilder {
+            next_offset: from_offset,
+            records: 0,
+            pending: Vec::new(),
+            spec: None,
+            pending_batch_offset: -1,
+        }
+    }
+
+    fn add(&mut self, batch: &RecordBatch, out: &mut BytesMut) -> std::result::Result<(), String> {
+        let columns = Columns::of(batch)?;
+        for row in 0..batch.num_rows() {
+            let offset = columns.offset.value(row);
+            if offset != self.next_offset {
+                return Err(format!(
+                    "row holds offset {offset}, expected {}",
+                    self.next_offset
+                ));
+            }
+            let batch_offset = columns.batch_offset.value(row);
+            if self.spec.is_some() && batch_offset != self.pending_batch_offset {
+                self.flush(out)?;
+            }
+            if self.spec.is_none() {
+                let attributes = columns.attributes.value(row);
+                // The batch header's accessors interpret the attribute bits.
+                let header = BatchHeader {
+                    base_offset: offset,
+                    batch_length: 0,
+                    partition_leader_epoch: columns.leader_epoch.value(row),
+                    magic: MAGIC_V2,
+                    crc: 0,
+                    attributes,
+                    last_offset_delta: 0,
+                    base_timestamp: 0,
+                    max_timestamp: 0,
+                    producer_id: columns.producer_id.value(row),
+                    producer_epoch: columns.producer_epoch.value(row),
+                    base_sequence: columns.sequence.value(row),
+                    record_count: 0,
+                };
+                let mut spec =
+                    BatchSpec::from_header(&header).map_err(|error| error.to_string())?;
+                spec.base_offset = offset;
+                self.spec = Some(spec);
+                self.pending_batch_offset = batch_offset;
+            }
+            let headers = columns.headers.value(row);
+            let headers = headers.as_struct();
+            let header_keys = headers.column(0).as_string::<i32>();
+            let header_values = headers.column(1).as_binary::<i32>();
+            self.pending.push(Record {
+                timestamp: columns.timestamp.value(row) / 1000,
+                key: optional_bytes(columns.key, row),
+                value: optional_bytes(columns.value, row),
+                headers: (0..headers.len())
+                    .map(|index| Header {
+                        key: header_keys.value(index).to_string(),
+                        value: optional_bytes(header_values, index),
+                    })
+                    .collect(),
+            });
+            self.next_offset += 1;
+            self.records += 1;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self, out: &mut BytesMut) -> std::result::Result<(), String> {
+        if let Some(spec) = self.spec.take() {
+            encode_batch(&spec, &self.pending, out).map_err(|error| error.to_string())?;
+            self.pending.clear();
+        }
+        Ok(())
+    }
+}
+
+fn optional_bytes(array: &BinaryArray, row: usize) -> Option<Bytes> {
+    array
+        .is_valid(row)
+        .then(|| Bytes::copy_from_slice(array.value(row)))
+}
+
+/// The archive's columns of one Arrow batch, typed.
+struct Columns<'a> {
+    offset: &'a Int64Array,
+    timestamp: &'a TimestampMicrosecondArray,
+    key: &'a BinaryArray,
+    value: &'a BinaryArray,
+    headers: &'a ListArray,
+    producer_id: &'a Int64Array,
+    producer_epoch: &'a Int16Array,
+    sequence: &'a Int32Array,
+    batch_offset: &'a Int64Array,
+    leader_epoch: &'a Int32Array,
+    attributes: &'a Int16Array,
+}
+
+impl<'a> Columns<'a> {
+    fn of(batch: &'a RecordBatch) -> std::result::Result<Columns<'a>, String> {
+        let column = |name: &str| {
+            batch
+                .column_by_name(name)
+                .ok_or_else(|| format!("no column {name}"))
+        };
+        let headers = column(schema::COL_HEADERS)?
+            .as_list_opt::<i32>()
+            .ok_or("headers is not a list")?;
+        let _: &StructArray = headers
+            .values()
+            .as_struct_opt()
+            .ok_or("headers are not structs")?;
+        let _: &StringArray = headers
+            .values()
+            .as_struct()
+            .column(0)
+            .as_string_opt::<i32>()
+            .ok_or("header keys are not strings")?;
+        Ok(Columns {
+            offset: column(schema::COL_OFFSET)?
+                .as_primitive_opt::<Int64Type>()
+                .ok_or("offset is not int64")?,
+            timestamp: column(schema::COL_TIMESTAMP)?
+                .as_primitive_opt::<TimestampMicrosecondType>()
+                .ok_or("timestamp is not microseconds")?,
+            key: column(schema::COL_KEY)?
+                .as_binary_opt::<i32>()
+                .ok_or("key is not binary")?,
+            value: column(schema::COL_VALUE)?
+                .as_binary_opt::<i32>()
+                .ok_or("value is not binary")?,
+            headers,
+            producer_id: column(schema::COL_PRODUCER_ID)?
+                .as_primitive_opt::<Int64Type>()
+                .ok_or("producer_id is not int64")?,
+            producer_epoch: column(schema::COL_PRODUCER_EPOCH)?
+                .as_primitive_opt::<Int16Type>()
+                .ok_or("producer_epoch is not int16")?,
+            sequence: column(schema::COL_SEQUENCE)?
+                .as_primitive_opt::<Int32Type>()
+                .ok_or("sequence is not int32")?,
+            batch_offset: column(schema::COL_BATCH_OFFSET)?
+                .as_primitive_opt::<Int64Type>()
+                .ok_or("batch_offset is not int64")?,
+            leader_epoch: column(schema::COL_LEADER_EPOCH)?
+                .as_primitive_opt::<Int32Type>()
+                .ok_or("leader_epoch is not int32")?,
+            attributes: column(schema::COL_ATTRIBUTES)?
+                .as_primitive_opt::<Int16Type>()
+                .ok_or("attributes is not int16")?,
+        })
+    }
+}
+
+/// Parquet's view of one object: ranged GETs through `object_store`.
+#[derive(Debug, Clone)]
+struct ObjectSource {
+    store: Arc<dyn ObjectStore>,
+    key: Path,
+    size: u64,
+}
+
+fn external(error: object_store::Error) -> ParquetError {
+    ParquetError::External(Box::new(error))
+}
+
+impl AsyncFileReader for ObjectSource {
+    fn get_bytes(&mut self, range: Range<u64>) -> BoxFuture<'_, parquet::errors::Result<Bytes>> {
+        async move {
+            self.store
+                .get_range(&self.key, range)
+                .await
+                .map_err(external)
+        }
+        .boxed()
+    }
+
+    fn get_byte_ranges(
+        &mut self,
+        ranges: Vec<Range<u64>>,
+    ) -> BoxFuture<'_, parquet::errors::Result<Vec<Bytes>>> {
+        async move {
+            self.store
+                .get_ranges(&self.key, &ranges)
+                .await
+                .map_err(external)
+        }
+        .boxed()
+    }
+
+    fn get_metadata<'a>(
+        &'a mut self,
+        options: Option<&'a ArrowReaderOptions>,
+    ) -> BoxFuture<'a, parquet::errors::Result<Arc<ParquetMetaData>>> {
+        async move {
+            let mut reader =
+                ParquetMetaDataReader::new().with_prefetch_hint(Some(FOOTER_PREFETCH_BYTES));
+            if let Some(options) = options {
+                reader = reader
+                    .with_column_index_policy(options.column_index_policy())
+                    .with_offset_index_policy(options.offset_index_policy());
+            }
+            let size = self.size;
+            Ok(Arc::new(reader.load_and_finish(self, size).await?))
+        }
+        .boxed()
+    }
+}
