@@ -23,4 +23,4 @@ pub use manifest::{Manifest, ManifestObject};
 pub use offload::{OffloadPolicy, OffloadRange, offload_next, plan_offload};
 pub use read::ArchiveReader;
 pub use store::ArchiveStore;
-pub use write::{ArchiveWriter, ArchivedObject};
+pub use write::ArchiveWriter;

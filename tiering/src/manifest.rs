@@ -21,7 +21,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, TierError};
 use crate::store::ArchiveStore;
-use crate::write::ArchivedObject;
 
 /// Version of the manifest's JSON layout.
 pub const MANIFEST_FORMAT: u32 = 1;
@@ -30,31 +29,22 @@ pub const MANIFEST_FORMAT: u32 = 1;
 /// terabytes of archive per partition.
 pub const MANIFEST_BYTES_MAX: usize = 64 << 20;
 
-/// One archived object as the manifest records it.
+/// One archived object, as the writer reports it and the manifest records it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ManifestObject {
     /// Key in the store, prefix included.
     pub key: String,
+    /// Offset of the first record.
     pub base_offset: i64,
+    /// Offset of the last record.
     pub last_offset: i64,
+    /// Records in the object: `last_offset - base_offset + 1`.
     pub records: u64,
+    /// Smallest and largest record timestamp, in milliseconds.
     pub min_timestamp_ms: i64,
     pub max_timestamp_ms: i64,
+    /// Size of the object in bytes, so readers open it without a HEAD request.
     pub size_bytes: u64,
-}
-
-impl From<ArchivedObject> for ManifestObject {
-    fn from(object: ArchivedObject) -> Self {
-        ManifestObject {
-            key: object.key,
-            base_offset: object.base_offset,
-            last_offset: object.last_offset,
-            records: object.records,
-            min_timestamp_ms: object.min_timestamp_ms,
-            max_timestamp_ms: object.max_timestamp_ms,
-            size_bytes: object.size_bytes,
-        }
-    }
 }
 
 /// One partition's manifest.

@@ -111,7 +111,6 @@ pub async fn offload_next(
         return Ok(None);
     };
     let object = archive_range(store, log, range).await?;
-    let object = ManifestObject::from(object);
     if manifest.next_offset().is_none() && object.base_offset > manifest.log_start_offset {
         // The first object of a partition whose oldest data predates the archive.
         manifest.log_start_offset = object.base_offset;
@@ -126,7 +125,7 @@ async fn archive_range(
     store: &ArchiveStore,
     log: &Arc<PartitionLog>,
     range: OffloadRange,
-) -> Result<crate::write::ArchivedObject> {
+) -> Result<ManifestObject> {
     let to_i64 = |offset: u64| {
         i64::try_from(offset).map_err(|_| TierError::InvalidInput(format!("offset {offset}")))
     };

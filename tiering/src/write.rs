@@ -24,6 +24,7 @@ use parquet::schema::types::ColumnPath;
 use silt_log::batch::{DecodeLimits, decode_batch};
 
 use crate::error::{Result, TierError};
+use crate::manifest::ManifestObject;
 use crate::schema::{self, archive_schema, header_item_field};
 use crate::store::ArchiveStore;
 
@@ -34,24 +35,6 @@ const ARROW_BATCH_ROWS: usize = 8 * 1024;
 const ROW_GROUP_BYTES_MAX: usize = 64 << 20;
 /// The zstd level of archive pages: zstd's default, a good ratio at a cost the core can afford.
 const PARQUET_ZSTD_LEVEL: i32 = 3;
-
-/// What one finished archive object holds; the manifest records it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ArchivedObject {
-    /// Key in the store, prefix included.
-    pub key: String,
-    /// Offset of the first record.
-    pub base_offset: i64,
-    /// Offset of the last record.
-    pub last_offset: i64,
-    /// Records in the object: `last_offset - base_offset + 1`.
-    pub records: u64,
-    /// Smallest and largest record timestamp, in milliseconds.
-    pub min_timestamp_ms: i64,
-    pub max_timestamp_ms: i64,
-    /// Size of the object in bytes.
-    pub size_bytes: u64,
-}
 
 /// Writes one archive object for `topic`/`partition` from batches pushed in offset order.
 pub struct ArchiveWriter {
@@ -215,7 +198,7 @@ impl ArchiveWriter {
     /// Finishes the object: the footer with its metadata is written and the upload completed.
     /// Fails unless the batches pushed covered the whole offset range. On error the upload is
     /// aborted.
-    pub async fn finish(mut self) -> Result<ArchivedObject> {
+    pub async fn finish(mut self) -> Result<ManifestObject> {
         match self.finish_inner().await {
             Ok(object) => Ok(object),
             Err(error) => {
@@ -225,7 +208,7 @@ impl ArchiveWriter {
         }
     }
 
-    async fn finish_inner(&mut self) -> Result<ArchivedObject> {
+    async fn finish_inner(&mut self) -> Result<ManifestObject> {
         if self.open.is_none() || self.next_offset != self.last_offset + 1 {
             return Err(TierError::InvalidInput(format!(
                 "batches ended before offset {}, short of the object's last offset {}",
@@ -260,7 +243,7 @@ impl ArchiveWriter {
         let size_bytes = writer.bytes_written() as u64;
         let key = key.to_string();
         self.open = None;
-        Ok(ArchivedObject {
+        Ok(ManifestObject {
             key,
             base_offset: self.base_offset,
             last_offset,

@@ -375,7 +375,7 @@ async fn manifests_commit_atomically_and_load_back() {
                     writer.push_batch(batch).await.unwrap();
                 }
             }
-            manifest.add(writer.finish().await.unwrap().into()).unwrap();
+            manifest.add(writer.finish().await.unwrap()).unwrap();
             manifest.commit(store).await.unwrap();
         }
         let loaded = Manifest::load(store, "t", 3).await.unwrap().unwrap();
