@@ -210,7 +210,7 @@ impl Broker {
         batches: &mut [u8],
         epoch: i32,
     ) -> Result<ProduceResult, KafkaError> {
-        let header = BatchHeader::parse(&batches)
+        let header = BatchHeader::parse(batches)
             .map_err(|error| KafkaError::CorruptMessage(error.to_string()))?
             .ok_or_else(|| KafkaError::CorruptMessage("shorter than a batch header".into()))?;
         let options = AppendOptions {
