@@ -930,3 +930,54 @@ pub(crate) fn describe_groups<B: KafkaBroker>(
             .collect(),
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use bytes::BufMut;
+    use kafka_protocol::protocol::{Decodable, Encodable};
+
+    use super::*;
+
+    /// A record set decoded from a frame nothing else holds is handed over in place: the
+    /// mutable buffer the broker stamps is the frame's own memory, not a copy.
+    #[test]
+    fn a_record_set_alone_in_its_frame_is_not_copied() {
+        let request = ProduceRequest::default()
+            .with_acks(-1)
+            .with_topic_data(vec![
+                produce_request::TopicProduceData::default()
+                    .with_name(TopicName(text("t")))
+                    .with_partition_data(vec![
+                        produce_request::PartitionProduceData::default()
+                            .with_index(0)
+                            .with_records(Some(Bytes::from(vec![7u8; 100_000]))),
+                    ]),
+            ]);
+        let mut frame = BytesMut::new();
+        request.encode(&mut frame, 9).unwrap();
+        let memory = frame.as_ptr() as usize..frame.as_ptr() as usize + frame.len();
+        let mut decoded = ProduceRequest::decode(&mut frame, 9).unwrap();
+        drop(frame);
+        let mut topic = decoded.topic_data.pop().unwrap();
+        drop(decoded);
+        let mut data = topic.partition_data.pop().unwrap();
+        drop(topic);
+        let records = data.records.take().unwrap();
+        drop(data);
+        let owned = owned_records(records);
+        assert_eq!(owned.len(), 100_000);
+        assert!(
+            memory.contains(&(owned.as_ptr() as usize)),
+            "the records were copied"
+        );
+
+        // While another view of the frame lives, the broker gets a copy.
+        let mut frame = BytesMut::new();
+        frame.put_slice(&[1, 2, 3, 4]);
+        let frame = frame.freeze();
+        let view = frame.slice(1..3);
+        let copied = owned_records(view);
+        assert_eq!(&copied[..], &[2, 3]);
+        assert_ne!(copied.as_ptr(), frame[1..].as_ptr());
+    }
+}
