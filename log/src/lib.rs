@@ -35,6 +35,6 @@ pub use manager::{
 };
 pub use partition::{
     AppendInfo, AppendOptions, DeleteReport, FIND_READ_BYTES, OffsetAssignment, PartitionLog,
-    READ_BYTES_MAX, ReadSlice, RecoveryReport,
+    READ_BYTES_MAX, ReadInto, ReadSlice, RecoveryReport,
 };
 pub use time::now_ms;

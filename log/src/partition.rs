@@ -90,6 +90,17 @@ pub struct ReadSlice {
     pub log_end_offset: u64,
 }
 
+/// What [`PartitionLog::read_into`] read: `len` bytes of whole batches, exactly as stored,
+/// at the position the caller gave (the first may start before the requested offset).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadInto {
+    pub len: usize,
+    pub log_start_offset: u64,
+    /// End of what readers may see: the durable end in the durable flush mode.
+    pub high_watermark: u64,
+    pub log_end_offset: u64,
+}
+
 /// What one retention pass or delete removed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct DeleteReport {
@@ -669,6 +680,29 @@ impl PartitionLog {
     /// least one batch when any is visible, as Kafka does so that a large batch never blocks
     /// a consumer).
     pub fn read(&self, offset: u64, max_bytes: usize) -> Result<ReadSlice> {
+        let mut bytes = Vec::new();
+        let info = self.read_into(offset, max_bytes, &mut bytes, 0)?;
+        bytes.truncate(info.len);
+        Ok(ReadSlice {
+            bytes,
+            log_start_offset: info.log_start_offset,
+            high_watermark: info.high_watermark,
+            log_end_offset: info.log_end_offset,
+        })
+    }
+
+    /// Reads like [`PartitionLog::read`], but into the caller's buffer: the batches land in
+    /// `buf[at..at + len]` (`len` in the result). `buf` grows (zero-filled) only when it is
+    /// too short and never shrinks, so a caller that keeps it across reads copies the bytes
+    /// once, from the page cache into `buf`, with no zeroing or page faults (the Kafka
+    /// gateway's Fetch path). Bytes of `buf` past `at + len` are left as they were.
+    pub fn read_into(
+        &self,
+        offset: u64,
+        max_bytes: usize,
+        buf: &mut Vec<u8>,
+        at: usize,
+    ) -> Result<ReadInto> {
         let high_watermark = self.high_watermark();
         let (candidates, log_start, log_end) = {
             let state = self.lock_state_unchecked();
@@ -706,14 +740,14 @@ impl PartitionLog {
                 .collect();
             (candidates, state.log_start, state.next_offset)
         };
-        let mut slice = ReadSlice {
-            bytes: Vec::new(),
+        let mut read = ReadInto {
+            len: 0,
             log_start_offset: log_start,
             high_watermark,
             log_end_offset: log_end,
         };
         if offset >= high_watermark {
-            return Ok(slice);
+            return Ok(read);
         }
         for (index, (file, path, scan_start, size)) in candidates.into_iter().enumerate() {
             let start = if index == 0 { scan_start } else { 0 };
@@ -722,21 +756,23 @@ impl PartitionLog {
                 continue;
             };
             if header.base_offset as u64 >= high_watermark {
-                return Ok(slice);
+                return Ok(read);
             }
             let first_len = header.total_len() as u64;
             let want = (max_bytes as u64)
                 .min(READ_BYTES_MAX)
                 .max(first_len)
-                .min(size - position);
-            let mut bytes = vec![0u8; want as usize];
-            std::os::unix::fs::FileExt::read_exact_at(&*file, &mut bytes, position)
+                .min(size - position) as usize;
+            if buf.len() < at + want {
+                buf.resize(at + want, 0);
+            }
+            let bytes = &mut buf[at..at + want];
+            std::os::unix::fs::FileExt::read_exact_at(&*file, bytes, position)
                 .map_err(LogError::io(&path))?;
-            bytes.truncate(whole_batches_below(&bytes, high_watermark));
-            slice.bytes = bytes;
-            return Ok(slice);
+            read.len = whole_batches_below(bytes, high_watermark);
+            return Ok(read);
         }
-        Ok(slice)
+        Ok(read)
     }
 
     /// The offset of the first visible record at or above `from_offset` that `matches`
@@ -1220,4 +1256,93 @@ fn write_checkpoint(dir: &Path, state: &State) -> Result<()> {
     };
     let bytes = serde_json::to_vec(&checkpoint).expect("a checkpoint always serializes");
     fsutil::write_atomic(&dir.join(CHECKPOINT_FILE), &bytes)
+}
+
+#[cfg(test)]
+mod read_into_tests {
+    use bytes::{Bytes, BytesMut};
+
+    use crate::batch::{self, BatchSpec, Record};
+    use crate::{LogConfig, LogManager, TopicConfig};
+
+    fn batch_of(tag: &str, count: usize) -> BytesMut {
+        let records: Vec<Record> = (0..count)
+            .map(|i| Record {
+                timestamp: 1_000 + i as i64,
+                key: None,
+                value: Some(Bytes::from(format!("{tag}-{i}"))),
+                headers: Vec::new(),
+            })
+            .collect();
+        let mut out = BytesMut::new();
+        batch::encode_batch(&BatchSpec::default(), &records, &mut out).unwrap();
+        out
+    }
+
+    /// `read_into` serves exactly what `read` does (across segment boundaries, byte limits
+    /// and the end of the log), at any position of a reused buffer full of older bytes,
+    /// and leaves the buffer's other bytes alone.
+    #[test]
+    fn read_into_matches_read_in_a_reused_buffer() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = LogConfig::new(dir.path());
+        config.index_interval_bytes = 256;
+        config.fs_reserve_bytes = 0;
+        config.topic_defaults = TopicConfig::default()
+            .with_overrides(
+                [("segment.bytes".to_string(), "1024".to_string())]
+                    .iter()
+                    .map(|(key, value)| (key, value)),
+            )
+            .unwrap();
+        let manager = LogManager::open(config).unwrap();
+        manager.ensure_topic("t", 1).unwrap();
+        let log = manager.partition("t", 0).unwrap();
+        for round in 0..60 {
+            log.append(&mut batch_of(&format!("r{round}"), 1 + round % 4))
+                .unwrap();
+        }
+        assert!(log.segment_count() > 2, "the reads cross segments");
+        let end = log.log_end_offset();
+        let mut reused = vec![0xA5u8; 10];
+        for offset in 0..=end + 1 {
+            for max_bytes in [0, 1, 100, 700, 5000, 1 << 20] {
+                let at = (offset as usize * 7) % 13;
+                if reused.len() < at {
+                    reused.resize(at, 0);
+                }
+                reused[..at].fill(0x5A);
+                let before = reused.len();
+                let expected = log.read(offset, max_bytes);
+                let got = log.read_into(offset, max_bytes, &mut reused, at);
+                match (expected, got) {
+                    (Ok(slice), Ok(info)) => {
+                        assert_eq!(&reused[at..at + info.len], &slice.bytes[..]);
+                        assert!(reused[..at].iter().all(|byte| *byte == 0x5A));
+                        assert_eq!(
+                            (
+                                info.log_start_offset,
+                                info.high_watermark,
+                                info.log_end_offset
+                            ),
+                            (
+                                slice.log_start_offset,
+                                slice.high_watermark,
+                                slice.log_end_offset
+                            )
+                        );
+                        assert!(reused.len() >= before, "the buffer never shrinks");
+                    }
+                    (Err(expected), Err(got)) => {
+                        assert_eq!(expected.to_string(), got.to_string());
+                    }
+                    (expected, got) => panic!(
+                        "read({offset}, {max_bytes}) gave {:?}, read_into {:?}",
+                        expected.map(|slice| slice.bytes.len()),
+                        got
+                    ),
+                }
+            }
+        }
+    }
 }

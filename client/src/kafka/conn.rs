@@ -1,11 +1,12 @@
 //! One connection to one Kafka-protocol broker: framing, correlation ids and API version
-//! negotiation. Requests on a connection are answered in order, so `call` sends one request and
-//! reads its response before the next.
+//! negotiation. Requests on a connection are answered in order: `call` sends one request and
+//! reads its response; `send` and `receive` let a caller keep a request in flight (a consumer
+//! asks for its next Fetch before it checks the previous one).
 
 use std::collections::HashMap;
 use std::time::Duration;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{BufMut, BytesMut};
 use kafka_protocol::messages::{ApiVersionsRequest, RequestHeader, ResponseHeader};
 use kafka_protocol::protocol::{Decodable, Encodable, HeaderVersion, Request, StrBytes};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
@@ -33,6 +34,10 @@ pub(crate) struct Connection {
     client_id: StrBytes,
     /// Upper bound on one request's round trip, on top of any wait the request asks for.
     timeout: Duration,
+    /// Response buffers, used in turn (two, so one response can be worked on while the next
+    /// is read).
+    buffers: [BytesMut; 2],
+    next_buffer: usize,
 }
 
 impl Connection {
@@ -57,6 +62,8 @@ impl Connection {
             versions: HashMap::new(),
             client_id: StrBytes::from_string(client_id.to_string()),
             timeout,
+            buffers: Default::default(),
+            next_buffer: 0,
         };
         connection.negotiate().await?;
         Ok(connection)
@@ -129,20 +136,7 @@ impl Connection {
         request: &R,
         ours: i16,
     ) -> Result<(), KafkaError> {
-        let version = self.version::<R>(ours)?;
-        let (frame, _) = self.frame(request, version)?;
-        let send = async {
-            self.writer.write_all(&frame).await?;
-            self.writer.flush().await
-        };
-        tokio::time::timeout(self.timeout, send)
-            .await
-            .map_err(|_| {
-                KafkaError::Timeout(format!("sending {} to {}", api_name(R::KEY), self.addr))
-            })?
-            .map_err(|error| {
-                KafkaError::Io(format!("{} to {}: {error}", api_name(R::KEY), self.addr))
-            })
+        self.send(request, ours).await.map(|_| ())
     }
 
     /// The request's frame (length prefix, header, body) and its correlation id.
@@ -181,11 +175,61 @@ impl Connection {
         version: i16,
         wait: Duration,
     ) -> Result<R::Response, KafkaError> {
+        let sent = self.send_at(request, version).await?;
+        self.receive::<R>(sent, wait).await
+    }
+
+    /// Sends `request` at the best common version up to `ours` without waiting for its
+    /// response, so a caller can keep it in flight while it works on an earlier one; read the
+    /// answer with [`Connection::receive`]. Responses come in the order requests were sent.
+    pub(crate) async fn send<R: Request>(
+        &mut self,
+        request: &R,
+        ours: i16,
+    ) -> Result<Sent, KafkaError> {
+        let version = self.version::<R>(ours)?;
+        self.send_at(request, version).await
+    }
+
+    async fn send_at<R: Request>(&mut self, request: &R, version: i16) -> Result<Sent, KafkaError> {
         let (frame, correlation_id) = self.frame(request, version)?;
-        let exchange = async {
+        let send = async {
             self.writer.write_all(&frame).await?;
-            self.writer.flush().await?;
-            let len = self.reader.read_i32().await?;
+            self.writer.flush().await
+        };
+        tokio::time::timeout(self.timeout, send)
+            .await
+            .map_err(|_| {
+                KafkaError::Timeout(format!("sending {} to {}", api_name(R::KEY), self.addr))
+            })?
+            .map_err(|error| {
+                KafkaError::Io(format!("{} to {}: {error}", api_name(R::KEY), self.addr))
+            })?;
+        Ok(Sent {
+            correlation_id,
+            version,
+        })
+    }
+
+    /// Reads the response to the request `sent`, which must be the oldest one unanswered.
+    /// `wait` is how long the broker may hold it (Fetch's max wait).
+    pub(crate) async fn receive<R: Request>(
+        &mut self,
+        sent: Sent,
+        wait: Duration,
+    ) -> Result<R::Response, KafkaError> {
+        let Sent {
+            correlation_id,
+            version,
+        } = sent;
+        // The response is read into one of two buffers used in turn, without zeroing; once
+        // the caller has dropped what it decoded from a buffer (every record set of a Fetch
+        // is a view of it), the next read reuses its memory instead of allocating.
+        self.next_buffer = (self.next_buffer + 1) % self.buffers.len();
+        let buffer = &mut self.buffers[self.next_buffer];
+        let reader = &mut self.reader;
+        let exchange = async {
+            let len = reader.read_i32().await?;
             let len = usize::try_from(len)
                 .ok()
                 .filter(|&len| len <= MAX_RESPONSE_BYTES)
@@ -195,9 +239,15 @@ impl Connection {
                         format!("bad response length {len}"),
                     )
                 })?;
-            let mut body = vec![0; len];
-            self.reader.read_exact(&mut body).await?;
-            Ok::<_, std::io::Error>(Bytes::from(body))
+            buffer.clear();
+            buffer.reserve(len);
+            while buffer.len() < len {
+                let mut limited = (&mut *reader).take((len - buffer.len()) as u64);
+                if limited.read_buf(buffer).await? == 0 {
+                    return Err(std::io::ErrorKind::UnexpectedEof.into());
+                }
+            }
+            Ok::<_, std::io::Error>(buffer.split().freeze())
         };
         let mut body = tokio::time::timeout(self.timeout + wait, exchange)
             .await
@@ -228,6 +278,15 @@ impl Connection {
         }
         Ok(response)
     }
+}
+
+/// A request sent and not yet answered: what [`Connection::receive`] needs to read its
+/// response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[must_use = "a sent request's response must be received before later ones"]
+pub(crate) struct Sent {
+    correlation_id: i32,
+    version: i16,
 }
 
 /// The API's name for messages, e.g. `Fetch`.

@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::BytesMut;
 use silt_gateways::kafka::{
     Acks, BrokerInfo, ClusterMetadata, CommittedOffset, ConfigChange, ConfigEntry,
     FetchedPartition, GroupDescription, GroupListing, JoinGroup, JoinResult, KafkaBroker,
@@ -207,10 +207,10 @@ impl Broker {
         &self,
         topic: &str,
         partition: &PartitionLog,
-        mut batches: Vec<u8>,
+        batches: &mut [u8],
         epoch: i32,
     ) -> Result<ProduceResult, KafkaError> {
-        let header = BatchHeader::parse(&batches)
+        let header = BatchHeader::parse(batches)
             .map_err(|error| KafkaError::CorruptMessage(error.to_string()))?
             .ok_or_else(|| KafkaError::CorruptMessage("shorter than a batch header".into()))?;
         let options = AppendOptions {
@@ -224,7 +224,7 @@ impl Broker {
         };
         if header.producer_id < 0 {
             let info = partition
-                .append_with(&mut batches, options)
+                .append_with(batches, options)
                 .map_err(|error| map_log_error(&error))?;
             return Ok(done(info));
         }
@@ -250,7 +250,7 @@ impl Broker {
             }),
             Check::Append => {
                 let info = partition
-                    .append_with(&mut batches, options)
+                    .append_with(batches, options)
                     .map_err(|error| map_log_error(&error))?;
                 state.record(ProducerBatch {
                     producer_id: header.producer_id,
@@ -388,7 +388,7 @@ impl KafkaBroker for Broker {
         &self,
         topic: &str,
         partition: u32,
-        batches: Bytes,
+        mut batches: BytesMut,
         acks: Acks,
     ) -> Result<ProduceResult, KafkaError> {
         let _ = acks; // Every level waits for the fsync; see the module doc.
@@ -397,11 +397,10 @@ impl KafkaBroker for Broker {
             Role::Leader { epoch } => epoch,
             Role::Follower { .. } => return Err(KafkaError::NotLeader),
         };
-        let bytes = batches.to_vec();
         // The append blocks on the fsync: the worker thread hands its other tasks over
         // while it waits (`block_in_place`), so the broker needs no 'static clone of itself.
         let result =
-            tokio::task::block_in_place(|| self.append(topic, &log_partition, bytes, epoch));
+            tokio::task::block_in_place(|| self.append(topic, &log_partition, &mut batches, epoch));
         if result.is_ok() {
             self.appended.notify_waiters();
         }
@@ -414,17 +413,23 @@ impl KafkaBroker for Broker {
         partition: u32,
         offset: i64,
         max_bytes: usize,
+        buf: &mut Vec<u8>,
+        at: usize,
     ) -> Result<FetchedPartition, KafkaError> {
         let log_partition = self
             .log
             .partition(topic, partition)
             .map_err(|error| map_log_error(&error))?;
         let offset = u64::try_from(offset).map_err(|_| KafkaError::OffsetOutOfRange)?;
-        let slice = blocking(move || log_partition.read(offset, max_bytes)).await?;
+        // A page-cache read into the connection's own buffer: the worker thread hands its
+        // other tasks over while it reads (`block_in_place`), so the buffer need not move.
+        let read =
+            tokio::task::block_in_place(|| log_partition.read_into(offset, max_bytes, buf, at))
+                .map_err(|error| map_log_error(&error))?;
         Ok(FetchedPartition {
-            high_watermark: slice.high_watermark as i64,
-            log_start_offset: slice.log_start_offset as i64,
-            records: Bytes::from(slice.bytes),
+            high_watermark: read.high_watermark as i64,
+            log_start_offset: read.log_start_offset as i64,
+            records_len: read.len,
         })
     }
 

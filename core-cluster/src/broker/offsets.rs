@@ -3,9 +3,19 @@
 //! leader epoch, metadata) appended and fsync'd before the commit is acknowledged, and the
 //! in-memory table is rebuilt by replaying the topic at start. Being a log topic, it will
 //! replicate like any other partition once the cluster arrives.
+//!
+//! The topic stays bounded by the number of keys, not by the number of commits ever made:
+//! once more records were appended since the last snapshot than the table has keys (and at
+//! least [`SNAPSHOT_AFTER_RECORDS_MIN`]), the whole table is appended again as a snapshot
+//! and the log start moves to the snapshot's first offset, which deletes the (small, see
+//! [`SEGMENT_BYTES`]) segments below it. Replay starts at the log start, so it reads one
+//! snapshot and the commits after it. A crash between the snapshot and the move leaves the
+//! old records in place, and replaying them before the snapshot gives the same table, since
+//! the snapshot holds the latest value of every key. Commits and snapshots are serialized
+//! (`writer`), so no commit can land between a snapshot's read of the table and its append.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use bytes::BytesMut;
 use serde::{Deserialize, Serialize};
@@ -17,6 +27,14 @@ use silt_log::{AppendOptions, LogError, LogManager, PartitionLog};
 pub(crate) const OFFSETS_TOPIC: &str = "__silt_consumer_offsets";
 /// Bytes read from the topic at a time while replaying it.
 const REPLAY_READ_BYTES: usize = 1 << 20;
+/// `segment.bytes` of the topic: small, so the segments a snapshot supersedes are deleted
+/// soon after (only whole segments below the log start are).
+const SEGMENT_BYTES: u64 = 4 << 20;
+/// A snapshot is written once this many records, or as many as the table has keys if that is
+/// more, were appended since the last one.
+const SNAPSHOT_AFTER_RECORDS_MIN: u64 = 4096;
+/// Records per batch of a snapshot, well under the log's batch size limit.
+const SNAPSHOT_BATCH_RECORDS: usize = 1024;
 
 #[derive(Debug, Serialize, Deserialize)]
 struct Key {
@@ -40,23 +58,34 @@ type Table = BTreeMap<(String, String, u32), CommittedOffset>;
 pub(crate) struct OffsetStore {
     partition: Arc<PartitionLog>,
     table: RwLock<Table>,
+    /// Held across every append: commit records appended since the last snapshot.
+    writer: Mutex<u64>,
 }
 
 impl OffsetStore {
     /// Opens (creating it on first start) the internal topic and replays it. Blocking.
     pub(crate) fn open(log: &LogManager) -> Result<OffsetStore, LogError> {
-        if log.topic(OFFSETS_TOPIC).is_none() {
-            // Kept until a group's offsets are rewritten, never by age: committed offsets of a
-            // quiet group must not expire with the data's retention.
-            let overrides = BTreeMap::from([("retention.ms".to_string(), "-1".to_string())]);
-            match log.create_topic(OFFSETS_TOPIC, 1, &overrides) {
+        // Kept until a snapshot supersedes it, never by age: committed offsets of a quiet
+        // group must not expire with the data's retention.
+        let overrides = BTreeMap::from([
+            ("retention.ms".to_string(), "-1".to_string()),
+            ("segment.bytes".to_string(), SEGMENT_BYTES.to_string()),
+        ]);
+        match log.topic(OFFSETS_TOPIC) {
+            None => match log.create_topic(OFFSETS_TOPIC, 1, &overrides) {
                 Ok(_) | Err(LogError::TopicExists(_)) => {}
                 Err(error) => return Err(error),
+            },
+            // A topic made before snapshots existed gets small segments from now on.
+            Some(topic) if topic.overrides != overrides => {
+                log.alter_topic_config(OFFSETS_TOPIC, &overrides)?;
             }
+            Some(_) => {}
         }
         let partition = log.partition(OFFSETS_TOPIC, 0)?;
         let mut table = Table::new();
         let mut offset = partition.log_start_offset();
+        let mut replayed = 0u64;
         let limits = DecodeLimits::default();
         loop {
             let slice = partition.read(offset, REPLAY_READ_BYTES)?;
@@ -69,15 +98,22 @@ impl OffsetStore {
                     if record.offset < offset as i64 {
                         continue;
                     }
+                    replayed += 1;
                     apply(&mut table, &record.key, &record.value);
                 }
                 offset = header.last_offset() as u64 + 1;
             }
         }
-        Ok(OffsetStore {
+        let table_len = table.len() as u64;
+        let store = OffsetStore {
             partition,
             table: RwLock::new(table),
-        })
+            // Replay read the last snapshot (at most as many records as there are keys) and
+            // the commits after it.
+            writer: Mutex::new(replayed.saturating_sub(table_len)),
+        };
+        store.snapshot_if_due()?;
+        Ok(store)
     }
 
     /// Appends the commits durably, then applies them. Blocking.
@@ -92,40 +128,65 @@ impl OffsetStore {
         let now = silt_log::now_ms();
         let records: Vec<Record> = offsets
             .iter()
-            .map(|(topic, partition, committed)| Record {
-                timestamp: now,
-                key: Some(
-                    serde_json::to_vec(&Key {
-                        group: group.to_string(),
-                        topic: topic.clone(),
-                        partition: *partition,
-                    })
-                    .expect("plain structs serialize")
-                    .into(),
-                ),
-                value: Some(
-                    serde_json::to_vec(&Value {
-                        offset: committed.offset,
-                        leader_epoch: committed.leader_epoch,
-                        metadata: committed.metadata.clone(),
-                    })
-                    .expect("plain structs serialize")
-                    .into(),
-                ),
-                headers: Vec::new(),
-            })
+            .map(|(topic, partition, committed)| record(now, group, topic, *partition, committed))
             .collect();
         let mut batch = BytesMut::new();
         encode_batch(&BatchSpec::default(), &records, &mut batch)?;
-        self.partition
-            .append_with(&mut batch, AppendOptions::default())?;
-        let mut table = self.table.write().unwrap_or_else(|e| e.into_inner());
-        for (topic, partition, committed) in offsets {
-            table.insert(
-                (group.to_string(), topic.clone(), *partition),
-                committed.clone(),
-            );
+        {
+            let mut since_snapshot = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+            self.partition
+                .append_with(&mut batch, AppendOptions::default())?;
+            *since_snapshot += records.len() as u64;
+            let mut table = self.table.write().unwrap_or_else(|e| e.into_inner());
+            for (topic, partition, committed) in offsets {
+                table.insert(
+                    (group.to_string(), topic.clone(), *partition),
+                    committed.clone(),
+                );
+            }
         }
+        // The commit is durable and applied whatever happens to the snapshot; a failed one
+        // is tried again after the next commit.
+        if let Err(error) = self.snapshot_if_due() {
+            tracing::warn!(%error, topic = OFFSETS_TOPIC, "cannot snapshot committed offsets");
+        }
+        Ok(())
+    }
+
+    /// Appends the whole table as a snapshot and moves the log start to it, when enough
+    /// records were appended since the last one. Blocking.
+    fn snapshot_if_due(&self) -> Result<(), LogError> {
+        let mut since_snapshot = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let keys = self.table.read().unwrap_or_else(|e| e.into_inner()).len() as u64;
+        if *since_snapshot < SNAPSHOT_AFTER_RECORDS_MIN.max(keys) {
+            return Ok(());
+        }
+        // No commit can change the table while `writer` is held.
+        let table = self.table.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let start = self.partition.log_end_offset();
+        if !table.is_empty() {
+            let now = silt_log::now_ms();
+            let records: Vec<Record> = table
+                .iter()
+                .map(|((group, topic, partition), committed)| {
+                    record(now, group, topic, *partition, committed)
+                })
+                .collect();
+            let mut batches = BytesMut::new();
+            for chunk in records.chunks(SNAPSHOT_BATCH_RECORDS) {
+                encode_batch(&BatchSpec::default(), chunk, &mut batches)?;
+            }
+            self.partition
+                .append_with(&mut batches, AppendOptions::default())?;
+        }
+        let deleted = self.partition.delete_before(start)?;
+        tracing::debug!(
+            keys = table.len(),
+            start,
+            deleted_bytes = deleted.bytes,
+            "committed offsets snapshot"
+        );
+        *since_snapshot = 0;
         Ok(())
     }
 
@@ -158,6 +219,38 @@ impl OffsetStore {
     }
 }
 
+/// The record of one committed offset.
+fn record(
+    now: i64,
+    group: &str,
+    topic: &str,
+    partition: u32,
+    committed: &CommittedOffset,
+) -> Record {
+    Record {
+        timestamp: now,
+        key: Some(
+            serde_json::to_vec(&Key {
+                group: group.to_string(),
+                topic: topic.to_string(),
+                partition,
+            })
+            .expect("plain structs serialize")
+            .into(),
+        ),
+        value: Some(
+            serde_json::to_vec(&Value {
+                offset: committed.offset,
+                leader_epoch: committed.leader_epoch,
+                metadata: committed.metadata.clone(),
+            })
+            .expect("plain structs serialize")
+            .into(),
+        ),
+        headers: Vec::new(),
+    }
+}
+
 /// Applies one replayed record; a record that does not parse is skipped with a warning (it
 /// cannot be written by this code, so it is foreign).
 fn apply(table: &mut Table, key: &Option<bytes::Bytes>, value: &Option<bytes::Bytes>) {
@@ -184,5 +277,127 @@ fn apply(table: &mut Table, key: &Option<bytes::Bytes>, value: &Option<bytes::By
             topic = OFFSETS_TOPIC,
             "skipping an unreadable offset record"
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use silt_log::{FlushPolicy, LogConfig};
+
+    use super::*;
+
+    fn open_log(dir: &std::path::Path) -> Arc<LogManager> {
+        let mut config = LogConfig::new(dir);
+        config.fs_reserve_bytes = 0;
+        // Tens of thousands of commits: fsyncs would only make the test slow.
+        config.flush = FlushPolicy::RelaxedUnsafe {
+            interval: std::time::Duration::from_secs(1),
+        };
+        LogManager::open(config).unwrap()
+    }
+
+    fn committed(offset: i64) -> CommittedOffset {
+        CommittedOffset {
+            offset,
+            leader_epoch: 3,
+            // Large records, so the commits fill several segments.
+            metadata: Some(format!("{offset:0>400}")),
+        }
+    }
+
+    /// Many more commits than keys: the topic and its replay stay bounded by the keys, and
+    /// after a restart every key has its last committed offset.
+    #[test]
+    fn snapshots_bound_the_topic_by_keys_across_restarts() {
+        const KEYS: u32 = 50;
+        const ROUNDS: i64 = 600;
+        let dir = tempfile::tempdir().unwrap();
+        let log = open_log(dir.path());
+        let store = OffsetStore::open(&log).unwrap();
+        let mut written = 0u64;
+        for round in 0..ROUNDS {
+            let offsets: Vec<_> = (0..KEYS)
+                .map(|partition| {
+                    let offset = round * 1_000 + i64::from(partition);
+                    (
+                        format!("topic-{}", partition % 5),
+                        partition,
+                        committed(offset),
+                    )
+                })
+                .collect();
+            let group = format!("group-{}", round % 2);
+            store.commit(&group, &offsets).unwrap();
+            written += offsets.len() as u64 * 450;
+        }
+        let partition = log.partition(OFFSETS_TOPIC, 0).unwrap();
+        let keys = 2 * u64::from(KEYS);
+        assert!(
+            partition.log_start_offset() > 0,
+            "a snapshot moved the start"
+        );
+        let records_kept = partition.log_end_offset() - partition.log_start_offset();
+        assert!(
+            records_kept <= 2 * keys + SNAPSHOT_AFTER_RECORDS_MIN + u64::from(KEYS),
+            "{records_kept} records kept for {keys} keys"
+        );
+        assert!(
+            partition.size_bytes() < written / 4,
+            "{} bytes on disk after {written} bytes of commits",
+            partition.size_bytes()
+        );
+        let before: Vec<_> = ["group-0", "group-1"]
+            .iter()
+            .map(|group| store.group(group))
+            .collect();
+        drop(store);
+        drop(partition);
+        log.close().unwrap();
+        drop(log);
+
+        let log = open_log(dir.path());
+        let store = OffsetStore::open(&log).unwrap();
+        let after: Vec<_> = ["group-0", "group-1"]
+            .iter()
+            .map(|group| store.group(group))
+            .collect();
+        assert_eq!(after, before);
+        assert_eq!(after[1].len(), KEYS as usize);
+        assert_eq!(
+            store.get("group-1", "topic-3", 3).map(|c| c.offset),
+            Some((ROUNDS - 1) * 1_000 + 3)
+        );
+        assert_eq!(
+            store.get("group-0", "topic-3", 3).map(|c| c.offset),
+            Some((ROUNDS - 2) * 1_000 + 3)
+        );
+    }
+
+    /// A crash after a snapshot's append but before the start moved replays the old records
+    /// and then the snapshot: the same table.
+    #[test]
+    fn a_snapshot_left_below_the_start_replays_to_the_same_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = open_log(dir.path());
+        let store = OffsetStore::open(&log).unwrap();
+        for round in 0..10 {
+            store
+                .commit("g", &[("t".to_string(), 0, committed(round))])
+                .unwrap();
+        }
+        // The snapshot's records, appended by hand without moving the start.
+        let snapshot = record(0, "g", "t", 0, &committed(9));
+        let mut batch = BytesMut::new();
+        encode_batch(&BatchSpec::default(), &[snapshot], &mut batch).unwrap();
+        store
+            .partition
+            .append_with(&mut batch, AppendOptions::default())
+            .unwrap();
+        drop(store);
+        log.close().unwrap();
+        drop(log);
+        let log = open_log(dir.path());
+        let store = OffsetStore::open(&log).unwrap();
+        assert_eq!(store.get("g", "t", 0).map(|c| c.offset), Some(9));
     }
 }

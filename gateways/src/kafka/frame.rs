@@ -37,6 +37,14 @@ pub fn frame_len(buf: &[u8], max_request_bytes: u32) -> Result<Option<usize>, Fr
     Ok((buf.len() >= total).then_some(total))
 }
 
+/// The length of the frame starting `buf` (prefix included) once its size prefix is there,
+/// complete or not; the size is not checked (see [`frame_len`]).
+pub fn pending_frame_len(buf: &[u8]) -> Option<usize> {
+    let prefix = buf.get(..SIZE_PREFIX_BYTES)?;
+    let size = i32::from_be_bytes(prefix.try_into().expect("four bytes"));
+    Some(SIZE_PREFIX_BYTES + usize::try_from(size).ok()?)
+}
+
 /// The first fields of a request header, readable whatever the api and version.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HeaderPrefix {
@@ -88,6 +96,13 @@ mod tests {
             frame_len(&3i32.to_be_bytes(), 100),
             Err(FrameError::BadSize(3))
         );
+    }
+
+    #[test]
+    fn pending_frame_len_reads_the_prefix_of_an_incomplete_frame() {
+        assert_eq!(pending_frame_len(&[0, 0, 1]), None);
+        assert_eq!(pending_frame_len(&[0, 0, 1, 0, 9]), Some(260));
+        assert_eq!(pending_frame_len(&(-5i32).to_be_bytes()), None);
     }
 
     #[test]

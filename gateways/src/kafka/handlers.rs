@@ -5,12 +5,13 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use kafka_protocol::messages::*;
 use kafka_protocol::protocol::StrBytes;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use super::fetch_response::{FetchReply, PartitionReply, TopicReply};
 use super::metrics as kafka_metrics;
 use super::port::*;
 use super::server::KafkaLimits;
@@ -105,9 +106,11 @@ pub(crate) async fn metadata<B: KafkaBroker>(
         )
 }
 
+/// Answers a Produce. The record sets are views of the request frame; each one the request
+/// holds the last reference to is handed to the broker as is (see [`owned_records`]).
 pub(crate) async fn produce<B: KafkaBroker>(
     broker: &B,
-    request: ProduceRequest,
+    mut request: ProduceRequest,
 ) -> ProduceResponse {
     let acks = match request.acks {
         0 => Some(Acks::None),
@@ -115,16 +118,24 @@ pub(crate) async fn produce<B: KafkaBroker>(
         -1 => Some(Acks::AllInSync),
         _ => None,
     };
+    let request_acks = request.acks;
     let transactional = request.transactional_id.is_some();
-    let mut responses = Vec::with_capacity(request.topic_data.len());
-    for topic in request.topic_data {
+    let topic_data = std::mem::take(&mut request.topic_data);
+    // Everything else of the request (strings are views of the frame too) goes now.
+    drop(request);
+    let mut responses = Vec::with_capacity(topic_data.len());
+    for mut topic in topic_data {
         let name = topic.name.0.as_str().to_string();
-        let mut partitions = Vec::with_capacity(topic.partition_data.len());
-        for data in topic.partition_data {
-            let result = match (acks, u32::try_from(data.index), data.records) {
+        let partition_data = std::mem::take(&mut topic.partition_data);
+        drop(topic);
+        let mut partitions = Vec::with_capacity(partition_data.len());
+        for mut data in partition_data {
+            let index = data.index;
+            let records = data.records.take();
+            drop(data);
+            let result = match (acks, u32::try_from(index), records) {
                 (None, _, _) => Err(KafkaError::InvalidRequest(format!(
-                    "acks must be 0, 1 or -1, got {}",
-                    request.acks
+                    "acks must be 0, 1 or -1, got {request_acks}"
                 ))),
                 _ if transactional => Err(KafkaError::TransactionsUnsupported),
                 (_, Err(_), _) => Err(KafkaError::UnknownTopicOrPartition),
@@ -132,6 +143,7 @@ pub(crate) async fn produce<B: KafkaBroker>(
                 (Some(acks), Ok(partition), Some(records)) => {
                     let bytes = records.len();
                     let count = kafka_metrics::record_count(&records);
+                    let records = owned_records(records);
                     let result = broker.produce(&name, partition, records, acks).await;
                     if result.is_ok() {
                         kafka_metrics::produced(bytes, count);
@@ -140,7 +152,7 @@ pub(crate) async fn produce<B: KafkaBroker>(
                 }
             };
             let mut response = produce_response::PartitionProduceResponse::default()
-                .with_index(data.index)
+                .with_index(index)
                 .with_error_code(code(&result));
             match result {
                 Ok(done) => {
@@ -169,11 +181,24 @@ pub(crate) async fn produce<B: KafkaBroker>(
     ProduceResponse::default().with_responses(responses)
 }
 
+/// A record set as a mutable buffer for the broker to stamp in place: the request frame's
+/// own memory when nothing else refers to it (the connection reads each large request into
+/// a buffer of its own, and the handler drops the rest of the request first), otherwise a
+/// copy (a request with several record sets, whose later sets still share the frame).
+fn owned_records(records: Bytes) -> BytesMut {
+    records
+        .try_into_mut()
+        .unwrap_or_else(|shared| BytesMut::from(&shared[..]))
+}
+
+/// Answers a Fetch with the record bytes read into `records` (the connection's read buffer,
+/// reused across requests); the reply names ranges of it.
 pub(crate) async fn fetch<B: KafkaBroker>(
     broker: &B,
     context: &Context,
     request: FetchRequest,
-) -> FetchResponse {
+    records: &mut Vec<u8>,
+) -> FetchReply {
     let wait =
         Duration::from_millis(request.max_wait_ms.max(0) as u64).min(context.limits.fetch_wait_max);
     let deadline = Instant::now() + wait;
@@ -183,10 +208,23 @@ pub(crate) async fn fetch<B: KafkaBroker>(
     loop {
         // Registered before reading, so an append between the read and the wait is seen.
         let appended = broker.appended();
-        let (response, bytes) = fetch_once(broker, &request, max_bytes).await;
+        let (reply, bytes) = fetch_once(broker, &request, max_bytes, records).await;
         let now = Instant::now();
         if bytes >= min_bytes.max(1) || now >= deadline || *stopping.borrow() {
-            return response;
+            if bytes > 0 {
+                for topic in &reply.topics {
+                    for partition in &topic.partitions {
+                        let batches = &records[partition.records.clone()];
+                        if !batches.is_empty() {
+                            kafka_metrics::fetched(
+                                batches.len(),
+                                kafka_metrics::record_count(batches),
+                            );
+                        }
+                    }
+                }
+            }
+            return reply;
         }
         tokio::select! {
             () = appended => {}
@@ -196,12 +234,14 @@ pub(crate) async fn fetch<B: KafkaBroker>(
     }
 }
 
-/// One pass over the requested partitions; returns the response and its record bytes.
+/// One pass over the requested partitions, reading into `records` from its start; returns
+/// the reply and its record bytes.
 async fn fetch_once<B: KafkaBroker>(
     broker: &B,
     request: &FetchRequest,
     max_bytes: usize,
-) -> (FetchResponse, usize) {
+    records: &mut Vec<u8>,
+) -> (FetchReply, usize) {
     let mut total = 0usize;
     let mut topics = Vec::with_capacity(request.topics.len());
     for topic in &request.topics {
@@ -210,63 +250,62 @@ async fn fetch_once<B: KafkaBroker>(
         for partition in &topic.partitions {
             let budget = (partition.partition_max_bytes.max(0) as usize)
                 .min(max_bytes.saturating_sub(total));
-            let mut data = fetch_response::PartitionData::default()
-                .with_partition_index(partition.partition)
-                .with_high_watermark(-1)
-                .with_last_stable_offset(-1)
-                .with_log_start_offset(-1)
-                .with_preferred_read_replica(BrokerId(-1));
+            let mut data = PartitionReply {
+                partition_index: partition.partition,
+                error_code: 0,
+                high_watermark: -1,
+                last_stable_offset: -1,
+                log_start_offset: -1,
+                records: total..total,
+            };
             // Kafka returns at least one batch only for the first partition with data, so a
             // large batch never blocks a consumer; after the budget is spent, the others get
             // their offsets and no records.
             let read_bytes = if total == 0 { budget.max(1) } else { budget };
             let result = match u32::try_from(partition.partition) {
                 Err(_) => Err(KafkaError::UnknownTopicOrPartition),
-                Ok(index) if read_bytes > 0 => {
+                Ok(index) => {
                     broker
-                        .fetch(name, index, partition.fetch_offset, read_bytes)
+                        .fetch(
+                            name,
+                            index,
+                            partition.fetch_offset,
+                            read_bytes,
+                            records,
+                            total,
+                        )
                         .await
                 }
-                Ok(index) => broker
-                    .fetch(name, index, partition.fetch_offset, 0)
-                    .await
-                    .map(|mut fetched| {
-                        fetched.records = Bytes::new();
-                        fetched
-                    }),
             };
             match result {
                 Ok(fetched) => {
-                    total += fetched.records.len();
-                    if !fetched.records.is_empty() {
-                        kafka_metrics::fetched(
-                            fetched.records.len(),
-                            kafka_metrics::record_count(&fetched.records),
-                        );
-                    }
-                    data = data
-                        .with_high_watermark(fetched.high_watermark)
-                        .with_last_stable_offset(fetched.high_watermark)
-                        .with_log_start_offset(fetched.log_start_offset)
-                        .with_records(Some(fetched.records));
+                    // With no budget left the read still checks the offset and reports the
+                    // partition's offsets, but its bytes are not sent.
+                    let len = if read_bytes > 0 {
+                        fetched.records_len
+                    } else {
+                        0
+                    };
+                    data.records = total..total + len;
+                    total += len;
+                    data.high_watermark = fetched.high_watermark;
+                    data.last_stable_offset = fetched.high_watermark;
+                    data.log_start_offset = fetched.log_start_offset;
                 }
                 Err(error) => {
                     kafka_metrics::partition_error("fetch", error.code());
-                    data = data
-                        .with_error_code(error.code())
-                        .with_records(Some(Bytes::new()));
+                    data.error_code = error.code();
                 }
             }
             partitions.push(data);
         }
-        topics.push(
-            fetch_response::FetchableTopicResponse::default()
-                .with_topic(topic.topic.clone())
-                .with_partitions(partitions),
-        );
+        topics.push(TopicReply {
+            name: name.to_string(),
+            partitions,
+        });
     }
     // Session id 0: no fetch session, so every request is a full one (KIP-227 allows it).
-    (FetchResponse::default().with_responses(topics), total)
+    (FetchReply { topics }, total)
 }
 
 pub(crate) async fn list_offsets<B: KafkaBroker>(
@@ -890,4 +929,55 @@ pub(crate) fn describe_groups<B: KafkaBroker>(
             })
             .collect(),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::BufMut;
+    use kafka_protocol::protocol::{Decodable, Encodable};
+
+    use super::*;
+
+    /// A record set decoded from a frame nothing else holds is handed over in place: the
+    /// mutable buffer the broker stamps is the frame's own memory, not a copy.
+    #[test]
+    fn a_record_set_alone_in_its_frame_is_not_copied() {
+        let request = ProduceRequest::default()
+            .with_acks(-1)
+            .with_topic_data(vec![
+                produce_request::TopicProduceData::default()
+                    .with_name(TopicName(text("t")))
+                    .with_partition_data(vec![
+                        produce_request::PartitionProduceData::default()
+                            .with_index(0)
+                            .with_records(Some(Bytes::from(vec![7u8; 100_000]))),
+                    ]),
+            ]);
+        let mut frame = BytesMut::new();
+        request.encode(&mut frame, 9).unwrap();
+        let memory = frame.as_ptr() as usize..frame.as_ptr() as usize + frame.len();
+        let mut decoded = ProduceRequest::decode(&mut frame, 9).unwrap();
+        drop(frame);
+        let mut topic = decoded.topic_data.pop().unwrap();
+        drop(decoded);
+        let mut data = topic.partition_data.pop().unwrap();
+        drop(topic);
+        let records = data.records.take().unwrap();
+        drop(data);
+        let owned = owned_records(records);
+        assert_eq!(owned.len(), 100_000);
+        assert!(
+            memory.contains(&(owned.as_ptr() as usize)),
+            "the records were copied"
+        );
+
+        // While another view of the frame lives, the broker gets a copy.
+        let mut frame = BytesMut::new();
+        frame.put_slice(&[1, 2, 3, 4]);
+        let frame = frame.freeze();
+        let view = frame.slice(1..3);
+        let copied = owned_records(view);
+        assert_eq!(&copied[..], &[2, 3]);
+        assert_ne!(copied.as_ptr(), frame[1..].as_ptr());
+    }
 }

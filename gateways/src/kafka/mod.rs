@@ -8,9 +8,12 @@
 //! - `versions`: the apis and versions implemented, and the ApiVersions response.
 //! - `server`: the listener and the per-connection loop (in-order answers, limits).
 //! - `handlers`: one function per api, from request to port calls to response.
+//! - `fetch_response`: Fetch responses encoded around the stored batch bytes, which leave
+//!   in one vectored write without being copied into the message.
 //! - `port`: the [`KafkaBroker`] trait and its domain types and errors.
 //! - `metrics`: the `silt_kafka_*` metrics.
 
+mod fetch_response;
 pub mod frame;
 mod handlers;
 pub mod metrics;

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 
 /// Why a broker refused (part of) a request; each kind maps to one Kafka error code in
 /// [`KafkaError::code`], the one place the gateway turns errors into codes.
@@ -171,12 +171,13 @@ pub struct ProduceResult {
     pub log_start_offset: i64,
 }
 
-/// What Fetch read from one partition: whole stored batches, unchanged.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// What Fetch read from one partition. The records, whole stored batches unchanged, are
+/// `records_len` bytes of the caller's buffer at the position it gave.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FetchedPartition {
     pub high_watermark: i64,
     pub log_start_offset: i64,
-    pub records: Bytes,
+    pub records_len: usize,
 }
 
 /// Which offset ListOffsets asks for.
@@ -335,22 +336,29 @@ pub trait KafkaBroker: Send + Sync + 'static {
     ) -> impl Future<Output = ClusterMetadata> + Send;
 
     /// Appends `batches` (one or more whole RecordBatch v2) to a partition; returns once the
-    /// `acks` level is met (for `Leader` and `AllInSync`, after the fsync).
+    /// `acks` level is met (for `Leader` and `AllInSync`, after the fsync). The batches are
+    /// the request's own bytes, mutable so the broker stamps offsets and leader epoch in place
+    /// rather than copying them.
     fn produce(
         &self,
         topic: &str,
         partition: u32,
-        batches: Bytes,
+        batches: BytesMut,
         acks: Acks,
     ) -> impl Future<Output = Result<ProduceResult, KafkaError>> + Send;
 
-    /// Reads whole batches from `offset`, at most about `max_bytes` (at least one batch).
+    /// Reads whole batches from `offset`, at most about `max_bytes` (at least one batch),
+    /// into `buf[at..]`, growing `buf` when it is too short. The gateway keeps `buf` across
+    /// requests, so the batch bytes are copied once, from storage into `buf`, and written to
+    /// the socket from there.
     fn fetch(
         &self,
         topic: &str,
         partition: u32,
         offset: i64,
         max_bytes: usize,
+        buf: &mut Vec<u8>,
+        at: usize,
     ) -> impl Future<Output = Result<FetchedPartition, KafkaError>> + Send;
 
     /// Completes when new data may be readable (any append since the call), for long polls.

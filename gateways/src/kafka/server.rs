@@ -6,6 +6,7 @@
 //! connection, as in Kafka; an api or version it does not implement gets UNSUPPORTED_VERSION.
 
 use std::future::Future;
+use std::io::IoSlice;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,6 +19,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
+use super::fetch_response::Piece;
 use super::frame::{self, FrameError};
 use super::handlers::{self, Context};
 use super::metrics as kafka_metrics;
@@ -49,6 +51,11 @@ impl Default for KafkaLimits {
     }
 }
 
+/// Fetch's read buffer is freed after a response that used under a quarter of it, when it
+/// holds more than this.
+const RECORDS_KEPT_BYTES: usize = 1 << 20;
+/// Most memory reserved ahead for a frame from its size prefix alone.
+const FRAME_RESERVE_MAX_BYTES: usize = 16 << 20;
 /// Bytes read from a socket at a time.
 const READ_CHUNK_BYTES: usize = 64 << 10;
 /// Pause after a failed accept (out of file descriptors), so it is not a busy loop.
@@ -109,6 +116,70 @@ enum ConnectionError {
     },
 }
 
+/// A response ready to send: encoded bytes in `head`, and for a Fetch, the pieces that
+/// interleave them with record ranges of `records`.
+#[derive(Debug, Default)]
+struct Outgoing {
+    head: BytesMut,
+    /// Empty unless the response is a Fetch, whose pieces then cover all of `head`.
+    pieces: Vec<Piece>,
+    /// Fetch's read buffer: kept across requests and never shrunk below what recent
+    /// responses used, so reading into it costs no zeroing or page faults.
+    records: Vec<u8>,
+}
+
+impl Outgoing {
+    fn clear(&mut self) {
+        self.head.clear();
+        self.pieces.clear();
+    }
+
+    async fn write_to(&mut self, stream: &mut TcpStream) -> std::io::Result<()> {
+        if self.pieces.is_empty() {
+            return stream.write_all(&self.head).await;
+        }
+        let mut slices: Vec<IoSlice<'_>> = self
+            .pieces
+            .iter()
+            .map(|piece| match piece {
+                Piece::Head(range) => IoSlice::new(&self.head[range.clone()]),
+                Piece::Records(range) => IoSlice::new(&self.records[range.clone()]),
+            })
+            .filter(|slice| !slice.is_empty())
+            .collect();
+        let mut slices = &mut slices[..];
+        while !slices.is_empty() {
+            let written = stream.write_vectored(slices).await?;
+            if written == 0 {
+                return Err(std::io::ErrorKind::WriteZero.into());
+            }
+            IoSlice::advance_slices(&mut slices, written);
+        }
+        Ok(())
+    }
+
+    /// Frees the read buffer when the last Fetch used under a quarter of it, so an idle or
+    /// small consumer does not hold the memory a large fetch once needed.
+    fn trim(&mut self) {
+        if self.pieces.is_empty() {
+            return; // Not a Fetch.
+        }
+        let used = self
+            .pieces
+            .iter()
+            .filter_map(|piece| match piece {
+                Piece::Records(range) => Some(range.end),
+                Piece::Head(_) => None,
+            })
+            .max()
+            .unwrap_or(0);
+        if self.records.len() > RECORDS_KEPT_BYTES && used < self.records.len() / 4 {
+            self.records.truncate(used);
+            self.records.shrink_to_fit();
+        }
+    }
+}
+
 async fn serve_connection<B: KafkaBroker>(
     mut stream: TcpStream,
     peer: SocketAddr,
@@ -117,10 +188,18 @@ async fn serve_connection<B: KafkaBroker>(
     mut stopping: watch::Receiver<bool>,
 ) -> Result<(), ConnectionError> {
     let mut buf = BytesMut::with_capacity(READ_CHUNK_BYTES);
-    let mut out = BytesMut::new();
+    let mut out = Outgoing::default();
     loop {
         while let Some(len) = frame::frame_len(&buf, limits.max_request_bytes)? {
             let mut request = buf.split_to(len);
+            if len > READ_CHUNK_BYTES {
+                // A large frame (a Produce) gets its memory to itself, so the broker can
+                // stamp its record set in place (`handlers::owned_records`) instead of
+                // copying it: what follows it moves to a buffer of its own.
+                let mut rest = BytesMut::with_capacity(READ_CHUNK_BYTES.max(buf.len()));
+                rest.extend_from_slice(&buf);
+                buf = rest;
+            }
             request.advance(frame::SIZE_PREFIX_BYTES);
             out.clear();
             let context = Context {
@@ -129,10 +208,17 @@ async fn serve_connection<B: KafkaBroker>(
                 stopping: stopping.clone(),
             };
             if handle_request(&*broker, &context, request, &mut out).await? {
-                stream.write_all(&out).await?;
+                out.write_to(&mut stream).await?;
+                out.trim();
             }
         }
-        buf.reserve(READ_CHUNK_BYTES);
+        // Room for the rest of a frame whose size is known, so a large request is read into
+        // one allocation instead of one that grows (and copies) as it arrives. Bounded, so a
+        // size prefix alone cannot make the connection reserve `max_request_bytes`.
+        let pending = frame::pending_frame_len(&buf)
+            .unwrap_or(0)
+            .min(FRAME_RESERVE_MAX_BYTES);
+        buf.reserve(READ_CHUNK_BYTES.max(pending.saturating_sub(buf.len())));
         tokio::select! {
             read = stream.read_buf(&mut buf) => {
                 if read? == 0 {
@@ -144,14 +230,15 @@ async fn serve_connection<B: KafkaBroker>(
     }
 }
 
-/// Handles one request (the frame without its size prefix), writing the framed response to
-/// `out`. Returns false when there is nothing to send (Produce with acks=0).
+/// Handles one request (the frame without its size prefix), putting the framed response in
+/// `outgoing`. Returns false when there is nothing to send (Produce with acks=0).
 async fn handle_request<B: KafkaBroker>(
     broker: &B,
     context: &Context,
     mut request: BytesMut,
-    out: &mut BytesMut,
+    outgoing: &mut Outgoing,
 ) -> Result<bool, ConnectionError> {
+    let out = &mut outgoing.head;
     let prefix = frame::header_prefix(&request).expect("frame_len guarantees a header prefix");
     let malformed = |reason: String| ConnectionError::Malformed {
         api: prefix.api_key,
@@ -193,6 +280,8 @@ async fn handle_request<B: KafkaBroker>(
         .as_ref()
         .map(|id| id.as_str().to_string())
         .unwrap_or_default();
+    // Its strings are views of the frame; see `handlers::owned_records`.
+    drop(header);
     kafka_metrics::request(api_name(api), false);
 
     macro_rules! answer {
@@ -222,6 +311,7 @@ async fn handle_request<B: KafkaBroker>(
         ApiKey::Produce => {
             let decoded = ProduceRequest::decode(&mut request, version)
                 .map_err(|error| malformed(error.to_string()))?;
+            drop(request);
             let acks = decoded.acks;
             let response = handlers::produce(broker, decoded).await;
             if acks == 0 {
@@ -237,9 +327,19 @@ async fn handle_request<B: KafkaBroker>(
             .map_err(|error| malformed(error.to_string()))?;
             Ok(true)
         }
-        ApiKey::Fetch => answer!(FetchRequest, |request| handlers::fetch(
-            broker, context, request
-        )),
+        ApiKey::Fetch => {
+            let decoded = FetchRequest::decode(&mut request, version)
+                .map_err(|error| malformed(error.to_string()))?;
+            let reply = handlers::fetch(broker, context, decoded, &mut outgoing.records).await;
+            super::fetch_response::encode(
+                correlation_id,
+                version,
+                &reply,
+                &mut outgoing.head,
+                &mut outgoing.pieces,
+            );
+            Ok(true)
+        }
         ApiKey::ListOffsets => answer!(ListOffsetsRequest, |request| handlers::list_offsets(
             broker, request
         )),
