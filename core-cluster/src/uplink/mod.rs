@@ -10,9 +10,15 @@
 //! With mutual TLS, the edge id a `Hello` claims must be a DNS name of the client
 //! certificate, so one edge cannot write as another.
 //!
+//! The dedup state is checkpointed to `<data_dir>.uplink/dedup/` every
+//! [`store::CHECKPOINT_INTERVAL`] or [`store::CHECKPOINT_BYTES`] and at shutdown, so a restart
+//! scans only the log tail past the checkpoint.
+//!
 //! # Layout
-//! - `store`: appends with exactly-once dedup, its state rebuilt from the log.
+//! - `store`: appends with exactly-once dedup, its state rebuilt from a checkpoint and the log.
+//! - `checkpoint`: the dedup checkpoint files.
 
+pub(crate) mod checkpoint;
 pub(crate) mod store;
 
 use std::net::SocketAddr;
@@ -37,6 +43,18 @@ pub(crate) const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(2);
 const STREAMS_PER_CONNECTION_MAX: u32 = 1024;
 /// Bytes the server lets an edge have in flight per stream (QUIC flow control).
 const STREAM_RECEIVE_WINDOW_BYTES: u32 = 16 << 20;
+/// How often the server looks for topics whose dedup checkpoint is due.
+const CHECKPOINT_TICK: Duration = Duration::from_secs(1);
+/// Appended to the log's data directory's name for the uplink server's state (checkpoints).
+pub(crate) const STATE_DIR_SUFFIX: &str = ".uplink";
+
+/// Where the uplink server keeps its dedup checkpoints for a log in `data_dir`: beside it,
+/// because the log owns its directory whole.
+pub(crate) fn checkpoint_dir(data_dir: &std::path::Path) -> std::path::PathBuf {
+    let mut name = data_dir.as_os_str().to_owned();
+    name.push(STATE_DIR_SUFFIX);
+    std::path::PathBuf::from(name).join("dedup")
+}
 
 /// What the uplink server needs to run.
 #[derive(Debug, Clone)]
@@ -105,10 +123,11 @@ impl UplinkServer {
             Arc::new(quinn::TokioRuntime),
         )
         .context("cannot start the uplink endpoint")?;
+        let checkpoints = checkpoint::CheckpointDir::new(checkpoint_dir(&log.config().data_dir));
         Ok(UplinkServer {
             endpoint,
             store: Arc::new(
-                UplinkStore::new(log, config.default_partitions)
+                UplinkStore::new(log, config.default_partitions, Some(checkpoints))
                     .with_on_append(config.on_append.clone()),
             ),
             mutual_tls: config.tls.client_ca.is_some(),
@@ -126,9 +145,14 @@ impl UplinkServer {
     pub(crate) async fn serve(self, shutdown: impl std::future::Future<Output = ()>) {
         tokio::pin!(shutdown);
         let mut connections = tokio::task::JoinSet::new();
+        let mut checkpoint_tick = tokio::time::interval(CHECKPOINT_TICK);
+        checkpoint_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 () = &mut shutdown => break,
+                _ = checkpoint_tick.tick() => {
+                    checkpoint(&self.store, false).await;
+                }
                 incoming = self.endpoint.accept() => {
                     let Some(incoming) = incoming else { break };
                     let store = self.store.clone();
@@ -148,7 +172,22 @@ impl UplinkServer {
         }
         self.endpoint.close(0u32.into(), b"shutting down");
         while connections.join_next().await.is_some() {}
+        // Every append has finished: the checkpoint covers the whole log, and the next start
+        // scans nothing.
+        checkpoint(&self.store, true).await;
         self.endpoint.wait_idle().await;
+    }
+}
+
+/// Saves the dedup checkpoints that are due (`all`: every topic with unsaved appends). A
+/// failure is logged and retried at the next tick; exactly-once never depends on it.
+async fn checkpoint(store: &Arc<UplinkStore>, all: bool) {
+    let store = store.clone();
+    let now = std::time::Instant::now();
+    match tokio::task::spawn_blocking(move || store.checkpoint_due(now, all)).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(error)) => tracing::warn!(%error, "uplink dedup checkpoint failed"),
+        Err(error) => tracing::error!(%error, "uplink dedup checkpoint panicked"),
     }
 }
 
@@ -344,7 +383,7 @@ async fn stream_loop(
         let outcome = outcome.map_err(|error| {
             let code = match error {
                 StoreError::BadBatch(_) => error_code::MALFORMED,
-                StoreError::Log(_) => error_code::STORAGE,
+                StoreError::Log(_) | StoreError::Checkpoint(_) => error_code::STORAGE,
             };
             Some(StreamFault {
                 code,
