@@ -90,6 +90,7 @@ struct TopicState {
     unsaved_bytes: AtomicU64,
     last_checkpoint: Mutex<Instant>,
     /// What loading the state cost.
+    #[cfg(test)]
     loaded: LoadReport,
 }
 
@@ -295,6 +296,7 @@ impl UplinkStore {
     }
 
     /// What loading `topic`'s dedup state cost, once it is loaded.
+    #[cfg(test)]
     pub(crate) fn load_report(&self, topic: &str) -> Option<LoadReport> {
         let topics = self.topics.lock().unwrap_or_else(|e| e.into_inner());
         topics.get(topic).map(|state| state.loaded)
@@ -337,6 +339,7 @@ impl UplinkStore {
             gate: RwLock::new(()),
             unsaved_bytes: AtomicU64::new(0),
             last_checkpoint: Mutex::new(Instant::now()),
+            #[cfg(test)]
             loaded: report,
         });
         let mut topics = self.topics.lock().unwrap_or_else(|e| e.into_inner());
