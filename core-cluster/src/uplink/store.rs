@@ -142,12 +142,24 @@ impl UplinkStore {
     /// Appends the records of `batches` (edge RecordBatch v2 bytes) at edge offsets from
     /// `first_offset` on, skipping those already stored, and returns once they are durable.
     /// Blocking: call from a blocking thread.
+    #[cfg(test)]
     pub(crate) fn append(
         &self,
         topic: &str,
         stream: &StreamKey,
         first_offset: u64,
         batches: &[u8],
+    ) -> Result<AppendOutcome, StoreError> {
+        self.append_parts(topic, stream, &[(first_offset, batches)])
+    }
+
+    /// [`Self::append`] for several `Data` frames of one stream at once, in order: one
+    /// durable append (one fsync) per core partition for all of them.
+    pub(crate) fn append_parts(
+        &self,
+        topic: &str,
+        stream: &StreamKey,
+        parts: &[(u64, &[u8])],
     ) -> Result<AppendOutcome, StoreError> {
         let stream_lock = self.stream_lock(topic, stream);
         let _serialised = stream_lock.lock().unwrap_or_else(|e| e.into_inner());
@@ -164,33 +176,41 @@ impl UplinkStore {
         let mut outcome = AppendOutcome::default();
         {
             let dedup = dedup.lock().unwrap_or_else(|e| e.into_inner());
-            let mut rest = batches;
-            while !rest.is_empty() {
-                let (header, records, used) = decode_batch(rest, &limits)
-                    .map_err(|error| StoreError::BadBatch(error.to_string()))?
-                    .ok_or_else(|| StoreError::BadBatch("a batch is cut short".into()))?;
-                rest = &rest[used..];
-                if header.is_control() {
-                    continue;
-                }
-                for record in records {
-                    let offset = u64::try_from(record.offset)
-                        .map_err(|_| StoreError::BadBatch("negative record offset".into()))?;
-                    if offset < first_offset {
+            for &(first_offset, batches) in parts {
+                let mut rest = batches;
+                while !rest.is_empty() {
+                    let (header, records, used) = decode_batch(rest, &limits)
+                        .map_err(|error| StoreError::BadBatch(error.to_string()))?
+                        .ok_or_else(|| StoreError::BadBatch("a batch is cut short".into()))?;
+                    rest = &rest[used..];
+                    if header.is_control() {
                         continue;
                     }
-                    let partition = route(record.key.as_deref(), &stream.edge_id, info.partitions);
-                    let expected = dedup.partitions[partition as usize]
-                        .get(stream)
-                        .copied()
-                        .unwrap_or(0);
-                    if offset < expected {
-                        outcome.duplicate_records += 1;
-                        continue;
+                    for record in records {
+                        let offset = u64::try_from(record.offset)
+                            .map_err(|_| StoreError::BadBatch("negative record offset".into()))?;
+                        if offset < first_offset {
+                            continue;
+                        }
+                        let partition =
+                            route(record.key.as_deref(), &stream.edge_id, info.partitions);
+                        let expected = routed[partition as usize].last().map_or_else(
+                            || {
+                                dedup.partitions[partition as usize]
+                                    .get(stream)
+                                    .copied()
+                                    .unwrap_or(0)
+                            },
+                            |(last, _)| last + 1,
+                        );
+                        if offset < expected {
+                            outcome.duplicate_records += 1;
+                            continue;
+                        }
+                        let mut record = Record::from(record);
+                        record.headers.extend(stream_headers(stream, offset));
+                        routed[partition as usize].push((offset, record));
                     }
-                    let mut record = Record::from(record);
-                    record.headers.extend(stream_headers(stream, offset));
-                    routed[partition as usize].push((offset, record));
                 }
             }
         }
