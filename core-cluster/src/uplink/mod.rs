@@ -1,18 +1,24 @@
 //! The uplink server: edges connect over QUIC (ALPN `silt-uplink/1`) and ship their log.
 //!
 //! One connection per edge, one bidirectional stream per edge partition. A stream starts
-//! with `Hello` (edge id, topic, partition); then each `Data` frame is decoded, appended by
-//! [`store::UplinkStore`] (dedup, routing by key, fsync) and answered with an `Ack` carrying
-//! its end offset, in order. The edge pipelines several `Data` frames (its in-flight byte
-//! bound); the stream's flow control bounds what the server buffers, and the server reads at
-//! most one frame ([`silt_wire::FRAME_BYTES_MAX`]) ahead of the append under way.
+//! with `Hello` (edge id, topic, partition); then `Data` frames are decoded, appended by
+//! [`store::UplinkStore`] (dedup, routing by key, fsync) and acknowledged in order with
+//! cumulative `Ack`s. The edge pipelines several `Data` frames (its in-flight byte bound);
+//! the server decodes at most [`READ_AHEAD_BYTES`] ahead of the append under way, and appends
+//! all frames waiting when it finishes as one group (one fsync, one `Ack` for the last).
 //!
 //! With mutual TLS, the edge id a `Hello` claims must be a DNS name of the client
 //! certificate, so one edge cannot write as another.
 //!
+//! The dedup state is checkpointed to `<data_dir>.uplink/dedup/` every
+//! [`store::CHECKPOINT_INTERVAL`] or [`store::CHECKPOINT_BYTES`] and at shutdown, so a restart
+//! scans only the log tail past the checkpoint.
+//!
 //! # Layout
-//! - `store`: appends with exactly-once dedup, its state rebuilt from the log.
+//! - `store`: appends with exactly-once dedup, its state rebuilt from a checkpoint and the log.
+//! - `checkpoint`: the dedup checkpoint files.
 
+pub(crate) mod checkpoint;
 pub(crate) mod store;
 
 use std::net::SocketAddr;
@@ -37,6 +43,21 @@ pub(crate) const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(2);
 const STREAMS_PER_CONNECTION_MAX: u32 = 1024;
 /// Bytes the server lets an edge have in flight per stream (QUIC flow control).
 const STREAM_RECEIVE_WINDOW_BYTES: u32 = 16 << 20;
+/// Decompressed `Data` bytes a stream reads ahead of its append under way; what is waiting
+/// when an append finishes goes into the next one.
+const READ_AHEAD_BYTES: usize = 8 << 20;
+/// How often the server looks for topics whose dedup checkpoint is due.
+const CHECKPOINT_TICK: Duration = Duration::from_secs(1);
+/// Appended to the log's data directory's name for the uplink server's state (checkpoints).
+pub(crate) const STATE_DIR_SUFFIX: &str = ".uplink";
+
+/// Where the uplink server keeps its dedup checkpoints for a log in `data_dir`: beside it,
+/// because the log owns its directory whole.
+pub(crate) fn checkpoint_dir(data_dir: &std::path::Path) -> std::path::PathBuf {
+    let mut name = data_dir.as_os_str().to_owned();
+    name.push(STATE_DIR_SUFFIX);
+    std::path::PathBuf::from(name).join("dedup")
+}
 
 /// What the uplink server needs to run.
 #[derive(Debug, Clone)]
@@ -105,10 +126,11 @@ impl UplinkServer {
             Arc::new(quinn::TokioRuntime),
         )
         .context("cannot start the uplink endpoint")?;
+        let checkpoints = checkpoint::CheckpointDir::new(checkpoint_dir(&log.config().data_dir));
         Ok(UplinkServer {
             endpoint,
             store: Arc::new(
-                UplinkStore::new(log, config.default_partitions)
+                UplinkStore::new(log, config.default_partitions, Some(checkpoints))
                     .with_on_append(config.on_append.clone()),
             ),
             mutual_tls: config.tls.client_ca.is_some(),
@@ -126,9 +148,14 @@ impl UplinkServer {
     pub(crate) async fn serve(self, shutdown: impl std::future::Future<Output = ()>) {
         tokio::pin!(shutdown);
         let mut connections = tokio::task::JoinSet::new();
+        let mut checkpoint_tick = tokio::time::interval(CHECKPOINT_TICK);
+        checkpoint_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 () = &mut shutdown => break,
+                _ = checkpoint_tick.tick() => {
+                    checkpoint(&self.store, false).await;
+                }
                 incoming = self.endpoint.accept() => {
                     let Some(incoming) = incoming else { break };
                     let store = self.store.clone();
@@ -148,7 +175,22 @@ impl UplinkServer {
         }
         self.endpoint.close(0u32.into(), b"shutting down");
         while connections.join_next().await.is_some() {}
+        // Every append has finished: the checkpoint covers the whole log, and the next start
+        // scans nothing.
+        checkpoint(&self.store, true).await;
         self.endpoint.wait_idle().await;
+    }
+}
+
+/// Saves the dedup checkpoints that are due (`all`: every topic with unsaved appends). A
+/// failure is logged and retried at the next tick; exactly-once never depends on it.
+async fn checkpoint(store: &Arc<UplinkStore>, all: bool) {
+    let store = store.clone();
+    let now = std::time::Instant::now();
+    match tokio::task::spawn_blocking(move || store.checkpoint_due(now, all)).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(error)) => tracing::warn!(%error, "uplink dedup checkpoint failed"),
+        Err(error) => tracing::error!(%error, "uplink dedup checkpoint panicked"),
     }
 }
 
@@ -304,6 +346,33 @@ async fn stream_loop(
     };
     let _ = buf.split_to(used);
     tracing::debug!(edge = %stream.edge_id, %topic, partition = stream.edge_partition, "stream opened");
+    // The reader decodes frames ahead while the appender stores the ones before them, and
+    // the appender takes every frame already read in one durable append: one fsync and one
+    // ack for several frames when the disk is the slower side.
+    let read_ahead = Arc::new(tokio::sync::Semaphore::new(READ_AHEAD_BYTES));
+    let (frames_tx, frames_rx) = tokio::sync::mpsc::unbounded_channel();
+    let reader = read_frames(recv, buf, frames_tx, read_ahead.clone());
+    let appender = append_frames(send, frames_rx, store, &topic, &stream, &read_ahead);
+    tokio::try_join!(reader, appender).map(|_| ())
+}
+
+/// One `Data` frame, decompressed, with the read-ahead bytes it holds.
+struct DataFrame {
+    first_offset: u64,
+    end_offset: u64,
+    edge_end: u64,
+    batches: bytes::Bytes,
+    wire_bytes: usize,
+    permits: u32,
+}
+
+/// Reads `Data` frames and passes them on, holding at most [`READ_AHEAD_BYTES`] of them.
+async fn read_frames(
+    recv: &mut quinn::RecvStream,
+    mut buf: BytesMut,
+    frames: tokio::sync::mpsc::UnboundedSender<DataFrame>,
+    read_ahead: Arc<tokio::sync::Semaphore>,
+) -> Result<(), Option<StreamFault>> {
     loop {
         let used = fill_frame(recv, &mut buf).await?;
         let frame = buf.split_to(used).freeze();
@@ -330,9 +399,64 @@ async fn stream_loop(
                 message: error.to_string(),
             })
         })?;
-        let (store, topic_name, key) = (store.clone(), topic.clone(), stream.clone());
+        // A frame larger than the whole read-ahead still goes through, alone.
+        let permits = batches.len().clamp(1, READ_AHEAD_BYTES) as u32;
+        read_ahead
+            .acquire_many(permits)
+            .await
+            .expect("the semaphore is never closed")
+            .forget();
+        let frame = DataFrame {
+            first_offset,
+            end_offset,
+            edge_end,
+            batches: batches.into(),
+            wire_bytes: frame.len(),
+            permits,
+        };
+        if frames.send(frame).is_err() {
+            return Err(None);
+        }
+    }
+}
+
+/// Appends the frames read, as many as are waiting at once, and acks each group.
+async fn append_frames(
+    send: &mut quinn::SendStream,
+    mut frames: tokio::sync::mpsc::UnboundedReceiver<DataFrame>,
+    store: &Arc<UplinkStore>,
+    topic: &str,
+    stream: &StreamKey,
+    read_ahead: &tokio::sync::Semaphore,
+) -> Result<(), Option<StreamFault>> {
+    let labels = [
+        ("topic", topic.to_string()),
+        ("edge", stream.edge_id.clone()),
+    ];
+    let stream_labels = [
+        ("topic", topic.to_string()),
+        ("edge", stream.edge_id.clone()),
+        ("edge_partition", stream.edge_partition.to_string()),
+    ];
+    loop {
+        let Some(first) = frames.recv().await else {
+            return Err(None);
+        };
+        let mut group = vec![first];
+        while let Ok(next) = frames.try_recv() {
+            group.push(next);
+        }
+        let parts: Vec<(u64, bytes::Bytes)> = group
+            .iter()
+            .map(|frame| (frame.first_offset, frame.batches.clone()))
+            .collect();
+        let (store_ref, topic_name, key) = (store.clone(), topic.to_string(), stream.clone());
         let outcome = tokio::task::spawn_blocking(move || {
-            store.append(&topic_name, &key, first_offset, &batches)
+            let parts: Vec<(u64, &[u8])> = parts
+                .iter()
+                .map(|(first_offset, batches)| (*first_offset, &batches[..]))
+                .collect();
+            store_ref.append_parts(&topic_name, &key, &parts)
         })
         .await
         .map_err(|_| {
@@ -344,14 +468,17 @@ async fn stream_loop(
         let outcome = outcome.map_err(|error| {
             let code = match error {
                 StoreError::BadBatch(_) => error_code::MALFORMED,
-                StoreError::Log(_) => error_code::STORAGE,
+                StoreError::Log(_) | StoreError::Checkpoint(_) => error_code::STORAGE,
             };
             Some(StreamFault {
                 code,
                 message: error.to_string(),
             })
         })?;
-        let labels = [("topic", topic.clone()), ("edge", stream.edge_id.clone())];
+        let last = group.last().expect("a group has a frame");
+        let (end_offset, edge_end) = (last.end_offset, last.edge_end);
+        let wire_bytes: usize = group.iter().map(|frame| frame.wire_bytes).sum();
+        read_ahead.add_permits(group.iter().map(|frame| frame.permits as usize).sum());
         metrics::counter!("silt_uplink_received_records_total", &labels)
             .increment(outcome.appended_records);
         metrics::counter!("silt_uplink_duplicate_records_total", &labels)
@@ -359,15 +486,17 @@ async fn stream_loop(
         metrics::counter!("silt_uplink_received_bytes_total", &labels)
             .increment(outcome.appended_bytes);
         metrics::counter!("silt_uplink_received_wire_bytes_total", &labels)
-            .increment(frame.len() as u64);
-        // What the edge had not shipped when it read this frame: its lag as the core sees it.
-        let stream_labels = [
-            ("topic", topic.clone()),
-            ("edge", stream.edge_id.clone()),
-            ("edge_partition", stream.edge_partition.to_string()),
-        ];
-        metrics::gauge!("silt_uplink_edge_lag_records", &stream_labels)
-            .set((edge_end - end_offset) as f64);
+            .increment(wire_bytes as u64);
+        metrics::counter!("silt_uplink_appends_total", &labels).increment(1);
+        // What the edge had not shipped when it sent the last frame: its lag as the core
+        // sees it, in records and (estimated from this group's bytes per record) bytes.
+        let lag_records = edge_end.saturating_sub(end_offset);
+        metrics::gauge!("silt_uplink_edge_lag_records", &stream_labels).set(lag_records as f64);
+        let group_records = end_offset.saturating_sub(group[0].first_offset).max(1);
+        let group_raw: usize = group.iter().map(|frame| frame.batches.len()).sum();
+        metrics::gauge!("silt_uplink_edge_lag_bytes", &stream_labels)
+            .set(lag_records as f64 * group_raw as f64 / group_records as f64);
+        // Acks are cumulative: one for the group's last frame acknowledges them all.
         let mut out = BytesMut::with_capacity(16);
         Frame::Ack { end_offset }.encode(&mut out);
         if send.write_all(&out).await.is_err() {

@@ -9,7 +9,12 @@
 //!
 //! That state is exact across any crash because it is derived from the log itself: on first
 //! use of a topic, every partition is scanned and each stream's highest `silt.edge.offset` is
-//! taken. A crash between appending to one core partition and another (one edge batch spans
+//! taken. A checkpoint ([`super::checkpoint`]) bounds that scan: it holds the state over
+//! each partition's records below a covered offset, and only the tail past it is scanned.
+//! A checkpoint is taken while no uplink append of the topic is under way (appends hold the
+//! topic's gate shared, the snapshot holds it exclusively), with each partition's high
+//! watermark as its covered offset: every uplink record below it is then in the state, and
+//! nothing in the state is above what is durable, whatever a crash does next. A crash between appending to one core partition and another (one edge batch spans
 //! several when keys differ) leaves some records durable and others not; the edge re-sends
 //! the batch, and each core partition skips exactly what it already has, because a stream's
 //! records reach one core partition in edge-offset order. An append is durable (fsync) before
@@ -19,11 +24,15 @@
 //! racing its reconnected self cannot interleave the check and the append.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use silt_log::batch::{BatchSpec, DecodeLimits, Header, Record, decode_batch, encode_batch};
 use silt_log::{LogError, LogManager, PartitionLog, partitioner};
+
+use super::checkpoint::{CheckpointDir, PartitionCheckpoint};
 
 /// Header naming the edge a record came from.
 pub(crate) const HEADER_EDGE: &str = "silt.edge";
@@ -33,6 +42,10 @@ pub(crate) const HEADER_EDGE_PARTITION: &str = "silt.edge.partition";
 pub(crate) const HEADER_EDGE_OFFSET: &str = "silt.edge.offset";
 /// Bytes a header-and-framing estimate adds per record when splitting batches.
 const RECORD_OVERHEAD_BYTES: usize = 96;
+/// A topic is checkpointed once this many bytes were appended since its last checkpoint...
+pub(crate) const CHECKPOINT_BYTES: u64 = 64 << 20;
+/// ...or this long after its last checkpoint if anything was appended since.
+pub(crate) const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(10);
 
 /// One edge partition's records, as the core tells them apart.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -48,6 +61,8 @@ pub(crate) enum StoreError {
     BadBatch(String),
     #[error(transparent)]
     Log(#[from] LogError),
+    #[error("cannot save the uplink dedup checkpoint: {0}")]
+    Checkpoint(std::io::Error),
 }
 
 /// What one `append` did, for the ack and the metrics.
@@ -64,12 +79,36 @@ struct TopicDedup {
     partitions: Vec<HashMap<StreamKey, u64>>,
 }
 
+/// One topic's dedup state and what its checkpoints need.
+#[derive(Debug)]
+struct TopicState {
+    dedup: Mutex<TopicDedup>,
+    /// Held shared from an append's check to its state update, exclusively while a
+    /// checkpoint snapshot is taken.
+    gate: RwLock<()>,
+    /// Bytes appended since the last checkpoint.
+    unsaved_bytes: AtomicU64,
+    last_checkpoint: Mutex<Instant>,
+    /// What loading the state cost.
+    #[cfg(test)]
+    loaded: LoadReport,
+}
+
+/// What loading a topic's dedup state cost, for the log line and the metric.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct LoadReport {
+    pub(crate) from_checkpoint: bool,
+    pub(crate) scanned_records: u64,
+    pub(crate) scanned_bytes: u64,
+}
+
 /// The core log behind the uplink server.
 #[derive(Debug)]
 pub(crate) struct UplinkStore {
     log: Arc<LogManager>,
     default_partitions: u32,
-    topics: Mutex<HashMap<String, Arc<Mutex<TopicDedup>>>>,
+    checkpoints: Option<CheckpointDir>,
+    topics: Mutex<HashMap<String, Arc<TopicState>>>,
     streams: Mutex<HashMap<(String, StreamKey), StreamLock>>,
     on_append: super::AppendHook,
 }
@@ -78,10 +117,16 @@ pub(crate) struct UplinkStore {
 type StreamLock = Arc<Mutex<()>>;
 
 impl UplinkStore {
-    pub(crate) fn new(log: Arc<LogManager>, default_partitions: u32) -> UplinkStore {
+    /// A store over `log`; with `checkpoints`, dedup state is saved there and loaded from it.
+    pub(crate) fn new(
+        log: Arc<LogManager>,
+        default_partitions: u32,
+        checkpoints: Option<CheckpointDir>,
+    ) -> UplinkStore {
         UplinkStore {
             log,
             default_partitions,
+            checkpoints,
             topics: Mutex::new(HashMap::new()),
             streams: Mutex::new(HashMap::new()),
             on_append: super::AppendHook::default(),
@@ -97,6 +142,7 @@ impl UplinkStore {
     /// Appends the records of `batches` (edge RecordBatch v2 bytes) at edge offsets from
     /// `first_offset` on, skipping those already stored, and returns once they are durable.
     /// Blocking: call from a blocking thread.
+    #[cfg(test)]
     pub(crate) fn append(
         &self,
         topic: &str,
@@ -104,10 +150,23 @@ impl UplinkStore {
         first_offset: u64,
         batches: &[u8],
     ) -> Result<AppendOutcome, StoreError> {
+        self.append_parts(topic, stream, &[(first_offset, batches)])
+    }
+
+    /// [`Self::append`] for several `Data` frames of one stream at once, in order: one
+    /// durable append (one fsync) per core partition for all of them.
+    pub(crate) fn append_parts(
+        &self,
+        topic: &str,
+        stream: &StreamKey,
+        parts: &[(u64, &[u8])],
+    ) -> Result<AppendOutcome, StoreError> {
         let stream_lock = self.stream_lock(topic, stream);
         let _serialised = stream_lock.lock().unwrap_or_else(|e| e.into_inner());
         let info = self.log.ensure_topic(topic, self.default_partitions)?;
-        let dedup = self.topic_dedup(topic, info.partitions)?;
+        let state = self.topic_state(topic, info.partitions)?;
+        let _gate = state.gate.read().unwrap_or_else(|e| e.into_inner());
+        let dedup = &state.dedup;
         let limits = DecodeLimits {
             max_batch_bytes: self.log.config().max_batch_bytes.max(1 << 20) + 64,
             ..DecodeLimits::default()
@@ -117,33 +176,41 @@ impl UplinkStore {
         let mut outcome = AppendOutcome::default();
         {
             let dedup = dedup.lock().unwrap_or_else(|e| e.into_inner());
-            let mut rest = batches;
-            while !rest.is_empty() {
-                let (header, records, used) = decode_batch(rest, &limits)
-                    .map_err(|error| StoreError::BadBatch(error.to_string()))?
-                    .ok_or_else(|| StoreError::BadBatch("a batch is cut short".into()))?;
-                rest = &rest[used..];
-                if header.is_control() {
-                    continue;
-                }
-                for record in records {
-                    let offset = u64::try_from(record.offset)
-                        .map_err(|_| StoreError::BadBatch("negative record offset".into()))?;
-                    if offset < first_offset {
+            for &(first_offset, batches) in parts {
+                let mut rest = batches;
+                while !rest.is_empty() {
+                    let (header, records, used) = decode_batch(rest, &limits)
+                        .map_err(|error| StoreError::BadBatch(error.to_string()))?
+                        .ok_or_else(|| StoreError::BadBatch("a batch is cut short".into()))?;
+                    rest = &rest[used..];
+                    if header.is_control() {
                         continue;
                     }
-                    let partition = route(record.key.as_deref(), &stream.edge_id, info.partitions);
-                    let expected = dedup.partitions[partition as usize]
-                        .get(stream)
-                        .copied()
-                        .unwrap_or(0);
-                    if offset < expected {
-                        outcome.duplicate_records += 1;
-                        continue;
+                    for record in records {
+                        let offset = u64::try_from(record.offset)
+                            .map_err(|_| StoreError::BadBatch("negative record offset".into()))?;
+                        if offset < first_offset {
+                            continue;
+                        }
+                        let partition =
+                            route(record.key.as_deref(), &stream.edge_id, info.partitions);
+                        let expected = routed[partition as usize].last().map_or_else(
+                            || {
+                                dedup.partitions[partition as usize]
+                                    .get(stream)
+                                    .copied()
+                                    .unwrap_or(0)
+                            },
+                            |(last, _)| last + 1,
+                        );
+                        if offset < expected {
+                            outcome.duplicate_records += 1;
+                            continue;
+                        }
+                        let mut record = Record::from(record);
+                        record.headers.extend(stream_headers(stream, offset));
+                        routed[partition as usize].push((offset, record));
                     }
-                    let mut record = Record::from(record);
-                    record.headers.extend(stream_headers(stream, offset));
-                    routed[partition as usize].push((offset, record));
                 }
             }
         }
@@ -164,9 +231,95 @@ impl UplinkStore {
             dedup.partitions[partition].insert(stream.clone(), last + 1);
         }
         if outcome.appended_records > 0 {
+            state
+                .unsaved_bytes
+                .fetch_add(outcome.appended_bytes, Ordering::Relaxed);
             (self.on_append.0)();
         }
         Ok(outcome)
+    }
+
+    /// Checkpoints every topic that is due at `now`: [`CHECKPOINT_BYTES`] appended, or
+    /// anything appended and [`CHECKPOINT_INTERVAL`] passed; with `all`, every topic with
+    /// anything appended (clean shutdown). Blocking. Returns the topics saved.
+    pub(crate) fn checkpoint_due(&self, now: Instant, all: bool) -> Result<usize, StoreError> {
+        let Some(checkpoints) = &self.checkpoints else {
+            return Ok(0);
+        };
+        let topics: Vec<(String, Arc<TopicState>)> = self
+            .topics
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(name, state)| (name.clone(), state.clone()))
+            .collect();
+        let mut saved = 0;
+        for (topic, state) in topics {
+            let unsaved = state.unsaved_bytes.load(Ordering::Relaxed);
+            let since = now.saturating_duration_since(
+                *state
+                    .last_checkpoint
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner()),
+            );
+            let due =
+                unsaved > 0 && (all || unsaved >= CHECKPOINT_BYTES || since >= CHECKPOINT_INTERVAL);
+            if !due {
+                continue;
+            }
+            self.checkpoint_topic(checkpoints, &topic, &state, now)?;
+            saved += 1;
+        }
+        Ok(saved)
+    }
+
+    fn checkpoint_topic(
+        &self,
+        checkpoints: &CheckpointDir,
+        topic: &str,
+        state: &TopicState,
+        now: Instant,
+    ) -> Result<(), StoreError> {
+        let logs = (0..state
+            .dedup
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .partitions
+            .len())
+            .map(|partition| self.log.partition(topic, partition as u32))
+            .collect::<Result<Vec<_>, _>>()?;
+        let (snapshot, unsaved) = {
+            // No uplink append of this topic is between its check and its state update now,
+            // so every uplink record below each high watermark is in the state.
+            let _gate = state.gate.write().unwrap_or_else(|e| e.into_inner());
+            let dedup = state.dedup.lock().unwrap_or_else(|e| e.into_inner());
+            let snapshot: Vec<PartitionCheckpoint> = dedup
+                .partitions
+                .iter()
+                .zip(&logs)
+                .map(|(next_offsets, log)| PartitionCheckpoint {
+                    covered_offset: log.high_watermark(),
+                    next_offsets: next_offsets.clone(),
+                })
+                .collect();
+            (snapshot, state.unsaved_bytes.swap(0, Ordering::Relaxed))
+        };
+        if let Err(error) = checkpoints.save(topic, &snapshot) {
+            state.unsaved_bytes.fetch_add(unsaved, Ordering::Relaxed);
+            return Err(StoreError::Checkpoint(error));
+        }
+        *state
+            .last_checkpoint
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = now;
+        Ok(())
+    }
+
+    /// What loading `topic`'s dedup state cost, once it is loaded.
+    #[cfg(test)]
+    pub(crate) fn load_report(&self, topic: &str) -> Option<LoadReport> {
+        let topics = self.topics.lock().unwrap_or_else(|e| e.into_inner());
+        topics.get(topic).map(|state| state.loaded)
     }
 
     fn stream_lock(&self, topic: &str, stream: &StreamKey) -> StreamLock {
@@ -177,12 +330,8 @@ impl UplinkStore {
             .clone()
     }
 
-    /// The topic's dedup state, rebuilt from its partitions on first use.
-    fn topic_dedup(
-        &self,
-        topic: &str,
-        partitions: u32,
-    ) -> Result<Arc<Mutex<TopicDedup>>, StoreError> {
+    /// The topic's dedup state, rebuilt on first use from its checkpoint and the log past it.
+    fn topic_state(&self, topic: &str, partitions: u32) -> Result<Arc<TopicState>, StoreError> {
         if let Some(found) = self
             .topics
             .lock()
@@ -191,16 +340,85 @@ impl UplinkStore {
         {
             return Ok(found.clone());
         }
-        let mut state = TopicDedup::default();
-        for partition in 0..partitions {
-            let log = self.log.partition(topic, partition)?;
-            state.partitions.push(scan_streams(&log)?);
-        }
+        let started = Instant::now();
+        let (dedup, report) = self.load_dedup(topic, partitions)?;
+        tracing::info!(
+            topic,
+            from_checkpoint = report.from_checkpoint,
+            scanned_records = report.scanned_records,
+            scanned_bytes = report.scanned_bytes,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "uplink dedup state loaded"
+        );
+        metrics::counter!("silt_uplink_dedup_scanned_records_total", "topic" => topic.to_string())
+            .increment(report.scanned_records);
+        metrics::counter!("silt_uplink_dedup_scanned_bytes_total", "topic" => topic.to_string())
+            .increment(report.scanned_bytes);
+        let state = Arc::new(TopicState {
+            dedup: Mutex::new(dedup),
+            gate: RwLock::new(()),
+            unsaved_bytes: AtomicU64::new(0),
+            last_checkpoint: Mutex::new(Instant::now()),
+            #[cfg(test)]
+            loaded: report,
+        });
         let mut topics = self.topics.lock().unwrap_or_else(|e| e.into_inner());
-        Ok(topics
-            .entry(topic.to_string())
-            .or_insert_with(|| Arc::new(Mutex::new(state)))
-            .clone())
+        Ok(topics.entry(topic.to_string()).or_insert(state).clone())
+    }
+
+    /// Each partition's state: the checkpoint's, if it is usable, plus a scan of the log past
+    /// its covered offset.
+    fn load_dedup(
+        &self,
+        topic: &str,
+        partitions: u32,
+    ) -> Result<(TopicDedup, LoadReport), StoreError> {
+        let logs = (0..partitions)
+            .map(|partition| self.log.partition(topic, partition))
+            .collect::<Result<Vec<_>, _>>()?;
+        let saved = match &self.checkpoints {
+            None => None,
+            Some(checkpoints) => match checkpoints.load(topic, partitions) {
+                // A checkpoint ahead of the log is not of this log (a topic deleted and made
+                // again, a data directory restored from a backup): scan it all instead.
+                Ok(saved)
+                    if saved
+                        .iter()
+                        .zip(&logs)
+                        .all(|(saved, log)| saved.covered_offset <= log.log_end_offset()) =>
+                {
+                    Some(saved)
+                }
+                Ok(_) => {
+                    tracing::warn!(
+                        topic,
+                        "uplink dedup checkpoint is ahead of the log; ignored"
+                    );
+                    None
+                }
+                Err(reason) => {
+                    tracing::debug!(topic, %reason, "no usable uplink dedup checkpoint");
+                    None
+                }
+            },
+        };
+        let mut report = LoadReport {
+            from_checkpoint: saved.is_some(),
+            ..LoadReport::default()
+        };
+        let mut saved = saved.map(Vec::into_iter);
+        let mut dedup = TopicDedup::default();
+        for log in &logs {
+            let PartitionCheckpoint {
+                covered_offset,
+                next_offsets,
+            } = saved.as_mut().and_then(Iterator::next).unwrap_or_default();
+            let from = covered_offset.max(log.local_start_offset());
+            dedup
+                .partitions
+                .push(scan_streams(log, from, next_offsets, &mut report)?);
+        }
+        Ok((dedup, report))
     }
 }
 
@@ -248,10 +466,15 @@ pub(crate) fn record_origin(headers: &[Header]) -> Option<(StreamKey, u64)> {
     ))
 }
 
-/// Each stream's next expected edge offset in one core partition, from its records.
-fn scan_streams(log: &PartitionLog) -> Result<HashMap<StreamKey, u64>, StoreError> {
-    let mut next = HashMap::new();
-    let mut offset = log.local_start_offset();
+/// Each stream's next expected edge offset in one core partition: `next` (the state of the
+/// records below `from`) updated with the records from `from` to the high watermark.
+fn scan_streams(
+    log: &PartitionLog,
+    from: u64,
+    mut next: HashMap<StreamKey, u64>,
+    report: &mut LoadReport,
+) -> Result<HashMap<StreamKey, u64>, StoreError> {
+    let mut offset = from;
     let limits = DecodeLimits::default();
     loop {
         let slice = log.read(offset, 4 << 20)?;
@@ -263,8 +486,10 @@ fn scan_streams(log: &PartitionLog) -> Result<HashMap<StreamKey, u64>, StoreErro
             decode_batch(rest, &limits).map_err(|error| StoreError::BadBatch(error.to_string()))?
         {
             rest = &rest[used..];
+            report.scanned_bytes += used as u64;
             offset = (header.last_offset() + 1) as u64;
             for record in records {
+                report.scanned_records += 1;
                 if let Some((stream, edge_offset)) = record_origin(&record.headers) {
                     let entry = next.entry(stream).or_insert(0);
                     *entry = (*entry).max(edge_offset + 1);
@@ -389,7 +614,7 @@ mod tests {
     fn resends_are_skipped_within_and_across_restarts() {
         let dir = tempfile::tempdir().unwrap();
         let log = LogManager::open(LogConfig::new(dir.path().join("core"))).unwrap();
-        let store = UplinkStore::new(log.clone(), 3);
+        let store = UplinkStore::new(log.clone(), 3, None);
         let first = store
             .append("mqtt", &stream(), 0, &edge_batch(0, 6))
             .unwrap();
@@ -418,7 +643,7 @@ mod tests {
         // A restarted core rebuilds the state from the log: the whole history re-sent
         // appends nothing.
         let log = LogManager::open(LogConfig::new(dir.path().join("core"))).unwrap();
-        let store = UplinkStore::new(log.clone(), 3);
+        let store = UplinkStore::new(log.clone(), 3, None);
         let resent = store
             .append("mqtt", &stream(), 0, &edge_batch(0, 6))
             .unwrap();
@@ -435,7 +660,7 @@ mod tests {
     fn a_crash_between_partitions_is_completed_by_the_resend() {
         let dir = tempfile::tempdir().unwrap();
         let log = LogManager::open(LogConfig::new(dir.path().join("core"))).unwrap();
-        let store = UplinkStore::new(log.clone(), 3);
+        let store = UplinkStore::new(log.clone(), 3, None);
         // Simulate a crash after one partition's append: store only the records of the first
         // key's partition, by shipping a batch holding only them at their edge offsets.
         let target = route(Some(b"a"), "e1", 3);
@@ -452,7 +677,7 @@ mod tests {
         drop(log);
         // Crash: no clean close. The edge re-sends the whole batch to a restarted core.
         let log = LogManager::open(LogConfig::new(dir.path().join("core"))).unwrap();
-        let store = UplinkStore::new(log.clone(), 3);
+        let store = UplinkStore::new(log.clone(), 3, None);
         let outcome = store
             .append("mqtt", &stream(), 0, &edge_batch(0, 6))
             .unwrap();
@@ -466,10 +691,99 @@ mod tests {
     }
 
     #[test]
+    fn a_restart_scans_only_the_tail_past_the_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let open = || {
+            let log = LogManager::open(LogConfig::new(dir.path().join("core"))).unwrap();
+            let checkpoints = CheckpointDir::new(dir.path().join("core.uplink/dedup"));
+            let store = UplinkStore::new(log.clone(), 3, Some(checkpoints));
+            (log, store)
+        };
+        let (log, store) = open();
+        store
+            .append("mqtt", &stream(), 0, &edge_batch(0, 60))
+            .unwrap();
+        assert_eq!(
+            store.checkpoint_due(Instant::now(), false).unwrap(),
+            0,
+            "not due yet"
+        );
+        assert_eq!(store.checkpoint_due(Instant::now(), true).unwrap(), 1);
+        assert_eq!(
+            store.checkpoint_due(Instant::now(), true).unwrap(),
+            0,
+            "nothing new"
+        );
+        // Appended after the checkpoint, then a crash: no clean close, no new checkpoint.
+        store
+            .append("mqtt", &stream(), 60, &edge_batch(60, 6))
+            .unwrap();
+        assert_eq!(
+            store.load_report("mqtt").unwrap(),
+            LoadReport::default(),
+            "a new topic scans nothing"
+        );
+        drop(store);
+        drop(log);
+
+        let (log, store) = open();
+        let resent = store
+            .append("mqtt", &stream(), 0, &edge_batch(0, 66))
+            .unwrap();
+        assert_eq!((resent.appended_records, resent.duplicate_records), (0, 66));
+        let report = store.load_report("mqtt").unwrap();
+        assert!(report.from_checkpoint);
+        assert_eq!(
+            report.scanned_records, 6,
+            "only the records past the checkpoint"
+        );
+        store
+            .append("mqtt", &stream(), 66, &edge_batch(66, 4))
+            .unwrap();
+        let offsets: Vec<u64> = stored(&log, "mqtt").iter().map(|(_, o)| *o).collect();
+        assert_eq!(offsets, (0..70).collect::<Vec<_>>());
+        drop(store);
+        drop(log);
+
+        // Without its checkpoint, the same restart scans everything and is just as exact.
+        std::fs::remove_dir_all(dir.path().join("core.uplink")).unwrap();
+        let (_log, store) = open();
+        let resent = store
+            .append("mqtt", &stream(), 0, &edge_batch(0, 70))
+            .unwrap();
+        assert_eq!(resent.appended_records, 0);
+        let report = store.load_report("mqtt").unwrap();
+        assert!(!report.from_checkpoint);
+        assert_eq!(report.scanned_records, 70);
+    }
+
+    #[test]
+    fn a_checkpoint_ahead_of_the_log_is_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        let checkpoints = CheckpointDir::new(dir.path().join("state"));
+        // A checkpoint claiming offsets the log does not have, and a stream already far
+        // ahead: trusting it would drop the records below 1,000.
+        let stale = PartitionCheckpoint {
+            covered_offset: 1_000,
+            next_offsets: [(stream(), 1_000)].into(),
+        };
+        checkpoints
+            .save("mqtt", &[stale.clone(), stale.clone(), stale])
+            .unwrap();
+        let log = LogManager::open(LogConfig::new(dir.path().join("core"))).unwrap();
+        let store = UplinkStore::new(log.clone(), 3, Some(checkpoints));
+        let outcome = store
+            .append("mqtt", &stream(), 0, &edge_batch(0, 6))
+            .unwrap();
+        assert_eq!(outcome.appended_records, 6);
+        assert!(!store.load_report("mqtt").unwrap().from_checkpoint);
+    }
+
+    #[test]
     fn garbage_is_an_error_not_a_panic() {
         let dir = tempfile::tempdir().unwrap();
         let log = LogManager::open(LogConfig::new(dir.path().join("core"))).unwrap();
-        let store = UplinkStore::new(log, 1);
+        let store = UplinkStore::new(log, 1, None);
         let mut batch = edge_batch(0, 6);
         let last = batch.len() - 1;
         batch[last] ^= 0xff;

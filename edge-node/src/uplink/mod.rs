@@ -391,6 +391,14 @@ impl Shipper {
                         }
                     };
                     let _ = buf.split_to(used);
+                    // Every ack already read is folded into one cursor write: acks are
+                    // cumulative, and one fsync per frame would pace the whole stream.
+                    let mut end_offset = end_offset;
+                    while let Some((Frame::Ack { end_offset: later }, used)) = Frame::decode(&buf)?
+                    {
+                        end_offset = end_offset.max(later);
+                        let _ = buf.split_to(used);
+                    }
                     while let Ok(item) = sent_rx.try_recv() {
                         pending.push_back(item);
                     }
