@@ -164,6 +164,10 @@ struct QueueState {
     pending: VecDeque<Pending>,
     /// No new requests; the writer drains what is queued and exits.
     closed: bool,
+    /// The writer is blocked on `ready`. A push wakes it only then: a condvar signal is a
+    /// system call even with no one waiting, and most pushes land while the writer is busy
+    /// writing or fsyncing the previous batch.
+    writer_waiting: bool,
 }
 
 impl LogIngest {
@@ -447,8 +451,12 @@ impl PartitionQueue {
             return Err(IngestError::ShuttingDown);
         }
         state.pending.push_back(pending);
+        // One signal per wait is enough: there is one writer, and it drains the whole queue.
+        let wake = std::mem::take(&mut state.writer_waiting);
         drop(state);
-        self.ready.notify_one();
+        if wake {
+            self.ready.notify_one();
+        }
         Ok(())
     }
 
@@ -519,12 +527,14 @@ impl Writer {
             if state.closed {
                 return false;
             }
+            state.writer_waiting = true;
             state = self
                 .queue
                 .ready
                 .wait(state)
                 .unwrap_or_else(|e| e.into_inner());
         }
+        state.writer_waiting = false;
         let mut batch_bytes = BATCH_HEADER_LEN;
         let mut records = 0usize;
         while let Some(next) = state.pending.front() {
