@@ -12,6 +12,7 @@
 use std::sync::Arc;
 
 use silt_log::PartitionLog;
+use silt_log::batch::BatchHeader;
 use silt_log::retention::SegmentSummary;
 
 use crate::error::{Result, TierError};
@@ -154,14 +155,24 @@ async fn archive_range(
             }
         };
         let mut pushed_any = false;
-        for item in silt_log::batch::batches(&slice.bytes, usize::MAX) {
-            let (header, bytes) = match item {
-                Ok(item) => item,
+        let mut rest = &slice.bytes[..];
+        // Only the headers are parsed here: `push_batch` checks each batch's CRC as it decodes
+        // it, so the bytes are checksummed once.
+        loop {
+            let header = match BatchHeader::parse(rest) {
+                Ok(Some(header)) => header,
+                Ok(None) => break,
                 Err(error) => {
                     writer.abort().await;
                     return Err(error.into());
                 }
             };
+            let total_len = header.total_len();
+            if total_len > rest.len() {
+                break;
+            }
+            let (bytes, tail) = rest.split_at(total_len);
+            rest = tail;
             let last = u64::try_from(header.last_offset()).unwrap_or(0);
             if last < next {
                 continue;

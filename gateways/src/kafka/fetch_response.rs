@@ -154,7 +154,10 @@ fn put_string(out: &mut BytesMut, flexible: bool, value: &str) {
     if flexible {
         put_uvarint(out, len_u32(value.len() + 1));
     } else {
-        out.put_i16(i16::try_from(value.len()).expect("topic names are at most 249 bytes"));
+        out.put_i16(
+            i16::try_from(value.len())
+                .expect("a non-flexible request carried this name as an INT16-length string"),
+        );
     }
     out.put_slice(value.as_bytes());
 }

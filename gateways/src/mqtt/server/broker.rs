@@ -307,18 +307,35 @@ impl Shared {
     pub(crate) fn arm_will(self: &Arc<Self>, client_id: Arc<str>, epoch: u64, after: Duration) {
         let shared = self.clone();
         tokio::spawn(async move {
-            let mut shutdown = shared.shutdown.subscribe();
-            tokio::select! {
-                () = tokio::time::sleep(after) => {}
-                // A persistent session's will stays in the store and fires after the restart.
-                () = stopped(&mut shutdown) => return,
-            }
-            let cell = lock(&shared.registry).sessions.get(&client_id).cloned();
-            let will = cell.and_then(|cell| take_will(&cell, epoch));
-            if let Some(will) = will {
-                shared.fire_will(client_id, will).await;
+            // At shutdown a persistent session's will stays in the store and fires after the
+            // restart.
+            if shared.sleep_unless_stopping(after).await {
+                shared.fire_pending_will(&client_id, epoch).await;
             }
         });
+    }
+
+    /// Sleeps for `after`; false if the broker began to stop first.
+    async fn sleep_unless_stopping(&self, after: Duration) -> bool {
+        let mut shutdown = self.shutdown.subscribe();
+        tokio::select! {
+            () = tokio::time::sleep(after) => true,
+            () = stopped(&mut shutdown) => false,
+        }
+    }
+
+    /// Publishes the will `client_id`'s session still holds from connection `epoch`, if any;
+    /// returns the session.
+    async fn fire_pending_will(
+        self: &Arc<Self>,
+        client_id: &Arc<str>,
+        epoch: u64,
+    ) -> Option<Arc<SessionCell>> {
+        let cell = lock(&self.registry).sessions.get(client_id).cloned()?;
+        if let Some(will) = take_will(&cell, epoch) {
+            self.fire_will(client_id.clone(), will).await;
+        }
+        Some(cell)
     }
 
     /// Ends a session: its subscriptions, its queue, and its record in the store.
@@ -360,19 +377,13 @@ impl Shared {
     ) {
         let shared = self.clone();
         tokio::spawn(async move {
-            let mut shutdown = shared.shutdown.subscribe();
-            tokio::select! {
-                () = tokio::time::sleep(after) => {}
-                () = stopped(&mut shutdown) => return,
+            if !shared.sleep_unless_stopping(after).await {
+                return;
             }
             // A will still waiting goes out when its session ends (MQTT 5.0 §3.1.3.2).
-            let cell = lock(&shared.registry).sessions.get(&client_id).cloned();
-            let Some(cell) = cell else {
+            let Some(cell) = shared.fire_pending_will(&client_id, epoch).await else {
                 return;
             };
-            if let Some(will) = take_will(&cell, epoch) {
-                shared.fire_will(client_id.clone(), will).await;
-            }
             let ops = {
                 let mut registry = lock(&shared.registry);
                 let expired = {
