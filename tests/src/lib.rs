@@ -12,7 +12,8 @@
 //!
 //! Tests here start real binaries. `env!("CARGO_BIN_EXE_...")` only names binaries of the
 //! test's own package, so [`binary`] asks cargo to build the one wanted and reads its path
-//! from cargo's JSON messages, which stays right whatever the target dir is.
+//! from cargo's JSON messages, which stays right whatever the target dir is; `scripts/test`
+//! instead points [`PREBUILT_BIN_DIR`] at the binaries its `cargo test --workspace` built.
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -45,7 +46,13 @@ pub fn workspace_root() -> &'static Path {
         .expect("the tests crate lives one level below the workspace root")
 }
 
-/// The path of `bin` from `package`, built once per test process with the dev profile.
+/// Where `scripts/test` says the binaries are already built, so that the tests use the ones
+/// `cargo test --workspace` built (with the workspace's unified features) instead of building
+/// each package again with its own feature set, which recompiles most dependencies.
+pub const PREBUILT_BIN_DIR: &str = "SILT_TEST_BIN_DIR";
+
+/// The path of `bin` from `package`, built once per test process with the dev profile, or
+/// found in [`PREBUILT_BIN_DIR`] when that is set.
 ///
 /// # Panics
 /// If the build fails; cargo's diagnostics are on stderr.
@@ -75,6 +82,16 @@ pub fn cargo() -> Command {
 }
 
 fn build(package: &str, bin: &str) -> PathBuf {
+    if let Some(dir) = std::env::var_os(PREBUILT_BIN_DIR) {
+        let path = Path::new(&dir).join(bin);
+        assert!(
+            path.is_file(),
+            "{PREBUILT_BIN_DIR} names {}, which holds no {bin}: build it first \
+             (`cargo test --workspace --no-run` builds every binary that has integration tests)",
+            Path::new(&dir).display()
+        );
+        return path;
+    }
     let output = cargo()
         .current_dir(workspace_root())
         .args([
