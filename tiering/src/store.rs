@@ -2,6 +2,7 @@
 //! `memory://`. Everything else in this crate sees one `ObjectStore` plus a key prefix, so the
 //! same code (and the same conformance tests) run against every backend.
 
+use std::path::{Path as FsPath, PathBuf};
 use std::sync::Arc;
 
 use object_store::ObjectStore;
@@ -21,6 +22,9 @@ pub struct ArchiveStore {
     store: Arc<dyn ObjectStore>,
     prefix: Path,
     url: String,
+    /// For `file://` stores, the directory: garbage collection looks there for the staging
+    /// files (`<key>#<n>`) an interrupted upload leaves, which the store's LIST hides.
+    local_root: Option<PathBuf>,
 }
 
 impl ArchiveStore {
@@ -81,7 +85,9 @@ impl ArchiveStore {
                 let store = LocalFileSystem::new_with_prefix(rest)
                     .map_err(|error| bad(error.to_string()))?
                     .with_automatic_cleanup(true);
-                Ok(ArchiveStore::new(Arc::new(store), "", url))
+                let mut archive = ArchiveStore::new(Arc::new(store), "", url);
+                archive.local_root = Some(PathBuf::from(rest));
+                Ok(archive)
             }
             "memory" => {
                 if !rest.trim_matches('/').is_empty() {
@@ -102,7 +108,13 @@ impl ArchiveStore {
             store,
             prefix: Path::from(prefix.trim_matches('/')),
             url: url.to_string(),
+            local_root: None,
         }
+    }
+
+    /// The directory of a `file://` store, `None` for every other kind.
+    pub fn local_root(&self) -> Option<&FsPath> {
+        self.local_root.as_deref()
     }
 
     /// The store itself.
