@@ -84,11 +84,17 @@ pub async fn collect(
         store.store().list(Some(&prefix)).try_collect().await?;
     for meta in listed {
         let key = meta.location.as_ref();
-        if named.contains(key) || !older_than_grace(meta.last_modified.timestamp_millis(), policy, now_ms) {
+        if named.contains(key)
+            || !older_than_grace(meta.last_modified.timestamp_millis(), policy, now_ms)
+        {
             continue;
         }
         delete_object(store, key).await?;
-        tracing::info!(key, bytes = meta.size, "garbage collection deleted an orphan object");
+        tracing::info!(
+            key,
+            bytes = meta.size,
+            "garbage collection deleted an orphan object"
+        );
         report.orphans_deleted += 1;
         report.bytes_freed += meta.size;
         if report.orphans_deleted == 1 {
@@ -113,7 +119,10 @@ pub async fn collect(
 
 /// The directory of `topic`/`partition`'s objects, relative to the store's prefix.
 pub fn partition_dir(topic: &str, partition: u32) -> String {
-    format!("v{}/topic={topic}/partition={partition}", crate::schema::FORMAT_VERSION)
+    format!(
+        "v{}/topic={topic}/partition={partition}",
+        crate::schema::FORMAT_VERSION
+    )
 }
 
 fn older_than_grace(modified_ms: i64, policy: &GcPolicy, now_ms: i64) -> bool {
@@ -145,7 +154,9 @@ fn remove_staging_files(
         };
         for entry in entries {
             let entry = entry.map_err(|error| io_error(&next, error))?;
-            let kind = entry.file_type().map_err(|error| io_error(&entry.path(), error))?;
+            let kind = entry
+                .file_type()
+                .map_err(|error| io_error(&entry.path(), error))?;
             if kind.is_dir() {
                 pending.push(entry.path());
             } else if kind.is_file() && entry.file_name().to_str().is_some_and(is_staging_name) {

@@ -25,9 +25,9 @@ pub mod store;
 pub mod write;
 
 pub use error::{Result, TierError};
+pub use gc::{GcPolicy, GcReport};
 pub use manifest::{Manifest, ManifestObject};
 pub use offload::{OffloadPolicy, OffloadRange, offload_next, plan_offload};
-pub use gc::{GcPolicy, GcReport};
 pub use read::ArchiveReader;
 pub use retention::RetentionReport;
 pub use store::ArchiveStore;

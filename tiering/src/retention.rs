@@ -111,8 +111,7 @@ pub async fn enforce(
     let bound = archive_end.min(i64::try_from(active_base).unwrap_or(i64::MAX));
 
     let mut report = RetentionReport::default();
-    if let Some(new_start) =
-        plan_log_start(manifest, limits, local_unarchived_bytes, now_ms, bound)
+    if let Some(new_start) = plan_log_start(manifest, limits, local_unarchived_bytes, now_ms, bound)
     {
         let before = manifest.expired.len();
         let bytes_before = manifest.archived_bytes();
@@ -224,14 +223,22 @@ mod tests {
 
     #[test]
     fn time_expires_whole_objects_oldest_first() {
-        let manifest = manifest(&[(0, 9, 100, 1_000), (10, 19, 100, 2_000), (20, 29, 100, 9_000)]);
+        let manifest = manifest(&[
+            (0, 9, 100, 1_000),
+            (10, 19, 100, 2_000),
+            (20, 29, 100, 9_000),
+        ]);
         let limits = RetentionLimits {
             retention_ms: Some(5_000),
             retention_bytes: None,
         };
         assert_eq!(plan_log_start(&manifest, limits, 0, 6_500, 30), Some(10));
         assert_eq!(plan_log_start(&manifest, limits, 0, 7_500, 30), Some(20));
-        assert_eq!(plan_log_start(&manifest, limits, 0, 6_000, 30), None, "not older");
+        assert_eq!(
+            plan_log_start(&manifest, limits, 0, 6_000, 30),
+            None,
+            "not older"
+        );
         // Never past the bound, even when everything is old.
         assert_eq!(plan_log_start(&manifest, limits, 0, 99_000, 20), Some(20));
         assert_eq!(plan_log_start(&manifest, limits, 0, 99_000, 5), None);
