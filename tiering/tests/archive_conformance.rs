@@ -579,7 +579,7 @@ async fn garbage_collection_deletes_only_old_unnamed_and_expired_objects() {
         // An expired key is deleted at once and forgotten, and the manifest says so.
         manifest.advance_log_start(second_base);
         manifest.commit(store).await.unwrap();
-        assert_eq!(manifest.expired, [first.clone()], "{name}");
+        assert_eq!(manifest.expired, std::slice::from_ref(&first), "{name}");
         let report = gc::collect(store, &mut manifest, &GcPolicy::default(), now)
             .await
             .unwrap();
