@@ -1,5 +1,6 @@
 //! Crash matrix: for each failpoint, a child process (this test binary, re-executed) runs the
-//! real tiering sequence over a real data directory and a `file://` store (offload, local
+//! real tiering sequence over a real data directory and a `file://` store, or an s3s-fs S3
+//! server the child and then the parent run in process on the same directory (offload, local
 //! retention, whole-log retention, garbage collection) and dies by SIGKILL at that point. The
 //! parent reopens everything, runs the sequence again plus GC with no grace period, and checks:
 //! every offset from the log start is readable from one tier or the other with the records as
@@ -25,6 +26,25 @@ use silt_tiering::{
 };
 
 const CHILD_DIR_ENV: &str = "SILT_TIER_CRASH_CHILD_DIR";
+const CHILD_STORE_ENV: &str = "SILT_TIER_CRASH_CHILD_STORE";
+const ACCESS_KEY: &str = "silt-test-access-key";
+const SECRET_KEY: &str = "silt-test-secret-key";
+
+/// Which store a run uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StoreKind {
+    File,
+    S3,
+}
+
+impl StoreKind {
+    fn name(self) -> &'static str {
+        match self {
+            StoreKind::File => "file",
+            StoreKind::S3 => "s3",
+        }
+    }
+}
 const TOPIC: &str = "crash";
 const ROUNDS: i64 = 60;
 const RECORDS_PER_ROUND: i64 = 5;
@@ -73,13 +93,54 @@ fn record(offset: i64) -> Record {
     }
 }
 
-fn store_url(dir: &Path) -> String {
-    format!("file://{}", dir.join("objects").display())
+/// Opens the run's store: a directory, or an s3s-fs server on 127.0.0.1 serving `dir/s3`
+/// (a new server, same files, each time: what a restarted S3 endpoint looks like).
+async fn open_store(dir: &Path, kind: StoreKind) -> ArchiveStore {
+    match kind {
+        StoreKind::File => {
+            ArchiveStore::open(&format!("file://{}", dir.join("objects").display())).unwrap()
+        }
+        StoreKind::S3 => {
+            let root = dir.join("s3");
+            std::fs::create_dir_all(root.join("silt-archive")).unwrap();
+            let fs = s3s_fs::FileSystem::new(&root).unwrap();
+            let mut builder = s3s::service::S3ServiceBuilder::new(fs);
+            builder.set_auth(s3s::auth::SimpleAuth::from_single(ACCESS_KEY, SECRET_KEY));
+            let service = builder.build();
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            tokio::spawn(async move {
+                loop {
+                    let Ok((socket, _)) = listener.accept().await else {
+                        return;
+                    };
+                    let service = service.clone();
+                    tokio::spawn(async move {
+                        let _ = hyper_util::server::conn::auto::Builder::new(
+                            hyper_util::rt::TokioExecutor::new(),
+                        )
+                        .serve_connection(hyper_util::rt::TokioIo::new(socket), service)
+                        .await;
+                    });
+                }
+            });
+            let env = [
+                ("AWS_ACCESS_KEY_ID", ACCESS_KEY.to_string()),
+                ("AWS_SECRET_ACCESS_KEY", SECRET_KEY.to_string()),
+                ("AWS_REGION", "us-east-1".to_string()),
+                ("AWS_ENDPOINT_URL", format!("http://{addr}")),
+                ("AWS_ALLOW_HTTP", "true".to_string()),
+                ("HOME", "/nonexistent".to_string()),
+            ]
+            .map(|(name, value)| (name.to_string(), value));
+            ArchiveStore::open_with_env("s3://silt-archive/archive", env).unwrap()
+        }
+    }
 }
 
 /// Writes the partition's data and two orphans (plus a staging file of an interrupted upload)
 /// that garbage collection must remove.
-async fn set_up(dir: &Path) {
+async fn set_up(dir: &Path, kind: StoreKind) {
     let manager = LogManager::open(log_config(&dir.join("data"))).unwrap();
     manager.ensure_topic(TOPIC, 1).unwrap();
     let log = manager.partition(TOPIC, 0).unwrap();
@@ -92,7 +153,7 @@ async fn set_up(dir: &Path) {
         log.append(&mut batch).unwrap();
     }
     manager.close().unwrap();
-    let store = ArchiveStore::open(&store_url(dir)).unwrap();
+    let store = open_store(dir, kind).await;
     for n in 0..2 {
         let key = store.key(&format!(
             "{}/date=2026-11-20/orphan-{n}.parquet",
@@ -103,6 +164,9 @@ async fn set_up(dir: &Path) {
             .put(&key, PutPayload::from(vec![b'o'; 1000]))
             .await
             .unwrap();
+    }
+    if kind != StoreKind::File {
+        return;
     }
     let staging = dir
         .join("objects")
@@ -144,6 +208,10 @@ fn crash_child_entry() {
         return;
     };
     let dir = Path::new(&dir);
+    let kind = match std::env::var(CHILD_STORE_ENV).as_deref() {
+        Ok("s3") => StoreKind::S3,
+        _ => StoreKind::File,
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -152,7 +220,7 @@ fn crash_child_entry() {
     runtime.block_on(async {
         let manager = LogManager::open(log_config(&dir.join("data"))).unwrap();
         let log = manager.partition(TOPIC, 0).unwrap();
-        let store = ArchiveStore::open(&store_url(dir)).unwrap();
+        let store = open_store(dir, kind).await;
         run_sequence(&store, &log).await;
         manager.close().unwrap();
     });
@@ -168,9 +236,9 @@ struct Outcome {
 }
 
 /// Runs the child with `point` armed (or none), expects SIGKILL when armed, recovers, checks.
-async fn crash_and_recover(point: Option<&str>) -> Outcome {
+async fn crash_and_recover(kind: StoreKind, point: Option<&str>) -> Outcome {
     let dir = tempfile::tempdir().unwrap();
-    set_up(dir.path()).await;
+    set_up(dir.path(), kind).await;
     let mut command = Command::new(std::env::current_exe().unwrap());
     command
         .args([
@@ -180,6 +248,7 @@ async fn crash_and_recover(point: Option<&str>) -> Outcome {
             "--test-threads=1",
         ])
         .env(CHILD_DIR_ENV, dir.path())
+        .env(CHILD_STORE_ENV, kind.name())
         .env_remove(FAILPOINT_ENV)
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
@@ -199,12 +268,12 @@ async fn crash_and_recover(point: Option<&str>) -> Outcome {
         ),
         None => assert!(output.status.success(), "{stderr}"),
     }
-    let name = point.unwrap_or("no failpoint");
+    let name = format!("{}, {}", kind.name(), point.unwrap_or("no failpoint"));
 
     // Recovery: reopen the log (after a kill -9) and the store, run the sequence again.
     let manager = LogManager::open(log_config(&dir.path().join("data"))).unwrap();
     let log = manager.partition(TOPIC, 0).unwrap();
-    let store = ArchiveStore::open(&store_url(dir.path())).unwrap();
+    let store = open_store(dir.path(), kind).await;
     let manifest = run_sequence(&store, &log).await;
     let loaded = Manifest::load(&store, TOPIC, 0).await.unwrap().unwrap();
     assert_eq!(
@@ -228,7 +297,10 @@ async fn crash_and_recover(point: Option<&str>) -> Outcome {
         .unwrap();
     let named: BTreeSet<String> = manifest.objects.iter().map(|o| o.key.clone()).collect();
     assert_eq!(listed, named, "{name}: LIST equals the manifest");
-    let staging = staging_files(&dir.path().join("objects"));
+    let staging = staging_files(&dir.path().join(match kind {
+        StoreKind::File => "objects",
+        StoreKind::S3 => "s3",
+    }));
     assert!(
         staging.is_empty(),
         "{name}: staging files left: {staging:?}"
@@ -321,7 +393,7 @@ fn staging_files(root: &Path) -> Vec<std::path::PathBuf> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_loss_and_no_orphans_after_kill_9_at_every_failpoint() {
-    let baseline = crash_and_recover(None).await;
+    let baseline = crash_and_recover(StoreKind::File, None).await;
     assert!(
         baseline.log_start_offset > 0,
         "retention.ms expired part of the archive"
@@ -333,10 +405,12 @@ async fn no_loss_and_no_orphans_after_kill_9_at_every_failpoint() {
         failpoint::RETENTION_AFTER_MANIFEST,
         failpoint::GC_MID_DELETE,
     ] {
-        let outcome = crash_and_recover(Some(point)).await;
-        assert_eq!(
-            outcome, baseline,
-            "{point}: recovery ends where a crash-free run ends"
-        );
+        for kind in [StoreKind::File, StoreKind::S3] {
+            let outcome = crash_and_recover(kind, Some(point)).await;
+            assert_eq!(
+                outcome, baseline,
+                "{kind:?}, {point}: recovery ends where a crash-free run ends"
+            );
+        }
     }
 }
