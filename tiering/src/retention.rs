@@ -127,8 +127,8 @@ pub async fn enforce(
             bytes = report.bytes_expired,
             "archive retention advanced the log start"
         );
+        failpoint::hit(failpoint::RETENTION_AFTER_MANIFEST);
     }
-    failpoint::hit(failpoint::RETENTION_AFTER_MANIFEST);
 
     // The local log start follows the manifest's (also after a crash between the two).
     let manifest_start = u64::try_from(manifest.log_start_offset).unwrap_or(0);
