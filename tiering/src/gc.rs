@@ -151,6 +151,8 @@ async fn abort_stale_s3_uploads(
     policy: &GcPolicy,
     now_ms: i64,
 ) -> Result<u64> {
+    // A client per pass, not a process-wide one: a pooled connection must not outlive the
+    // runtime that opened it (tests run many), and GC passes are minutes apart.
     let client = reqwest::Client::new();
     let list_prefix = format!("{prefix}/");
     let mut markers: Option<(String, String)> = None;
