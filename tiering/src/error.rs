@@ -27,6 +27,13 @@ pub enum TierError {
     /// The input cannot be archived as given (out of order, wrong range, unrepresentable).
     #[error("cannot archive: {0}")]
     InvalidInput(String),
+    /// The local log failed while retention moved its start (disk full, I/O error).
+    #[error("local log {topic}/{partition}: {source}")]
+    Log {
+        topic: String,
+        partition: u32,
+        source: silt_log::LogError,
+    },
     /// An archive object does not hold what its name and footer promise.
     #[error("archive object {key}: {why}")]
     Corrupt { key: String, why: String },

@@ -8,19 +8,27 @@
 //! - `offload`: planning and running the conversion of closed segments into objects.
 //! - `write`: converting a contiguous run of record batches into one archive object.
 //! - `read`: reading an archive object back as RecordBatch v2 batches from any offset.
+//! - `retention`: whole-log retention (`retention.ms`/`retention.bytes`) across both tiers.
+//! - `gc`: garbage collection of orphan objects, expired keys and interrupted uploads.
+//! - `failpoint`: named kill -9 points for crash tests (`SILT_TIER_FAILPOINT`).
 //! - `error`: the crate's error type.
 
 mod error;
+pub mod failpoint;
+pub mod gc;
 pub mod manifest;
 pub mod offload;
 pub mod read;
+pub mod retention;
 pub mod schema;
 pub mod store;
 pub mod write;
 
 pub use error::{Result, TierError};
+pub use gc::{GcPolicy, GcReport};
 pub use manifest::{Manifest, ManifestObject};
 pub use offload::{OffloadPolicy, OffloadRange, offload_next, plan_offload};
 pub use read::ArchiveReader;
+pub use retention::RetentionReport;
 pub use store::ArchiveStore;
 pub use write::ArchiveWriter;

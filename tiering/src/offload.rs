@@ -112,12 +112,14 @@ pub async fn offload_next(
         return Ok(None);
     };
     let object = archive_range(store, log, range).await?;
+    crate::failpoint::hit(crate::failpoint::OFFLOAD_AFTER_UPLOAD);
     if manifest.next_offset().is_none() && object.base_offset > manifest.log_start_offset {
         // The first object of a partition whose oldest data predates the archive.
         manifest.log_start_offset = object.base_offset;
     }
     manifest.add(object.clone())?;
     manifest.commit(store).await?;
+    crate::failpoint::hit(crate::failpoint::OFFLOAD_AFTER_COMMIT);
     Ok(Some(object))
 }
 

@@ -2,10 +2,11 @@
 //! `memory://`. Everything else in this crate sees one `ObjectStore` plus a key prefix, so the
 //! same code (and the same conformance tests) run against every backend.
 
+use std::path::{Path as FsPath, PathBuf};
 use std::sync::Arc;
 
 use object_store::ObjectStore;
-use object_store::aws::AmazonS3Builder;
+use object_store::aws::{AmazonS3, AmazonS3Builder};
 use object_store::local::LocalFileSystem;
 use object_store::memory::InMemory;
 use object_store::path::Path;
@@ -21,6 +22,12 @@ pub struct ArchiveStore {
     store: Arc<dyn ObjectStore>,
     prefix: Path,
     url: String,
+    /// For `file://` stores, the directory: garbage collection looks there for the staging
+    /// files (`<key>#<n>`) an interrupted upload leaves, which the store's LIST hides.
+    local_root: Option<PathBuf>,
+    /// For `s3://` stores, the S3 client itself: garbage collection lists and aborts stale
+    /// multipart uploads through it, which the `ObjectStore` trait cannot.
+    s3: Option<Arc<AmazonS3>>,
 }
 
 impl ArchiveStore {
@@ -66,11 +73,15 @@ impl ArchiveStore {
                         builder = builder.with_config(key, value);
                     }
                 }
-                let store = builder
-                    .with_bucket_name(bucket)
-                    .build()
-                    .map_err(|error| bad(error.to_string()))?;
-                Ok(ArchiveStore::new(Arc::new(store), prefix, url))
+                let store = Arc::new(
+                    builder
+                        .with_bucket_name(bucket)
+                        .build()
+                        .map_err(|error| bad(error.to_string()))?,
+                );
+                let mut archive = ArchiveStore::new(store.clone(), prefix, url);
+                archive.s3 = Some(store);
+                Ok(archive)
             }
             "file" => {
                 if !rest.starts_with('/') {
@@ -81,7 +92,9 @@ impl ArchiveStore {
                 let store = LocalFileSystem::new_with_prefix(rest)
                     .map_err(|error| bad(error.to_string()))?
                     .with_automatic_cleanup(true);
-                Ok(ArchiveStore::new(Arc::new(store), "", url))
+                let mut archive = ArchiveStore::new(Arc::new(store), "", url);
+                archive.local_root = Some(PathBuf::from(rest));
+                Ok(archive)
             }
             "memory" => {
                 if !rest.trim_matches('/').is_empty() {
@@ -102,7 +115,19 @@ impl ArchiveStore {
             store,
             prefix: Path::from(prefix.trim_matches('/')),
             url: url.to_string(),
+            local_root: None,
+            s3: None,
         }
+    }
+
+    /// The S3 client of an `s3://` store, `None` for every other kind.
+    pub fn s3(&self) -> Option<&Arc<AmazonS3>> {
+        self.s3.as_ref()
+    }
+
+    /// The directory of a `file://` store, `None` for every other kind.
+    pub fn local_root(&self) -> Option<&FsPath> {
+        self.local_root.as_deref()
     }
 
     /// The store itself.
