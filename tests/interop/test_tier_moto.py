@@ -29,7 +29,9 @@ def conformance_binary():
     if prebuilt:
         return prebuilt
     build = subprocess.run(
-        ["cargo", "test", "-p", "silt-tiering", "--test", "archive_conformance", "--no-run",
+        # --workspace, not -p silt-tiering: the workspace's unified features, so this reuses
+        # what `cargo test --workspace` built instead of recompiling the dependencies.
+        ["cargo", "test", "--workspace", "--test", "archive_conformance", "--no-run",
          "--message-format=json-render-diagnostics"],
         cwd=WORKSPACE_ROOT, stdout=subprocess.PIPE, check=True,
     )
