@@ -542,6 +542,10 @@ mod tests {
     use bytes::Bytes;
     use silt_log::batch::{BatchSpec, Record, decode_batch, encode_batch};
 
+    /// Per core partition: its batch bytes, record count and last edge offset; then one more
+    /// entry whose count is the duplicates skipped.
+    type Flat = Vec<(Vec<u8>, u64, Option<u64>)>;
+
     /// The path `compose` replaces: decode every record, add the origin headers, and encode
     /// batches cut by the same size estimate. The reference for the equivalence test.
     fn compose_by_decoding(
@@ -551,7 +555,7 @@ mod tests {
         expected: impl Fn(usize) -> u64,
         limits: &DecodeLimits,
         budget: usize,
-    ) -> Result<Vec<(Vec<u8>, u64, Option<u64>)>, StoreError> {
+    ) -> Result<Flat, StoreError> {
         let mut routed: Vec<Vec<(u64, Record)>> = vec![Vec::new(); partitions as usize];
         let mut duplicates = 0u64;
         for &(first_offset, batches) in parts {
@@ -632,7 +636,7 @@ mod tests {
         Ok(out)
     }
 
-    fn flatten(composed: Composed) -> Vec<(Vec<u8>, u64, Option<u64>)> {
+    fn flatten(composed: Composed) -> Flat {
         let mut out: Vec<_> = composed
             .partitions
             .into_iter()
