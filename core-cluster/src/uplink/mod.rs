@@ -17,8 +17,10 @@
 //! # Layout
 //! - `store`: appends with exactly-once dedup, its state rebuilt from a checkpoint and the log.
 //! - `checkpoint`: the dedup checkpoint files.
+//! - `compose`: the core's batches built from shipped record bytes (routing, dedup, headers).
 
 pub(crate) mod checkpoint;
+pub(crate) mod compose;
 pub(crate) mod store;
 
 use std::net::SocketAddr;

@@ -28,11 +28,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
-use silt_log::batch::{BatchSpec, DecodeLimits, Header, Record, decode_batch, encode_batch};
+use silt_log::batch::{DecodeLimits, Header, decode_batch};
 use silt_log::{LogError, LogManager, PartitionLog, partitioner};
 
 use super::checkpoint::{CheckpointDir, PartitionCheckpoint};
+use super::compose::compose;
 
 /// Header naming the edge a record came from.
 pub(crate) const HEADER_EDGE: &str = "silt.edge";
@@ -40,8 +40,6 @@ pub(crate) const HEADER_EDGE: &str = "silt.edge";
 pub(crate) const HEADER_EDGE_PARTITION: &str = "silt.edge.partition";
 /// Header with the record's offset on its edge.
 pub(crate) const HEADER_EDGE_OFFSET: &str = "silt.edge.offset";
-/// Bytes a header-and-framing estimate adds per record when splitting batches.
-const RECORD_OVERHEAD_BYTES: usize = 96;
 /// A topic is checkpointed once this many bytes were appended since its last checkpoint...
 pub(crate) const CHECKPOINT_BYTES: u64 = 64 << 20;
 /// ...or this long after its last checkpoint if anything was appended since.
@@ -171,62 +169,38 @@ impl UplinkStore {
             max_batch_bytes: self.log.config().max_batch_bytes.max(1 << 20) + 64,
             ..DecodeLimits::default()
         };
-        // Group the new records by core partition, keeping edge order within each.
-        let mut routed: Vec<Vec<(u64, Record)>> = vec![Vec::new(); info.partitions as usize];
-        let mut outcome = AppendOutcome::default();
-        {
+        // Route, dedup and add the origin headers in one pass over the shipped bytes,
+        // keeping edge order within each core partition.
+        let budget = self.log.config().max_batch_bytes / 2;
+        let composed = {
             let dedup = dedup.lock().unwrap_or_else(|e| e.into_inner());
-            for &(first_offset, batches) in parts {
-                let mut rest = batches;
-                while !rest.is_empty() {
-                    let (header, records, used) = decode_batch(rest, &limits)
-                        .map_err(|error| StoreError::BadBatch(error.to_string()))?
-                        .ok_or_else(|| StoreError::BadBatch("a batch is cut short".into()))?;
-                    rest = &rest[used..];
-                    if header.is_control() {
-                        continue;
-                    }
-                    for record in records {
-                        let offset = u64::try_from(record.offset)
-                            .map_err(|_| StoreError::BadBatch("negative record offset".into()))?;
-                        if offset < first_offset {
-                            continue;
-                        }
-                        let partition =
-                            route(record.key.as_deref(), &stream.edge_id, info.partitions);
-                        let expected = routed[partition as usize].last().map_or_else(
-                            || {
-                                dedup.partitions[partition as usize]
-                                    .get(stream)
-                                    .copied()
-                                    .unwrap_or(0)
-                            },
-                            |(last, _)| last + 1,
-                        );
-                        if offset < expected {
-                            outcome.duplicate_records += 1;
-                            continue;
-                        }
-                        let mut record = Record::from(record);
-                        record.headers.extend(stream_headers(stream, offset));
-                        routed[partition as usize].push((offset, record));
-                    }
-                }
-            }
-        }
-        for (partition, records) in routed.into_iter().enumerate() {
-            if records.is_empty() {
+            compose(
+                parts,
+                stream,
+                info.partitions,
+                |partition| {
+                    dedup.partitions[partition]
+                        .get(stream)
+                        .copied()
+                        .unwrap_or(0)
+                },
+                &limits,
+                budget,
+            )?
+        };
+        let mut outcome = AppendOutcome {
+            duplicate_records: composed.duplicate_records,
+            ..AppendOutcome::default()
+        };
+        for (partition, mut batches) in composed.partitions.into_iter().enumerate() {
+            let Some(last) = batches.last_offset else {
                 continue;
-            }
+            };
             let log = self.log.partition(topic, partition as u32)?;
-            let last = records
-                .last()
-                .map(|(offset, _)| *offset)
-                .expect("non-empty");
-            let count = records.len() as u64;
-            let budget = self.log.config().max_batch_bytes / 2;
-            outcome.appended_bytes += append_records(&log, records, budget)?;
-            outcome.appended_records += count;
+            // One append of all batches: one fsync covers them.
+            log.append(&mut batches.bytes)?;
+            outcome.appended_bytes += batches.bytes.len() as u64;
+            outcome.appended_records += batches.records;
             let mut dedup = dedup.lock().unwrap_or_else(|e| e.into_inner());
             dedup.partitions[partition].insert(stream.clone(), last + 1);
         }
@@ -423,25 +397,8 @@ impl UplinkStore {
 }
 
 /// The core partition of a shipped record.
-fn route(key: Option<&[u8]>, edge_id: &str, partitions: u32) -> u32 {
+pub(crate) fn route(key: Option<&[u8]>, edge_id: &str, partitions: u32) -> u32 {
     partitioner::partition_for_key(key.unwrap_or(edge_id.as_bytes()), partitions)
-}
-
-fn stream_headers(stream: &StreamKey, offset: u64) -> [Header; 3] {
-    [
-        Header {
-            key: HEADER_EDGE.to_string(),
-            value: Some(Bytes::copy_from_slice(stream.edge_id.as_bytes())),
-        },
-        Header {
-            key: HEADER_EDGE_PARTITION.to_string(),
-            value: Some(Bytes::from(stream.edge_partition.to_string())),
-        },
-        Header {
-            key: HEADER_EDGE_OFFSET.to_string(),
-            value: Some(Bytes::from(offset.to_string())),
-        },
-    ]
 }
 
 /// The stream and edge offset a stored record's headers name, if it came over the uplink.
@@ -500,59 +457,12 @@ fn scan_streams(
     Ok(next)
 }
 
-/// Appends records to one core partition as batches under the log's size limit, durably.
-/// Returns the bytes written.
-/// `budget` bounds the estimated bytes of one batch, below the log's batch limit.
-fn append_records(
-    log: &PartitionLog,
-    records: Vec<(u64, Record)>,
-    budget: usize,
-) -> Result<u64, StoreError> {
-    let mut bytes = 0u64;
-    let mut chunk: Vec<Record> = Vec::new();
-    let mut chunk_bytes = 0usize;
-    let mut out = BytesMut::new();
-    let flush = |chunk: &mut Vec<Record>, out: &mut BytesMut| -> Result<(), StoreError> {
-        if chunk.is_empty() {
-            return Ok(());
-        }
-        encode_batch(&BatchSpec::default(), chunk, out)
-            .map_err(|error| StoreError::BadBatch(error.to_string()))?;
-        chunk.clear();
-        Ok(())
-    };
-    for (_, record) in records {
-        let size = record_size(&record);
-        if !chunk.is_empty() && chunk_bytes + size > budget {
-            flush(&mut chunk, &mut out)?;
-            chunk_bytes = 0;
-        }
-        chunk_bytes += size;
-        chunk.push(record);
-    }
-    flush(&mut chunk, &mut out)?;
-    // One append of all batches: one fsync covers them.
-    bytes += out.len() as u64;
-    log.append(&mut out)?;
-    Ok(bytes)
-}
-
-fn record_size(record: &Record) -> usize {
-    record.key.as_ref().map_or(0, Bytes::len)
-        + record.value.as_ref().map_or(0, Bytes::len)
-        + record
-            .headers
-            .iter()
-            .map(|header| header.key.len() + header.value.as_ref().map_or(0, Bytes::len) + 10)
-            .sum::<usize>()
-        + RECORD_OVERHEAD_BYTES
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::{Bytes, BytesMut};
     use silt_log::LogConfig;
-    use silt_log::batch::decode_batch;
+    use silt_log::batch::{BatchSpec, Record, decode_batch, encode_batch};
 
     /// The edge's records at offsets `base_offset..base_offset + count`: the record at offset
     /// `o` always has key `KEYS[o % 6]` and value `v<o>`, as a real edge log re-read.
