@@ -43,7 +43,10 @@ fn expected_values(tag: &str, count: usize) -> Vec<String> {
 /// Asserts the tail's bytes are zeros and the logical bytes are whole batches.
 fn assert_zero_tail(path: &Path, logical: u64) {
     let bytes = std::fs::read(path).unwrap();
-    assert!(bytes.len() as u64 > logical, "the active segment has a tail");
+    assert!(
+        bytes.len() as u64 > logical,
+        "the active segment has a tail"
+    );
     assert!(
         bytes[logical as usize..].iter().all(|byte| *byte == 0),
         "the tail is zeros"
@@ -100,7 +103,10 @@ fn a_long_run_keeps_at_least_a_chunk_of_headroom() {
         );
         assert_eq!(file_len(&path), log.size_bytes() + tail);
     }
-    assert!(log.size_bytes() > 4 * CHUNK, "the run crossed several chunks");
+    assert!(
+        log.size_bytes() > 4 * CHUNK,
+        "the run crossed several chunks"
+    );
     manager.close().unwrap();
 }
 
