@@ -390,7 +390,11 @@ impl PartitionLog {
             synced: Condvar::new(),
             state: Mutex::new(state),
         };
-        log.extend_preallocation()?;
+        // A full disk must not keep the log from opening: without a tail, appends extend the
+        // file as they would with preallocation off.
+        if let Err(error) = log.extend_preallocation() {
+            tracing::warn!(topic, partition, %error, "cannot preallocate the active segment's tail");
+        }
         Ok((log, report))
     }
 
@@ -548,10 +552,8 @@ impl PartitionLog {
             (active.file().clone(), active.log_path())
         };
         if let Err(error) = file.sync_data() {
-            tracing::error!(path = %path.display(), %error, "fsync of preallocated zeros failed; partition refuses writes until reopened");
-            let mut sync = self.lock_sync();
-            sync.failed = Some(path.clone());
-            self.synced.notify_all();
+            tracing::error!(path = %path.display(), %error, "fsync of preallocated zeros failed");
+            self.poison(path.clone());
             return Err(LogError::FsyncFailed { path });
         }
         Ok(())

@@ -279,3 +279,21 @@ fn off_by_default_leaves_no_tail() {
     assert_eq!(file_len(&segment_path(dir.path(), 0)), log.size_bytes());
     manager.close().unwrap();
 }
+
+#[test]
+fn no_zeros_eat_into_the_filesystem_reserve() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(dir.path(), 1 << 20);
+    // More than any test machine has free: every append and every extension is refused.
+    config.fs_reserve_bytes = 1 << 60;
+    let (manager, log) = open_partition(config, "t");
+    assert_eq!(log.preallocated_bytes(), 0, "opening skipped the tail");
+    log.extend_preallocation().unwrap();
+    assert_eq!(log.preallocated_bytes(), 0);
+    assert!(matches!(
+        log.append(&mut batch_of("a", 1, 0)),
+        Err(LogError::FilesystemFull { .. })
+    ));
+    assert_eq!(file_len(&segment_path(dir.path(), 0)), 0);
+    manager.close().unwrap();
+}
