@@ -656,7 +656,17 @@ fn sync_and_complete(log: &PartitionLog, unsynced: Unsynced) {
         count_rejected(&error, unsynced.record_count as u64);
         error
     });
+    let synced = outcome.is_ok();
     complete(unsynced.taken, &outcome);
+    // After the acknowledgements, so none of them waits for the zeros; the next fsync may.
+    if synced && let Err(error) = log.extend_preallocation() {
+        tracing::warn!(
+            topic = log.topic(),
+            partition = log.partition(),
+            %error,
+            "cannot extend the preallocated segment tail"
+        );
+    }
 }
 
 /// What a log error means to a publisher.

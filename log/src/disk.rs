@@ -101,7 +101,7 @@ impl Disk {
         result
     }
 
-    fn check_filesystem(&self, bytes: u64) -> Result<()> {
+    pub(crate) fn check_filesystem(&self, bytes: u64) -> Result<()> {
         let mut fs = self.fs.lock().unwrap_or_else(|e| e.into_inner());
         let stale = fs
             .read_at

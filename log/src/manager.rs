@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use crate::config::{FlushPolicy, LogConfig, TopicConfig};
+use crate::config::{FlushPolicy, LogConfig, PREALLOCATE_BYTES_MAX, TopicConfig};
 use crate::disk::{Disk, DiskStats};
 use crate::error::{LogError, Result};
 use crate::fsutil;
@@ -113,6 +113,7 @@ impl LogManager {
             flush: config.flush,
             max_batch_bytes: config.max_batch_bytes,
             index_interval_bytes: config.index_interval_bytes,
+            preallocate_bytes: config.preallocate_bytes.min(PREALLOCATE_BYTES_MAX),
             disk: disk.clone(),
         };
         let mut topics = BTreeMap::new();
@@ -443,6 +444,7 @@ impl LogManager {
             flush: self.config.flush,
             max_batch_bytes: self.config.max_batch_bytes,
             index_interval_bytes: self.config.index_interval_bytes,
+            preallocate_bytes: self.config.preallocate_bytes.min(PREALLOCATE_BYTES_MAX),
             disk: self.disk.clone(),
         }
     }

@@ -15,6 +15,16 @@
 //! - Every segment below the recovery point was fsync'd whole and has index files on disk.
 //! - The log start offset is persisted in the checkpoint before any segment below it is
 //!   deleted, so after a crash a reader sees the data or an out-of-range error, never a hole.
+//!
+//! # Preallocation
+//! With `preallocate_bytes` set, the active segment keeps a zero tail of at least that many
+//! bytes past its logical end (see `segment`), so the group commit's fdatasync is a pure
+//! overwrite. [`PartitionLog::extend_preallocation`] tops it up: it writes the zeros with the
+//! state lock held (so no append writes there meanwhile) and fdatasyncs them outside it. It
+//! runs after a durable append returned and whenever the caller chooses (the edge's sync
+//! thread, after it has acknowledged), never inside the group commit, so an acknowledgement
+//! does not wait for zeros. Roll and close cut the tail off before the segment counts as
+//! closed.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -141,6 +151,8 @@ pub(crate) struct OpenOptions {
     pub(crate) flush: FlushPolicy,
     pub(crate) max_batch_bytes: usize,
     pub(crate) index_interval_bytes: u32,
+    /// Zero tail kept ahead of the active segment's end; 0 is off.
+    pub(crate) preallocate_bytes: u64,
     pub(crate) disk: Arc<Disk>,
 }
 
@@ -203,6 +215,7 @@ pub struct PartitionLog {
     flush: FlushPolicy,
     max_batch_bytes: usize,
     index_interval_bytes: u32,
+    preallocate_bytes: u64,
     disk: Arc<Disk>,
     state: Mutex<State>,
     sync: Mutex<SyncState>,
@@ -254,6 +267,7 @@ impl PartitionLog {
         let mut segments = BTreeMap::new();
         let mut next_offset = checkpoint.log_start_offset;
         let mut cut = false;
+        let last_base = bases.last().copied();
         for &base in &bases {
             if cut {
                 // Everything after a truncation point is unacknowledged garbage.
@@ -276,10 +290,22 @@ impl PartitionLog {
             let segment = if base < recover_from {
                 Segment::open_trusted(dir, base, options.index_interval_bytes)?
             } else {
-                let (segment, outcome) = Segment::recover(dir, base, options.index_interval_bytes)?;
+                let (segment, outcome) = Segment::recover(
+                    dir,
+                    base,
+                    options.index_interval_bytes,
+                    options.preallocate_bytes > 0,
+                )?;
                 report.segments_recovered += 1;
-                report.bytes_truncated += outcome.truncated_bytes;
-                if outcome.truncated_bytes > 0 {
+                // A zero tail is where the active (last) segment ends. Closed segments had
+                // theirs cut off before the next segment was created, so zeros ending one of
+                // them are lost data like any other bad batch.
+                let mut truncated = outcome.truncated_bytes;
+                if Some(base) != last_base {
+                    truncated += outcome.zero_tail_bytes;
+                }
+                report.bytes_truncated += truncated;
+                if truncated > 0 {
                     cut = true;
                 }
                 segment.sync()?;
@@ -346,6 +372,7 @@ impl PartitionLog {
             flush: options.flush,
             max_batch_bytes: options.max_batch_bytes,
             index_interval_bytes: options.index_interval_bytes,
+            preallocate_bytes: options.preallocate_bytes,
             disk: options.disk.clone(),
             visible_end: AtomicU64::new(next_offset),
             fsyncs: AtomicU64::new(0),
@@ -363,6 +390,11 @@ impl PartitionLog {
             synced: Condvar::new(),
             state: Mutex::new(state),
         };
+        // A full disk must not keep the log from opening: without a tail, appends extend the
+        // file as they would with preallocation off.
+        if let Err(error) = log.extend_preallocation() {
+            tracing::warn!(topic, partition, %error, "cannot preallocate the active segment's tail");
+        }
         Ok((log, report))
     }
 
@@ -401,6 +433,11 @@ impl PartitionLog {
         let info = self.append_unsynced(batches, options)?;
         if matches!(self.flush, FlushPolicy::Durable) {
             self.wait_durable(info.last_offset + 1)?;
+            // The append is durable whatever happens to the zeros; a failed fsync of them
+            // poisons the partition for the next append.
+            if let Err(error) = self.extend_preallocation() {
+                tracing::warn!(topic = %self.topic, partition = self.partition, %error, "cannot extend the preallocated tail");
+            }
         }
         Ok(info)
     }
@@ -481,6 +518,53 @@ impl PartitionLog {
         self.wait_durable(end)
     }
 
+    /// Tops up the active segment's zero tail when it is shorter than `preallocate_bytes`
+    /// (a no-op when preallocation is off or the tail is long enough). The zeros never run
+    /// past `segment.bytes` and are skipped, not refused, when the filesystem reserve would
+    /// be reached: the appends themselves report a full disk. Callers on a latency-bound path
+    /// call it after acknowledging, so only the next fsync may wait for it. Fails like an
+    /// fsync (`FsyncFailed`) when the zeros cannot be made durable.
+    pub fn extend_preallocation(&self) -> Result<()> {
+        if self.preallocate_bytes == 0 {
+            return Ok(());
+        }
+        let segment_bytes = self.config().segment_bytes;
+        let (file, path) = {
+            let mut state = self.lock_state()?;
+            let active = state.active_mut();
+            if active.zero_tail_bytes() >= self.preallocate_bytes {
+                return Ok(());
+            }
+            let start = active.size() + active.zero_tail_bytes();
+            let target = (start + self.preallocate_bytes).min(segment_bytes.max(active.size()));
+            if target <= start {
+                return Ok(());
+            }
+            if self.disk.check_filesystem(target - start).is_err() {
+                tracing::debug!(
+                    topic = %self.topic,
+                    partition = self.partition,
+                    "skipping preallocation: the filesystem reserve is reached"
+                );
+                return Ok(());
+            }
+            active.extend_zero_tail(target)?;
+            (active.file().clone(), active.log_path())
+        };
+        if let Err(error) = file.sync_data() {
+            tracing::error!(path = %path.display(), %error, "fsync of preallocated zeros failed");
+            self.poison(path.clone());
+            return Err(LogError::FsyncFailed { path });
+        }
+        Ok(())
+    }
+
+    /// Bytes of zeros preallocated past the active segment's logical end (not part of
+    /// [`PartitionLog::size_bytes`]).
+    pub fn preallocated_bytes(&self) -> u64 {
+        self.lock_state_unchecked().active().zero_tail_bytes()
+    }
+
     /// Checks that `batches` is a run of whole, valid batches within the size limit.
     fn validate(&self, batches: &[u8]) -> Result<Vec<(BatchHeader, usize)>> {
         if batches.is_empty() {
@@ -530,6 +614,12 @@ impl PartitionLog {
     /// Closes the active segment (fsync'd, indexes written) and starts a new one at the log
     /// end. Everything before the new segment is durable afterwards.
     fn roll(&self, state: &mut State) -> Result<()> {
+        // The tail goes first and durably: once the next segment exists, this one is closed,
+        // and recovery would call a zero tail on a closed segment lost data.
+        if let Err(error) = state.active_mut().trim_zero_tail() {
+            self.poison(state.active().log_path());
+            return Err(error);
+        }
         let active = state.active();
         self.fsyncs.fetch_add(1, Ordering::Relaxed);
         if let Err(error) = active.sync() {
@@ -1081,6 +1171,8 @@ impl PartitionLog {
     pub(crate) fn close(&self) -> Result<()> {
         self.flush()?;
         let mut state = self.lock_state()?;
+        // Before the checkpoint and the clean marker: a cleanly closed segment has no tail.
+        state.active_mut().trim_zero_tail()?;
         state.active().persist_indexes()?;
         state.recovery_point = state.next_offset;
         write_checkpoint(&self.dir, &state)?;

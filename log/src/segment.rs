@@ -5,6 +5,14 @@
 //! either trusts its indexes (segments below the recovery point, written and fsync'd when they
 //! closed) or recovers it: a scan that checks every batch's CRC, stops at the first bad one,
 //! truncates the file there, and rebuilds the indexes.
+//!
+//! # Zero tail
+//! With preallocation on, the active segment's file runs past its logical end (`size`) with
+//! zeros that were written and fdatasync'd ahead of time (`allocated` is the file's length),
+//! so an append overwrites allocated, written blocks and its fdatasync changes no metadata.
+//! Everything that reads the segment stops at `size`. Closing a segment (roll, clean close)
+//! cuts the file back to `size` first, so a closed segment never has a tail; recovery treats
+//! an all-zero remainder of the active segment as its end, not as damage.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufReader, Read, Seek, SeekFrom};
@@ -23,6 +31,10 @@ pub(crate) const TIME_INDEX_SUFFIX: &str = ".timeindex";
 
 /// Buffer used when scanning a segment; batches larger than this are streamed through it.
 const SCAN_BUFFER_BYTES: usize = 256 * 1024;
+
+/// Zeros written at a time when extending a zero tail.
+const ZERO_WRITE_BYTES: usize = 256 * 1024;
+static ZEROS: [u8; ZERO_WRITE_BYTES] = [0; ZERO_WRITE_BYTES];
 
 /// `<base_offset:020><suffix>`, the fixed file naming of segments.
 pub(crate) fn file_name(base_offset: u64, suffix: &str) -> String {
@@ -47,6 +59,9 @@ pub(crate) fn parse_file_name(name: &str) -> Option<(u64, &'static str)> {
 pub(crate) struct ScanOutcome {
     /// Bytes cut off the end of the segment because they were not a valid batch.
     pub(crate) truncated_bytes: u64,
+    /// Bytes cut off the end because they were all zeros: a preallocated tail, which is the
+    /// end of the active segment and not damage.
+    pub(crate) zero_tail_bytes: u64,
 }
 
 /// Why a scan stopped before the end of the file.
@@ -63,6 +78,8 @@ pub(crate) struct Segment {
     file: Arc<File>,
     /// Bytes of whole batches in the file.
     size: u64,
+    /// Length of the file: `size` plus the zero tail, if any.
+    allocated: u64,
     /// One past the last offset in the segment; `base_offset` when empty.
     next_offset: u64,
     /// Largest batch max timestamp; `i64::MIN` when empty.
@@ -96,6 +113,7 @@ impl Segment {
             dir: dir.to_path_buf(),
             file: Arc::new(file),
             size: 0,
+            allocated: 0,
             next_offset: base_offset,
             max_timestamp: i64::MIN,
             first_append_ms: None,
@@ -129,6 +147,7 @@ impl Segment {
         let (file, len) = Self::open_file(dir, base_offset)?;
         let mut segment = Segment::empty(dir, base_offset, file, index_interval_bytes);
         segment.size = len;
+        segment.allocated = len;
         let loaded = segment.load_indexes(len);
         // Rescan from the earlier of the last entries of the two indexes: every batch before
         // it is covered by them, and both entries name the offset of the batch they point at.
@@ -167,18 +186,36 @@ impl Segment {
 
     /// Opens a segment after an unclean stop: checks every batch's CRC, truncates the file at
     /// the first invalid batch, and rebuilds the indexes. `expected_base` is the lowest base
-    /// offset the first batch may have.
+    /// offset the first batch may have. With `zeros_end_it` (preallocation on), an invalid
+    /// batch followed by nothing but zeros to the end of the file is a zero tail: cut off
+    /// like damage, but counted apart in [`ScanOutcome::zero_tail_bytes`].
     pub(crate) fn recover(
         dir: &Path,
         base_offset: u64,
         index_interval_bytes: u32,
+        zeros_end_it: bool,
     ) -> Result<(Self, ScanOutcome)> {
         let (file, len) = Self::open_file(dir, base_offset)?;
         let mut segment = Segment::empty(dir, base_offset, file, index_interval_bytes);
         segment.size = len;
+        segment.allocated = len;
         let stop = segment.scan(0, true, true)?;
-        let mut outcome = ScanOutcome { truncated_bytes: 0 };
+        let mut outcome = ScanOutcome {
+            truncated_bytes: 0,
+            zero_tail_bytes: 0,
+        };
         if let Some(Stop::Invalid { position, reason }) = stop {
+            if zeros_end_it && segment.zeros_from(position, len)? {
+                tracing::debug!(
+                    segment = %segment.log_path().display(),
+                    position,
+                    zero_bytes = len - position,
+                    "cutting the zero tail off a recovered segment"
+                );
+                outcome.zero_tail_bytes = len - position;
+                segment.truncate_file(position)?;
+                return Ok((segment.aged_from_load(), outcome));
+            }
             tracing::warn!(
                 segment = %segment.log_path().display(),
                 position,
@@ -189,6 +226,22 @@ impl Segment {
             segment.truncate_file(position)?;
         }
         Ok((segment.aged_from_load(), outcome))
+    }
+
+    /// Whether every byte of the file from `position` to `end` is zero.
+    fn zeros_from(&self, mut position: u64, end: u64) -> Result<bool> {
+        let mut chunk = vec![0u8; ZERO_WRITE_BYTES];
+        while position < end {
+            let take = (end - position).min(chunk.len() as u64) as usize;
+            self.file
+                .read_exact_at(&mut chunk[..take], position)
+                .map_err(LogError::io(self.log_path()))?;
+            if chunk[..take].iter().any(|byte| *byte != 0) {
+                return Ok(false);
+            }
+            position += take as u64;
+        }
+        Ok(true)
     }
 
     /// Reads the index files, returning them only if both are present and valid.
@@ -346,8 +399,10 @@ impl Segment {
     ) -> Result<()> {
         let position = self.size;
         if let Err(error) = self.file.write_all_at(bytes, position) {
-            // Cut off whatever part was written, so the file ends at a batch boundary.
+            // Cut off whatever part was written, so the file ends at a batch boundary (the
+            // zero tail goes too; the next extension puts it back).
             let _ = self.file.set_len(position);
+            self.allocated = position;
             return Err(LogError::io(self.log_path())(error));
         }
         let mut at = position;
@@ -356,7 +411,45 @@ impl Segment {
             at += *len as u64;
         }
         self.size = at;
+        self.allocated = self.allocated.max(at);
         self.first_append_ms.get_or_insert(now_ms);
+        Ok(())
+    }
+
+    /// Bytes of zeros past the logical end.
+    pub(crate) fn zero_tail_bytes(&self) -> u64 {
+        self.allocated - self.size
+    }
+
+    /// Writes zeros past the end of the file until it is `allocated_end` long (page cache
+    /// only: the caller fdatasyncs them, outside its locks). On an error the file is cut back
+    /// to where the zeros started.
+    pub(crate) fn extend_zero_tail(&mut self, allocated_end: u64) -> Result<()> {
+        let start = self.allocated.max(self.size);
+        let mut position = start;
+        while position < allocated_end {
+            let take = (allocated_end - position).min(ZERO_WRITE_BYTES as u64) as usize;
+            if let Err(error) = self.file.write_all_at(&ZEROS[..take], position) {
+                let _ = self.file.set_len(start);
+                self.allocated = start;
+                return Err(LogError::io(self.log_path())(error));
+            }
+            position += take as u64;
+        }
+        self.allocated = self.allocated.max(position);
+        Ok(())
+    }
+
+    /// Cuts the zero tail off (ftruncate, then fsync), so the file ends at its last batch: a
+    /// segment must have no tail once it is closed.
+    pub(crate) fn trim_zero_tail(&mut self) -> Result<()> {
+        if self.allocated <= self.size {
+            return Ok(());
+        }
+        let path = self.log_path();
+        self.file.set_len(self.size).map_err(LogError::io(&path))?;
+        self.file.sync_all().map_err(LogError::io(&path))?;
+        self.allocated = self.size;
         Ok(())
     }
 
@@ -367,6 +460,7 @@ impl Segment {
         self.file.set_len(position).map_err(LogError::io(&path))?;
         self.file.sync_all().map_err(LogError::io(&path))?;
         self.size = position;
+        self.allocated = position;
         self.offset_index.truncate_to_position(position as u32);
         self.time_index.truncate_to_position(position as u32);
         Ok(())

@@ -1,6 +1,7 @@
 //! Crash test: a child process appends from several threads and reports every append it saw
 //! become durable; the parent kills it with SIGKILL at a random point, reopens the log, and
-//! checks that every reported append is there, once, in per-thread order.
+//! checks that every reported append is there, once, in per-thread order. It runs twice: as
+//! the log is by default, and with a preallocated zero tail ahead of the active segment.
 
 mod common;
 
@@ -16,13 +17,18 @@ use silt_log::{LogConfig, LogManager};
 
 const CHILD_DIR_ENV: &str = "SILT_CRASH_CHILD_DIR";
 const CHILD_RUN_ENV: &str = "SILT_CRASH_CHILD_RUN";
+const CHILD_PREALLOCATE_ENV: &str = "SILT_CRASH_CHILD_PREALLOCATE";
+/// Small against the 16 KiB segments, so tails are extended, cut at rolls and capped at the
+/// segment size many times per run.
+const PREALLOCATE_BYTES: u64 = 4096;
 const THREADS: usize = 4;
 const ROUNDS: usize = 12;
 
-fn config(dir: &std::path::Path) -> LogConfig {
+fn config(dir: &std::path::Path, preallocate_bytes: u64) -> LogConfig {
     let mut config = small_config(dir);
     // Segments of 16 KiB roll every few hundred appends, so kills land mid-roll too.
     config.topic_defaults.segment_bytes = 16 * 1024;
+    config.preallocate_bytes = preallocate_bytes;
     config
 }
 
@@ -34,7 +40,11 @@ fn crash_child_entry() {
         return;
     };
     let run: usize = std::env::var(CHILD_RUN_ENV).unwrap().parse().unwrap();
-    let manager = LogManager::open(config(std::path::Path::new(&dir))).unwrap();
+    let preallocate_bytes: u64 = std::env::var(CHILD_PREALLOCATE_ENV)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let manager = open_when_unlocked(config(std::path::Path::new(&dir), preallocate_bytes));
     manager.ensure_topic("crash", 1).unwrap();
     let log = manager.partition("crash", 0).unwrap();
     let stdout = std::sync::Mutex::new(std::io::stdout());
@@ -58,6 +68,15 @@ fn crash_child_entry() {
 
 #[test]
 fn every_acknowledged_append_survives_kill_9() {
+    crash_rounds(0);
+}
+
+#[test]
+fn every_acknowledged_append_survives_kill_9_with_a_preallocated_tail() {
+    crash_rounds(PREALLOCATE_BYTES);
+}
+
+fn crash_rounds(preallocate_bytes: u64) {
     let dir = tempfile::tempdir().unwrap();
     let exe = std::env::current_exe().unwrap();
     let mut rng = rand::rng();
@@ -73,6 +92,7 @@ fn every_acknowledged_append_survives_kill_9() {
             ])
             .env(CHILD_DIR_ENV, dir.path())
             .env(CHILD_RUN_ENV, run.to_string())
+            .env(CHILD_PREALLOCATE_ENV, preallocate_bytes.to_string())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -112,17 +132,52 @@ fn every_acknowledged_append_survives_kill_9() {
         while let Ok((key, offset)) = rx.try_recv() {
             acked.insert(key, offset);
         }
-        verify(dir.path(), &acked);
+        verify(dir.path(), preallocate_bytes, &acked);
     }
 }
 
-fn verify(dir: &std::path::Path, acked: &BTreeMap<(usize, usize, usize), u64>) {
-    let manager = LogManager::open(config(dir)).unwrap();
+/// Opens the data directory, waiting while another process holds its lock: the two tests of
+/// this file run in parallel, and a child forked by one briefly holds a copy of every file
+/// descriptor of the other (the lock's too) until it execs.
+fn open_when_unlocked(config: LogConfig) -> std::sync::Arc<LogManager> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match LogManager::open(config.clone()) {
+            Err(silt_log::LogError::Locked { .. }) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            other => return other.expect("open the data directory"),
+        }
+    }
+}
+
+fn verify(
+    dir: &std::path::Path,
+    preallocate_bytes: u64,
+    acked: &BTreeMap<(usize, usize, usize), u64>,
+) {
+    // Opening also checks every closed segment below the recovery point whole: one left
+    // with a zero tail would fail here as corrupt.
+    let manager = open_when_unlocked(config(dir, preallocate_bytes));
     assert!(
         !manager.opened_clean(),
         "a killed process cannot have shut down cleanly"
     );
     let log = manager.partition("crash", 0).unwrap();
+    if preallocate_bytes > 0 {
+        // Every closed segment ends at its last batch; only the active one has a tail.
+        for summary in log.closed_segments() {
+            let path = dir
+                .join("crash/0")
+                .join(format!("{:020}.log", summary.base_offset));
+            assert_eq!(
+                std::fs::metadata(&path).unwrap().len(),
+                summary.size_bytes,
+                "closed segment {} has a tail",
+                summary.base_offset
+            );
+        }
+    }
     let records = read_all(&log, 0);
     let mut present: BTreeMap<(usize, usize, usize), u64> = BTreeMap::new();
     let mut seen_values = HashSet::new();
