@@ -8,8 +8,10 @@
 //! - `offload`: planning and running the conversion of closed segments into objects.
 //! - `write`: converting a contiguous run of record batches into one archive object.
 //! - `read`: reading an archive object back as RecordBatch v2 batches from any offset.
+//! - `cold`: a node's cold reader: cached manifests, open objects and row groups, prefetch.
 //! - `error`: the crate's error type.
 
+pub mod cold;
 mod error;
 pub mod manifest;
 pub mod offload;
@@ -18,6 +20,7 @@ pub mod schema;
 pub mod store;
 pub mod write;
 
+pub use cold::{ChunkCache, ColdConfig, ColdError, ColdRead, ColdReader, ColdStats};
 pub use error::{Result, TierError};
 pub use manifest::{Manifest, ManifestObject};
 pub use offload::{OffloadPolicy, OffloadRange, offload_next, plan_offload};
