@@ -381,6 +381,15 @@ impl ColdReader {
         manifest.find(offset).cloned().ok_or_else(not_archived)
     }
 
+    /// The object holding `offset` per the cached manifest only (no GET).
+    fn locate_cached(&self, topic: &str, partition: u32, offset: i64) -> Option<ManifestObject> {
+        self.manifests
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&(topic.to_string(), partition))
+            .and_then(|manifest| manifest.find(offset).cloned())
+    }
+
     /// The open reader of `object`, opening it (one footer fetch) when needed.
     async fn reader(&self, object: &ManifestObject) -> Result<Arc<ArchiveReader>, TierError> {
         {
@@ -483,6 +492,11 @@ impl ColdReader {
         let mut records = 0;
         let mut last: Option<(ManifestObject, Arc<ArchiveReader>)> = None;
         loop {
+            // Past the first object, only what the cached manifest names: reaching the
+            // archive's end must not reload the manifest on every read.
+            if records > 0 && self.locate_cached(topic, partition, next).is_none() {
+                break;
+            }
             let remaining = max_bytes.saturating_sub(out.len()).max(1);
             let (object, reader, read) =
                 match self.read_object(topic, partition, next, remaining).await {
@@ -568,13 +582,17 @@ impl ColdReader {
                 } else {
                     // The last group is cached: the next object comes next.
                     let after = reader.info().last_offset + 1;
-                    let object = self.locate(&id.0, id.1, after, false).await?;
+                    let Some(object) = self.locate_cached(&id.0, id.1, after) else {
+                        return Ok(());
+                    };
                     (Some(self.reader(&object).await?), 0)
                 }
             }
             Some(group) => (None, group),
             None if next > object.last_offset => {
-                let object = self.locate(&id.0, id.1, next, false).await?;
+                let Some(object) = self.locate_cached(&id.0, id.1, next) else {
+                    return Ok(());
+                };
                 let opened = self.reader(&object).await?;
                 let group = opened.row_group_of(next).unwrap_or(0);
                 (Some(opened), group)
