@@ -3,7 +3,6 @@
 //! bounded; prefetch serves the next row group without a round trip; an expired object reads
 //! as out of range.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
