@@ -328,3 +328,101 @@ async fn an_expired_object_reads_as_out_of_range_never_partially() {
         Err(ColdError::Tier(_))
     ));
 }
+
+const ACCESS_KEY: &str = "silt-test-access-key";
+const SECRET_KEY: &str = "silt-test-secret-key";
+
+/// An s3s-fs server on 127.0.0.1 with authentication on, opened through `s3://` and the
+/// `AWS_*` variables an operator would set.
+async fn s3s_store() -> (ArchiveStore, tempfile::TempDir) {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use hyper_util::server::conn::auto::Builder as ConnBuilder;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("silt-archive")).unwrap();
+    let fs = s3s_fs::FileSystem::new(dir.path()).unwrap();
+    let mut builder = s3s::service::S3ServiceBuilder::new(fs);
+    builder.set_auth(s3s::auth::SimpleAuth::from_single(ACCESS_KEY, SECRET_KEY));
+    let service = builder.build();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((socket, _)) = listener.accept().await else {
+                return;
+            };
+            let service = service.clone();
+            tokio::spawn(async move {
+                let _ = ConnBuilder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(socket), service)
+                    .await;
+            });
+        }
+    });
+    let env = [
+        ("AWS_ACCESS_KEY_ID", ACCESS_KEY.to_string()),
+        ("AWS_SECRET_ACCESS_KEY", SECRET_KEY.to_string()),
+        ("AWS_REGION", "us-east-1".to_string()),
+        ("AWS_ENDPOINT_URL", format!("http://{addr}")),
+        ("AWS_ALLOW_HTTP", "true".to_string()),
+        ("HOME", "/nonexistent".to_string()),
+    ]
+    .map(|(name, value)| (name.to_string(), value));
+    let store = ArchiveStore::open_with_env("s3://silt-archive/cold", env).unwrap();
+    (store, dir)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_the_s3_protocol_replay_is_exact_and_expiry_is_out_of_range() {
+    let (store, _dir) = s3s_store().await;
+    let mut manifest = archive(&store, &[(0, 2999), (3000, 4999)]).await;
+    let cold = ColdReader::new(store.clone(), ColdConfig::default());
+    let mut offset = 0;
+    while offset < 5000 {
+        let read = cold.read(TOPIC, 0, offset, 32 << 10).await.unwrap();
+        for (index, (got_offset, got)) in decoded(&read.batches).iter().enumerate() {
+            assert_eq!(*got_offset, offset + index as i64);
+            assert_is_source(*got_offset, got);
+        }
+        offset = read.next_offset;
+    }
+    assert_eq!(
+        cold.offset_for_timestamp(TOPIC, 0, BASE_TS + 3 * 4321)
+            .await
+            .unwrap(),
+        Some((4321, BASE_TS + 3 * 4321))
+    );
+    // A reader that has cached the manifest but never opened the first object.
+    let fresh = ColdReader::new(store.clone(), ColdConfig::default());
+    fresh.read(TOPIC, 0, 3000, 1).await.unwrap();
+    manifest.advance_log_start(3000);
+    manifest.commit(&store).await.unwrap();
+    let gone = object_store::path::Path::from(manifest.expired[0].as_str());
+    object_store::ObjectStoreExt::delete(store.store().as_ref(), &gone)
+        .await
+        .unwrap();
+    // Its cached manifest names the object: the GET meets the 404, the manifest reloads, the
+    // answer is out of range.
+    assert!(matches!(
+        fresh.read(TOPIC, 0, 5, 1 << 20).await,
+        Err(ColdError::OutOfRange {
+            log_start: 3000,
+            ..
+        })
+    ));
+    // The reader that replayed holds the expired row groups: it answers the whole data or out
+    // of range, never part of it (the broker checks the log's own start first).
+    match cold.read(TOPIC, 0, 5, 1 << 20).await {
+        Ok(read) => {
+            let records = decoded(&read.batches);
+            assert_eq!(records[0].0, 5);
+            for (index, (got_offset, got)) in records.iter().enumerate() {
+                assert_eq!(*got_offset, 5 + index as i64);
+                assert_is_source(*got_offset, got);
+            }
+        }
+        Err(ColdError::OutOfRange { log_start, .. }) => assert_eq!(log_start, 3000),
+        Err(other) => panic!("{other:?}"),
+    }
+    let reloaded = Manifest::load(&store, TOPIC, 0).await.unwrap().unwrap();
+    assert_eq!(reloaded.log_start_offset, 3000);
+}
