@@ -48,6 +48,9 @@ use crate::config::CoreConfig;
 const EXIT_CONFIG: u8 = 2;
 
 fn main() -> ExitCode {
+    // object_store's S3 client links aws-lc-rs next to ring: with two providers rustls cannot
+    // pick one, so ring is installed before anything builds a TLS config.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let mut args = std::env::args_os().skip(1);
     if args.next().is_some_and(|first| first == "issue-cert") {
         return match tls::issue_cert_main(args) {

@@ -83,7 +83,15 @@ pub(crate) async fn run(
         .advertised_listener
         .clone()
         .unwrap_or_else(|| (kafka_addr.ip().to_string(), kafka_addr.port()));
+    let archive = match &config.object_store {
+        Some(url) => Some(
+            silt_tiering::ArchiveStore::open(&url.url)
+                .with_context(|| format!("cannot open object store {}", url.url))?,
+        ),
+        None => None,
+    };
     let broker_config = BrokerConfig {
+        archive,
         node_id: config.node_id,
         advertised,
         default_partitions: config.kafka.default_partitions,

@@ -11,8 +11,10 @@
 //! - `retention`: whole-log retention (`retention.ms`/`retention.bytes`) across both tiers.
 //! - `gc`: garbage collection of orphan objects, expired keys and interrupted uploads.
 //! - `failpoint`: named kill -9 points for crash tests (`SILT_TIER_FAILPOINT`).
+//! - `cold`: a node's cold reader: cached manifests, open objects and row groups, prefetch.
 //! - `error`: the crate's error type.
 
+pub mod cold;
 mod error;
 pub mod failpoint;
 pub mod gc;
@@ -24,6 +26,7 @@ pub mod schema;
 pub mod store;
 pub mod write;
 
+pub use cold::{ChunkCache, ColdConfig, ColdError, ColdRead, ColdReader, ColdStats};
 pub use error::{Result, TierError};
 pub use gc::{GcPolicy, GcReport};
 pub use manifest::{Manifest, ManifestObject};

@@ -30,6 +30,7 @@ use parquet::errors::ParquetError;
 use parquet::file::metadata::{PageIndexPolicy, ParquetMetaData, ParquetMetaDataReader};
 use silt_log::batch::{BatchHeader, BatchSpec, Header, MAGIC_V2, Record, encode_batch};
 
+use crate::cold::ChunkCache;
 use crate::error::{Result, TierError};
 use crate::schema;
 use crate::store::ArchiveStore;
@@ -89,6 +90,7 @@ impl ArchiveReader {
             store: Arc::clone(store.store()),
             key: path,
             size,
+            chunks: None,
         };
         let options = ArrowReaderOptions::new().with_page_index_policy(PageIndexPolicy::Optional);
         let parquet_metadata = source.get_metadata(Some(&options)).await?;
@@ -124,6 +126,145 @@ impl ArchiveReader {
             info,
             row_group_offsets,
         })
+    }
+
+    /// [`ArchiveReader::open`], with every row group fetched whole (one ranged GET) through
+    /// `cache`, so re-reads and [`ArchiveReader::prefetch_row_group`] share the bytes.
+    pub async fn open_cached(
+        store: &ArchiveStore,
+        key: &str,
+        size_bytes: Option<u64>,
+        cache: Arc<ChunkCache>,
+    ) -> Result<ArchiveReader> {
+        let mut reader = ArchiveReader::open(store, key, size_bytes).await?;
+        let ranges = reader
+            .metadata
+            .metadata()
+            .row_groups()
+            .iter()
+            .map(|group| {
+                let (mut start, mut end) = (u64::MAX, 0u64);
+                for column in group.columns() {
+                    let (from, len) = column.byte_range();
+                    start = start.min(from);
+                    end = end.max(from.saturating_add(len));
+                }
+                start.min(end)..end
+            })
+            .collect();
+        reader.source.chunks = Some(Arc::new(RowGroupChunks { cache, ranges }));
+        Ok(reader)
+    }
+
+    /// The row group holding `offset`, if the object holds it.
+    pub fn row_group_of(&self, offset: i64) -> Option<usize> {
+        if !(self.info.base_offset..=self.info.last_offset).contains(&offset) {
+            return None;
+        }
+        Some(
+            self.row_group_offsets
+                .partition_point(|&start| start <= offset)
+                - 1,
+        )
+    }
+
+    /// Offsets `first..end` of row group `group`.
+    pub fn row_group_range(&self, group: usize) -> Option<Range<i64>> {
+        Some(*self.row_group_offsets.get(group)?..*self.row_group_offsets.get(group + 1)?)
+    }
+
+    /// Fetches row group `group` into the chunk cache (a reader opened with
+    /// [`ArchiveReader::open_cached`]); returns whether it had to be fetched. Without a cache
+    /// or past the last group, does nothing.
+    pub async fn prefetch_row_group(&self, group: usize) -> Result<bool> {
+        let Some(chunks) = &self.source.chunks else {
+            return Ok(false);
+        };
+        let Some(range) = chunks.ranges.get(group) else {
+            return Ok(false);
+        };
+        let (_, fetched) = chunks
+            .cache
+            .get(&self.source.store, &self.source.key, range.clone())
+            .await?;
+        Ok(fetched)
+    }
+
+    /// Whether row group `group` is in the chunk cache (always false without one).
+    pub fn row_group_cached(&self, group: usize) -> bool {
+        self.source.chunks.as_ref().is_some_and(|chunks| {
+            chunks
+                .ranges
+                .get(group)
+                .is_some_and(|range| chunks.cache.contains(&self.source.key, range.start))
+        })
+    }
+
+    /// The first offset whose record timestamp is at or after `timestamp_ms`, with that
+    /// timestamp, as Kafka's ListOffsets answers; `None` if every record is older. Row groups
+    /// whose timestamp statistics rule them out are skipped; only the offset and timestamp
+    /// columns are read.
+    pub async fn offset_for_timestamp(&self, timestamp_ms: i64) -> Result<Option<(i64, i64)>> {
+        if timestamp_ms > self.info.max_timestamp_ms {
+            return Ok(None);
+        }
+        let target = timestamp_ms.saturating_mul(1000);
+        let metadata = self.metadata.metadata();
+        let parquet_schema = metadata.file_metadata().schema_descr();
+        let timestamp_column = (0..parquet_schema.num_columns())
+            .find(|&index| parquet_schema.column(index).name() == schema::COL_TIMESTAMP)
+            .ok_or_else(|| TierError::Corrupt {
+                key: self.source.key.to_string(),
+                why: "no timestamp column".into(),
+            })?;
+        let mut groups = Vec::new();
+        for (index, group) in metadata.row_groups().iter().enumerate() {
+            let skip = match group.column(timestamp_column).statistics() {
+                Some(parquet::file::statistics::Statistics::Int64(stats)) => {
+                    stats.max_opt().is_some_and(|&max| max < target)
+                }
+                _ => false,
+            };
+            if !skip {
+                groups.push(index);
+            }
+        }
+        if groups.is_empty() {
+            return Ok(None);
+        }
+        let mask = parquet::arrow::ProjectionMask::columns(
+            parquet_schema,
+            [schema::COL_OFFSET, schema::COL_TIMESTAMP],
+        );
+        let mut stream = ParquetRecordBatchStreamBuilder::new_with_metadata(
+            self.source.clone(),
+            self.metadata.clone(),
+        )
+        .with_row_groups(groups)
+        .with_projection(mask)
+        .with_batch_size(8 * READ_BATCH_ROWS)
+        .build()?;
+        let corrupt = |why: &str| TierError::Corrupt {
+            key: self.source.key.to_string(),
+            why: why.to_string(),
+        };
+        while let Some(batch) = stream.try_next().await? {
+            let offsets = batch
+                .column_by_name(schema::COL_OFFSET)
+                .and_then(|column| column.as_primitive_opt::<Int64Type>())
+                .ok_or_else(|| corrupt("offset is not int64"))?;
+            let timestamps = batch
+                .column_by_name(schema::COL_TIMESTAMP)
+                .and_then(|column| column.as_primitive_opt::<TimestampMicrosecondType>())
+                .ok_or_else(|| corrupt("timestamp is not microseconds"))?;
+            for row in 0..batch.num_rows() {
+                let micros = timestamps.value(row);
+                if micros >= target {
+                    return Ok(Some((offsets.value(row), micros / 1000)));
+                }
+            }
+        }
+        Ok(None)
     }
 
     /// The object's footer facts.
@@ -421,6 +562,37 @@ struct ObjectSource {
     store: Arc<dyn ObjectStore>,
     key: Path,
     size: u64,
+    /// Set once the footer is read, for a cached reader: byte ranges inside a row group are
+    /// served from the whole row group, fetched once into the cache.
+    chunks: Option<Arc<RowGroupChunks>>,
+}
+
+/// The row groups' byte ranges of one object, and the cache their bytes go through.
+#[derive(Debug)]
+struct RowGroupChunks {
+    cache: Arc<ChunkCache>,
+    ranges: Vec<Range<u64>>,
+}
+
+impl ObjectSource {
+    /// The bytes of `range`: sliced from its cached row group when it lies in one.
+    async fn fetch(&self, range: Range<u64>) -> object_store::Result<Bytes> {
+        if let Some(chunks) = &self.chunks
+            && let Some(group) = chunks
+                .ranges
+                .iter()
+                .find(|group| group.start <= range.start && range.end <= group.end)
+        {
+            let (bytes, _) = chunks
+                .cache
+                .get(&self.store, &self.key, group.clone())
+                .await?;
+            let from = usize::try_from(range.start - group.start).unwrap_or(usize::MAX);
+            let to = usize::try_from(range.end - group.start).unwrap_or(usize::MAX);
+            return Ok(bytes.slice(from..to));
+        }
+        self.store.get_range(&self.key, range).await
+    }
 }
 
 fn external(error: object_store::Error) -> ParquetError {
@@ -429,13 +601,7 @@ fn external(error: object_store::Error) -> ParquetError {
 
 impl AsyncFileReader for ObjectSource {
     fn get_bytes(&mut self, range: Range<u64>) -> BoxFuture<'_, parquet::errors::Result<Bytes>> {
-        async move {
-            self.store
-                .get_range(&self.key, range)
-                .await
-                .map_err(external)
-        }
-        .boxed()
+        async move { self.fetch(range).await.map_err(external) }.boxed()
     }
 
     fn get_byte_ranges(
@@ -443,10 +609,18 @@ impl AsyncFileReader for ObjectSource {
         ranges: Vec<Range<u64>>,
     ) -> BoxFuture<'_, parquet::errors::Result<Vec<Bytes>>> {
         async move {
-            self.store
-                .get_ranges(&self.key, &ranges)
-                .await
-                .map_err(external)
+            if self.chunks.is_none() {
+                return self
+                    .store
+                    .get_ranges(&self.key, &ranges)
+                    .await
+                    .map_err(external);
+            }
+            let mut out = Vec::with_capacity(ranges.len());
+            for range in ranges {
+                out.push(self.fetch(range).await.map_err(external)?);
+            }
+            Ok(out)
         }
         .boxed()
     }

@@ -32,6 +32,7 @@ use silt_gateways::kafka::{
 use silt_log::batch::BatchHeader;
 use silt_log::config::TOPIC_CONFIG_KEYS;
 use silt_log::{AppendOptions, LogError, LogManager, PartitionLog};
+use silt_tiering::{ArchiveStore, ColdConfig, ColdError, ColdReader};
 use tokio::sync::Notify;
 
 pub(crate) use self::offsets::OFFSETS_TOPIC;
@@ -49,6 +50,8 @@ type SharedProducers = Arc<Mutex<PartitionProducers>>;
 /// What the broker is configured with.
 #[derive(Debug, Clone)]
 pub(crate) struct BrokerConfig {
+    /// The archive (`object_store`): Fetch and ListOffsets below the local start read it.
+    pub(crate) archive: Option<ArchiveStore>,
     pub(crate) node_id: i32,
     /// The address Metadata and FindCoordinator give clients.
     pub(crate) advertised: (String, u16),
@@ -79,6 +82,8 @@ pub(crate) struct Broker {
     groups: groups::Coordinator,
     offsets: OffsetStore,
     appended: Notify,
+    /// Reads below the local start; `None` without an archive.
+    cold: Option<Arc<ColdReader>>,
 }
 
 impl Broker {
@@ -88,7 +93,12 @@ impl Broker {
         // Producer ids must never repeat across restarts: they start from the clock, in ms,
         // shifted to leave room for 4096 ids per ms.
         let first_id = silt_log::now_ms().max(1) << 12;
+        let cold = config
+            .archive
+            .clone()
+            .map(|store| ColdReader::new(store, ColdConfig::default()));
         Ok(Broker {
+            cold,
             groups: groups::Coordinator::new(config.group_initial_rebalance_delay),
             config,
             log,
@@ -265,6 +275,50 @@ impl Broker {
     }
 }
 
+impl Broker {
+    /// A Fetch below the local start: whole batches from the archive into `buf[at..]`, with
+    /// the high watermark and log start of the local log. Async IO, awaited: no worker thread
+    /// is blocked across the store's round trips.
+    async fn fetch_cold(
+        &self,
+        topic: &str,
+        log_partition: &PartitionLog,
+        offset: u64,
+        max_bytes: usize,
+        buf: &mut Vec<u8>,
+        at: usize,
+    ) -> Result<FetchedPartition, KafkaError> {
+        let cold = self.cold.as_ref().ok_or(KafkaError::OffsetOutOfRange)?;
+        let offset = i64::try_from(offset).map_err(|_| KafkaError::OffsetOutOfRange)?;
+        let read = cold
+            .read(topic, log_partition.partition(), offset, max_bytes)
+            .await
+            .map_err(map_cold_error)?;
+        let end = at + read.batches.len();
+        if buf.len() < end {
+            buf.resize(end, 0);
+        }
+        buf[at..end].copy_from_slice(&read.batches);
+        Ok(FetchedPartition {
+            high_watermark: log_partition.high_watermark() as i64,
+            log_start_offset: log_partition.log_start_offset() as i64,
+            records_len: read.batches.len(),
+        })
+    }
+}
+
+/// Cold read errors as Kafka errors: expired is OFFSET_OUT_OF_RANGE; a failing store or a
+/// missing object is KAFKA_STORAGE_ERROR, which clients retry.
+fn map_cold_error(error: ColdError) -> KafkaError {
+    match error {
+        ColdError::OutOfRange { .. } => KafkaError::OffsetOutOfRange,
+        other => {
+            tracing::warn!(error = %other, "cold read answered as KAFKA_STORAGE_ERROR");
+            KafkaError::Storage(other.to_string())
+        }
+    }
+}
+
 /// Replays a partition's batch headers into its producer state.
 fn load_producers(
     partition: &PartitionLog,
@@ -423,9 +477,17 @@ impl KafkaBroker for Broker {
         let offset = u64::try_from(offset).map_err(|_| KafkaError::OffsetOutOfRange)?;
         // A page-cache read into the connection's own buffer: the worker thread hands its
         // other tasks over while it reads (`block_in_place`), so the buffer need not move.
-        let read =
-            tokio::task::block_in_place(|| log_partition.read_into(offset, max_bytes, buf, at))
-                .map_err(|error| map_log_error(&error))?;
+        let read = match tokio::task::block_in_place(|| {
+            log_partition.read_into(offset, max_bytes, buf, at)
+        }) {
+            Ok(read) => read,
+            Err(LogError::NotLocal { offset, .. }) if self.cold.is_some() => {
+                return self
+                    .fetch_cold(topic, &log_partition, offset, max_bytes, buf, at)
+                    .await;
+            }
+            Err(error) => return Err(map_log_error(&error)),
+        };
         Ok(FetchedPartition {
             high_watermark: read.high_watermark as i64,
             log_start_offset: read.log_start_offset as i64,
@@ -451,6 +513,15 @@ impl KafkaBroker for Broker {
             OffsetQuery::Earliest => Ok((log_partition.log_start_offset() as i64, -1)),
             OffsetQuery::Latest => Ok((log_partition.high_watermark() as i64, -1)),
             OffsetQuery::Timestamp(time) => {
+                if let Some(cold) = &self.cold
+                    && log_partition.local_start_offset() > log_partition.log_start_offset()
+                {
+                    match cold.offset_for_timestamp(topic, partition, time).await {
+                        Ok(Some(found)) => return Ok(found),
+                        Ok(None) => {}
+                        Err(error) => return Err(map_cold_error(error)),
+                    }
+                }
                 let found = blocking(move || log_partition.offset_for_timestamp(time)).await?;
                 Ok(found.map_or((-1, -1), |(offset, timestamp)| (offset as i64, timestamp)))
             }

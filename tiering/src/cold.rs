@@ -1,0 +1,665 @@
+//! Cold reads for one node: Fetch and ListOffsets below the local start, served from the
+//! archive.
+//!
+//! A [`ColdReader`] is shared by every connection of a node (`Arc`). It keeps:
+//! - per partition, the manifest, cached; an offset the cached copy cannot place reloads it
+//!   once (the offload loop commits new objects, whole-log retention advances the log start).
+//!   The bucket is never LISTed: the manifest's key is computed and it names every object.
+//! - open [`ArchiveReader`]s by key (footer and page index fetched once per object), at most
+//!   [`ColdConfig::readers_max`], least recently used evicted.
+//! - a [`ChunkCache`] of whole row groups (one ranged GET each), bounded by bytes, in memory:
+//!   a cold replay reads each row group once, and consumers re-reading the same history or
+//!   several consumers replaying together share the bytes. Memory rather than local disk
+//!   because the hot tier's disk budget is what tiering frees, and a row group re-fetched after
+//!   a restart costs one GET.
+//! - prefetch for sequential replay: a read that starts where the partition's previous cold
+//!   read ended fetches, in the background, the row group after the one it stopped in (opening
+//!   the next object, footer included, at an object's end), so a replaying consumer does not
+//!   wait one round trip per row group. At most one prefetch per partition and
+//!   [`ColdConfig::prefetch_max`] in all are in flight.
+//!
+//! Errors: an offset below the manifest's log start is [`ColdError::OutOfRange`]; an object
+//! missing when fetched (deleted by retention after the manifest was read) reloads the manifest
+//! and retries once, so the answer is the data or out of range, never a partial read.
+
+use std::collections::{HashMap, HashSet};
+use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::{Bytes, BytesMut};
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt};
+use tokio::sync::{OnceCell, Semaphore};
+
+use crate::error::TierError;
+use crate::manifest::{Manifest, ManifestObject};
+use crate::read::ArchiveReader;
+use crate::store::ArchiveStore;
+
+/// How a cold reader is bounded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ColdConfig {
+    /// Bytes of fetched row groups kept in memory.
+    pub cache_bytes: u64,
+    /// Archive objects kept open (each holds its footer and page index).
+    pub readers_max: usize,
+    /// Background prefetches in flight, over all partitions.
+    pub prefetch_max: usize,
+}
+
+impl Default for ColdConfig {
+    fn default() -> Self {
+        ColdConfig {
+            cache_bytes: 256 << 20,
+            readers_max: 64,
+            prefetch_max: 4,
+        }
+    }
+}
+
+/// Why a cold read has no answer.
+#[derive(Debug, thiserror::Error)]
+pub enum ColdError {
+    /// The offset is below the log start (expired): Kafka's OFFSET_OUT_OF_RANGE.
+    #[error("offset {offset} is below the log start offset {log_start}")]
+    OutOfRange { offset: i64, log_start: i64 },
+    /// No archived object holds the offset (nothing archived yet for the partition, or past
+    /// the archive's end).
+    #[error("offset {offset} of {topic}/{partition} is not in the archive")]
+    NotArchived {
+        topic: String,
+        partition: u32,
+        offset: i64,
+    },
+    /// The store or an object failed; a store failure is worth a retry.
+    #[error(transparent)]
+    Tier(#[from] TierError),
+}
+
+/// What one cold read returned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ColdRead {
+    /// Whole RecordBatch v2 batches, as a Fetch response carries them.
+    pub batches: Bytes,
+    /// Offset after the last record returned.
+    pub next_offset: i64,
+    pub records: u64,
+}
+
+/// Counters of a cold reader, for metrics and tests.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ColdStats {
+    /// Manifest GETs.
+    pub manifest_loads: u64,
+    /// Objects opened (footer fetched).
+    pub objects_opened: u64,
+    /// Row groups fetched (ranged GETs), foreground and prefetch.
+    pub chunk_fetches: u64,
+    /// Row groups served from the cache.
+    pub chunk_hits: u64,
+    /// Row groups fetched by prefetch.
+    pub prefetched: u64,
+    /// Bytes in the chunk cache now.
+    pub cached_bytes: u64,
+}
+
+/// A cache of whole row groups by (object key, start byte), bounded by bytes, least recently
+/// used evicted. Concurrent requests for one chunk share one GET.
+#[derive(Debug)]
+pub struct ChunkCache {
+    capacity: u64,
+    inner: Mutex<ChunkInner>,
+    fetches: AtomicU64,
+    hits: AtomicU64,
+}
+
+#[derive(Debug, Default)]
+struct ChunkInner {
+    entries: HashMap<(Path, u64), ChunkEntry>,
+    bytes: u64,
+    tick: u64,
+}
+
+#[derive(Debug)]
+struct ChunkEntry {
+    cell: Arc<OnceCell<Bytes>>,
+    /// Counted in `bytes` once the fetch is done; 0 while it is under way.
+    size: u64,
+    used: u64,
+}
+
+impl ChunkCache {
+    /// A cache holding at most `capacity` bytes (a single larger chunk is served, not kept).
+    pub fn new(capacity: u64) -> ChunkCache {
+        ChunkCache {
+            capacity,
+            inner: Mutex::new(ChunkInner::default()),
+            fetches: AtomicU64::new(0),
+            hits: AtomicU64::new(0),
+        }
+    }
+
+    /// The bytes of `range` of `key`, from the cache or one ranged GET; the flag says whether
+    /// this call fetched them.
+    pub async fn get(
+        &self,
+        store: &Arc<dyn ObjectStore>,
+        key: &Path,
+        range: Range<u64>,
+    ) -> object_store::Result<(Bytes, bool)> {
+        let id = (key.clone(), range.start);
+        let cell = {
+            let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+            inner.tick += 1;
+            let tick = inner.tick;
+            let entry = inner
+                .entries
+                .entry(id.clone())
+                .or_insert_with(|| ChunkEntry {
+                    cell: Arc::new(OnceCell::new()),
+                    size: 0,
+                    used: tick,
+                });
+            entry.used = tick;
+            entry.cell.clone()
+        };
+        if let Some(bytes) = cell.get() {
+            self.hits.fetch_add(1, Ordering::Relaxed);
+            return Ok((bytes.clone(), false));
+        }
+        let mut fetched = false;
+        let result = cell
+            .get_or_try_init(|| async {
+                fetched = true;
+                self.fetches.fetch_add(1, Ordering::Relaxed);
+                store.get_range(key, range.clone()).await
+            })
+            .await
+            .cloned();
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let same = |entry: &ChunkEntry| Arc::ptr_eq(&entry.cell, &cell);
+        match &result {
+            Err(_) => {
+                if inner
+                    .entries
+                    .get(&id)
+                    .is_some_and(|entry| same(entry) && entry.cell.get().is_none())
+                {
+                    inner.entries.remove(&id);
+                }
+            }
+            Ok(bytes) if fetched => {
+                let size = bytes.len() as u64;
+                if let Some(entry) = inner.entries.get_mut(&id).filter(|entry| same(entry)) {
+                    entry.size = size;
+                    inner.bytes += size;
+                }
+                inner.evict(self.capacity);
+            }
+            Ok(_) => {
+                self.hits.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        result.map(|bytes| (bytes, fetched))
+    }
+
+    /// Whether the chunk at `start` of `key` is cached (fetched, not just under way).
+    pub fn contains(&self, key: &Path, start: u64) -> bool {
+        let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        inner
+            .entries
+            .get(&(key.clone(), start))
+            .is_some_and(|entry| entry.cell.initialized())
+    }
+
+    /// Bytes held now.
+    pub fn bytes(&self) -> u64 {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner()).bytes
+    }
+
+    /// Drops every chunk of `key` (its object is gone).
+    pub fn forget(&self, key: &Path) {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let mut freed = 0;
+        inner.entries.retain(|(entry_key, _), entry| {
+            let keep = entry_key != key;
+            if !keep {
+                freed += entry.size;
+            }
+            keep
+        });
+        inner.bytes -= freed;
+    }
+}
+
+impl ChunkInner {
+    fn evict(&mut self, capacity: u64) {
+        while self.bytes > capacity {
+            let oldest = self
+                .entries
+                .iter()
+                .filter(|(_, entry)| entry.size > 0)
+                .min_by_key(|(_, entry)| entry.used)
+                .map(|(id, _)| id.clone());
+            let Some(id) = oldest else { return };
+            if let Some(entry) = self.entries.remove(&id) {
+                self.bytes -= entry.size;
+            }
+        }
+    }
+}
+
+type PartitionKey = (String, u32);
+
+/// Open objects by key, least recently used evicted.
+#[derive(Debug, Default)]
+struct Readers {
+    open: HashMap<String, (Arc<ArchiveReader>, u64)>,
+    tick: u64,
+}
+
+/// The cold reader of one node; see the module doc.
+#[derive(Debug)]
+pub struct ColdReader {
+    store: ArchiveStore,
+    config: ColdConfig,
+    chunks: Arc<ChunkCache>,
+    manifests: Mutex<HashMap<PartitionKey, Arc<Manifest>>>,
+    readers: Mutex<Readers>,
+    /// Where each partition's last cold read ended: a read starting there is sequential.
+    positions: Mutex<HashMap<PartitionKey, i64>>,
+    prefetching: Mutex<HashSet<PartitionKey>>,
+    prefetch_slots: Arc<Semaphore>,
+    manifest_loads: AtomicU64,
+    objects_opened: AtomicU64,
+    prefetched: AtomicU64,
+}
+
+impl ColdReader {
+    /// A cold reader over `store`.
+    pub fn new(store: ArchiveStore, config: ColdConfig) -> Arc<ColdReader> {
+        Arc::new(ColdReader {
+            store,
+            chunks: Arc::new(ChunkCache::new(config.cache_bytes)),
+            prefetch_slots: Arc::new(Semaphore::new(config.prefetch_max)),
+            config,
+            manifests: Mutex::new(HashMap::new()),
+            readers: Mutex::new(Readers::default()),
+            positions: Mutex::new(HashMap::new()),
+            prefetching: Mutex::new(HashSet::new()),
+            manifest_loads: AtomicU64::new(0),
+            objects_opened: AtomicU64::new(0),
+            prefetched: AtomicU64::new(0),
+        })
+    }
+
+    /// The store read from.
+    pub fn store(&self) -> &ArchiveStore {
+        &self.store
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> ColdStats {
+        ColdStats {
+            manifest_loads: self.manifest_loads.load(Ordering::Relaxed),
+            objects_opened: self.objects_opened.load(Ordering::Relaxed),
+            chunk_fetches: self.chunks.fetches.load(Ordering::Relaxed),
+            chunk_hits: self.chunks.hits.load(Ordering::Relaxed),
+            prefetched: self.prefetched.load(Ordering::Relaxed),
+            cached_bytes: self.chunks.bytes(),
+        }
+    }
+
+    /// The partition's manifest: the cached copy, or (with `reload`, or none cached) the
+    /// store's. `None` when nothing was ever archived.
+    async fn manifest(
+        &self,
+        topic: &str,
+        partition: u32,
+        reload: bool,
+    ) -> Result<Option<Arc<Manifest>>, TierError> {
+        let id = (topic.to_string(), partition);
+        if !reload
+            && let Some(manifest) = self
+                .manifests
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&id)
+        {
+            return Ok(Some(manifest.clone()));
+        }
+        self.manifest_loads.fetch_add(1, Ordering::Relaxed);
+        let loaded = Manifest::load(&self.store, topic, partition).await?;
+        let mut manifests = self.manifests.lock().unwrap_or_else(|e| e.into_inner());
+        match loaded {
+            Some(manifest) => {
+                let manifest = Arc::new(manifest);
+                // Two loads racing: keep the newer generation.
+                let keep = match manifests.get(&id) {
+                    Some(cached) if cached.generation > manifest.generation => cached.clone(),
+                    _ => manifest,
+                };
+                manifests.insert(id, keep.clone());
+                Ok(Some(keep))
+            }
+            None => {
+                manifests.remove(&id);
+                Ok(None)
+            }
+        }
+    }
+
+    /// The object holding `offset`, reloading the manifest once if the cached one cannot
+    /// place it.
+    async fn locate(
+        &self,
+        topic: &str,
+        partition: u32,
+        offset: i64,
+        force_reload: bool,
+    ) -> Result<ManifestObject, ColdError> {
+        if !force_reload
+            && let Some(manifest) = self.manifest(topic, partition, false).await?
+            && let Some(object) = manifest.find(offset)
+        {
+            return Ok(object.clone());
+        }
+        let manifest = self.manifest(topic, partition, true).await?;
+        let not_archived = || ColdError::NotArchived {
+            topic: topic.to_string(),
+            partition,
+            offset,
+        };
+        let manifest = manifest.ok_or_else(not_archived)?;
+        if offset < manifest.log_start_offset {
+            return Err(ColdError::OutOfRange {
+                offset,
+                log_start: manifest.log_start_offset,
+            });
+        }
+        manifest.find(offset).cloned().ok_or_else(not_archived)
+    }
+
+    /// The object holding `offset` per the cached manifest only (no GET).
+    fn locate_cached(&self, topic: &str, partition: u32, offset: i64) -> Option<ManifestObject> {
+        self.manifests
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&(topic.to_string(), partition))
+            .and_then(|manifest| manifest.find(offset).cloned())
+    }
+
+    /// The open reader of `object`, opening it (one footer fetch) when needed.
+    async fn reader(&self, object: &ManifestObject) -> Result<Arc<ArchiveReader>, TierError> {
+        {
+            let mut readers = self.readers.lock().unwrap_or_else(|e| e.into_inner());
+            readers.tick += 1;
+            let tick = readers.tick;
+            if let Some((reader, used)) = readers.open.get_mut(&object.key) {
+                *used = tick;
+                return Ok(reader.clone());
+            }
+        }
+        self.objects_opened.fetch_add(1, Ordering::Relaxed);
+        let reader = Arc::new(
+            ArchiveReader::open_cached(
+                &self.store,
+                &object.key,
+                Some(object.size_bytes),
+                self.chunks.clone(),
+            )
+            .await?,
+        );
+        let mut readers = self.readers.lock().unwrap_or_else(|e| e.into_inner());
+        readers.tick += 1;
+        let tick = readers.tick;
+        readers
+            .open
+            .insert(object.key.clone(), (reader.clone(), tick));
+        while readers.open.len() > self.config.readers_max.max(1) {
+            let Some(oldest) = readers
+                .open
+                .iter()
+                .min_by_key(|(_, (_, used))| *used)
+                .map(|(key, _)| key.clone())
+            else {
+                break;
+            };
+            readers.open.remove(&oldest);
+        }
+        Ok(reader)
+    }
+
+    /// Forgets an object found missing: its reader and chunks.
+    fn forget(&self, key: &str) {
+        self.readers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .open
+            .remove(key);
+        self.chunks.forget(&Path::from(key));
+    }
+
+    /// Reads one object's batches from `offset`, retrying once through a reloaded manifest
+    /// when the object has gone.
+    async fn read_object(
+        &self,
+        topic: &str,
+        partition: u32,
+        offset: i64,
+        max_bytes: usize,
+    ) -> Result<(ManifestObject, Arc<ArchiveReader>, crate::read::ArchiveRead), ColdError> {
+        let mut reload = false;
+        loop {
+            let object = self.locate(topic, partition, offset, reload).await?;
+            let attempt = async {
+                let reader = self.reader(&object).await?;
+                let read = reader.read(offset, max_bytes).await?;
+                Ok::<_, TierError>((reader, read))
+            }
+            .await;
+            match attempt {
+                Ok((reader, read)) => return Ok((object, reader, read)),
+                Err(TierError::Store(object_store::Error::NotFound { .. })) if !reload => {
+                    tracing::debug!(key = %object.key, "archive object gone; reloading the manifest");
+                    self.forget(&object.key);
+                    reload = true;
+                }
+                Err(error) => return Err(error.into()),
+            }
+        }
+    }
+
+    /// Whole batches from `offset` on, about `max_bytes` of them (at least one batch), across
+    /// row groups and objects; stops at the archive's end.
+    pub async fn read(
+        self: &Arc<Self>,
+        topic: &str,
+        partition: u32,
+        offset: i64,
+        max_bytes: usize,
+    ) -> Result<ColdRead, ColdError> {
+        let id = (topic.to_string(), partition);
+        let sequential = self
+            .positions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&id)
+            == Some(&offset);
+        let mut out = BytesMut::new();
+        let mut next = offset;
+        let mut records = 0;
+        let mut last: Option<(ManifestObject, Arc<ArchiveReader>)> = None;
+        loop {
+            // Past the first object, only what the cached manifest names: reaching the
+            // archive's end must not reload the manifest on every read.
+            if records > 0 && self.locate_cached(topic, partition, next).is_none() {
+                break;
+            }
+            let remaining = max_bytes.saturating_sub(out.len()).max(1);
+            let (object, reader, read) =
+                match self.read_object(topic, partition, next, remaining).await {
+                    Ok(found) => found,
+                    // Past the first batch, the archive's end (or an expiry racing) ends the read.
+                    Err(ColdError::NotArchived { .. } | ColdError::OutOfRange { .. })
+                        if records > 0 =>
+                    {
+                        break;
+                    }
+                    Err(error) => return Err(error),
+                };
+            out.extend_from_slice(&read.batches);
+            next = read.next_offset;
+            records += read.records;
+            last = Some((object, reader));
+            if read.records == 0 || out.len() >= max_bytes {
+                break;
+            }
+        }
+        self.positions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id.clone(), next);
+        if sequential && let Some((object, reader)) = last {
+            self.prefetch(id, object, reader, next);
+        }
+        Ok(ColdRead {
+            batches: out.freeze(),
+            next_offset: next,
+            records,
+        })
+    }
+
+    /// Fetches, in the background, the row group holding `next` if it is not cached, else the
+    /// one after it; at an object's end, the next object (footer and first row group).
+    fn prefetch(
+        self: &Arc<Self>,
+        id: PartitionKey,
+        object: ManifestObject,
+        reader: Arc<ArchiveReader>,
+        next: i64,
+    ) {
+        if tokio::runtime::Handle::try_current().is_err() {
+            return;
+        }
+        let Ok(permit) = self.prefetch_slots.clone().try_acquire_owned() else {
+            return;
+        };
+        if !self
+            .prefetching
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id.clone())
+        {
+            return;
+        }
+        let cold = self.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let result = cold.prefetch_next(&id, &object, &reader, next).await;
+            if let Err(error) = result {
+                tracing::debug!(topic = %id.0, partition = id.1, %error, "cold prefetch failed");
+            }
+            cold.prefetching
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&id);
+        });
+    }
+
+    async fn prefetch_next(
+        &self,
+        id: &PartitionKey,
+        object: &ManifestObject,
+        reader: &ArchiveReader,
+        next: i64,
+    ) -> Result<(), ColdError> {
+        let (reader, group) = match reader.row_group_of(next) {
+            Some(group) if reader.row_group_cached(group) => {
+                if group + 1 < reader.row_groups() {
+                    (None, group + 1)
+                } else {
+                    // The last group is cached: the next object comes next.
+                    let after = reader.info().last_offset + 1;
+                    let Some(object) = self.locate_cached(&id.0, id.1, after) else {
+                        return Ok(());
+                    };
+                    (Some(self.reader(&object).await?), 0)
+                }
+            }
+            Some(group) => (None, group),
+            None if next > object.last_offset => {
+                let Some(object) = self.locate_cached(&id.0, id.1, next) else {
+                    return Ok(());
+                };
+                let opened = self.reader(&object).await?;
+                let group = opened.row_group_of(next).unwrap_or(0);
+                (Some(opened), group)
+            }
+            None => return Ok(()),
+        };
+        let fetched = match &reader {
+            Some(opened) => opened.prefetch_row_group(group).await?,
+            None => {
+                let current = self.reader(object).await?;
+                current.prefetch_row_group(group).await?
+            }
+        };
+        if fetched {
+            self.prefetched.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// The first archived offset whose timestamp is at or after `timestamp_ms`, with its
+    /// timestamp: `None` when every archived record
+    /// is older (the caller then asks the local log). The manifest's time ranges pick the
+    /// object: the first one whose newest record is not older than `timestamp_ms`.
+    pub async fn offset_for_timestamp(
+        &self,
+        topic: &str,
+        partition: u32,
+        timestamp_ms: i64,
+    ) -> Result<Option<(i64, i64)>, ColdError> {
+        let Some(manifest) = self.manifest(topic, partition, true).await? else {
+            return Ok(None);
+        };
+        for object in &manifest.objects {
+            if object.max_timestamp_ms < timestamp_ms {
+                continue;
+            }
+            let reader = match self.reader(object).await {
+                Ok(reader) => reader,
+                Err(TierError::Store(object_store::Error::NotFound { .. })) => {
+                    self.forget(&object.key);
+                    continue;
+                }
+                Err(error) => return Err(error.into()),
+            };
+            if let Some((offset, timestamp)) = reader.offset_for_timestamp(timestamp_ms).await?
+                && offset >= manifest.log_start_offset
+            {
+                return Ok(Some((offset, timestamp)));
+            }
+        }
+        Ok(None)
+    }
+
+    /// The range the archive holds for a partition, per the cached manifest (reloaded when
+    /// none is cached): `log_start..next`.
+    pub async fn archived_range(
+        &self,
+        topic: &str,
+        partition: u32,
+    ) -> Result<Option<Range<i64>>, ColdError> {
+        let manifest = self.manifest(topic, partition, false).await?;
+        Ok(manifest.and_then(|manifest| {
+            manifest.next_offset().map(|next| {
+                manifest
+                    .log_start_offset
+                    .max(manifest.objects[0].base_offset)..next
+            })
+        }))
+    }
+}
