@@ -118,9 +118,8 @@ impl Admin {
             content_type: JSON,
             body: body.to_string().into_bytes(),
         };
-        let error = |status: Status, message: String| {
-            json(status, serde_json::json!({ "error": message }))
-        };
+        let error =
+            |status: Status, message: String| json(status, serde_json::json!({ "error": message }));
         let Some(slot) = &self.tier else {
             return error(
                 Status::NotFound,
@@ -271,7 +270,11 @@ mod tests {
 
     fn admin(state: watch::Receiver<NodeState>) -> Admin {
         // A recorder of the test's own: nothing is installed globally here.
-        Admin::new(state, PrometheusBuilder::new().build_recorder().handle(), None)
+        Admin::new(
+            state,
+            PrometheusBuilder::new().build_recorder().handle(),
+            None,
+        )
     }
 
     fn get(path: &str) -> Request {

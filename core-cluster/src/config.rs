@@ -408,7 +408,10 @@ impl CoreConfig {
             "retry_initial_ms".into(),
             toml_int(settings.retry_initial.as_millis()),
         );
-        tiering.insert("retry_max_ms".into(), toml_int(settings.retry_max.as_millis()));
+        tiering.insert(
+            "retry_max_ms".into(),
+            toml_int(settings.retry_max.as_millis()),
+        );
         root.insert("tiering".into(), tiering.into());
 
         let topic_defaults: toml::Table = self
@@ -541,11 +544,8 @@ impl RawTiering {
             )?);
         }
         if let Some(value) = &self.retry_max_ms {
-            tiering.retry_max = Duration::from_millis(value.integer(
-                "tiering.retry_max_ms",
-                1,
-                u32::MAX.into(),
-            )?);
+            tiering.retry_max =
+                Duration::from_millis(value.integer("tiering.retry_max_ms", 1, u32::MAX.into())?);
         }
         if tiering.retry_max < tiering.retry_initial {
             return Err(ConfigError::key(
@@ -1143,15 +1143,19 @@ mod tests {
         assert_eq!(defaults.tiering, TieringConfig::default());
 
         let mut sources = file("data_dir = \"/d\"");
-        sources
-            .overrides
-            .push(set("tiering.upload_concurrency", "0", "--set tiering.upload_concurrency"));
+        sources.overrides.push(set(
+            "tiering.upload_concurrency",
+            "0",
+            "--set tiering.upload_concurrency",
+        ));
         let message = error(&sources);
         assert!(
             message.starts_with("config key tiering.upload_concurrency: must be between 1 and 64"),
             "{message}"
         );
-        let message = error(&file("data_dir = \"/d\"\n[tiering]\nbackpressure_ratio = 1"));
+        let message = error(&file(
+            "data_dir = \"/d\"\n[tiering]\nbackpressure_ratio = 1",
+        ));
         assert!(
             message.starts_with("config key tiering.backpressure_ratio: unknown field"),
             "{message}"

@@ -161,7 +161,10 @@ fn describe() {
         TIER_ARCHIVED_OBJECTS,
         "Objects the partition's committed manifest names"
     );
-    describe_counter!(TIER_UPLOADS, "Objects uploaded and committed, per partition");
+    describe_counter!(
+        TIER_UPLOADS,
+        "Objects uploaded and committed, per partition"
+    );
     describe_counter!(
         TIER_UPLOAD_FAILURES,
         "Failed offload attempts (manifest load, upload or commit), per partition"

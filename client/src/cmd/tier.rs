@@ -93,7 +93,10 @@ async fn status(args: StatusArgs) -> Result<(), KafkaError> {
         return Ok(());
     }
     let status: TopicStatus = serde_json::from_slice(&body).map_err(|error| {
-        KafkaError::Protocol(format!("{} sent a status that is not ours: {error}", args.admin))
+        KafkaError::Protocol(format!(
+            "{} sent a status that is not ours: {error}",
+            args.admin
+        ))
     })?;
     print_table(&status);
     Ok(())

@@ -82,7 +82,10 @@ mod tests {
         assert_eq!(delay(1, SECOND, max, 1.0), SECOND / 2);
         for _ in 0..100 {
             let jittered = delay(3, SECOND, max, jitter_unit());
-            assert!((2 * SECOND..=4 * SECOND).contains(&jittered), "{jittered:?}");
+            assert!(
+                (2 * SECOND..=4 * SECOND).contains(&jittered),
+                "{jittered:?}"
+            );
         }
     }
 

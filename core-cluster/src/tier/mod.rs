@@ -205,7 +205,8 @@ impl Tier {
                 };
                 let tier = self.clone();
                 let store = store.clone();
-                tasks.spawn(async move { tier.offload_partition(store, partition, manifest).await });
+                tasks
+                    .spawn(async move { tier.offload_partition(store, partition, manifest).await });
             }
         }
         self.refresh();
@@ -222,11 +223,9 @@ impl Tier {
                     slot.last_error = None;
                 }
                 Err(error) => {
-                    let wait = slot.retry.failed(
-                        now,
-                        self.config.retry_initial,
-                        self.config.retry_max,
-                    );
+                    let wait =
+                        slot.retry
+                            .failed(now, self.config.retry_initial, self.config.retry_max);
                     tracing::warn!(
                         store = %self.url,
                         %error,
@@ -397,7 +396,8 @@ impl Tier {
 
     /// Recomputes backpressure and the per-partition gauges.
     pub(crate) fn refresh(&self) {
-        let partitions: Vec<Arc<PartitionTier>> = lock(&self.partitions).values().cloned().collect();
+        let partitions: Vec<Arc<PartitionTier>> =
+            lock(&self.partitions).values().cloned().collect();
         let mut behind_bytes = 0u64;
         for partition in &partitions {
             let log = &partition.log;
@@ -440,7 +440,12 @@ impl Tier {
 /// Whether Produce must wait: the data directory uses at least `percent` of its budget and
 /// closed segments still await offload (so waiting frees space). With no budget there is no
 /// threshold; once everything closed is archived, the budget's own policy decides.
-fn backpressure_due(used_bytes: u64, budget_bytes: Option<u64>, percent: u8, behind_bytes: u64) -> bool {
+fn backpressure_due(
+    used_bytes: u64,
+    budget_bytes: Option<u64>,
+    percent: u8,
+    behind_bytes: u64,
+) -> bool {
     let Some(budget) = budget_bytes else {
         return false;
     };
@@ -491,8 +496,14 @@ mod tests {
         assert!(!backpressure_due(100, None, 90, 50));
         assert!(!backpressure_due(89, Some(100), 90, 50));
         assert!(backpressure_due(90, Some(100), 90, 50));
-        assert!(!backpressure_due(95, Some(100), 90, 0), "nothing left to offload");
-        assert!(backpressure_due(u64::MAX, Some(u64::MAX), 100, 1), "no overflow");
+        assert!(
+            !backpressure_due(95, Some(100), 90, 0),
+            "nothing left to offload"
+        );
+        assert!(
+            backpressure_due(u64::MAX, Some(u64::MAX), 100, 1),
+            "no overflow"
+        );
     }
 
     #[test]
