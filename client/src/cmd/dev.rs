@@ -58,7 +58,7 @@ struct Node {
 /// The core's `--set`s that make tiering visible in minutes (see `run`).
 const DEV_TIERING: &[&str] = &[
     "topic_defaults.segment.ms=60000",
-    "topic_defaults.segment.bytes=1MiB",
+    "topic_defaults.segment.bytes=1048576",
     "topic_defaults.local.retention.ms=300000",
     "tiering.max_wait_ms=60000",
     "tiering.check_interval_ms=5000",
