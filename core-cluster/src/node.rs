@@ -83,6 +83,15 @@ pub(crate) async fn run(
         .context("opening the data directory panicked")?
         .with_context(|| format!("cannot open data directory {}", data_dir.display()))?;
 
+    // Created before the broker, which will read its backpressure flag on Produce; it starts
+    // nothing until `run`.
+    let tier = config.object_store.as_ref().map(|store| {
+        let tier = Tier::new(&store.url, config.tiering, log.clone());
+        if let Some(slot) = &tier_slot {
+            let _ = slot.set(tier.clone());
+        }
+        tier
+    });
     let advertised = config
         .kafka
         .advertised_listener
@@ -133,13 +142,6 @@ pub(crate) async fn run(
     // Tiering starts after the broker and listeners, so a slow or unreachable store never
     // delays serving hot data.
     let (stop_tier, tier_stopped) = oneshot::channel::<()>();
-    let tier = config.object_store.as_ref().map(|store| {
-        let tier = Tier::new(&store.url, config.tiering, log.clone());
-        if let Some(slot) = &tier_slot {
-            let _ = slot.set(tier.clone());
-        }
-        tier
-    });
     let mut tier_task = AbortOnDrop(tokio::spawn({
         let tier = tier.clone();
         async move {
