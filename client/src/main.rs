@@ -1,5 +1,5 @@
 //! `silt`: the command-line tool. It talks to a Silt core (or any Kafka-protocol broker) with
-//! `topic`, `produce`, `consume` and `group`, and measures Silt with `bench`.
+//! `topic`, `produce`, `consume`, `group` and `tier`, and measures Silt with `bench`.
 
 mod bench;
 mod cmd;
@@ -33,6 +33,11 @@ enum Command {
         #[command(subcommand)]
         command: cmd::group::GroupCommand,
     },
+    /// Show how a core tiers a topic to the object store.
+    Tier {
+        #[command(subcommand)]
+        command: cmd::tier::TierCommand,
+    },
     /// Run a whole Silt here: an edge (MQTT on 127.0.0.1:1883) shipping to a core (Kafka on
     /// 127.0.0.1:9092) over the uplink, with a local directory as the object store.
     Dev(cmd::dev::DevArgs),
@@ -51,6 +56,7 @@ fn main() -> ExitCode {
         Command::Produce(args) => block_on(cmd::produce::run(args)),
         Command::Consume(args) => block_on(cmd::consume::run(args)),
         Command::Group { command } => block_on(cmd::group::run(command)),
+        Command::Tier { command } => block_on(cmd::tier::run(command)),
         Command::Dev(args) => block_on(cmd::dev::run(args)),
     };
     match result {

@@ -9,13 +9,15 @@
 //! - `/health`: 200 `ok` while the node serves; 503 while it opens its log (`starting`) and
 //!   once it is stopping (`shutting down`), so a probe stops routing to it first.
 //! - `/metrics`: the Prometheus text format, with the log's numbers refreshed on each scrape.
+//! - `/v1/tier/status/<topic>`: the topic's tiering, per partition, as JSON (`silt tier
+//!   status`); 404 with a JSON `error` for an unknown topic or a node without tiering.
 //! - Unknown paths get 404; known paths with a method other than GET or HEAD get 405.
 
 use silt_gateways::admin_http as http;
 
 use std::future::Future;
 use std::io;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -27,6 +29,7 @@ use tokio::task::JoinSet;
 use tokio::time::timeout;
 
 use crate::telemetry;
+use crate::tier::{StatusError, Tier};
 use silt_gateways::admin_http::{HEAD_BYTES_MAX, HeadError, Method, Request, Response, Status};
 
 /// Most admin connections served at once; a scraper and a probe or two need far fewer.
@@ -62,29 +65,78 @@ impl NodeState {
     }
 }
 
+/// Where the status endpoint's paths start; the topic name follows.
+const TIER_STATUS_PREFIX: &str = "/v1/tier/status/";
+/// Content type of the JSON answers.
+const JSON: &str = "application/json";
+
+/// The node's tiering as the admin server sees it: `None` when no object store is configured;
+/// set once the log is open.
+pub(crate) type TierSlot = Option<Arc<OnceLock<Arc<Tier>>>>;
+
 /// What the admin server reports on.
 #[derive(Debug)]
 pub(crate) struct Admin {
     state: watch::Receiver<NodeState>,
     metrics: PrometheusHandle,
+    tier: TierSlot,
 }
 
 impl Admin {
-    pub(crate) fn new(state: watch::Receiver<NodeState>, metrics: PrometheusHandle) -> Admin {
-        Admin { state, metrics }
+    pub(crate) fn new(
+        state: watch::Receiver<NodeState>,
+        metrics: PrometheusHandle,
+        tier: TierSlot,
+    ) -> Admin {
+        Admin {
+            state,
+            metrics,
+            tier,
+        }
     }
 
     async fn respond(&self, request: &Request) -> Response {
-        let known = matches!(request.path.as_str(), "/health" | "/metrics");
+        let path = request.path.as_str();
+        let tier_topic = path.strip_prefix(TIER_STATUS_PREFIX);
+        let known = matches!(path, "/health" | "/metrics") || tier_topic.is_some();
         if !known {
             return Response::status(Status::NotFound);
         }
         if request.method == Method::Other {
             return Response::status(Status::MethodNotAllowed);
         }
-        match request.path.as_str() {
-            "/health" => self.health(),
+        match (path, tier_topic) {
+            (_, Some(topic)) => self.tier_status(topic),
+            ("/health", None) => self.health(),
             _ => self.metrics().await,
+        }
+    }
+
+    fn tier_status(&self, topic: &str) -> Response {
+        let json = |status: Status, body: serde_json::Value| Response {
+            status,
+            content_type: JSON,
+            body: body.to_string().into_bytes(),
+        };
+        let error =
+            |status: Status, message: String| json(status, serde_json::json!({ "error": message }));
+        let Some(slot) = &self.tier else {
+            return error(
+                Status::NotFound,
+                "tiering is off on this node: no object_store is configured".into(),
+            );
+        };
+        let Some(tier) = slot.get() else {
+            return error(Status::Unavailable, "the node is starting".into());
+        };
+        match tier.status(topic) {
+            Ok(status) => json(
+                Status::Ok,
+                serde_json::to_value(status).expect("a status always serializes"),
+            ),
+            Err(failure @ (StatusError::UnknownTopic(_) | StatusError::Internal(_))) => {
+                error(Status::NotFound, failure.to_string())
+            }
         }
     }
 
@@ -99,9 +151,13 @@ impl Admin {
     async fn metrics(&self) -> Response {
         let log = self.state.borrow().log().cloned();
         let handle = self.metrics.clone();
+        let tier = self.tier.as_ref().and_then(|slot| slot.get()).cloned();
         let rendered = tokio::task::spawn_blocking(move || {
             if let Some(log) = log {
                 telemetry::refresh_log(&log);
+            }
+            if let Some(tier) = tier {
+                tier.refresh();
             }
             handle.run_upkeep();
             handle.render()
@@ -214,7 +270,11 @@ mod tests {
 
     fn admin(state: watch::Receiver<NodeState>) -> Admin {
         // A recorder of the test's own: nothing is installed globally here.
-        Admin::new(state, PrometheusBuilder::new().build_recorder().handle())
+        Admin::new(
+            state,
+            PrometheusBuilder::new().build_recorder().handle(),
+            None,
+        )
     }
 
     fn get(path: &str) -> Request {

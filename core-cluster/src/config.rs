@@ -52,13 +52,30 @@ pub(crate) mod defaults {
     /// How often retention runs over every partition: often enough that a size limit is
     /// kept within a few seconds' ingest, rarely enough to cost nothing.
     pub(crate) const RETENTION_CHECK_MS: u64 = 30_000;
+    /// Objects near 128 MiB of log bytes: Parquet files of tens of MiB after zstd, the size
+    /// analytics engines read best (DESIGN.md: tens to hundreds of MiB).
+    pub(crate) const TIERING_OBJECT_BYTES_TARGET: u64 = 128 << 20;
+    /// A quiet partition's data reaches the archive within ten minutes.
+    pub(crate) const TIERING_MAX_WAIT_MS: u64 = 10 * 60 * 1000;
+    /// Checking a partition costs a lock and a walk of its segment list: every few seconds is
+    /// cheap, and a closed segment waits at most this long.
+    pub(crate) const TIERING_CHECK_INTERVAL_MS: u64 = 5_000;
+    /// Two uploads at once: enough to hide one upload's latency, little enough that offload
+    /// leaves CPU to ingest on a small machine.
+    pub(crate) const TIERING_UPLOAD_CONCURRENCY: usize = 2;
+    /// Refuse produce at 90% of the budget while offload is behind, leaving a tenth of the
+    /// budget for batches already accepted.
+    pub(crate) const TIERING_BACKPRESSURE_PERCENT: u8 = 90;
+    /// Retry a failed upload after a second, doubling to at most a minute.
+    pub(crate) const TIERING_RETRY_INITIAL_MS: u64 = 1_000;
+    pub(crate) const TIERING_RETRY_MAX_MS: u64 = 60_000;
 }
 
 /// Smallest `log.max_batch_bytes`: the 61-byte header of a RecordBatch v2 with no records.
 const MAX_BATCH_BYTES_MIN: u64 = 61;
 
 /// Tables of the config file; `--set SECTION.KEY=VALUE` addresses a key inside one.
-const SECTIONS: &[&str] = &["log", "topic_defaults", "kafka", "uplink"];
+const SECTIONS: &[&str] = &["log", "topic_defaults", "kafka", "uplink", "tiering"];
 
 /// A validated core node configuration.
 #[derive(Debug, Clone, PartialEq)]
@@ -75,8 +92,48 @@ pub(crate) struct CoreConfig {
     pub(crate) kafka: KafkaConfig,
     /// The uplink server's listener.
     pub(crate) uplink: UplinkConfig,
-    /// The object store cold segments are tiered to (`object_store`); unused until tiering.
+    /// The object store cold segments are tiered to (`object_store`); `None` turns tiering
+    /// off.
     pub(crate) object_store: Option<ObjectStoreUrl>,
+    /// How tiering runs (`[tiering]`); used only with an object store.
+    pub(crate) tiering: TieringConfig,
+}
+
+/// The `[tiering]` section: how closed segments move to the object store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct TieringConfig {
+    /// Segments are merged until an object holds this many log bytes
+    /// (`tiering.object_bytes_target`).
+    pub(crate) object_bytes_target: u64,
+    /// A smaller object is written once its newest data is this old (`tiering.max_wait_ms`).
+    pub(crate) max_wait_ms: u64,
+    /// How often every partition is checked for closed segments to offload
+    /// (`tiering.check_interval_ms`).
+    pub(crate) check_interval: Duration,
+    /// Uploads under way at once, across partitions (`tiering.upload_concurrency`).
+    pub(crate) upload_concurrency: usize,
+    /// Produce is refused (retriably) once the data directory uses this percentage of
+    /// `log.budget_bytes` while offload is behind (`tiering.backpressure_percent`).
+    pub(crate) backpressure_percent: u8,
+    /// First retry delay after a failed upload; it doubles per failure
+    /// (`tiering.retry_initial_ms`).
+    pub(crate) retry_initial: Duration,
+    /// Longest retry delay (`tiering.retry_max_ms`).
+    pub(crate) retry_max: Duration,
+}
+
+impl Default for TieringConfig {
+    fn default() -> Self {
+        TieringConfig {
+            object_bytes_target: defaults::TIERING_OBJECT_BYTES_TARGET,
+            max_wait_ms: defaults::TIERING_MAX_WAIT_MS,
+            check_interval: Duration::from_millis(defaults::TIERING_CHECK_INTERVAL_MS),
+            upload_concurrency: defaults::TIERING_UPLOAD_CONCURRENCY,
+            backpressure_percent: defaults::TIERING_BACKPRESSURE_PERCENT,
+            retry_initial: Duration::from_millis(defaults::TIERING_RETRY_INITIAL_MS),
+            retry_max: Duration::from_millis(defaults::TIERING_RETRY_MAX_MS),
+        }
+    }
 }
 
 /// The `[kafka]` section.
@@ -328,6 +385,34 @@ impl CoreConfig {
         if let Some(store) = &self.object_store {
             root.insert("object_store".into(), store.url.clone().into());
         }
+        let mut tiering = toml::Table::new();
+        let settings = &self.tiering;
+        tiering.insert(
+            "object_bytes_target".into(),
+            toml_int(settings.object_bytes_target),
+        );
+        tiering.insert("max_wait_ms".into(), toml_int(settings.max_wait_ms));
+        tiering.insert(
+            "check_interval_ms".into(),
+            toml_int(settings.check_interval.as_millis()),
+        );
+        tiering.insert(
+            "upload_concurrency".into(),
+            toml_int(settings.upload_concurrency),
+        );
+        tiering.insert(
+            "backpressure_percent".into(),
+            toml_int(settings.backpressure_percent),
+        );
+        tiering.insert(
+            "retry_initial_ms".into(),
+            toml_int(settings.retry_initial.as_millis()),
+        );
+        tiering.insert(
+            "retry_max_ms".into(),
+            toml_int(settings.retry_max.as_millis()),
+        );
+        root.insert("tiering".into(), tiering.into());
 
         let topic_defaults: toml::Table = self
             .log
@@ -410,6 +495,69 @@ struct RawConfig {
     kafka: RawKafka,
     #[serde(default)]
     uplink: RawUplink,
+    #[serde(default)]
+    tiering: RawTiering,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTiering {
+    object_bytes_target: Option<Scalar>,
+    max_wait_ms: Option<Scalar>,
+    check_interval_ms: Option<Scalar>,
+    upload_concurrency: Option<Scalar>,
+    backpressure_percent: Option<Scalar>,
+    retry_initial_ms: Option<Scalar>,
+    retry_max_ms: Option<Scalar>,
+}
+
+impl RawTiering {
+    fn validate(self) -> Result<TieringConfig, ConfigError> {
+        let mut tiering = TieringConfig::default();
+        if let Some(value) = &self.object_bytes_target {
+            tiering.object_bytes_target =
+                value.bytes("tiering.object_bytes_target", 1, 16 << 30)?;
+        }
+        if let Some(value) = &self.max_wait_ms {
+            tiering.max_wait_ms = value.integer("tiering.max_wait_ms", 0, u32::MAX.into())?;
+        }
+        if let Some(value) = &self.check_interval_ms {
+            tiering.check_interval = Duration::from_millis(value.integer(
+                "tiering.check_interval_ms",
+                10,
+                u32::MAX.into(),
+            )?);
+        }
+        if let Some(value) = &self.upload_concurrency {
+            let count = value.integer("tiering.upload_concurrency", 1, 64)?;
+            tiering.upload_concurrency = usize::try_from(count).expect("at most 64");
+        }
+        if let Some(value) = &self.backpressure_percent {
+            let percent = value.integer("tiering.backpressure_percent", 1, 100)?;
+            tiering.backpressure_percent = u8::try_from(percent).expect("at most 100");
+        }
+        if let Some(value) = &self.retry_initial_ms {
+            tiering.retry_initial = Duration::from_millis(value.integer(
+                "tiering.retry_initial_ms",
+                1,
+                u32::MAX.into(),
+            )?);
+        }
+        if let Some(value) = &self.retry_max_ms {
+            tiering.retry_max =
+                Duration::from_millis(value.integer("tiering.retry_max_ms", 1, u32::MAX.into())?);
+        }
+        if tiering.retry_max < tiering.retry_initial {
+            return Err(ConfigError::key(
+                "tiering.retry_max_ms",
+                format!(
+                    "must be at least tiering.retry_initial_ms ({} ms)",
+                    tiering.retry_initial.as_millis()
+                ),
+            ));
+        }
+        Ok(tiering)
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -501,6 +649,7 @@ impl RawConfig {
             })?;
         }
         let kafka = self.kafka.validate()?;
+        let tiering = self.tiering.validate()?;
         let uplink = UplinkConfig {
             listen: socket_addr(
                 "uplink.listen",
@@ -542,6 +691,7 @@ impl RawConfig {
             kafka,
             uplink,
             object_store,
+            tiering,
         })
     }
 }
@@ -963,6 +1113,60 @@ mod tests {
         assert!(!config.kafka.auto_create_topics);
         assert_eq!(config.kafka.max_request_bytes, 1 << 20);
         assert_eq!(config.uplink.listen, "[::]:9093".parse().unwrap());
+    }
+
+    #[test]
+    fn tiering_keys_are_parsed_validated_and_round_trip() {
+        let config = CoreConfig::resolve(&file(
+            r#"
+            data_dir = "/var/lib/silt"
+            [tiering]
+            object_bytes_target = "64MiB"
+            max_wait_ms = 60000
+            check_interval_ms = 500
+            upload_concurrency = 4
+            backpressure_percent = 80
+            retry_initial_ms = 100
+            retry_max_ms = 5000
+            "#,
+        ))
+        .unwrap();
+        assert_eq!(config.tiering.object_bytes_target, 64 << 20);
+        assert_eq!(config.tiering.max_wait_ms, 60_000);
+        assert_eq!(config.tiering.check_interval, Duration::from_millis(500));
+        assert_eq!(config.tiering.upload_concurrency, 4);
+        assert_eq!(config.tiering.backpressure_percent, 80);
+        assert_eq!(config.tiering.retry_max, Duration::from_secs(5));
+        let again = CoreConfig::resolve(&file(&config.to_toml())).unwrap();
+        assert_eq!(again, config);
+        let defaults = CoreConfig::resolve(&file("data_dir = \"/d\"")).unwrap();
+        assert_eq!(defaults.tiering, TieringConfig::default());
+
+        let mut sources = file("data_dir = \"/d\"");
+        sources.overrides.push(set(
+            "tiering.upload_concurrency",
+            "0",
+            "--set tiering.upload_concurrency",
+        ));
+        let message = error(&sources);
+        assert!(
+            message.starts_with("config key tiering.upload_concurrency: must be between 1 and 64"),
+            "{message}"
+        );
+        let message = error(&file(
+            "data_dir = \"/d\"\n[tiering]\nbackpressure_ratio = 1",
+        ));
+        assert!(
+            message.starts_with("config key tiering.backpressure_ratio: unknown field"),
+            "{message}"
+        );
+        let message = error(&file(
+            "data_dir = \"/d\"\n[tiering]\nretry_initial_ms = 10\nretry_max_ms = 5",
+        ));
+        assert!(
+            message.starts_with("config key tiering.retry_max_ms: must be at least"),
+            "{message}"
+        );
     }
 
     #[test]

@@ -10,6 +10,8 @@
 //!   consumer groups, committed offsets.
 //! - `admin`: the admin port (`/health`, `/metrics`) and its minimal HTTP/1.1 codec.
 //! - `telemetry`: the Prometheus recorder and the metrics the node reports.
+//! - `tier`: tiering: the offload loop, archive-bounded local retention, backpressure and the
+//!   tier status endpoint, over `silt-tiering`.
 
 mod admin;
 mod broker;
@@ -17,6 +19,7 @@ mod cli;
 mod config;
 mod node;
 mod telemetry;
+mod tier;
 mod tls;
 mod uplink;
 
@@ -48,8 +51,9 @@ use crate::config::CoreConfig;
 const EXIT_CONFIG: u8 = 2;
 
 fn main() -> ExitCode {
-    // object_store's S3 client links aws-lc-rs next to ring: with two providers rustls cannot
-    // pick one, so ring is installed before anything builds a TLS config.
+    // object_store's S3 client links aws-lc-rs next to our ring: with two providers compiled
+    // in, rustls refuses to pick one and panics on the first config built without an explicit
+    // provider. The node uses ring everywhere, so say so before anything builds a config.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let mut args = std::env::args_os().skip(1);
     if args.next().is_some_and(|first| first == "issue-cert") {

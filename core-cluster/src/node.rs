@@ -10,7 +10,7 @@
 //! next start skips recovery; and only then does the admin port stop.
 
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -26,6 +26,7 @@ use crate::admin::{self, Admin, NodeState};
 use crate::broker::{Broker, BrokerConfig, GROUP_TICK};
 use crate::config::CoreConfig;
 use crate::telemetry;
+use crate::tier::Tier;
 use crate::tls::{self, ServerTls};
 use crate::uplink::{AppendHook, UplinkServer, UplinkServerConfig};
 
@@ -62,9 +63,13 @@ pub(crate) async fn run(
         .context("cannot read the kafka listener's address")?;
     let (state, state_receiver) = watch::channel(NodeState::Starting);
     let (stop_admin, admin_stopped) = oneshot::channel::<()>();
+    let tier_slot = config
+        .object_store
+        .as_ref()
+        .map(|_| Arc::new(OnceLock::new()));
     let mut admin_server = AbortOnDrop(tokio::spawn(admin::serve(
         listeners.admin,
-        Admin::new(state_receiver, metrics.clone()),
+        Admin::new(state_receiver, metrics.clone(), tier_slot.clone()),
         async move {
             let _ = admin_stopped.await;
         },
@@ -78,6 +83,15 @@ pub(crate) async fn run(
         .context("opening the data directory panicked")?
         .with_context(|| format!("cannot open data directory {}", data_dir.display()))?;
 
+    // Created before the broker, which will read its backpressure flag on Produce; it starts
+    // nothing until `run`.
+    let tier = config.object_store.as_ref().map(|store| {
+        let tier = Tier::new(&store.url, config.tiering, log.clone());
+        if let Some(slot) = &tier_slot {
+            let _ = slot.set(tier.clone());
+        }
+        tier
+    });
     let advertised = config
         .kafka
         .advertised_listener
@@ -133,6 +147,21 @@ pub(crate) async fn run(
         }
     };
 
+    // Tiering starts after the broker and listeners, so a slow or unreachable store never
+    // delays serving hot data.
+    let (stop_tier, tier_stopped) = oneshot::channel::<()>();
+    let mut tier_task = AbortOnDrop(tokio::spawn({
+        let tier = tier.clone();
+        async move {
+            if let Some(tier) = tier {
+                tier.run(async move {
+                    let _ = tier_stopped.await;
+                })
+                .await;
+            }
+        }
+    }));
+
     state.send_replace(NodeState::Serving(log.clone()));
     let recovery = log.recovery_report();
     // Tests bind port 0 and read the real ports from the `admin=` and `kafka=` fields of this
@@ -143,6 +172,7 @@ pub(crate) async fn run(
         admin = %admin_addr,
         kafka = %kafka_addr,
         uplink = %uplink.addr,
+        object_store = config.object_store.as_ref().map_or("none", |store| store.url.as_str()),
         clean = log.opened_clean(),
         topics = log.topics().len(),
         segments_recovered = recovery.segments_recovered,
@@ -160,7 +190,7 @@ pub(crate) async fn run(
     loop {
         tokio::select! {
             () = &mut shutdown => break,
-            _ = retention.tick() => enforce_retention(&log).await,
+            _ = retention.tick() => enforce_retention(&log, tier.as_ref()).await,
             _ = upkeep.tick() => {
                 telemetry::refresh_groups(&broker);
                 metrics.run_upkeep();
@@ -176,6 +206,8 @@ pub(crate) async fn run(
     // Appends under way finish before the log closes: nothing acked is lost.
     let _ = uplink.stop.send(());
     let _ = uplink.server.await;
+    let _ = stop_tier.send(());
+    let _ = (&mut tier_task.0).await;
     close_log(&log).await?;
     let _ = stop_admin.send(());
     let _ = (&mut admin_server.0).await;
@@ -247,11 +279,16 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// One retention pass; a failure is logged and retried at the next tick.
-async fn enforce_retention(log: &Arc<LogManager>) {
+/// One retention pass; a failure is logged and retried at the next tick. With tiering, each
+/// tiered partition deletes locally only what its committed manifest holds.
+async fn enforce_retention(log: &Arc<LogManager>, tier: Option<&Arc<Tier>>) {
     let log = log.clone();
-    let result =
-        tokio::task::spawn_blocking(move || log.enforce_retention(silt_log::now_ms())).await;
+    let tier = tier.cloned();
+    let result = tokio::task::spawn_blocking(move || match tier {
+        Some(tier) => tier.enforce_local_retention(silt_log::now_ms()),
+        None => log.enforce_retention(silt_log::now_ms()),
+    })
+    .await;
     match result {
         Ok(Ok(report)) if report.segments > 0 => tracing::info!(
             segments = report.segments,

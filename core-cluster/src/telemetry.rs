@@ -13,7 +13,7 @@
 //! mirrors `silt-edge`'s `telemetry.rs` for the log's numbers, so both nodes name them alike.
 
 use anyhow::anyhow;
-use metrics::{counter, describe_counter, describe_gauge, gauge};
+use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use silt_log::LogManager;
 
@@ -33,11 +33,25 @@ pub(crate) const PARTITION_END_OFFSET: &str = "silt_log_partition_end_offset";
 pub(crate) const PARTITION_SIZE_BYTES: &str = "silt_log_partition_size_bytes";
 pub(crate) const PARTITION_FSYNCS: &str = "silt_log_partition_fsyncs_total";
 pub(crate) const KAFKA_GROUPS: &str = "silt_kafka_groups";
+pub(crate) const TIER_UPLOAD_LAG_BYTES: &str = "silt_tier_upload_lag_bytes";
+pub(crate) const TIER_UPLOAD_LAG_RECORDS: &str = "silt_tier_upload_lag_records";
+pub(crate) const TIER_ARCHIVED_BYTES: &str = "silt_tier_archived_bytes";
+pub(crate) const TIER_ARCHIVED_OBJECTS: &str = "silt_tier_archived_objects";
+pub(crate) const TIER_UPLOADS: &str = "silt_tier_uploads_total";
+pub(crate) const TIER_UPLOAD_FAILURES: &str = "silt_tier_upload_failures_total";
+pub(crate) const TIER_UPLOADED_BYTES: &str = "silt_tier_uploaded_bytes_total";
+pub(crate) const TIER_UPLOAD_SECONDS: &str = "silt_tier_upload_duration_seconds";
+pub(crate) const TIER_BACKPRESSURE: &str = "silt_tier_backpressure";
 
 /// Bucket bounds of every `*_seconds` histogram: from a fast SSD fsync to a disk having a bad
 /// second.
 const LATENCY_BUCKETS_SECONDS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+];
+/// Bucket bounds of the upload-duration histogram: converting and uploading an object of up
+/// to a few hundred MiB takes from a fraction of a second to minutes.
+const UPLOAD_BUCKETS_SECONDS: &[f64] = &[
+    0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
 ];
 /// Installs the process's Prometheus recorder and returns the handle that renders it.
 ///
@@ -46,6 +60,11 @@ const LATENCY_BUCKETS_SECONDS: &[f64] = &[
 /// histogram is rendered as a summary.
 pub(crate) fn install_recorder() -> anyhow::Result<PrometheusHandle> {
     let recorder = PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            Matcher::Full(TIER_UPLOAD_SECONDS.into()),
+            UPLOAD_BUCKETS_SECONDS,
+        )
+        .map_err(|error| anyhow!("invalid histogram buckets: {error}"))?
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS_SECONDS)
         .map_err(|error| anyhow!("invalid histogram buckets: {error}"))?
         .build_recorder();
@@ -125,6 +144,42 @@ fn describe() {
     describe_counter!(
         PARTITION_FSYNCS,
         "fsyncs of segment data since the partition was opened"
+    );
+    describe_gauge!(
+        TIER_UPLOAD_LAG_BYTES,
+        "Log bytes committed locally but not yet archived, per partition (active segment included)"
+    );
+    describe_gauge!(
+        TIER_UPLOAD_LAG_RECORDS,
+        "Offsets committed locally but not yet archived, per partition"
+    );
+    describe_gauge!(
+        TIER_ARCHIVED_BYTES,
+        "Bytes of the objects the partition's committed manifest names"
+    );
+    describe_gauge!(
+        TIER_ARCHIVED_OBJECTS,
+        "Objects the partition's committed manifest names"
+    );
+    describe_counter!(
+        TIER_UPLOADS,
+        "Objects uploaded and committed, per partition"
+    );
+    describe_counter!(
+        TIER_UPLOAD_FAILURES,
+        "Failed offload attempts (manifest load, upload or commit), per partition"
+    );
+    describe_counter!(
+        TIER_UPLOADED_BYTES,
+        "Bytes of archive objects uploaded and committed, per partition"
+    );
+    describe_histogram!(
+        TIER_UPLOAD_SECONDS,
+        "Time to convert, upload and commit one archive object"
+    );
+    describe_gauge!(
+        TIER_BACKPRESSURE,
+        "1 while Produce is refused because the disk is nearly full and offload is behind"
     );
 }
 

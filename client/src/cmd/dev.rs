@@ -55,6 +55,25 @@ struct Node {
     log: PathBuf,
 }
 
+/// The core's `--set`s that make tiering visible in minutes (see `run`).
+const DEV_TIERING: &[&str] = &[
+    "topic_defaults.segment.ms=60000",
+    "topic_defaults.segment.bytes=1048576",
+    "topic_defaults.local.retention.ms=300000",
+    "tiering.max_wait_ms=60000",
+    "tiering.check_interval_ms=5000",
+    "log.retention_check_ms=10000",
+];
+
+/// A DuckDB command that reads the archive in place, Hive keys (`topic`, `partition`, `date`)
+/// as columns.
+fn duckdb_command(objects: &Path) -> String {
+    format!(
+        "duckdb -c \"SELECT \\\"offset\\\", timestamp, decode(key) AS key, decode(value) AS value, topic, partition FROM read_parquet('{}/v1/**/*.parquet', hive_partitioning=true) ORDER BY \\\"offset\\\" LIMIT 10\"",
+        objects.display()
+    )
+}
+
 pub(crate) async fn run(args: DevArgs) -> Result<(), KafkaError> {
     let failed = |what: String| KafkaError::Unsupported(what);
     let bin_dir = std::env::current_exe()
@@ -97,6 +116,12 @@ pub(crate) async fn run(args: DevArgs) -> Result<(), KafkaError> {
         .arg(format!("file://{}", objects.display()))
         .arg("--set")
         .arg(format!("uplink.tls_dir={}", tls_dir.display()));
+    // A short hot tier, so a newcomer sees Parquet files within minutes: segments close
+    // every minute (or at 1 MiB), are archived as soon as they close, and stay on local disk
+    // five minutes after that.
+    for setting in DEV_TIERING {
+        core_command.arg("--set").arg(setting);
+    }
     let mut core = spawn("core", core_command, &data_dir)?;
     if let Err(error) = wait_healthy(&mut core, args.core_admin_listen).await {
         stop(core).await;
@@ -146,7 +171,10 @@ pub(crate) async fn run(args: DevArgs) -> Result<(), KafkaError> {
         args.kafka_listen
     );
     println!("  uplink  {}  (QUIC, edge -> core)", args.uplink_listen);
-    println!("  objects file://{}", objects.display());
+    println!(
+        "  objects file://{}  (Parquet, within about two minutes of the first message)",
+        objects.display()
+    );
     println!(
         "  metrics http://{}/metrics (core), http://{}/metrics (edge)",
         args.core_admin_listen, args.edge_admin_listen
@@ -159,6 +187,11 @@ pub(crate) async fn run(args: DevArgs) -> Result<(), KafkaError> {
         args.mqtt_listen.port(),
         args.kafka_listen
     );
+    println!(
+        "  silt tier status --admin {} --topic mqtt",
+        args.core_admin_listen
+    );
+    println!("  {}", duckdb_command(&objects));
     println!("Ctrl-C stops both nodes.");
     eprintln!(
         "silt: dev is running (mqtt={} kafka={})",
@@ -295,5 +328,26 @@ async fn stop(mut node: Node) {
             );
             let _ = node.child.kill().await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_duckdb_line_globs_the_hive_tree_and_quotes_offset() {
+        let line = duckdb_command(Path::new("/tmp/silt-dev/objects"));
+        assert!(
+            line.contains(
+                "read_parquet('/tmp/silt-dev/objects/v1/**/*.parquet', hive_partitioning=true)"
+            ),
+            "{line}"
+        );
+        // `offset` is an SQL keyword: quoted inside the shell's double quotes.
+        assert!(
+            line.contains("ORDER BY \\\"offset\\\" LIMIT 10\""),
+            "{line}"
+        );
     }
 }

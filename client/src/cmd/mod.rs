@@ -1,9 +1,11 @@
-//! The `silt` commands that talk to a cluster over the Kafka protocol.
+//! The `silt` commands that talk to a cluster: over the Kafka protocol, and `tier` over a
+//! core's admin port.
 
 pub(crate) mod consume;
 pub(crate) mod dev;
 pub(crate) mod group;
 pub(crate) mod produce;
+pub(crate) mod tier;
 mod time;
 pub(crate) mod topic;
 
