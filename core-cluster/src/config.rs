@@ -69,6 +69,11 @@ pub(crate) mod defaults {
     /// Retry a failed upload after a second, doubling to at most a minute.
     pub(crate) const TIERING_RETRY_INITIAL_MS: u64 = 1_000;
     pub(crate) const TIERING_RETRY_MAX_MS: u64 = 60_000;
+    /// Garbage collection LISTs a partition's directory: every ten minutes keeps the LIST
+    /// requests cheap and orphans short-lived.
+    pub(crate) const TIERING_GC_INTERVAL_MS: u64 = 600_000;
+    /// An unnamed object younger than an hour may be an upload about to commit.
+    pub(crate) const TIERING_GC_GRACE_MS: u64 = silt_tiering::gc::GC_GRACE_MS_DEFAULT as u64;
 }
 
 /// Smallest `log.max_batch_bytes`: the 61-byte header of a RecordBatch v2 with no records.
@@ -120,6 +125,11 @@ pub(crate) struct TieringConfig {
     pub(crate) retry_initial: Duration,
     /// Longest retry delay (`tiering.retry_max_ms`).
     pub(crate) retry_max: Duration,
+    /// How often each partition's archive is garbage collected (`tiering.gc_interval_ms`).
+    pub(crate) gc_interval: Duration,
+    /// Unnamed objects and interrupted uploads younger than this are left alone
+    /// (`tiering.gc_grace_ms`).
+    pub(crate) gc_grace_ms: u64,
 }
 
 impl Default for TieringConfig {
@@ -132,6 +142,8 @@ impl Default for TieringConfig {
             backpressure_percent: defaults::TIERING_BACKPRESSURE_PERCENT,
             retry_initial: Duration::from_millis(defaults::TIERING_RETRY_INITIAL_MS),
             retry_max: Duration::from_millis(defaults::TIERING_RETRY_MAX_MS),
+            gc_interval: Duration::from_millis(defaults::TIERING_GC_INTERVAL_MS),
+            gc_grace_ms: defaults::TIERING_GC_GRACE_MS,
         }
     }
 }
@@ -412,6 +424,11 @@ impl CoreConfig {
             "retry_max_ms".into(),
             toml_int(settings.retry_max.as_millis()),
         );
+        tiering.insert(
+            "gc_interval_ms".into(),
+            toml_int(settings.gc_interval.as_millis()),
+        );
+        tiering.insert("gc_grace_ms".into(), toml_int(settings.gc_grace_ms));
         root.insert("tiering".into(), tiering.into());
 
         let topic_defaults: toml::Table = self
@@ -509,6 +526,8 @@ struct RawTiering {
     backpressure_percent: Option<Scalar>,
     retry_initial_ms: Option<Scalar>,
     retry_max_ms: Option<Scalar>,
+    gc_interval_ms: Option<Scalar>,
+    gc_grace_ms: Option<Scalar>,
 }
 
 impl RawTiering {
@@ -546,6 +565,16 @@ impl RawTiering {
         if let Some(value) = &self.retry_max_ms {
             tiering.retry_max =
                 Duration::from_millis(value.integer("tiering.retry_max_ms", 1, u32::MAX.into())?);
+        }
+        if let Some(value) = &self.gc_interval_ms {
+            tiering.gc_interval = Duration::from_millis(value.integer(
+                "tiering.gc_interval_ms",
+                10,
+                u32::MAX.into(),
+            )?);
+        }
+        if let Some(value) = &self.gc_grace_ms {
+            tiering.gc_grace_ms = value.integer("tiering.gc_grace_ms", 0, u32::MAX.into())?;
         }
         if tiering.retry_max < tiering.retry_initial {
             return Err(ConfigError::key(

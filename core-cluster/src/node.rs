@@ -106,6 +106,10 @@ pub(crate) async fn run(
     };
     let broker_config = BrokerConfig {
         archive,
+        backpressure: tier
+            .as_ref()
+            .map(|tier| tier.backpressure())
+            .unwrap_or_default(),
         node_id: config.node_id,
         advertised,
         default_partitions: config.kafka.default_partitions,

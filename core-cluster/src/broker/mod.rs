@@ -35,6 +35,8 @@ use silt_log::{AppendOptions, LogError, LogManager, PartitionLog};
 use silt_tiering::{ArchiveStore, ColdConfig, ColdError, ColdReader};
 use tokio::sync::Notify;
 
+use crate::tier::Backpressure;
+
 pub(crate) use self::offsets::OFFSETS_TOPIC;
 use self::offsets::OffsetStore;
 use self::producers::{Check, PartitionProducers, ProducerBatch};
@@ -52,6 +54,9 @@ type SharedProducers = Arc<Mutex<PartitionProducers>>;
 pub(crate) struct BrokerConfig {
     /// The archive (`object_store`): Fetch and ListOffsets below the local start read it.
     pub(crate) archive: Option<ArchiveStore>,
+    /// Set by tiering while the data directory is nearly full and offload is behind: Produce
+    /// then gets KAFKA_STORAGE_ERROR, which clients retry, before the disk is full.
+    pub(crate) backpressure: Backpressure,
     pub(crate) node_id: i32,
     /// The address Metadata and FindCoordinator give clients.
     pub(crate) advertised: (String, u16),
@@ -451,6 +456,10 @@ impl KafkaBroker for Broker {
             Role::Leader { epoch } => epoch,
             Role::Follower { .. } => return Err(KafkaError::NotLeader),
         };
+        self.config
+            .backpressure
+            .admit_produce()
+            .map_err(|_| KafkaError::StorageFull)?;
         // The append blocks on the fsync: the worker thread hands its other tasks over
         // while it waits (`block_in_place`), so the broker needs no 'static clone of itself.
         let result =

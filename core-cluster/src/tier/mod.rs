@@ -5,7 +5,9 @@
 //! module decides when and how often they run. Every `tiering.check_interval_ms` each
 //! partition (internal `__` topics excepted) whose last attempt is not backing off gets a task
 //! that archives every range that is due (`offload_next` until it returns `None`), at most
-//! `tiering.upload_concurrency` uploads at a time across the node.
+//! `tiering.upload_concurrency` uploads at a time across the node. When nothing more is due,
+//! the same task applies whole-log retention across both tiers and, every
+//! `tiering.gc_interval_ms`, garbage collection (`Tier::maintain`).
 //!
 //! # Invariants
 //! - A partition's manifest is loaded once and then cached. Any failure drops the cached copy:
@@ -29,7 +31,9 @@ use std::time::Instant;
 
 use metrics::{counter, gauge, histogram};
 use silt_log::{DeleteReport, LogManager, PartitionLog};
-use silt_tiering::{ArchiveStore, Manifest, OffloadPolicy, offload_next};
+use silt_tiering::{
+    ArchiveStore, GcPolicy, GcReport, Manifest, OffloadPolicy, gc, offload_next, retention,
+};
 use tokio::sync::{OwnedMutexGuard, Semaphore};
 use tokio::task::JoinSet;
 
@@ -60,7 +64,6 @@ pub(crate) struct Refused;
 impl Backpressure {
     /// `Ok` when a Produce may append; [`Refused`] maps to KAFKA_STORAGE_ERROR (56), which
     /// librdkafka and the Java client retry.
-    #[allow(dead_code)] // Called by the broker's Produce path once it is wired (see ARCHITECTURE.md).
     pub(crate) fn admit_produce(&self) -> Result<(), Refused> {
         if self.0.load(Ordering::Acquire) {
             Err(Refused)
@@ -115,6 +118,8 @@ struct PartitionState {
     committed: Option<Committed>,
     last_error: Option<String>,
     retry: Retry,
+    /// When this partition's archive was last garbage collected.
+    last_gc: Option<Instant>,
 }
 
 /// A committed manifest, summed up.
@@ -160,7 +165,6 @@ impl Tier {
     }
 
     /// The flag the broker checks on Produce.
-    #[allow(dead_code)] // Handed to the broker once its Produce path checks it.
     pub(crate) fn backpressure(&self) -> Backpressure {
         self.backpressure.clone()
     }
@@ -332,8 +336,26 @@ impl Tier {
                     state.retry.succeeded();
                 }
                 Ok(None) => {
+                    let maintained = match manifest.as_mut() {
+                        Some(cached) => self.maintain(&store, &partition, cached).await,
+                        None => Ok(()),
+                    };
                     let mut state = lock(&partition.state);
-                    state.retry.succeeded();
+                    match maintained {
+                        Ok(()) => state.retry.succeeded(),
+                        Err(error) => {
+                            // A failed commit may leave the cached copy ahead of the store.
+                            *manifest = None;
+                            state.committed = None;
+                            tracing::warn!(
+                                topic = log.topic(),
+                                partition = log.partition(),
+                                %error,
+                                "archive retention or garbage collection failed; retrying at the next check"
+                            );
+                            state.last_error = Some(error.to_string());
+                        }
+                    }
                     return;
                 }
                 Err(error) => {
@@ -361,6 +383,61 @@ impl Tier {
         }
     }
 
+    /// Whole-log retention (`retention.ms`/`retention.bytes` across both tiers: the log start
+    /// advances in the manifest, then locally, then expired objects go), and every
+    /// `tiering.gc_interval_ms` garbage collection (objects no manifest names, expired keys
+    /// and interrupted uploads older than `tiering.gc_grace_ms`). Run by the partition's one
+    /// offload task with the manifest it holds, after offload, so nothing else commits this
+    /// manifest meanwhile (silt-tiering's `gc` relies on that).
+    async fn maintain(
+        &self,
+        store: &ArchiveStore,
+        partition: &PartitionTier,
+        manifest: &mut Manifest,
+    ) -> silt_tiering::Result<()> {
+        let log = &partition.log;
+        let retained = retention::enforce(store, log, manifest, silt_log::now_ms()).await?;
+        lock(&partition.state).committed = Some(Committed::of(manifest));
+        if retained.objects_expired > 0 || retained.local_segments_deleted > 0 {
+            tracing::info!(
+                topic = log.topic(),
+                partition = log.partition(),
+                log_start_offset = retained.log_start_offset,
+                objects_expired = retained.objects_expired,
+                bytes_expired = retained.bytes_expired,
+                objects_deleted = retained.objects_deleted,
+                local_segments_deleted = retained.local_segments_deleted,
+                "retention across tiers"
+            );
+        }
+        let now = Instant::now();
+        let gc_due = lock(&partition.state)
+            .last_gc
+            .is_none_or(|last| now.duration_since(last) >= self.config.gc_interval);
+        if !gc_due {
+            return Ok(());
+        }
+        let policy = GcPolicy {
+            grace_ms: i64::try_from(self.config.gc_grace_ms).unwrap_or(i64::MAX),
+        };
+        let collected = gc::collect(store, manifest, &policy, silt_log::now_ms()).await?;
+        let mut state = lock(&partition.state);
+        state.last_gc = Some(now);
+        state.committed = Some(Committed::of(manifest));
+        if collected != GcReport::default() {
+            tracing::info!(
+                topic = log.topic(),
+                partition = log.partition(),
+                expired_deleted = collected.expired_deleted,
+                orphans_deleted = collected.orphans_deleted,
+                uploads_aborted = collected.uploads_aborted,
+                bytes_freed = collected.bytes_freed,
+                "archive garbage collected"
+            );
+        }
+        Ok(())
+    }
+
     /// The offset below which local retention may delete `log`'s segments: `None` for an
     /// internal topic (whole-log retention, as without tiering), else the committed archive's
     /// end, or the log start (delete nothing) while nothing is known to be archived.
@@ -384,9 +461,8 @@ impl Tier {
                 let Ok(log) = self.log.partition(&topic.name, index) else {
                     continue;
                 };
-                // Whole-log retention across both tiers (`retention.ms`/`retention.bytes`,
-                // expiring objects and advancing the manifest's log start) is silt-tiering's
-                // retention pass; it belongs here, per tiered partition, before local retention.
+                // Whole-log retention across both tiers runs in each partition's offload task
+                // (`Tier::maintain`), which holds the manifest; this pass is the hot tier's.
                 total.add(log.enforce_retention(now_ms, self.local_retention_bound(&log))?);
             }
         }
