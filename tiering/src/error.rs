@@ -37,6 +37,20 @@ pub enum TierError {
     /// An archive object does not hold what its name and footer promise.
     #[error("archive object {key}: {why}")]
     Corrupt { key: String, why: String },
+    /// A blocking task (a log read, a directory walk) panicked or was cancelled.
+    #[error("{what} did not finish: {source}")]
+    Task {
+        what: &'static str,
+        source: tokio::task::JoinError,
+    },
+}
+
+/// The result of a blocking task, its panic or cancellation as [`TierError::Task`].
+pub(crate) fn joined<T>(
+    what: &'static str,
+    result: std::result::Result<T, tokio::task::JoinError>,
+) -> Result<T> {
+    result.map_err(|source| TierError::Task { what, source })
 }
 
 impl From<parquet::errors::ParquetError> for TierError {

@@ -34,7 +34,7 @@ use object_store::multipart::MultipartStore;
 use object_store::path::Path;
 use object_store::signer::{SignedUrlOptions, Signer};
 
-use crate::error::Result;
+use crate::error::{Result, joined};
 use crate::failpoint;
 use crate::manifest::Manifest;
 use crate::retention::{delete_expired, delete_object};
@@ -116,11 +116,13 @@ pub async fn collect(
         let dir = root.join(prefix.as_ref());
         let manifest_file = root.join(manifest_file.as_ref());
         let policy = *policy;
-        let (removed, bytes) = tokio::task::spawn_blocking(move || {
-            remove_staging_files(&dir, &manifest_file, &policy, now_ms)
-        })
-        .await
-        .expect("directory walks do not panic")?;
+        let (removed, bytes) = joined(
+            "the staging file walk",
+            tokio::task::spawn_blocking(move || {
+                remove_staging_files(&dir, &manifest_file, &policy, now_ms)
+            })
+            .await,
+        )??;
         report.uploads_aborted = removed;
         report.bytes_freed += bytes;
     }

@@ -142,9 +142,12 @@ async fn archive_range(
     let mut next = range.base_offset;
     while next < range.end_offset {
         let reader = Arc::clone(log);
-        let read = tokio::task::spawn_blocking(move || reader.read(next, READ_STEP_BYTES))
-            .await
-            .expect("log reads do not panic");
+        let read =
+            match tokio::task::spawn_blocking(move || reader.read(next, READ_STEP_BYTES)).await {
+                Ok(read) => read.map_err(|error| error.to_string()),
+                // A panicked read fails this object like a read error: the writer aborts below.
+                Err(join) => Err(format!("the read task did not finish: {join}")),
+            };
         let slice = match read {
             Ok(slice) => slice,
             Err(error) => {

@@ -32,7 +32,7 @@ use object_store::path::Path;
 use silt_log::PartitionLog;
 use silt_log::retention::{RetentionLimits, SegmentSummary, segments_to_delete};
 
-use crate::error::{Result, TierError};
+use crate::error::{Result, TierError, joined};
 use crate::failpoint;
 use crate::manifest::Manifest;
 use crate::store::ArchiveStore;
@@ -135,14 +135,15 @@ pub async fn enforce(
     if manifest_start > log.log_start_offset() {
         let target = manifest_start.min(log.log_end_offset());
         let local = Arc::clone(log);
-        let deleted = tokio::task::spawn_blocking(move || local.delete_before(target))
-            .await
-            .expect("log deletions do not panic")
-            .map_err(|source| TierError::Log {
-                topic: log.topic().to_string(),
-                partition: log.partition(),
-                source,
-            })?;
+        let deleted = joined(
+            "the local log start's advance",
+            tokio::task::spawn_blocking(move || local.delete_before(target)).await,
+        )?
+        .map_err(|source| TierError::Log {
+            topic: log.topic().to_string(),
+            partition: log.partition(),
+            source,
+        })?;
         report.local_segments_deleted = deleted.segments as u64;
     }
 
