@@ -8,11 +8,11 @@
 //! `silt-conformance`, which must exist) under a fresh prefix, with the `AWS_*` credentials of
 //! the environment (default `testing`/`testing`, moto's).
 
+mod common;
+
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto::Builder as ConnBuilder;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use silt_log::batch::{
     BatchSpec, Compression, DecodeLimits, DecodedRecord, Header, Record, TimestampType, batches,
@@ -20,9 +20,6 @@ use silt_log::batch::{
 };
 use silt_tiering::read::ArchiveRead;
 use silt_tiering::{ArchiveReader, ArchiveStore, ArchiveWriter, GcPolicy, Manifest, TierError, gc};
-
-const ACCESS_KEY: &str = "silt-test-access-key";
-const SECRET_KEY: &str = "silt-test-secret-key";
 
 /// The stores under test. The guards keep the directory and the server alive.
 struct Stores {
@@ -34,7 +31,7 @@ async fn stores() -> Stores {
     let local = tempfile::tempdir().unwrap();
     let url = format!("file://{}", local.path().join("archive").display());
     let file = ArchiveStore::open(&url).unwrap();
-    let (s3, s3_dir) = s3s_store().await;
+    let (s3, s3_dir) = common::s3s_store("cold/tier").await;
     let mut stores = vec![
         ("memory", ArchiveStore::open("memory://").unwrap()),
         ("file", file),
@@ -71,44 +68,6 @@ fn external_s3_store() -> Option<ArchiveStore> {
     );
     let prefix = format!("run-{:016x}", rand::random::<u64>());
     Some(ArchiveStore::open_with_env(&format!("s3://{bucket}/{prefix}"), env).unwrap())
-}
-
-/// An s3s-fs server on 127.0.0.1 with authentication on, opened through `s3://` and the same
-/// `AWS_*` variables an operator would set.
-async fn s3s_store() -> (ArchiveStore, tempfile::TempDir) {
-    let dir = tempfile::tempdir().unwrap();
-    // s3s-fs serves each top-level directory as a bucket.
-    std::fs::create_dir(dir.path().join("silt-archive")).unwrap();
-    let fs = s3s_fs::FileSystem::new(dir.path()).unwrap();
-    let mut builder = s3s::service::S3ServiceBuilder::new(fs);
-    builder.set_auth(s3s::auth::SimpleAuth::from_single(ACCESS_KEY, SECRET_KEY));
-    let service = builder.build();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((socket, _)) = listener.accept().await else {
-                return;
-            };
-            let service = service.clone();
-            tokio::spawn(async move {
-                let _ = ConnBuilder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(socket), service)
-                    .await;
-            });
-        }
-    });
-    let env = [
-        ("AWS_ACCESS_KEY_ID", ACCESS_KEY.to_string()),
-        ("AWS_SECRET_ACCESS_KEY", SECRET_KEY.to_string()),
-        ("AWS_REGION", "us-east-1".to_string()),
-        ("AWS_ENDPOINT_URL", format!("http://{addr}")),
-        ("AWS_ALLOW_HTTP", "true".to_string()),
-        ("HOME", "/nonexistent".to_string()),
-    ]
-    .map(|(name, value)| (name.to_string(), value));
-    let store = ArchiveStore::open_with_env("s3://silt-archive/cold/tier", env).unwrap();
-    (store, dir)
 }
 
 /// Batches as a partition's log holds them, offsets from `base`, in varied shapes: plain and

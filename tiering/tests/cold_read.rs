@@ -3,6 +3,8 @@
 //! bounded; prefetch serves the next row group without a round trip; an expired object reads
 //! as out of range.
 
+mod common;
+
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -329,51 +331,9 @@ async fn an_expired_object_reads_as_out_of_range_never_partially() {
     ));
 }
 
-const ACCESS_KEY: &str = "silt-test-access-key";
-const SECRET_KEY: &str = "silt-test-secret-key";
-
-/// An s3s-fs server on 127.0.0.1 with authentication on, opened through `s3://` and the
-/// `AWS_*` variables an operator would set.
-async fn s3s_store() -> (ArchiveStore, tempfile::TempDir) {
-    use hyper_util::rt::{TokioExecutor, TokioIo};
-    use hyper_util::server::conn::auto::Builder as ConnBuilder;
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::create_dir(dir.path().join("silt-archive")).unwrap();
-    let fs = s3s_fs::FileSystem::new(dir.path()).unwrap();
-    let mut builder = s3s::service::S3ServiceBuilder::new(fs);
-    builder.set_auth(s3s::auth::SimpleAuth::from_single(ACCESS_KEY, SECRET_KEY));
-    let service = builder.build();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((socket, _)) = listener.accept().await else {
-                return;
-            };
-            let service = service.clone();
-            tokio::spawn(async move {
-                let _ = ConnBuilder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(socket), service)
-                    .await;
-            });
-        }
-    });
-    let env = [
-        ("AWS_ACCESS_KEY_ID", ACCESS_KEY.to_string()),
-        ("AWS_SECRET_ACCESS_KEY", SECRET_KEY.to_string()),
-        ("AWS_REGION", "us-east-1".to_string()),
-        ("AWS_ENDPOINT_URL", format!("http://{addr}")),
-        ("AWS_ALLOW_HTTP", "true".to_string()),
-        ("HOME", "/nonexistent".to_string()),
-    ]
-    .map(|(name, value)| (name.to_string(), value));
-    let store = ArchiveStore::open_with_env("s3://silt-archive/cold", env).unwrap();
-    (store, dir)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn over_the_s3_protocol_replay_is_exact_and_expiry_is_out_of_range() {
-    let (store, _dir) = s3s_store().await;
+    let (store, _dir) = common::s3s_store("cold").await;
     let mut manifest = archive(&store, &[(0, 2999), (3000, 4999)]).await;
     let cold = ColdReader::new(store.clone(), ColdConfig::default());
     let mut offset = 0;

@@ -7,6 +7,8 @@
 //! produced, the manifest is contiguous and ends where a crash-free run ends, and the store
 //! holds exactly the manifest's objects (no orphans, no staging files, no expired keys).
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
@@ -27,8 +29,6 @@ use silt_tiering::{
 
 const CHILD_DIR_ENV: &str = "SILT_TIER_CRASH_CHILD_DIR";
 const CHILD_STORE_ENV: &str = "SILT_TIER_CRASH_CHILD_STORE";
-const ACCESS_KEY: &str = "silt-test-access-key";
-const SECRET_KEY: &str = "silt-test-secret-key";
 
 /// Which store a run uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -100,41 +100,7 @@ async fn open_store(dir: &Path, kind: StoreKind) -> ArchiveStore {
         StoreKind::File => {
             ArchiveStore::open(&format!("file://{}", dir.join("objects").display())).unwrap()
         }
-        StoreKind::S3 => {
-            let root = dir.join("s3");
-            std::fs::create_dir_all(root.join("silt-archive")).unwrap();
-            let fs = s3s_fs::FileSystem::new(&root).unwrap();
-            let mut builder = s3s::service::S3ServiceBuilder::new(fs);
-            builder.set_auth(s3s::auth::SimpleAuth::from_single(ACCESS_KEY, SECRET_KEY));
-            let service = builder.build();
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let addr = listener.local_addr().unwrap();
-            tokio::spawn(async move {
-                loop {
-                    let Ok((socket, _)) = listener.accept().await else {
-                        return;
-                    };
-                    let service = service.clone();
-                    tokio::spawn(async move {
-                        let _ = hyper_util::server::conn::auto::Builder::new(
-                            hyper_util::rt::TokioExecutor::new(),
-                        )
-                        .serve_connection(hyper_util::rt::TokioIo::new(socket), service)
-                        .await;
-                    });
-                }
-            });
-            let env = [
-                ("AWS_ACCESS_KEY_ID", ACCESS_KEY.to_string()),
-                ("AWS_SECRET_ACCESS_KEY", SECRET_KEY.to_string()),
-                ("AWS_REGION", "us-east-1".to_string()),
-                ("AWS_ENDPOINT_URL", format!("http://{addr}")),
-                ("AWS_ALLOW_HTTP", "true".to_string()),
-                ("HOME", "/nonexistent".to_string()),
-            ]
-            .map(|(name, value)| (name.to_string(), value));
-            ArchiveStore::open_with_env("s3://silt-archive/archive", env).unwrap()
-        }
+        StoreKind::S3 => common::s3s_store_at(&dir.join("s3"), "archive").await,
     }
 }
 
