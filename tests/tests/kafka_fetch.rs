@@ -5,35 +5,18 @@
 
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
-use silt_log::batch::{BatchSpec, Record, encode_batch};
 use silt_tests::core::Core;
-use silt_tests::kafka::{
-    RawKafka, fetch_v4_body, fetch_v4_result, produce_v3_body, produce_v3_result,
-};
+use silt_tests::kafka::{RawKafka, fetch_v4_body, fetch_v4_result, value_batch};
 
-const PRODUCE: i16 = 0;
 const FETCH: i16 = 1;
 const OFFSET_OUT_OF_RANGE: i16 = 1;
 
 fn batch(values: &[&str]) -> Vec<u8> {
-    let records: Vec<Record> = values
-        .iter()
-        .map(|value| Record {
-            timestamp: 1_700_000_000_000,
-            key: Some("k".into()),
-            value: Some(value.as_bytes().to_vec().into()),
-            headers: Vec::new(),
-        })
-        .collect();
-    let mut out = BytesMut::new();
-    encode_batch(&BatchSpec::default(), &records, &mut out).unwrap();
-    out.to_vec()
+    value_batch(Some("k"), values)
 }
 
 fn produce(kafka: &mut RawKafka, topic: &str, records: &[u8]) -> i64 {
-    kafka.send(PRODUCE, 3, false, &produce_v3_body(topic, 0, -1, records));
-    let (error, offset) = produce_v3_result(&kafka.read_response());
+    let (error, offset) = kafka.produce(topic, records);
     assert_eq!(error, 0);
     offset
 }

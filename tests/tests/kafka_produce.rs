@@ -7,9 +7,8 @@ use bytes::BytesMut;
 use silt_log::batch::{BatchSpec, Record, encode_batch};
 use silt_log::{LogConfig, LogManager};
 use silt_tests::core::Core;
-use silt_tests::kafka::{RawKafka, produce_v3_body, produce_v3_result};
+use silt_tests::kafka::{PRODUCE, RawKafka, produce_v3_body};
 
-const PRODUCE: i16 = 0;
 const OUT_OF_ORDER_SEQUENCE: i16 = 45;
 
 fn batch(producer_id: i64, base_sequence: i32, values: &[&str]) -> Vec<u8> {
@@ -34,8 +33,7 @@ fn batch(producer_id: i64, base_sequence: i32, values: &[&str]) -> Vec<u8> {
 }
 
 fn produce(kafka: &mut RawKafka, topic: &str, records: &[u8]) -> (i16, i64) {
-    kafka.send(PRODUCE, 3, false, &produce_v3_body(topic, 0, -1, records));
-    produce_v3_result(&kafka.read_response())
+    kafka.produce(topic, records)
 }
 
 /// Every stored value of partition 0 of `topic`, with its batch's leader epoch; the node must

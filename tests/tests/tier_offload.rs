@@ -7,30 +7,11 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
-use silt_log::batch::{BatchSpec, Record, encode_batch};
 use silt_tests::cli::{json_lines, run_silt, silt_ok};
 use silt_tests::core::Core;
-use silt_tests::kafka::{RawKafka, produce_v3_body, produce_v3_result};
+use silt_tests::kafka::{RawKafka, value_batch};
 
-const PRODUCE: i16 = 0;
 const KAFKA_STORAGE_ERROR: i16 = 56;
-
-/// One RecordBatch v2 holding `values`, as a producer sends it.
-fn encode_values(values: &[&str]) -> Vec<u8> {
-    let records: Vec<Record> = values
-        .iter()
-        .map(|value| Record {
-            timestamp: 1_700_000_000_000,
-            key: None,
-            value: Some(value.as_bytes().to_vec().into()),
-            headers: Vec::new(),
-        })
-        .collect();
-    let mut out = BytesMut::new();
-    encode_batch(&BatchSpec::default(), &records, &mut out).unwrap();
-    out.to_vec()
-}
 
 /// How long offload may take to catch up on a loaded 2-core machine.
 const TIER_TIMEOUT: Duration = Duration::from_secs(60);
@@ -316,14 +297,7 @@ fn a_failing_store_keeps_data_local_counts_failures_pushes_back_and_recovers() {
     assert_eq!(status["backpressure"], true, "{status}");
     // A Produce now gets KAFKA_STORAGE_ERROR, which clients retry, and stores nothing.
     let mut kafka = RawKafka::connect(core.kafka);
-    let records = encode_values(&["refused"]);
-    kafka.send(
-        PRODUCE,
-        3,
-        false,
-        &produce_v3_body("readings", 0, -1, &records),
-    );
-    let (error, _) = produce_v3_result(&kafka.read_response());
+    let (error, _) = kafka.produce("readings", &value_batch(None, &["refused"]));
     assert_eq!(error, KAFKA_STORAGE_ERROR, "a produce under backpressure");
     let p = partition0(&status);
     assert_eq!(u64_of(p, "local_start_offset"), 0, "nothing deleted: {p}");

@@ -6,6 +6,9 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
+/// The Produce api key.
+pub const PRODUCE: i16 = 0;
+
 /// How long a raw exchange waits for an answer.
 pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -219,4 +222,31 @@ pub fn fetch_v4_result(response: &[u8]) -> FetchedPartition {
         high_watermark,
         records,
     }
+}
+
+impl RawKafka {
+    /// Produces `records` (RecordBatch v2 bytes) to partition 0 of `topic` with acks=all over
+    /// Produce v3; returns the partition's error code and base offset.
+    pub fn produce(&mut self, topic: &str, records: &[u8]) -> (i16, i64) {
+        self.send(PRODUCE, 3, false, &produce_v3_body(topic, 0, -1, records));
+        produce_v3_result(&self.read_response())
+    }
+}
+
+/// One RecordBatch v2 holding `values`, each with `key`, timestamp 1,700,000,000,000 and no
+/// headers, as a plain (not idempotent) producer sends it.
+pub fn value_batch(key: Option<&str>, values: &[&str]) -> Vec<u8> {
+    use silt_log::batch::{BatchSpec, Record, encode_batch};
+    let records: Vec<Record> = values
+        .iter()
+        .map(|value| Record {
+            timestamp: 1_700_000_000_000,
+            key: key.map(|key| key.as_bytes().to_vec().into()),
+            value: Some(value.as_bytes().to_vec().into()),
+            headers: Vec::new(),
+        })
+        .collect();
+    let mut out = bytes::BytesMut::new();
+    encode_batch(&BatchSpec::default(), &records, &mut out).unwrap();
+    out.to_vec()
 }
