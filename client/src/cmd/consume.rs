@@ -33,6 +33,11 @@ const PARTITION_MAX_BYTES: i32 = 1 << 20;
 const COMMIT_INTERVAL: Duration = Duration::from_secs(1);
 /// Replays at least this long get a progress bar (when stderr is a terminal).
 const PROGRESS_MIN_RECORDS: u64 = 10_000;
+/// Pause before fetching again after a partition answered a retriable error, so a broker
+/// failing the same way is not asked in a tight loop.
+const RETRY_PAUSE: Duration = Duration::from_millis(100);
+/// A retriable partition error that persists is reported at most this often.
+const RETRY_REPORT_INTERVAL: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Args)]
 pub(crate) struct ConsumeArgs {
@@ -88,6 +93,7 @@ pub(crate) async fn run(args: ConsumeArgs) -> Result<(), KafkaError> {
         reset,
         printed: 0,
         progress: None,
+        retry_reported: None,
     };
     let mut member = None;
     match &args.group {
@@ -133,6 +139,8 @@ struct Consumer {
     reset: Reset,
     printed: u64,
     progress: Option<ProgressBar>,
+    /// When a retriable partition error was last reported on stderr.
+    retry_reported: Option<Instant>,
 }
 
 impl Consumer {
@@ -348,6 +356,7 @@ impl Consumer {
         }
         let mut printed = 0;
         let mut refresh = false;
+        let mut retry = false;
         for (leader, partitions) in by_leader {
             if leader < 0 {
                 refresh = true;
@@ -437,7 +446,18 @@ impl Consumer {
                             continue;
                         }
                         Some(error) if error.is_retriable() => {
+                            if self
+                                .retry_reported
+                                .is_none_or(|at| at.elapsed() >= RETRY_REPORT_INTERVAL)
+                            {
+                                eprintln!(
+                                    "silt: fetching {}[{partition}] at offset {position}: {error}; retrying",
+                                    self.topic.name
+                                );
+                                self.retry_reported = Some(Instant::now());
+                            }
                             refresh = true;
+                            retry = true;
                             continue;
                         }
                         Some(_) => {
@@ -480,6 +500,9 @@ impl Consumer {
         }
         if refresh {
             self.topic = cluster.topic(&self.topic.name, false).await?;
+        }
+        if retry && printed == 0 {
+            tokio::time::sleep(RETRY_PAUSE).await;
         }
         Ok(printed)
     }
