@@ -1,10 +1,11 @@
 //! End-to-end tiering to a real S3 protocol server: the real `silt-core` binary, with its own
 //! offload loop, archives to s3s-fs served over HTTP on 127.0.0.1 from the test process
 //! (`--object-store s3://bucket/prefix`, `AWS_ENDPOINT_URL`, `AWS_ALLOW_HTTP`, SigV4
-//! credentials the server checks). kcat replays from offset 0 across both tiers byte for byte;
-//! after a kill -9 while offload has work pending, and another at the failpoint between upload
-//! and manifest commit, a restarted core loses nothing, and garbage collection leaves the bucket
-//! holding exactly the objects the manifest names.
+//! credentials the server checks). kcat replays from offset 0 across both tiers byte for byte
+//! and finds offsets by timestamp in either tier; after a kill -9 while offload has work
+//! pending, and another at the failpoint between upload and manifest commit, a restarted core
+//! loses nothing, and garbage collection leaves the bucket holding exactly the objects the
+//! manifest names.
 
 use std::io::Read;
 use std::os::unix::process::ExitStatusExt;
@@ -233,6 +234,19 @@ fn wait_settled(core: &Core, s3: &S3Server, high_watermark: u64) -> serde_json::
     }
 }
 
+fn kcat(args: &[&str]) -> String {
+    let output = Command::new("kcat")
+        .args(args)
+        .output()
+        .expect("kcat is installed (scripts/test installs it)");
+    assert!(
+        output.status.success(),
+        "kcat {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
+}
+
 /// kcat's replay of partition 0 from offset 0 to the end, failing after [`KCAT_TIMEOUT`] (a
 /// hung read) with the core's state.
 fn kcat_replay(core: &Core) -> String {
@@ -320,6 +334,22 @@ fn offload_to_s3_replays_across_tiers_and_kill_9_at_any_point_loses_nothing() {
     assert!(u64_of(&p, "local_start_offset") > 1000, "{p}");
     assert!(u64_of(&p, "archived_objects") >= 2, "{p}");
     check_replay(&core, 1500, base_ts);
+    // ListOffsets by timestamp, answered from the archive and from the local tier.
+    let local_start = u64_of(&p, "local_start_offset");
+    for offset in [777, local_start + 3] {
+        let ts = record(offset, base_ts).timestamp - 3;
+        let answer = kcat(&[
+            "-Q",
+            "-b",
+            &core.kafka.to_string(),
+            "-t",
+            &format!("{TOPIC}:0:{ts}"),
+        ]);
+        assert!(
+            answer.contains(&format!("offset {offset}")),
+            "timestamp {ts}: {answer}"
+        );
+    }
 
     // kill -9 while offload has work to do: produce, kill at once, and check the data
     // directory holds closed segments the manifest does not cover yet (else try again).
