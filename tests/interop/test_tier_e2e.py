@@ -22,6 +22,7 @@ the local start past a fetch offset (a known `silt consume` hang the lead is fix
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -337,29 +338,39 @@ def pyarrow_rows(filesystem, base):
     return rows
 
 
+@dataclasses.dataclass
+class Store:
+    """An object store the core archives to, and how the analytics engines reach it."""
+    url: str
+    core_env: dict
+    arrow_fs: pafs.FileSystem
+    # The archive's `v1` directory, as `arrow_fs` names it.
+    arrow_base: str
+    # The local directory for DuckDB (file:// only), and the moto server (moto only).
+    objects_dir: Path | None = None
+    moto: s3_fixtures.Moto | None = None
+
+
 @pytest.fixture(params=["file", "moto"])
-def tiered_store(request, tmp_path):
-    """(store URL, core env, pyarrow filesystem, archive base path for pyarrow, objects dir for
-    DuckDB or None, moto or None)."""
+def store(request, tmp_path):
     if request.param == "file":
         objects = tmp_path / "objects"
-        yield (f"file://{objects}", {}, pafs.LocalFileSystem(), str(objects / "v1"), objects,
-               None)
+        yield Store(url=f"file://{objects}", core_env={}, arrow_fs=pafs.LocalFileSystem(),
+                    arrow_base=str(objects / "v1"), objects_dir=objects)
         return
     with s3_fixtures.moto_server(tmp_path) as moto:
         moto.create_bucket(BUCKET)
-        filesystem = pafs.S3FileSystem(
+        arrow_fs = pafs.S3FileSystem(
             access_key=s3_fixtures.ACCESS_KEY, secret_key=s3_fixtures.SECRET_KEY,
             region=s3_fixtures.REGION, endpoint_override=f"127.0.0.1:{moto.port}",
             scheme="http")
-        yield (f"s3://{BUCKET}/{PREFIX}", moto.env(), filesystem, f"{BUCKET}/{PREFIX}/v1", None,
-               moto)
+        yield Store(url=f"s3://{BUCKET}/{PREFIX}", core_env=moto.env(), arrow_fs=arrow_fs,
+                    arrow_base=f"{BUCKET}/{PREFIX}/v1", moto=moto)
 
 
 def test_100k_records_replay_exactly_across_tiers_and_the_archive_reads_in_place(
-        tiered_store, tmp_path, kafka_topic):
-    store_url, env, filesystem, arrow_base, objects_dir, moto = tiered_store
-    core = kafka_fixtures.Core(tmp_path / "data", *tier_flags(store_url), env=env)
+        store, tmp_path, kafka_topic):
+    core = kafka_fixtures.Core(tmp_path / "data", *tier_flags(store.url), env=store.core_env)
     try:
         records = Records(int(time.time() * 1000) - 3_600_000)
         create_topic(core.bootstrap, kafka_topic)
@@ -368,7 +379,7 @@ def test_100k_records_replay_exactly_across_tiers_and_the_archive_reads_in_place
         produced = time.monotonic()
         status = wait_archived(core, kafka_topic, records)
         archived = time.monotonic()
-        print(f"\n{store_url}: produced {RECORDS} in {produced - started:.1f}s, archived in "
+        print(f"\n{store.url}: produced {RECORDS} in {produced - started:.1f}s, archived in "
               f"{archived - produced:.1f}s more; {status}")
 
         # kcat: every partition from offset 0, across both tiers, byte for byte.
@@ -389,15 +400,15 @@ def test_100k_records_replay_exactly_across_tiers_and_the_archive_reads_in_place
         read = time.monotonic()
 
         # The archive in place: exactly the archived offsets, as the consumers saw them.
-        engines = [("pyarrow", pyarrow_rows(filesystem, arrow_base))]
-        if objects_dir is not None:
-            engines.append(("duckdb", duckdb_rows(objects_dir)))
+        engines = [("pyarrow", pyarrow_rows(store.arrow_fs, store.arrow_base))]
+        if store.objects_dir is not None:
+            engines.append(("duckdb", duckdb_rows(store.objects_dir)))
         for engine, rows in engines:
             assert {row[6] for row in rows} == {kafka_topic}, engine
             check_archive_rows([row[:6] for row in rows], consumed, status, engine)
-        if moto is not None:
+        if store.moto is not None:
             # The archive really is in the bucket: manifests and objects under the prefix.
-            keys = moto.list_keys(BUCKET, PREFIX + "/")
+            keys = store.moto.list_keys(BUCKET, PREFIX + "/")
             assert any(key.startswith(f"{PREFIX}/_manifests/") for key in keys), keys[:20]
             parquet = [key for key in keys if key.endswith(".parquet")]
             assert len(parquet) == sum(p["archived_objects"] for p in status["partitions"])
