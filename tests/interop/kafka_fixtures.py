@@ -16,6 +16,7 @@ import signal
 import subprocess
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -64,11 +65,13 @@ def wait_until(condition, timeout, what):
 
 
 class Core:
-    """A running silt-core. `bootstrap` is its Kafka address; `restart()` keeps the data."""
+    """A running silt-core. `bootstrap` is its Kafka address; `restart()` keeps the data.
+    `env` adds environment variables (e.g. an object store's AWS_* settings, or RUST_LOG)."""
 
-    def __init__(self, data_dir: Path, *extra: str):
+    def __init__(self, data_dir: Path, *extra: str, env: dict | None = None):
         self.data_dir = Path(data_dir)
         self.extra = list(extra)
+        self.env = dict(env or {})
         self.process = None
         self.kafka_port = None
         self.start()
@@ -78,6 +81,7 @@ class Core:
         listen = f"127.0.0.1:{self.kafka_port or 0}"
         env = {name: value for name, value in os.environ.items() if not name.startswith("SILT_")}
         env["RUST_LOG"] = "info"
+        env.update(self.env)
         self.process = subprocess.Popen(
             [silt_core_binary(), "--data-dir", str(self.data_dir),
              "--admin-listen", "127.0.0.1:0", "--kafka-listen", listen,
@@ -119,6 +123,15 @@ class Core:
                 return response.status == 200
         except OSError:
             return False
+
+    def admin_get(self, path):
+        """GET `path` on the admin port: (status, body text); error statuses are returned."""
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}{path}",
+                                        timeout=10) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as error:
+            return error.code, error.read().decode()
 
     @property
     def bootstrap(self):

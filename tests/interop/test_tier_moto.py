@@ -8,18 +8,15 @@ workspace's tests already, so this is quick)."""
 
 import json
 import os
-import socket
 import subprocess
-import sys
-import time
-import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
 
+import s3_fixtures
+
 WORKSPACE_ROOT = Path(__file__).resolve().parents[2]
-MOTO_START_TIMEOUT = 60.0
 CONFORMANCE_TIMEOUT = 600.0
 BUCKET = "silt-conformance"
 
@@ -43,47 +40,12 @@ def conformance_binary():
     raise AssertionError("cargo did not report the archive_conformance test executable")
 
 
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def moto_answers(endpoint):
-    try:
-        with urllib.request.urlopen(endpoint + "/", timeout=2) as response:
-            return response.status == 200
-    except (urllib.error.URLError, OSError):
-        return False
-
-
 @pytest.fixture
 def moto(tmp_path):
     """A moto S3 server on a free 127.0.0.1 port with the conformance bucket; its endpoint."""
-    moto_server = Path(sys.executable).parent / "moto_server"
-    port = free_port()
-    endpoint = f"http://127.0.0.1:{port}"
-    log = open(tmp_path / "moto.log", "wb")
-    process = subprocess.Popen([str(moto_server), "-H", "127.0.0.1", "-p", str(port)],
-                               stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + MOTO_START_TIMEOUT
-        while not moto_answers(endpoint):
-            assert process.poll() is None, (tmp_path / "moto.log").read_text()
-            assert time.monotonic() < deadline, "moto_server did not answer in time"
-            time.sleep(0.1)
-        request = urllib.request.Request(f"{endpoint}/{BUCKET}", method="PUT")
-        with urllib.request.urlopen(request, timeout=10) as response:
-            assert response.status == 200
-        yield endpoint
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        log.close()
+    with s3_fixtures.moto_server(tmp_path) as server:
+        server.create_bucket(BUCKET)
+        yield server.endpoint
 
 
 def test_archive_conformance_suite_passes_against_moto(moto):
@@ -91,9 +53,9 @@ def test_archive_conformance_suite_passes_against_moto(moto):
     env.update({
         "SILT_CONFORMANCE_S3": moto,
         "SILT_CONFORMANCE_S3_BUCKET": BUCKET,
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_REGION": "us-east-1",
+        "AWS_ACCESS_KEY_ID": s3_fixtures.ACCESS_KEY,
+        "AWS_SECRET_ACCESS_KEY": s3_fixtures.SECRET_KEY,
+        "AWS_REGION": s3_fixtures.REGION,
     })
     env.pop("AWS_PROFILE", None)
     result = subprocess.run([conformance_binary(), "--test-threads=2"], env=env,

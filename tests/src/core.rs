@@ -25,13 +25,22 @@ impl Core {
     /// # Panics
     /// If it does not start and turn healthy within [`START_TIMEOUT`].
     pub fn start(data_dir: &Path, extra: &[&str]) -> Core {
+        Core::start_with_env(data_dir, extra, &[])
+    }
+
+    /// [`Core::start`] with environment variables added (e.g. an object store's `AWS_*`).
+    ///
+    /// # Panics
+    /// As [`Core::start`].
+    pub fn start_with_env(data_dir: &Path, extra: &[&str], env: &[(String, String)]) -> Core {
         let mut core = command(&silt_core());
         core.args(["--data-dir", data_dir.to_str().expect("a UTF-8 path")])
             .args(["--admin-listen", "127.0.0.1:0"])
             .args(["--kafka-listen", "127.0.0.1:0"])
             .args(["--uplink-listen", "127.0.0.1:0"])
             .args(extra)
-            .env("RUST_LOG", "info");
+            .env("RUST_LOG", "info")
+            .envs(env.iter().map(|(name, value)| (name, value)));
         let mut process = Running::start(core);
         let started_line = process.wait_for_stderr("silt-core started", START_TIMEOUT);
         let admin = field_addr(&started_line, "admin=");

@@ -7,6 +7,7 @@
 //! - [`http_exchange`]: one raw HTTP/1.1 exchange with a deadline, for admin ports.
 //! - [`core`]: the `silt-core` binary started on free ports, waited on until healthy.
 //! - [`kafka`]: a raw Kafka protocol client, for exact bytes and bad input.
+//! - [`s3`]: an S3 protocol server (s3s-fs) on 127.0.0.1 in the test process, for tiering.
 //! - [`mqtt`]: the MQTT broker under test, rumqttc clients for 3.1.1 and 5.0, raw packets,
 //!   and the log read back with `silt-edge dump`.
 //!
@@ -30,6 +31,7 @@ pub mod cli;
 pub mod core;
 pub mod kafka;
 pub mod mqtt;
+pub mod s3;
 pub mod uplink;
 
 /// How long a test waits for a binary to say it started; generous for a loaded CI machine.
