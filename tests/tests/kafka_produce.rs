@@ -1,13 +1,14 @@
 //! Produce against the real `silt-core` with hand-built requests: batches are stored with the
 //! partition's leader epoch, an idempotent producer's retried batch is answered with its
 //! original offset and not stored twice, also after a kill -9 and restart (the producer state
-//! is rebuilt from the log), and a gap in sequence numbers is refused.
+//! is rebuilt from the log), and a gap in sequence numbers is refused; producer ids keep
+//! growing across a kill -9, and the node's internal topics refuse client records.
 
 use bytes::BytesMut;
 use silt_log::batch::{BatchSpec, Record, encode_batch};
 use silt_log::{LogConfig, LogManager};
 use silt_tests::core::Core;
-use silt_tests::kafka::{PRODUCE, RawKafka, produce_v3_body};
+use silt_tests::kafka::{PRODUCE, RawKafka, Reader, produce_v3_body};
 
 const OUT_OF_ORDER_SEQUENCE: i16 = 45;
 
@@ -148,4 +149,52 @@ fn acks_zero_gets_no_response_but_is_stored() {
         .map(|(_, value)| value)
         .collect();
     assert_eq!(values, ["fire", "forget", "acked"]);
+}
+
+const INIT_PRODUCER_ID: i16 = 22;
+const INVALID_TOPIC_EXCEPTION: i16 = 17;
+
+/// InitProducerId v0 without a transactional id: (error code, producer id).
+fn init_producer_id(kafka: &mut RawKafka) -> (i16, i64) {
+    let mut body = Vec::new();
+    body.extend_from_slice(&(-1i16).to_be_bytes()); // transactional_id: null
+    body.extend_from_slice(&60_000i32.to_be_bytes()); // transaction_timeout_ms
+    kafka.send(INIT_PRODUCER_ID, 0, false, &body);
+    let response = kafka.read_response();
+    let mut reader = Reader { bytes: &response };
+    let _correlation_id = reader.i32();
+    let _throttle_time_ms = reader.i32();
+    let error = reader.i16();
+    (error, reader.i64())
+}
+
+#[test]
+fn producer_ids_never_repeat_across_kill_9_and_internal_topics_refuse_produce() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let core = Core::start(&data_dir, &[]);
+    let mut kafka = RawKafka::connect(core.kafka);
+    let (error, first) = init_producer_id(&mut kafka);
+    assert_eq!(error, 0);
+    let (_, second) = init_producer_id(&mut kafka);
+    assert!(second > first, "{first} then {second}");
+    // The node's own topics take no client records: a stray record there would be replayed
+    // as the node's state at the next start.
+    for topic in ["__silt_producer_ids", "__silt_consumer_offsets"] {
+        assert_eq!(
+            produce(&mut kafka, topic, &batch(-1, -1, &["junk"])).0,
+            INVALID_TOPIC_EXCEPTION,
+            "{topic}"
+        );
+    }
+    drop(kafka);
+
+    core.kill();
+    let core = Core::start(&data_dir, &[]);
+    let mut kafka = RawKafka::connect(core.kafka);
+    let (error, after) = init_producer_id(&mut kafka);
+    assert_eq!(error, 0);
+    assert!(after > second, "{second} before kill -9, {after} after");
+    drop(kafka);
+    core.stop();
 }

@@ -14,11 +14,11 @@
 
 mod groups;
 mod offsets;
+mod producer_ids;
 mod producers;
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
-use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -39,6 +39,8 @@ use crate::tier::Backpressure;
 
 pub(crate) use self::offsets::OFFSETS_TOPIC;
 use self::offsets::OffsetStore;
+pub(crate) use self::producer_ids::PRODUCER_IDS_TOPIC;
+use self::producer_ids::ProducerIds;
 use self::producers::{Check, PartitionProducers, ProducerBatch};
 
 /// How often the group coordinator checks sessions and rebalance deadlines.
@@ -83,7 +85,7 @@ pub(crate) struct Broker {
     log: Arc<LogManager>,
     roles: Mutex<HashMap<(String, u32), Role>>,
     producers: Mutex<HashMap<(String, u32), SharedProducers>>,
-    next_producer_id: AtomicI64,
+    producer_ids: ProducerIds,
     groups: groups::Coordinator,
     offsets: OffsetStore,
     appended: Notify,
@@ -95,9 +97,10 @@ impl Broker {
     /// Opens the broker over `log`, replaying committed offsets. Blocking.
     pub(crate) fn open(config: BrokerConfig, log: Arc<LogManager>) -> Result<Broker, LogError> {
         let offsets = OffsetStore::open(&log)?;
-        // Producer ids must never repeat across restarts: they start from the clock, in ms,
-        // shifted to leave room for 4096 ids per ms.
-        let first_id = silt_log::now_ms().max(1) << 12;
+        // Producer ids never repeat: they come from blocks reserved durably in the log, and
+        // never from below the clock (in ms, shifted to leave room for 4096 ids per ms), which
+        // is where ids came from before the reservations existed.
+        let producer_ids = ProducerIds::open(&log, silt_log::now_ms().max(1) << 12)?;
         let cold = config
             .archive
             .clone()
@@ -109,7 +112,7 @@ impl Broker {
             log,
             roles: Mutex::new(HashMap::new()),
             producers: Mutex::new(HashMap::new()),
-            next_producer_id: AtomicI64::new(first_id),
+            producer_ids,
             offsets,
             appended: Notify::new(),
         })
@@ -161,7 +164,7 @@ impl Broker {
                 result: Ok((0..info.partitions)
                     .map(|partition| self.partition_info(name, partition))
                     .collect()),
-                internal: name == OFFSETS_TOPIC,
+                internal: is_internal_topic(name),
             },
             None => TopicMetadata {
                 name: name.to_string(),
@@ -177,6 +180,10 @@ impl Broker {
         topic: &str,
         partition: u32,
     ) -> Result<Arc<PartitionLog>, KafkaError> {
+        // Only the node writes its own topics, as Kafka refuses appends to its internal ones.
+        if is_internal_topic(topic) {
+            return Err(KafkaError::InvalidTopic("internal topic".into()));
+        }
         if self.log.topic(topic).is_none() && self.config.auto_create_topics {
             self.auto_create(topic).await?;
         }
@@ -186,7 +193,7 @@ impl Broker {
     }
 
     async fn auto_create(&self, topic: &str) -> Result<(), KafkaError> {
-        if topic == OFFSETS_TOPIC {
+        if is_internal_topic(topic) {
             return Err(KafkaError::InvalidTopic("internal topic".into()));
         }
         let log = self.log.clone();
@@ -312,6 +319,12 @@ impl Broker {
     }
 }
 
+/// The node's own topics (committed offsets, producer id reservations): listed as internal,
+/// never created, altered or deleted by clients.
+pub(crate) fn is_internal_topic(name: &str) -> bool {
+    name == OFFSETS_TOPIC || name == PRODUCER_IDS_TOPIC
+}
+
 /// Cold read errors as Kafka errors: expired is OFFSET_OUT_OF_RANGE; a failing store or a
 /// missing object is KAFKA_STORAGE_ERROR, which clients retry.
 fn map_cold_error(error: ColdError) -> KafkaError {
@@ -416,7 +429,7 @@ impl KafkaBroker for Broker {
                 .topics()
                 .into_iter()
                 .map(|topic| topic.name)
-                .filter(|name| name != OFFSETS_TOPIC)
+                .filter(|name| !is_internal_topic(name))
                 .collect(),
         };
         let mut result = Vec::with_capacity(names.len());
@@ -558,7 +571,7 @@ impl KafkaBroker for Broker {
             }
         }
         silt_log::validate_topic_name(&topic.name).map_err(|error| map_log_error(&error))?;
-        if topic.name == OFFSETS_TOPIC {
+        if is_internal_topic(&topic.name) {
             return Err(KafkaError::InvalidTopic("internal topic".into()));
         }
         if validate_only {
@@ -579,7 +592,7 @@ impl KafkaBroker for Broker {
     }
 
     async fn delete_topic(&self, topic: &str) -> Result<(), KafkaError> {
-        if topic == OFFSETS_TOPIC {
+        if is_internal_topic(topic) {
             return Err(KafkaError::InvalidTopic("internal topic".into()));
         }
         let log = self.log.clone();
@@ -662,7 +675,10 @@ impl KafkaBroker for Broker {
         if transactional_id.is_some() {
             return Err(KafkaError::TransactionsUnsupported);
         }
-        Ok((self.next_producer_id.fetch_add(1, Ordering::Relaxed), 0))
+        // Blocking only once per block of ids (an fsync'd reservation).
+        let id = tokio::task::block_in_place(|| self.producer_ids.allocate())
+            .map_err(|error| map_log_error(&error))?;
+        Ok((id, 0))
     }
 
     async fn join_group(&self, request: JoinGroup) -> JoinResult {
