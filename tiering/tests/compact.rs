@@ -414,3 +414,53 @@ async fn a_manifest_changed_underneath_is_adopted_and_planned_again() {
     assert_eq!(listed(&store).await, accounted);
     manager.close().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_object_fails_the_compaction_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("objects");
+    std::fs::create_dir_all(&root).unwrap();
+    let store = ArchiveStore::open(&format!("file://{}", root.display())).unwrap();
+    let (manager, _log, mut manifest) = trickled(dir.path(), &store).await;
+    let before = manifest.clone();
+    // The third object of the first run: its size stays, its bytes are garbage.
+    let victim = &manifest.objects[2];
+    let size = usize::try_from(victim.size_bytes).unwrap();
+    std::fs::write(root.join(&victim.key), vec![0xAB; size]).unwrap();
+
+    let error = compact_next(&store, &mut manifest, &COMPACT, silt_log::now_ms())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            error,
+            silt_tiering::TierError::Corrupt { .. } | silt_tiering::TierError::Parquet(_)
+        ),
+        "{error}"
+    );
+    assert_eq!(manifest, before, "the manifest in hand is unchanged");
+    assert_eq!(
+        Manifest::load(&store, TOPIC, 0).await.unwrap().as_ref(),
+        Some(&before),
+        "nothing committed"
+    );
+    assert_eq!(
+        listed(&store).await,
+        keys(&before),
+        "the merged upload was aborted"
+    );
+    let mut pending = vec![root.clone()];
+    while let Some(dir) = pending.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            assert!(
+                !path.to_string_lossy().contains('#'),
+                "staging file {path:?}"
+            );
+            if path.is_dir() {
+                pending.push(path);
+            }
+        }
+    }
+    manager.close().unwrap();
+}

@@ -55,6 +55,8 @@ const TIER_COMPACTIONS: &str = "silt_tier_compactions_total";
 const TIER_COMPACTED_OBJECTS: &str = "silt_tier_compacted_objects_total";
 /// Bytes of the merged objects compaction wrote, per topic and partition.
 const TIER_COMPACTED_BYTES: &str = "silt_tier_compacted_bytes_total";
+/// Compactions that failed (read, upload or commit), per topic and partition.
+const TIER_COMPACTION_FAILURES: &str = "silt_tier_compaction_failures_total";
 
 /// Whether `topic` is tiered.
 fn is_tiered(topic: &str) -> bool {
@@ -130,6 +132,10 @@ struct PartitionState {
     retry: Retry,
     /// When this partition's archive was last garbage collected.
     last_gc: Option<Instant>,
+    /// Backoff of failed compactions, apart from offload's: a compaction that fails (a corrupt
+    /// object, a store error) must not hold up retention, GC or offload, nor be retried at
+    /// every check.
+    compact_retry: Retry,
 }
 
 /// A committed manifest, summed up.
@@ -408,8 +414,8 @@ impl Tier {
         manifest: &mut Manifest,
     ) -> silt_tiering::Result<()> {
         let log = &partition.log;
-        if self.config.compact {
-            self.compact(store, partition, manifest).await?;
+        if self.config.compact && lock(&partition.state).compact_retry.due(Instant::now()) {
+            self.compact(store, partition, manifest).await;
         }
         let retained = retention::enforce(store, log, manifest, silt_log::now_ms()).await?;
         lock(&partition.state).committed = Some(Committed::of(manifest));
@@ -456,13 +462,19 @@ impl Tier {
 
     /// Merges the first run of small objects that is due, if any: one per pass, so a backlog
     /// of small objects costs one upload permit at a time and is worked off check by check.
+    /// A failure is counted, logged and backed off, and leaves `manifest` what the store holds
+    /// (`compact_next` restores it after a failed commit), so retention and GC go on.
     async fn compact(
         &self,
         store: &ArchiveStore,
         partition: &PartitionTier,
         manifest: &mut Manifest,
-    ) -> silt_tiering::Result<()> {
+    ) {
         let log = &partition.log;
+        let labels = [
+            ("topic", log.topic().to_string()),
+            ("partition", log.partition().to_string()),
+        ];
         let policy = CompactPolicy {
             object_bytes_target: self.config.object_bytes_target,
             small_bytes: self.config.compact_small_bytes,
@@ -470,14 +482,35 @@ impl Tier {
             ..CompactPolicy::default()
         };
         let started = Instant::now();
-        let Some(done) = compact_next(store, manifest, &policy, silt_log::now_ms()).await? else {
-            return Ok(());
+        let done = match compact_next(store, manifest, &policy, silt_log::now_ms()).await {
+            Ok(Some(done)) => done,
+            Ok(None) => {
+                lock(&partition.state).compact_retry.succeeded();
+                return;
+            }
+            Err(error) => {
+                counter!(TIER_COMPACTION_FAILURES, &labels).increment(1);
+                let mut state = lock(&partition.state);
+                let wait = state.compact_retry.failed(
+                    Instant::now(),
+                    self.config.retry_initial,
+                    self.config.retry_max,
+                );
+                tracing::warn!(
+                    topic = log.topic(),
+                    partition = log.partition(),
+                    %error,
+                    retry_in_ms = wait.as_millis() as u64,
+                    "compaction failed; the archive's objects are unchanged"
+                );
+                return;
+            }
         };
-        lock(&partition.state).committed = Some(Committed::of(manifest));
-        let labels = [
-            ("topic", log.topic().to_string()),
-            ("partition", log.partition().to_string()),
-        ];
+        {
+            let mut state = lock(&partition.state);
+            state.committed = Some(Committed::of(manifest));
+            state.compact_retry.succeeded();
+        }
         counter!(TIER_COMPACTIONS, &labels).increment(1);
         counter!(TIER_COMPACTED_OBJECTS, &labels).increment(done.objects_replaced);
         counter!(TIER_COMPACTED_BYTES, &labels).increment(done.merged.size_bytes);
@@ -493,7 +526,6 @@ impl Tier {
             key = %done.merged.key,
             "compacted small archive objects"
         );
-        Ok(())
     }
 
     /// The offset below which local retention may delete `log`'s segments: `None` for an
