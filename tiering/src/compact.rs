@@ -58,8 +58,8 @@ pub struct CompactPolicy {
     pub objects_max: usize,
 }
 
-/// Default minimum age: six of `max_wait_ms`'s default ten minutes, so a trickle's objects are
-/// merged about hourly, not at every check.
+/// Default minimum age, one hour: a trickle writes an object every `max_wait_ms` (ten minutes by
+/// default), so its objects are merged about six at a time, hourly, not at every check.
 pub const COMPACT_MIN_AGE_MS_DEFAULT: u64 = 60 * 60 * 1000;
 /// Default bound on objects per merge.
 pub const COMPACT_OBJECTS_MAX_DEFAULT: usize = 1_000;
