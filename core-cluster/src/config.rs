@@ -74,6 +74,15 @@ pub(crate) mod defaults {
     pub(crate) const TIERING_GC_INTERVAL_MS: u64 = 600_000;
     /// An unnamed object younger than an hour may be an upload about to commit.
     pub(crate) const TIERING_GC_GRACE_MS: u64 = silt_tiering::gc::GC_GRACE_MS_DEFAULT as u64;
+    /// Small archive objects (a trickle's) are merged unless turned off.
+    pub(crate) const TIERING_COMPACT: bool = true;
+    /// An object under a quarter of the target counts as small (`tiering.compact_small_bytes`
+    /// defaults to `tiering.object_bytes_target / 4`).
+    pub(crate) const TIERING_COMPACT_SMALL_DIVISOR: u64 = 4;
+    /// Objects are merged once their newest record is an hour old, so a trickle's objects are
+    /// merged about hourly rather than at every check.
+    pub(crate) const TIERING_COMPACT_MIN_AGE_MS: u64 =
+        silt_tiering::compact::COMPACT_MIN_AGE_MS_DEFAULT;
 }
 
 /// Smallest `log.max_batch_bytes`: the 61-byte header of a RecordBatch v2 with no records.
@@ -130,6 +139,12 @@ pub(crate) struct TieringConfig {
     /// Unnamed objects and interrupted uploads younger than this are left alone
     /// (`tiering.gc_grace_ms`).
     pub(crate) gc_grace_ms: u64,
+    /// Whether runs of small archive objects are merged (`tiering.compact`).
+    pub(crate) compact: bool,
+    /// Objects smaller than this are merged (`tiering.compact_small_bytes`).
+    pub(crate) compact_small_bytes: u64,
+    /// Only objects whose newest record is this old are merged (`tiering.compact_min_age_ms`).
+    pub(crate) compact_min_age_ms: u64,
 }
 
 impl Default for TieringConfig {
@@ -144,6 +159,10 @@ impl Default for TieringConfig {
             retry_max: Duration::from_millis(defaults::TIERING_RETRY_MAX_MS),
             gc_interval: Duration::from_millis(defaults::TIERING_GC_INTERVAL_MS),
             gc_grace_ms: defaults::TIERING_GC_GRACE_MS,
+            compact: defaults::TIERING_COMPACT,
+            compact_small_bytes: defaults::TIERING_OBJECT_BYTES_TARGET
+                / defaults::TIERING_COMPACT_SMALL_DIVISOR,
+            compact_min_age_ms: defaults::TIERING_COMPACT_MIN_AGE_MS,
         }
     }
 }
@@ -429,6 +448,15 @@ impl CoreConfig {
             toml_int(settings.gc_interval.as_millis()),
         );
         tiering.insert("gc_grace_ms".into(), toml_int(settings.gc_grace_ms));
+        tiering.insert("compact".into(), settings.compact.into());
+        tiering.insert(
+            "compact_small_bytes".into(),
+            toml_int(settings.compact_small_bytes),
+        );
+        tiering.insert(
+            "compact_min_age_ms".into(),
+            toml_int(settings.compact_min_age_ms),
+        );
         root.insert("tiering".into(), tiering.into());
 
         let topic_defaults: toml::Table = self
@@ -528,6 +556,9 @@ struct RawTiering {
     retry_max_ms: Option<Scalar>,
     gc_interval_ms: Option<Scalar>,
     gc_grace_ms: Option<Scalar>,
+    compact: Option<Flag>,
+    compact_small_bytes: Option<Scalar>,
+    compact_min_age_ms: Option<Scalar>,
 }
 
 impl RawTiering {
@@ -575,6 +606,21 @@ impl RawTiering {
         }
         if let Some(value) = &self.gc_grace_ms {
             tiering.gc_grace_ms = value.integer("tiering.gc_grace_ms", 0, u32::MAX.into())?;
+        }
+        if let Some(flag) = &self.compact {
+            tiering.compact = flag.boolean("tiering.compact")?;
+        }
+        tiering.compact_small_bytes = match &self.compact_small_bytes {
+            Some(value) => value.bytes(
+                "tiering.compact_small_bytes",
+                1,
+                tiering.object_bytes_target,
+            )?,
+            None => tiering.object_bytes_target / defaults::TIERING_COMPACT_SMALL_DIVISOR,
+        };
+        if let Some(value) = &self.compact_min_age_ms {
+            tiering.compact_min_age_ms =
+                value.integer("tiering.compact_min_age_ms", 0, u32::MAX.into())?;
         }
         if tiering.retry_max < tiering.retry_initial {
             return Err(ConfigError::key(
@@ -1194,6 +1240,36 @@ mod tests {
         ));
         assert!(
             message.starts_with("config key tiering.retry_max_ms: must be at least"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn compaction_keys_default_from_the_target_and_are_checked() {
+        let config = CoreConfig::resolve(&file(
+            "data_dir = \"/d\"\n[tiering]\nobject_bytes_target = \"64MiB\"",
+        ))
+        .unwrap();
+        assert!(config.tiering.compact);
+        assert_eq!(config.tiering.compact_small_bytes, 16 << 20, "a quarter");
+        assert_eq!(config.tiering.compact_min_age_ms, 3_600_000);
+        let config = CoreConfig::resolve(&file(
+            "data_dir = \"/d\"\n[tiering]\ncompact = false\ncompact_small_bytes = \"1MiB\"\ncompact_min_age_ms = 0",
+        ))
+        .unwrap();
+        assert!(!config.tiering.compact);
+        assert_eq!(config.tiering.compact_small_bytes, 1 << 20);
+        assert_eq!(config.tiering.compact_min_age_ms, 0);
+        assert_eq!(
+            CoreConfig::resolve(&file(&config.to_toml())).unwrap(),
+            config
+        );
+        let message = error(&file(
+            "data_dir = \"/d\"\n[tiering]\nobject_bytes_target = 1000\ncompact_small_bytes = 1001",
+        ));
+        assert!(
+            message
+                .starts_with("config key tiering.compact_small_bytes: must be between 1 and 1000"),
             "{message}"
         );
     }

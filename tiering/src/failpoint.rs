@@ -9,6 +9,8 @@
 //! | `offload.after_upload` | `offload_next`, object uploaded, manifest not committed | an orphan object for GC |
 //! | `offload.after_commit` | end of `offload_next`, the caller's local delete not done | data in both tiers |
 //! | `retention.after_manifest` | `retention::enforce`, log start committed in the manifest, local start and objects not yet moved | keys in `expired`, a local log start behind the manifest's |
+//! | `compact.after_upload` | `compact_next`, merged object uploaded, manifest not committed | an orphan object for GC |
+//! | `compact.after_commit` | `compact_next`, manifest committed with the old objects in `replaced` | replaced objects GC deletes after the grace |
 //! | `gc.mid_delete` | `gc::collect`, after the first of several deletions | orphans or expired keys still to delete |
 //!
 //! The core's offload loop may add its own points with the same function.
@@ -24,6 +26,10 @@ pub const OFFLOAD_AFTER_UPLOAD: &str = "offload.after_upload";
 pub const OFFLOAD_AFTER_COMMIT: &str = "offload.after_commit";
 /// Log start advanced in the committed manifest; expired objects not yet deleted.
 pub const RETENTION_AFTER_MANIFEST: &str = "retention.after_manifest";
+/// Merged object uploaded, manifest not yet committed.
+pub const COMPACT_AFTER_UPLOAD: &str = "compact.after_upload";
+/// Manifest naming the merged object committed; the replaced objects not yet deleted.
+pub const COMPACT_AFTER_COMMIT: &str = "compact.after_commit";
 /// Some garbage deleted, the rest not.
 pub const GC_MID_DELETE: &str = "gc.mid_delete";
 

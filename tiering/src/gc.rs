@@ -2,6 +2,10 @@
 //!
 //! - **Expired keys**: objects retention took out of the manifest (`Manifest::expired`) whose
 //!   deletion was interrupted. Deleted whatever their age, then forgotten (commit).
+//! - **Replaced objects**: objects a compaction merged into one (`Manifest::replaced`). Readers
+//!   holding an older manifest may still read them, so each is deleted only once the grace
+//!   period has passed since the commit that replaced it (its `last_modified` is the original
+//!   upload's, far older), then forgotten (commit). Until then it is not an orphan either.
 //! - **Orphans**: objects under `v1/topic=<t>/partition=<p>/` the manifest does not name, left by
 //!   a crash between upload and commit. Deleted once older than the grace period (by the store's
 //!   `last_modified`): a younger one may be an upload about to commit. This is the one place
@@ -64,6 +68,8 @@ impl Default for GcPolicy {
 pub struct GcReport {
     /// Keys from the manifest's expired list deleted (or found already gone) and forgotten.
     pub expired_deleted: u64,
+    /// Objects a compaction replaced, deleted (or found already gone) once past the grace.
+    pub replaced_deleted: u64,
     /// Unnamed objects deleted.
     pub orphans_deleted: u64,
     /// Interrupted uploads cleared: staging files of a `file://` store, multipart uploads of
@@ -84,10 +90,13 @@ pub async fn collect(
         expired_deleted: delete_expired(store, manifest, Some(failpoint::GC_MID_DELETE)).await?,
         ..GcReport::default()
     };
+    report.replaced_deleted = delete_replaced(store, manifest, policy, now_ms).await?;
+    // Replaced objects still within the grace are not orphans: readers may hold them.
     let named: HashSet<&str> = manifest
         .objects
         .iter()
         .map(|object| object.key.as_str())
+        .chain(manifest.replaced.iter().map(|old| old.key.as_str()))
         .collect();
     let prefix = store.key(&partition_dir(&manifest.topic, manifest.partition));
     let listed: Vec<object_store::ObjectMeta> =
@@ -130,6 +139,52 @@ pub async fn collect(
         report.uploads_aborted += abort_stale_s3_uploads(s3, &prefix, policy, now_ms).await?;
     }
     Ok(report)
+}
+
+/// Deletes the objects compaction replaced more than the grace period ago, then commits the
+/// manifest without them. Idempotent: a crash between the deletions and the commit leaves keys
+/// whose deletion the next pass repeats (a missing object counts as deleted).
+async fn delete_replaced(
+    store: &ArchiveStore,
+    manifest: &mut Manifest,
+    policy: &GcPolicy,
+    now_ms: i64,
+) -> Result<u64> {
+    let due: Vec<String> = manifest
+        .replaced
+        .iter()
+        .filter(|old| older_than_grace(old.replaced_ms, policy, now_ms))
+        .map(|old| old.key.clone())
+        .collect();
+    if due.is_empty() {
+        return Ok(0);
+    }
+    let mut deleted = Vec::with_capacity(due.len());
+    let mut failure = None;
+    for key in due {
+        if let Err(error) = delete_object(store, &key).await {
+            failure = Some(error);
+            break;
+        }
+        deleted.push(key);
+        if deleted.len() == 1 {
+            failpoint::hit(failpoint::GC_MID_DELETE);
+        }
+    }
+    if !deleted.is_empty() {
+        manifest.forget_replaced(&deleted);
+        manifest.commit(store).await?;
+        tracing::info!(
+            topic = %manifest.topic,
+            partition = manifest.partition,
+            objects = deleted.len(),
+            "garbage collection deleted objects compaction replaced"
+        );
+    }
+    match failure {
+        Some(error) => Err(error),
+        None => Ok(deleted.len() as u64),
+    }
 }
 
 /// Pages of ListMultipartUploads read per pass, so a bucket full of uploads cannot keep one

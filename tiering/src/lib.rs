@@ -6,6 +6,7 @@
 //! - `schema`: the archive's Parquet format: columns, footer metadata, object keys.
 //! - `manifest`: per partition, the archived objects: the cold tier's source of truth.
 //! - `offload`: planning and running the conversion of closed segments into objects.
+//! - `compact`: merging runs of small archive objects into one.
 //! - `write`: converting a contiguous run of record batches into one archive object.
 //! - `read`: reading an archive object back as RecordBatch v2 batches from any offset.
 //! - `retention`: whole-log retention (`retention.ms`/`retention.bytes`) across both tiers.
@@ -15,6 +16,7 @@
 //! - `error`: the crate's error type.
 
 pub mod cold;
+pub mod compact;
 mod error;
 pub mod failpoint;
 pub mod gc;
@@ -27,9 +29,10 @@ pub mod store;
 pub mod write;
 
 pub use cold::{ChunkCache, ColdConfig, ColdError, ColdRead, ColdReader, ColdStats};
+pub use compact::{CompactPlan, CompactPolicy, Compacted, compact_next, plan_compaction};
 pub use error::{Result, TierError};
 pub use gc::{GcPolicy, GcReport};
-pub use manifest::{Manifest, ManifestObject};
+pub use manifest::{Manifest, ManifestObject, ReplacedObject};
 pub use offload::{OffloadPolicy, OffloadRange, offload_next, plan_offload};
 pub use read::ArchiveReader;
 pub use retention::RetentionReport;

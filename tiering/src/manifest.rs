@@ -13,6 +13,13 @@
 //! log start offset advances in the manifest (committed) *before* any object is deleted, so a
 //! reader sees either the data or OFFSET_OUT_OF_RANGE, never a missing object.
 //!
+//! Compaction replaces a run of adjacent objects by one merged object in one commit
+//! ([`Manifest::replace`]): the merged object is uploaded under a fresh key first, and the
+//! replaced objects are not deleted at once, since a reader may hold an older manifest naming
+//! them. They move to `replaced` with the time of the commit, and garbage collection deletes
+//! them once that is older than its grace period (a reader that still finds one gone reloads
+//! the manifest and retries).
+//!
 //! Readers never LIST the bucket: the manifest's key is computed from topic and partition, and
 //! it names every object with its size.
 
@@ -63,6 +70,21 @@ pub struct Manifest {
     /// Objects expired from the manifest whose deletion is still owed (a crash may interrupt
     /// it); deleting them is idempotent.
     pub expired: Vec<String>,
+    /// Objects a compaction replaced by a merged one: no longer named for reading, kept until
+    /// garbage collection's grace period has passed since `replaced_ms`, for readers holding an
+    /// older manifest. Absent from the JSON while empty, so manifests without compaction keep
+    /// their bytes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub replaced: Vec<ReplacedObject>,
+}
+
+/// An object a compaction took out of the manifest, awaiting deletion after a grace period.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplacedObject {
+    /// Key in the store, prefix included.
+    pub key: String,
+    /// When the manifest without it was committed, in milliseconds since the epoch.
+    pub replaced_ms: i64,
 }
 
 impl Manifest {
@@ -76,6 +98,7 @@ impl Manifest {
             log_start_offset: 0,
             objects: Vec::new(),
             expired: Vec::new(),
+            replaced: Vec::new(),
         }
     }
 
@@ -150,6 +173,60 @@ impl Manifest {
     /// Drops `deleted` keys from the expired list once their objects are gone.
     pub fn forget_expired(&mut self, deleted: &[String]) {
         self.expired.retain(|key| !deleted.contains(key));
+    }
+
+    /// Replaces the objects at `run` (indices into `objects`, at least two) by `merged`, which
+    /// must hold exactly their offsets. Their keys move to `replaced`, stamped `now_ms`; the
+    /// caller commits. Nothing changes on error.
+    pub fn replace(
+        &mut self,
+        run: std::ops::Range<usize>,
+        merged: ManifestObject,
+        now_ms: i64,
+    ) -> Result<()> {
+        let invalid = |why: String| Err(TierError::InvalidInput(why));
+        if run.len() < 2 || run.end > self.objects.len() {
+            return invalid(format!(
+                "cannot replace objects {run:?} of {}",
+                self.objects.len()
+            ));
+        }
+        let first = &self.objects[run.start];
+        let last = &self.objects[run.end - 1];
+        let records: u64 = self.objects[run.clone()].iter().map(|o| o.records).sum();
+        if merged.base_offset != first.base_offset
+            || merged.last_offset != last.last_offset
+            || merged.records != records
+            || u64::try_from(merged.last_offset - merged.base_offset + 1) != Ok(merged.records)
+        {
+            return invalid(format!(
+                "merged object {} holds offsets {}..={} ({} records), the objects it replaces {}..={} ({records})",
+                merged.key,
+                merged.base_offset,
+                merged.last_offset,
+                merged.records,
+                first.base_offset,
+                last.last_offset
+            ));
+        }
+        if self.objects.iter().any(|object| object.key == merged.key)
+            || self.replaced.iter().any(|old| old.key == merged.key)
+        {
+            return invalid(format!("merged object {} reuses a key", merged.key));
+        }
+        let replaced: Vec<ManifestObject> =
+            self.objects.splice(run, std::iter::once(merged)).collect();
+        self.replaced
+            .extend(replaced.into_iter().map(|object| ReplacedObject {
+                key: object.key,
+                replaced_ms: now_ms,
+            }));
+        Ok(())
+    }
+
+    /// Drops `deleted` keys from the replaced list once their objects are gone.
+    pub fn forget_replaced(&mut self, deleted: &[String]) {
+        self.replaced.retain(|old| !deleted.contains(&old.key));
     }
 
     /// Archived bytes the manifest names.
@@ -228,6 +305,13 @@ impl Manifest {
             }
             next = Some(object.last_offset + 1);
         }
+        if let Some(old) = self
+            .replaced
+            .iter()
+            .find(|old| self.objects.iter().any(|object| object.key == old.key))
+        {
+            return Err(format!("object {} is both named and replaced", old.key));
+        }
         if let Some(first) = self.objects.first()
             && first.last_offset < self.log_start_offset
         {
@@ -293,6 +377,49 @@ mod tests {
         manifest.forget_expired(&["o0".to_string()]);
         assert_eq!(manifest.expired, ["o10"]);
         manifest.check().unwrap();
+    }
+
+    #[test]
+    fn a_replace_swaps_exactly_the_run_and_keeps_the_old_keys() {
+        let mut manifest = Manifest::new("t", 0);
+        for base in (0..40).step_by(10) {
+            manifest.add(object(base, base + 9)).unwrap();
+        }
+        let mut merged = object(10, 29);
+        merged.key = "m".into();
+        let before = manifest.clone();
+        assert!(manifest.replace(1..3, object(10, 28), 5).is_err(), "short");
+        assert!(
+            manifest.replace(1..2, object(10, 19), 5).is_err(),
+            "one object"
+        );
+        let mut reused = merged.clone();
+        reused.key = "o0".into();
+        assert!(manifest.replace(1..3, reused, 5).is_err(), "a named key");
+        assert_eq!(manifest, before, "nothing changes on error");
+        manifest.replace(1..3, merged, 5).unwrap();
+        let keys: Vec<&str> = manifest.objects.iter().map(|o| o.key.as_str()).collect();
+        assert_eq!(keys, ["o0", "m", "o30"]);
+        assert_eq!(
+            manifest.replaced,
+            [
+                ReplacedObject {
+                    key: "o10".into(),
+                    replaced_ms: 5
+                },
+                ReplacedObject {
+                    key: "o20".into(),
+                    replaced_ms: 5
+                },
+            ]
+        );
+        manifest.check().unwrap();
+        assert_eq!(manifest.find(25).unwrap().key, "m");
+        let json = serde_json::to_string(&manifest).unwrap();
+        assert!(json.ends_with(r#""expired":[],"replaced":[{"key":"o10","replaced_ms":5},{"key":"o20","replaced_ms":5}]}"#), "{json}");
+        assert_eq!(serde_json::from_str::<Manifest>(&json).unwrap(), manifest);
+        manifest.forget_replaced(&["o10".to_string()]);
+        assert_eq!(manifest.replaced.len(), 1);
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! Crash matrix: for each failpoint, a child process (this test binary, re-executed) runs the
 //! real tiering sequence over a real data directory and a `file://` store, or an s3s-fs S3
 //! server the child and then the parent run in process on the same directory (offload, local
-//! retention, whole-log retention, garbage collection) and dies by SIGKILL at that point. The
+//! retention, compaction of small objects, whole-log retention, garbage collection) and dies by
+//! SIGKILL at that point. The
 //! parent reopens everything, runs the sequence again plus GC with no grace period, and checks:
 //! every offset from the log start is readable from one tier or the other with the records as
 //! produced, the manifest is contiguous and ends where a crash-free run ends, and the store
@@ -24,7 +25,8 @@ use silt_log::batch::{
 use silt_log::{LogConfig, LogManager, PartitionLog, TopicConfig};
 use silt_tiering::failpoint::{self, FAILPOINT_ENV};
 use silt_tiering::{
-    ArchiveReader, ArchiveStore, GcPolicy, Manifest, OffloadPolicy, gc, offload_next, retention,
+    ArchiveReader, ArchiveStore, CompactPolicy, GcPolicy, Manifest, OffloadPolicy, compact_next,
+    gc, offload_next, retention,
 };
 
 const CHILD_DIR_ENV: &str = "SILT_TIER_CRASH_CHILD_DIR";
@@ -78,6 +80,15 @@ fn log_config(dir: &Path) -> LogConfig {
 const POLICY: OffloadPolicy = OffloadPolicy {
     object_bytes_target: 8 << 10,
     max_wait_ms: 60_000,
+};
+
+/// Offload's objects here are about 4.4 KiB (45 records): merge those under 5 KiB in pairs (up
+/// to 9 KiB together), at any age, so whole-log retention still has several objects to expire.
+const COMPACT: CompactPolicy = CompactPolicy {
+    object_bytes_target: 9 << 10,
+    small_bytes: 5 << 10,
+    min_age_ms: 0,
+    objects_max: 100,
 };
 
 fn record(offset: i64) -> Record {
@@ -148,6 +159,13 @@ async fn run_sequence(store: &ArchiveStore, log: &Arc<PartitionLog>) -> Manifest
         .unwrap()
         .unwrap_or_else(|| Manifest::new(TOPIC, 0));
     while offload_next(store, log, &mut manifest, &POLICY, NOW_MS)
+        .await
+        .unwrap()
+        .is_some()
+    {}
+    // Compaction uses the wall clock, as garbage collection does: its grace runs from the
+    // commit that replaced an object.
+    while compact_next(store, &mut manifest, &COMPACT, wall_ms())
         .await
         .unwrap()
         .is_some()
@@ -250,6 +268,11 @@ async fn crash_and_recover(kind: StoreKind, point: Option<&str>) -> Outcome {
         manifest.expired.is_empty(),
         "{name}: {:?}",
         manifest.expired
+    );
+    assert!(
+        manifest.replaced.is_empty(),
+        "{name}: {:?}",
+        manifest.replaced
     );
 
     // No orphans: the store holds exactly the manifest's objects, and no staging files.
@@ -364,10 +387,19 @@ async fn no_loss_and_no_orphans_after_kill_9_at_every_failpoint() {
         baseline.log_start_offset > 0,
         "retention.ms expired part of the archive"
     );
-    assert!(baseline.objects.len() >= 3, "{baseline:?}");
+    assert!(baseline.objects.len() >= 2, "{baseline:?}");
+    assert!(
+        baseline
+            .objects
+            .iter()
+            .any(|(base, last)| last - base + 1 >= 90),
+        "compaction merged offload's 45-record objects: {baseline:?}"
+    );
     for point in [
         failpoint::OFFLOAD_AFTER_UPLOAD,
         failpoint::OFFLOAD_AFTER_COMMIT,
+        failpoint::COMPACT_AFTER_UPLOAD,
+        failpoint::COMPACT_AFTER_COMMIT,
         failpoint::RETENTION_AFTER_MANIFEST,
         failpoint::GC_MID_DELETE,
     ] {

@@ -6,7 +6,9 @@
 //! partition (internal `__` topics excepted) whose last attempt is not backing off gets a task
 //! that archives every range that is due (`offload_next` until it returns `None`), at most
 //! `tiering.upload_concurrency` uploads at a time across the node. When nothing more is due,
-//! the same task applies whole-log retention across both tiers and, every
+//! the same task merges one run of small archive objects (`tiering.compact`, under the upload
+//! permit it holds, so compaction counts against `tiering.upload_concurrency` and a partition
+//! never has two at once), applies whole-log retention across both tiers and, every
 //! `tiering.gc_interval_ms`, garbage collection (`Tier::maintain`).
 //!
 //! # Invariants
@@ -32,7 +34,8 @@ use std::time::Instant;
 use metrics::{counter, gauge, histogram};
 use silt_log::{DeleteReport, LogManager, PartitionLog};
 use silt_tiering::{
-    ArchiveStore, GcPolicy, GcReport, Manifest, OffloadPolicy, gc, offload_next, retention,
+    ArchiveStore, CompactPolicy, GcPolicy, GcReport, Manifest, OffloadPolicy, compact_next, gc,
+    offload_next, retention,
 };
 use tokio::sync::{OwnedMutexGuard, Semaphore};
 use tokio::task::JoinSet;
@@ -45,6 +48,15 @@ pub(crate) use status::StatusError;
 /// Topics whose name starts with this are the node's own (committed offsets): they stay local
 /// and keep whole-log retention, as Kafka keeps `__consumer_offsets` out of tiered storage.
 const INTERNAL_TOPIC_PREFIX: &str = "__";
+
+/// Compactions committed, per topic and partition.
+const TIER_COMPACTIONS: &str = "silt_tier_compactions_total";
+/// Archive objects compaction replaced by merged ones, per topic and partition.
+const TIER_COMPACTED_OBJECTS: &str = "silt_tier_compacted_objects_total";
+/// Bytes of the merged objects compaction wrote, per topic and partition.
+const TIER_COMPACTED_BYTES: &str = "silt_tier_compacted_bytes_total";
+/// Compactions that failed (read, upload or commit), per topic and partition.
+const TIER_COMPACTION_FAILURES: &str = "silt_tier_compaction_failures_total";
 
 /// Whether `topic` is tiered.
 fn is_tiered(topic: &str) -> bool {
@@ -120,6 +132,10 @@ struct PartitionState {
     retry: Retry,
     /// When this partition's archive was last garbage collected.
     last_gc: Option<Instant>,
+    /// Backoff of failed compactions, apart from offload's: a compaction that fails (a corrupt
+    /// object, a store error) must not hold up retention, GC or offload, nor be retried at
+    /// every check.
+    compact_retry: Retry,
 }
 
 /// A committed manifest, summed up.
@@ -383,7 +399,9 @@ impl Tier {
         }
     }
 
-    /// Whole-log retention (`retention.ms`/`retention.bytes` across both tiers: the log start
+    /// One compaction (`tiering.compact`: a run of small archive objects merged into one; the
+    /// replaced objects stay until garbage collection's grace has passed), whole-log retention
+    /// (`retention.ms`/`retention.bytes` across both tiers: the log start
     /// advances in the manifest, then locally, then expired objects go), and every
     /// `tiering.gc_interval_ms` garbage collection (objects no manifest names, expired keys
     /// and interrupted uploads older than `tiering.gc_grace_ms`). Run by the partition's one
@@ -396,6 +414,9 @@ impl Tier {
         manifest: &mut Manifest,
     ) -> silt_tiering::Result<()> {
         let log = &partition.log;
+        if self.config.compact && lock(&partition.state).compact_retry.due(Instant::now()) {
+            self.compact(store, partition, manifest).await;
+        }
         let retained = retention::enforce(store, log, manifest, silt_log::now_ms()).await?;
         lock(&partition.state).committed = Some(Committed::of(manifest));
         if retained.objects_expired > 0 || retained.local_segments_deleted > 0 {
@@ -429,6 +450,7 @@ impl Tier {
                 topic = log.topic(),
                 partition = log.partition(),
                 expired_deleted = collected.expired_deleted,
+                replaced_deleted = collected.replaced_deleted,
                 orphans_deleted = collected.orphans_deleted,
                 uploads_aborted = collected.uploads_aborted,
                 bytes_freed = collected.bytes_freed,
@@ -436,6 +458,74 @@ impl Tier {
             );
         }
         Ok(())
+    }
+
+    /// Merges the first run of small objects that is due, if any: one per pass, so a backlog
+    /// of small objects costs one upload permit at a time and is worked off check by check.
+    /// A failure is counted, logged and backed off, and leaves `manifest` what the store holds
+    /// (`compact_next` restores it after a failed commit), so retention and GC go on.
+    async fn compact(
+        &self,
+        store: &ArchiveStore,
+        partition: &PartitionTier,
+        manifest: &mut Manifest,
+    ) {
+        let log = &partition.log;
+        let labels = [
+            ("topic", log.topic().to_string()),
+            ("partition", log.partition().to_string()),
+        ];
+        let policy = CompactPolicy {
+            object_bytes_target: self.config.object_bytes_target,
+            small_bytes: self.config.compact_small_bytes,
+            min_age_ms: self.config.compact_min_age_ms,
+            ..CompactPolicy::default()
+        };
+        let started = Instant::now();
+        let done = match compact_next(store, manifest, &policy, silt_log::now_ms()).await {
+            Ok(Some(done)) => done,
+            Ok(None) => {
+                lock(&partition.state).compact_retry.succeeded();
+                return;
+            }
+            Err(error) => {
+                counter!(TIER_COMPACTION_FAILURES, &labels).increment(1);
+                let mut state = lock(&partition.state);
+                let wait = state.compact_retry.failed(
+                    Instant::now(),
+                    self.config.retry_initial,
+                    self.config.retry_max,
+                );
+                tracing::warn!(
+                    topic = log.topic(),
+                    partition = log.partition(),
+                    %error,
+                    retry_in_ms = wait.as_millis() as u64,
+                    "compaction failed; the archive's objects are unchanged"
+                );
+                return;
+            }
+        };
+        {
+            let mut state = lock(&partition.state);
+            state.committed = Some(Committed::of(manifest));
+            state.compact_retry.succeeded();
+        }
+        counter!(TIER_COMPACTIONS, &labels).increment(1);
+        counter!(TIER_COMPACTED_OBJECTS, &labels).increment(done.objects_replaced);
+        counter!(TIER_COMPACTED_BYTES, &labels).increment(done.merged.size_bytes);
+        tracing::info!(
+            topic = log.topic(),
+            partition = log.partition(),
+            base_offset = done.merged.base_offset,
+            last_offset = done.merged.last_offset,
+            objects_replaced = done.objects_replaced,
+            bytes_replaced = done.bytes_replaced,
+            bytes = done.merged.size_bytes,
+            seconds = started.elapsed().as_secs_f64(),
+            key = %done.merged.key,
+            "compacted small archive objects"
+        );
     }
 
     /// The offset below which local retention may delete `log`'s segments: `None` for an
@@ -580,6 +670,108 @@ mod tests {
             backpressure_due(u64::MAX, Some(u64::MAX), 100, 1),
             "no overflow"
         );
+    }
+
+    /// A trickle through the real offload loop (real log, `file://` store): every pass archives
+    /// one small object and compaction, in the same task, keeps merging them; the archive ends
+    /// as a few objects naming every offset, the replaced ones kept for GC's grace.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_offload_loop_compacts_a_trickle_into_few_objects() {
+        use bytes::{Bytes, BytesMut};
+        use silt_log::batch::{BatchSpec, Record, encode_batch};
+
+        let dir = tempfile::tempdir().unwrap();
+        let mut log_config = silt_log::LogConfig::new(dir.path().join("data"));
+        log_config.fs_reserve_bytes = 0;
+        log_config.topic_defaults = silt_log::TopicConfig::default()
+            .with_overrides(
+                [("segment.bytes".to_string(), "2048".to_string())]
+                    .into_iter()
+                    .collect::<BTreeMap<_, _>>()
+                    .iter(),
+            )
+            .unwrap();
+        let manager = LogManager::open(log_config).unwrap();
+        manager.ensure_topic("trickle", 1).unwrap();
+        let log = manager.partition("trickle", 0).unwrap();
+        let objects = dir.path().join("objects");
+        std::fs::create_dir_all(&objects).unwrap();
+        let url = format!("file://{}", objects.display());
+        let config = TieringConfig {
+            max_wait_ms: 0,
+            object_bytes_target: 256 << 10,
+            compact_small_bytes: 64 << 10,
+            compact_min_age_ms: 0,
+            ..TieringConfig::default()
+        };
+        let tier = Tier::new(&url, config, Arc::clone(&manager));
+        let old_ms = silt_log::now_ms() - 3_600_000;
+        let value = |offset: i64| Bytes::from(format!("{offset:08}:{}", "v".repeat(300)));
+        let mut uploads = 0;
+        let mut next_offset = 0i64;
+        for _ in 0..16 {
+            // About one segment: the previous active segment closes.
+            for _ in 0..6 {
+                let records: Vec<Record> = (next_offset..next_offset + 2)
+                    .map(|offset| Record {
+                        timestamp: old_ms + offset,
+                        key: None,
+                        value: Some(value(offset)),
+                        headers: Vec::new(),
+                    })
+                    .collect();
+                let mut batch = BytesMut::new();
+                encode_batch(&BatchSpec::default(), &records, &mut batch).unwrap();
+                log.append(&mut batch).unwrap();
+                next_offset += 2;
+            }
+            let archived_before = tier_committed(&tier).and_then(|c| c.next_offset);
+            let mut tasks = JoinSet::new();
+            tier.check(&mut tasks);
+            while tasks.join_next().await.is_some() {}
+            let archived_after = tier_committed(&tier).and_then(|c| c.next_offset);
+            if archived_after != archived_before {
+                uploads += 1;
+            }
+        }
+        let store = ArchiveStore::open(&url).unwrap();
+        let manifest = Manifest::load(&store, "trickle", 0).await.unwrap().unwrap();
+        assert!(uploads >= 10, "{uploads} uploads");
+        assert!(
+            manifest.objects.len() <= 3,
+            "{uploads} uploads left {} objects",
+            manifest.objects.len()
+        );
+        assert!(
+            manifest.replaced.len() + manifest.objects.len() > uploads,
+            "replaced objects wait for the grace: {:?}",
+            manifest.replaced
+        );
+        let end = manifest.next_offset().unwrap();
+        assert_eq!(manifest.objects[0].base_offset, 0);
+        let cold = silt_tiering::ColdReader::new(store, silt_tiering::ColdConfig::default());
+        let mut offset = 0;
+        while offset < end {
+            let read = cold.read("trickle", 0, offset, 1 << 20).await.unwrap();
+            for item in silt_log::batch::batches(&read.batches, usize::MAX) {
+                let (header, batch) = item.unwrap();
+                let limits = silt_log::batch::DecodeLimits::default();
+                for record in silt_log::batch::decode_records(&header, batch, &limits).unwrap() {
+                    if record.offset >= offset {
+                        assert_eq!(record.offset, offset);
+                        assert_eq!(record.value, Some(value(offset)));
+                        offset += 1;
+                    }
+                }
+            }
+        }
+        manager.close().unwrap();
+    }
+
+    fn tier_committed(tier: &Tier) -> Option<Committed> {
+        let partitions = lock(&tier.partitions);
+        let partition = partitions.get(&("trickle".to_string(), 0))?;
+        lock(&partition.state).committed
     }
 
     #[test]
