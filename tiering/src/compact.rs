@@ -21,11 +21,15 @@
 //! 2. check the stored manifest is still the one planned from (else adopt it and plan again),
 //!    then commit one manifest in which the merged object replaces exactly the run; the old keys
 //!    move to `Manifest::replaced`, stamped with the commit time;
-//! 3. delete nothing: a reader may hold an older manifest naming the old objects. Garbage
-//!    collection deletes them once its grace period has passed since the commit.
+//! 3. delete the old objects at once and commit the manifest without them: analytics engines
+//!    glob the archive (`v1/**/*.parquet`), and would count the rows of a replaced object
+//!    twice while it stayed. A cold reader holding an older manifest finds an old object gone,
+//!    reloads the manifest and reads the merged one (`cold.rs`); a query racing the deletion
+//!    may fail and be run again, which beats a wrong answer.
 //!
 //! A crash after 1 leaves an unnamed object (garbage collection removes it after the grace); a
-//! crash after 2 leaves the old objects in `replaced`. Either way every offset stays readable.
+//! crash after 2 leaves the old objects in `replaced`, which garbage collection deletes at its
+//! next pass. Either way every offset stays readable.
 
 use std::ops::Range;
 
@@ -189,6 +193,14 @@ pub async fn compact_next(
             return Err(error);
         }
         failpoint::hit(failpoint::COMPACT_AFTER_COMMIT);
+        if let Err(error) = crate::gc::delete_replaced(store, manifest).await {
+            tracing::warn!(
+                topic = %manifest.topic,
+                partition = manifest.partition,
+                %error,
+                "cannot delete the objects a compaction replaced yet; garbage collection will"
+            );
+        }
         return Ok(Some(Compacted {
             merged,
             objects_replaced: plan.run.len() as u64,

@@ -2,10 +2,10 @@
 //!
 //! - **Expired keys**: objects retention took out of the manifest (`Manifest::expired`) whose
 //!   deletion was interrupted. Deleted whatever their age, then forgotten (commit).
-//! - **Replaced objects**: objects a compaction merged into one (`Manifest::replaced`). Readers
-//!   holding an older manifest may still read them, so each is deleted only once the grace
-//!   period has passed since the commit that replaced it (its `last_modified` is the original
-//!   upload's, far older), then forgotten (commit). Until then it is not an orphan either.
+//! - **Replaced objects**: objects a compaction merged into one (`Manifest::replaced`) whose
+//!   deletion right after the compaction was interrupted (a crash, a failing store). Deleted
+//!   whatever their age, as compaction itself deletes them: an analytics engine globbing the
+//!   archive would otherwise count their rows twice. Then forgotten (commit).
 //! - **Orphans**: objects under `v1/topic=<t>/partition=<p>/` the manifest does not name, left by
 //!   a crash between upload and commit. Deleted once older than the grace period (by the store's
 //!   `last_modified`): a younger one may be an upload about to commit. This is the one place
@@ -90,7 +90,7 @@ pub async fn collect(
         expired_deleted: delete_expired(store, manifest, Some(failpoint::GC_MID_DELETE)).await?,
         ..GcReport::default()
     };
-    report.replaced_deleted = delete_replaced(store, manifest, policy, now_ms).await?;
+    report.replaced_deleted = delete_replaced(store, manifest).await?;
     // Replaced objects still within the grace are not orphans: readers may hold them.
     let named: HashSet<&str> = manifest
         .objects
@@ -141,19 +141,13 @@ pub async fn collect(
     Ok(report)
 }
 
-/// Deletes the objects compaction replaced more than the grace period ago, then commits the
-/// manifest without them. Idempotent: a crash between the deletions and the commit leaves keys
-/// whose deletion the next pass repeats (a missing object counts as deleted).
-async fn delete_replaced(
-    store: &ArchiveStore,
-    manifest: &mut Manifest,
-    policy: &GcPolicy,
-    now_ms: i64,
-) -> Result<u64> {
+/// Deletes the objects compaction replaced, then commits the manifest without them.
+/// Idempotent: a crash between the deletions and the commit leaves keys whose deletion the
+/// next pass repeats (a missing object counts as deleted).
+pub(crate) async fn delete_replaced(store: &ArchiveStore, manifest: &mut Manifest) -> Result<u64> {
     let due: Vec<String> = manifest
         .replaced
         .iter()
-        .filter(|old| older_than_grace(old.replaced_ms, policy, now_ms))
         .map(|old| old.key.clone())
         .collect();
     if due.is_empty() {
@@ -178,7 +172,7 @@ async fn delete_replaced(
             topic = %manifest.topic,
             partition = manifest.partition,
             objects = deleted.len(),
-            "garbage collection deleted objects compaction replaced"
+            "deleted objects compaction replaced"
         );
     }
     match failure {

@@ -15,10 +15,10 @@
 //!
 //! Compaction replaces a run of adjacent objects by one merged object in one commit
 //! ([`Manifest::replace`]): the merged object is uploaded under a fresh key first, and the
-//! replaced objects are not deleted at once, since a reader may hold an older manifest naming
-//! them. They move to `replaced` with the time of the commit, and garbage collection deletes
-//! them once that is older than its grace period (a reader that still finds one gone reloads
-//! the manifest and retries).
+//! replaced objects move to `replaced` with the time of the commit. Compaction deletes them
+//! right after that commit (analytics engines glob the archive and would count their rows
+//! twice), and garbage collection finishes what a crash interrupted; a reader holding an older
+//! manifest that finds one gone reloads the manifest and retries.
 //!
 //! Readers never LIST the bucket: the manifest's key is computed from topic and partition, and
 //! it names every object with its size.
@@ -70,15 +70,15 @@ pub struct Manifest {
     /// Objects expired from the manifest whose deletion is still owed (a crash may interrupt
     /// it); deleting them is idempotent.
     pub expired: Vec<String>,
-    /// Objects a compaction replaced by a merged one: no longer named for reading, kept until
-    /// garbage collection's grace period has passed since `replaced_ms`, for readers holding an
-    /// older manifest. Absent from the JSON while empty, so manifests without compaction keep
-    /// their bytes.
+    /// Objects a compaction replaced by a merged one: no longer named for reading, and owed a
+    /// deletion (compaction's own right after its commit, or garbage collection's after a
+    /// crash). Absent from the JSON while empty, so manifests without compaction keep their
+    /// bytes.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub replaced: Vec<ReplacedObject>,
 }
 
-/// An object a compaction took out of the manifest, awaiting deletion after a grace period.
+/// An object a compaction took out of the manifest, awaiting deletion.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReplacedObject {
     /// Key in the store, prefix included.
