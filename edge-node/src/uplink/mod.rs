@@ -432,8 +432,9 @@ impl Shipper {
         {
             let (log, labels) = (log.clone(), labels.clone());
             let frame_bytes = self.config.frame_bytes as usize;
+            let sender_gone = frame_tx.clone();
             tokio::task::spawn_blocking(move || {
-                read_loop(&log, start, frame_bytes, &labels, &read_tx)
+                read_loop(&log, start, frame_bytes, &labels, &read_tx, &sender_gone);
             });
         }
         tokio::task::spawn_blocking(move || compress_loop(read_rx, &frame_tx));
@@ -525,16 +526,19 @@ struct ShipFrame {
     bytes: bytes::Bytes,
 }
 
-/// Reads the partition from `next` on, frame by frame, into `frames`, until the receiver
-/// is gone or the log fails (the error is passed on). Blocking.
+/// Reads the partition from `next` on, frame by frame, into `frames`, until the log fails
+/// (the error is passed on) or the stream is gone: `frames`' receiver, or `sent`'s (the
+/// async sender's, checked too because the compressor waiting on `frames` does not notice
+/// it while the log has nothing new). Blocking; returns within [`WAIT_FOR_DATA`].
 fn read_loop(
     log: &PartitionLog,
     mut next: u64,
     frame_bytes: usize,
     labels: &[(&'static str, String); 2],
     frames: &tokio::sync::mpsc::Sender<anyhow::Result<ReadFrame>>,
+    sent: &tokio::sync::mpsc::Sender<anyhow::Result<ShipFrame>>,
 ) {
-    while !frames.is_closed() {
+    while !frames.is_closed() && !sent.is_closed() {
         let frame = match read_next(log, next, frame_bytes) {
             Ok(Read::Data {
                 first,
