@@ -374,6 +374,36 @@ pub fn compress_batches(raw: &[u8]) -> (Codec, Vec<u8>) {
     }
 }
 
+/// [`compress_batches`] with one zstd context kept across frames, instead of a context made
+/// (and its tables allocated) for every frame.
+pub struct BatchCompressor {
+    zstd: zstd::bulk::Compressor<'static>,
+}
+
+impl std::fmt::Debug for BatchCompressor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BatchCompressor")
+    }
+}
+
+impl BatchCompressor {
+    /// A compressor at [`ZSTD_LEVEL`]; fails only when zstd cannot allocate its context.
+    pub fn new() -> std::io::Result<BatchCompressor> {
+        Ok(BatchCompressor {
+            zstd: zstd::bulk::Compressor::new(ZSTD_LEVEL)?,
+        })
+    }
+
+    /// Like [`compress_batches`]: the codec and the payload, raw when zstd does not shrink it.
+    pub fn compress(&mut self, raw: &[u8]) -> (Codec, Vec<u8>) {
+        assert!(raw.len() <= DATA_RAW_BYTES_MAX, "payload over the limit");
+        match self.zstd.compress(raw) {
+            Ok(compressed) if compressed.len() < raw.len() => (Codec::Zstd, compressed),
+            _ => (Codec::None, raw.to_vec()),
+        }
+    }
+}
+
 /// The batch bytes of a `Data` payload, never more than `raw_len` (itself bounded by
 /// [`DATA_RAW_BYTES_MAX`] at decode).
 pub fn decompress_batches(

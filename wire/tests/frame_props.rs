@@ -2,7 +2,7 @@
 
 use bytes::BytesMut;
 use proptest::prelude::*;
-use silt_wire::{Codec, Frame, WireError, compress_batches, decompress_batches};
+use silt_wire::{BatchCompressor, Codec, Frame, WireError, compress_batches, decompress_batches};
 
 #[derive(Debug, Clone)]
 enum Owned {
@@ -89,6 +89,20 @@ proptest! {
         let (codec, payload) = compress_batches(&raw);
         let back = decompress_batches(codec, raw.len() as u32, &payload).unwrap();
         prop_assert_eq!(back, raw);
+    }
+
+    /// One reused compressor gives, frame after frame, what a fresh context gives.
+    #[test]
+    fn a_reused_compressor_round_trips_every_frame(
+        frames in proptest::collection::vec(proptest::collection::vec(0u8..4, 0..5000), 1..6),
+    ) {
+        let mut compressor = BatchCompressor::new().unwrap();
+        for raw in &frames {
+            let (codec, payload) = compressor.compress(raw);
+            prop_assert_eq!((codec, &payload), (compress_batches(raw).0, &compress_batches(raw).1));
+            let back = decompress_batches(codec, raw.len() as u32, &payload).unwrap();
+            prop_assert_eq!(&back, raw);
+        }
     }
 }
 

@@ -4,8 +4,10 @@
 //! with `Hello` (edge id, topic, partition); then `Data` frames are decoded, appended by
 //! [`store::UplinkStore`] (dedup, routing by key, fsync) and acknowledged in order with
 //! cumulative `Ack`s. The edge pipelines several `Data` frames (its in-flight byte bound);
-//! the server decodes at most [`READ_AHEAD_BYTES`] ahead of the append under way, and appends
-//! all frames waiting when it finishes as one group (one fsync, one `Ack` for the last).
+//! the server decodes at most [`READ_AHEAD_BYTES`] ahead of the appends under way, and appends
+//! all frames waiting as one group (one fsync, one `Ack` for the last). Groups are
+//! pipelined: the next is composed and written while the one before it is being fsync'd,
+//! and each is acked, in order, once it is durable.
 //!
 //! With mutual TLS, the edge id a `Hello` claims must be a DNS name of the client
 //! certificate, so one edge cannot write as another.
@@ -422,7 +424,16 @@ async fn read_frames(
     }
 }
 
-/// Appends the frames read, as many as are waiting at once, and acks each group.
+/// A group of frames being appended on a blocking thread.
+struct InFlight {
+    group: Vec<DataFrame>,
+    task: tokio::task::JoinHandle<Result<store::AppendOutcome, StoreError>>,
+}
+
+/// Appends the frames read, as many as are waiting at once, and acks each group once it is
+/// durable. Pipelined: the next group is composed and written while the one before it is
+/// being fsync'd (at most two groups in flight, both within the read-ahead), and acks go out
+/// in order.
 async fn append_frames(
     send: &mut quinn::SendStream,
     mut frames: tokio::sync::mpsc::UnboundedReceiver<DataFrame>,
@@ -431,78 +442,160 @@ async fn append_frames(
     stream: &StreamKey,
     read_ahead: &tokio::sync::Semaphore,
 ) -> Result<(), Option<StreamFault>> {
-    let labels = [
-        ("topic", topic.to_string()),
-        ("edge", stream.edge_id.clone()),
-    ];
-    let stream_labels = [
-        ("topic", topic.to_string()),
-        ("edge", stream.edge_id.clone()),
-        ("edge_partition", stream.edge_partition.to_string()),
-    ];
+    let labels = Labels::new(topic, stream);
+    let mut in_flight: Option<InFlight> = None;
+    // Held while groups are in flight; dropped when idle, so a reconnected edge's stream
+    // for the same partition can take over.
+    let mut turn: Option<store::StreamTurn> = None;
+    let mut staged = store::StagedNext::new();
     loop {
-        let Some(first) = frames.recv().await else {
+        let received = match in_flight.as_mut() {
+            None => {
+                turn = None;
+                staged.clear();
+                frames.recv().await
+            }
+            Some(pending) => {
+                tokio::select! {
+                    biased;
+                    done = &mut pending.task => {
+                        let pending = in_flight.take().expect("just polled");
+                        complete(send, pending.group, done, &labels, read_ahead).await?;
+                        continue;
+                    }
+                    frame = frames.recv() => frame,
+                }
+            }
+        };
+        let Some(first) = received else {
             return Err(None);
         };
         let mut group = vec![first];
         while let Ok(next) = frames.try_recv() {
             group.push(next);
         }
+        let group_turn = match &turn {
+            Some(turn) => turn.clone(),
+            None => turn.insert(store.lock_stream(topic, stream).await).clone(),
+        };
         let parts: Vec<(u64, bytes::Bytes)> = group
             .iter()
             .map(|frame| (frame.first_offset, frame.batches.clone()))
             .collect();
-        let (store_ref, topic_name, key) = (store.clone(), topic.to_string(), stream.clone());
-        let outcome = tokio::task::spawn_blocking(move || {
+        let (written_tx, written_rx) = tokio::sync::oneshot::channel();
+        let (store_ref, topic_name, key, staged_in) = (
+            store.clone(),
+            topic.to_string(),
+            stream.clone(),
+            staged.clone(),
+        );
+        let task = tokio::task::spawn_blocking(move || {
             let parts: Vec<(u64, &[u8])> = parts
                 .iter()
                 .map(|(first_offset, batches)| (*first_offset, &batches[..]))
                 .collect();
-            store_ref.append_parts(&topic_name, &key, &parts)
-        })
-        .await
-        .map_err(|_| {
-            Some(StreamFault {
-                code: error_code::STORAGE,
-                message: "the append panicked".into(),
+            store_ref.append_group(group_turn, &topic_name, &key, &parts, &staged_in, |next| {
+                let _ = written_tx.send(next);
             })
-        })?;
-        let outcome = outcome.map_err(|error| {
-            let code = match error {
-                StoreError::BadBatch(_) => error_code::MALFORMED,
-                StoreError::Log(_) | StoreError::Checkpoint(_) => error_code::STORAGE,
-            };
-            Some(StreamFault {
-                code,
-                message: error.to_string(),
-            })
-        })?;
-        let last = group.last().expect("a group has a frame");
-        let (end_offset, edge_end) = (last.end_offset, last.edge_end);
-        let wire_bytes: usize = group.iter().map(|frame| frame.wire_bytes).sum();
-        read_ahead.add_permits(group.iter().map(|frame| frame.permits as usize).sum());
-        metrics::counter!("silt_uplink_received_records_total", &labels)
-            .increment(outcome.appended_records);
-        metrics::counter!("silt_uplink_duplicate_records_total", &labels)
-            .increment(outcome.duplicate_records);
-        metrics::counter!("silt_uplink_received_bytes_total", &labels)
-            .increment(outcome.appended_bytes);
-        metrics::counter!("silt_uplink_received_wire_bytes_total", &labels)
-            .increment(wire_bytes as u64);
-        metrics::counter!("silt_uplink_appends_total", &labels).increment(1);
-        // What the edge had not shipped when it sent the last frame: its lag as the core
-        // sees it, in records and (estimated from this group's bytes per record) bytes.
-        let lag_records = edge_end.saturating_sub(end_offset);
-        metrics::gauge!("silt_uplink_edge_lag_records", &stream_labels).set(lag_records as f64);
-        let group_records = end_offset.saturating_sub(group[0].first_offset).max(1);
-        let group_raw: usize = group.iter().map(|frame| frame.batches.len()).sum();
-        metrics::gauge!("silt_uplink_edge_lag_bytes", &stream_labels)
-            .set(lag_records as f64 * group_raw as f64 / group_records as f64);
-        // Acks are cumulative: one for the group's last frame acknowledges them all.
-        let mut out = BytesMut::with_capacity(16);
-        Frame::Ack { end_offset }.encode(&mut out);
-        if send.write_all(&out).await.is_err() {
-            return Err(None);
+        });
+        let mut current = InFlight { group, task };
+        match written_rx.await {
+            Ok(next) => staged = next,
+            Err(_) => {
+                // Failed before it was written whole: its outcome says why. Acks stay in
+                // order, so the group before it is acked first.
+                if let Some(pending) = in_flight.take() {
+                    let done = pending.task.await;
+                    complete(send, pending.group, done, &labels, read_ahead).await?;
+                }
+                let done = (&mut current.task).await;
+                complete(send, current.group, done, &labels, read_ahead).await?;
+                continue;
+            }
+        }
+        // The new group is written: wait for the one before it (its fsync ran meanwhile).
+        if let Some(pending) = in_flight.take() {
+            let done = pending.task.await;
+            complete(send, pending.group, done, &labels, read_ahead).await?;
+        }
+        in_flight = Some(current);
+    }
+}
+
+/// Metric labels of one stream.
+struct Labels {
+    topic_edge: [(&'static str, String); 2],
+    stream: [(&'static str, String); 3],
+}
+
+impl Labels {
+    fn new(topic: &str, stream: &StreamKey) -> Labels {
+        Labels {
+            topic_edge: [
+                ("topic", topic.to_string()),
+                ("edge", stream.edge_id.clone()),
+            ],
+            stream: [
+                ("topic", topic.to_string()),
+                ("edge", stream.edge_id.clone()),
+                ("edge_partition", stream.edge_partition.to_string()),
+            ],
         }
     }
+}
+
+/// Acks a group once its append is done (or ends the stream with its error), frees its
+/// read-ahead and counts it.
+async fn complete(
+    send: &mut quinn::SendStream,
+    group: Vec<DataFrame>,
+    done: Result<Result<store::AppendOutcome, StoreError>, tokio::task::JoinError>,
+    labels: &Labels,
+    read_ahead: &tokio::sync::Semaphore,
+) -> Result<(), Option<StreamFault>> {
+    let outcome = done.map_err(|_| {
+        Some(StreamFault {
+            code: error_code::STORAGE,
+            message: "the append panicked".into(),
+        })
+    })?;
+    let outcome = outcome.map_err(|error| {
+        let code = match error {
+            StoreError::BadBatch(_) => error_code::MALFORMED,
+            StoreError::Log(_) | StoreError::Checkpoint(_) => error_code::STORAGE,
+        };
+        Some(StreamFault {
+            code,
+            message: error.to_string(),
+        })
+    })?;
+    let last = group.last().expect("a group has a frame");
+    let (end_offset, edge_end) = (last.end_offset, last.edge_end);
+    let wire_bytes: usize = group.iter().map(|frame| frame.wire_bytes).sum();
+    read_ahead.add_permits(group.iter().map(|frame| frame.permits as usize).sum());
+    let labels_te = &labels.topic_edge;
+    metrics::counter!("silt_uplink_received_records_total", labels_te)
+        .increment(outcome.appended_records);
+    metrics::counter!("silt_uplink_duplicate_records_total", labels_te)
+        .increment(outcome.duplicate_records);
+    metrics::counter!("silt_uplink_received_bytes_total", labels_te)
+        .increment(outcome.appended_bytes);
+    metrics::counter!("silt_uplink_received_wire_bytes_total", labels_te)
+        .increment(wire_bytes as u64);
+    metrics::counter!("silt_uplink_appends_total", labels_te).increment(1);
+    // What the edge had not shipped when it sent the last frame: its lag as the core
+    // sees it, in records and (estimated from this group's bytes per record) bytes.
+    let lag_records = edge_end.saturating_sub(end_offset);
+    metrics::gauge!("silt_uplink_edge_lag_records", &labels.stream).set(lag_records as f64);
+    let group_records = end_offset.saturating_sub(group[0].first_offset).max(1);
+    let group_raw: usize = group.iter().map(|frame| frame.batches.len()).sum();
+    metrics::gauge!("silt_uplink_edge_lag_bytes", &labels.stream)
+        .set(lag_records as f64 * group_raw as f64 / group_records as f64);
+    // Acks are cumulative: one for the group's last frame acknowledges them all.
+    let mut out = BytesMut::with_capacity(16);
+    Frame::Ack { end_offset }.encode(&mut out);
+    if send.write_all(&out).await.is_err() {
+        return Err(None);
+    }
+    Ok(())
 }

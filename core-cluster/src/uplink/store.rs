@@ -11,17 +11,22 @@
 //! use of a topic, every partition is scanned and each stream's highest `silt.edge.offset` is
 //! taken. A checkpoint ([`super::checkpoint`]) bounds that scan: it holds the state over
 //! each partition's records below a covered offset, and only the tail past it is scanned.
-//! A checkpoint is taken while no uplink append of the topic is under way (appends hold the
-//! topic's gate shared, the snapshot holds it exclusively), with each partition's high
-//! watermark as its covered offset: every uplink record below it is then in the state, and
-//! nothing in the state is above what is durable, whatever a crash does next. A crash between appending to one core partition and another (one edge batch spans
+//! A checkpoint is taken while no uplink append of the topic is between its check and its
+//! write (appends hold the topic's gate shared for that, the snapshot holds it exclusively).
+//! Groups are pipelined: one is composed and written while the one before it is being
+//! fsync'd, and the state moves only once a group is durable, so each written group
+//! registers a lower bound of its first log offset (`staged`) until then. A partition's
+//! covered offset is the lower of its high watermark and its lowest staged start: every
+//! uplink record below it is then in the state, and nothing in the state is above what is
+//! durable, whatever a crash does next. A crash between appending to one core partition and another (one edge batch spans
 //! several when keys differ) leaves some records durable and others not; the edge re-sends
 //! the batch, and each core partition skips exactly what it already has, because a stream's
 //! records reach one core partition in edge-offset order. An append is durable (fsync) before
 //! the state moves and before the edge gets its ack.
 //!
-//! Appends of one stream are serialised (a lock per stream), so a stale connection of an edge
-//! racing its reconnected self cannot interleave the check and the append.
+//! Appends of one stream are serialised (a lock per stream, held by a pipeline until its last
+//! group is durable and in the state), so a stale connection of an edge racing its
+//! reconnected self cannot interleave the check and the append.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -29,7 +34,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use silt_log::batch::{DecodeLimits, Header, decode_batch};
-use silt_log::{LogError, LogManager, PartitionLog, partitioner};
+use silt_log::{AppendOptions, LogError, LogManager, PartitionLog, partitioner};
 
 use super::checkpoint::{CheckpointDir, PartitionCheckpoint};
 use super::compose::compose;
@@ -75,6 +80,41 @@ pub(crate) struct AppendOutcome {
 #[derive(Debug, Default)]
 struct TopicDedup {
     partitions: Vec<HashMap<StreamKey, u64>>,
+    /// Per partition, a lower bound of the first offset of each group written but not yet
+    /// durable and in `partitions`: a checkpoint covers nothing from the lowest on.
+    staged: Vec<Vec<u64>>,
+}
+
+/// Core partition -> next edge offset, as a stream's groups written but not yet synced
+/// moved it (ahead of the dedup state, which moves once they are durable).
+pub(crate) type StagedNext = HashMap<u32, u64>;
+
+/// The exclusive right to append one stream's records; see [`UplinkStore::lock_stream`].
+#[derive(Debug, Clone)]
+pub(crate) struct StreamTurn(#[allow(dead_code)] Arc<tokio::sync::OwnedMutexGuard<()>>);
+
+/// One core partition's part of a group, written and awaiting its fsync.
+struct Unsynced {
+    partition: usize,
+    log: Arc<PartitionLog>,
+    /// Registered in [`TopicDedup::staged`] until the fsync is done.
+    start: u64,
+    /// Log offset past the group's records.
+    end: u64,
+    next_edge_offset: u64,
+    records: u64,
+    bytes: u64,
+}
+
+fn unstage(state: &TopicState, partition: usize, start: u64) {
+    let mut dedup = state.dedup.lock().unwrap_or_else(|e| e.into_inner());
+    remove_staged(&mut dedup.staged[partition], start);
+}
+
+fn remove_staged(staged: &mut Vec<u64>, start: u64) {
+    if let Some(at) = staged.iter().position(|&offset| offset == start) {
+        staged.swap_remove(at);
+    }
 }
 
 /// One topic's dedup state and what its checkpoints need.
@@ -111,8 +151,8 @@ pub(crate) struct UplinkStore {
     on_append: super::AppendHook,
 }
 
-/// Held while one stream's records are checked and appended.
-type StreamLock = Arc<Mutex<()>>;
+/// Held while one stream's records are checked, appended and made durable.
+type StreamLock = Arc<tokio::sync::Mutex<()>>;
 
 impl UplinkStore {
     /// A store over `log`; with `checkpoints`, dedup state is saved there and loaded from it.
@@ -153,56 +193,152 @@ impl UplinkStore {
 
     /// [`Self::append`] for several `Data` frames of one stream at once, in order: one
     /// durable append (one fsync) per core partition for all of them.
+    #[cfg(test)]
     pub(crate) fn append_parts(
         &self,
         topic: &str,
         stream: &StreamKey,
         parts: &[(u64, &[u8])],
     ) -> Result<AppendOutcome, StoreError> {
-        let stream_lock = self.stream_lock(topic, stream);
-        let _serialised = stream_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let turn = StreamTurn(Arc::new(
+            self.stream_lock(topic, stream).blocking_lock_owned(),
+        ));
+        self.append_group(turn, topic, stream, parts, &StagedNext::new(), |_| {})
+    }
+
+    /// Waits for the exclusive right to append `stream`'s records. A pipeline of groups
+    /// shares one turn (clones of it); the next holder gets in once every clone is dropped,
+    /// that is once every group of the pipeline is durable and in the dedup state or failed.
+    pub(crate) async fn lock_stream(&self, topic: &str, stream: &StreamKey) -> StreamTurn {
+        StreamTurn(Arc::new(self.stream_lock(topic, stream).lock_owned().await))
+    }
+
+    /// Appends one group of `Data` frames of one stream (each its first edge offset and its
+    /// batches, in edge order), skipping records already stored, and returns once they are
+    /// durable and in the dedup state. Blocking: call from a blocking thread.
+    ///
+    /// Pipelining: `staged` is what the stream's previous group, still being synced, moved
+    /// (core partition -> next edge offset, see [`StagedNext`]); `written` is called with this
+    /// group's as soon as its batches are written to the log, before the fsync, so the
+    /// caller can start composing and writing the next group while this one is synced.
+    /// Records reach each core partition in edge order because a group is written only after
+    /// the previous group's `written`. Not called when the group fails before it is written
+    /// whole. The group holds `turn` until it is durable (or failed), so a reconnected edge's
+    /// stream cannot compose from a dedup state that misses records already written.
+    pub(crate) fn append_group(
+        &self,
+        turn: StreamTurn,
+        topic: &str,
+        stream: &StreamKey,
+        parts: &[(u64, &[u8])],
+        staged: &StagedNext,
+        written: impl FnOnce(StagedNext),
+    ) -> Result<AppendOutcome, StoreError> {
+        let _turn = turn;
         let info = self.log.ensure_topic(topic, self.default_partitions)?;
         let state = self.topic_state(topic, info.partitions)?;
-        let _gate = state.gate.read().unwrap_or_else(|e| e.into_inner());
-        let dedup = &state.dedup;
         let limits = DecodeLimits {
             max_batch_bytes: self.log.config().max_batch_bytes.max(1 << 20) + 64,
             ..DecodeLimits::default()
         };
-        // Route, dedup and add the origin headers in one pass over the shipped bytes,
-        // keeping edge order within each core partition.
         let budget = self.log.config().max_batch_bytes / 2;
-        let composed = {
-            let dedup = dedup.lock().unwrap_or_else(|e| e.into_inner());
-            compose(
-                parts,
-                stream,
-                info.partitions,
-                |partition| {
-                    dedup.partitions[partition]
-                        .get(stream)
-                        .copied()
-                        .unwrap_or(0)
-                },
-                &limits,
-                budget,
-            )?
-        };
-        let mut outcome = AppendOutcome {
-            duplicate_records: composed.duplicate_records,
-            ..AppendOutcome::default()
-        };
-        for (partition, mut batches) in composed.partitions.into_iter().enumerate() {
-            let Some(last) = batches.last_offset else {
-                continue;
+        let mut outcome = AppendOutcome::default();
+        let mut next = staged.clone();
+        let mut unsynced: Vec<Unsynced> = Vec::new();
+        let mut failure: Option<StoreError> = None;
+        {
+            // Held from the check to the write: a checkpoint then sees each of this group's
+            // records either in the state or above a staged start it does not cover.
+            let _gate = state.gate.read().unwrap_or_else(|e| e.into_inner());
+            // Route, dedup and add the origin headers in one pass over the shipped bytes,
+            // keeping edge order within each core partition.
+            let composed = {
+                let dedup = state.dedup.lock().unwrap_or_else(|e| e.into_inner());
+                compose(
+                    parts,
+                    stream,
+                    info.partitions,
+                    |partition| {
+                        let stored = dedup.partitions[partition]
+                            .get(stream)
+                            .copied()
+                            .unwrap_or(0);
+                        staged
+                            .get(&(partition as u32))
+                            .map_or(stored, |&staged| staged.max(stored))
+                    },
+                    &limits,
+                    budget,
+                )?
             };
-            let log = self.log.partition(topic, partition as u32)?;
-            // One append of all batches: one fsync covers them.
-            log.append(&mut batches.bytes)?;
-            outcome.appended_bytes += batches.bytes.len() as u64;
-            outcome.appended_records += batches.records;
-            let mut dedup = dedup.lock().unwrap_or_else(|e| e.into_inner());
-            dedup.partitions[partition].insert(stream.clone(), last + 1);
+            outcome.duplicate_records = composed.duplicate_records;
+            for (partition, mut batches) in composed.partitions.into_iter().enumerate() {
+                let Some(last) = batches.last_offset else {
+                    continue;
+                };
+                let log = match self.log.partition(topic, partition as u32) {
+                    Ok(log) => log,
+                    Err(error) => {
+                        failure = Some(error.into());
+                        break;
+                    }
+                };
+                // A lower bound of where the batches land (offsets only grow), registered
+                // before they are written.
+                let start = log.log_end_offset();
+                state.dedup.lock().unwrap_or_else(|e| e.into_inner()).staged[partition].push(start);
+                // All batches of the partition in one write: one fsync covers them.
+                match log.append_unsynced(&mut batches.bytes, AppendOptions::default()) {
+                    Ok(appended) => {
+                        next.insert(partition as u32, last + 1);
+                        unsynced.push(Unsynced {
+                            partition,
+                            log,
+                            start,
+                            end: appended.last_offset + 1,
+                            next_edge_offset: last + 1,
+                            records: batches.records,
+                            bytes: batches.bytes.len() as u64,
+                        });
+                    }
+                    Err(error) => {
+                        unstage(&state, partition, start);
+                        failure = Some(error.into());
+                        break;
+                    }
+                }
+            }
+        }
+        if failure.is_none() {
+            written(next);
+        }
+        // What was written is synced and recorded even after a failure: those records are
+        // in the log, and the dedup state must not miss what may become durable.
+        for written in unsynced {
+            let synced = written.log.sync_through(written.end);
+            {
+                let mut dedup = state.dedup.lock().unwrap_or_else(|e| e.into_inner());
+                remove_staged(&mut dedup.staged[written.partition], written.start);
+                if synced.is_ok() {
+                    let next = dedup.partitions[written.partition]
+                        .entry(stream.clone())
+                        .or_insert(0);
+                    *next = (*next).max(written.next_edge_offset);
+                }
+            }
+            match synced {
+                Ok(()) => {
+                    outcome.appended_records += written.records;
+                    outcome.appended_bytes += written.bytes;
+                    // After the state moved, so only the next fsync may wait for the zeros.
+                    if let Err(error) = written.log.extend_preallocation() {
+                        tracing::warn!(topic, partition = written.partition, %error, "cannot extend the preallocated segment tail");
+                    }
+                }
+                Err(error) => {
+                    failure.get_or_insert(error.into());
+                }
+            }
         }
         if outcome.appended_records > 0 {
             state
@@ -210,7 +346,10 @@ impl UplinkStore {
                 .fetch_add(outcome.appended_bytes, Ordering::Relaxed);
             (self.on_append.0)();
         }
-        Ok(outcome)
+        match failure {
+            Some(error) => Err(error),
+            None => Ok(outcome),
+        }
     }
 
     /// Checkpoints every topic that is due at `now`: [`CHECKPOINT_BYTES`] appended, or
@@ -263,16 +402,20 @@ impl UplinkStore {
             .map(|partition| self.log.partition(topic, partition as u32))
             .collect::<Result<Vec<_>, _>>()?;
         let (snapshot, unsaved) = {
-            // No uplink append of this topic is between its check and its state update now,
-            // so every uplink record below each high watermark is in the state.
+            // No uplink append of this topic is between its check and its write now, so every
+            // uplink record below each high watermark is in the state or at or above the
+            // registered start of a group whose state update is still to come.
             let _gate = state.gate.write().unwrap_or_else(|e| e.into_inner());
             let dedup = state.dedup.lock().unwrap_or_else(|e| e.into_inner());
             let snapshot: Vec<PartitionCheckpoint> = dedup
                 .partitions
                 .iter()
                 .zip(&logs)
-                .map(|(next_offsets, log)| PartitionCheckpoint {
-                    covered_offset: log.high_watermark(),
+                .zip(&dedup.staged)
+                .map(|((next_offsets, log), staged)| PartitionCheckpoint {
+                    // Records of a group written but not yet in the state may be below the
+                    // high watermark (their fsync done, their state update not yet).
+                    covered_offset: staged.iter().copied().fold(log.high_watermark(), u64::min),
                     next_offsets: next_offsets.clone(),
                 })
                 .collect();
@@ -391,6 +534,7 @@ impl UplinkStore {
             dedup
                 .partitions
                 .push(scan_streams(log, from, next_offsets, &mut report)?);
+            dedup.staged.push(Vec::new());
         }
         Ok((dedup, report))
     }
@@ -665,6 +809,83 @@ mod tests {
         let report = store.load_report("mqtt").unwrap();
         assert!(!report.from_checkpoint);
         assert_eq!(report.scanned_records, 70);
+    }
+
+    #[test]
+    fn pipelined_groups_and_a_checkpoint_between_fsync_and_state_update_stay_exact() {
+        let dir = tempfile::tempdir().unwrap();
+        let open = || {
+            let log = LogManager::open(LogConfig::new(dir.path().join("core"))).unwrap();
+            let checkpoints = CheckpointDir::new(dir.path().join("core.uplink/dedup"));
+            let store = UplinkStore::new(log.clone(), 3, Some(checkpoints));
+            (log, store)
+        };
+        let (log, store) = open();
+        store
+            .append("mqtt", &stream(), 0, &edge_batch(0, 6))
+            .unwrap();
+        let turn = StreamTurn(Arc::new(
+            store.stream_lock("mqtt", &stream()).blocking_lock_owned(),
+        ));
+        let (first, second) = (edge_batch(6, 6), edge_batch(12, 6));
+        let mut nested = None;
+        let outcome = store
+            .append_group(
+                turn.clone(),
+                "mqtt",
+                &stream(),
+                &[(6, &first)],
+                &StagedNext::new(),
+                |staged| {
+                    assert!(!staged.is_empty(), "the first group moved partitions");
+                    // The next group, pipelined: composed from the first group's staged
+                    // offsets while the first is not yet synced; it completes first.
+                    nested = Some(
+                        store
+                            .append_group(
+                                turn,
+                                "mqtt",
+                                &stream(),
+                                &[(12, &second)],
+                                &staged,
+                                |_| {},
+                            )
+                            .unwrap(),
+                    );
+                    // The first group's records are durable now (the second's fsync covered
+                    // them), its state update still to come: a checkpoint taken here must
+                    // not cover them.
+                    for partition in 0..3 {
+                        let part = log.partition("mqtt", partition).unwrap();
+                        part.sync_through(part.log_end_offset()).unwrap();
+                    }
+                    assert_eq!(store.checkpoint_due(Instant::now(), true).unwrap(), 1);
+                },
+            )
+            .unwrap();
+        assert_eq!(
+            (outcome.appended_records, outcome.duplicate_records),
+            (6, 0)
+        );
+        assert_eq!(nested.unwrap().appended_records, 6);
+        let offsets: Vec<u64> = stored(&log, "mqtt").iter().map(|(_, o)| *o).collect();
+        assert_eq!(offsets, (0..18).collect::<Vec<_>>());
+        // A crash now (no clean close, no later checkpoint), and the edge re-sends it all.
+        drop(store);
+        drop(log);
+        let (log, store) = open();
+        let resent = store
+            .append("mqtt", &stream(), 0, &edge_batch(0, 18))
+            .unwrap();
+        assert_eq!((resent.appended_records, resent.duplicate_records), (0, 18));
+        let report = store.load_report("mqtt").unwrap();
+        assert!(report.from_checkpoint);
+        assert!(
+            report.scanned_records >= 6,
+            "the first group's records were scanned, not trusted to the checkpoint"
+        );
+        let offsets: Vec<u64> = stored(&log, "mqtt").iter().map(|(_, o)| *o).collect();
+        assert_eq!(offsets, (0..18).collect::<Vec<_>>());
     }
 
     #[test]

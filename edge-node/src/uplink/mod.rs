@@ -424,68 +424,43 @@ impl Shipper {
             }
         };
 
+        // The log is read and compressed on two blocking threads, each at most
+        // [`FRAMES_AHEAD`] frames ahead of the next stage, so reading, compressing and
+        // sending overlap instead of taking turns.
+        let (read_tx, read_rx) = tokio::sync::mpsc::channel(FRAMES_AHEAD);
+        let (frame_tx, mut frame_rx) = tokio::sync::mpsc::channel(FRAMES_AHEAD);
+        {
+            let (log, labels) = (log.clone(), labels.clone());
+            let frame_bytes = self.config.frame_bytes as usize;
+            let sender_gone = frame_tx.clone();
+            tokio::task::spawn_blocking(move || {
+                read_loop(&log, start, frame_bytes, &labels, &read_tx, &sender_gone);
+            });
+        }
+        tokio::task::spawn_blocking(move || compress_loop(read_rx, &frame_tx));
         let sender = async {
-            let mut next = start;
             loop {
-                let read = {
-                    let log = log.clone();
-                    let frame_bytes = self.config.frame_bytes as usize;
-                    tokio::task::spawn_blocking(move || read_next(&log, next, frame_bytes))
-                        .await??
-                };
-                let (first, end, edge_end, batches) = match read {
-                    Read::Data {
-                        first,
-                        end,
-                        edge_end,
-                        batches,
-                    } => (first, end, edge_end, batches),
-                    Read::Lost { log_start } => {
-                        let lost = log_start - next;
-                        tracing::warn!(%topic, partition, lost, "records dropped by the disk budget before they were shipped");
-                        metrics::counter!("silt_uplink_lost_records_total", &labels)
-                            .increment(lost);
-                        next = log_start;
-                        continue;
-                    }
-                    Read::Nothing => {
-                        let log = log.clone();
-                        tokio::task::spawn_blocking(move || {
-                            log.wait_for_high_watermark(next, WAIT_FOR_DATA)
-                        })
-                        .await?;
-                        continue;
-                    }
-                };
-                let raw_len = batches.len();
-                let permits = raw_len.min(inflight_max) as u32;
+                let frame: ShipFrame =
+                    frame_rx.recv().await.context("the log reader stopped")??;
+                let permits = frame.raw_len.min(inflight_max) as u32;
                 window
                     .acquire_many(permits)
                     .await
                     .expect("the window is never closed")
                     .forget();
-                let (codec, payload) = silt_wire::compress_batches(&batches);
-                let mut out = BytesMut::with_capacity(payload.len() + 32);
-                Frame::Data {
-                    first_offset: first,
-                    end_offset: end,
-                    edge_end,
-                    codec,
-                    raw_len: raw_len as u32,
-                    payload: &payload,
-                }
-                .encode(&mut out);
                 sent_tx
-                    .send((end, permits))
+                    .send((frame.end, permits))
                     .expect("the ack reader outlives the sender");
-                send.write_all(&out).await.context("stream write failed")?;
+                let wire_bytes = frame.bytes.len();
+                send.write_chunk(frame.bytes)
+                    .await
+                    .context("stream write failed")?;
                 metrics::counter!("silt_uplink_shipped_records_total", &labels)
-                    .increment(end - first);
+                    .increment(frame.end - frame.first);
                 metrics::counter!("silt_uplink_shipped_bytes_total", &labels)
-                    .increment(raw_len as u64);
+                    .increment(frame.raw_len as u64);
                 metrics::counter!("silt_uplink_wire_bytes_total", &labels)
-                    .increment(out.len() as u64);
-                next = end;
+                    .increment(wire_bytes as u64);
             }
             #[allow(unreachable_code)]
             Ok::<(), anyhow::Error>(())
@@ -530,6 +505,120 @@ async fn finish(mut streams: Streams, result: anyhow::Result<()>) -> anyhow::Res
         let _ = task.await;
     }
     result
+}
+
+/// Frames a stage of a partition's sender (log read, compression) works ahead of the next.
+const FRAMES_AHEAD: usize = 2;
+
+/// Whole batches read from the log, covering offsets `first..end`.
+struct ReadFrame {
+    first: u64,
+    end: u64,
+    edge_end: u64,
+    batches: Vec<u8>,
+}
+
+/// An encoded `Data` frame ready to send.
+struct ShipFrame {
+    first: u64,
+    end: u64,
+    raw_len: usize,
+    bytes: bytes::Bytes,
+}
+
+/// Reads the partition from `next` on, frame by frame, into `frames`, until the log fails
+/// (the error is passed on) or the stream is gone: `frames`' receiver, or `sent`'s (the
+/// async sender's, checked too because the compressor waiting on `frames` does not notice
+/// it while the log has nothing new). Blocking; returns within [`WAIT_FOR_DATA`].
+fn read_loop(
+    log: &PartitionLog,
+    mut next: u64,
+    frame_bytes: usize,
+    labels: &[(&'static str, String); 2],
+    frames: &tokio::sync::mpsc::Sender<anyhow::Result<ReadFrame>>,
+    sent: &tokio::sync::mpsc::Sender<anyhow::Result<ShipFrame>>,
+) {
+    while !frames.is_closed() && !sent.is_closed() {
+        let frame = match read_next(log, next, frame_bytes) {
+            Ok(Read::Data {
+                first,
+                end,
+                edge_end,
+                batches,
+            }) => ReadFrame {
+                first,
+                end,
+                edge_end,
+                batches,
+            },
+            Ok(Read::Lost { log_start }) => {
+                let lost = log_start - next;
+                tracing::warn!(
+                    topic = log.topic(),
+                    partition = log.partition(),
+                    lost,
+                    "records dropped by the disk budget before they were shipped"
+                );
+                metrics::counter!("silt_uplink_lost_records_total", labels).increment(lost);
+                next = log_start;
+                continue;
+            }
+            Ok(Read::Nothing) => {
+                log.wait_for_high_watermark(next, WAIT_FOR_DATA);
+                continue;
+            }
+            Err(error) => {
+                let _ = frames.blocking_send(Err(error));
+                return;
+            }
+        };
+        next = frame.end;
+        if frames.blocking_send(Ok(frame)).is_err() {
+            return;
+        }
+    }
+}
+
+/// Compresses and encodes each frame read into a `Data` frame, with one zstd context for
+/// the stream's life. Blocking.
+fn compress_loop(
+    mut read: tokio::sync::mpsc::Receiver<anyhow::Result<ReadFrame>>,
+    frames: &tokio::sync::mpsc::Sender<anyhow::Result<ShipFrame>>,
+) {
+    let mut compressor = match silt_wire::BatchCompressor::new() {
+        Ok(compressor) => compressor,
+        Err(error) => {
+            let _ = frames.blocking_send(Err(
+                anyhow::Error::new(error).context("cannot make a zstd context")
+            ));
+            return;
+        }
+    };
+    while let Some(frame) = read.blocking_recv() {
+        let frame = frame.map(|frame| {
+            let raw_len = frame.batches.len();
+            let (codec, payload) = compressor.compress(&frame.batches);
+            let mut out = BytesMut::with_capacity(payload.len() + 64);
+            Frame::Data {
+                first_offset: frame.first,
+                end_offset: frame.end,
+                edge_end: frame.edge_end,
+                codec,
+                raw_len: raw_len as u32,
+                payload: &payload,
+            }
+            .encode(&mut out);
+            ShipFrame {
+                first: frame.first,
+                end: frame.end,
+                raw_len,
+                bytes: out.freeze(),
+            }
+        });
+        if frames.blocking_send(frame).is_err() {
+            return;
+        }
+    }
 }
 
 /// What the log holds at a sender's position.
