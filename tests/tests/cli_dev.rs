@@ -1,12 +1,16 @@
 //! `silt dev`: one command runs an edge and a core; an MQTT publish reaches Kafka consumers
-//! (the `silt` CLI and kcat) through the uplink, and SIGTERM stops everything cleanly.
+//! (the `silt` CLI and kcat) through the uplink, and SIGTERM stops everything cleanly; the
+//! archive appears as Parquet that the DuckDB line `silt dev` prints reads verbatim; a restart
+//! on the same data directory resumes; a port already taken is a clear error.
 
+use std::fs::File;
 use std::net::{TcpListener, UdpSocket};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use silt_tests::cli::{json_lines, silt, silt_ok};
-use silt_tests::{Running, START_TIMEOUT, binary, command};
+use silt_tests::{Running, START_TIMEOUT, binary, command, workspace_root};
 
 /// A free loopback port for TCP (and, for the uplink, UDP).
 fn free_port(udp: bool) -> u16 {
@@ -150,6 +154,190 @@ fn silt_dev_carries_an_mqtt_publish_to_kafka_consumers_and_stops_cleanly() {
             "{log}:\n{text}"
         );
     }
+}
+
+/// The `--*-listen` flags for five free ports, and the MQTT and Kafka addresses among them.
+fn dev_ports() -> (Vec<String>, String, String) {
+    let addr = |port: u16| format!("127.0.0.1:{port}");
+    let (mqtt, kafka) = (addr(free_port(false)), addr(free_port(false)));
+    let flags = vec![
+        "--mqtt-listen".to_string(),
+        mqtt.clone(),
+        "--kafka-listen".into(),
+        kafka.clone(),
+        "--uplink-listen".into(),
+        addr(free_port(true)),
+        "--core-admin-listen".into(),
+        addr(free_port(false)),
+        "--edge-admin-listen".into(),
+        addr(free_port(false)),
+    ];
+    (flags, mqtt, kafka)
+}
+
+/// Publishes `value` at QoS 1 to `topic` on `mqtt` with mosquitto_pub.
+fn mosquitto_pub(mqtt: &str, topic: &str, value: &str) {
+    let (host, port) = mqtt.split_once(':').unwrap();
+    let status = Command::new("mosquitto_pub")
+        .args(["-h", host, "-p", port, "-q", "1", "-t", topic, "-m", value])
+        .status()
+        .expect("mosquitto_pub is installed (scripts/test installs it)");
+    assert!(status.success());
+}
+
+/// The first `count` records of topic `mqtt` as `offset key value` lines, read with kcat
+/// (given 60 s to see them all).
+fn kcat_all(kafka: &str, count: usize) -> String {
+    let kcat = Command::new("timeout")
+        .args([
+            "60",
+            "kcat",
+            "-b",
+            kafka,
+            "-C",
+            "-t",
+            "mqtt",
+            "-o",
+            "beginning",
+        ])
+        .args(["-c", &count.to_string(), "-f", "%o %k %s\n"])
+        .output()
+        .expect("kcat is installed");
+    assert!(
+        kcat.status.success(),
+        "{}",
+        String::from_utf8_lossy(&kcat.stderr)
+    );
+    String::from_utf8_lossy(&kcat.stdout).into_owned()
+}
+
+/// Starts `silt dev` with `flags`, its stdout in `stdout`, and waits until it is running.
+fn start_dev(data_dir: &Path, flags: &[String], stdout: &Path) -> Running {
+    let mut dev = command(&silt());
+    dev.args(["dev", "--data-dir", data_dir.to_str().unwrap()])
+        .args(flags)
+        .stdout(File::create(stdout).unwrap());
+    let mut dev = Running::start(dev);
+    dev.wait_for_stderr("silt: dev is running", START_TIMEOUT * 2);
+    dev
+}
+
+#[test]
+fn silt_dev_archives_to_parquet_that_its_printed_duckdb_line_reads_and_resumes_after_a_restart() {
+    binary("silt-core", "silt-core");
+    binary("silt-edge", "silt-edge");
+    // The printed DuckDB line runs `duckdb` or `python3` with the `duckdb` package: the
+    // suite's virtualenv (scripts/test creates it) comes first on PATH, as for a user with
+    // DuckDB installed.
+    let venv_bin = workspace_root().join(".venv/bin");
+    assert!(
+        venv_bin.join("python3").exists(),
+        "{} is missing: scripts/test creates it",
+        venv_bin.display()
+    );
+    let path = format!(
+        "{}:{}",
+        venv_bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("dev");
+    let stdout = dir.path().join("stdout");
+    let (mut flags, mqtt, kafka) = dev_ports();
+    // Only the timers change, through the flag a user has: segments close after 1 s and are
+    // archived as soon as they close.
+    for setting in [
+        "topic_defaults.segment.ms=1000",
+        "tiering.max_wait_ms=0",
+        "tiering.check_interval_ms=200",
+        "log.retention_check_ms=200",
+    ] {
+        flags.extend(["--core-set".to_string(), setting.to_string()]);
+    }
+    let mut dev = start_dev(&data_dir, &flags, &stdout);
+    let printed = std::fs::read_to_string(&stdout).unwrap();
+    let duckdb_line = printed
+        .lines()
+        .map(str::trim)
+        .find(|line| line.starts_with("duckdb ") || line.starts_with("python3 "))
+        .unwrap_or_else(|| panic!("no DuckDB line in:\n{printed}"))
+        .to_string();
+    // The printed kcat line names the Kafka listener that was asked for.
+    assert!(
+        printed.contains(&format!("kcat -b {kafka} -C -t mqtt")),
+        "{printed}"
+    );
+
+    for i in 0..3 {
+        mosquitto_pub(
+            &mqtt,
+            &format!("sensors/room{i}"),
+            &format!("{{\"temp\":2{i}}}"),
+        );
+    }
+    assert_eq!(
+        kcat_all(&kafka, 3),
+        "0 sensors/room0 {\"temp\":20}\n1 sensors/room1 {\"temp\":21}\n2 sensors/room2 {\"temp\":22}\n"
+    );
+
+    // The archive: the printed line, run verbatim by a shell, shows the three messages.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let shown = loop {
+        let run = Command::new("sh")
+            .args(["-c", &duckdb_line])
+            .env("PATH", &path)
+            .output()
+            .unwrap();
+        let out = String::from_utf8_lossy(&run.stdout).into_owned();
+        if run.status.success() && out.contains("sensors/room2") {
+            break out;
+        }
+        let err = String::from_utf8_lossy(&run.stderr);
+        // Before the first object exists DuckDB finds no file; anything else is a failure.
+        assert!(
+            err.contains("No files found"),
+            "{duckdb_line}\nstdout:\n{out}\nstderr:\n{err}"
+        );
+        assert!(
+            Instant::now() < deadline,
+            "no Parquet within 60 s; {duckdb_line}\nstderr:\n{err}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    for i in 0..3 {
+        assert!(
+            shown.contains(&format!("sensors/room{i}"))
+                && shown.contains(&format!("{{\"temp\":2{i}}}")),
+            "{shown}"
+        );
+    }
+
+    // Restart on the same data directory: everything is still there and new messages follow.
+    dev.stop_cleanly();
+    let mut dev = start_dev(&data_dir, &flags, &stdout);
+    mosquitto_pub(&mqtt, "sensors/room3", "after restart");
+    assert_eq!(
+        kcat_all(&kafka, 4),
+        "0 sensors/room0 {\"temp\":20}\n1 sensors/room1 {\"temp\":21}\n2 sensors/room2 {\"temp\":22}\n3 sensors/room3 after restart\n"
+    );
+
+    // A second `silt dev` on the same ports fails at once, naming the port and the flag, and
+    // leaves the running one alone.
+    let other = dir.path().join("other");
+    let second = command(&silt())
+        .args(["dev", "--data-dir", other.to_str().unwrap()])
+        .args(&flags)
+        .output()
+        .unwrap();
+    assert!(!second.status.success());
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        err.contains(&format!("cannot use {mqtt}")) && err.contains("--mqtt-listen"),
+        "{err}"
+    );
+    assert!(String::from_utf8_lossy(&second.stdout).is_empty());
+    assert!(dev.is_running());
+    dev.stop_cleanly();
 }
 
 /// Whether a process whose command line mentions `needle` is running.

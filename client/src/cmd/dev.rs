@@ -7,6 +7,7 @@
 //! logs in the data directory: what a newcomer sees is what a deployment does.
 
 use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
@@ -46,6 +47,10 @@ pub(crate) struct DevArgs {
     /// The edge's admin port (/metrics, /health).
     #[arg(long, default_value = "127.0.0.1:9644")]
     edge_admin_listen: SocketAddr,
+    /// Extra core settings, `KEY=VALUE` as `silt-core --set` takes them, applied after the dev
+    /// defaults (e.g. `--core-set topic_defaults.segment.ms=5000` for a faster archive).
+    #[arg(long = "core-set", value_name = "KEY=VALUE")]
+    core_set: Vec<String>,
 }
 
 /// One child node.
@@ -65,13 +70,54 @@ const DEV_TIERING: &[&str] = &[
     "log.retention_check_ms=10000",
 ];
 
-/// A DuckDB command that reads the archive in place, Hive keys (`topic`, `partition`, `date`)
-/// as columns.
-fn duckdb_command(objects: &Path) -> String {
+/// A DuckDB query over the archive in place, Hive keys (`topic`, `partition`, `date`) as
+/// columns. `offset` is an SQL keyword, so it is qualified (`p.offset`) rather than quoted,
+/// which keeps the query free of double quotes for the shell.
+fn duckdb_query(objects: &Path) -> String {
     format!(
-        "duckdb -c \"SELECT \\\"offset\\\", timestamp, decode(key) AS key, decode(value) AS value, topic, partition FROM read_parquet('{}/v1/**/*.parquet', hive_partitioning=true) ORDER BY \\\"offset\\\" LIMIT 10\"",
+        "SELECT p.offset, p.timestamp, decode(p.key) AS key, decode(p.value) AS value, p.topic, p.partition FROM read_parquet('{}/v1/**/*.parquet', hive_partitioning=true) p ORDER BY p.offset LIMIT 10",
         objects.display()
     )
+}
+
+/// A shell line that runs [`duckdb_query`]: with the `duckdb` CLI when it is on `PATH`,
+/// otherwise with Python's `duckdb` package (`pip install duckdb`), which is where most
+/// people get DuckDB.
+fn duckdb_command(objects: &Path, cli_on_path: bool) -> String {
+    let query = duckdb_query(objects);
+    if cli_on_path {
+        format!("duckdb -c \"{query}\"")
+    } else {
+        format!("python3 -c \"import duckdb; duckdb.sql(\\\"{query}\\\").show()\"")
+    }
+}
+
+/// Whether an executable `name` is in a directory of `PATH`.
+fn on_path(name: &str) -> bool {
+    std::env::var_os("PATH").is_some_and(|path| {
+        std::env::split_paths(&path).any(|dir| {
+            std::fs::metadata(dir.join(name))
+                .is_ok_and(|meta| meta.is_file() && meta.permissions().mode() & 0o111 != 0)
+        })
+    })
+}
+
+/// Fails with a clear message if `addr` is already taken (by another `silt dev`, a Kafka, a
+/// Mosquitto...). Without this, a node's `/health` probe could be answered by the process
+/// that holds the port, and `silt dev` would report itself running against someone else.
+fn ensure_free(addr: SocketAddr, flag: &str, udp: bool) -> Result<(), KafkaError> {
+    let taken = if udp {
+        std::net::UdpSocket::bind(addr).err()
+    } else {
+        std::net::TcpListener::bind(addr).err()
+    };
+    match taken {
+        None => Ok(()),
+        Some(error) => Err(KafkaError::Unsupported(format!(
+            "cannot use {addr} ({}, {flag}): {error}; is another silt dev, Kafka or MQTT broker running? Stop it or pass {flag} ADDR",
+            if udp { "UDP" } else { "TCP" }
+        ))),
+    }
 }
 
 pub(crate) async fn run(args: DevArgs) -> Result<(), KafkaError> {
@@ -81,6 +127,15 @@ pub(crate) async fn run(args: DevArgs) -> Result<(), KafkaError> {
         .and_then(|exe| exe.parent().map(Path::to_path_buf))
         .ok_or_else(|| failed("cannot find the directory of the silt executable".into()))?;
     let core_bin = sibling(&bin_dir, "silt-core")?;
+    for (addr, flag, udp) in [
+        (args.mqtt_listen, "--mqtt-listen", false),
+        (args.kafka_listen, "--kafka-listen", false),
+        (args.uplink_listen, "--uplink-listen", true),
+        (args.core_admin_listen, "--core-admin-listen", false),
+        (args.edge_admin_listen, "--edge-admin-listen", false),
+    ] {
+        ensure_free(addr, flag, udp)?;
+    }
     let edge_bin = sibling(&bin_dir, "silt-edge")?;
     std::fs::create_dir_all(&args.data_dir).map_err(|error| {
         failed(format!(
@@ -119,7 +174,11 @@ pub(crate) async fn run(args: DevArgs) -> Result<(), KafkaError> {
     // A short hot tier, so a newcomer sees Parquet files within minutes: segments close
     // every minute (or at 1 MiB), are archived as soon as they close, and stay on local disk
     // five minutes after that.
-    for setting in DEV_TIERING {
+    for setting in DEV_TIERING
+        .iter()
+        .copied()
+        .chain(args.core_set.iter().map(String::as_str))
+    {
         core_command.arg("--set").arg(setting);
     }
     let mut core = spawn("core", core_command, &data_dir)?;
@@ -172,7 +231,7 @@ pub(crate) async fn run(args: DevArgs) -> Result<(), KafkaError> {
     );
     println!("  uplink  {}  (QUIC, edge -> core)", args.uplink_listen);
     println!(
-        "  objects file://{}  (Parquet, within about two minutes of the first message)",
+        "  objects file://{}  (Parquet: the first file about two minutes after the first message)",
         objects.display()
     );
     println!(
@@ -182,16 +241,26 @@ pub(crate) async fn run(args: DevArgs) -> Result<(), KafkaError> {
     println!("  logs    {}, {}", core.log.display(), edge.log.display());
     println!("Try this:");
     println!(
-        "  mosquitto_pub -h {} -p {} -q 1 -t sensors/room1 -m '{{\"temp\":21.5}}' && kcat -b {} -C -t mqtt -o beginning -e",
+        "  mosquitto_pub -h {} -p {} -q 1 -t sensors/room1 -m '{{\"temp\":21.5}}' && kcat -b {} -C -t mqtt -o beginning",
         args.mqtt_listen.ip(),
         args.mqtt_listen.port(),
         args.kafka_listen
     );
     println!(
-        "  silt tier status --admin {} --topic mqtt",
+        "  (kcat keeps following the topic: publish more from another terminal; Ctrl-C ends it)"
+    );
+    // The `silt` as it was typed (`./target/release/silt` from the README), so the line
+    // works before `silt` is on PATH.
+    let silt = std::env::args().next().unwrap_or_else(|| "silt".into());
+    println!(
+        "  {silt} tier status --admin {} --topic mqtt  (archived objects, upload lag)",
         args.core_admin_listen
     );
-    println!("  {}", duckdb_command(&objects));
+    let duckdb_cli = on_path("duckdb");
+    println!("  {}", duckdb_command(&objects, duckdb_cli));
+    if !duckdb_cli {
+        println!("  (needs DuckDB for Python: pip install duckdb)");
+    }
     println!("Ctrl-C stops both nodes.");
     eprintln!(
         "silt: dev is running (mqtt={} kafka={})",
@@ -336,18 +405,36 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_duckdb_line_globs_the_hive_tree_and_quotes_offset() {
-        let line = duckdb_command(Path::new("/tmp/silt-dev/objects"));
+    fn the_duckdb_lines_glob_the_hive_tree_without_double_quotes_in_the_query() {
+        let objects = Path::new("/tmp/silt-dev/objects");
+        let query = duckdb_query(objects);
         assert!(
-            line.contains(
-                "read_parquet('/tmp/silt-dev/objects/v1/**/*.parquet', hive_partitioning=true)"
+            query.contains(
+                "read_parquet('/tmp/silt-dev/objects/v1/**/*.parquet', hive_partitioning=true) p"
             ),
-            "{line}"
+            "{query}"
         );
-        // `offset` is an SQL keyword: quoted inside the shell's double quotes.
-        assert!(
-            line.contains("ORDER BY \\\"offset\\\" LIMIT 10\""),
-            "{line}"
+        assert!(!query.contains('"'), "{query}");
+        assert_eq!(
+            duckdb_command(objects, true),
+            format!("duckdb -c \"{query}\"")
         );
+        assert_eq!(
+            duckdb_command(objects, false),
+            format!("python3 -c \"import duckdb; duckdb.sql(\\\"{query}\\\").show()\"")
+        );
+    }
+
+    #[test]
+    fn a_taken_port_is_refused_with_the_flag_to_change_it() {
+        let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = held.local_addr().unwrap();
+        let error = ensure_free(addr, "--kafka-listen", false)
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains(&addr.to_string()), "{error}");
+        assert!(error.contains("--kafka-listen"), "{error}");
+        drop(held);
+        ensure_free(addr, "--kafka-listen", false).unwrap();
     }
 }
