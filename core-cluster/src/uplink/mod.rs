@@ -325,6 +325,12 @@ async fn stream_loop(
                     message: error.to_string(),
                 }));
             }
+            if crate::broker::is_internal_topic(topic) {
+                return Err(Some(StreamFault {
+                    code: error_code::REFUSED,
+                    message: format!("{topic:?} is an internal topic of the core"),
+                }));
+            }
             if let Some(allowed) = allowed_ids
                 && !allowed.iter().any(|name| name == edge_id)
             {
