@@ -723,6 +723,20 @@ impl RawConfig {
                 ConfigError::key(&path, format!("{}, got {text:?}", error.reason))
             })?;
         }
+        // With an archive, local data goes only once it is archived; drop-oldest would delete
+        // segments the archive does not hold yet, while tiering's backpressure makes producers
+        // wait instead.
+        if object_store.is_some()
+            && log
+                .budget
+                .is_some_and(|budget| budget.policy == BudgetPolicy::DropOldest)
+        {
+            return Err(ConfigError::key(
+                "log.budget_policy",
+                "drop-oldest would delete data not yet archived; with object_store set use \
+                 reject (producers then get a retriable error while offload catches up)",
+            ));
+        }
         let kafka = self.kafka.validate()?;
         let tiering = self.tiering.validate()?;
         let uplink = UplinkConfig {
@@ -1344,6 +1358,10 @@ mod tests {
             (
                 "[topic_defaults]\n\"cleanup.policy\" = \"compact\"",
                 "config key topic_defaults.cleanup.policy: compaction is not supported",
+            ),
+            (
+                "object_store = \"memory://\"\n[log]\nbudget_bytes = 1000000\nbudget_policy = \"drop-oldest\"",
+                "config key log.budget_policy: drop-oldest would delete data not yet archived",
             ),
         ];
         for (text, expected) in cases {
