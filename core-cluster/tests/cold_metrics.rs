@@ -72,6 +72,7 @@ fn start_core(data_dir: &std::path::Path, store: &std::path::Path) -> Core {
             Ok(line) => line,
             Err(_) => {
                 let _ = child.kill();
+                let _ = child.wait();
                 panic!("silt-core did not log its start within {DEADLINE:?}");
             }
         };
