@@ -506,20 +506,27 @@ impl ColdReader {
     }
 
     /// Reads one object's batches from `offset`, retrying once through a reloaded manifest
-    /// when the object has gone.
+    /// when the object has gone. A read that is not `sequential` fetches only the pages it
+    /// needs unless its row group is cached; a sequential one fetches (and caches) whole row
+    /// groups.
     async fn read_object(
         &self,
         topic: &str,
         partition: u32,
         offset: i64,
         max_bytes: usize,
+        sequential: bool,
     ) -> Result<(ManifestObject, Arc<ArchiveReader>, crate::read::ArchiveRead), ColdError> {
         let mut reload = false;
         loop {
             let object = self.locate(topic, partition, offset, reload).await?;
             let attempt = async {
                 let reader = self.reader(&object).await?;
-                let read = reader.read(offset, max_bytes).await?;
+                let read = if sequential {
+                    reader.read(offset, max_bytes).await?
+                } else {
+                    reader.read_pages(offset, max_bytes).await?
+                };
                 Ok::<_, TierError>((reader, read))
             }
             .await;
@@ -586,17 +593,19 @@ impl ColdReader {
                 break;
             }
             let remaining = max_bytes.saturating_sub(out.len()).max(1);
-            let (object, reader, read) =
-                match self.read_object(topic, partition, next, remaining).await {
-                    Ok(found) => found,
-                    // Past the first batch, the archive's end (or an expiry racing) ends the read.
-                    Err(ColdError::NotArchived { .. } | ColdError::OutOfRange { .. })
-                        if records > 0 =>
-                    {
-                        break;
-                    }
-                    Err(error) => return Err(error),
-                };
+            let (object, reader, read) = match self
+                .read_object(topic, partition, next, remaining, sequential)
+                .await
+            {
+                Ok(found) => found,
+                // Past the first batch, the archive's end (or an expiry racing) ends the read.
+                Err(ColdError::NotArchived { .. } | ColdError::OutOfRange { .. })
+                    if records > 0 =>
+                {
+                    break;
+                }
+                Err(error) => return Err(error),
+            };
             out.extend_from_slice(&read.batches);
             next = read.next_offset;
             records += read.records;
