@@ -145,6 +145,9 @@ pub(crate) struct TieringConfig {
     pub(crate) compact_small_bytes: u64,
     /// Only objects whose newest record is this old are merged (`tiering.compact_min_age_ms`).
     pub(crate) compact_min_age_ms: u64,
+    /// How the cold reader (Fetch and ListOffsets below the local start) is bounded:
+    /// `tiering.cold_cache_bytes`, `tiering.cold_open_objects`, `tiering.cold_prefetch_max`.
+    pub(crate) cold: silt_tiering::ColdConfig,
 }
 
 impl Default for TieringConfig {
@@ -163,6 +166,7 @@ impl Default for TieringConfig {
             compact_small_bytes: defaults::TIERING_OBJECT_BYTES_TARGET
                 / defaults::TIERING_COMPACT_SMALL_DIVISOR,
             compact_min_age_ms: defaults::TIERING_COMPACT_MIN_AGE_MS,
+            cold: silt_tiering::ColdConfig::BUILT_IN,
         }
     }
 }
@@ -457,6 +461,18 @@ impl CoreConfig {
             "compact_min_age_ms".into(),
             toml_int(settings.compact_min_age_ms),
         );
+        tiering.insert(
+            "cold_cache_bytes".into(),
+            toml_int(settings.cold.cache_bytes),
+        );
+        tiering.insert(
+            "cold_open_objects".into(),
+            toml_int(settings.cold.readers_max),
+        );
+        tiering.insert(
+            "cold_prefetch_max".into(),
+            toml_int(settings.cold.prefetch_max),
+        );
         root.insert("tiering".into(), tiering.into());
 
         let topic_defaults: toml::Table = self
@@ -559,6 +575,9 @@ struct RawTiering {
     compact: Option<Flag>,
     compact_small_bytes: Option<Scalar>,
     compact_min_age_ms: Option<Scalar>,
+    cold_cache_bytes: Option<Scalar>,
+    cold_open_objects: Option<Scalar>,
+    cold_prefetch_max: Option<Scalar>,
 }
 
 impl RawTiering {
@@ -621,6 +640,19 @@ impl RawTiering {
         if let Some(value) = &self.compact_min_age_ms {
             tiering.compact_min_age_ms =
                 value.integer("tiering.compact_min_age_ms", 0, u32::MAX.into())?;
+        }
+        // The cold reader. A cache of 0 bytes keeps only the row group read last (a read
+        // elsewhere fetches its own); 0 prefetches turns prefetch off.
+        if let Some(value) = &self.cold_cache_bytes {
+            tiering.cold.cache_bytes = value.bytes("tiering.cold_cache_bytes", 0, 64 << 30)?;
+        }
+        if let Some(value) = &self.cold_open_objects {
+            let count = value.integer("tiering.cold_open_objects", 1, 65_536)?;
+            tiering.cold.readers_max = usize::try_from(count).expect("at most 65536");
+        }
+        if let Some(value) = &self.cold_prefetch_max {
+            let count = value.integer("tiering.cold_prefetch_max", 0, 256)?;
+            tiering.cold.prefetch_max = usize::try_from(count).expect("at most 256");
         }
         if tiering.retry_max < tiering.retry_initial {
             return Err(ConfigError::key(
@@ -1284,6 +1316,58 @@ mod tests {
         assert!(
             message
                 .starts_with("config key tiering.compact_small_bytes: must be between 1 and 1000"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn cold_reader_keys_are_parsed_validated_and_round_trip() {
+        let config = CoreConfig::resolve(&file(
+            r#"
+            data_dir = "/var/lib/silt"
+            [tiering]
+            cold_cache_bytes = "1GiB"
+            cold_open_objects = 16
+            cold_prefetch_max = 0
+            "#,
+        ))
+        .unwrap();
+        assert_eq!(
+            config.tiering.cold,
+            silt_tiering::ColdConfig {
+                cache_bytes: 1 << 30,
+                readers_max: 16,
+                prefetch_max: 0,
+            }
+        );
+        let again = CoreConfig::resolve(&file(&config.to_toml())).unwrap();
+        assert_eq!(again, config);
+        let defaults = CoreConfig::resolve(&file("data_dir = \"/d\"")).unwrap();
+        assert_eq!(defaults.tiering.cold, silt_tiering::ColdConfig::BUILT_IN);
+
+        let mut sources = file("data_dir = \"/d\"");
+        sources.overrides.push(set(
+            "tiering.cold_open_objects",
+            "0",
+            "--set tiering.cold_open_objects",
+        ));
+        let message = error(&sources);
+        assert!(
+            message.starts_with("config key tiering.cold_open_objects: must be between 1 and"),
+            "{message}"
+        );
+        let message = error(&file(
+            "data_dir = \"/d\"\n[tiering]\ncold_cache_bytes = \"lots\"",
+        ));
+        assert!(
+            message.starts_with("config key tiering.cold_cache_bytes:"),
+            "{message}"
+        );
+        let message = error(&file(
+            "data_dir = \"/d\"\n[tiering]\ncold_prefetch_max = 1000",
+        ));
+        assert!(
+            message.starts_with("config key tiering.cold_prefetch_max: must be between 0 and 256"),
             "{message}"
         );
     }

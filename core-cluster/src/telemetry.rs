@@ -181,6 +181,50 @@ fn describe() {
         TIER_BACKPRESSURE,
         "1 while Produce is refused because the disk is nearly full and offload is behind"
     );
+    describe_cold();
+}
+
+/// The cold reader's metrics (`silt_tiering::cold::metric`), recorded by the tiering crate.
+fn describe_cold() {
+    use silt_tiering::cold::metric;
+    describe_counter!(
+        metric::READS,
+        "Reads below the local start served from the archive, by result (ok, out_of_range, not_archived, error)"
+    );
+    describe_counter!(
+        metric::READ_BYTES,
+        "RecordBatch v2 bytes rebuilt from the archive and served"
+    );
+    describe_counter!(metric::READ_RECORDS, "Records served from the archive");
+    describe_histogram!(
+        metric::READ_SECONDS,
+        "Time of one cold read, cache hits and object store GETs included"
+    );
+    describe_counter!(
+        metric::CHUNK_HITS,
+        "Row groups served from the cold reader's chunk cache"
+    );
+    describe_counter!(
+        metric::CHUNK_FETCHES,
+        "Row groups fetched from the object store (one ranged GET each), reads and prefetch"
+    );
+    describe_counter!(
+        metric::CHUNK_FETCHED_BYTES,
+        "Bytes of row groups fetched from the object store"
+    );
+    describe_gauge!(
+        metric::CACHED_BYTES,
+        "Bytes of row groups in the cold reader's cache (tiering.cold_cache_bytes bounds it)"
+    );
+    describe_counter!(
+        metric::PREFETCHES,
+        "Row groups fetched ahead of a sequential cold replay"
+    );
+    describe_counter!(metric::MANIFEST_LOADS, "Manifest GETs by the cold reader");
+    describe_counter!(
+        metric::OBJECTS_OPENED,
+        "Archive objects opened by the cold reader (footer and page index fetched)"
+    );
 }
 
 /// Copies the log's numbers into the recorder. It takes partition locks, which a segment roll

@@ -48,14 +48,65 @@ pub struct ColdConfig {
     pub prefetch_max: usize,
 }
 
-impl Default for ColdConfig {
-    fn default() -> Self {
-        ColdConfig {
-            cache_bytes: 256 << 20,
-            readers_max: 64,
-            prefetch_max: 4,
-        }
+impl ColdConfig {
+    /// The bounds when nothing is configured: 256 MiB of row groups (a replay of a few
+    /// partitions at once stays cached between a consumer's Fetches), 64 open objects, 4
+    /// prefetches.
+    pub const BUILT_IN: ColdConfig = ColdConfig {
+        cache_bytes: 256 << 20,
+        readers_max: 64,
+        prefetch_max: 4,
+    };
+
+    /// Sets what [`ColdConfig::default`] returns from now on in this process: a node sets its
+    /// configured bounds once at start, before its broker creates the cold reader. One process
+    /// runs one node (its metrics recorder is global too); nodes run in-process by tests
+    /// share it.
+    pub fn set_process_default(config: ColdConfig) {
+        *PROCESS_DEFAULT.lock().unwrap_or_else(|e| e.into_inner()) = Some(config);
     }
+}
+
+/// See [`ColdConfig::set_process_default`].
+static PROCESS_DEFAULT: Mutex<Option<ColdConfig>> = Mutex::new(None);
+
+impl Default for ColdConfig {
+    /// The process's configured bounds ([`ColdConfig::set_process_default`]), else
+    /// [`ColdConfig::BUILT_IN`].
+    fn default() -> Self {
+        PROCESS_DEFAULT
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .unwrap_or(ColdConfig::BUILT_IN)
+    }
+}
+
+/// Names of the cold reader's metrics, recorded through the `metrics` facade (the node's
+/// recorder renders them on `/metrics`; without one they cost nothing).
+pub mod metric {
+    /// Cold reads answered (a Fetch partition or a ListOffsets below the local start counts one
+    /// each), by `result`: `ok`, `out_of_range`, `not_archived`, `error`.
+    pub const READS: &str = "silt_tier_cold_reads_total";
+    /// Bytes of RecordBatch v2 batches served from the archive.
+    pub const READ_BYTES: &str = "silt_tier_cold_read_bytes_total";
+    /// Records served from the archive.
+    pub const READ_RECORDS: &str = "silt_tier_cold_read_records_total";
+    /// Time of one cold read (`ColdReader::read`), cache hits and GETs included.
+    pub const READ_SECONDS: &str = "silt_tier_cold_read_duration_seconds";
+    /// Row groups served from the chunk cache.
+    pub const CHUNK_HITS: &str = "silt_tier_cold_chunk_hits_total";
+    /// Row groups fetched (one ranged GET each), by reads and prefetch.
+    pub const CHUNK_FETCHES: &str = "silt_tier_cold_chunk_fetches_total";
+    /// Bytes of row groups fetched.
+    pub const CHUNK_FETCHED_BYTES: &str = "silt_tier_cold_chunk_fetched_bytes_total";
+    /// Bytes of row groups in the chunk cache now.
+    pub const CACHED_BYTES: &str = "silt_tier_cold_cached_bytes";
+    /// Row groups fetched by prefetch ahead of a sequential replay.
+    pub const PREFETCHES: &str = "silt_tier_cold_prefetches_total";
+    /// Manifest GETs.
+    pub const MANIFEST_LOADS: &str = "silt_tier_cold_manifest_loads_total";
+    /// Archive objects opened (footer and page index fetched).
+    pub const OBJECTS_OPENED: &str = "silt_tier_cold_objects_opened_total";
 }
 
 /// Why a cold read has no answer.
@@ -130,7 +181,9 @@ struct ChunkEntry {
 }
 
 impl ChunkCache {
-    /// A cache holding at most `capacity` bytes (a single larger chunk is served, not kept).
+    /// A cache holding at most `capacity` bytes, or only the chunk fetched last when that one
+    /// alone is larger: a read slices many Parquet ranges (columns, pages) out of one row
+    /// group, and each must not GET the whole group again.
     pub fn new(capacity: u64) -> ChunkCache {
         ChunkCache {
             capacity,
@@ -166,6 +219,7 @@ impl ChunkCache {
         };
         if let Some(bytes) = cell.get() {
             self.hits.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!(metric::CHUNK_HITS).increment(1);
             return Ok((bytes.clone(), false));
         }
         let mut fetched = false;
@@ -173,7 +227,10 @@ impl ChunkCache {
             .get_or_try_init(|| async {
                 fetched = true;
                 self.fetches.fetch_add(1, Ordering::Relaxed);
-                store.get_range(key, range.clone()).await
+                metrics::counter!(metric::CHUNK_FETCHES).increment(1);
+                let bytes = store.get_range(key, range.clone()).await?;
+                metrics::counter!(metric::CHUNK_FETCHED_BYTES).increment(bytes.len() as u64);
+                Ok::<_, object_store::Error>(bytes)
             })
             .await
             .cloned();
@@ -195,10 +252,12 @@ impl ChunkCache {
                     entry.size = size;
                     inner.bytes += size;
                 }
-                inner.evict(self.capacity);
+                inner.evict(self.capacity, &id);
+                metrics::gauge!(metric::CACHED_BYTES).set(inner.bytes as f64);
             }
             Ok(_) => {
                 self.hits.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!(metric::CHUNK_HITS).increment(1);
             }
         }
         result.map(|bytes| (bytes, fetched))
@@ -230,16 +289,19 @@ impl ChunkCache {
             keep
         });
         inner.bytes -= freed;
+        metrics::gauge!(metric::CACHED_BYTES).set(inner.bytes as f64);
     }
 }
 
 impl ChunkInner {
-    fn evict(&mut self, capacity: u64) {
+    /// Evicts least recently used chunks, never `keep` (the one just fetched), until the
+    /// cache is within `capacity` or holds only `keep`.
+    fn evict(&mut self, capacity: u64, keep: &(Path, u64)) {
         while self.bytes > capacity {
             let oldest = self
                 .entries
                 .iter()
-                .filter(|(_, entry)| entry.size > 0)
+                .filter(|(id, entry)| entry.size > 0 && *id != keep)
                 .min_by_key(|(_, entry)| entry.used)
                 .map(|(id, _)| id.clone());
             let Some(id) = oldest else { return };
@@ -330,6 +392,7 @@ impl ColdReader {
             return Ok(Some(manifest.clone()));
         }
         self.manifest_loads.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(metric::MANIFEST_LOADS).increment(1);
         let loaded = Manifest::load(&self.store, topic, partition).await?;
         let mut manifests = self.manifests.lock().unwrap_or_else(|e| e.into_inner());
         match loaded {
@@ -402,6 +465,7 @@ impl ColdReader {
             }
         }
         self.objects_opened.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(metric::OBJECTS_OPENED).increment(1);
         let reader = Arc::new(
             ArchiveReader::open_cached(
                 &self.store,
@@ -442,20 +506,27 @@ impl ColdReader {
     }
 
     /// Reads one object's batches from `offset`, retrying once through a reloaded manifest
-    /// when the object has gone.
+    /// when the object has gone. A read that is not `sequential` fetches only the pages it
+    /// needs unless its row group is cached; a sequential one fetches (and caches) whole row
+    /// groups.
     async fn read_object(
         &self,
         topic: &str,
         partition: u32,
         offset: i64,
         max_bytes: usize,
+        sequential: bool,
     ) -> Result<(ManifestObject, Arc<ArchiveReader>, crate::read::ArchiveRead), ColdError> {
         let mut reload = false;
         loop {
             let object = self.locate(topic, partition, offset, reload).await?;
             let attempt = async {
                 let reader = self.reader(&object).await?;
-                let read = reader.read(offset, max_bytes).await?;
+                let read = if sequential {
+                    reader.read(offset, max_bytes).await?
+                } else {
+                    reader.read_pages(offset, max_bytes).await?
+                };
                 Ok::<_, TierError>((reader, read))
             }
             .await;
@@ -480,6 +551,30 @@ impl ColdReader {
         offset: i64,
         max_bytes: usize,
     ) -> Result<ColdRead, ColdError> {
+        let started = std::time::Instant::now();
+        let result = self.read_batches(topic, partition, offset, max_bytes).await;
+        metrics::histogram!(metric::READ_SECONDS).record(started.elapsed().as_secs_f64());
+        let outcome = match &result {
+            Ok(read) => {
+                metrics::counter!(metric::READ_BYTES).increment(read.batches.len() as u64);
+                metrics::counter!(metric::READ_RECORDS).increment(read.records);
+                "ok"
+            }
+            Err(ColdError::OutOfRange { .. }) => "out_of_range",
+            Err(ColdError::NotArchived { .. }) => "not_archived",
+            Err(ColdError::Tier(_)) => "error",
+        };
+        metrics::counter!(metric::READS, "result" => outcome).increment(1);
+        result
+    }
+
+    async fn read_batches(
+        self: &Arc<Self>,
+        topic: &str,
+        partition: u32,
+        offset: i64,
+        max_bytes: usize,
+    ) -> Result<ColdRead, ColdError> {
         let id = (topic.to_string(), partition);
         let sequential = self
             .positions
@@ -498,17 +593,19 @@ impl ColdReader {
                 break;
             }
             let remaining = max_bytes.saturating_sub(out.len()).max(1);
-            let (object, reader, read) =
-                match self.read_object(topic, partition, next, remaining).await {
-                    Ok(found) => found,
-                    // Past the first batch, the archive's end (or an expiry racing) ends the read.
-                    Err(ColdError::NotArchived { .. } | ColdError::OutOfRange { .. })
-                        if records > 0 =>
-                    {
-                        break;
-                    }
-                    Err(error) => return Err(error),
-                };
+            let (object, reader, read) = match self
+                .read_object(topic, partition, next, remaining, sequential)
+                .await
+            {
+                Ok(found) => found,
+                // Past the first batch, the archive's end (or an expiry racing) ends the read.
+                Err(ColdError::NotArchived { .. } | ColdError::OutOfRange { .. })
+                    if records > 0 =>
+                {
+                    break;
+                }
+                Err(error) => return Err(error),
+            };
             out.extend_from_slice(&read.batches);
             next = read.next_offset;
             records += read.records;
@@ -608,6 +705,7 @@ impl ColdReader {
         };
         if fetched {
             self.prefetched.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!(metric::PREFETCHES).increment(1);
         }
         Ok(())
     }

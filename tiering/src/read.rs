@@ -277,6 +277,22 @@ impl ArchiveReader {
         self.row_group_offsets.len() - 1
     }
 
+    /// [`ArchiveReader::read`] for a read that is not part of a sequential replay: unless its
+    /// row group is cached, only the pages holding the rows asked for are fetched (ranged
+    /// GETs through the page index), not the whole row group, most of which such a read
+    /// would not use. A reader without a cache reads pages anyway.
+    pub async fn read_pages(&self, from_offset: i64, max_bytes: usize) -> Result<ArchiveRead> {
+        let cached = self
+            .row_group_of(from_offset)
+            .is_some_and(|group| self.row_group_cached(group));
+        if cached || self.source.chunks.is_none() {
+            return self.read(from_offset, max_bytes).await;
+        }
+        let mut direct = self.clone();
+        direct.source.chunks = None;
+        direct.read(from_offset, max_bytes).await
+    }
+
     /// Reads whole batches from `from_offset` on, stopping once about `max_bytes` are gathered;
     /// at least one batch is returned, as Kafka's Fetch does, however small `max_bytes` is.
     pub async fn read(&self, from_offset: i64, max_bytes: usize) -> Result<ArchiveRead> {

@@ -224,8 +224,22 @@ async fn the_chunk_cache_stays_within_its_bound() {
     let rows = ROW_GROUP_ROWS as i64;
     let store = ArchiveStore::open("memory://").unwrap();
     archive(&store, &[(0, rows + 99), (rows + 100, 2 * rows + 199)]).await;
-    let probe = ColdReader::new(store.clone(), ColdConfig::default());
-    probe.read(TOPIC, 0, 0, 1).await.unwrap();
+    // A random read fetches only its pages; the sequential one after it caches the group
+    // (no prefetch, so exactly one group is cached).
+    let probe = ColdReader::new(
+        store.clone(),
+        ColdConfig {
+            prefetch_max: 0,
+            ..ColdConfig::default()
+        },
+    );
+    let first = probe.read(TOPIC, 0, 0, 1).await.unwrap();
+    assert_eq!(
+        probe.stats().cached_bytes,
+        0,
+        "a random read caches nothing"
+    );
+    probe.read(TOPIC, 0, first.next_offset, 1).await.unwrap();
     let group = probe.stats().cached_bytes;
     assert!(group > 0);
     // Room for about two row groups of the four.
