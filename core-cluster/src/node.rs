@@ -97,9 +97,6 @@ pub(crate) async fn run(
         .advertised_listener
         .clone()
         .unwrap_or_else(|| (kafka_addr.ip().to_string(), kafka_addr.port()));
-    // The broker's cold reader takes its bounds from the process default, set here before the
-    // broker opens (`tiering.cold_*`).
-    silt_tiering::ColdConfig::set_process_default(config.tiering.cold);
     let archive = match &config.object_store {
         Some(url) => Some(
             silt_tiering::ArchiveStore::open(&url.url)
@@ -109,6 +106,7 @@ pub(crate) async fn run(
     };
     let broker_config = BrokerConfig {
         archive,
+        cold: config.tiering.cold,
         backpressure: tier
             .as_ref()
             .map(|tier| tier.backpressure())

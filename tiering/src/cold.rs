@@ -57,27 +57,11 @@ impl ColdConfig {
         readers_max: 64,
         prefetch_max: 4,
     };
-
-    /// Sets what [`ColdConfig::default`] returns from now on in this process: a node sets its
-    /// configured bounds once at start, before its broker creates the cold reader. One process
-    /// runs one node (its metrics recorder is global too); nodes run in-process by tests
-    /// share it.
-    pub fn set_process_default(config: ColdConfig) {
-        *PROCESS_DEFAULT.lock().unwrap_or_else(|e| e.into_inner()) = Some(config);
-    }
 }
 
-/// See [`ColdConfig::set_process_default`].
-static PROCESS_DEFAULT: Mutex<Option<ColdConfig>> = Mutex::new(None);
-
 impl Default for ColdConfig {
-    /// The process's configured bounds ([`ColdConfig::set_process_default`]), else
-    /// [`ColdConfig::BUILT_IN`].
     fn default() -> Self {
-        PROCESS_DEFAULT
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .unwrap_or(ColdConfig::BUILT_IN)
+        ColdConfig::BUILT_IN
     }
 }
 

@@ -56,6 +56,8 @@ type SharedProducers = Arc<Mutex<PartitionProducers>>;
 pub(crate) struct BrokerConfig {
     /// The archive (`object_store`): Fetch and ListOffsets below the local start read it.
     pub(crate) archive: Option<ArchiveStore>,
+    /// Bounds of the cold reader over `archive` (`tiering.cold_*`).
+    pub(crate) cold: ColdConfig,
     /// Set by tiering while the data directory is nearly full and offload is behind: Produce
     /// then gets KAFKA_STORAGE_ERROR, which clients retry, before the disk is full.
     pub(crate) backpressure: Backpressure,
@@ -104,7 +106,7 @@ impl Broker {
         let cold = config
             .archive
             .clone()
-            .map(|store| ColdReader::new(store, ColdConfig::default()));
+            .map(|store| ColdReader::new(store, config.cold));
         Ok(Broker {
             cold,
             groups: groups::Coordinator::new(config.group_initial_rebalance_delay),
