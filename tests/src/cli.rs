@@ -1,9 +1,10 @@
 //! The `silt` CLI under test: run to completion with stdin, stdout and stderr captured, under a
 //! deadline.
 
-use std::io::Write as _;
+use std::io::{Read, Write as _};
 use std::path::PathBuf;
 use std::process::{Output, Stdio};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::{binary, command};
@@ -17,6 +18,9 @@ pub fn silt() -> PathBuf {
 }
 
 /// Runs `silt ARGS` with `stdin` and returns its output.
+///
+/// stdout and stderr are read while the command runs: a command printing more than a pipe
+/// holds (64 KiB) would otherwise block on its next write and never exit.
 ///
 /// # Panics
 /// If it cannot start or runs past [`CLI_TIMEOUT`] (it is killed first).
@@ -34,27 +38,39 @@ pub fn run_silt(args: &[&str], stdin: &[u8]) -> Output {
         // The command may exit before reading everything (an error): that is its answer.
         let _ = input.write_all(&stdin);
     });
+    let stdout = drain(child.stdout.take().expect("piped stdout"));
+    let stderr = drain(child.stderr.take().expect("piped stderr"));
     let deadline = Instant::now() + CLI_TIMEOUT;
-    loop {
-        if child.try_wait().expect("cannot wait for silt").is_some() {
-            break;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("cannot wait for silt") {
+            break status;
         }
         if Instant::now() >= deadline {
             let _ = child.kill();
-            let output = child
-                .wait_with_output()
-                .expect("cannot collect silt's output");
+            let _ = child.wait();
+            let stderr = stderr.join().unwrap_or_default();
             panic!(
                 "silt {args:?} ran past {CLI_TIMEOUT:?}; stderr:\n{}",
-                String::from_utf8_lossy(&output.stderr)
+                String::from_utf8_lossy(&stderr)
             );
         }
         std::thread::sleep(Duration::from_millis(10));
-    }
+    };
     let _ = writer.join();
-    child
-        .wait_with_output()
-        .expect("cannot collect silt's output")
+    Output {
+        status,
+        stdout: stdout.join().unwrap_or_default(),
+        stderr: stderr.join().unwrap_or_default(),
+    }
+}
+
+/// Reads `pipe` to its end on a thread of its own.
+fn drain(mut pipe: impl Read + Send + 'static) -> JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let mut bytes = Vec::new();
+        let _ = pipe.read_to_end(&mut bytes);
+        bytes
+    })
 }
 
 /// Runs `silt ARGS`, requires success, and returns stdout as text.

@@ -534,3 +534,24 @@ fn kcat_reads_what_silt_produces_and_silt_reads_what_kcat_produces() {
     assert_eq!(records[2]["offset"], 2);
     core.stop();
 }
+
+#[test]
+fn megabytes_of_stdin_are_sent_in_batches_the_broker_accepts() {
+    let dir = tempfile::tempdir().unwrap();
+    let core = Core::start(&dir.path().join("data"), &[]);
+    let bootstrap = bootstrap(&core);
+    // 5,000 lines of 500 bytes: 2.5 MB, more than the broker's 1 MiB batch limit, in one pipe.
+    let lines: String = (0..5000)
+        .map(|index| format!("{index:05}{}\n", "x".repeat(495)))
+        .collect();
+    let out = run_silt(
+        &["produce", "--bootstrap", &bootstrap, "--topic", "bulk"],
+        lines.as_bytes(),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("produced 5000 record(s)"), "{stderr}");
+    let records = consume_all(&bootstrap, "bulk", 5000, &["--from-beginning"]);
+    assert_eq!(records.len(), 5000);
+    core.stop();
+}

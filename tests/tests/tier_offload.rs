@@ -248,11 +248,10 @@ fn closed_segments_reach_the_archive_local_ones_go_and_kill_9_loses_nothing() {
         "readings",
         "offload catching up after kill -9",
         |p| {
-            // Local retention has caught up with the archive, so the consume below checks
-            // what kill -9 left, not a read racing retention (tests/cold_boundary.rs does).
+            // The consume below starts at the local start while local retention may still
+            // move it, so it can read across the tier boundary.
             p["upload_lag_records"].as_u64() < Some(200)
                 && p["archived_next_offset"].as_u64() > Some(2000)
-                && p["local_start_offset"] == p["archived_next_offset"]
         },
     );
     let p = partition0(&status);

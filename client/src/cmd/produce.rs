@@ -24,8 +24,12 @@ use crate::kafka::{Cluster, TopicMeta, records};
 /// Produce v10+ only adds tagged fields; v13 names topics by id.
 const PRODUCE_VERSION: i16 = 9;
 const INIT_PRODUCER_ID_VERSION: i16 = 4;
-/// A batch closes at this many bytes of values and keys...
-const BATCH_BYTES: usize = 1 << 20;
+/// A batch closes before its records would pass this many bytes (keys, values and each
+/// record's framing), so it stays under a broker's default 1 MB `max.message.bytes`...
+const BATCH_BYTES: usize = 1_000_000;
+/// A record's framing at most: length, attributes, timestamp and offset deltas, key and value
+/// lengths, header count, as varints.
+const RECORD_OVERHEAD_BYTES: usize = 32;
 /// ...or this many records...
 const BATCH_RECORDS: usize = 10_000;
 /// ...or when stdin has nothing more for this long (typing at a terminal, a slow pipe).
@@ -124,12 +128,18 @@ pub(crate) async fn run(args: ProduceArgs) -> Result<(), KafkaError> {
                     return Err(error);
                 }
             };
-            pending_bytes += record.key.as_ref().map_or(0, Bytes::len)
-                + record.value.as_ref().map_or(0, Bytes::len);
+            let record_bytes = record.key.as_ref().map_or(0, Bytes::len)
+                + record.value.as_ref().map_or(0, Bytes::len)
+                + RECORD_OVERHEAD_BYTES;
+            if pending_records > 0 && pending_bytes + record_bytes > BATCH_BYTES {
+                produced += producer.flush(&mut pending).await?;
+                (pending_bytes, pending_records) = (0, 0);
+            }
+            pending_bytes += record_bytes;
             pending_records += 1;
             let partition = producer.partition_for(&record);
             pending.entry(partition).or_default().push(record);
-            if pending_bytes >= BATCH_BYTES || pending_records >= BATCH_RECORDS {
+            if pending_records >= BATCH_RECORDS {
                 produced += producer.flush(&mut pending).await?;
                 (pending_bytes, pending_records) = (0, 0);
             }
