@@ -402,6 +402,12 @@ impl PartitionLog {
         &self.topic
     }
 
+    /// Largest batch an append accepts (`log.max_batch_bytes`): readers of this log, such as
+    /// offload, must accept batches this large.
+    pub fn max_batch_bytes(&self) -> usize {
+        self.max_batch_bytes
+    }
+
     pub fn partition(&self) -> u32 {
         self.partition
     }

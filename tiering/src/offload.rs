@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use silt_log::PartitionLog;
 use silt_log::batch::BatchHeader;
+use silt_log::batch::DecodeLimits;
 use silt_log::retention::SegmentSummary;
 
 use crate::error::{Result, TierError};
@@ -138,7 +139,15 @@ async fn archive_range(
         log.partition(),
         to_i64(range.base_offset)?,
         to_i64(range.end_offset - 1)?,
-    )?;
+    )?
+    // Whatever the log accepted, offload must read: a batch over the decoder's default limit
+    // (`log.max_batch_bytes` raised) would otherwise fail this range on every retry.
+    .with_limits(DecodeLimits {
+        max_batch_bytes: log
+            .max_batch_bytes()
+            .max(DecodeLimits::default().max_batch_bytes),
+        ..DecodeLimits::default()
+    });
     let mut next = range.base_offset;
     while next < range.end_offset {
         let reader = Arc::clone(log);

@@ -190,3 +190,57 @@ async fn nothing_is_deleted_locally_while_the_store_refuses_uploads() {
     assert_eq!(log.segment_bases()[0], 0);
     manager.close().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_over_the_default_limit_are_offloaded_when_the_log_accepts_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = ArchiveStore::open("memory://").unwrap();
+    let mut config = log_config(&dir.path().join("data"));
+    config.max_batch_bytes = 4 << 20;
+    let manager = LogManager::open(config).unwrap();
+    manager.ensure_topic("big", 1).unwrap();
+    let log = manager.partition("big", 0).unwrap();
+    // Two batches of 2 MiB of incompressible values, over the decoder's 1 MiB default.
+    for round in 0..2u8 {
+        let records: Vec<Record> = (0..16u32)
+            .map(|n| Record {
+                timestamp: 1_795_305_600_000 + i64::from(n),
+                key: None,
+                value: Some(Bytes::from(
+                    (0..128 << 10)
+                        .map(|i: u32| (i.wrapping_mul(2_654_435_761) >> 13) as u8 ^ round ^ n as u8)
+                        .collect::<Vec<u8>>(),
+                )),
+                headers: vec![],
+            })
+            .collect();
+        let mut batch = BytesMut::new();
+        encode_batch(&BatchSpec::default(), &records, &mut batch).unwrap();
+        assert!(batch.len() > DecodeLimits::default().max_batch_bytes);
+        log.append(&mut batch).unwrap();
+    }
+    // A small batch after them closes the second one's segment (segment.bytes is 4096).
+    let mut batch = BytesMut::new();
+    let tail = Record {
+        timestamp: 1_795_305_600_100,
+        key: None,
+        value: Some(Bytes::from_static(b"tail")),
+        headers: vec![],
+    };
+    encode_batch(&BatchSpec::default(), &[tail], &mut batch).unwrap();
+    log.append(&mut batch).unwrap();
+    let mut manifest = Manifest::new("big", 0);
+    let policy = OffloadPolicy {
+        object_bytes_target: 1,
+        max_wait_ms: 0,
+    };
+    let mut archived = 0;
+    while let Some(object) = offload_next(&store, &log, &mut manifest, &policy, i64::MAX / 2)
+        .await
+        .unwrap()
+    {
+        archived = object.last_offset + 1;
+    }
+    assert_eq!(archived, 32, "both batches archived");
+    manager.close().unwrap();
+}
