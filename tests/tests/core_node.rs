@@ -18,8 +18,8 @@ fn starts_serves_health_and_metrics_and_stops_cleanly_on_sigterm() {
         )),
         "{metrics}"
     );
-    // One topic: the internal one that keeps committed consumer offsets.
-    assert!(metrics.contains("silt_log_topics 1"), "{metrics}");
+    // Two topics, the internal ones: committed consumer offsets and producer id blocks.
+    assert!(metrics.contains("silt_log_topics 2"), "{metrics}");
     assert!(
         metrics.contains("silt_kafka_groups{state=\"Stable\"} 0"),
         "{metrics}"
