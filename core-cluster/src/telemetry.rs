@@ -42,6 +42,10 @@ pub(crate) const TIER_UPLOAD_FAILURES: &str = "silt_tier_upload_failures_total";
 pub(crate) const TIER_UPLOADED_BYTES: &str = "silt_tier_uploaded_bytes_total";
 pub(crate) const TIER_UPLOAD_SECONDS: &str = "silt_tier_upload_duration_seconds";
 pub(crate) const TIER_BACKPRESSURE: &str = "silt_tier_backpressure";
+pub(crate) const TIER_COMPACTIONS: &str = "silt_tier_compactions_total";
+pub(crate) const TIER_COMPACTED_OBJECTS: &str = "silt_tier_compacted_objects_total";
+pub(crate) const TIER_COMPACTED_BYTES: &str = "silt_tier_compacted_bytes_total";
+pub(crate) const TIER_COMPACTION_FAILURES: &str = "silt_tier_compaction_failures_total";
 
 /// Bucket bounds of every `*_seconds` histogram: from a fast SSD fsync to a disk having a bad
 /// second.
@@ -180,6 +184,22 @@ fn describe() {
     describe_gauge!(
         TIER_BACKPRESSURE,
         "1 while Produce is refused because the disk is nearly full and offload is behind"
+    );
+    describe_counter!(
+        TIER_COMPACTIONS,
+        "Compactions committed (runs of small archive objects merged into one), per partition"
+    );
+    describe_counter!(
+        TIER_COMPACTED_OBJECTS,
+        "Archive objects compaction replaced by merged ones, per partition"
+    );
+    describe_counter!(
+        TIER_COMPACTED_BYTES,
+        "Bytes of the merged objects compaction wrote, per partition"
+    );
+    describe_counter!(
+        TIER_COMPACTION_FAILURES,
+        "Compactions that failed (read, upload or commit), per partition"
     );
     describe_cold();
 }

@@ -72,6 +72,28 @@ impl Core {
         assert_eq!(response.status, 200, "{response:?}");
         response.text()
     }
+
+    /// `silt tier status --json` of `topic`, as the CLI prints it.
+    pub fn tier_status(&self, topic: &str) -> serde_json::Value {
+        let admin = self.admin.to_string();
+        let out = crate::cli::silt_ok(
+            &[
+                "tier", "status", "--admin", &admin, "--topic", topic, "--json",
+            ],
+            b"",
+        );
+        serde_json::from_str(&out).unwrap_or_else(|error| panic!("{error}: {out}"))
+    }
+}
+
+/// A JSON object's field as a number.
+///
+/// # Panics
+/// If the field is missing or not a non-negative integer.
+pub fn json_u64(value: &serde_json::Value, key: &str) -> u64 {
+    value[key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no {key} in {value}"))
 }
 
 /// The address in the `NAME=IP:PORT` field of a log line.

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use silt_tests::cli::{json_lines, silt_ok};
-use silt_tests::core::Core;
+use silt_tests::core::{Core, json_u64};
 
 const TOPIC: &str = "boundary";
 /// Records produced, in `silt produce` calls of [`PER_CALL`].
@@ -23,25 +23,6 @@ const TEST_DEADLINE: Duration = Duration::from_secs(240);
 
 fn value(seq: u64) -> String {
     format!("{{\"device\":\"sensor-{:03}\",\"seq\":{seq}}}", seq % 37)
-}
-
-fn status(core: &Core) -> serde_json::Value {
-    let admin = core.admin.to_string();
-    let out = silt_ok(
-        &[
-            "tier", "status", "--admin", &admin, "--topic", TOPIC, "--json",
-        ],
-        b"",
-    );
-    let status: serde_json::Value =
-        serde_json::from_str(&out).unwrap_or_else(|error| panic!("{error}: {out}"));
-    status["partitions"][0].clone()
-}
-
-fn number(status: &serde_json::Value, key: &str) -> u64 {
-    status[key]
-        .as_u64()
-        .unwrap_or_else(|| panic!("{key} in {status}"))
 }
 
 /// `silt consume` of `READ` records from `offset`; checks offsets and values.
@@ -134,10 +115,10 @@ fn reads_racing_the_local_start_get_every_record_asked_for() {
             Instant::now() < deadline,
             "{reads} reads in {TEST_DEADLINE:?}"
         );
-        let status = status(&core);
+        let status = core.tier_status(TOPIC)["partitions"][0].clone();
         let (local_start, high_watermark) = (
-            number(&status, "local_start_offset"),
-            number(&status, "high_watermark"),
+            json_u64(&status, "local_start_offset"),
+            json_u64(&status, "high_watermark"),
         );
         if high_watermark < READ {
             // Too little produced yet to read: poll again.

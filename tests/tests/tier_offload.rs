@@ -8,7 +8,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use silt_tests::cli::{json_lines, run_silt, silt_ok};
-use silt_tests::core::Core;
+use silt_tests::core::{Core, json_u64};
 use silt_tests::kafka::{RawKafka, value_batch};
 
 const KAFKA_STORAGE_ERROR: i16 = 56;
@@ -70,14 +70,7 @@ fn produce(core: &Core, topic: &str, from: u64, to: u64) {
 }
 
 fn status(core: &Core, topic: &str) -> serde_json::Value {
-    let admin = core.admin.to_string();
-    let out = silt_ok(
-        &[
-            "tier", "status", "--admin", &admin, "--topic", topic, "--json",
-        ],
-        b"",
-    );
-    serde_json::from_str(&out).unwrap_or_else(|error| panic!("{error}: {out}"))
+    core.tier_status(topic)
 }
 
 fn partition0(status: &serde_json::Value) -> &serde_json::Value {
@@ -124,12 +117,6 @@ fn metric(core: &Core, name: &str, topic: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
-fn u64_of(value: &serde_json::Value, key: &str) -> u64 {
-    value[key]
-        .as_u64()
-        .unwrap_or_else(|| panic!("no {key} in {value}"))
-}
-
 /// The manifest's objects cover `0..next` contiguously, and every file it names exists with
 /// the size it records. Returns `next`.
 fn check_manifest(objects: &Path, topic: &str) -> u64 {
@@ -139,8 +126,8 @@ fn check_manifest(objects: &Path, topic: &str) -> u64 {
     let manifest: serde_json::Value = serde_json::from_str(&text).unwrap();
     let mut next = 0;
     for object in manifest["objects"].as_array().expect("objects") {
-        assert_eq!(u64_of(object, "base_offset"), next, "a gap: {manifest}");
-        next = u64_of(object, "last_offset") + 1;
+        assert_eq!(json_u64(object, "base_offset"), next, "a gap: {manifest}");
+        next = json_u64(object, "last_offset") + 1;
         let key = object["key"].as_str().unwrap();
         assert!(
             key.starts_with(&format!("v1/topic={topic}/partition=0/date="))
@@ -150,7 +137,7 @@ fn check_manifest(objects: &Path, topic: &str) -> u64 {
         let size = std::fs::metadata(objects.join(key))
             .unwrap_or_else(|error| panic!("{key}: {error}"))
             .len();
-        assert_eq!(size, u64_of(object, "size_bytes"), "{key}");
+        assert_eq!(size, json_u64(object, "size_bytes"), "{key}");
     }
     next
 }
@@ -214,12 +201,16 @@ fn closed_segments_reach_the_archive_local_ones_go_and_kill_9_loses_nothing() {
         p["archived_objects"].as_u64() > Some(0) && p["local_start_offset"].as_u64() > Some(0)
     });
     let p = partition0(&status);
-    assert_eq!(u64_of(p, "log_start_offset"), 0, "the log start stays: {p}");
-    assert_eq!(u64_of(p, "high_watermark"), 1000);
+    assert_eq!(
+        json_u64(p, "log_start_offset"),
+        0,
+        "the log start stays: {p}"
+    );
+    assert_eq!(json_u64(p, "high_watermark"), 1000);
     assert!(p["last_error"].is_null(), "{p}");
     let archived = check_manifest(&objects, "readings");
     assert!(
-        u64_of(p, "local_start_offset") <= archived,
+        json_u64(p, "local_start_offset") <= archived,
         "nothing deleted locally before it is archived: {p}, archive ends at {archived}"
     );
     assert!(metric(&core, "silt_tier_uploads_total", "readings") >= 1.0);
@@ -256,9 +247,9 @@ fn closed_segments_reach_the_archive_local_ones_go_and_kill_9_loses_nothing() {
     );
     let p = partition0(&status);
     let archived = check_manifest(&objects, "readings");
-    let local_start = u64_of(p, "local_start_offset");
+    let local_start = json_u64(p, "local_start_offset");
     assert!(local_start <= archived, "{p}");
-    assert_eq!(u64_of(p, "high_watermark"), 2500);
+    assert_eq!(json_u64(p, "high_watermark"), 2500);
     check_local(&core, "readings", local_start, 2500);
     core.stop();
 }
@@ -298,7 +289,7 @@ fn a_failing_store_keeps_data_local_counts_failures_pushes_back_and_recovers() {
     let (error, _) = kafka.produce("readings", &value_batch(None, &["refused"]));
     assert_eq!(error, KAFKA_STORAGE_ERROR, "a produce under backpressure");
     let p = partition0(&status);
-    assert_eq!(u64_of(p, "local_start_offset"), 0, "nothing deleted: {p}");
+    assert_eq!(json_u64(p, "local_start_offset"), 0, "nothing deleted: {p}");
     assert!(p["last_error"].is_string(), "{p}");
     assert!(metric(&core, "silt_tier_upload_failures_total", "readings") >= 1.0);
 
@@ -314,7 +305,7 @@ fn a_failing_store_keeps_data_local_counts_failures_pushes_back_and_recovers() {
         std::thread::sleep(Duration::from_millis(100));
     }
     let archived = check_manifest(&objects, "readings");
-    let local_start = u64_of(partition0(&status), "local_start_offset");
+    let local_start = json_u64(partition0(&status), "local_start_offset");
     assert!(local_start <= archived);
     check_local(&core, "readings", local_start, produced);
     core.stop();

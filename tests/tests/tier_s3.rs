@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use silt_log::batch::{BatchSpec, Compression, Header, Record, encode_batch};
 use silt_tests::cli::silt_ok;
-use silt_tests::core::Core;
+use silt_tests::core::{Core, json_u64};
 use silt_tests::kafka::RawKafka;
 use silt_tests::s3::S3Server;
 use silt_tests::{Running, command, silt_core};
@@ -40,6 +40,9 @@ fn tier_args(s3: &S3Server) -> Vec<String> {
         "topic_defaults.segment.bytes=2048",
         "topic_defaults.local.retention.ms=0",
         "tiering.max_wait_ms=0",
+        // One object per closed segment, however many closed before the first check: the
+        // test needs several objects, not one merged from everything produced.
+        "tiering.object_bytes_target=1",
         "tiering.check_interval_ms=100",
         "tiering.retry_initial_ms=100",
         "tiering.retry_max_ms=400",
@@ -147,22 +150,7 @@ fn create_topic(core: &Core) {
 }
 
 fn status(core: &Core) -> serde_json::Value {
-    let admin = core.admin.to_string();
-    let out = silt_ok(
-        &[
-            "tier", "status", "--admin", &admin, "--topic", TOPIC, "--json",
-        ],
-        b"",
-    );
-    let status: serde_json::Value =
-        serde_json::from_str(&out).unwrap_or_else(|error| panic!("{error}: {out}"));
-    status["partitions"][0].clone()
-}
-
-fn u64_of(value: &serde_json::Value, key: &str) -> u64 {
-    value[key]
-        .as_u64()
-        .unwrap_or_else(|| panic!("no {key} in {value}"))
+    core.tier_status(TOPIC)["partitions"][0].clone()
 }
 
 /// Base offsets of the partition's segment files (the log keeps them in `<topic>/<partition>`).
@@ -190,15 +178,15 @@ fn manifest(s3: &S3Server) -> (Vec<String>, u64) {
     let mut next = 0;
     let mut keys = Vec::new();
     for object in manifest["objects"].as_array().expect("objects") {
-        assert_eq!(u64_of(object, "base_offset"), next, "a gap: {manifest}");
-        next = u64_of(object, "last_offset") + 1;
+        assert_eq!(json_u64(object, "base_offset"), next, "a gap: {manifest}");
+        next = json_u64(object, "last_offset") + 1;
         // Keys are the objects' names in the bucket, the store's prefix included.
         let key = object["key"].as_str().unwrap().to_string();
         assert!(key.starts_with(&format!("{PREFIX}/v1/topic={TOPIC}/partition=0/date=")));
         let size = std::fs::metadata(s3.object_path(&key))
             .unwrap_or_else(|error| panic!("{key} is named by the manifest: {error}"))
             .len();
-        assert_eq!(size, u64_of(object, "size_bytes"), "{key}");
+        assert_eq!(size, json_u64(object, "size_bytes"), "{key}");
         keys.push(key);
     }
     keys.sort();
@@ -218,11 +206,11 @@ fn wait_settled(core: &Core, s3: &S3Server, high_watermark: u64) -> serde_json::
             && p["log_start_offset"].as_u64() == Some(0)
             && p["archived_next_offset"].as_u64() > Some(0)
             && p["local_start_offset"] == p["archived_next_offset"]
-            && local_segments(&core.data_dir) == [u64_of(&p, "local_start_offset")];
+            && local_segments(&core.data_dir) == [json_u64(&p, "local_start_offset")];
         if settled {
             let (keys, next) = manifest(s3);
             let stored = s3.keys(&format!("{PREFIX}/v1"));
-            if next == u64_of(&p, "archived_next_offset") && stored == keys {
+            if next == json_u64(&p, "archived_next_offset") && stored == keys {
                 return p;
             }
         }
@@ -334,11 +322,11 @@ fn offload_to_s3_replays_across_tiers_and_kill_9_at_any_point_loses_nothing() {
     create_topic(&core);
     produce(&core, 0, 1500, base_ts);
     let p = wait_settled(&core, &s3, 1500);
-    assert!(u64_of(&p, "local_start_offset") > 1000, "{p}");
-    assert!(u64_of(&p, "archived_objects") >= 2, "{p}");
+    assert!(json_u64(&p, "local_start_offset") > 1000, "{p}");
+    assert!(json_u64(&p, "archived_objects") >= 2, "{p}");
     check_replay(&core, 1500, base_ts);
     // ListOffsets by timestamp, answered from the archive and from the local tier.
-    let local_start = u64_of(&p, "local_start_offset");
+    let local_start = json_u64(&p, "local_start_offset");
     for offset in [777, local_start + 3] {
         let ts = record(offset, base_ts).timestamp - 3;
         let answer = kcat(&[
@@ -413,7 +401,7 @@ fn offload_to_s3_replays_across_tiers_and_kill_9_at_any_point_loses_nothing() {
     for orphan in &orphans {
         assert!(!stored.contains(orphan), "{orphan} was collected");
     }
-    assert!(u64_of(&p, "local_start_offset") > produced - 100, "{p}");
+    assert!(json_u64(&p, "local_start_offset") > produced - 100, "{p}");
     check_replay(&core, produced, base_ts);
 
     // The log goes on from where it was.

@@ -45,22 +45,11 @@ use crate::telemetry;
 use backoff::Retry;
 pub(crate) use status::StatusError;
 
-/// Topics whose name starts with this are the node's own (committed offsets): they stay local
-/// and keep whole-log retention, as Kafka keeps `__consumer_offsets` out of tiered storage.
-const INTERNAL_TOPIC_PREFIX: &str = "__";
-
-/// Compactions committed, per topic and partition.
-const TIER_COMPACTIONS: &str = "silt_tier_compactions_total";
-/// Archive objects compaction replaced by merged ones, per topic and partition.
-const TIER_COMPACTED_OBJECTS: &str = "silt_tier_compacted_objects_total";
-/// Bytes of the merged objects compaction wrote, per topic and partition.
-const TIER_COMPACTED_BYTES: &str = "silt_tier_compacted_bytes_total";
-/// Compactions that failed (read, upload or commit), per topic and partition.
-const TIER_COMPACTION_FAILURES: &str = "silt_tier_compaction_failures_total";
-
 /// Whether `topic` is tiered.
+/// The node's own topics (committed offsets, producer id blocks) stay local and keep
+/// whole-log retention, as Kafka keeps `__consumer_offsets` out of tiered storage.
 fn is_tiered(topic: &str) -> bool {
-    !topic.starts_with(INTERNAL_TOPIC_PREFIX)
+    !crate::broker::is_internal_topic(topic)
 }
 
 /// The produce-side view of backpressure: a flag the offload loop sets and the broker reads
@@ -489,7 +478,7 @@ impl Tier {
                 return;
             }
             Err(error) => {
-                counter!(TIER_COMPACTION_FAILURES, &labels).increment(1);
+                counter!(telemetry::TIER_COMPACTION_FAILURES, &labels).increment(1);
                 let mut state = lock(&partition.state);
                 let wait = state.compact_retry.failed(
                     Instant::now(),
@@ -511,9 +500,9 @@ impl Tier {
             state.committed = Some(Committed::of(manifest));
             state.compact_retry.succeeded();
         }
-        counter!(TIER_COMPACTIONS, &labels).increment(1);
-        counter!(TIER_COMPACTED_OBJECTS, &labels).increment(done.objects_replaced);
-        counter!(TIER_COMPACTED_BYTES, &labels).increment(done.merged.size_bytes);
+        counter!(telemetry::TIER_COMPACTIONS, &labels).increment(1);
+        counter!(telemetry::TIER_COMPACTED_OBJECTS, &labels).increment(done.objects_replaced);
+        counter!(telemetry::TIER_COMPACTED_BYTES, &labels).increment(done.merged.size_bytes);
         tracing::info!(
             topic = log.topic(),
             partition = log.partition(),
@@ -777,6 +766,7 @@ mod tests {
     #[test]
     fn internal_topics_are_not_tiered() {
         assert!(!is_tiered("__silt_consumer_offsets"));
+        assert!(!is_tiered("__silt_producer_ids"));
         assert!(is_tiered("telemetry"));
     }
 }

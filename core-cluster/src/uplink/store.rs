@@ -608,6 +608,15 @@ mod tests {
     use silt_log::LogConfig;
     use silt_log::batch::{BatchSpec, Record, decode_batch, encode_batch};
 
+    /// A core log under `dir/core` and a store over it (3 partitions a topic) whose dedup
+    /// checkpoints live in `dir/core.uplink/dedup`, as a node opens them at start.
+    fn open_with_checkpoints(dir: &std::path::Path) -> (Arc<LogManager>, UplinkStore) {
+        let log = LogManager::open(LogConfig::new(dir.join("core"))).unwrap();
+        let checkpoints = CheckpointDir::new(dir.join("core.uplink/dedup"));
+        let store = UplinkStore::new(log.clone(), 3, Some(checkpoints));
+        (log, store)
+    }
+
     /// The edge's records at offsets `base_offset..base_offset + count`: the record at offset
     /// `o` always has key `KEYS[o % 6]` and value `v<o>`, as a real edge log re-read.
     fn edge_batch(base_offset: i64, count: usize) -> Vec<u8> {
@@ -747,12 +756,7 @@ mod tests {
     #[test]
     fn a_restart_scans_only_the_tail_past_the_checkpoint() {
         let dir = tempfile::tempdir().unwrap();
-        let open = || {
-            let log = LogManager::open(LogConfig::new(dir.path().join("core"))).unwrap();
-            let checkpoints = CheckpointDir::new(dir.path().join("core.uplink/dedup"));
-            let store = UplinkStore::new(log.clone(), 3, Some(checkpoints));
-            (log, store)
-        };
+        let open = || open_with_checkpoints(dir.path());
         let (log, store) = open();
         store
             .append("mqtt", &stream(), 0, &edge_batch(0, 60))
@@ -814,12 +818,7 @@ mod tests {
     #[test]
     fn pipelined_groups_and_a_checkpoint_between_fsync_and_state_update_stay_exact() {
         let dir = tempfile::tempdir().unwrap();
-        let open = || {
-            let log = LogManager::open(LogConfig::new(dir.path().join("core"))).unwrap();
-            let checkpoints = CheckpointDir::new(dir.path().join("core.uplink/dedup"));
-            let store = UplinkStore::new(log.clone(), 3, Some(checkpoints));
-            (log, store)
-        };
+        let open = || open_with_checkpoints(dir.path());
         let (log, store) = open();
         store
             .append("mqtt", &stream(), 0, &edge_batch(0, 6))
