@@ -7,10 +7,10 @@ use bytes::{Bytes, BytesMut};
 use pinned::{PINNED_BATCH_HEX, pinned_records, to_hex};
 use proptest::prelude::*;
 use silt_log::batch::{
-    BATCH_HEADER_LEN, BatchError, BatchHeader, BatchSpec, Compression, DecodeLimits, DecodedRecord,
-    Header, LOG_OVERHEAD, Record, TimestampType, VARINT_BYTES_MAX, VARLONG_BYTES_MAX, batches,
-    compute_crc, decode_batch, decode_records, encode_batch, put_varint, put_varlong, read_varint,
-    read_varlong, varint_len, varlong_len,
+    BATCH_HEADER_LEN, BatchEncoder, BatchError, BatchHeader, BatchSpec, Compression, DecodeLimits,
+    DecodedRecord, Header, LOG_OVERHEAD, Record, TimestampType, VARINT_BYTES_MAX,
+    VARLONG_BYTES_MAX, batches, compute_crc, decode_batch, decode_records, encode_batch,
+    put_varint, put_varlong, read_varint, read_varlong, varint_len, varlong_len,
 };
 
 /// Where the CRC sits in a batch, and where the bytes it covers start.
@@ -180,6 +180,36 @@ proptest! {
         prop_assert_eq!(&buf[..prefix.len()], &prefix[..]);
         prop_assert_eq!(&buf[prefix.len()..], &encode(&spec, &records)[..]);
         prop_assert_eq!(buf.len(), prefix.len() + len);
+    }
+
+    #[test]
+    fn an_abandoned_or_empty_encoder_leaves_the_buffer_as_it_was(
+        (spec, records) in arb_batch(),
+        prefix in any::<Vec<u8>>(),
+        pushed in any::<prop::sample::Index>(),
+    ) {
+        let mut buf = BytesMut::from(&prefix[..]);
+        let mut encoder = BatchEncoder::begin(&spec, &mut buf).expect("None or Zstd");
+        for record in &records[..pushed.index(records.len() + 1)] {
+            encoder.push(&mut buf, record.borrowed()).expect("valid records encode");
+        }
+        encoder.abandon(&mut buf);
+        prop_assert_eq!(&buf[..], &prefix[..]);
+        // A batch without records is refused, and leaves nothing behind either.
+        let encoder = BatchEncoder::begin(&spec, &mut buf).expect("None or Zstd");
+        prop_assert!(matches!(encoder.finish(&mut buf), Err(BatchError::InvalidInput(_))));
+        prop_assert_eq!(&buf[..], &prefix[..]);
+        // Two batches encoded one after the other into one buffer are what each encodes alone.
+        let mut encoder = BatchEncoder::begin(&spec, &mut buf).expect("None or Zstd");
+        for record in &records {
+            encoder.push(&mut buf, record.borrowed()).expect("valid records encode");
+        }
+        let first = encoder.finish(&mut buf).expect("valid records encode");
+        encode_batch(&spec, &records, &mut buf).expect("valid records encode");
+        let alone = encode(&spec, &records);
+        prop_assert_eq!(first, alone.len());
+        prop_assert_eq!(&buf[prefix.len()..prefix.len() + first], &alone[..]);
+        prop_assert_eq!(&buf[prefix.len() + first..], &alone[..]);
     }
 
     #[test]

@@ -12,6 +12,11 @@
 //!   several consumers replaying together share the bytes. Memory rather than local disk
 //!   because the hot tier's disk budget is what tiering frees, and a row group re-fetched after
 //!   a restart costs one GET.
+//! - per replaying partition, a cursor ([`ArchiveCursor`]) that keeps its object's Parquet
+//!   stream open between Fetches, so each row is decoded and rebuilt once however many Fetches
+//!   hand it out (a Fetch that started a fresh stream skipped to its row and decoded the page
+//!   around it again); at most [`ColdConfig::readers_max`] cursors, least recently used
+//!   dropped. A read that is not where the partition's cursor stands drops it.
 //! - prefetch for sequential replay: a read that starts where the partition's previous cold
 //!   read ended fetches, in the background, the row group after the one it stopped in (opening
 //!   the next object, footer included, at an object's end), so a replaying consumer does not
@@ -34,7 +39,7 @@ use tokio::sync::{OnceCell, Semaphore};
 
 use crate::error::TierError;
 use crate::manifest::{Manifest, ManifestObject};
-use crate::read::ArchiveReader;
+use crate::read::{ArchiveCursor, ArchiveReader};
 use crate::store::ArchiveStore;
 
 /// How a cold reader is bounded.
@@ -137,6 +142,8 @@ pub struct ColdStats {
     pub prefetched: u64,
     /// Bytes in the chunk cache now.
     pub cached_bytes: u64,
+    /// Replay cursors kept now.
+    pub cursors: u64,
 }
 
 /// A cache of whole row groups by (object key, start byte), bounded by bytes, least recently
@@ -305,6 +312,13 @@ struct Readers {
     tick: u64,
 }
 
+/// Replay cursors by partition, least recently used dropped.
+#[derive(Debug, Default)]
+struct Cursors {
+    open: HashMap<PartitionKey, (String, ArchiveCursor, u64)>,
+    tick: u64,
+}
+
 /// The cold reader of one node; see the module doc.
 #[derive(Debug)]
 pub struct ColdReader {
@@ -313,6 +327,8 @@ pub struct ColdReader {
     chunks: Arc<ChunkCache>,
     manifests: Mutex<HashMap<PartitionKey, Arc<Manifest>>>,
     readers: Mutex<Readers>,
+    /// Each replaying partition's cursor (object key, cursor, last use).
+    cursors: Mutex<Cursors>,
     /// Where each partition's last cold read ended: a read starting there is sequential.
     positions: Mutex<HashMap<PartitionKey, i64>>,
     prefetching: Mutex<HashSet<PartitionKey>>,
@@ -332,6 +348,7 @@ impl ColdReader {
             config,
             manifests: Mutex::new(HashMap::new()),
             readers: Mutex::new(Readers::default()),
+            cursors: Mutex::new(Cursors::default()),
             positions: Mutex::new(HashMap::new()),
             prefetching: Mutex::new(HashSet::new()),
             manifest_loads: AtomicU64::new(0),
@@ -354,6 +371,12 @@ impl ColdReader {
             chunk_hits: self.chunks.hits.load(Ordering::Relaxed),
             prefetched: self.prefetched.load(Ordering::Relaxed),
             cached_bytes: self.chunks.bytes(),
+            cursors: self
+                .cursors
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .open
+                .len() as u64,
         }
     }
 
@@ -479,8 +502,13 @@ impl ColdReader {
         Ok(reader)
     }
 
-    /// Forgets an object found missing: its reader and chunks.
+    /// Forgets an object found missing: its reader, replay cursors and chunks.
     fn forget(&self, key: &str) {
+        self.cursors
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .open
+            .retain(|_, (cursor_key, _, _)| cursor_key != key);
         self.readers
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -489,33 +517,44 @@ impl ColdReader {
         self.chunks.forget(&Path::from(key));
     }
 
-    /// Reads one object's batches from `offset`, retrying once through a reloaded manifest
-    /// when the object has gone. A read that is not `sequential` fetches only the pages it
-    /// needs unless its row group is cached; a sequential one fetches (and caches) whole row
-    /// groups.
+    /// Appends one object's batches from `offset` to `out`, retrying once through a reloaded
+    /// manifest when the object has gone; returns the object, its reader, the offset after the
+    /// last record appended and the records. A `sequential` read continues the partition's
+    /// cursor (rows decoded once however many Fetches hand them out; whole row groups fetched
+    /// and cached); any other fetches only the pages it needs unless its row group is cached.
+    /// On error `out` is as it was.
     async fn read_object(
         &self,
-        topic: &str,
-        partition: u32,
+        id: &PartitionKey,
         offset: i64,
         max_bytes: usize,
         sequential: bool,
-    ) -> Result<(ManifestObject, Arc<ArchiveReader>, crate::read::ArchiveRead), ColdError> {
+        out: &mut BytesMut,
+    ) -> Result<(ManifestObject, Arc<ArchiveReader>, i64, u64), ColdError> {
         let mut reload = false;
         loop {
-            let object = self.locate(topic, partition, offset, reload).await?;
+            let object = self.locate(&id.0, id.1, offset, reload).await?;
             let attempt = async {
                 let reader = self.reader(&object).await?;
-                let read = if sequential {
-                    reader.read(offset, max_bytes).await?
-                } else {
-                    reader.read_pages(offset, max_bytes).await?
+                if !sequential {
+                    let read = reader.read_pages(offset, max_bytes).await?;
+                    out.extend_from_slice(&read.batches);
+                    return Ok::<_, TierError>((reader, read.next_offset, read.records));
+                }
+                let mut cursor = match self.take_cursor(id, &object.key, offset) {
+                    Some(cursor) => cursor,
+                    None => reader.cursor(offset)?,
                 };
-                Ok::<_, TierError>((reader, read))
+                let records = cursor.read_into(max_bytes, out).await?;
+                let next = cursor.next_offset();
+                if !cursor.is_done() {
+                    self.keep_cursor(id, &object.key, cursor);
+                }
+                Ok((reader, next, records))
             }
             .await;
             match attempt {
-                Ok((reader, read)) => return Ok((object, reader, read)),
+                Ok((reader, next, records)) => return Ok((object, reader, next, records)),
                 Err(TierError::Store(object_store::Error::NotFound { .. })) if !reload => {
                     tracing::debug!(key = %object.key, "archive object gone; reloading the manifest");
                     self.forget(&object.key);
@@ -523,6 +562,40 @@ impl ColdReader {
                 }
                 Err(error) => return Err(error.into()),
             }
+        }
+    }
+
+    /// The partition's replay cursor, if it is in object `key` at `offset`. Any other cursor of
+    /// the partition is dropped: the replay moved elsewhere.
+    fn take_cursor(&self, id: &PartitionKey, key: &str, offset: i64) -> Option<ArchiveCursor> {
+        let (cursor_key, cursor, _) = self
+            .cursors
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .open
+            .remove(id)?;
+        (cursor_key == key && cursor.next_offset() == offset).then_some(cursor)
+    }
+
+    /// Keeps the partition's replay cursor for its next read; at most
+    /// [`ColdConfig::readers_max`] cursors are kept, least recently used dropped.
+    fn keep_cursor(&self, id: &PartitionKey, key: &str, cursor: ArchiveCursor) {
+        let mut cursors = self.cursors.lock().unwrap_or_else(|e| e.into_inner());
+        cursors.tick += 1;
+        let tick = cursors.tick;
+        cursors
+            .open
+            .insert(id.clone(), (key.to_string(), cursor, tick));
+        while cursors.open.len() > self.config.readers_max.max(1) {
+            let Some(oldest) = cursors
+                .open
+                .iter()
+                .min_by_key(|(_, (_, _, used))| *used)
+                .map(|(id, _)| id.clone())
+            else {
+                break;
+            };
+            cursors.open.remove(&oldest);
         }
     }
 
@@ -577,8 +650,8 @@ impl ColdReader {
                 break;
             }
             let remaining = max_bytes.saturating_sub(out.len()).max(1);
-            let (object, reader, read) = match self
-                .read_object(topic, partition, next, remaining, sequential)
+            let (object, reader, read_next, read_records) = match self
+                .read_object(&id, next, remaining, sequential, &mut out)
                 .await
             {
                 Ok(found) => found,
@@ -590,11 +663,10 @@ impl ColdReader {
                 }
                 Err(error) => return Err(error),
             };
-            out.extend_from_slice(&read.batches);
-            next = read.next_offset;
-            records += read.records;
+            next = read_next;
+            records += read_records;
             last = Some((object, reader));
-            if read.records == 0 || out.len() >= max_bytes {
+            if read_records == 0 || out.len() >= max_bytes {
                 break;
             }
         }

@@ -26,9 +26,10 @@ use parquet::arrow::arrow_reader::{
     ArrowReaderMetadata, ArrowReaderOptions, RowSelection, RowSelector,
 };
 use parquet::arrow::async_reader::AsyncFileReader;
+use parquet::arrow::async_reader::ParquetRecordBatchStream;
 use parquet::errors::ParquetError;
 use parquet::file::metadata::{PageIndexPolicy, ParquetMetaData, ParquetMetaDataReader};
-use silt_log::batch::{BatchHeader, BatchSpec, Header, MAGIC_V2, Record, encode_batch};
+use silt_log::batch::{BatchEncoder, BatchHeader, BatchSpec, MAGIC_V2, RecordRef};
 
 use crate::cold::ChunkCache;
 use crate::error::{Result, TierError};
@@ -295,61 +296,179 @@ impl ArchiveReader {
 
     /// Reads whole batches from `from_offset` on, stopping once about `max_bytes` are gathered;
     /// at least one batch is returned, as Kafka's Fetch does, however small `max_bytes` is.
+    /// Reads within the row group holding `from_offset`, and decodes only about the rows
+    /// `max_bytes` needs; a replay reading on and on uses an [`ArchiveCursor`] instead.
     pub async fn read(&self, from_offset: i64, max_bytes: usize) -> Result<ArchiveRead> {
-        if !(self.info.base_offset..=self.info.last_offset).contains(&from_offset) {
-            return Err(TierError::InvalidInput(format!(
-                "offset {from_offset} is outside the object's {}..={}",
-                self.info.base_offset, self.info.last_offset
-            )));
-        }
         let group = self
-            .row_group_offsets
-            .partition_point(|&start| start <= from_offset)
-            - 1;
+            .row_group_of(from_offset)
+            .ok_or_else(|| self.outside(from_offset))?;
         let row_group = self.metadata.metadata().row_group(group);
-        let group_start = self.row_group_offsets[group];
         let group_rows = usize::try_from(row_group.num_rows()).unwrap_or(0);
-        let skip = usize::try_from(from_offset - group_start).expect("offset inside the group");
-        // Rows to fetch: enough for `max_bytes` at the group's average row size, so a small
+        // Rows to decode: enough for `max_bytes` at the group's average row size, so a small
         // Fetch does not pull a whole row group; at least one row.
         let row_bytes =
             usize::try_from(row_group.total_byte_size()).unwrap_or(0) / group_rows.max(1);
         let wanted = (max_bytes / row_bytes.max(1)).saturating_add(1);
-        let select = wanted.min(group_rows - skip);
+        let mut cursor = self.cursor_rows(from_offset, Some(wanted))?;
+        let mut out = BytesMut::new();
+        let records = cursor.read_into(max_bytes, &mut out).await?;
+        Ok(ArchiveRead {
+            batches: out.freeze(),
+            next_offset: cursor.next_offset(),
+            records,
+        })
+    }
+
+    /// A cursor reading this object from `from_offset` to its end: each row is decoded once
+    /// however many reads it takes to hand them all out, which is what a sequential replay
+    /// needs. Row groups are fetched as the cursor reaches them (through the chunk cache when
+    /// the reader has one).
+    pub fn cursor(&self, from_offset: i64) -> Result<ArchiveCursor> {
+        self.cursor_rows(from_offset, None)
+    }
+
+    /// A cursor over `from_offset` and the rows after it: at most `rows_max` of them, inside
+    /// the row group holding `from_offset`, or (`None`) every row to the object's end.
+    fn cursor_rows(&self, from_offset: i64, rows_max: Option<usize>) -> Result<ArchiveCursor> {
+        let group = self
+            .row_group_of(from_offset)
+            .ok_or_else(|| self.outside(from_offset))?;
+        let skip = usize::try_from(from_offset - self.row_group_offsets[group])
+            .expect("the offset is inside its row group");
+        let groups: Vec<usize> = match rows_max {
+            Some(_) => vec![group],
+            None => (group..self.row_groups()).collect(),
+        };
+        let rest =
+            usize::try_from(self.row_group_offsets[groups[groups.len() - 1] + 1] - from_offset)
+                .expect("offsets grow");
+        let select = rows_max.map_or(rest, |rows| rows.clamp(1, rest));
         let selection =
             RowSelection::from(vec![RowSelector::skip(skip), RowSelector::select(select)]);
-        let mut stream = ParquetRecordBatchStreamBuilder::new_with_metadata(
+        let stream = ParquetRecordBatchStreamBuilder::new_with_metadata(
             self.source.clone(),
             self.metadata.clone(),
         )
-        .with_row_groups(vec![group])
+        .with_row_groups(groups)
         .with_row_selection(selection)
         .with_batch_size(READ_BATCH_ROWS)
         .build()?;
-        let mut out = BytesMut::new();
-        let mut rebuilder = Rebuilder::new(from_offset);
-        while let Some(batch) = stream.try_next().await? {
-            rebuilder
-                .add(&batch, &mut out)
-                .map_err(|why| TierError::Corrupt {
-                    key: self.source.key.to_string(),
-                    why,
-                })?;
-            if out.len() >= max_bytes {
-                break;
+        Ok(ArchiveCursor {
+            key: self.source.key.to_string(),
+            stream,
+            pending: None,
+            next_offset: from_offset,
+            end_offset: from_offset + i64::try_from(select).expect("rows fit i64"),
+        })
+    }
+
+    fn outside(&self, offset: i64) -> TierError {
+        TierError::InvalidInput(format!(
+            "offset {offset} is outside the object's {}..={}",
+            self.info.base_offset, self.info.last_offset
+        ))
+    }
+}
+
+/// A read position in one archive object that keeps its Parquet stream between reads (see
+/// [`ArchiveReader::cursor`]): rows decoded and not yet handed out wait for the next read.
+pub struct ArchiveCursor {
+    key: String,
+    stream: ParquetRecordBatchStream<ObjectSource>,
+    /// Decoded rows not yet rebuilt: the Arrow batch and the first row still to hand out.
+    pending: Option<(RecordBatch, usize)>,
+    next_offset: i64,
+    /// One past the last offset the cursor can reach.
+    end_offset: i64,
+}
+
+impl std::fmt::Debug for ArchiveCursor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ArchiveCursor")
+            .field("key", &self.key)
+            .field("next_offset", &self.next_offset)
+            .field("end_offset", &self.end_offset)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ArchiveCursor {
+    /// The offset the next read starts at.
+    pub fn next_offset(&self) -> i64 {
+        self.next_offset
+    }
+
+    /// Whether every row the cursor can reach has been handed out.
+    pub fn is_done(&self) -> bool {
+        self.next_offset >= self.end_offset
+    }
+
+    /// Appends whole batches to `out`, from [`ArchiveCursor::next_offset`] on, until about
+    /// `max_bytes` are appended or the cursor is done; at least one record's batch however
+    /// small `max_bytes` is. Returns the records appended. On error `out` holds what it held
+    /// before, and the cursor must not be used again.
+    pub async fn read_into(&mut self, max_bytes: usize, out: &mut BytesMut) -> Result<u64> {
+        let start = out.len();
+        let mut rebuilder = Rebuilder::new(self.next_offset);
+        let result = self.rebuild(&mut rebuilder, start, max_bytes, out).await;
+        let result = result.and_then(|()| rebuilder.flush(out).map_err(|why| self.corrupt(why)));
+        match result {
+            Ok(()) => {
+                self.next_offset = rebuilder.next_offset;
+                Ok(rebuilder.records)
+            }
+            Err(error) => {
+                rebuilder.abandon(out);
+                out.truncate(start);
+                Err(error)
             }
         }
-        rebuilder
-            .flush(&mut out)
-            .map_err(|why| TierError::Corrupt {
-                key: self.source.key.to_string(),
-                why,
-            })?;
-        Ok(ArchiveRead {
-            batches: out.freeze(),
-            next_offset: rebuilder.next_offset,
-            records: rebuilder.records,
-        })
+    }
+
+    async fn rebuild(
+        &mut self,
+        rebuilder: &mut Rebuilder,
+        start: usize,
+        max_bytes: usize,
+        out: &mut BytesMut,
+    ) -> Result<()> {
+        while rebuilder.next_offset < self.end_offset {
+            let (batch, first_row) = match self.pending.take() {
+                Some(pending) => pending,
+                None => match self.stream.try_next().await? {
+                    Some(batch) => (batch, 0),
+                    None => {
+                        return Err(self.corrupt(format!(
+                            "the rows end at offset {}, before {}",
+                            rebuilder.next_offset, self.end_offset
+                        )));
+                    }
+                },
+            };
+            let columns = Columns::of(&batch).map_err(|why| self.corrupt(why))?;
+            let mut row = first_row;
+            while row < batch.num_rows() {
+                if rebuilder.records > 0 && out.len() - start >= max_bytes {
+                    break;
+                }
+                rebuilder
+                    .add(&columns, row, out)
+                    .map_err(|why| self.corrupt(why))?;
+                row += 1;
+            }
+            if row < batch.num_rows() {
+                self.pending = Some((batch, row));
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
+
+    fn corrupt(&self, why: String) -> TierError {
+        TierError::Corrupt {
+            key: self.key.clone(),
+            why,
+        }
     }
 }
 
@@ -406,14 +525,13 @@ fn footer_info(metadata: &ParquetMetaData) -> std::result::Result<ArchiveFileInf
     Ok(info)
 }
 
-/// Turns rows back into batches: consecutive rows of one original batch become one batch.
+/// Turns rows back into batches: consecutive rows of one original batch become one batch,
+/// encoded straight from the Arrow columns into the output.
 struct Rebuilder {
     next_offset: i64,
     records: u64,
-    pending: Vec<Record>,
-    spec: Option<BatchSpec>,
-    /// The original batch the pending rows came from.
-    pending_batch_offset: i64,
+    /// The batch being encoded, and the original batch its rows came from.
+    open: Option<(BatchEncoder, i64)>,
 }
 
 impl Rebuilder {
@@ -421,28 +539,36 @@ impl Rebuilder {
         Rebuilder {
             next_offset: from_offset,
             records: 0,
-            pending: Vec::new(),
-            spec: None,
-            pending_batch_offset: -1,
+            open: None,
         }
     }
 
-    fn add(&mut self, batch: &RecordBatch, out: &mut BytesMut) -> std::result::Result<(), String> {
-        let columns = Columns::of(batch)?;
-        for row in 0..batch.num_rows() {
-            let offset = columns.offset.value(row);
-            if offset != self.next_offset {
-                return Err(format!(
-                    "row holds offset {offset}, expected {}",
-                    self.next_offset
-                ));
-            }
-            let batch_offset = columns.batch_offset.value(row);
-            if self.spec.is_some() && batch_offset != self.pending_batch_offset {
-                self.flush(out)?;
-            }
-            if self.spec.is_none() {
-                let attributes = columns.attributes.value(row);
+    /// Appends row `row` of `columns`, the next offset, to the open batch, or to a new one
+    /// when it comes from another original batch.
+    fn add(
+        &mut self,
+        columns: &Columns<'_>,
+        row: usize,
+        out: &mut BytesMut,
+    ) -> std::result::Result<(), String> {
+        let offset = columns.offset.value(row);
+        if offset != self.next_offset {
+            return Err(format!(
+                "row holds offset {offset}, expected {}",
+                self.next_offset
+            ));
+        }
+        let batch_offset = columns.batch_offset.value(row);
+        if self
+            .open
+            .as_ref()
+            .is_some_and(|(_, open_batch)| *open_batch != batch_offset)
+        {
+            self.flush(out)?;
+        }
+        let (encoder, _) = match &mut self.open {
+            Some(open) => open,
+            None => {
                 // The batch header's accessors interpret the attribute bits.
                 let header = BatchHeader {
                     base_offset: offset,
@@ -450,7 +576,7 @@ impl Rebuilder {
                     partition_leader_epoch: columns.leader_epoch.value(row),
                     magic: MAGIC_V2,
                     crc: 0,
-                    attributes,
+                    attributes: columns.attributes.value(row),
                     last_offset_delta: 0,
                     base_timestamp: 0,
                     max_timestamp: 0,
@@ -459,46 +585,56 @@ impl Rebuilder {
                     base_sequence: columns.sequence.value(row),
                     record_count: 0,
                 };
-                let mut spec =
-                    BatchSpec::from_header(&header).map_err(|error| error.to_string())?;
-                spec.base_offset = offset;
-                self.spec = Some(spec);
-                self.pending_batch_offset = batch_offset;
+                let spec = BatchSpec::from_header(&header).map_err(|error| error.to_string())?;
+                let encoder = BatchEncoder::begin(&spec, out).map_err(|error| error.to_string())?;
+                self.open.insert((encoder, batch_offset))
             }
-            let headers = columns.headers.value(row);
-            let headers = headers.as_struct();
-            let header_keys = headers.column(0).as_string::<i32>();
-            let header_values = headers.column(1).as_binary::<i32>();
-            self.pending.push(Record {
-                timestamp: columns.timestamp.value(row) / 1000,
-                key: optional_bytes(columns.key, row),
-                value: optional_bytes(columns.value, row),
-                headers: (0..headers.len())
-                    .map(|index| Header {
-                        key: header_keys.value(index).to_string(),
-                        value: optional_bytes(header_values, index),
-                    })
-                    .collect(),
-            });
-            self.next_offset += 1;
-            self.records += 1;
+        };
+        let header_rows = columns.headers.value_offsets();
+        let (first, end) = (header_rows[row], header_rows[row + 1]);
+        let (header_keys, header_values) = (columns.header_keys, columns.header_values);
+        let headers = (first..end).map(|index| {
+            // Offsets of a valid list array lie inside its values.
+            let index = index as usize;
+            (
+                header_keys.value(index).as_bytes(),
+                optional_bytes(header_values, index),
+            )
+        });
+        encoder
+            .push(
+                out,
+                RecordRef {
+                    timestamp: columns.timestamp.value(row) / 1000,
+                    key: optional_bytes(columns.key, row),
+                    value: optional_bytes(columns.value, row),
+                    headers,
+                },
+            )
+            .map_err(|error| error.to_string())?;
+        self.next_offset += 1;
+        self.records += 1;
+        Ok(())
+    }
+
+    /// Completes the open batch.
+    fn flush(&mut self, out: &mut BytesMut) -> std::result::Result<(), String> {
+        if let Some((encoder, _)) = self.open.take() {
+            encoder.finish(out).map_err(|error| error.to_string())?;
         }
         Ok(())
     }
 
-    fn flush(&mut self, out: &mut BytesMut) -> std::result::Result<(), String> {
-        if let Some(spec) = self.spec.take() {
-            encode_batch(&spec, &self.pending, out).map_err(|error| error.to_string())?;
-            self.pending.clear();
+    /// Drops the open batch, if any, out of `out`.
+    fn abandon(&mut self, out: &mut BytesMut) {
+        if let Some((encoder, _)) = self.open.take() {
+            encoder.abandon(out);
         }
-        Ok(())
     }
 }
 
-fn optional_bytes(array: &BinaryArray, row: usize) -> Option<Bytes> {
-    array
-        .is_valid(row)
-        .then(|| Bytes::copy_from_slice(array.value(row)))
+fn optional_bytes(array: &BinaryArray, row: usize) -> Option<&[u8]> {
+    array.is_valid(row).then(|| array.value(row))
 }
 
 /// The archive's columns of one Arrow batch, typed.
@@ -508,6 +644,8 @@ struct Columns<'a> {
     key: &'a BinaryArray,
     value: &'a BinaryArray,
     headers: &'a ListArray,
+    header_keys: &'a StringArray,
+    header_values: &'a BinaryArray,
     producer_id: &'a Int64Array,
     producer_epoch: &'a Int16Array,
     sequence: &'a Int32Array,
@@ -526,16 +664,21 @@ impl<'a> Columns<'a> {
         let headers = column(schema::COL_HEADERS)?
             .as_list_opt::<i32>()
             .ok_or("headers is not a list")?;
-        let _: &StructArray = headers
+        let header_fields: &StructArray = headers
             .values()
             .as_struct_opt()
             .ok_or("headers are not structs")?;
-        let _: &StringArray = headers
-            .values()
-            .as_struct()
+        if header_fields.num_columns() != 2 {
+            return Err("headers are not (key, value) structs".into());
+        }
+        let header_keys = header_fields
             .column(0)
             .as_string_opt::<i32>()
             .ok_or("header keys are not strings")?;
+        let header_values = header_fields
+            .column(1)
+            .as_binary_opt::<i32>()
+            .ok_or("header values are not binary")?;
         Ok(Columns {
             offset: column(schema::COL_OFFSET)?
                 .as_primitive_opt::<Int64Type>()
@@ -550,6 +693,8 @@ impl<'a> Columns<'a> {
                 .as_binary_opt::<i32>()
                 .ok_or("value is not binary")?,
             headers,
+            header_keys,
+            header_values,
             producer_id: column(schema::COL_PRODUCER_ID)?
                 .as_primitive_opt::<Int64Type>()
                 .ok_or("producer_id is not int64")?,

@@ -400,3 +400,122 @@ async fn over_the_s3_protocol_replay_is_exact_and_expiry_is_out_of_range() {
     let reloaded = Manifest::load(&store, TOPIC, 0).await.unwrap().unwrap();
     assert_eq!(reloaded.log_start_offset, 3000);
 }
+
+/// Replays `end` offsets of partition `partition` from 0, `fetch_bytes` a read, checking
+/// every record; `between` runs after each read with the offset reached.
+async fn replay_exactly(
+    cold: &std::sync::Arc<ColdReader>,
+    partition: u32,
+    end: i64,
+    fetch_bytes: usize,
+    mut between: impl AsyncFnMut(i64),
+) {
+    let mut offset = 0;
+    while offset < end {
+        let read = cold
+            .read(TOPIC, partition, offset, fetch_bytes)
+            .await
+            .unwrap();
+        let records = decoded(&read.batches);
+        assert_eq!(records.first().unwrap().0, offset, "starts where asked");
+        for (index, (got_offset, got)) in records.iter().enumerate() {
+            assert_eq!(*got_offset, offset + index as i64, "contiguous");
+            assert_is_source(*got_offset, got);
+        }
+        offset = read.next_offset;
+        between(offset).await;
+    }
+    assert_eq!(offset, end);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_goes_on_exactly_when_compaction_replaces_the_object_under_its_cursor() {
+    let rows = ROW_GROUP_ROWS as i64;
+    let store = ArchiveStore::open("memory://").unwrap();
+    // The replay's cursor will sit in the second object (three row groups: prefetch may hold
+    // the next one, not the one after) when both objects are merged into one under a new key
+    // and deleted, as compaction does.
+    let end = 2 * rows + 2000;
+    let mut manifest = archive(&store, &[(0, 999), (1000, end - 1)]).await;
+    let old: Vec<String> = manifest.objects.iter().map(|o| o.key.clone()).collect();
+    let cold = ColdReader::new(store.clone(), ColdConfig::default());
+    let mut replaced = false;
+    replay_exactly(&cold, 0, end, 256 << 10, async |offset: i64| {
+        if !replaced && offset > 20_000 {
+            replaced = true;
+            assert_eq!(cold.stats().cursors, 1, "the replay keeps a cursor");
+            let mut writer = ArchiveWriter::new(store.clone(), TOPIC, 0, 0, end - 1).unwrap();
+            let mut from = 0;
+            while from < end {
+                let read = ColdReader::new(store.clone(), ColdConfig::default())
+                    .read(TOPIC, 0, from, 1 << 20)
+                    .await
+                    .unwrap();
+                for item in batches(&read.batches, usize::MAX) {
+                    writer.push_batch(item.unwrap().1).await.unwrap();
+                }
+                from = read.next_offset;
+            }
+            let merged = writer.finish().await.unwrap();
+            manifest.replace(0..2, merged, 0).unwrap();
+            manifest.commit(&store).await.unwrap();
+            for key in &old {
+                let path = object_store::path::Path::from(key.as_str());
+                object_store::ObjectStoreExt::delete(store.store().as_ref(), &path)
+                    .await
+                    .unwrap();
+            }
+        }
+    })
+    .await;
+    assert!(replaced);
+    assert!(
+        cold.stats().manifest_loads >= 2,
+        "the missing object reloaded the manifest"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_cursors_are_bounded_by_the_open_object_limit() {
+    let store = ArchiveStore::open("memory://").unwrap();
+    for partition in 0..4 {
+        let mut manifest = Manifest::new(TOPIC, partition);
+        let mut writer = ArchiveWriter::new(store.clone(), TOPIC, partition, 0, 2999).unwrap();
+        for base in (0..3000).step_by(BATCH_RECORDS as usize) {
+            let records: Vec<Record> = (base..base + BATCH_RECORDS).map(record).collect();
+            let spec = BatchSpec {
+                base_offset: base,
+                ..BatchSpec::default()
+            };
+            let mut batch = BytesMut::new();
+            encode_batch(&spec, &records, &mut batch).unwrap();
+            writer.push_batch(&batch).await.unwrap();
+        }
+        manifest.add(writer.finish().await.unwrap()).unwrap();
+        manifest.commit(&store).await.unwrap();
+    }
+    let cold = ColdReader::new(
+        store,
+        ColdConfig {
+            readers_max: 2,
+            ..ColdConfig::default()
+        },
+    );
+    // Four partitions replayed in turn, a little of each at a time.
+    let mut offsets = [0i64; 4];
+    while offsets.iter().any(|&offset| offset < 3000) {
+        for (partition, offset) in (0u32..).zip(offsets.iter_mut()) {
+            if *offset == 3000 {
+                continue;
+            }
+            let read = cold.read(TOPIC, partition, *offset, 4 << 10).await.unwrap();
+            let records = decoded(&read.batches);
+            assert_eq!(records[0].0, *offset);
+            for (got_offset, got) in &records {
+                assert_is_source(*got_offset, got);
+            }
+            *offset = read.next_offset;
+            assert!(cold.stats().cursors <= 2, "{:?}", cold.stats());
+        }
+    }
+}

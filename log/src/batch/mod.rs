@@ -13,9 +13,9 @@ pub use header::{
     check_batch, compute_crc, peek_total_len, set_base_offset, set_partition_leader_epoch,
 };
 pub use records::{
-    BatchSpec, Batches, DECODE_MAX_BATCH_BYTES_DEFAULT, DECODE_MAX_DECOMPRESSED_BYTES_DEFAULT,
-    DecodeLimits, DecodedRecord, Header, Record, ZSTD_LEVEL, batches, decode_batch, decode_records,
-    encode_batch,
+    BatchEncoder, BatchSpec, Batches, DECODE_MAX_BATCH_BYTES_DEFAULT,
+    DECODE_MAX_DECOMPRESSED_BYTES_DEFAULT, DecodeLimits, DecodedRecord, Header, Record, RecordRef,
+    ZSTD_LEVEL, batches, decode_batch, decode_records, encode_batch,
 };
 pub use varint::{
     VARINT_BYTES_MAX, VARLONG_BYTES_MAX, put_varint, put_varlong, read_varint, read_varlong,

@@ -195,69 +195,199 @@ pub fn encode_batch(
     records: &[Record],
     out: &mut BytesMut,
 ) -> Result<usize, BatchError> {
-    let Some(first) = records.first() else {
+    if records.is_empty() {
         return Err(BatchError::InvalidInput(
             "a batch needs at least one record",
         ));
-    };
-    if !matches!(spec.compression, Compression::None | Compression::Zstd) {
-        return Err(BatchError::UnsupportedCompression(spec.compression));
     }
-    let record_count = i32::try_from(records.len())
-        .map_err(|_| BatchError::InvalidInput("more records than a batch can count"))?;
-    let last_offset_delta = record_count - 1;
-    if spec
-        .base_offset
-        .checked_add(i64::from(last_offset_delta))
-        .is_none()
+    let mut encoder = BatchEncoder::begin(spec, out)?;
+    for record in records {
+        if let Err(error) = encoder.push(out, record.borrowed()) {
+            encoder.abandon(out);
+            return Err(error);
+        }
+    }
+    encoder.finish(out)
+}
+
+/// A record to encode, borrowed from wherever the caller keeps it: what
+/// [`BatchEncoder::push`] takes, so records held in another shape (the archive's Arrow
+/// columns) are encoded without building a [`Record`] each.
+#[derive(Debug, Clone, Copy)]
+pub struct RecordRef<'a, H> {
+    /// Milliseconds since the Unix epoch, or any `i64` the producer chose.
+    pub timestamp: i64,
+    /// `None` is Kafka's null key.
+    pub key: Option<&'a [u8]>,
+    /// `None` is Kafka's null value.
+    pub value: Option<&'a [u8]>,
+    /// The headers' (key, value) pairs in order; keys are UTF-8. Iterated twice: once to size
+    /// the record, once to write it.
+    pub headers: H,
+}
+
+impl Record {
+    /// This record, borrowed, for [`BatchEncoder::push`].
+    pub fn borrowed(&self) -> RecordRef<'_, impl Iterator<Item = (&[u8], Option<&[u8]>)> + Clone> {
+        RecordRef {
+            timestamp: self.timestamp,
+            key: self.key.as_deref(),
+            value: self.value.as_deref(),
+            headers: self
+                .headers
+                .iter()
+                .map(|header| (header.key.as_bytes(), header.value.as_deref())),
+        }
+    }
+}
+
+/// Encodes one batch record by record, straight into the caller's buffer: the header's place
+/// is reserved at [`BatchEncoder::begin`], each [`BatchEncoder::push`] appends a record (to a
+/// side buffer when the batch is compressed), and [`BatchEncoder::finish`] writes the header and
+/// the CRC. What it writes is exactly what [`encode_batch`] writes for the same records.
+///
+/// The buffer must not be touched between `begin` and `finish` except through the encoder. A
+/// failed `push` writes nothing; an encoder given up on is [`BatchEncoder::abandon`]ed, which
+/// takes the reserved header back out of the buffer.
+#[derive(Debug)]
+pub struct BatchEncoder {
+    spec: BatchSpec,
+    /// Where the batch starts in the buffer.
+    start: usize,
+    /// The uncompressed records section of a compressed batch.
+    section: Option<BytesMut>,
+    record_count: i32,
+    base_timestamp: i64,
+    max_timestamp: i64,
+}
+
+impl BatchEncoder {
+    /// Starts a batch at the end of `out`. Fails with [`BatchError::UnsupportedCompression`]
+    /// for anything but `None` and `Zstd`, leaving `out` as it was.
+    pub fn begin(spec: &BatchSpec, out: &mut BytesMut) -> Result<BatchEncoder, BatchError> {
+        let section = match spec.compression {
+            Compression::None => None,
+            Compression::Zstd => Some(BytesMut::new()),
+            other => return Err(BatchError::UnsupportedCompression(other)),
+        };
+        let start = out.len();
+        out.put_bytes(0, BATCH_HEADER_LEN);
+        Ok(BatchEncoder {
+            spec: *spec,
+            start,
+            section,
+            record_count: 0,
+            base_timestamp: 0,
+            max_timestamp: 0,
+        })
+    }
+
+    /// Records pushed so far.
+    pub fn records(&self) -> usize {
+        self.record_count as usize
+    }
+
+    /// Appends `record` at the batch's next offset. Fails with [`BatchError::InvalidInput`],
+    /// writing nothing, for lengths or counts that do not fit Kafka's `i32` fields or an offset
+    /// past `i64::MAX`.
+    pub fn push<'a, H>(
+        &mut self,
+        out: &mut BytesMut,
+        record: RecordRef<'a, H>,
+    ) -> Result<(), BatchError>
+    where
+        H: Iterator<Item = (&'a [u8], Option<&'a [u8]>)> + Clone,
     {
-        return Err(BatchError::InvalidInput(
-            "last offset of the batch overflows i64",
-        ));
+        let offset_delta = self.record_count;
+        if offset_delta == i32::MAX {
+            return Err(BatchError::InvalidInput(
+                "more records than a batch can count",
+            ));
+        }
+        if self
+            .spec
+            .base_offset
+            .checked_add(i64::from(offset_delta))
+            .is_none()
+        {
+            return Err(BatchError::InvalidInput(
+                "last offset of the batch overflows i64",
+            ));
+        }
+        let base_timestamp = if offset_delta == 0 {
+            record.timestamp
+        } else {
+            self.base_timestamp
+        };
+        // Java computes the delta in wrapping `long` arithmetic and readers add it back the
+        // same way, so every pair of timestamps round-trips.
+        let timestamp_delta = record.timestamp.wrapping_sub(base_timestamp);
+        let target = self.section.as_mut().unwrap_or(out);
+        put_record(target, &record, timestamp_delta, offset_delta)?;
+        if offset_delta == 0 {
+            self.base_timestamp = record.timestamp;
+            self.max_timestamp = record.timestamp;
+        } else {
+            self.max_timestamp = self.max_timestamp.max(record.timestamp);
+        }
+        self.record_count += 1;
+        Ok(())
     }
-    let base_timestamp = first.timestamp;
-    let max_timestamp = records
-        .iter()
-        .map(|record| record.timestamp)
-        .fold(base_timestamp, i64::max);
 
-    let start = out.len();
-    out.put_bytes(0, BATCH_HEADER_LEN);
-    if let Err(error) = put_records_section(spec.compression, records, base_timestamp, out) {
-        out.truncate(start);
-        return Err(error);
+    /// Completes the batch: compresses its records when the spec says so, writes the header
+    /// and the CRC, and returns the batch's length in bytes. Fails with
+    /// [`BatchError::InvalidInput`] for a batch without records or longer than `i32::MAX`
+    /// bytes, taking the batch back out of `out`.
+    pub fn finish(self, out: &mut BytesMut) -> Result<usize, BatchError> {
+        if self.record_count == 0 {
+            self.abandon(out);
+            return Err(BatchError::InvalidInput(
+                "a batch needs at least one record",
+            ));
+        }
+        if let Some(section) = &self.section {
+            // Compressing an in-memory buffer at a valid level fails only when allocation
+            // fails, which aborts before this could see it.
+            let compressed = zstd::bulk::compress(section, ZSTD_LEVEL)
+                .expect("zstd compression of an in-memory buffer cannot fail");
+            out.extend_from_slice(&compressed);
+        }
+        let total_len = out.len() - self.start;
+        let Ok(batch_length) = i32::try_from(total_len - LOG_OVERHEAD) else {
+            self.abandon(out);
+            return Err(BatchError::InvalidInput("batch longer than i32::MAX bytes"));
+        };
+        let mut attribute_bits = attributes(self.spec.compression, self.spec.timestamp_type);
+        if self.spec.is_transactional {
+            attribute_bits |= TRANSACTIONAL_ATTRIBUTE;
+        }
+        let mut header = BatchHeader {
+            base_offset: self.spec.base_offset,
+            batch_length,
+            partition_leader_epoch: self.spec.partition_leader_epoch,
+            magic: MAGIC_V2,
+            crc: 0,
+            attributes: attribute_bits,
+            last_offset_delta: self.record_count - 1,
+            base_timestamp: self.base_timestamp,
+            max_timestamp: self.max_timestamp,
+            producer_id: self.spec.producer_id,
+            producer_epoch: self.spec.producer_epoch,
+            base_sequence: self.spec.base_sequence,
+            record_count: self.record_count,
+        };
+        let batch = &mut out[self.start..];
+        header.write_to(batch);
+        // The CRC covers the attributes onwards, which are now final.
+        header.crc = compute_crc(batch);
+        header.write_to(batch);
+        Ok(total_len)
     }
-    let total_len = out.len() - start;
-    let Ok(batch_length) = i32::try_from(total_len - LOG_OVERHEAD) else {
-        out.truncate(start);
-        return Err(BatchError::InvalidInput("batch longer than i32::MAX bytes"));
-    };
 
-    let mut attribute_bits = attributes(spec.compression, spec.timestamp_type);
-    if spec.is_transactional {
-        attribute_bits |= TRANSACTIONAL_ATTRIBUTE;
+    /// Gives the batch up: `out` is left as it was before [`BatchEncoder::begin`].
+    pub fn abandon(self, out: &mut BytesMut) {
+        out.truncate(self.start);
     }
-    let mut header = BatchHeader {
-        base_offset: spec.base_offset,
-        batch_length,
-        partition_leader_epoch: spec.partition_leader_epoch,
-        magic: MAGIC_V2,
-        crc: 0,
-        attributes: attribute_bits,
-        last_offset_delta,
-        base_timestamp,
-        max_timestamp,
-        producer_id: spec.producer_id,
-        producer_epoch: spec.producer_epoch,
-        base_sequence: spec.base_sequence,
-        record_count,
-    };
-    let batch = &mut out[start..];
-    header.write_to(batch);
-    // The CRC covers the attributes onwards, which are now final.
-    header.crc = compute_crc(batch);
-    header.write_to(batch);
-    Ok(total_len)
 }
 
 /// Validates and decodes the batch at the front of `buf`.
@@ -368,87 +498,72 @@ impl<'a> Iterator for Batches<'a> {
 
 impl FusedIterator for Batches<'_> {}
 
-fn put_records_section(
-    compression: Compression,
-    records: &[Record],
-    base_timestamp: i64,
+/// Appends one record, its length first; writes nothing when a length or count does not fit.
+fn put_record<'a, H>(
     out: &mut BytesMut,
-) -> Result<(), BatchError> {
-    match compression {
-        Compression::Zstd => {
-            let mut section = BytesMut::new();
-            put_records(records, base_timestamp, &mut section)?;
-            // Compressing an in-memory buffer at a valid level fails only when allocation
-            // fails, which aborts before this could see it.
-            let compressed = zstd::bulk::compress(&section, ZSTD_LEVEL)
-                .expect("zstd compression of an in-memory buffer cannot fail");
-            out.extend_from_slice(&compressed);
-            Ok(())
-        }
-        Compression::None => put_records(records, base_timestamp, out),
-        other => Err(BatchError::UnsupportedCompression(other)),
-    }
-}
-
-fn put_records(
-    records: &[Record],
-    base_timestamp: i64,
-    out: &mut BytesMut,
-) -> Result<(), BatchError> {
-    for (index, record) in records.iter().enumerate() {
-        // The caller checked that the record count fits an i32.
-        let offset_delta = index as i32;
-        // Java computes the delta in wrapping `long` arithmetic and readers add it back the
-        // same way, so every pair of timestamps round-trips.
-        let timestamp_delta = record.timestamp.wrapping_sub(base_timestamp);
-        let body_len = record_body_len(record, timestamp_delta, offset_delta)?;
-        put_varint(out, body_len);
-        out.put_u8(0);
-        put_varlong(out, timestamp_delta);
-        put_varint(out, offset_delta);
-        put_nullable(out, record.key.as_deref());
-        put_nullable(out, record.value.as_deref());
-        // Lengths and counts were checked against i32 by `record_body_len`.
-        put_varint(out, record.headers.len() as i32);
-        for header in &record.headers {
-            put_varint(out, header.key.len() as i32);
-            out.put_slice(header.key.as_bytes());
-            put_nullable(out, header.value.as_deref());
-        }
+    record: &RecordRef<'a, H>,
+    timestamp_delta: i64,
+    offset_delta: i32,
+) -> Result<(), BatchError>
+where
+    H: Iterator<Item = (&'a [u8], Option<&'a [u8]>)> + Clone,
+{
+    let (body_len, header_count) = record_body_len(record, timestamp_delta, offset_delta)?;
+    // Lengths and counts were checked against i32 by `record_body_len`.
+    out.reserve(varint_len(body_len) + body_len as usize);
+    put_varint(out, body_len);
+    out.put_u8(0);
+    put_varlong(out, timestamp_delta);
+    put_varint(out, offset_delta);
+    put_nullable(out, record.key);
+    put_nullable(out, record.value);
+    put_varint(out, header_count);
+    for (key, value) in record.headers.clone() {
+        put_varint(out, key.len() as i32);
+        out.put_slice(key);
+        put_nullable(out, value);
     }
     Ok(())
 }
 
-/// Bytes of the record after its length field, checking every length and count fits `i32`.
-fn record_body_len(
-    record: &Record,
+/// Bytes of the record after its length field, and its header count, checking every length
+/// and count fits `i32`.
+fn record_body_len<'a, H>(
+    record: &RecordRef<'a, H>,
     timestamp_delta: i64,
     offset_delta: i32,
-) -> Result<i32, BatchError> {
+) -> Result<(i32, i32), BatchError>
+where
+    H: Iterator<Item = (&'a [u8], Option<&'a [u8]>)> + Clone,
+{
     // Saturating sums: on a 32-bit target two large fields could overflow `usize`.
     let mut len = 1 + varlong_len(timestamp_delta) + varint_len(offset_delta);
     len = len.saturating_add(nullable_len(
-        record.key.as_deref(),
+        record.key,
         "record key longer than i32::MAX bytes",
     )?);
     len = len.saturating_add(nullable_len(
-        record.value.as_deref(),
+        record.value,
         "record value longer than i32::MAX bytes",
     )?);
-    let header_count = i32::try_from(record.headers.len())
-        .map_err(|_| BatchError::InvalidInput("more headers than a record can count"))?;
-    len = len.saturating_add(varint_len(header_count));
-    for header in &record.headers {
+    let mut header_count = 0usize;
+    for (key, value) in record.headers.clone() {
+        header_count += 1;
         len = len.saturating_add(nullable_len(
-            Some(header.key.as_bytes()),
+            Some(key),
             "header key longer than i32::MAX bytes",
         )?);
         len = len.saturating_add(nullable_len(
-            header.value.as_deref(),
+            value,
             "header value longer than i32::MAX bytes",
         )?);
     }
-    i32::try_from(len).map_err(|_| BatchError::InvalidInput("record longer than i32::MAX bytes"))
+    let header_count = i32::try_from(header_count)
+        .map_err(|_| BatchError::InvalidInput("more headers than a record can count"))?;
+    len = len.saturating_add(varint_len(header_count));
+    let len = i32::try_from(len)
+        .map_err(|_| BatchError::InvalidInput("record longer than i32::MAX bytes"))?;
+    Ok((len, header_count))
 }
 
 fn nullable_len(bytes: Option<&[u8]>, too_long: &'static str) -> Result<usize, BatchError> {
