@@ -12,11 +12,14 @@
 //!   several consumers replaying together share the bytes. Memory rather than local disk
 //!   because the hot tier's disk budget is what tiering frees, and a row group re-fetched after
 //!   a restart costs one GET.
-//! - per replaying partition, a cursor ([`ArchiveCursor`]) that keeps its object's Parquet
-//!   stream open between Fetches, so each row is decoded and rebuilt once however many Fetches
-//!   hand it out (a Fetch that started a fresh stream skipped to its row and decoded the page
-//!   around it again); at most [`ColdConfig::readers_max`] cursors, least recently used
-//!   dropped. A read that is not where the partition's cursor stands drops it.
+//! - per replaying partition, a replay: a cursor ([`ArchiveCursor`]) that keeps its object's
+//!   Parquet stream open between Fetches, so each row is decoded and rebuilt once however many
+//!   Fetches hand it out (a fresh stream per Fetch skipped to its row and decoded the page
+//!   around it again), and whole batches rebuilt ahead of the consumer by a background task
+//!   (twice the last Fetch's bytes, at most 8 MiB), so the rebuild of the next Fetch overlaps
+//!   the network and the consumer instead of waiting for its request. At most
+//!   [`ColdConfig::readers_max`] replays, least recently used dropped. A sequential read that is
+//!   not where the partition's replay stands starts a new one.
 //! - prefetch for sequential replay: a read that starts where the partition's previous cold
 //!   read ended fetches, in the background, the row group after the one it stopped in (opening
 //!   the next object, footer included, at an object's end), so a replaying consumer does not
@@ -33,12 +36,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::{Bytes, BytesMut};
+use futures_util::{StreamExt, TryStreamExt};
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt};
 use tokio::sync::{OnceCell, Semaphore};
 
 use crate::error::TierError;
 use crate::manifest::{Manifest, ManifestObject};
+use silt_log::batch::BatchHeader;
+
 use crate::read::{ArchiveCursor, ArchiveReader};
 use crate::store::ArchiveStore;
 
@@ -219,7 +225,7 @@ impl ChunkCache {
                 fetched = true;
                 self.fetches.fetch_add(1, Ordering::Relaxed);
                 metrics::counter!(metric::CHUNK_FETCHES).increment(1);
-                let bytes = store.get_range(key, range.clone()).await?;
+                let bytes = get_in_parts(store, key, range.clone()).await?;
                 metrics::counter!(metric::CHUNK_FETCHED_BYTES).increment(bytes.len() as u64);
                 Ok::<_, object_store::Error>(bytes)
             })
@@ -284,6 +290,59 @@ impl ChunkCache {
     }
 }
 
+/// Bytes a chunk fetch asks for in one ranged GET: a larger chunk is fetched as parts of this
+/// size, [`PARTS_IN_FLIGHT`] at a time, since one GET stream from S3 moves far less than the
+/// link does (the usual advice for S3 is parallel ranged GETs of a few MiB each).
+const PART_BYTES: u64 = 4 << 20;
+/// Row groups prefetch keeps fetched after the one a sequential replay is in: one would do if
+/// a row group took as long to fetch as to serve, but an object's last, small row group is
+/// served much faster than the next object's first one is fetched.
+const GROUPS_AHEAD: usize = 2;
+/// Most bytes of batches a partition's replay keeps rebuilt ahead of its consumer.
+const AHEAD_BYTES_MAX: usize = 8 << 20;
+/// Bytes the rebuild-ahead task rebuilds per step, between which a Fetch may take the replay.
+const FILL_CHUNK_BYTES: usize = 256 << 10;
+/// Ranged GETs one chunk fetch keeps in flight.
+const PARTS_IN_FLIGHT: usize = 4;
+
+/// The bytes of `range` of `key`: one ranged GET, or for a range over [`PART_BYTES`] several
+/// in parallel, joined in order.
+async fn get_in_parts(
+    store: &Arc<dyn ObjectStore>,
+    key: &Path,
+    range: Range<u64>,
+) -> object_store::Result<Bytes> {
+    if range.end - range.start <= PART_BYTES {
+        return store.get_range(key, range).await;
+    }
+    let parts = (range.start..range.end)
+        .step_by(usize::try_from(PART_BYTES).expect("4 MiB fits usize"))
+        .map(|start| start..(start + PART_BYTES).min(range.end));
+    let fetched: Vec<Bytes> = futures_util::stream::iter(parts)
+        .map(|part| store.get_range(key, part))
+        .buffered(PARTS_IN_FLIGHT)
+        .try_collect()
+        .await?;
+    let mut joined = BytesMut::with_capacity(
+        usize::try_from(range.end - range.start).expect("a fetched range fits memory"),
+    );
+    for part in fetched {
+        joined.extend_from_slice(&part);
+    }
+    if joined.len() as u64 != range.end - range.start {
+        // A store answers a range past the object's end with what there is.
+        return Err(object_store::Error::Generic {
+            store: "archive",
+            source: format!(
+                "{key}: asked for bytes {range:?}, got {} bytes",
+                joined.len()
+            )
+            .into(),
+        });
+    }
+    Ok(joined.freeze())
+}
+
 impl ChunkInner {
     /// Evicts least recently used chunks, never `keep` (the one just fetched), until the
     /// cache is within `capacity` or holds only `keep`.
@@ -312,10 +371,54 @@ struct Readers {
     tick: u64,
 }
 
-/// Replay cursors by partition, least recently used dropped.
+/// A partition's sequential replay: its cursor in one object, and whole batches rebuilt ahead
+/// of the consumer by a background task, so the next Fetch finds them ready.
+#[derive(Debug)]
+struct Replay {
+    /// The object the cursor reads.
+    key: String,
+    cursor: ArchiveCursor,
+    /// Whole batches rebuilt ahead, from `position` to the cursor's next offset.
+    ready: BytesMut,
+    /// Offset of the first record in `ready`: where the partition's next Fetch starts.
+    position: i64,
+    /// Bytes to keep rebuilt ahead: twice the last Fetch's, at most [`AHEAD_BYTES_MAX`].
+    ahead_bytes: usize,
+    /// Whether a task is rebuilding ahead.
+    filling: bool,
+}
+
+impl Replay {
+    /// Moves whole batches from `ready` to `out`: as many as fit in `max_bytes`, at least one.
+    /// Returns the records moved.
+    fn take_ready(&mut self, max_bytes: usize, out: &mut BytesMut) -> u64 {
+        let (mut taken, mut records, mut next) = (0usize, 0u64, self.position);
+        while taken < self.ready.len() {
+            // `ready` holds only batches this node rebuilt: whole, with valid headers.
+            let Ok(Some(header)) = BatchHeader::parse(&self.ready[taken..]) else {
+                break;
+            };
+            let len = header.total_len();
+            if taken > 0 && taken + len > max_bytes {
+                break;
+            }
+            taken += len;
+            records += u64::try_from(header.record_count).unwrap_or(0);
+            next = header.last_offset() + 1;
+        }
+        out.extend_from_slice(&self.ready.split_to(taken));
+        self.position = next;
+        records
+    }
+}
+
+/// One partition's replay, shared by its Fetches and its rebuild-ahead task.
+type ReplaySlot = Arc<tokio::sync::Mutex<Option<Replay>>>;
+
+/// Replays by partition, least recently used dropped.
 #[derive(Debug, Default)]
-struct Cursors {
-    open: HashMap<PartitionKey, (String, ArchiveCursor, u64)>,
+struct Replays {
+    slots: HashMap<PartitionKey, (ReplaySlot, u64)>,
     tick: u64,
 }
 
@@ -327,8 +430,8 @@ pub struct ColdReader {
     chunks: Arc<ChunkCache>,
     manifests: Mutex<HashMap<PartitionKey, Arc<Manifest>>>,
     readers: Mutex<Readers>,
-    /// Each replaying partition's cursor (object key, cursor, last use).
-    cursors: Mutex<Cursors>,
+    /// Each replaying partition's cursor and batches rebuilt ahead.
+    replays: Mutex<Replays>,
     /// Where each partition's last cold read ended: a read starting there is sequential.
     positions: Mutex<HashMap<PartitionKey, i64>>,
     prefetching: Mutex<HashSet<PartitionKey>>,
@@ -348,7 +451,7 @@ impl ColdReader {
             config,
             manifests: Mutex::new(HashMap::new()),
             readers: Mutex::new(Readers::default()),
-            cursors: Mutex::new(Cursors::default()),
+            replays: Mutex::new(Replays::default()),
             positions: Mutex::new(HashMap::new()),
             prefetching: Mutex::new(HashSet::new()),
             manifest_loads: AtomicU64::new(0),
@@ -372,10 +475,10 @@ impl ColdReader {
             prefetched: self.prefetched.load(Ordering::Relaxed),
             cached_bytes: self.chunks.bytes(),
             cursors: self
-                .cursors
+                .replays
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .open
+                .slots
                 .len() as u64,
         }
     }
@@ -504,11 +607,20 @@ impl ColdReader {
 
     /// Forgets an object found missing: its reader, replay cursors and chunks.
     fn forget(&self, key: &str) {
-        self.cursors
+        for (slot, _) in self
+            .replays
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .open
-            .retain(|_, (cursor_key, _, _)| cursor_key != key);
+            .slots
+            .values()
+        {
+            // A slot in use finds the object gone by itself.
+            if let Ok(mut replay) = slot.try_lock()
+                && replay.as_ref().is_some_and(|replay| replay.key == key)
+            {
+                *replay = None;
+            }
+        }
         self.readers
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -524,7 +636,7 @@ impl ColdReader {
     /// and cached); any other fetches only the pages it needs unless its row group is cached.
     /// On error `out` is as it was.
     async fn read_object(
-        &self,
+        self: &Arc<Self>,
         id: &PartitionKey,
         offset: i64,
         max_bytes: usize,
@@ -541,15 +653,9 @@ impl ColdReader {
                     out.extend_from_slice(&read.batches);
                     return Ok::<_, TierError>((reader, read.next_offset, read.records));
                 }
-                let mut cursor = match self.take_cursor(id, &object.key, offset) {
-                    Some(cursor) => cursor,
-                    None => reader.cursor(offset)?,
-                };
-                let records = cursor.read_into(max_bytes, out).await?;
-                let next = cursor.next_offset();
-                if !cursor.is_done() {
-                    self.keep_cursor(id, &object.key, cursor);
-                }
+                let (next, records) = self
+                    .replay(id, &object.key, &reader, offset, max_bytes, out)
+                    .await?;
                 Ok((reader, next, records))
             }
             .await;
@@ -565,38 +671,119 @@ impl ColdReader {
         }
     }
 
-    /// The partition's replay cursor, if it is in object `key` at `offset`. Any other cursor of
-    /// the partition is dropped: the replay moved elsewhere.
-    fn take_cursor(&self, id: &PartitionKey, key: &str, offset: i64) -> Option<ArchiveCursor> {
-        let (cursor_key, cursor, _) = self
-            .cursors
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .open
-            .remove(id)?;
-        (cursor_key == key && cursor.next_offset() == offset).then_some(cursor)
+    /// A sequential read of object `key` from `offset`: batches rebuilt ahead first, then the
+    /// partition's cursor (a new one unless it stands at `offset` in `key`); afterwards a task
+    /// rebuilds ahead for the next read. Returns the offset after the last record appended to
+    /// `out` and the records; on error `out` is as it was and the replay is dropped.
+    async fn replay(
+        self: &Arc<Self>,
+        id: &PartitionKey,
+        key: &str,
+        reader: &ArchiveReader,
+        offset: i64,
+        max_bytes: usize,
+        out: &mut BytesMut,
+    ) -> Result<(i64, u64), TierError> {
+        let slot = self.replay_slot(id);
+        let mut guard = slot.lock().await;
+        let continues = guard
+            .as_ref()
+            .is_some_and(|replay| replay.key == key && replay.position == offset);
+        if !continues {
+            *guard = Some(Replay {
+                key: key.to_string(),
+                cursor: reader.cursor(offset)?,
+                ready: BytesMut::new(),
+                position: offset,
+                ahead_bytes: 0,
+                filling: false,
+            });
+        }
+        let replay = guard.as_mut().expect("set above");
+        replay.ahead_bytes = max_bytes.saturating_mul(2).min(AHEAD_BYTES_MAX);
+        let start = out.len();
+        let mut records = replay.take_ready(max_bytes, out);
+        if replay.ready.is_empty() && out.len() - start < max_bytes && !replay.cursor.is_done() {
+            let remaining = max_bytes - (out.len() - start);
+            match replay.cursor.read_into(remaining, out).await {
+                Ok(read) => {
+                    records += read;
+                    replay.position = replay.cursor.next_offset();
+                }
+                Err(error) => {
+                    out.truncate(start);
+                    *guard = None;
+                    return Err(error);
+                }
+            }
+        }
+        let next = replay.position;
+        if replay.ready.is_empty() && replay.cursor.is_done() {
+            *guard = None;
+        } else if !replay.filling && !replay.cursor.is_done() {
+            replay.filling = true;
+            self.rebuild_ahead(id.clone(), slot.clone());
+        }
+        Ok((next, records))
     }
 
-    /// Keeps the partition's replay cursor for its next read; at most
-    /// [`ColdConfig::readers_max`] cursors are kept, least recently used dropped.
-    fn keep_cursor(&self, id: &PartitionKey, key: &str, cursor: ArchiveCursor) {
-        let mut cursors = self.cursors.lock().unwrap_or_else(|e| e.into_inner());
-        cursors.tick += 1;
-        let tick = cursors.tick;
-        cursors
-            .open
-            .insert(id.clone(), (key.to_string(), cursor, tick));
-        while cursors.open.len() > self.config.readers_max.max(1) {
-            let Some(oldest) = cursors
-                .open
+    /// The partition's replay slot, made when it has none; at most
+    /// [`ColdConfig::readers_max`] are kept, least recently used dropped.
+    fn replay_slot(&self, id: &PartitionKey) -> ReplaySlot {
+        let mut replays = self.replays.lock().unwrap_or_else(|e| e.into_inner());
+        replays.tick += 1;
+        let tick = replays.tick;
+        let slot = match replays.slots.get_mut(id) {
+            Some((slot, used)) => {
+                *used = tick;
+                return slot.clone();
+            }
+            None => ReplaySlot::default(),
+        };
+        replays.slots.insert(id.clone(), (slot.clone(), tick));
+        while replays.slots.len() > self.config.readers_max.max(1) {
+            let Some(oldest) = replays
+                .slots
                 .iter()
-                .min_by_key(|(_, (_, _, used))| *used)
+                .min_by_key(|(_, (_, used))| *used)
                 .map(|(id, _)| id.clone())
             else {
                 break;
             };
-            cursors.open.remove(&oldest);
+            replays.slots.remove(&oldest);
         }
+        slot
+    }
+
+    /// Rebuilds, in the background, batches ahead of the partition's replay until
+    /// `ahead_bytes` are ready or its object ends, a [`FILL_CHUNK_BYTES`] step at a time so a
+    /// Fetch arriving meanwhile waits one step at most. A failure drops the replay: the next
+    /// Fetch starts over and meets the failure itself.
+    fn rebuild_ahead(self: &Arc<Self>, id: PartitionKey, slot: ReplaySlot) {
+        if tokio::runtime::Handle::try_current().is_err() {
+            return;
+        }
+        tokio::spawn(async move {
+            loop {
+                let mut guard = slot.lock().await;
+                let Some(replay) = guard.as_mut() else {
+                    return;
+                };
+                let wanted = replay.ahead_bytes.saturating_sub(replay.ready.len());
+                if wanted == 0 || replay.cursor.is_done() {
+                    replay.filling = false;
+                    return;
+                }
+                let Replay { cursor, ready, .. } = replay;
+                if let Err(error) = cursor.read_into(wanted.min(FILL_CHUNK_BYTES), ready).await {
+                    tracing::debug!(topic = %id.0, partition = id.1, %error, "cold rebuild ahead failed");
+                    *guard = None;
+                    return;
+                }
+                drop(guard);
+                tokio::task::yield_now().await;
+            }
+        });
     }
 
     /// Whole batches from `offset` on, about `max_bytes` of them (at least one batch), across
@@ -684,8 +871,9 @@ impl ColdReader {
         })
     }
 
-    /// Fetches, in the background, the row group holding `next` if it is not cached, else the
-    /// one after it; at an object's end, the next object (footer and first row group).
+    /// Fetches, in the background, the row groups a replay reading on from `next` needs next
+    /// (see [`ColdReader::prefetch_next`]); at an object's end, the next object (footer and
+    /// first row group).
     fn prefetch(
         self: &Arc<Self>,
         id: PartitionKey,
@@ -721,47 +909,49 @@ impl ColdReader {
         });
     }
 
+    /// Fetches what is not cached of the row group holding `next` and the
+    /// [`GROUPS_AHEAD`] after it (crossing into the next objects); past the next one, only as
+    /// far as the cache holds them all.
     async fn prefetch_next(
         &self,
         id: &PartitionKey,
         object: &ManifestObject,
-        reader: &ArchiveReader,
+        reader: &Arc<ArchiveReader>,
         next: i64,
     ) -> Result<(), ColdError> {
-        let (reader, group) = match reader.row_group_of(next) {
-            Some(group) if reader.row_group_cached(group) => {
-                if group + 1 < reader.row_groups() {
-                    (None, group + 1)
-                } else {
-                    // The last group is cached: the next object comes next.
-                    let after = reader.info().last_offset + 1;
-                    let Some(object) = self.locate_cached(&id.0, id.1, after) else {
-                        return Ok(());
-                    };
-                    (Some(self.reader(&object).await?), 0)
-                }
-            }
-            Some(group) => (None, group),
+        let (mut reader, mut group) = match reader.row_group_of(next) {
+            Some(group) => (reader.clone(), group),
             None if next > object.last_offset => {
                 let Some(object) = self.locate_cached(&id.0, id.1, next) else {
                     return Ok(());
                 };
                 let opened = self.reader(&object).await?;
                 let group = opened.row_group_of(next).unwrap_or(0);
-                (Some(opened), group)
+                (opened, group)
             }
             None => return Ok(()),
         };
-        let fetched = match &reader {
-            Some(opened) => opened.prefetch_row_group(group).await?,
-            None => {
-                let current = self.reader(object).await?;
-                current.prefetch_row_group(group).await?
+        let mut window_bytes = 0u64;
+        for depth in 0..=GROUPS_AHEAD {
+            window_bytes += reader.row_group_bytes(group).unwrap_or(0);
+            if depth > 1 && window_bytes > self.config.cache_bytes {
+                // Fetching further would evict what the replay is about to read.
+                return Ok(());
             }
-        };
-        if fetched {
-            self.prefetched.fetch_add(1, Ordering::Relaxed);
-            metrics::counter!(metric::PREFETCHES).increment(1);
+            if !reader.row_group_cached(group) && reader.prefetch_row_group(group).await? {
+                self.prefetched.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!(metric::PREFETCHES).increment(1);
+            }
+            if group + 1 < reader.row_groups() {
+                group += 1;
+            } else {
+                let after = reader.info().last_offset + 1;
+                let Some(object) = self.locate_cached(&id.0, id.1, after) else {
+                    return Ok(());
+                };
+                reader = self.reader(&object).await?;
+                group = 0;
+            }
         }
         Ok(())
     }
@@ -815,5 +1005,35 @@ impl ColdReader {
                     .max(manifest.objects[0].base_offset)..next
             })
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_large_chunk_fetched_in_parts_is_the_bytes_of_one_get() {
+        let store: Arc<dyn ObjectStore> = Arc::new(object_store::memory::InMemory::new());
+        let key = Path::from("object");
+        let bytes: Vec<u8> = (0..(PART_BYTES * 5 / 2 + 7))
+            .map(|at| (at * 31 % 251) as u8)
+            .collect();
+        store.put(&key, bytes.clone().into()).await.unwrap();
+        for range in [
+            0..bytes.len() as u64,
+            3..PART_BYTES + 3,
+            5..PART_BYTES * 2 + 1,
+            PART_BYTES - 1..PART_BYTES + 1,
+        ] {
+            let got = get_in_parts(&store, &key, range.clone()).await.unwrap();
+            let (start, end) = (range.start as usize, range.end as usize);
+            assert_eq!(&got[..], &bytes[start..end], "{range:?}");
+        }
+        assert!(
+            get_in_parts(&store, &key, 0..bytes.len() as u64 + 1)
+                .await
+                .is_err()
+        );
     }
 }

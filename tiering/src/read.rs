@@ -191,6 +191,12 @@ impl ArchiveReader {
         Ok(fetched)
     }
 
+    /// Bytes of row group `group` in the object (what fetching it whole GETs).
+    pub fn row_group_bytes(&self, group: usize) -> Option<u64> {
+        let row_group = self.metadata.metadata().row_groups().get(group)?;
+        u64::try_from(row_group.compressed_size()).ok()
+    }
+
     /// Whether row group `group` is in the chunk cache (always false without one).
     pub fn row_group_cached(&self, group: usize) -> bool {
         self.source.chunks.as_ref().is_some_and(|chunks| {
