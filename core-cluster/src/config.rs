@@ -146,7 +146,8 @@ pub(crate) struct TieringConfig {
     /// Only objects whose newest record is this old are merged (`tiering.compact_min_age_ms`).
     pub(crate) compact_min_age_ms: u64,
     /// How the cold reader (Fetch and ListOffsets below the local start) is bounded:
-    /// `tiering.cold_cache_bytes`, `tiering.cold_open_objects`, `tiering.cold_prefetch_max`.
+    /// `tiering.cold_cache_bytes`, `tiering.cold_open_objects`, `tiering.cold_prefetch_max`,
+    /// `tiering.cold_replays_max`.
     pub(crate) cold: silt_tiering::ColdConfig,
 }
 
@@ -473,6 +474,10 @@ impl CoreConfig {
             "cold_prefetch_max".into(),
             toml_int(settings.cold.prefetch_max),
         );
+        tiering.insert(
+            "cold_replays_max".into(),
+            toml_int(settings.cold.replays_max),
+        );
         root.insert("tiering".into(), tiering.into());
 
         let topic_defaults: toml::Table = self
@@ -578,6 +583,7 @@ struct RawTiering {
     cold_cache_bytes: Option<Scalar>,
     cold_open_objects: Option<Scalar>,
     cold_prefetch_max: Option<Scalar>,
+    cold_replays_max: Option<Scalar>,
 }
 
 impl RawTiering {
@@ -653,6 +659,11 @@ impl RawTiering {
         if let Some(value) = &self.cold_prefetch_max {
             let count = value.integer("tiering.cold_prefetch_max", 0, 256)?;
             tiering.cold.prefetch_max = usize::try_from(count).expect("at most 256");
+        }
+        // Sequential replays kept between Fetches; 0 serves every cold Fetch on its own.
+        if let Some(value) = &self.cold_replays_max {
+            let count = value.integer("tiering.cold_replays_max", 0, 4096)?;
+            tiering.cold.replays_max = usize::try_from(count).expect("at most 4096");
         }
         if tiering.retry_max < tiering.retry_initial {
             return Err(ConfigError::key(
@@ -1329,6 +1340,7 @@ mod tests {
             cold_cache_bytes = "1GiB"
             cold_open_objects = 16
             cold_prefetch_max = 0
+            cold_replays_max = 3
             "#,
         ))
         .unwrap();
@@ -1338,6 +1350,7 @@ mod tests {
                 cache_bytes: 1 << 30,
                 readers_max: 16,
                 prefetch_max: 0,
+                replays_max: 3,
             }
         );
         let again = CoreConfig::resolve(&file(&config.to_toml())).unwrap();

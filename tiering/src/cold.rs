@@ -18,7 +18,7 @@
 //!   around it again), and whole batches rebuilt ahead of the consumer by a background task
 //!   (twice the last Fetch's bytes, at most 8 MiB), so the rebuild of the next Fetch overlaps
 //!   the network and the consumer instead of waiting for its request. At most
-//!   [`ColdConfig::readers_max`] replays, least recently used dropped. A sequential read that is
+//!   [`ColdConfig::replays_max`] replays, least recently used dropped. A sequential read that is
 //!   not where the partition's replay stands starts a new one.
 //! - prefetch for sequential replay: a read that starts where the partition's previous cold
 //!   read ended fetches, in the background, the row group after the one it stopped in (opening
@@ -57,16 +57,20 @@ pub struct ColdConfig {
     pub readers_max: usize,
     /// Background prefetches in flight, over all partitions.
     pub prefetch_max: usize,
+    /// Sequential replays kept between Fetches (each holds its cursor's current row group and
+    /// up to 8 MiB of batches rebuilt ahead); 0 serves every cold Fetch on its own.
+    pub replays_max: usize,
 }
 
 impl ColdConfig {
     /// The bounds when nothing is configured: 256 MiB of row groups (a replay of a few
     /// partitions at once stays cached between a consumer's Fetches), 64 open objects, 4
-    /// prefetches.
+    /// prefetches, 16 replays.
     pub const BUILT_IN: ColdConfig = ColdConfig {
         cache_bytes: 256 << 20,
         readers_max: 64,
         prefetch_max: 4,
+        replays_max: 16,
     };
 }
 
@@ -648,8 +652,12 @@ impl ColdReader {
             let object = self.locate(&id.0, id.1, offset, reload).await?;
             let attempt = async {
                 let reader = self.reader(&object).await?;
-                if !sequential {
-                    let read = reader.read_pages(offset, max_bytes).await?;
+                if !sequential || self.config.replays_max == 0 {
+                    let read = if sequential {
+                        reader.read(offset, max_bytes).await?
+                    } else {
+                        reader.read_pages(offset, max_bytes).await?
+                    };
                     out.extend_from_slice(&read.batches);
                     return Ok::<_, TierError>((reader, read.next_offset, read.records));
                 }
@@ -728,7 +736,7 @@ impl ColdReader {
     }
 
     /// The partition's replay slot, made when it has none; at most
-    /// [`ColdConfig::readers_max`] are kept, least recently used dropped.
+    /// [`ColdConfig::replays_max`] are kept, least recently used dropped.
     fn replay_slot(&self, id: &PartitionKey) -> ReplaySlot {
         let mut replays = self.replays.lock().unwrap_or_else(|e| e.into_inner());
         replays.tick += 1;
@@ -741,7 +749,7 @@ impl ColdReader {
             None => ReplaySlot::default(),
         };
         replays.slots.insert(id.clone(), (slot.clone(), tick));
-        while replays.slots.len() > self.config.readers_max.max(1) {
+        while replays.slots.len() > self.config.replays_max.max(1) {
             let Some(oldest) = replays
                 .slots
                 .iter()

@@ -482,7 +482,7 @@ async fn a_replay_goes_on_exactly_when_compaction_replaces_the_object_under_its_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn replay_cursors_are_bounded_by_the_open_object_limit() {
+async fn replays_are_bounded_by_their_limit_and_zero_turns_them_off() {
     let store = ArchiveStore::open("memory://").unwrap();
     for partition in 0..4 {
         let mut manifest = Manifest::new(TOPIC, partition);
@@ -501,9 +501,9 @@ async fn replay_cursors_are_bounded_by_the_open_object_limit() {
         manifest.commit(&store).await.unwrap();
     }
     let cold = ColdReader::new(
-        store,
+        store.clone(),
         ColdConfig {
-            readers_max: 2,
+            replays_max: 2,
             ..ColdConfig::default()
         },
     );
@@ -524,4 +524,14 @@ async fn replay_cursors_are_bounded_by_the_open_object_limit() {
             assert!(cold.stats().cursors <= 2, "{:?}", cold.stats());
         }
     }
+    // Without replays every read stands alone, and the replay is just as exact.
+    let cold = ColdReader::new(
+        store,
+        ColdConfig {
+            replays_max: 0,
+            ..ColdConfig::default()
+        },
+    );
+    replay_exactly(&cold, 3, 3000, 4 << 10, async |_| {}).await;
+    assert_eq!(cold.stats().cursors, 0);
 }
