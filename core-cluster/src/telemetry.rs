@@ -240,6 +240,10 @@ fn describe_cold() {
         metric::PREFETCHES,
         "Row groups fetched ahead of a sequential cold replay"
     );
+    describe_counter!(
+        metric::AHEAD_BYTES,
+        "Bytes of cold Fetches served from batches rebuilt ahead of a sequential replay"
+    );
     describe_counter!(metric::MANIFEST_LOADS, "Manifest GETs by the cold reader");
     describe_counter!(
         metric::OBJECTS_OPENED,

@@ -303,4 +303,19 @@ fn a_cold_fetch_shows_in_the_cold_metrics() {
         Some(3.0)
     );
     assert!(sample(&metrics, "silt_tier_cold_chunk_hits_total").unwrap_or(0.0) > hits);
+
+    // A replay reading on: the batches rebuilt ahead of it serve its Fetches (each Fetch here
+    // is a fresh connection, which leaves the background rebuild time to run between them).
+    let (mut offset, mut ahead) = (next_offset(&again), 0.0);
+    while ahead == 0.0 && offset < RECORDS {
+        let read = fetch(&core.kafka, offset, 4096);
+        assert_eq!(&read[..8], &offset.to_be_bytes(), "contiguous");
+        offset = next_offset(&read);
+        let (_, metrics) = http_get(&core.admin, "/metrics");
+        ahead = sample(&metrics, "silt_tier_cold_ahead_bytes_total").unwrap_or(0.0);
+    }
+    assert!(
+        ahead > 0.0,
+        "no Fetch up to offset {offset} was served from batches rebuilt ahead"
+    );
 }

@@ -102,6 +102,9 @@ pub mod metric {
     pub const CACHED_BYTES: &str = "silt_tier_cold_cached_bytes";
     /// Row groups fetched by prefetch ahead of a sequential replay.
     pub const PREFETCHES: &str = "silt_tier_cold_prefetches_total";
+    /// Bytes of cold reads served from batches rebuilt ahead of a sequential replay (the rest
+    /// were rebuilt while the Fetch waited).
+    pub const AHEAD_BYTES: &str = "silt_tier_cold_ahead_bytes_total";
     /// Manifest GETs.
     pub const MANIFEST_LOADS: &str = "silt_tier_cold_manifest_loads_total";
     /// Archive objects opened (footer and page index fetched).
@@ -711,6 +714,7 @@ impl ColdReader {
         replay.ahead_bytes = max_bytes.saturating_mul(2).min(AHEAD_BYTES_MAX);
         let start = out.len();
         let mut records = replay.take_ready(max_bytes, out);
+        metrics::counter!(metric::AHEAD_BYTES).increment((out.len() - start) as u64);
         if replay.ready.is_empty() && out.len() - start < max_bytes && !replay.cursor.is_done() {
             let remaining = max_bytes - (out.len() - start);
             match replay.cursor.read_into(remaining, out).await {
