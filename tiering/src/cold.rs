@@ -391,14 +391,17 @@ struct Replay {
     position: i64,
     /// Bytes to keep rebuilt ahead: twice the last Fetch's, at most [`AHEAD_BYTES_MAX`].
     ahead_bytes: usize,
+    /// Bytes rebuilt per step ahead: the last Fetch's, at most [`FILL_CHUNK_BYTES`], so no
+    /// rebuilt batch is larger than a Fetch of that size asks for.
+    step_bytes: usize,
     /// Whether a task is rebuilding ahead.
     filling: bool,
 }
 
 impl Replay {
-    /// Moves whole batches from `ready` to `out`: as many as fit in `max_bytes`, at least one.
-    /// Returns the records moved.
-    fn take_ready(&mut self, max_bytes: usize, out: &mut BytesMut) -> u64 {
+    /// Moves whole batches from `ready` to `out`: as many as fit in `max_bytes`, and (with
+    /// `at_least_one`) the first even if it does not. Returns the records moved.
+    fn take_ready(&mut self, max_bytes: usize, at_least_one: bool, out: &mut BytesMut) -> u64 {
         let (mut taken, mut records, mut next) = (0usize, 0u64, self.position);
         while taken < self.ready.len() {
             // `ready` holds only batches this node rebuilt: whole, with valid headers.
@@ -406,7 +409,7 @@ impl Replay {
                 break;
             };
             let len = header.total_len();
-            if taken > 0 && taken + len > max_bytes {
+            if (taken > 0 || !at_least_one) && taken + len > max_bytes {
                 break;
             }
             taken += len;
@@ -641,13 +644,15 @@ impl ColdReader {
     /// last record appended and the records. A `sequential` read continues the partition's
     /// cursor (rows decoded once however many Fetches hand them out; whole row groups fetched
     /// and cached); any other fetches only the pages it needs unless its row group is cached.
-    /// On error `out` is as it was.
+    /// `first` says the Fetch has nothing yet, so a first batch larger than `max_bytes` still
+    /// comes back. On error `out` is as it was.
     async fn read_object(
         self: &Arc<Self>,
         id: &PartitionKey,
         offset: i64,
         max_bytes: usize,
         sequential: bool,
+        first: bool,
         out: &mut BytesMut,
     ) -> Result<(ManifestObject, Arc<ArchiveReader>, i64, u64), ColdError> {
         let mut reload = false;
@@ -665,7 +670,7 @@ impl ColdReader {
                     return Ok::<_, TierError>((reader, read.next_offset, read.records));
                 }
                 let (next, records) = self
-                    .replay(id, &object.key, &reader, offset, max_bytes, out)
+                    .replay(id, &object.key, &reader, offset, max_bytes, first, out)
                     .await?;
                 Ok((reader, next, records))
             }
@@ -684,8 +689,11 @@ impl ColdReader {
 
     /// A sequential read of object `key` from `offset`: batches rebuilt ahead first, then the
     /// partition's cursor (a new one unless it stands at `offset` in `key`); afterwards a task
-    /// rebuilds ahead for the next read. Returns the offset after the last record appended to
-    /// `out` and the records; on error `out` is as it was and the replay is dropped.
+    /// rebuilds ahead for the next read. With `at_least_one`, a first batch larger than
+    /// `max_bytes` is returned anyway (Kafka's rule for a Fetch's first batch). Returns the
+    /// offset after the last record appended to `out` and the records; on error `out` is as it
+    /// was and the replay is dropped.
+    #[allow(clippy::too_many_arguments)]
     async fn replay(
         self: &Arc<Self>,
         id: &PartitionKey,
@@ -693,6 +701,7 @@ impl ColdReader {
         reader: &ArchiveReader,
         offset: i64,
         max_bytes: usize,
+        at_least_one: bool,
         out: &mut BytesMut,
     ) -> Result<(i64, u64), TierError> {
         let slot = self.replay_slot(id);
@@ -707,14 +716,18 @@ impl ColdReader {
                 ready: BytesMut::new(),
                 position: offset,
                 ahead_bytes: 0,
+                step_bytes: FILL_CHUNK_BYTES,
                 filling: false,
             });
         }
         let replay = guard.as_mut().expect("set above");
         replay.ahead_bytes = max_bytes.saturating_mul(2).min(AHEAD_BYTES_MAX);
+        replay.step_bytes = max_bytes.clamp(1, FILL_CHUNK_BYTES);
         let start = out.len();
-        let mut records = replay.take_ready(max_bytes, out);
+        let mut records = replay.take_ready(max_bytes, at_least_one, out);
         metrics::counter!(metric::AHEAD_BYTES).increment((out.len() - start) as u64);
+        // Rebuilt here only what nothing rebuilt ahead: a batch ready that does not fit ends
+        // the read.
         if replay.ready.is_empty() && out.len() - start < max_bytes && !replay.cursor.is_done() {
             let remaining = max_bytes - (out.len() - start);
             match replay.cursor.read_into(remaining, out).await {
@@ -786,8 +799,9 @@ impl ColdReader {
                     replay.filling = false;
                     return;
                 }
+                let step = wanted.min(replay.step_bytes);
                 let Replay { cursor, ready, .. } = replay;
-                if let Err(error) = cursor.read_into(wanted.min(FILL_CHUNK_BYTES), ready).await {
+                if let Err(error) = cursor.read_into(step, ready).await {
                     tracing::debug!(topic = %id.0, partition = id.1, %error, "cold rebuild ahead failed");
                     *guard = None;
                     return;
@@ -850,7 +864,7 @@ impl ColdReader {
             }
             let remaining = max_bytes.saturating_sub(out.len()).max(1);
             let (object, reader, read_next, read_records) = match self
-                .read_object(&id, next, remaining, sequential, &mut out)
+                .read_object(&id, next, remaining, sequential, records == 0, &mut out)
                 .await
             {
                 Ok(found) => found,

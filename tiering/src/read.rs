@@ -454,7 +454,8 @@ impl ArchiveCursor {
             let columns = Columns::of(&batch).map_err(|why| self.corrupt(why))?;
             let mut row = first_row;
             while row < batch.num_rows() {
-                if rebuilder.records > 0 && out.len() - start >= max_bytes {
+                if rebuilder.records > 0 && out.len() - start + rebuilder.held_bytes() >= max_bytes
+                {
                     break;
                 }
                 rebuilder
@@ -621,6 +622,13 @@ impl Rebuilder {
         self.next_offset += 1;
         self.records += 1;
         Ok(())
+    }
+
+    /// Bytes of the open batch not in the output yet (a compressed batch's records).
+    fn held_bytes(&self) -> usize {
+        self.open
+            .as_ref()
+            .map_or(0, |(encoder, _)| encoder.held_bytes())
     }
 
     /// Completes the open batch.

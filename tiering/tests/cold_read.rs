@@ -416,6 +416,13 @@ async fn replay_exactly(
             .read(TOPIC, partition, offset, fetch_bytes)
             .await
             .unwrap();
+        // About what was asked: batches rebuilt ahead are no larger than a Fetch asks for,
+        // and a read stops within a record of its size.
+        assert!(
+            read.batches.len() <= fetch_bytes + 512,
+            "{} bytes for a {fetch_bytes}-byte read",
+            read.batches.len()
+        );
         let records = decoded(&read.batches);
         assert_eq!(records.first().unwrap().0, offset, "starts where asked");
         for (index, (got_offset, got)) in records.iter().enumerate() {
@@ -515,6 +522,11 @@ async fn replays_are_bounded_by_their_limit_and_zero_turns_them_off() {
                 continue;
             }
             let read = cold.read(TOPIC, partition, *offset, 4 << 10).await.unwrap();
+            assert!(
+                read.batches.len() <= (4 << 10) + 512,
+                "{}",
+                read.batches.len()
+            );
             let records = decoded(&read.batches);
             assert_eq!(records[0].0, *offset);
             for (got_offset, got) in &records {

@@ -287,6 +287,12 @@ impl BatchEncoder {
         self.record_count as usize
     }
 
+    /// Bytes of records held back for compression at [`BatchEncoder::finish`] (0 for an
+    /// uncompressed batch, whose records are in the buffer already).
+    pub fn held_bytes(&self) -> usize {
+        self.section.as_ref().map_or(0, BytesMut::len)
+    }
+
     /// Appends `record` at the batch's next offset. Fails with [`BatchError::InvalidInput`],
     /// writing nothing, for lengths or counts that do not fit Kafka's `i32` fields or an offset
     /// past `i64::MAX`.
