@@ -67,6 +67,8 @@ pub(crate) fn checkpoint_dir(data_dir: &std::path::Path) -> std::path::PathBuf {
 #[derive(Debug, Clone)]
 pub(crate) struct UplinkServerConfig {
     pub(crate) tls: ServerTls,
+    /// The broker's partition roles: the uplink appends as the same leader, at its epoch.
+    pub(crate) leadership: Arc<crate::broker::Leadership>,
     /// Partitions of a topic the uplink creates.
     pub(crate) default_partitions: u32,
     /// Called after each durable append, so Kafka fetches waiting for data wake at once.
@@ -134,8 +136,13 @@ impl UplinkServer {
         Ok(UplinkServer {
             endpoint,
             store: Arc::new(
-                UplinkStore::new(log, config.default_partitions, Some(checkpoints))
-                    .with_on_append(config.on_append.clone()),
+                UplinkStore::new(
+                    log,
+                    config.leadership.clone(),
+                    config.default_partitions,
+                    Some(checkpoints),
+                )
+                .with_on_append(config.on_append.clone()),
             ),
             mutual_tls: config.tls.client_ca.is_some(),
         })
@@ -569,6 +576,8 @@ async fn complete(
         let code = match error {
             StoreError::BadBatch(_) => error_code::MALFORMED,
             StoreError::Log(_) | StoreError::Checkpoint(_) => error_code::STORAGE,
+            // The leader moved: the edge reconnects and retries.
+            StoreError::NotLeader { .. } => error_code::REFUSED,
         };
         Some(StreamFault {
             code,
