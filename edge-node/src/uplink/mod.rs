@@ -776,3 +776,28 @@ fn read_next(log: &PartitionLog, next: u64, frame_bytes: usize) -> anyhow::Resul
         batches,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn closed_by_core(code: u32) -> quinn::ConnectionError {
+        quinn::ConnectionError::ApplicationClosed(quinn::ApplicationClose {
+            error_code: quinn::VarInt::from_u32(code),
+            reason: bytes::Bytes::from_static(b"core"),
+        })
+    }
+
+    #[test]
+    fn only_the_shutting_down_close_code_is_an_orderly_end() {
+        assert!(matches!(
+            ended_by(closed_by_core(CLOSE_SHUTTING_DOWN)),
+            Ended::CoreShuttingDown
+        ));
+        assert!(matches!(ended_by(closed_by_core(0)), Ended::Lost(_)));
+        assert!(matches!(
+            ended_by(quinn::ConnectionError::TimedOut),
+            Ended::Lost(_)
+        ));
+    }
+}
