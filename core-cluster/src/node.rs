@@ -250,6 +250,7 @@ fn start_uplink(
         log.clone(),
         &UplinkServerConfig {
             tls,
+            leadership: broker.leadership(),
             default_partitions: config.kafka.default_partitions,
             on_append: {
                 let broker = broker.clone();

@@ -348,3 +348,122 @@ fn running_with_arg(needle: &str) -> bool {
             .unwrap_or(false)
     })
 }
+
+/// The lines of a node's log from its `shutting down` line on.
+fn shutdown_lines(log: &str) -> Vec<&str> {
+    log.lines()
+        .skip_while(|line| !line.contains("shutting down signal="))
+        .collect()
+}
+
+/// The timestamp (first field, RFC 3339 UTC, so ordered as text) of the first line of `log`
+/// containing `needle`.
+fn time_of<'a>(log: &'a str, needle: &str) -> &'a str {
+    log.lines()
+        .find(|line| line.contains(needle))
+        .and_then(|line| line.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no {needle:?} line in:\n{log}"))
+}
+
+#[test]
+fn ctrl_c_on_the_terminal_stops_the_edge_before_the_core_and_loses_nothing() {
+    use std::os::unix::process::CommandExt as _;
+    binary("silt-core", "silt-core");
+    binary("silt-edge", "silt-edge");
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("dev");
+    let stdout = dir.path().join("stdout");
+    let (flags, mqtt, kafka) = dev_ports();
+    // As a shell starts a foreground job: in a process group of its own, which the
+    // terminal's Ctrl-C signals whole.
+    let mut dev = command(&silt());
+    dev.args(["dev", "--data-dir", data_dir.to_str().unwrap()])
+        .args(&flags)
+        .stdout(File::create(&stdout).unwrap())
+        .process_group(0);
+    let mut dev = Running::start(dev);
+    dev.wait_for_stderr("silt: dev is running", START_TIMEOUT * 2);
+
+    // 100 QoS 1 publishes, each acknowledged by the edge, and Ctrl-C right after: what the
+    // edge has not shipped yet it ships after the restart.
+    const COUNT: usize = 100;
+    let (host, port) = mqtt.split_once(':').unwrap();
+    let mut publish = Command::new("mosquitto_pub")
+        .args([
+            "-h",
+            host,
+            "-p",
+            port,
+            "-q",
+            "1",
+            "-t",
+            "sensors/bulk",
+            "-l",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .expect("mosquitto_pub is installed (scripts/test installs it)");
+    {
+        use std::io::Write as _;
+        let mut input = publish.stdin.take().unwrap();
+        for i in 0..COUNT {
+            writeln!(input, "m{i}").unwrap();
+        }
+    }
+    assert!(publish.wait().unwrap().success());
+
+    let group = rustix::process::Pid::from_raw(dev.id() as i32).unwrap();
+    rustix::process::kill_process_group(group, silt_tests::Signal::INT).unwrap();
+    let status = dev.wait_exit(Duration::from_secs(60));
+    assert!(
+        status.success(),
+        "silt dev exited {status}:\n{}",
+        dev.stderr()
+    );
+    let marker = data_dir.to_str().unwrap().to_string();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while running_with_arg(&marker) {
+        assert!(Instant::now() < deadline, "a node of silt dev outlived it");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    let edge_log = std::fs::read_to_string(data_dir.join("edge.log")).unwrap();
+    let core_log = std::fs::read_to_string(data_dir.join("core.log")).unwrap();
+    for (name, log) in [("edge", &edge_log), ("core", &core_log)] {
+        // Only silt dev got the terminal's SIGINT; each node got its SIGTERM.
+        assert!(
+            log.contains("shutting down signal=") && !log.contains("SIGINT"),
+            "{name}.log:\n{log}"
+        );
+        let failures: Vec<&str> = shutdown_lines(log)
+            .into_iter()
+            .filter(|line| line.contains(" WARN ") || line.contains(" ERROR "))
+            .collect();
+        assert!(
+            failures.is_empty(),
+            "{name}.log has failures from the shutdown:\n{}",
+            failures.join("\n")
+        );
+        assert!(
+            log.contains("closed data directory cleanly"),
+            "{name}.log:\n{log}"
+        );
+    }
+    // The edge was gone before the core began to stop.
+    let edge_stopped = time_of(&edge_log, "silt-edge stopped");
+    let core_stopping = time_of(&core_log, "shutting down signal=");
+    assert!(
+        edge_stopped <= core_stopping,
+        "the edge stopped at {edge_stopped}, after the core began stopping at {core_stopping}"
+    );
+
+    // A restart on the same data directory has every message once, and goes on after them.
+    let mut dev = start_dev(&data_dir, &flags, &stdout);
+    mosquitto_pub(&mqtt, "sensors/bulk", "after restart");
+    let expected: String = (0..COUNT)
+        .map(|i| format!("{i} sensors/bulk m{i}\n"))
+        .chain([format!("{COUNT} sensors/bulk after restart\n")])
+        .collect();
+    assert_eq!(kcat_all(&kafka, COUNT + 1), expected);
+    dev.stop_cleanly();
+}

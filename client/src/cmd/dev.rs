@@ -4,7 +4,9 @@
 //! both cleanly on Ctrl-C.
 //!
 //! The two nodes are the real binaries, found next to `silt`, run as child processes with their
-//! logs in the data directory: what a newcomer sees is what a deployment does.
+//! logs in the data directory: what a newcomer sees is what a deployment does. Each runs in a
+//! process group of its own, so Ctrl-C reaches `silt dev` alone and the stop is ordered: the
+//! edge first (its uplink ends, nothing left in flight), then the core.
 
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt as _;
@@ -318,6 +320,10 @@ fn spawn(name: &'static str, mut command: Command, data_dir: &Path) -> Result<No
         .stdin(Stdio::null())
         .stdout(file)
         .stderr(stderr)
+        // Each node in a process group of its own: a terminal's Ctrl-C (SIGINT to the
+        // foreground group) then reaches only `silt dev`, which stops the edge before the
+        // core, instead of reaching all three at once.
+        .process_group(0)
         // If `silt dev` itself dies, do not leave the nodes running.
         .kill_on_drop(true);
     let child = command

@@ -11,11 +11,13 @@
 //! - `groups`: the consumer group coordinator.
 //! - `offsets`: committed offsets in an internal log topic.
 //! - `producers`: idempotent producer state per partition.
+//! - `roles`: each partition's role and leader epoch, shared with the uplink server.
 
 mod groups;
 mod offsets;
 mod producer_ids;
 mod producers;
+mod roles;
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
@@ -42,6 +44,7 @@ use self::offsets::OffsetStore;
 pub(crate) use self::producer_ids::PRODUCER_IDS_TOPIC;
 use self::producer_ids::ProducerIds;
 use self::producers::{Check, PartitionProducers, ProducerBatch};
+pub(crate) use self::roles::{Leadership, NotLeader, Role};
 
 /// How often the group coordinator checks sessions and rebalance deadlines.
 pub(crate) const GROUP_TICK: Duration = Duration::from_millis(100);
@@ -69,23 +72,13 @@ pub(crate) struct BrokerConfig {
     pub(crate) group_initial_rebalance_delay: Duration,
 }
 
-/// A partition's role on this node.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Role {
-    /// Takes produce requests; `epoch` is stamped into the batches it appends.
-    Leader { epoch: i32 },
-    /// Copies from `leader`; refuses produce requests (NOT_LEADER_OR_FOLLOWER). No partition
-    /// is a follower until replication arrives.
-    #[allow(dead_code)]
-    Follower { leader: i32, epoch: i32 },
-}
-
 /// The broker of one core node.
 #[derive(Debug)]
 pub(crate) struct Broker {
     config: BrokerConfig,
     log: Arc<LogManager>,
-    roles: Mutex<HashMap<(String, u32), Role>>,
+    /// Shared with the uplink server, which appends as the same leader.
+    leadership: Arc<Leadership>,
     producers: Mutex<HashMap<(String, u32), SharedProducers>>,
     producer_ids: ProducerIds,
     groups: groups::Coordinator,
@@ -112,7 +105,7 @@ impl Broker {
             groups: groups::Coordinator::new(config.group_initial_rebalance_delay),
             config,
             log,
-            roles: Mutex::new(HashMap::new()),
+            leadership: Arc::new(Leadership::default()),
             producers: Mutex::new(HashMap::new()),
             producer_ids,
             offsets,
@@ -130,23 +123,19 @@ impl Broker {
         self.groups.state_counts()
     }
 
-    /// This partition's role; a partition first seen here is led by this node at epoch 0,
-    /// as the only node of its cluster.
     /// Wakes fetches waiting for new data: for appends that do not come through Produce (the
     /// uplink's).
     pub(crate) fn notify_appended(&self) {
         self.appended.notify_waiters();
     }
 
-    fn role(&self, topic: &str, partition: u32) -> Role {
-        let mut roles = self.roles.lock().unwrap_or_else(|e| e.into_inner());
-        *roles
-            .entry((topic.to_string(), partition))
-            .or_insert(Role::Leader { epoch: 0 })
+    /// The partitions' roles and leader epochs, for other paths that append as leader.
+    pub(crate) fn leadership(&self) -> Arc<Leadership> {
+        self.leadership.clone()
     }
 
     fn partition_info(&self, topic: &str, partition: u32) -> PartitionInfo {
-        let (leader_id, leader_epoch) = match self.role(topic, partition) {
+        let (leader_id, leader_epoch) = match self.leadership.role(topic, partition) {
             Role::Leader { epoch } => (self.config.node_id, epoch),
             Role::Follower { leader, epoch } => (leader, epoch),
         };
@@ -467,10 +456,10 @@ impl KafkaBroker for Broker {
     ) -> Result<ProduceResult, KafkaError> {
         let _ = acks; // Every level waits for the fsync; see the module doc.
         let log_partition = self.partition_for_produce(topic, partition).await?;
-        let epoch = match self.role(topic, partition) {
-            Role::Leader { epoch } => epoch,
-            Role::Follower { .. } => return Err(KafkaError::NotLeader),
-        };
+        let epoch = self
+            .leadership
+            .leader_epoch(topic, partition)
+            .map_err(|NotLeader { .. }| KafkaError::NotLeader)?;
         self.config
             .backpressure
             .admit_produce()
@@ -600,8 +589,7 @@ impl KafkaBroker for Broker {
         let log = self.log.clone();
         let name = topic.to_string();
         blocking(move || log.delete_topic(&name)).await?;
-        let mut roles = self.roles.lock().unwrap_or_else(|e| e.into_inner());
-        roles.retain(|(name, _), _| name != topic);
+        self.leadership.forget_topic(topic);
         let mut producers = self.producers.lock().unwrap_or_else(|e| e.into_inner());
         producers.retain(|(name, _), _| name != topic);
         Ok(())

@@ -471,7 +471,8 @@ impl PartitionBatches {
     }
 
     /// Writes the open batch's header and CRC, as `encode_batch` does for
-    /// `BatchSpec::default()`.
+    /// `BatchSpec::default()`. The leader epoch (outside the CRC) is left unset: the append
+    /// stamps the partition leader's.
     fn finish_batch(&mut self) -> Result<(), StoreError> {
         let Some(open) = self.open.take() else {
             return Ok(());

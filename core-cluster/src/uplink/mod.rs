@@ -9,6 +9,13 @@
 //! pipelined: the next is composed and written while the one before it is being fsync'd,
 //! and each is acked, in order, once it is durable.
 //!
+//! Shutdown is orderly: the server stops taking connections, every stream stops reading,
+//! appends what it had read, acks it once durable and ends (its end delivered to the edge),
+//! and then each connection closes with [`CLOSE_SHUTTING_DOWN`], which the edge logs as no
+//! failure. All of it is bounded by [`SHUTDOWN_DRAIN_TIMEOUT`], after which the endpoint
+//! closes whatever is left (appends under way still finish; the edge re-sends what it did
+//! not get an ack for, and it is deduplicated).
+//!
 //! With mutual TLS, the edge id a `Hello` claims must be a DNS name of the client
 //! certificate, so one edge cannot write as another.
 //!
@@ -52,6 +59,12 @@ const STREAM_RECEIVE_WINDOW_BYTES: u32 = 16 << 20;
 const READ_AHEAD_BYTES: usize = 8 << 20;
 /// How often the server looks for topics whose dedup checkpoint is due.
 const CHECKPOINT_TICK: Duration = Duration::from_secs(1);
+/// The QUIC application close code of a core shutting down in order: everything durable was
+/// acked. The edge keeps the same value (`edge-node/src/uplink/mod.rs`).
+pub(crate) const CLOSE_SHUTTING_DOWN: u32 = 1;
+/// How long an orderly shutdown waits for streams to ack what they read and for the edges to
+/// receive it, before the remaining connections are closed anyway.
+const SHUTDOWN_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// Appended to the log's data directory's name for the uplink server's state (checkpoints).
 pub(crate) const STATE_DIR_SUFFIX: &str = ".uplink";
 
@@ -67,6 +80,8 @@ pub(crate) fn checkpoint_dir(data_dir: &std::path::Path) -> std::path::PathBuf {
 #[derive(Debug, Clone)]
 pub(crate) struct UplinkServerConfig {
     pub(crate) tls: ServerTls,
+    /// The broker's partition roles: the uplink appends as the same leader, at its epoch.
+    pub(crate) leadership: Arc<crate::broker::Leadership>,
     /// Partitions of a topic the uplink creates.
     pub(crate) default_partitions: u32,
     /// Called after each durable append, so Kafka fetches waiting for data wake at once.
@@ -134,8 +149,13 @@ impl UplinkServer {
         Ok(UplinkServer {
             endpoint,
             store: Arc::new(
-                UplinkStore::new(log, config.default_partitions, Some(checkpoints))
-                    .with_on_append(config.on_append.clone()),
+                UplinkStore::new(
+                    log,
+                    config.leadership.clone(),
+                    config.default_partitions,
+                    Some(checkpoints),
+                )
+                .with_on_append(config.on_append.clone()),
             ),
             mutual_tls: config.tls.client_ca.is_some(),
         })
@@ -147,10 +167,12 @@ impl UplinkServer {
             .context("cannot read the uplink address")
     }
 
-    /// Accepts edges until `shutdown` completes, then closes every connection. Appends under
-    /// way finish first (they run on blocking threads), so nothing acked is lost.
+    /// Accepts edges until `shutdown` completes, then drains and closes every connection
+    /// (see the module doc). Appends under way finish first (they run on blocking threads),
+    /// so nothing acked is lost.
     pub(crate) async fn serve(self, shutdown: impl std::future::Future<Output = ()>) {
         tokio::pin!(shutdown);
+        let (draining_tx, draining) = tokio::sync::watch::channel(false);
         let mut connections = tokio::task::JoinSet::new();
         let mut checkpoint_tick = tokio::time::interval(CHECKPOINT_TICK);
         checkpoint_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -164,10 +186,13 @@ impl UplinkServer {
                     let Some(incoming) = incoming else { break };
                     let store = self.store.clone();
                     let mutual_tls = self.mutual_tls;
+                    let draining = draining.clone();
                     connections.spawn(async move {
                         let remote = incoming.remote_address();
                         match incoming.await {
-                            Ok(connection) => serve_connection(connection, store, mutual_tls).await,
+                            Ok(connection) => {
+                                serve_connection(connection, store, mutual_tls, draining).await;
+                            }
                             Err(error) => {
                                 tracing::info!(%remote, %error, "uplink handshake failed");
                             }
@@ -177,7 +202,21 @@ impl UplinkServer {
                 Some(_) = connections.join_next(), if !connections.is_empty() => {}
             }
         }
-        self.endpoint.close(0u32.into(), b"shutting down");
+        // No new edges; the connected ones ack what they have and are closed, in time.
+        self.endpoint.set_server_config(None);
+        let _ = draining_tx.send(true);
+        let drained = tokio::time::timeout(SHUTDOWN_DRAIN_TIMEOUT, async {
+            while connections.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            tracing::info!(
+                timeout_ms = SHUTDOWN_DRAIN_TIMEOUT.as_millis() as u64,
+                "uplink connections still draining at shutdown; closing them"
+            );
+        }
+        self.endpoint
+            .close(CLOSE_SHUTTING_DOWN.into(), b"shutting down");
         while connections.join_next().await.is_some() {}
         // Every append has finished: the checkpoint covers the whole log, and the next start
         // scans nothing.
@@ -198,10 +237,14 @@ async fn checkpoint(store: &Arc<UplinkStore>, all: bool) {
     }
 }
 
+/// Serves one edge's streams until the connection is lost, or until `draining` turns true:
+/// then every stream acks what it read and ends, and the connection is closed with
+/// [`CLOSE_SHUTTING_DOWN`].
 async fn serve_connection(
     connection: quinn::Connection,
     store: Arc<UplinkStore>,
     mutual_tls: bool,
+    draining: tokio::sync::watch::Receiver<bool>,
 ) {
     let remote = connection.remote_address();
     let allowed_ids = if mutual_tls {
@@ -213,20 +256,46 @@ async fn serve_connection(
     metrics::gauge!("silt_uplink_connections").increment(1.0);
     tracing::info!(%remote, "edge connected");
     let mut streams = tokio::task::JoinSet::new();
-    let reason = loop {
+    let mut drain_started = draining.clone();
+    // The receive halves of streams drained for a shutdown are kept until the close:
+    // dropping one would tell the edge to stop sending on it, which it would take for a
+    // failure.
+    let mut ended = Vec::new();
+    let lost = loop {
         tokio::select! {
             accepted = connection.accept_bi() => match accepted {
                 Ok((send, recv)) => {
-                    streams.spawn(serve_stream(send, recv, store.clone(), allowed_ids.clone()));
+                    streams.spawn(serve_stream(
+                        send,
+                        recv,
+                        store.clone(),
+                        allowed_ids.clone(),
+                        draining.clone(),
+                    ));
                 }
-                Err(error) => break error,
+                Err(error) => break Some(error),
             },
-            Some(_) = streams.join_next(), if !streams.is_empty() => {}
+            Some(joined) = streams.join_next(), if !streams.is_empty() => {
+                if *draining.borrow() {
+                    ended.extend(joined.ok());
+                }
+            }
+            _ = drain_started.wait_for(|&draining| draining) => break None,
         }
     };
-    // Appends under way complete (their acks may no longer reach the edge, which re-sends
-    // and is deduplicated).
-    while streams.join_next().await.is_some() {}
+    // Appends under way complete. When draining, their acks reach the edge; when the
+    // connection is lost they may not, and the edge re-sends and is deduplicated.
+    while let Some(joined) = streams.join_next().await {
+        ended.extend(joined.ok());
+    }
+    let reason = match lost {
+        Some(error) => error.to_string(),
+        None => {
+            connection.close(CLOSE_SHUTTING_DOWN.into(), b"core shutting down");
+            "core shutting down".to_string()
+        }
+    };
+    drop(ended);
     metrics::gauge!("silt_uplink_connections").decrement(1.0);
     tracing::info!(%remote, %reason, "edge disconnected");
 }
@@ -250,13 +319,28 @@ struct StreamFault {
     message: String,
 }
 
+/// Serves one stream; returns its receive half, for the connection to keep until it closes.
 async fn serve_stream(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
     store: Arc<UplinkStore>,
     allowed_ids: Option<Vec<String>>,
-) {
-    let result = stream_loop(&mut send, &mut recv, &store, allowed_ids.as_deref()).await;
+    draining: tokio::sync::watch::Receiver<bool>,
+) -> quinn::RecvStream {
+    let result = stream_loop(
+        &mut send,
+        &mut recv,
+        &store,
+        allowed_ids.as_deref(),
+        draining,
+    )
+    .await;
+    if result.is_ok() {
+        // Drained for a shutdown: every frame read is acked. End the stream and wait until
+        // the edge has it all (bounded by the server's drain timeout).
+        let _ = send.finish();
+        let _ = send.stopped().await;
+    }
     if let Err(Some(fault)) = result {
         tracing::warn!(code = fault.code, error = %fault.message, "uplink stream refused");
         let mut out = BytesMut::new();
@@ -268,6 +352,7 @@ async fn serve_stream(
         let _ = send.write_all(&out).await;
         let _ = send.finish();
     }
+    recv
 }
 
 /// Reads one whole frame into `buf` (which may already hold bytes); `Ok(false)` at a clean
@@ -295,14 +380,33 @@ async fn fill_frame(
     }
 }
 
+/// Reads one whole frame as [`fill_frame`] does, unless the server starts draining first:
+/// then `Ok(None)`, and nothing more is read.
+async fn fill_frame_or_drain(
+    recv: &mut quinn::RecvStream,
+    buf: &mut BytesMut,
+    draining: &mut tokio::sync::watch::Receiver<bool>,
+) -> Result<Option<usize>, Option<StreamFault>> {
+    tokio::select! {
+        biased;
+        _ = draining.wait_for(|&draining| draining) => Ok(None),
+        used = fill_frame(recv, buf) => used.map(Some),
+    }
+}
+
+/// Serves a stream until it fails (`Err`) or the server drains (`Ok`, once every frame read
+/// is appended and acked).
 async fn stream_loop(
     send: &mut quinn::SendStream,
     recv: &mut quinn::RecvStream,
     store: &Arc<UplinkStore>,
     allowed_ids: Option<&[String]>,
+    mut draining: tokio::sync::watch::Receiver<bool>,
 ) -> Result<(), Option<StreamFault>> {
     let mut buf = BytesMut::with_capacity(64 << 10);
-    let used = fill_frame(recv, &mut buf).await?;
+    let Some(used) = fill_frame_or_drain(recv, &mut buf, &mut draining).await? else {
+        return Ok(());
+    };
     let (topic, stream) = match Frame::decode(&buf[..used]) {
         Ok(Some((
             Frame::Hello {
@@ -361,7 +465,7 @@ async fn stream_loop(
     // ack for several frames when the disk is the slower side.
     let read_ahead = Arc::new(tokio::sync::Semaphore::new(READ_AHEAD_BYTES));
     let (frames_tx, frames_rx) = tokio::sync::mpsc::unbounded_channel();
-    let reader = read_frames(recv, buf, frames_tx, read_ahead.clone());
+    let reader = read_frames(recv, buf, frames_tx, read_ahead.clone(), draining);
     let appender = append_frames(send, frames_rx, store, &topic, &stream, &read_ahead);
     tokio::try_join!(reader, appender).map(|_| ())
 }
@@ -376,15 +480,19 @@ struct DataFrame {
     permits: u32,
 }
 
-/// Reads `Data` frames and passes them on, holding at most [`READ_AHEAD_BYTES`] of them.
+/// Reads `Data` frames and passes them on, holding at most [`READ_AHEAD_BYTES`] of them;
+/// stops (`Ok`) when the server drains, which ends the appender once it acked the rest.
 async fn read_frames(
     recv: &mut quinn::RecvStream,
     mut buf: BytesMut,
     frames: tokio::sync::mpsc::UnboundedSender<DataFrame>,
     read_ahead: Arc<tokio::sync::Semaphore>,
+    mut draining: tokio::sync::watch::Receiver<bool>,
 ) -> Result<(), Option<StreamFault>> {
     loop {
-        let used = fill_frame(recv, &mut buf).await?;
+        let Some(used) = fill_frame_or_drain(recv, &mut buf, &mut draining).await? else {
+            return Ok(());
+        };
         let frame = buf.split_to(used).freeze();
         let Ok(Some((
             Frame::Data {
@@ -474,7 +582,13 @@ async fn append_frames(
             }
         };
         let Some(first) = received else {
-            return Err(None);
+            // The reader stopped for a drain (had it failed, this future would be gone):
+            // the group in flight is acked once durable, and the stream is done.
+            if let Some(pending) = in_flight.take() {
+                let done = pending.task.await;
+                complete(send, pending.group, done, &labels, read_ahead).await?;
+            }
+            return Ok(());
         };
         let mut group = vec![first];
         while let Ok(next) = frames.try_recv() {
@@ -569,6 +683,8 @@ async fn complete(
         let code = match error {
             StoreError::BadBatch(_) => error_code::MALFORMED,
             StoreError::Log(_) | StoreError::Checkpoint(_) => error_code::STORAGE,
+            // The leader moved: the edge reconnects and retries.
+            StoreError::NotLeader { .. } => error_code::REFUSED,
         };
         Some(StreamFault {
             code,

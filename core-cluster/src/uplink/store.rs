@@ -24,6 +24,10 @@
 //! records reach one core partition in edge-offset order. An append is durable (fsync) before
 //! the state moves and before the edge gets its ack.
 //!
+//! Every batch appended carries the partition's leader epoch, from the broker's
+//! [`Leadership`] (the one place roles and epochs are decided), as Produce's do; a partition
+//! this node does not lead refuses the append.
+//!
 //! Appends of one stream are serialised (a lock per stream, held by a pipeline until its last
 //! group is durable and in the state), so a stale connection of an edge racing its
 //! reconnected self cannot interleave the check and the append.
@@ -38,6 +42,7 @@ use silt_log::{AppendOptions, LogError, LogManager, PartitionLog, partitioner};
 
 use super::checkpoint::{CheckpointDir, PartitionCheckpoint};
 use super::compose::compose;
+use crate::broker::{Leadership, NotLeader};
 
 /// Header naming the edge a record came from.
 pub(crate) const HEADER_EDGE: &str = "silt.edge";
@@ -66,6 +71,12 @@ pub(crate) enum StoreError {
     Log(#[from] LogError),
     #[error("cannot save the uplink dedup checkpoint: {0}")]
     Checkpoint(std::io::Error),
+    #[error("partition {partition} of {topic:?}: {source}")]
+    NotLeader {
+        topic: String,
+        partition: u32,
+        source: NotLeader,
+    },
 }
 
 /// What one `append` did, for the ack and the metrics.
@@ -144,6 +155,8 @@ pub(crate) struct LoadReport {
 #[derive(Debug)]
 pub(crate) struct UplinkStore {
     log: Arc<LogManager>,
+    /// Which partitions this node leads, and the epoch stamped into their batches.
+    leadership: Arc<Leadership>,
     default_partitions: u32,
     checkpoints: Option<CheckpointDir>,
     topics: Mutex<HashMap<String, Arc<TopicState>>>,
@@ -158,11 +171,13 @@ impl UplinkStore {
     /// A store over `log`; with `checkpoints`, dedup state is saved there and loaded from it.
     pub(crate) fn new(
         log: Arc<LogManager>,
+        leadership: Arc<Leadership>,
         default_partitions: u32,
         checkpoints: Option<CheckpointDir>,
     ) -> UplinkStore {
         UplinkStore {
             log,
+            leadership,
             default_partitions,
             checkpoints,
             topics: Mutex::new(HashMap::new()),
@@ -283,12 +298,27 @@ impl UplinkStore {
                         break;
                     }
                 };
+                let epoch = match self.leadership.leader_epoch(topic, partition as u32) {
+                    Ok(epoch) => epoch,
+                    Err(source) => {
+                        failure = Some(StoreError::NotLeader {
+                            topic: topic.to_string(),
+                            partition: partition as u32,
+                            source,
+                        });
+                        break;
+                    }
+                };
+                let options = AppendOptions {
+                    leader_epoch: Some(epoch),
+                    ..AppendOptions::default()
+                };
                 // A lower bound of where the batches land (offsets only grow), registered
                 // before they are written.
                 let start = log.log_end_offset();
                 state.dedup.lock().unwrap_or_else(|e| e.into_inner()).staged[partition].push(start);
                 // All batches of the partition in one write: one fsync covers them.
-                match log.append_unsynced(&mut batches.bytes, AppendOptions::default()) {
+                match log.append_unsynced(&mut batches.bytes, options) {
                     Ok(appended) => {
                         next.insert(partition as u32, last + 1);
                         unsynced.push(Unsynced {
@@ -613,7 +643,7 @@ mod tests {
     fn open_with_checkpoints(dir: &std::path::Path) -> (Arc<LogManager>, UplinkStore) {
         let log = LogManager::open(LogConfig::new(dir.join("core"))).unwrap();
         let checkpoints = CheckpointDir::new(dir.join("core.uplink/dedup"));
-        let store = UplinkStore::new(log.clone(), 3, Some(checkpoints));
+        let store = UplinkStore::new(log.clone(), Arc::default(), 3, Some(checkpoints));
         (log, store)
     }
 
@@ -677,7 +707,7 @@ mod tests {
     fn resends_are_skipped_within_and_across_restarts() {
         let dir = tempfile::tempdir().unwrap();
         let log = LogManager::open(LogConfig::new(dir.path().join("core"))).unwrap();
-        let store = UplinkStore::new(log.clone(), 3, None);
+        let store = UplinkStore::new(log.clone(), Arc::default(), 3, None);
         let first = store
             .append("mqtt", &stream(), 0, &edge_batch(0, 6))
             .unwrap();
@@ -706,7 +736,7 @@ mod tests {
         // A restarted core rebuilds the state from the log: the whole history re-sent
         // appends nothing.
         let log = LogManager::open(LogConfig::new(dir.path().join("core"))).unwrap();
-        let store = UplinkStore::new(log.clone(), 3, None);
+        let store = UplinkStore::new(log.clone(), Arc::default(), 3, None);
         let resent = store
             .append("mqtt", &stream(), 0, &edge_batch(0, 6))
             .unwrap();
@@ -723,7 +753,7 @@ mod tests {
     fn a_crash_between_partitions_is_completed_by_the_resend() {
         let dir = tempfile::tempdir().unwrap();
         let log = LogManager::open(LogConfig::new(dir.path().join("core"))).unwrap();
-        let store = UplinkStore::new(log.clone(), 3, None);
+        let store = UplinkStore::new(log.clone(), Arc::default(), 3, None);
         // Simulate a crash after one partition's append: store only the records of the first
         // key's partition, by shipping a batch holding only them at their edge offsets.
         let target = route(Some(b"a"), "e1", 3);
@@ -740,7 +770,7 @@ mod tests {
         drop(log);
         // Crash: no clean close. The edge re-sends the whole batch to a restarted core.
         let log = LogManager::open(LogConfig::new(dir.path().join("core"))).unwrap();
-        let store = UplinkStore::new(log.clone(), 3, None);
+        let store = UplinkStore::new(log.clone(), Arc::default(), 3, None);
         let outcome = store
             .append("mqtt", &stream(), 0, &edge_batch(0, 6))
             .unwrap();
@@ -901,7 +931,7 @@ mod tests {
             .save("mqtt", &[stale.clone(), stale.clone(), stale])
             .unwrap();
         let log = LogManager::open(LogConfig::new(dir.path().join("core"))).unwrap();
-        let store = UplinkStore::new(log.clone(), 3, Some(checkpoints));
+        let store = UplinkStore::new(log.clone(), Arc::default(), 3, Some(checkpoints));
         let outcome = store
             .append("mqtt", &stream(), 0, &edge_batch(0, 6))
             .unwrap();
@@ -910,10 +940,56 @@ mod tests {
     }
 
     #[test]
+    fn appends_carry_the_leader_epoch_and_a_follower_refuses_them() {
+        use crate::broker::Role;
+        let dir = tempfile::tempdir().unwrap();
+        let log = LogManager::open(LogConfig::new(dir.path().join("core"))).unwrap();
+        let leadership = Arc::new(Leadership::default());
+        log.ensure_topic("mqtt", 3).unwrap();
+        for partition in 0..3 {
+            leadership.set_role("mqtt", partition, Role::Leader { epoch: 7 });
+        }
+        let store = UplinkStore::new(log.clone(), leadership.clone(), 3, None);
+        store
+            .append("mqtt", &stream(), 0, &edge_batch(0, 6))
+            .unwrap();
+        let mut used = 0;
+        for partition in 0..3 {
+            let bytes = log
+                .partition("mqtt", partition)
+                .unwrap()
+                .read(0, 1 << 20)
+                .unwrap();
+            for batch in silt_log::batch::batches(&bytes.bytes, usize::MAX) {
+                let (header, _) = batch.unwrap();
+                assert_eq!(header.partition_leader_epoch, 7, "partition {partition}");
+                used += 1;
+            }
+        }
+        assert!(used > 1, "the keys must span partitions");
+
+        // A partition led elsewhere takes no uplink appends.
+        let target = route(Some(b"a"), "e1", 3);
+        leadership.set_role(
+            "mqtt",
+            target,
+            Role::Follower {
+                leader: 2,
+                epoch: 8,
+            },
+        );
+        let refused = store.append("mqtt", &stream(), 6, &edge_batch(6, 6));
+        assert!(
+            matches!(refused, Err(StoreError::NotLeader { partition, .. }) if partition == target),
+            "{refused:?}"
+        );
+    }
+
+    #[test]
     fn garbage_is_an_error_not_a_panic() {
         let dir = tempfile::tempdir().unwrap();
         let log = LogManager::open(LogConfig::new(dir.path().join("core"))).unwrap();
-        let store = UplinkStore::new(log, 1, None);
+        let store = UplinkStore::new(log, Arc::default(), 1, None);
         let mut batch = edge_batch(0, 6);
         let last = batch.len() - 1;
         batch[last] ^= 0xff;

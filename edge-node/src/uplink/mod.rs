@@ -10,7 +10,12 @@
 //! Any failure drops the whole connection; the client reconnects with exponential backoff
 //! and jitter, capped at [`BACKOFF_MAX`] so that it is back within 5 s of the link
 //! returning, and resumes from the cursors. QUIC's idle timeout (keep-alives every 2 s)
-//! notices a dead path within 10 s.
+//! notices a dead path within 10 s. A failure is a WARN (`uplink down`).
+//!
+//! A core that stops in order acks what is durable, ends its streams and closes the
+//! connection with [`CLOSE_SHUTTING_DOWN`]: that is no failure. The client logs it at INFO
+//! (`core is shutting down; reconnecting`) and reconnects with its normal backoff; attempts
+//! that fail during the next [`RESTART_QUIET`] (the core restarting) are INFO too.
 //!
 //! When the disk budget drops segments nobody shipped, the sender finds its cursor below the
 //! log start, counts the records lost (`silt_uplink_lost_records_total`) and goes on from
@@ -57,6 +62,39 @@ const DISCOVERY_INTERVAL: Duration = Duration::from_secs(1);
 const WAIT_FOR_DATA: Duration = Duration::from_secs(1);
 /// Bytes of `Ack` frames buffered at most: a handful of 13-byte frames.
 const ACK_BUFFER_BYTES: usize = 4096;
+/// The QUIC application close code of a core shutting down in order (after acking what is
+/// durable). The core's is the same value (`core-cluster/src/uplink/mod.rs`).
+pub(crate) const CLOSE_SHUTTING_DOWN: u32 = 1;
+/// How long after the core ended a stream the client waits for its connection close, which
+/// says why (a core shutting down ends its streams just before it closes).
+const CLOSE_WAIT: Duration = Duration::from_secs(5);
+/// After the core said it is shutting down, failed attempts to reach it are expected (it is
+/// restarting) and logged at INFO for this long; past it they are WARN again.
+const RESTART_QUIET: Duration = Duration::from_secs(60);
+
+/// How one connection attempt ended.
+#[derive(Debug)]
+enum Ended {
+    /// The core closed the connection because it is shutting down, after acking what is
+    /// durable.
+    CoreShuttingDown,
+    /// The connection came up, then failed.
+    Lost(anyhow::Error),
+    /// No connection came up (refused, timed out, TLS).
+    Failed(anyhow::Error),
+}
+
+/// The core ended a stream (sent its end): it is about to close the connection.
+#[derive(Debug)]
+struct CoreEndedStream;
+
+impl std::fmt::Display for CoreEndedStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the core closed the stream")
+    }
+}
+
+impl std::error::Error for CoreEndedStream {}
 
 /// A running uplink client.
 #[derive(Debug)]
@@ -196,6 +234,8 @@ impl Shipper {
         let shipper = self;
         let mut backoff = BACKOFF_MIN;
         let mut attempts = 0u64;
+        // Until when failed attempts are the core restarting, not a failure.
+        let mut quiet_until: Option<tokio::time::Instant> = None;
         loop {
             if *stopped.borrow() {
                 return;
@@ -204,13 +244,29 @@ impl Shipper {
                 outcome = shipper.clone().connect_and_ship() => outcome,
                 _ = stopped.changed() => return,
             };
+            // A connection that worked starts the backoff over.
+            if !matches!(outcome, Ended::Failed(_)) {
+                backoff = BACKOFF_MIN;
+            }
             attempts += 1;
             metrics::gauge!("silt_uplink_connected").set(0.0);
             metrics::counter!("silt_uplink_reconnects_total").increment(1);
             match outcome {
-                // The connection worked for a while: start the backoff over.
-                Ok(()) => backoff = BACKOFF_MIN,
-                Err(error) => {
+                Ended::CoreShuttingDown => {
+                    tracing::info!(core = %shipper.config.addr, "core is shutting down; reconnecting");
+                    quiet_until = Some(tokio::time::Instant::now() + RESTART_QUIET);
+                }
+                Ended::Failed(error)
+                    if quiet_until.is_some_and(|until| tokio::time::Instant::now() < until) =>
+                {
+                    tracing::info!(
+                        attempt = attempts,
+                        error = format!("{error:#}"),
+                        "core not back yet; reconnecting"
+                    );
+                }
+                Ended::Lost(error) | Ended::Failed(error) => {
+                    quiet_until = None;
                     tracing::warn!(
                         attempt = attempts,
                         error = format!("{error:#}"),
@@ -229,19 +285,34 @@ impl Shipper {
         }
     }
 
-    /// One connection's life: `Ok` when it ended after having worked, `Err` when it never
-    /// came up.
-    async fn connect_and_ship(self: Arc<Self>) -> anyhow::Result<()> {
-        let connection = tokio::time::timeout(CONNECT_TIMEOUT, self.connect())
-            .await
-            .context("connecting to the core timed out")??;
+    /// One connection's life, and how it ended.
+    async fn connect_and_ship(self: Arc<Self>) -> Ended {
+        let connection = match tokio::time::timeout(CONNECT_TIMEOUT, self.connect()).await {
+            Ok(Ok(connection)) => connection,
+            Ok(Err(error)) => return Ended::Failed(error),
+            Err(_) => return Ended::Failed(anyhow::anyhow!("connecting to the core timed out")),
+        };
         metrics::gauge!("silt_uplink_connected").set(1.0);
         tracing::info!(core = %self.config.addr, "uplink connected");
         let mut streams = Streams::default();
         let mut discovery = tokio::time::interval(DISCOVERY_INTERVAL);
-        let result = loop {
+        loop {
             tokio::select! {
-                reason = connection.closed() => break Err(anyhow::Error::new(reason)),
+                reason = connection.closed() => {
+                    let ended = ended_by(reason);
+                    if matches!(ended, Ended::CoreShuttingDown) {
+                        // The streams read the last acks the core sent before it closed.
+                        let deadline = tokio::time::Instant::now() + CLOSE_WAIT;
+                        for (_, task) in streams.drain() {
+                            let abort = task.abort_handle();
+                            if tokio::time::timeout_at(deadline, task).await.is_err() {
+                                abort.abort();
+                            }
+                        }
+                    }
+                    finish(streams).await;
+                    return ended;
+                }
                 _ = discovery.tick() => {
                     for topic in self.log.topics() {
                         for partition in 0..topic.partitions {
@@ -256,8 +327,10 @@ impl Shipper {
                                     Ok(Ok(())) => anyhow::anyhow!("stream ended"),
                                     Err(error) => anyhow::Error::new(error),
                                 };
+                                let ended = stream_ended(&connection, error).await;
                                 connection.close(0u32.into(), b"stream failed");
-                                return finish(streams, Err(error)).await;
+                                finish(streams).await;
+                                return ended;
                             }
                             if streams.contains_key(&key) {
                                 continue;
@@ -274,8 +347,7 @@ impl Shipper {
                     }
                 }
             }
-        };
-        finish(streams, result).await
+        }
     }
 
     async fn connect(&self) -> anyhow::Result<quinn::Connection> {
@@ -387,7 +459,7 @@ impl Shipper {
                             .context("stream read failed")?
                             == 0
                         {
-                            bail!("the core closed the stream");
+                            return Err(CoreEndedStream.into());
                         }
                     };
                     let _ = buf.split_to(used);
@@ -465,7 +537,11 @@ impl Shipper {
             #[allow(unreachable_code)]
             Ok::<(), anyhow::Error>(())
         };
+        // Acks first: when the connection closes with acks still buffered (a core shutting
+        // down), they are read and their cursor written before the sender's failure ends
+        // the stream.
         tokio::select! {
+            biased;
             result = acks => result,
             result = sender => result,
         }
@@ -498,13 +574,40 @@ impl Drop for Streams {
     }
 }
 
-/// Aborts what is left of a connection's streams, waits for them, and returns `result`.
-async fn finish(mut streams: Streams, result: anyhow::Result<()>) -> anyhow::Result<()> {
+/// Aborts what is left of a connection's streams and waits for them.
+async fn finish(mut streams: Streams) {
     for (_, task) in streams.0.drain() {
         task.abort();
         let _ = task.await;
     }
-    result
+}
+
+/// How a connection ended, from why it was closed.
+fn ended_by(reason: quinn::ConnectionError) -> Ended {
+    match &reason {
+        quinn::ConnectionError::ApplicationClosed(close)
+            if close.error_code == quinn::VarInt::from_u32(CLOSE_SHUTTING_DOWN) =>
+        {
+            Ended::CoreShuttingDown
+        }
+        _ => Ended::Lost(anyhow::Error::new(reason)),
+    }
+}
+
+/// How a connection ended, from one of its streams' `error`: the connection's close says
+/// why when there is one. A core shutting down ends its streams after their last acks and
+/// then closes the connection, so a stream the core ended waits (at most [`CLOSE_WAIT`]) for
+/// that close.
+async fn stream_ended(connection: &quinn::Connection, error: anyhow::Error) -> Ended {
+    if let Some(reason) = connection.close_reason() {
+        return ended_by(reason);
+    }
+    if error.downcast_ref::<CoreEndedStream>().is_some()
+        && let Ok(reason) = tokio::time::timeout(CLOSE_WAIT, connection.closed()).await
+    {
+        return ended_by(reason);
+    }
+    Ended::Lost(error)
 }
 
 /// Frames a stage of a partition's sender (log read, compression) works ahead of the next.
@@ -672,4 +775,29 @@ fn read_next(log: &PartitionLog, next: u64, frame_bytes: usize) -> anyhow::Resul
         edge_end: slice.high_watermark.max(end),
         batches,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn closed_by_core(code: u32) -> quinn::ConnectionError {
+        quinn::ConnectionError::ApplicationClosed(quinn::ApplicationClose {
+            error_code: quinn::VarInt::from_u32(code),
+            reason: bytes::Bytes::from_static(b"core"),
+        })
+    }
+
+    #[test]
+    fn only_the_shutting_down_close_code_is_an_orderly_end() {
+        assert!(matches!(
+            ended_by(closed_by_core(CLOSE_SHUTTING_DOWN)),
+            Ended::CoreShuttingDown
+        ));
+        assert!(matches!(ended_by(closed_by_core(0)), Ended::Lost(_)));
+        assert!(matches!(
+            ended_by(quinn::ConnectionError::TimedOut),
+            Ended::Lost(_)
+        ));
+    }
 }
