@@ -26,6 +26,10 @@ use bytes::{BufMut, BytesMut};
 
 /// The ALPN protocol id of the uplink.
 pub const ALPN: &[u8] = b"silt-uplink/1";
+
+/// The QUIC application close code of a core shutting down in order: everything durable was
+/// acked before the close, so the edge takes it as no failure and reconnects.
+pub const CLOSE_SHUTTING_DOWN: u32 = 1;
 /// The frame format version a `Hello` carries.
 pub const VERSION: u16 = 1;
 /// Largest uncompressed `Data` payload (batches) either side accepts.

@@ -11,8 +11,8 @@
 //!
 //! Shutdown is orderly: the server stops taking connections, every stream stops reading,
 //! appends what it had read, acks it once durable and ends (its end delivered to the edge),
-//! and then each connection closes with [`CLOSE_SHUTTING_DOWN`], which the edge logs as no
-//! failure. All of it is bounded by [`SHUTDOWN_DRAIN_TIMEOUT`], after which the endpoint
+//! and then each connection closes with [`silt_wire::CLOSE_SHUTTING_DOWN`], which the edge
+//! logs as no failure. All of it is bounded by [`SHUTDOWN_DRAIN_TIMEOUT`], after which the endpoint
 //! closes whatever is left (appends under way still finish; the edge re-sends what it did
 //! not get an ack for, and it is deduplicated).
 //!
@@ -59,9 +59,6 @@ const STREAM_RECEIVE_WINDOW_BYTES: u32 = 16 << 20;
 const READ_AHEAD_BYTES: usize = 8 << 20;
 /// How often the server looks for topics whose dedup checkpoint is due.
 const CHECKPOINT_TICK: Duration = Duration::from_secs(1);
-/// The QUIC application close code of a core shutting down in order: everything durable was
-/// acked. The edge keeps the same value (`edge-node/src/uplink/mod.rs`).
-pub(crate) const CLOSE_SHUTTING_DOWN: u32 = 1;
 /// How long an orderly shutdown waits for streams to ack what they read and for the edges to
 /// receive it, before the remaining connections are closed anyway.
 const SHUTDOWN_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
@@ -216,7 +213,7 @@ impl UplinkServer {
             );
         }
         self.endpoint
-            .close(CLOSE_SHUTTING_DOWN.into(), b"shutting down");
+            .close(silt_wire::CLOSE_SHUTTING_DOWN.into(), b"shutting down");
         while connections.join_next().await.is_some() {}
         // Every append has finished: the checkpoint covers the whole log, and the next start
         // scans nothing.
@@ -239,7 +236,7 @@ async fn checkpoint(store: &Arc<UplinkStore>, all: bool) {
 
 /// Serves one edge's streams until the connection is lost, or until `draining` turns true:
 /// then every stream acks what it read and ends, and the connection is closed with
-/// [`CLOSE_SHUTTING_DOWN`].
+/// [`silt_wire::CLOSE_SHUTTING_DOWN`].
 async fn serve_connection(
     connection: quinn::Connection,
     store: Arc<UplinkStore>,
@@ -291,7 +288,7 @@ async fn serve_connection(
     let reason = match lost {
         Some(error) => error.to_string(),
         None => {
-            connection.close(CLOSE_SHUTTING_DOWN.into(), b"core shutting down");
+            connection.close(silt_wire::CLOSE_SHUTTING_DOWN.into(), b"core shutting down");
             "core shutting down".to_string()
         }
     };

@@ -13,8 +13,8 @@
 //! notices a dead path within 10 s. A failure is a WARN (`uplink down`).
 //!
 //! A core that stops in order acks what is durable, ends its streams and closes the
-//! connection with [`CLOSE_SHUTTING_DOWN`]: that is no failure. The client logs it at INFO
-//! (`core is shutting down; reconnecting`) and reconnects with its normal backoff; attempts
+//! connection with [`silt_wire::CLOSE_SHUTTING_DOWN`]: that is no failure. The client logs it
+//! at INFO (`core is shutting down; reconnecting`) and reconnects with its normal backoff; attempts
 //! that fail during the next [`RESTART_QUIET`] (the core restarting) are INFO too.
 //!
 //! When the disk budget drops segments nobody shipped, the sender finds its cursor below the
@@ -62,9 +62,6 @@ const DISCOVERY_INTERVAL: Duration = Duration::from_secs(1);
 const WAIT_FOR_DATA: Duration = Duration::from_secs(1);
 /// Bytes of `Ack` frames buffered at most: a handful of 13-byte frames.
 const ACK_BUFFER_BYTES: usize = 4096;
-/// The QUIC application close code of a core shutting down in order (after acking what is
-/// durable). The core's is the same value (`core-cluster/src/uplink/mod.rs`).
-pub(crate) const CLOSE_SHUTTING_DOWN: u32 = 1;
 /// How long after the core ended a stream the client waits for its connection close, which
 /// says why (a core shutting down ends its streams just before it closes).
 const CLOSE_WAIT: Duration = Duration::from_secs(5);
@@ -586,7 +583,7 @@ async fn finish(mut streams: Streams) {
 fn ended_by(reason: quinn::ConnectionError) -> Ended {
     match &reason {
         quinn::ConnectionError::ApplicationClosed(close)
-            if close.error_code == quinn::VarInt::from_u32(CLOSE_SHUTTING_DOWN) =>
+            if close.error_code == quinn::VarInt::from_u32(silt_wire::CLOSE_SHUTTING_DOWN) =>
         {
             Ended::CoreShuttingDown
         }
@@ -791,7 +788,7 @@ mod tests {
     #[test]
     fn only_the_shutting_down_close_code_is_an_orderly_end() {
         assert!(matches!(
-            ended_by(closed_by_core(CLOSE_SHUTTING_DOWN)),
+            ended_by(closed_by_core(silt_wire::CLOSE_SHUTTING_DOWN)),
             Ended::CoreShuttingDown
         ));
         assert!(matches!(ended_by(closed_by_core(0)), Ended::Lost(_)));
