@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crate::core::{Core, field_addr};
 use crate::mqtt::dump::DumpRecord;
 use crate::mqtt::{Client, ClientOptions, MqttBroker, Version, metric_value};
 
@@ -169,6 +170,27 @@ fn front_loop(front: Arc<UdpSocket>, shared: &Arc<ProxyShared>) {
 /// The development CA a core started on `core_data_dir` created.
 pub fn core_ca(core_data_dir: &Path) -> PathBuf {
     core_data_dir.join("tls").join("ca.pem")
+}
+
+/// A `silt-core` on `<dir>/core` started with `core_args`, a [`UdpProxy`] in front of its
+/// uplink port, and a `silt-edge` `edge_id` on `<dir>/edge` shipping to the core through the
+/// proxy: what the uplink fault tests start from.
+pub fn start_core_behind_proxy_with_edge(
+    dir: &Path,
+    core_args: &[&str],
+    edge_id: &str,
+) -> (Core, UdpProxy, MqttBroker) {
+    let core_dir = dir.join("core");
+    let core = Core::start(&core_dir, core_args);
+    let proxy = UdpProxy::start(field_addr(&core.started_line, "uplink="));
+    let edge = start_edge(
+        &dir.join("edge"),
+        edge_id,
+        proxy.addr,
+        &core_ca(&core_dir),
+        &[],
+    );
+    (core, proxy, edge)
 }
 
 /// Starts `silt-edge` as `edge_id` on `data_dir` with MQTT on a free port and its uplink

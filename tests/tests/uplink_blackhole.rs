@@ -10,11 +10,11 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use silt_tests::core::{Core, field_addr};
 use silt_tests::mqtt::dump::dump_topic;
 use silt_tests::mqtt::{MqttBroker, metric_value, skip_unless_silt};
 use silt_tests::uplink::{
-    UdpProxy, check_exactly_once, core_ca, metric_sum, publish_numbered, start_edge, wait_drained,
+    check_exactly_once, metric_sum, publish_numbered, start_core_behind_proxy_with_edge,
+    wait_drained,
 };
 
 const EDGE_ID: &str = "edge-outage";
@@ -79,15 +79,11 @@ async fn a_blackholed_uplink_reconnects_and_drains_without_loss_or_duplicates() 
     let outage = blackhole_duration();
     let dir = tempfile::tempdir().unwrap();
     let core_dir = dir.path().join("core");
-    let core = blocking(|| Core::start(&core_dir, &["--set", "kafka.default_partitions=3"]));
-    let proxy = UdpProxy::start(field_addr(&core.started_line, "uplink="));
-    let edge = blocking(|| {
-        start_edge(
-            &dir.path().join("edge"),
+    let (core, proxy, edge) = blocking(|| {
+        start_core_behind_proxy_with_edge(
+            dir.path(),
+            &["--set", "kafka.default_partitions=3"],
             EDGE_ID,
-            proxy.addr,
-            &core_ca(&core_dir),
-            &[],
         )
     });
     let mut acked = HashMap::new();

@@ -10,7 +10,8 @@ use silt_tests::core::{Core, field_addr};
 use silt_tests::mqtt::dump::dump_topic;
 use silt_tests::mqtt::skip_unless_silt;
 use silt_tests::uplink::{
-    UdpProxy, check_exactly_once, core_ca, metric_sum, publish_numbered, start_edge, wait_drained,
+    check_exactly_once, metric_sum, publish_numbered, start_core_behind_proxy_with_edge,
+    wait_drained,
 };
 
 const CLIENTS: usize = 3;
@@ -67,17 +68,8 @@ async fn a_clean_restart_rebuilds_dedup_state_from_its_checkpoint_not_a_scan() {
     }
     let dir = tempfile::tempdir().unwrap();
     let core_dir = dir.path().join("core");
-    let core = blocking(|| Core::start(&core_dir, &CORE_ARGS));
-    let proxy = UdpProxy::start(field_addr(&core.started_line, "uplink="));
-    let mut edge = blocking(|| {
-        start_edge(
-            &dir.path().join("edge"),
-            EDGE_ID,
-            proxy.addr,
-            &core_ca(&core_dir),
-            &[],
-        )
-    });
+    let (core, proxy, mut edge) =
+        blocking(|| start_core_behind_proxy_with_edge(dir.path(), &CORE_ARGS, EDGE_ID));
     let mut acked = HashMap::new();
 
     publish(edge.mqtt, 0, 200, &mut acked).await;

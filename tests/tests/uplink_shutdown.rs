@@ -11,7 +11,8 @@ use silt_tests::core::{Core, field_addr};
 use silt_tests::mqtt::dump::dump_topic;
 use silt_tests::mqtt::skip_unless_silt;
 use silt_tests::uplink::{
-    UdpProxy, check_exactly_once, core_ca, metric_sum, publish_numbered, start_edge, wait_drained,
+    check_exactly_once, metric_sum, publish_numbered, start_core_behind_proxy_with_edge,
+    wait_drained,
 };
 
 /// MQTT clients publishing at once, one key each (`sensor/0..4`).
@@ -80,18 +81,9 @@ async fn a_core_stopped_in_order_is_no_failure_on_the_edge_and_loses_nothing() {
     }
     let dir = tempfile::tempdir().unwrap();
     let core_dir = dir.path().join("core");
-    let core = blocking(|| Core::start(&core_dir, &CORE_ARGS));
     // The restarted core binds a new port; the proxy follows it.
-    let proxy = UdpProxy::start(field_addr(&core.started_line, "uplink="));
-    let mut edge = blocking(|| {
-        start_edge(
-            &dir.path().join("edge"),
-            EDGE_ID,
-            proxy.addr,
-            &core_ca(&core_dir),
-            &[],
-        )
-    });
+    let (core, proxy, mut edge) =
+        blocking(|| start_core_behind_proxy_with_edge(dir.path(), &CORE_ARGS, EDGE_ID));
     let mut acked = HashMap::new();
     collect(publish(edge.mqtt, 0, BEFORE), BEFORE, &mut acked).await;
     blocking(|| wait_drained(&edge, DRAIN_TIMEOUT));
