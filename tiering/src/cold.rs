@@ -370,11 +370,51 @@ impl ChunkInner {
 
 type PartitionKey = (String, u32);
 
-/// Open objects by key, least recently used evicted.
-#[derive(Debug, Default)]
-struct Readers {
-    open: HashMap<String, (Arc<ArchiveReader>, u64)>,
+/// A map that keeps at most a given number of entries, the least recently used dropped: the
+/// open objects by key, and the replays by partition.
+#[derive(Debug)]
+struct Lru<K, V> {
+    entries: HashMap<K, (V, u64)>,
     tick: u64,
+}
+
+impl<K, V> Default for Lru<K, V> {
+    fn default() -> Self {
+        Lru {
+            entries: HashMap::new(),
+            tick: 0,
+        }
+    }
+}
+
+impl<K: std::hash::Hash + Eq + Clone, V: Clone> Lru<K, V> {
+    /// The entry of `key`, marked used.
+    fn get(&mut self, key: &K) -> Option<V> {
+        self.tick += 1;
+        let tick = self.tick;
+        self.entries.get_mut(key).map(|(value, used)| {
+            *used = tick;
+            value.clone()
+        })
+    }
+
+    /// Adds (or replaces) the entry of `key`, then drops the least recently used entries
+    /// beyond `max` (at least one is kept).
+    fn insert(&mut self, key: K, value: V, max: usize) {
+        self.tick += 1;
+        self.entries.insert(key, (value, self.tick));
+        while self.entries.len() > max.max(1) {
+            let Some(oldest) = self
+                .entries
+                .iter()
+                .min_by_key(|(_, (_, used))| *used)
+                .map(|(key, _)| key.clone())
+            else {
+                break;
+            };
+            self.entries.remove(&oldest);
+        }
+    }
 }
 
 /// A partition's sequential replay: its cursor in one object, and whole batches rebuilt ahead
@@ -388,16 +428,25 @@ struct Replay {
     ready: BytesMut,
     /// Offset of the first record in `ready`: where the partition's next Fetch starts.
     position: i64,
-    /// Bytes to keep rebuilt ahead: twice the last Fetch's, at most [`AHEAD_BYTES_MAX`].
-    ahead_bytes: usize,
-    /// Bytes rebuilt per step ahead: the last Fetch's, at most [`FILL_CHUNK_BYTES`], so no
-    /// rebuilt batch is larger than a Fetch of that size asks for.
-    step_bytes: usize,
+    /// The last Fetch's `max_bytes`, which sizes the rebuild ahead ([`Replay::ahead_bytes`],
+    /// [`Replay::step_bytes`]).
+    fetch_bytes: usize,
     /// Whether a task is rebuilding ahead.
     filling: bool,
 }
 
 impl Replay {
+    /// Bytes to keep rebuilt ahead: twice the last Fetch's, at most [`AHEAD_BYTES_MAX`].
+    fn ahead_bytes(&self) -> usize {
+        self.fetch_bytes.saturating_mul(2).min(AHEAD_BYTES_MAX)
+    }
+
+    /// Bytes rebuilt per step ahead: the last Fetch's, at most [`FILL_CHUNK_BYTES`], so no
+    /// rebuilt batch is larger than a Fetch of that size asks for.
+    fn step_bytes(&self) -> usize {
+        self.fetch_bytes.clamp(1, FILL_CHUNK_BYTES)
+    }
+
     /// Moves whole batches from `ready` to `out`: as many as fit in `max_bytes`, and (with
     /// `at_least_one`) the first even if it does not. Returns the records moved.
     fn take_ready(&mut self, max_bytes: usize, at_least_one: bool, out: &mut BytesMut) -> u64 {
@@ -415,7 +464,8 @@ impl Replay {
             records += u64::try_from(header.record_count).unwrap_or(0);
             next = header.last_offset() + 1;
         }
-        out.extend_from_slice(&self.ready.split_to(taken));
+        // Into an empty `out` (a Fetch's first bytes) the batches move without a copy.
+        out.unsplit(self.ready.split_to(taken));
         self.position = next;
         records
     }
@@ -424,13 +474,6 @@ impl Replay {
 /// One partition's replay, shared by its Fetches and its rebuild-ahead task.
 type ReplaySlot = Arc<tokio::sync::Mutex<Option<Replay>>>;
 
-/// Replays by partition, least recently used dropped.
-#[derive(Debug, Default)]
-struct Replays {
-    slots: HashMap<PartitionKey, (ReplaySlot, u64)>,
-    tick: u64,
-}
-
 /// The cold reader of one node; see the module doc.
 #[derive(Debug)]
 pub struct ColdReader {
@@ -438,9 +481,9 @@ pub struct ColdReader {
     config: ColdConfig,
     chunks: Arc<ChunkCache>,
     manifests: Mutex<HashMap<PartitionKey, Arc<Manifest>>>,
-    readers: Mutex<Readers>,
+    readers: Mutex<Lru<String, Arc<ArchiveReader>>>,
     /// Each replaying partition's cursor and batches rebuilt ahead.
-    replays: Mutex<Replays>,
+    replays: Mutex<Lru<PartitionKey, ReplaySlot>>,
     /// Where each partition's last cold read ended: a read starting there is sequential.
     positions: Mutex<HashMap<PartitionKey, i64>>,
     prefetching: Mutex<HashSet<PartitionKey>>,
@@ -459,8 +502,8 @@ impl ColdReader {
             prefetch_slots: Arc::new(Semaphore::new(config.prefetch_max)),
             config,
             manifests: Mutex::new(HashMap::new()),
-            readers: Mutex::new(Readers::default()),
-            replays: Mutex::new(Replays::default()),
+            readers: Mutex::default(),
+            replays: Mutex::default(),
             positions: Mutex::new(HashMap::new()),
             prefetching: Mutex::new(HashSet::new()),
             manifest_loads: AtomicU64::new(0),
@@ -487,7 +530,7 @@ impl ColdReader {
                 .replays
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .slots
+                .entries
                 .len() as u64,
         }
     }
@@ -574,14 +617,13 @@ impl ColdReader {
 
     /// The open reader of `object`, opening it (one footer fetch) when needed.
     async fn reader(&self, object: &ManifestObject) -> Result<Arc<ArchiveReader>, TierError> {
-        {
-            let mut readers = self.readers.lock().unwrap_or_else(|e| e.into_inner());
-            readers.tick += 1;
-            let tick = readers.tick;
-            if let Some((reader, used)) = readers.open.get_mut(&object.key) {
-                *used = tick;
-                return Ok(reader.clone());
-            }
+        let open = self
+            .readers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&object.key);
+        if let Some(reader) = open {
+            return Ok(reader);
         }
         self.objects_opened.fetch_add(1, Ordering::Relaxed);
         metrics::counter!(metric::OBJECTS_OPENED).increment(1);
@@ -594,23 +636,10 @@ impl ColdReader {
             )
             .await?,
         );
-        let mut readers = self.readers.lock().unwrap_or_else(|e| e.into_inner());
-        readers.tick += 1;
-        let tick = readers.tick;
-        readers
-            .open
-            .insert(object.key.clone(), (reader.clone(), tick));
-        while readers.open.len() > self.config.readers_max.max(1) {
-            let Some(oldest) = readers
-                .open
-                .iter()
-                .min_by_key(|(_, (_, used))| *used)
-                .map(|(key, _)| key.clone())
-            else {
-                break;
-            };
-            readers.open.remove(&oldest);
-        }
+        self.readers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(object.key.clone(), reader.clone(), self.config.readers_max);
         Ok(reader)
     }
 
@@ -620,7 +649,7 @@ impl ColdReader {
             .replays
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .slots
+            .entries
             .values()
         {
             // A slot in use finds the object gone by itself.
@@ -633,7 +662,7 @@ impl ColdReader {
         self.readers
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .open
+            .entries
             .remove(key);
         self.chunks.forget(&Path::from(key));
     }
@@ -714,14 +743,12 @@ impl ColdReader {
                 cursor: reader.cursor(offset)?,
                 ready: BytesMut::new(),
                 position: offset,
-                ahead_bytes: 0,
-                step_bytes: FILL_CHUNK_BYTES,
+                fetch_bytes: max_bytes,
                 filling: false,
             });
         }
         let replay = guard.as_mut().expect("set above");
-        replay.ahead_bytes = max_bytes.saturating_mul(2).min(AHEAD_BYTES_MAX);
-        replay.step_bytes = max_bytes.clamp(1, FILL_CHUNK_BYTES);
+        replay.fetch_bytes = max_bytes;
         let start = out.len();
         let mut records = replay.take_ready(max_bytes, at_least_one, out);
         metrics::counter!(metric::AHEAD_BYTES).increment((out.len() - start) as u64);
@@ -755,32 +782,16 @@ impl ColdReader {
     /// [`ColdConfig::replays_max`] are kept, least recently used dropped.
     fn replay_slot(&self, id: &PartitionKey) -> ReplaySlot {
         let mut replays = self.replays.lock().unwrap_or_else(|e| e.into_inner());
-        replays.tick += 1;
-        let tick = replays.tick;
-        let slot = match replays.slots.get_mut(id) {
-            Some((slot, used)) => {
-                *used = tick;
-                return slot.clone();
-            }
-            None => ReplaySlot::default(),
-        };
-        replays.slots.insert(id.clone(), (slot.clone(), tick));
-        while replays.slots.len() > self.config.replays_max.max(1) {
-            let Some(oldest) = replays
-                .slots
-                .iter()
-                .min_by_key(|(_, (_, used))| *used)
-                .map(|(id, _)| id.clone())
-            else {
-                break;
-            };
-            replays.slots.remove(&oldest);
+        if let Some(slot) = replays.get(id) {
+            return slot;
         }
+        let slot = ReplaySlot::default();
+        replays.insert(id.clone(), slot.clone(), self.config.replays_max);
         slot
     }
 
     /// Rebuilds, in the background, batches ahead of the partition's replay until
-    /// `ahead_bytes` are ready or its object ends, a [`FILL_CHUNK_BYTES`] step at a time so a
+    /// [`Replay::ahead_bytes`] are ready or its object ends, a [`FILL_CHUNK_BYTES`] step at a time so a
     /// Fetch arriving meanwhile waits one step at most. A failure drops the replay: the next
     /// Fetch starts over and meets the failure itself.
     fn rebuild_ahead(self: &Arc<Self>, id: PartitionKey, slot: ReplaySlot) {
@@ -793,12 +804,12 @@ impl ColdReader {
                 let Some(replay) = guard.as_mut() else {
                     return;
                 };
-                let wanted = replay.ahead_bytes.saturating_sub(replay.ready.len());
+                let wanted = replay.ahead_bytes().saturating_sub(replay.ready.len());
                 if wanted == 0 || replay.cursor.is_done() {
                     replay.filling = false;
                     return;
                 }
-                let step = wanted.min(replay.step_bytes);
+                let step = wanted.min(replay.step_bytes());
                 let Replay { cursor, ready, .. } = replay;
                 if let Err(error) = cursor.read_into(step, ready).await {
                     tracing::debug!(topic = %id.0, partition = id.1, %error, "cold rebuild ahead failed");
