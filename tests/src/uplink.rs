@@ -214,6 +214,46 @@ pub fn start_edge(
     MqttBroker::start_silt(data_dir, &all)
 }
 
+/// Publishers started by [`start_publishers`]: each yields its topic, the sequence numbers
+/// acknowledged, and how many it published.
+pub type Publishers = Vec<tokio::task::JoinHandle<(String, Vec<u64>, u64)>>;
+
+/// Starts one publisher per client `0..clients`, each publishing `"<seq>"` for `seq` in
+/// `from..to` to `sensor/<client>` as client `<name>-<client>-<from>` (see
+/// [`publish_numbered`]).
+pub fn start_publishers(
+    mqtt: SocketAddr,
+    name: &str,
+    clients: usize,
+    from: u64,
+    to: u64,
+) -> Publishers {
+    (0..clients)
+        .map(|client| {
+            let topic = format!("sensor/{client}");
+            let client_id = format!("{name}-{client}-{from}");
+            tokio::spawn(async move {
+                let values = publish_numbered(mqtt, &client_id, &topic, from, to).await;
+                (topic, values, to - from)
+            })
+        })
+        .collect()
+}
+
+/// Waits for `publishers`, requiring every message acknowledged, and adds what each topic got
+/// acknowledged to `acked`.
+pub async fn collect_acked(publishers: Publishers, acked: &mut HashMap<String, Vec<u64>>) {
+    for task in publishers {
+        let (topic, values, published) = task.await.expect("a publisher panicked");
+        assert_eq!(
+            values.len() as u64,
+            published,
+            "{topic}: the edge must ack everything"
+        );
+        acked.entry(topic).or_default().extend(values);
+    }
+}
+
 /// Publishes `"<seq>"` for `seq` in `from..to` at QoS 1 to `topic`, one at a time, and
 /// returns the sequence numbers acknowledged; stops at the first publish that gets no
 /// acknowledgement (the broker went away).

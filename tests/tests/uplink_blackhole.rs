@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 use silt_tests::mqtt::dump::dump_topic;
 use silt_tests::mqtt::{MqttBroker, metric_value, skip_unless_silt};
 use silt_tests::uplink::{
-    check_exactly_once, metric_sum, publish_numbered, start_core_behind_proxy_with_edge,
-    wait_drained,
+    check_exactly_once, collect_acked, metric_sum, start_core_behind_proxy_with_edge,
+    start_publishers, wait_drained,
 };
 
 const EDGE_ID: &str = "edge-outage";
@@ -41,26 +41,15 @@ fn blocking<T>(work: impl FnOnce() -> T) -> T {
 }
 
 async fn publish_phase(edge: &MqttBroker, phase: u64, acked: &mut HashMap<String, Vec<u64>>) {
-    let mut tasks = Vec::new();
-    for client in 0..CLIENTS {
-        let topic = format!("sensor/{client}");
-        let from = phase * PER_PHASE;
-        let client_id = format!("uplink-outage-{client}-{phase}");
-        let mqtt = edge.mqtt;
-        tasks.push(tokio::spawn(async move {
-            let values = publish_numbered(mqtt, &client_id, &topic, from, from + PER_PHASE).await;
-            (topic, values)
-        }));
-    }
-    for task in tasks {
-        let (topic, values) = task.await.expect("a publisher panicked");
-        assert_eq!(
-            values.len() as u64,
-            PER_PHASE,
-            "{topic}: the edge must ack everything"
-        );
-        acked.entry(topic).or_default().extend(values);
-    }
+    let from = phase * PER_PHASE;
+    let publishers = start_publishers(
+        edge.mqtt,
+        &format!("uplink-outage-p{phase}"),
+        CLIENTS,
+        from,
+        from + PER_PHASE,
+    );
+    collect_acked(publishers, acked).await;
 }
 
 fn connected(edge: &MqttBroker) -> (f64, f64) {

@@ -10,8 +10,8 @@ use silt_tests::core::{Core, field_addr};
 use silt_tests::mqtt::dump::dump_topic;
 use silt_tests::mqtt::skip_unless_silt;
 use silt_tests::uplink::{
-    check_exactly_once, metric_sum, publish_numbered, start_core_behind_proxy_with_edge,
-    wait_drained,
+    check_exactly_once, collect_acked, metric_sum, start_core_behind_proxy_with_edge,
+    start_publishers, wait_drained,
 };
 
 const CLIENTS: usize = 3;
@@ -30,24 +30,11 @@ async fn publish(
     to: u64,
     acked: &mut HashMap<String, Vec<u64>>,
 ) {
-    let mut tasks = Vec::new();
-    for client in 0..CLIENTS {
-        let topic = format!("sensor/{client}");
-        let client_id = format!("uplink-restart-{client}-{from}");
-        tasks.push(tokio::spawn(async move {
-            let values = publish_numbered(mqtt, &client_id, &topic, from, to).await;
-            (topic, values)
-        }));
-    }
-    for task in tasks {
-        let (topic, values) = task.await.expect("a publisher panicked");
-        assert_eq!(
-            values.len() as u64,
-            to - from,
-            "the edge must ack everything"
-        );
-        acked.entry(topic).or_default().extend(values);
-    }
+    collect_acked(
+        start_publishers(mqtt, "uplink-restart", CLIENTS, from, to),
+        acked,
+    )
+    .await;
 }
 
 /// Records the restarted core scanned to rebuild its dedup state.

@@ -11,8 +11,8 @@ use silt_tests::core::{Core, field_addr};
 use silt_tests::mqtt::dump::dump_topic;
 use silt_tests::mqtt::skip_unless_silt;
 use silt_tests::uplink::{
-    check_exactly_once, metric_sum, publish_numbered, start_core_behind_proxy_with_edge,
-    wait_drained,
+    Publishers, check_exactly_once, collect_acked, metric_sum, start_core_behind_proxy_with_edge,
+    start_publishers, wait_drained,
 };
 
 /// MQTT clients publishing at once, one key each (`sensor/0..4`).
@@ -32,39 +32,9 @@ fn blocking<T>(work: impl FnOnce() -> T) -> T {
     tokio::task::block_in_place(work)
 }
 
-/// Starts `from..to` on every client (topic `sensor/<client>`).
-fn publish(
-    mqtt: std::net::SocketAddr,
-    from: u64,
-    to: u64,
-) -> Vec<tokio::task::JoinHandle<(String, Vec<u64>)>> {
-    (0..CLIENTS)
-        .map(|client| {
-            let topic = format!("sensor/{client}");
-            let client_id = format!("uplink-shutdown-{client}-{from}");
-            tokio::spawn(async move {
-                let values = publish_numbered(mqtt, &client_id, &topic, from, to).await;
-                (topic, values)
-            })
-        })
-        .collect()
-}
-
-/// Waits for publishers, requiring every message acknowledged, and records them.
-async fn collect(
-    tasks: Vec<tokio::task::JoinHandle<(String, Vec<u64>)>>,
-    expected: u64,
-    acked: &mut HashMap<String, Vec<u64>>,
-) {
-    for task in tasks {
-        let (topic, values) = task.await.expect("a publisher panicked");
-        assert_eq!(
-            values.len() as u64,
-            expected,
-            "the edge must ack everything"
-        );
-        acked.entry(topic).or_default().extend(values);
-    }
+/// Starts `from..to` on every client.
+fn publish(mqtt: std::net::SocketAddr, from: u64, to: u64) -> Publishers {
+    start_publishers(mqtt, "uplink-shutdown", CLIENTS, from, to)
 }
 
 /// The log lines of a failure: WARN or ERROR level.
@@ -85,7 +55,7 @@ async fn a_core_stopped_in_order_is_no_failure_on_the_edge_and_loses_nothing() {
     let (core, proxy, mut edge) =
         blocking(|| start_core_behind_proxy_with_edge(dir.path(), &CORE_ARGS, EDGE_ID));
     let mut acked = HashMap::new();
-    collect(publish(edge.mqtt, 0, BEFORE), BEFORE, &mut acked).await;
+    collect_acked(publish(edge.mqtt, 0, BEFORE), &mut acked).await;
     blocking(|| wait_drained(&edge, DRAIN_TIMEOUT));
 
     // Ingest goes on while the core stops in order and comes back.
@@ -107,10 +77,9 @@ async fn a_core_stopped_in_order_is_no_failure_on_the_edge_and_loses_nothing() {
     assert!(line.contains(" INFO "), "{line}");
     let core = blocking(|| Core::start(&core_dir, &CORE_ARGS));
     proxy.set_target(field_addr(&core.started_line, "uplink="));
-    collect(across, ACROSS, &mut acked).await;
-    collect(
+    collect_acked(across, &mut acked).await;
+    collect_acked(
         publish(edge.mqtt, BEFORE + ACROSS, BEFORE + ACROSS + AFTER),
-        AFTER,
         &mut acked,
     )
     .await;
