@@ -30,7 +30,7 @@ use silt_log::config::{
 };
 
 pub(crate) use self::mqtt::{MqttConfig, MqttTls, TlsClientAuth};
-pub(crate) use self::uplink::UplinkConfig;
+pub(crate) use self::uplink::{UplinkCompression, UplinkConfig};
 
 /// Defaults of the keys the edge itself owns; the log's come from `silt_log::config`.
 pub(crate) mod defaults {

@@ -41,7 +41,7 @@ use silt_wire::Frame;
 use tokio::io::AsyncReadExt as _;
 use tokio::sync::{Semaphore, watch};
 
-use crate::config::UplinkConfig;
+use crate::config::{UplinkCompression, UplinkConfig};
 pub(crate) use cursor::Cursors;
 
 /// First reconnect delay.
@@ -118,6 +118,7 @@ impl Uplink {
             log,
             cursors: cursors.clone(),
             client,
+            encoders: Arc::new(Encoders::new(config.compression)),
         };
         let shipper = Arc::new(shipper);
         let lag = tokio::spawn(shipper.clone().report_lag(stopped.clone()));
@@ -209,6 +210,7 @@ struct Shipper {
     log: Arc<LogManager>,
     cursors: Arc<Cursors>,
     client: quinn::ClientConfig,
+    encoders: Arc<Encoders>,
 }
 
 impl Shipper {
@@ -493,24 +495,27 @@ impl Shipper {
             }
         };
 
-        // The log is read and compressed on two blocking threads, each at most
-        // [`FRAMES_AHEAD`] frames ahead of the next stage, so reading, compressing and
-        // sending overlap instead of taking turns.
+        // The log is read on a blocking thread at most [`FRAMES_AHEAD`] frames ahead, and
+        // its frames are compressed on up to one blocking thread per CPU, in order, so
+        // reading, compressing and sending overlap and a backlog's drain is not held to one
+        // core's zstd speed.
         let (read_tx, read_rx) = tokio::sync::mpsc::channel(FRAMES_AHEAD);
-        let (frame_tx, mut frame_rx) = tokio::sync::mpsc::channel(FRAMES_AHEAD);
+        let (frame_tx, mut frame_rx) = tokio::sync::mpsc::channel(self.encoders.workers);
         {
             let (log, labels) = (log.clone(), labels.clone());
             let frame_bytes = self.config.frame_bytes as usize;
             let sender_gone = frame_tx.clone();
             tokio::task::spawn_blocking(move || {
-                read_loop(&log, start, frame_bytes, &labels, &read_tx, &sender_gone);
+                read_loop(&log, start, frame_bytes, &labels, &read_tx, || {
+                    sender_gone.is_closed()
+                });
             });
         }
-        tokio::task::spawn_blocking(move || compress_loop(read_rx, &frame_tx));
+        tokio::spawn(self.encoders.clone().encode_loop(read_rx, frame_tx));
         let sender = async {
             loop {
-                let frame: ShipFrame =
-                    frame_rx.recv().await.context("the log reader stopped")??;
+                let encoding = frame_rx.recv().await.context("the log reader stopped")??;
+                let frame: ShipFrame = encoding.await.context("compressing a frame failed")??;
                 let permits = frame.raw_len.min(inflight_max) as u32;
                 window
                     .acquire_many(permits)
@@ -607,8 +612,10 @@ async fn stream_ended(connection: &quinn::Connection, error: anyhow::Error) -> E
     Ended::Lost(error)
 }
 
-/// Frames a stage of a partition's sender (log read, compression) works ahead of the next.
+/// Frames a partition's log reader works ahead of its compression.
 const FRAMES_AHEAD: usize = 2;
+/// Most frames compressed at once, per edge: one per CPU, up to this many.
+const ENCODERS_MAX: usize = 4;
 
 /// Whole batches read from the log, covering offsets `first..end`.
 struct ReadFrame {
@@ -636,9 +643,9 @@ fn read_loop(
     frame_bytes: usize,
     labels: &[(&'static str, String); 2],
     frames: &tokio::sync::mpsc::Sender<anyhow::Result<ReadFrame>>,
-    sent: &tokio::sync::mpsc::Sender<anyhow::Result<ShipFrame>>,
+    sender_gone: impl Fn() -> bool,
 ) {
-    while !frames.is_closed() && !sent.is_closed() {
+    while !frames.is_closed() && !sender_gone() {
         let frame = match read_next(log, next, frame_bytes) {
             Ok(Read::Data {
                 first,
@@ -679,45 +686,99 @@ fn read_loop(
     }
 }
 
-/// Compresses and encodes each frame read into a `Data` frame, with one zstd context for
-/// the stream's life. Blocking.
-fn compress_loop(
-    mut read: tokio::sync::mpsc::Receiver<anyhow::Result<ReadFrame>>,
-    frames: &tokio::sync::mpsc::Sender<anyhow::Result<ShipFrame>>,
-) {
-    let mut compressor = match silt_wire::BatchCompressor::new() {
-        Ok(compressor) => compressor,
-        Err(error) => {
-            let _ = frames.blocking_send(Err(
-                anyhow::Error::new(error).context("cannot make a zstd context")
-            ));
-            return;
+/// A frame being compressed on a blocking thread.
+type Encoding = tokio::task::JoinHandle<anyhow::Result<ShipFrame>>;
+
+/// Compresses and encodes the frames of every partition's stream: at most `workers` at once
+/// across the edge, each with a zstd context taken from a pool, so contexts (and their
+/// tables) are made once rather than per frame.
+struct Encoders {
+    compression: UplinkCompression,
+    workers: usize,
+    permits: Arc<Semaphore>,
+    contexts: std::sync::Mutex<Vec<silt_wire::BatchCompressor>>,
+}
+
+impl Encoders {
+    fn new(compression: UplinkCompression) -> Encoders {
+        let workers = std::thread::available_parallelism()
+            .map_or(1, usize::from)
+            .clamp(1, ENCODERS_MAX);
+        Encoders {
+            compression,
+            workers,
+            permits: Arc::new(Semaphore::new(workers)),
+            contexts: std::sync::Mutex::new(Vec::new()),
         }
-    };
-    while let Some(frame) = read.blocking_recv() {
-        let frame = frame.map(|frame| {
-            let raw_len = frame.batches.len();
-            let (codec, payload) = compressor.compress(&frame.batches);
-            let mut out = BytesMut::with_capacity(payload.len() + 64);
-            Frame::Data {
-                first_offset: frame.first,
-                end_offset: frame.end,
-                edge_end: frame.edge_end,
-                codec,
-                raw_len: raw_len as u32,
-                payload: &payload,
+    }
+
+    /// Starts compressing each frame read as soon as a worker is free, and passes the
+    /// frames on in the order read, until either side of the stream is gone.
+    async fn encode_loop(
+        self: Arc<Self>,
+        mut read: tokio::sync::mpsc::Receiver<anyhow::Result<ReadFrame>>,
+        frames: tokio::sync::mpsc::Sender<anyhow::Result<Encoding>>,
+    ) {
+        while let Some(frame) = read.recv().await {
+            let encoding = match frame {
+                Ok(frame) => {
+                    let Ok(permit) = self.permits.clone().acquire_owned().await else {
+                        return;
+                    };
+                    let encoders = self.clone();
+                    Ok(tokio::task::spawn_blocking(move || {
+                        let _permit = permit;
+                        encoders.encode(frame)
+                    }))
+                }
+                Err(error) => Err(error),
+            };
+            if frames.send(encoding).await.is_err() {
+                return;
             }
-            .encode(&mut out);
-            ShipFrame {
-                first: frame.first,
-                end: frame.end,
-                raw_len,
-                bytes: out.freeze(),
-            }
-        });
-        if frames.blocking_send(frame).is_err() {
-            return;
         }
+    }
+
+    /// The frame's `Data` frame, its payload compressed as configured. Blocking.
+    fn encode(&self, frame: ReadFrame) -> anyhow::Result<ShipFrame> {
+        let raw_len = frame.batches.len();
+        let compressed = match self.compression {
+            UplinkCompression::None => None,
+            UplinkCompression::Zstd => {
+                let pooled = self.contexts.lock().unwrap_or_else(|e| e.into_inner()).pop();
+                let mut context = match pooled {
+                    Some(context) => context,
+                    None => silt_wire::BatchCompressor::new()
+                        .context("cannot make a zstd context")?,
+                };
+                let compressed = context.compress(&frame.batches);
+                let mut contexts = self.contexts.lock().unwrap_or_else(|e| e.into_inner());
+                if contexts.len() < self.workers {
+                    contexts.push(context);
+                }
+                Some(compressed)
+            }
+        };
+        let (codec, payload) = match &compressed {
+            Some((codec, payload)) => (*codec, &payload[..]),
+            None => (silt_wire::Codec::None, &frame.batches[..]),
+        };
+        let mut out = BytesMut::with_capacity(payload.len() + 64);
+        Frame::Data {
+            first_offset: frame.first,
+            end_offset: frame.end,
+            edge_end: frame.edge_end,
+            codec,
+            raw_len: raw_len as u32,
+            payload,
+        }
+        .encode(&mut out);
+        Ok(ShipFrame {
+            first: frame.first,
+            end: frame.end,
+            raw_len,
+            bytes: out.freeze(),
+        })
     }
 }
 
