@@ -85,8 +85,16 @@ pub(crate) async fn run(
 
     // Created before the broker, which will read its backpressure flag on Produce; it starts
     // nothing until `run`.
-    let tier = config.object_store.as_ref().map(|store| {
-        let tier = Tier::new(&store.url, config.tiering, log.clone());
+    // Opened once: offload and the cold reader share one store (and its connection pool).
+    let archive = match &config.object_store {
+        Some(url) => Some(
+            silt_tiering::ArchiveStore::open(&url.url)
+                .with_context(|| format!("cannot open object store {}", url.url))?,
+        ),
+        None => None,
+    };
+    let tier = archive.as_ref().map(|store| {
+        let tier = Tier::new(store.clone(), config.tiering, log.clone());
         if let Some(slot) = &tier_slot {
             let _ = slot.set(tier.clone());
         }
@@ -97,13 +105,6 @@ pub(crate) async fn run(
         .advertised_listener
         .clone()
         .unwrap_or_else(|| (kafka_addr.ip().to_string(), kafka_addr.port()));
-    let archive = match &config.object_store {
-        Some(url) => Some(
-            silt_tiering::ArchiveStore::open(&url.url)
-                .with_context(|| format!("cannot open object store {}", url.url))?,
-        ),
-        None => None,
-    };
     let broker_config = BrokerConfig {
         archive,
         cold: config.tiering.cold,

@@ -254,6 +254,30 @@ fn closed_segments_reach_the_archive_local_ones_go_and_kill_9_loses_nothing() {
     core.stop();
 }
 
+/// `memory://` is one store per node, shared by offload and the cold reader: records offloaded
+/// and deleted locally are read back from it (two opens of the URL would be two empty stores).
+#[test]
+fn a_memory_store_serves_what_was_offloaded_into_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mut args = tier_args(dir.path());
+    args[1] = "memory://".to_string();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let core = Core::start(&data, &args);
+    create_topic(&core, "readings");
+    produce(&core, "readings", 0, 600);
+    let status = wait_status(&core, "readings", "offload and local deletion", |p| {
+        p["archived_objects"].as_u64() > Some(0) && p["local_start_offset"].as_u64() > Some(100)
+    });
+    let p = partition0(&status);
+    assert_eq!(json_u64(p, "log_start_offset"), 0, "{p}");
+    assert!(p["last_error"].is_null(), "{p}");
+    assert_eq!(status["store"].as_str(), Some("memory://"), "{status}");
+    // From offset 0: the archived records come from the memory store, the rest from disk.
+    check_local(&core, "readings", 0, 600);
+    core.stop();
+}
+
 #[test]
 fn a_failing_store_keeps_data_local_counts_failures_pushes_back_and_recovers() {
     let dir = tempfile::tempdir().unwrap();

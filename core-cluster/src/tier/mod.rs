@@ -85,21 +85,15 @@ impl Backpressure {
 /// The node's tiering: its store, its partitions' archive state, and the backpressure flag.
 #[derive(Debug)]
 pub(crate) struct Tier {
-    url: String,
     config: TieringConfig,
     log: Arc<LogManager>,
-    /// Opened lazily and retried: the node starts whether or not the store answers.
-    store: Mutex<StoreSlot>,
+    /// The node's one handle on the store, shared with the broker's cold reader (for
+    /// `memory://`, two opens would be two different stores). Opening makes no request, so
+    /// a store that does not answer yet shows as failing uploads, retried with backoff.
+    store: ArchiveStore,
     partitions: Mutex<BTreeMap<(String, u32), Arc<PartitionTier>>>,
     uploads: Arc<Semaphore>,
     backpressure: Backpressure,
-}
-
-#[derive(Debug, Default)]
-struct StoreSlot {
-    store: Option<ArchiveStore>,
-    retry: Retry,
-    last_error: Option<String>,
 }
 
 /// One partition's tiering state.
@@ -155,14 +149,16 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Tier {
-    /// Tiering of `log`'s partitions to the store at `url`. Nothing is opened yet: [`Tier::run`]
-    /// opens the store and keeps retrying while it cannot.
-    pub(crate) fn new(url: &str, config: TieringConfig, log: Arc<LogManager>) -> Arc<Tier> {
+    /// Tiering of `log`'s partitions to `store`. Nothing starts until [`Tier::run`].
+    pub(crate) fn new(
+        store: ArchiveStore,
+        config: TieringConfig,
+        log: Arc<LogManager>,
+    ) -> Arc<Tier> {
         Arc::new(Tier {
-            url: url.to_string(),
             config,
             log,
-            store: Mutex::new(StoreSlot::default()),
+            store,
             partitions: Mutex::new(BTreeMap::new()),
             uploads: Arc::new(Semaphore::new(config.upload_concurrency)),
             backpressure: Backpressure::default(),
@@ -179,7 +175,7 @@ impl Tier {
     /// as the local segments stay until a commit names them.
     pub(crate) async fn run(self: Arc<Self>, shutdown: impl Future<Output = ()>) {
         tracing::info!(
-            store = %self.url,
+            store = %self.store.url(),
             check_interval_ms = self.config.check_interval.as_millis() as u64,
             upload_concurrency = self.config.upload_concurrency,
             "tiering started"
@@ -198,54 +194,23 @@ impl Tier {
         tasks.shutdown().await;
     }
 
-    /// One pass: open the store if needed, start an offload for each partition that is idle
-    /// and not backing off, and refresh backpressure and metrics.
+    /// One pass: start an offload for each partition that is idle and not backing off, and
+    /// refresh backpressure and metrics.
     fn check(self: &Arc<Self>, tasks: &mut JoinSet<()>) {
         let now = Instant::now();
-        let partitions = self.sync_partitions();
-        if let Some(store) = self.store(now) {
-            for partition in partitions {
-                if !lock(&partition.state).retry.due(now) {
-                    continue;
-                }
-                // Busy: its previous run is still uploading.
-                let Ok(manifest) = partition.manifest.clone().try_lock_owned() else {
-                    continue;
-                };
-                let tier = self.clone();
-                let store = store.clone();
-                tasks
-                    .spawn(async move { tier.offload_partition(store, partition, manifest).await });
+        for partition in self.sync_partitions() {
+            if !lock(&partition.state).retry.due(now) {
+                continue;
             }
+            // Busy: its previous run is still uploading.
+            let Ok(manifest) = partition.manifest.clone().try_lock_owned() else {
+                continue;
+            };
+            let tier = self.clone();
+            let store = self.store.clone();
+            tasks.spawn(async move { tier.offload_partition(store, partition, manifest).await });
         }
         self.refresh();
-    }
-
-    /// The store, opening it if it is not open and its retry is due.
-    fn store(&self, now: Instant) -> Option<ArchiveStore> {
-        let mut slot = lock(&self.store);
-        if slot.store.is_none() && slot.retry.due(now) {
-            match ArchiveStore::open(&self.url) {
-                Ok(store) => {
-                    slot.store = Some(store);
-                    slot.retry.succeeded();
-                    slot.last_error = None;
-                }
-                Err(error) => {
-                    let wait =
-                        slot.retry
-                            .failed(now, self.config.retry_initial, self.config.retry_max);
-                    tracing::warn!(
-                        store = %self.url,
-                        %error,
-                        retry_in_ms = wait.as_millis() as u64,
-                        "cannot open the object store; serving hot data only"
-                    );
-                    slot.last_error = Some(error.to_string());
-                }
-            }
-        }
-        slot.store.clone()
     }
 
     /// The tiered partitions, with new topics' partitions added and deleted topics' dropped.
@@ -693,7 +658,11 @@ mod tests {
             compact_min_age_ms: 0,
             ..TieringConfig::default()
         };
-        let tier = Tier::new(&url, config, Arc::clone(&manager));
+        let tier = Tier::new(
+            ArchiveStore::open(&url).unwrap(),
+            config,
+            Arc::clone(&manager),
+        );
         let old_ms = silt_log::now_ms() - 3_600_000;
         let value = |offset: i64| Bytes::from(format!("{offset:08}:{}", "v".repeat(300)));
         let mut uploads = 0;

@@ -53,7 +53,6 @@ impl Tier {
         if !is_tiered(topic) {
             return Err(StatusError::Internal(topic.to_string()));
         }
-        let store_error = lock(&self.store).last_error.clone();
         let known = lock(&self.partitions).clone();
         let mut partitions = Vec::with_capacity(info.partitions as usize);
         for index in 0..info.partitions {
@@ -84,12 +83,12 @@ impl Tier {
                 archived_bytes: committed.map_or(0, |committed| committed.bytes),
                 upload_lag_records: lag.records,
                 upload_lag_bytes: lag.bytes,
-                last_error: last_error.or_else(|| store_error.clone()),
+                last_error,
             });
         }
         Ok(TopicStatus {
             topic: topic.to_string(),
-            store: self.url.clone(),
+            store: self.store.url().to_string(),
             backpressure: self.backpressure.is_on(),
             partitions,
         })

@@ -745,11 +745,16 @@ impl Encoders {
         let compressed = match self.compression {
             UplinkCompression::None => None,
             UplinkCompression::Zstd => {
-                let pooled = self.contexts.lock().unwrap_or_else(|e| e.into_inner()).pop();
+                let pooled = self
+                    .contexts
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .pop();
                 let mut context = match pooled {
                     Some(context) => context,
-                    None => silt_wire::BatchCompressor::new()
-                        .context("cannot make a zstd context")?,
+                    None => {
+                        silt_wire::BatchCompressor::new().context("cannot make a zstd context")?
+                    }
                 };
                 let compressed = context.compress(&frame.batches);
                 let mut contexts = self.contexts.lock().unwrap_or_else(|e| e.into_inner());
