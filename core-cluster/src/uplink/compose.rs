@@ -17,8 +17,8 @@
 use bytes::{BufMut, BytesMut};
 use silt_log::batch::{
     BATCH_HEADER_LEN, BatchHeader, Compression, DecodeLimits, Header, LOG_OVERHEAD, MAGIC_V2,
-    TimestampType, check_batch, compute_crc, decode_records, put_varint, put_varlong, read_varint,
-    read_varlong, varint_len, varlong_len,
+    TimestampType, check_batch, compute_crc, decode_records, put_nullable, put_varint, put_varlong,
+    read_varint, read_varlong, varint_len, varlong_len,
 };
 
 use super::store::{
@@ -524,13 +524,6 @@ fn nullable_len(bytes: Option<&[u8]>) -> usize {
 fn put_string(out: &mut BytesMut, bytes: &[u8]) {
     put_varint(out, bytes.len() as i32);
     out.put_slice(bytes);
-}
-
-fn put_nullable(out: &mut BytesMut, bytes: Option<&[u8]>) {
-    match bytes {
-        None => put_varint(out, NULL_LENGTH),
-        Some(bytes) => put_string(out, bytes),
-    }
 }
 
 /// `value` in decimal, written at the end of `buf`.

@@ -582,11 +582,13 @@ fn nullable_len(bytes: Option<&[u8]>, too_long: &'static str) -> Result<usize, B
     }
 }
 
-fn put_nullable(out: &mut BytesMut, bytes: Option<&[u8]>) {
+/// Writes a record's nullable field (key, value, header value): its length as a varint, -1
+/// for null, then its bytes. The caller has checked the length fits an `i32`.
+pub fn put_nullable(out: &mut BytesMut, bytes: Option<&[u8]>) {
     match bytes {
         None => put_varint(out, NULL_LENGTH),
         Some(bytes) => {
-            // Checked against i32 by `record_body_len`.
+            // Checked against i32 by the caller (`record_body_len` here).
             put_varint(out, bytes.len() as i32);
             out.put_slice(bytes);
         }
