@@ -19,8 +19,8 @@
 //! - Local retention deletes only below the *committed* manifest's end. A partition whose
 //!   manifest has not been loaded (the store is down since start) or that has nothing archived
 //!   deletes nothing locally.
-//! - An unreachable store is never fatal: the node serves hot data, and opening the store,
-//!   loading manifests and uploading are retried with exponential backoff and jitter.
+//! - An unreachable store is never fatal: the node serves hot data, and loading manifests and
+//!   uploading are retried with exponential backoff and jitter.
 
 mod backoff;
 mod status;
@@ -207,8 +207,7 @@ impl Tier {
                 continue;
             };
             let tier = self.clone();
-            let store = self.store.clone();
-            tasks.spawn(async move { tier.offload_partition(store, partition, manifest).await });
+            tasks.spawn(async move { tier.offload_partition(partition, manifest).await });
         }
         self.refresh();
     }
@@ -249,7 +248,6 @@ impl Tier {
     /// due, one object per upload permit.
     async fn offload_partition(
         self: Arc<Self>,
-        store: ArchiveStore,
         partition: Arc<PartitionTier>,
         mut manifest: OwnedMutexGuard<Option<Manifest>>,
     ) {
@@ -262,16 +260,17 @@ impl Tier {
             object_bytes_target: self.config.object_bytes_target,
             max_wait_ms: self.config.max_wait_ms,
         };
+        let store = &self.store;
         loop {
             let Ok(_permit) = self.uploads.acquire().await else {
                 return;
             };
             let started = Instant::now();
             let result = match manifest.as_mut() {
-                Some(cached) => offload_next(&store, log, cached, &policy, silt_log::now_ms())
+                Some(cached) => offload_next(store, log, cached, &policy, silt_log::now_ms())
                     .await
                     .map(|object| object.map(|object| (object, Committed::of(cached)))),
-                None => match Manifest::load(&store, log.topic(), log.partition()).await {
+                None => match Manifest::load(store, log.topic(), log.partition()).await {
                     Ok(loaded) => {
                         let loaded =
                             loaded.unwrap_or_else(|| Manifest::new(log.topic(), log.partition()));
@@ -307,7 +306,7 @@ impl Tier {
                 }
                 Ok(None) => {
                     let maintained = match manifest.as_mut() {
-                        Some(cached) => self.maintain(&store, &partition, cached).await,
+                        Some(cached) => self.maintain(&partition, cached).await,
                         None => Ok(()),
                     };
                     let mut state = lock(&partition.state);
@@ -363,14 +362,14 @@ impl Tier {
     /// manifest meanwhile (silt-tiering's `gc` relies on that).
     async fn maintain(
         &self,
-        store: &ArchiveStore,
         partition: &PartitionTier,
         manifest: &mut Manifest,
     ) -> silt_tiering::Result<()> {
         let log = &partition.log;
         if self.config.compact && lock(&partition.state).compact_retry.due(Instant::now()) {
-            self.compact(store, partition, manifest).await;
+            self.compact(partition, manifest).await;
         }
+        let store = &self.store;
         let retained = retention::enforce(store, log, manifest, silt_log::now_ms()).await?;
         lock(&partition.state).committed = Some(Committed::of(manifest));
         if retained.objects_expired > 0 || retained.local_segments_deleted > 0 {
@@ -418,12 +417,7 @@ impl Tier {
     /// of small objects costs one upload permit at a time and is worked off check by check.
     /// A failure is counted, logged and backed off, and leaves `manifest` what the store holds
     /// (`compact_next` restores it after a failed commit), so retention and GC go on.
-    async fn compact(
-        &self,
-        store: &ArchiveStore,
-        partition: &PartitionTier,
-        manifest: &mut Manifest,
-    ) {
+    async fn compact(&self, partition: &PartitionTier, manifest: &mut Manifest) {
         let log = &partition.log;
         let labels = [
             ("topic", log.topic().to_string()),
@@ -436,7 +430,7 @@ impl Tier {
             ..CompactPolicy::default()
         };
         let started = Instant::now();
-        let done = match compact_next(store, manifest, &policy, silt_log::now_ms()).await {
+        let done = match compact_next(&self.store, manifest, &policy, silt_log::now_ms()).await {
             Ok(Some(done)) => done,
             Ok(None) => {
                 lock(&partition.state).compact_retry.succeeded();
