@@ -22,7 +22,7 @@
 //! (their base offsets are the edge offsets), as a whole compressed with zstd when
 //! `codec` is 1. `raw_len` is the uncompressed size, bounded by [`DATA_RAW_BYTES_MAX`].
 
-use bytes::{BufMut, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 
 /// The ALPN protocol id of the uplink.
 pub const ALPN: &[u8] = b"silt-uplink/1";
@@ -137,12 +137,22 @@ impl Frame<'_> {
     /// Panics when a field breaks a limit: encoding is only ever given values this side
     /// built, so that is a bug, not an operating condition.
     pub fn encode(&self, out: &mut BytesMut) {
+        out.reserve(FRAME_HEADER_LEN + self.body_len());
+        self.encode_head(out);
+        if let Frame::Data { payload, .. } = self {
+            out.put_slice(payload);
+        }
+    }
+
+    /// Appends the frame as [`Frame::encode`] does, except a `Data` frame's payload: the
+    /// caller sends the payload right after these bytes, from its own buffer, uncopied.
+    /// Panics as [`Frame::encode`] does.
+    pub fn encode_head(&self, out: &mut BytesMut) {
         let body_len = self.body_len();
         assert!(
             body_len < FRAME_BYTES_MAX,
             "frame of {body_len} bytes exceeds the limit"
         );
-        out.reserve(FRAME_HEADER_LEN + body_len);
         out.put_u32((body_len + 1) as u32);
         match *self {
             Frame::Hello {
@@ -167,7 +177,7 @@ impl Frame<'_> {
                 edge_end,
                 codec,
                 raw_len,
-                payload,
+                ..
             } => {
                 assert!(first_offset <= end_offset && end_offset <= edge_end);
                 assert!(raw_len as usize <= DATA_RAW_BYTES_MAX);
@@ -177,7 +187,6 @@ impl Frame<'_> {
                 out.put_u64(edge_end);
                 out.put_u8(codec as u8);
                 out.put_u32(raw_len);
-                out.put_slice(payload);
             }
             Frame::Ack { end_offset } => {
                 out.put_u8(TYPE_ACK);
@@ -409,22 +418,18 @@ impl BatchCompressor {
 }
 
 /// The batch bytes of a `Data` payload, never more than `raw_len` (itself bounded by
-/// [`DATA_RAW_BYTES_MAX`] at decode).
-pub fn decompress_batches(
-    codec: Codec,
-    raw_len: u32,
-    payload: &[u8],
-) -> Result<Vec<u8>, WireError> {
+/// [`DATA_RAW_BYTES_MAX`] at decode): an uncompressed payload is itself, not a copy.
+pub fn decompress_batches(codec: Codec, raw_len: u32, payload: Bytes) -> Result<Bytes, WireError> {
     match codec {
-        Codec::None => Ok(payload.to_vec()),
+        Codec::None => Ok(payload),
         Codec::Zstd => {
             let max = (raw_len as usize).min(DATA_RAW_BYTES_MAX);
             let raw =
-                zstd::bulk::decompress(payload, max).map_err(|_| WireError::Decompress { max })?;
+                zstd::bulk::decompress(&payload, max).map_err(|_| WireError::Decompress { max })?;
             if raw.len() != raw_len as usize {
                 return Err(WireError::Decompress { max });
             }
-            Ok(raw)
+            Ok(raw.into())
         }
     }
 }

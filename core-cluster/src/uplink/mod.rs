@@ -508,18 +508,14 @@ async fn read_frames(
                 message: "expected a Data frame".into(),
             }));
         };
-        let batches: bytes::Bytes = match codec {
-            // Shipped as stored: the batches are the frame's own bytes, not a copy.
-            silt_wire::Codec::None => frame.slice_ref(payload),
-            silt_wire::Codec::Zstd => silt_wire::decompress_batches(codec, raw_len, payload)
-                .map_err(|error| {
-                    Some(StreamFault {
-                        code: error_code::MALFORMED,
-                        message: error.to_string(),
-                    })
-                })?
-                .into(),
-        };
+        // Shipped as stored, the batches are the frame's own bytes, not a copy.
+        let batches = silt_wire::decompress_batches(codec, raw_len, frame.slice_ref(payload))
+            .map_err(|error| {
+                Some(StreamFault {
+                    code: error_code::MALFORMED,
+                    message: error.to_string(),
+                })
+            })?;
         // A frame larger than the whole read-ahead still goes through, alone.
         let permits = batches.len().clamp(1, READ_AHEAD_BYTES) as u32;
         read_ahead

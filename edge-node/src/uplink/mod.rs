@@ -525,8 +525,8 @@ impl Shipper {
                 sent_tx
                     .send((frame.end, permits))
                     .expect("the ack reader outlives the sender");
-                let wire_bytes = frame.bytes.len();
-                send.write_chunk(frame.bytes)
+                let wire_bytes = frame.head.len() + frame.payload.len();
+                send.write_all_chunks(&mut [frame.head, frame.payload])
                     .await
                     .context("stream write failed")?;
                 metrics::counter!("silt_uplink_shipped_records_total", &labels)
@@ -625,12 +625,14 @@ struct ReadFrame {
     batches: Vec<u8>,
 }
 
-/// An encoded `Data` frame ready to send.
+/// An encoded `Data` frame ready to send: its head, then its payload, two buffers so the
+/// payload (the batches as read, or zstd's output) is never copied into a frame buffer.
 struct ShipFrame {
     first: u64,
     end: u64,
     raw_len: usize,
-    bytes: bytes::Bytes,
+    head: bytes::Bytes,
+    payload: bytes::Bytes,
 }
 
 /// Reads the partition from `next` on, frame by frame, into `frames`, until the log fails
@@ -764,25 +766,26 @@ impl Encoders {
                 Some(compressed)
             }
         };
-        let (codec, payload) = match &compressed {
-            Some((codec, payload)) => (*codec, &payload[..]),
-            None => (silt_wire::Codec::None, &frame.batches[..]),
+        let (codec, payload) = match compressed {
+            Some((codec, payload)) => (codec, bytes::Bytes::from(payload)),
+            None => (silt_wire::Codec::None, bytes::Bytes::from(frame.batches)),
         };
-        let mut out = BytesMut::with_capacity(payload.len() + 64);
+        let mut head = BytesMut::with_capacity(64);
         Frame::Data {
             first_offset: frame.first,
             end_offset: frame.end,
             edge_end: frame.edge_end,
             codec,
             raw_len: raw_len as u32,
-            payload,
+            payload: &payload,
         }
-        .encode(&mut out);
+        .encode_head(&mut head);
         Ok(ShipFrame {
             first: frame.first,
             end: frame.end,
             raw_len,
-            bytes: out.freeze(),
+            head: head.freeze(),
+            payload,
         })
     }
 }

@@ -14,7 +14,7 @@ fuzz_target!(|data: &[u8]| {
         frame.encode(&mut out);
         assert_eq!(&out[..], &rest[..used]);
         if let Frame::Data { codec, raw_len, payload, .. } = frame {
-            let _ = decompress_batches(codec, raw_len, payload);
+            let _ = decompress_batches(codec, raw_len, bytes::Bytes::copy_from_slice(payload));
         }
         rest = &rest[used..];
     }
