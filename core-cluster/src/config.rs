@@ -147,7 +147,7 @@ pub(crate) struct TieringConfig {
     pub(crate) compact_min_age_ms: u64,
     /// How the cold reader (Fetch and ListOffsets below the local start) is bounded:
     /// `tiering.cold_cache_bytes`, `tiering.cold_open_objects`, `tiering.cold_prefetch_max`,
-    /// `tiering.cold_replays_max`.
+    /// `tiering.cold_replays_max`, `tiering.cold_decode_ahead_max`.
     pub(crate) cold: silt_tiering::ColdConfig,
 }
 
@@ -478,6 +478,10 @@ impl CoreConfig {
             "cold_replays_max".into(),
             toml_int(settings.cold.replays_max),
         );
+        tiering.insert(
+            "cold_decode_ahead_max".into(),
+            toml_int(settings.cold.decode_ahead_max),
+        );
         root.insert("tiering".into(), tiering.into());
 
         let topic_defaults: toml::Table = self
@@ -584,6 +588,7 @@ struct RawTiering {
     cold_open_objects: Option<Scalar>,
     cold_prefetch_max: Option<Scalar>,
     cold_replays_max: Option<Scalar>,
+    cold_decode_ahead_max: Option<Scalar>,
 }
 
 impl RawTiering {
@@ -664,6 +669,11 @@ impl RawTiering {
         if let Some(value) = &self.cold_replays_max {
             let count = value.integer("tiering.cold_replays_max", 0, 4096)?;
             tiering.cold.replays_max = usize::try_from(count).expect("at most 4096");
+        }
+        // Row groups decoded ahead of their replays, over all of them; 0 decodes on demand.
+        if let Some(value) = &self.cold_decode_ahead_max {
+            let count = value.integer("tiering.cold_decode_ahead_max", 0, 256)?;
+            tiering.cold.decode_ahead_max = usize::try_from(count).expect("at most 256");
         }
         if tiering.retry_max < tiering.retry_initial {
             return Err(ConfigError::key(
@@ -1341,6 +1351,7 @@ mod tests {
             cold_open_objects = 16
             cold_prefetch_max = 0
             cold_replays_max = 3
+            cold_decode_ahead_max = 0
             "#,
         ))
         .unwrap();
@@ -1351,6 +1362,7 @@ mod tests {
                 readers_max: 16,
                 prefetch_max: 0,
                 replays_max: 3,
+                decode_ahead_max: 0,
             }
         );
         let again = CoreConfig::resolve(&file(&config.to_toml())).unwrap();

@@ -30,7 +30,7 @@
 //! missing when fetched (deleted by retention after the manifest was read) reloads the manifest
 //! and retries once, so the answer is the data or out of range, never a partial read.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -60,17 +60,24 @@ pub struct ColdConfig {
     /// Sequential replays kept between Fetches (each holds its cursor's current row group and
     /// up to 8 MiB of batches rebuilt ahead); 0 serves every cold Fetch on its own.
     pub replays_max: usize,
+    /// Row groups decoded ahead of their replay at once, over all replays, each holding up to
+    /// [`crate::read::DECODE_AHEAD_BYTES`] of decoded rows: a replay decodes the next row group on another
+    /// core while its consumer reads this one. 0 decodes each row group only once its replay
+    /// reaches it.
+    pub decode_ahead_max: usize,
 }
 
 impl ColdConfig {
     /// The bounds when nothing is configured: 256 MiB of row groups (a replay of a few
     /// partitions at once stays cached between a consumer's Fetches), 64 open objects, 4
-    /// prefetches, 16 replays.
+    /// prefetches, 16 replays, 4 row groups decoded ahead (two replays at full speed, 128 MiB
+    /// of decoded rows at most).
     pub const BUILT_IN: ColdConfig = ColdConfig {
         cache_bytes: 256 << 20,
         readers_max: 64,
         prefetch_max: 4,
         replays_max: 16,
+        decode_ahead_max: 4,
     };
 }
 
@@ -157,6 +164,8 @@ pub struct ColdStats {
     pub cached_bytes: u64,
     /// Replay cursors kept now.
     pub cursors: u64,
+    /// Row groups being decoded ahead of their replay now.
+    pub decoding_ahead: u64,
 }
 
 /// A cache of whole row groups by (object key, start byte), bounded by bytes, least recently
@@ -421,8 +430,9 @@ impl<K: std::hash::Hash + Eq + Clone, V: Clone> Lru<K, V> {
 /// of the consumer by a background task, so the next Fetch finds them ready.
 #[derive(Debug)]
 struct Replay {
-    /// The object the cursor reads.
-    key: String,
+    /// The objects the cursor reads from `position` on, each with its end offset (one past its
+    /// last): the one it is in, and those it was extended into.
+    objects: VecDeque<(String, i64)>,
     cursor: ArchiveCursor,
     /// Whole batches rebuilt ahead, from `position` to the cursor's next offset.
     ready: BytesMut,
@@ -436,6 +446,15 @@ struct Replay {
 }
 
 impl Replay {
+    /// Whether a read of object `key` at `offset` continues this replay.
+    fn continues_at(&self, key: &str, offset: i64) -> bool {
+        self.position == offset && self.objects.iter().any(|(object, _)| object == key)
+    }
+
+    /// Whether the replay reads object `key`.
+    fn reads(&self, key: &str) -> bool {
+        self.objects.iter().any(|(object, _)| object == key)
+    }
     /// Bytes to keep rebuilt ahead: twice the last Fetch's, at most [`AHEAD_BYTES_MAX`].
     fn ahead_bytes(&self) -> usize {
         self.fetch_bytes.saturating_mul(2).min(AHEAD_BYTES_MAX)
@@ -466,8 +485,20 @@ impl Replay {
         }
         // Into an empty `out` (a Fetch's first bytes) the batches move without a copy.
         out.unsplit(self.ready.split_to(taken));
-        self.position = next;
+        self.moved_to(next);
         records
+    }
+
+    /// Records that the next Fetch starts at `position`, forgetting objects read to the end.
+    fn moved_to(&mut self, position: i64) {
+        self.position = position;
+        while self
+            .objects
+            .front()
+            .is_some_and(|&(_, end)| end <= position && self.objects.len() > 1)
+        {
+            self.objects.pop_front();
+        }
     }
 }
 
@@ -488,6 +519,8 @@ pub struct ColdReader {
     positions: Mutex<HashMap<PartitionKey, i64>>,
     prefetching: Mutex<HashSet<PartitionKey>>,
     prefetch_slots: Arc<Semaphore>,
+    /// Permits to decode a row group ahead of its replay ([`ColdConfig::decode_ahead_max`]).
+    decode_ahead: Arc<Semaphore>,
     manifest_loads: AtomicU64,
     objects_opened: AtomicU64,
     prefetched: AtomicU64,
@@ -500,6 +533,7 @@ impl ColdReader {
             store,
             chunks: Arc::new(ChunkCache::new(config.cache_bytes)),
             prefetch_slots: Arc::new(Semaphore::new(config.prefetch_max)),
+            decode_ahead: Arc::new(Semaphore::new(config.decode_ahead_max)),
             config,
             manifests: Mutex::new(HashMap::new()),
             readers: Mutex::default(),
@@ -532,6 +566,8 @@ impl ColdReader {
                 .unwrap_or_else(|e| e.into_inner())
                 .entries
                 .len() as u64,
+            decoding_ahead: (self.config.decode_ahead_max - self.decode_ahead.available_permits())
+                as u64,
         }
     }
 
@@ -654,7 +690,7 @@ impl ColdReader {
         {
             // A slot in use finds the object gone by itself.
             if let Ok(mut replay) = slot.try_lock()
-                && replay.as_ref().is_some_and(|replay| replay.key == key)
+                && replay.as_ref().is_some_and(|replay| replay.reads(key))
             {
                 *replay = None;
             }
@@ -736,11 +772,15 @@ impl ColdReader {
         let mut guard = slot.lock().await;
         let continues = guard
             .as_ref()
-            .is_some_and(|replay| replay.key == key && replay.position == offset);
+            .is_some_and(|replay| replay.continues_at(key, offset));
         if !continues {
+            let mut cursor = reader.cursor(offset)?;
+            if self.config.decode_ahead_max > 0 {
+                cursor = cursor.with_decode_ahead(self.decode_ahead.clone());
+            }
             *guard = Some(Replay {
-                key: key.to_string(),
-                cursor: reader.cursor(offset)?,
+                objects: VecDeque::from([(key.to_string(), cursor.end_offset())]),
+                cursor,
                 ready: BytesMut::new(),
                 position: offset,
                 fetch_bytes: max_bytes,
@@ -759,7 +799,8 @@ impl ColdReader {
             match replay.cursor.read_into(remaining, out).await {
                 Ok(read) => {
                     records += read;
-                    replay.position = replay.cursor.next_offset();
+                    let next = replay.cursor.next_offset();
+                    replay.moved_to(next);
                 }
                 Err(error) => {
                     out.truncate(start);
@@ -769,13 +810,41 @@ impl ColdReader {
             }
         }
         let next = replay.position;
-        if replay.ready.is_empty() && replay.cursor.is_done() {
+        // A replay at its object's end stays when it may go on into the next object.
+        if replay.ready.is_empty() && replay.cursor.is_done() && self.config.decode_ahead_max == 0 {
             *guard = None;
-        } else if !replay.filling && !replay.cursor.is_done() {
+        } else if !replay.filling {
             replay.filling = true;
             self.rebuild_ahead(id.clone(), slot.clone());
         }
         Ok((next, records))
+    }
+
+    /// Continues the replay's cursor into the next object (per the cached manifest) once it
+    /// decodes every row group it has, so that the next object's first row group is decoded
+    /// ahead like any other. Nothing happens when the next object is not archived yet or cannot
+    /// be opened: the replay then ends with its object, and the read after it opens the next
+    /// one itself.
+    async fn extend_replay(&self, id: &PartitionKey, replay: &mut Replay) {
+        if self.config.decode_ahead_max == 0 || !replay.cursor.wants_more() {
+            return;
+        }
+        let end = replay.cursor.end_offset();
+        let Some(object) = self.locate_cached(&id.0, id.1, end) else {
+            return;
+        };
+        let extended = match self.reader(&object).await {
+            Ok(reader) => replay.cursor.extend(&reader),
+            Err(error) => Err(error),
+        };
+        match extended {
+            Ok(()) => replay
+                .objects
+                .push_back((object.key, replay.cursor.end_offset())),
+            Err(error) => {
+                tracing::debug!(topic = %id.0, partition = id.1, %error, "cold replay not extended");
+            }
+        }
     }
 
     /// The partition's replay slot, made when it has none; at most
@@ -798,12 +867,14 @@ impl ColdReader {
         if tokio::runtime::Handle::try_current().is_err() {
             return;
         }
+        let cold = self.clone();
         tokio::spawn(async move {
             loop {
                 let mut guard = slot.lock().await;
                 let Some(replay) = guard.as_mut() else {
                     return;
                 };
+                cold.extend_replay(&id, replay).await;
                 let wanted = replay.ahead_bytes().saturating_sub(replay.ready.len());
                 if wanted == 0 || replay.cursor.is_done() {
                     replay.filling = false;

@@ -8,6 +8,7 @@
 //! inside an original batch yields a batch starting at the offset asked for: its records and
 //! their sequences are the same, which is all a consumer can observe.
 
+use std::collections::VecDeque;
 use std::ops::Range;
 use std::sync::Arc;
 
@@ -17,8 +18,8 @@ use arrow::array::{
 };
 use arrow::datatypes::{Int16Type, Int32Type, Int64Type, TimestampMicrosecondType};
 use bytes::{Bytes, BytesMut};
-use futures_util::TryStreamExt;
 use futures_util::future::{BoxFuture, FutureExt};
+use futures_util::{StreamExt, TryStreamExt};
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt};
 use parquet::arrow::ParquetRecordBatchStreamBuilder;
@@ -26,10 +27,10 @@ use parquet::arrow::arrow_reader::{
     ArrowReaderMetadata, ArrowReaderOptions, RowSelection, RowSelector,
 };
 use parquet::arrow::async_reader::AsyncFileReader;
-use parquet::arrow::async_reader::ParquetRecordBatchStream;
 use parquet::errors::ParquetError;
 use parquet::file::metadata::{PageIndexPolicy, ParquetMetaData, ParquetMetaDataReader};
 use silt_log::batch::{BatchEncoder, BatchHeader, BatchSpec, MAGIC_V2, RecordRef};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 
 use crate::cold::ChunkCache;
 use crate::error::{Result, TierError};
@@ -341,31 +342,24 @@ impl ArchiveReader {
             .ok_or_else(|| self.outside(from_offset))?;
         let skip = usize::try_from(from_offset - self.row_group_offsets[group])
             .expect("the offset is inside its row group");
-        let groups: Vec<usize> = match rows_max {
-            Some(_) => vec![group],
-            None => (group..self.row_groups()).collect(),
-        };
-        let rest =
-            usize::try_from(self.row_group_offsets[groups[groups.len() - 1] + 1] - from_offset)
-                .expect("offsets grow");
-        let select = rows_max.map_or(rest, |rows| rows.clamp(1, rest));
-        let selection =
-            RowSelection::from(vec![RowSelector::skip(skip), RowSelector::select(select)]);
-        let stream = ParquetRecordBatchStreamBuilder::new_with_metadata(
-            self.source.clone(),
-            self.metadata.clone(),
-        )
-        .with_row_groups(groups)
-        .with_row_selection(selection)
-        .with_batch_size(READ_BATCH_ROWS)
-        .build()?;
-        Ok(ArchiveCursor {
-            key: self.source.key.to_string(),
-            stream,
+        let group_rest =
+            usize::try_from(self.row_group_offsets[group + 1] - from_offset).expect("offsets grow");
+        let mut cursor = ArchiveCursor {
+            plan: VecDeque::new(),
+            decoders: VecDeque::new(),
+            ahead: None,
             pending: None,
             next_offset: from_offset,
-            end_offset: from_offset + i64::try_from(select).expect("rows fit i64"),
-        })
+            end_offset: from_offset,
+        };
+        let select = rows_max.map_or(group_rest, |rows| rows.clamp(1, group_rest));
+        cursor.plan_group(self, group, Some((skip, select)));
+        if rows_max.is_none() {
+            for later in group + 1..self.row_groups() {
+                cursor.plan_group(self, later, None);
+            }
+        }
+        Ok(cursor)
     }
 
     fn outside(&self, offset: i64) -> TierError {
@@ -376,11 +370,29 @@ impl ArchiveReader {
     }
 }
 
-/// A read position in one archive object that keeps its Parquet stream between reads (see
-/// [`ArchiveReader::cursor`]): rows decoded and not yet handed out wait for the next read.
+/// Arrow batches a row group's decoder keeps ready for the rebuild that reads it, so decoding
+/// and rebuilding overlap.
+const DECODED_BATCHES_READY: usize = 4;
+/// Decoded bytes a row group decoded ahead of its cursor may hold: about half a row group of
+/// ~500-byte records, so that while the cursor's row group is decoded on one core the next is
+/// half done on another, and the cursor finds it that far along.
+pub const DECODE_AHEAD_BYTES: usize = 32 << 20;
+/// Row groups a cursor decodes ahead of the one it reads, each holding a permit from the
+/// cursor's [`ArchiveCursor::with_decode_ahead`] semaphore.
+const GROUPS_DECODED_AHEAD: usize = 1;
+
+/// A read position in one or more consecutive archive objects that keeps decoding between
+/// reads (see [`ArchiveReader::cursor`]): rows decoded and not yet handed out wait for the next
+/// read. Each row group is decoded by its own task into a bounded queue of Arrow batches; with
+/// permits to decode ahead, the next row group is decoded (on another core) while this one is
+/// read.
 pub struct ArchiveCursor {
-    key: String,
-    stream: ParquetRecordBatchStream<ObjectSource>,
+    /// Row groups not yet being decoded, in offset order.
+    plan: VecDeque<GroupPlan>,
+    /// Row groups being decoded: the one being read first.
+    decoders: VecDeque<GroupDecoder>,
+    /// Permits to decode a row group ahead, shared by the cursors of a node.
+    ahead: Option<Arc<Semaphore>>,
     /// Decoded rows not yet rebuilt: the Arrow batch and the first row still to hand out.
     pending: Option<(RecordBatch, usize)>,
     next_offset: i64,
@@ -388,12 +400,76 @@ pub struct ArchiveCursor {
     end_offset: i64,
 }
 
+/// One row group a cursor will read: where it is and which of its rows.
+struct GroupPlan {
+    source: ObjectSource,
+    metadata: ArrowReaderMetadata,
+    group: usize,
+    /// Rows to skip, then to read; `None` reads them all.
+    rows: Option<(usize, usize)>,
+    /// Decoded bytes of one Arrow batch, estimated from the row group's uncompressed size.
+    batch_bytes: usize,
+}
+
+/// A row group being decoded by its own task.
+struct GroupDecoder {
+    key: Path,
+    batches: mpsc::Receiver<parquet::errors::Result<RecordBatch>>,
+    task: tokio::task::AbortHandle,
+    /// Held while the row group was started ahead of its cursor.
+    _permit: Option<OwnedSemaphorePermit>,
+}
+
+impl Drop for GroupDecoder {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl GroupPlan {
+    /// Starts decoding, keeping up to `ready` Arrow batches decoded ahead of the reader.
+    fn start(
+        self,
+        ready: usize,
+        permit: Option<OwnedSemaphorePermit>,
+    ) -> parquet::errors::Result<GroupDecoder> {
+        let key = self.source.key.clone();
+        let mut builder =
+            ParquetRecordBatchStreamBuilder::new_with_metadata(self.source, self.metadata)
+                .with_row_groups(vec![self.group])
+                .with_batch_size(READ_BATCH_ROWS);
+        if let Some((skip, select)) = self.rows {
+            builder = builder.with_row_selection(RowSelection::from(vec![
+                RowSelector::skip(skip),
+                RowSelector::select(select),
+            ]));
+        }
+        let mut stream = builder.build()?;
+        let (sender, batches) = mpsc::channel(ready.max(1));
+        let task = tokio::spawn(async move {
+            while let Some(batch) = stream.next().await {
+                let failed = batch.is_err();
+                if sender.send(batch).await.is_err() || failed {
+                    return;
+                }
+            }
+        });
+        Ok(GroupDecoder {
+            key,
+            batches,
+            task: task.abort_handle(),
+            _permit: permit,
+        })
+    }
+}
+
 impl std::fmt::Debug for ArchiveCursor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ArchiveCursor")
-            .field("key", &self.key)
             .field("next_offset", &self.next_offset)
             .field("end_offset", &self.end_offset)
+            .field("groups_planned", &self.plan.len())
+            .field("groups_decoding", &self.decoders.len())
             .finish_non_exhaustive()
     }
 }
@@ -404,9 +480,99 @@ impl ArchiveCursor {
         self.next_offset
     }
 
+    /// One past the last offset the cursor reaches (where [`ArchiveCursor::extend`] continues).
+    pub fn end_offset(&self) -> i64 {
+        self.end_offset
+    }
+
     /// Whether every row the cursor can reach has been handed out.
     pub fn is_done(&self) -> bool {
         self.next_offset >= self.end_offset
+    }
+
+    /// Whether every row group the cursor reaches is being decoded already, so that a replay
+    /// wanting to decode further ahead should [`ArchiveCursor::extend`] it.
+    pub fn wants_more(&self) -> bool {
+        self.plan.is_empty() && self.decoders.len() <= GROUPS_DECODED_AHEAD
+    }
+
+    /// Lets the cursor decode the row group after the one it reads while it reads, holding one
+    /// of `permits` for it (none free: it decodes each row group when it reaches it).
+    pub fn with_decode_ahead(mut self, permits: Arc<Semaphore>) -> ArchiveCursor {
+        self.ahead = Some(permits);
+        self
+    }
+
+    /// Continues the cursor into `next`, the object whose first offset is this cursor's end,
+    /// and starts decoding it as far as the cursor decodes ahead.
+    pub fn extend(&mut self, next: &ArchiveReader) -> Result<()> {
+        if next.info.base_offset != self.end_offset {
+            return Err(TierError::InvalidInput(format!(
+                "{} starts at offset {}, not at the cursor's end {}",
+                next.source.key, next.info.base_offset, self.end_offset
+            )));
+        }
+        for group in 0..next.row_groups() {
+            self.plan_group(next, group, None);
+        }
+        self.start_decoders()
+    }
+
+    /// Adds row group `group` of `reader` (or `rows` of it) to the end of the cursor.
+    fn plan_group(&mut self, reader: &ArchiveReader, group: usize, rows: Option<(usize, usize)>) {
+        let row_group = reader.metadata.metadata().row_group(group);
+        let group_rows = usize::try_from(row_group.num_rows()).unwrap_or(0);
+        let row_bytes =
+            usize::try_from(row_group.total_byte_size()).unwrap_or(0) / group_rows.max(1);
+        let count = rows.map_or(group_rows, |(_, select)| select);
+        self.end_offset += i64::try_from(count).expect("rows fit i64");
+        self.plan.push_back(GroupPlan {
+            source: reader.source.clone(),
+            metadata: reader.metadata.clone(),
+            group,
+            rows,
+            batch_bytes: row_bytes.saturating_mul(READ_BATCH_ROWS).max(1),
+        });
+    }
+
+    /// Starts the decoders the cursor should have running: the row group it reads, and (with
+    /// a free permit) the [`GROUPS_DECODED_AHEAD`] after it.
+    fn start_decoders(&mut self) -> Result<()> {
+        if self.decoders.is_empty()
+            && let Some(plan) = self.plan.pop_front()
+        {
+            self.decoders
+                .push_back(plan.start(DECODED_BATCHES_READY, None)?);
+        }
+        while self.decoders.len() <= GROUPS_DECODED_AHEAD && !self.plan.is_empty() {
+            let Some(permit) = self
+                .ahead
+                .as_ref()
+                .and_then(|permits| permits.clone().try_acquire_owned().ok())
+            else {
+                break;
+            };
+            let plan = self.plan.pop_front().expect("checked non-empty");
+            let ready = (DECODE_AHEAD_BYTES / plan.batch_bytes).max(DECODED_BATCHES_READY);
+            self.decoders.push_back(plan.start(ready, Some(permit))?);
+        }
+        Ok(())
+    }
+
+    /// The next decoded Arrow batch, `None` once every row group is read.
+    async fn next_batch(&mut self) -> Result<Option<RecordBatch>> {
+        loop {
+            self.start_decoders()?;
+            let Some(decoder) = self.decoders.front_mut() else {
+                return Ok(None);
+            };
+            match decoder.batches.recv().await {
+                Some(batch) => return Ok(Some(batch?)),
+                None => {
+                    self.decoders.pop_front();
+                }
+            }
+        }
     }
 
     /// Appends whole batches to `out`, from [`ArchiveCursor::next_offset`] on, until about
@@ -421,6 +587,10 @@ impl ArchiveCursor {
         match result {
             Ok(()) => {
                 self.next_offset = rebuilder.next_offset;
+                if self.is_done() {
+                    // Its last row group's decoder may still hold a permit to decode ahead.
+                    self.decoders.clear();
+                }
                 Ok(rebuilder.records)
             }
             Err(error) => {
@@ -441,7 +611,7 @@ impl ArchiveCursor {
         while rebuilder.next_offset < self.end_offset {
             let (batch, first_row) = match self.pending.take() {
                 Some(pending) => pending,
-                None => match self.stream.try_next().await? {
+                None => match self.next_batch().await? {
                     Some(batch) => (batch, 0),
                     None => {
                         return Err(self.corrupt(format!(
@@ -471,9 +641,18 @@ impl ArchiveCursor {
         Ok(())
     }
 
+    /// The object the cursor reads now (or will read next).
+    fn key(&self) -> String {
+        self.decoders
+            .front()
+            .map(|decoder| decoder.key.to_string())
+            .or_else(|| self.plan.front().map(|plan| plan.source.key.to_string()))
+            .unwrap_or_default()
+    }
+
     fn corrupt(&self, why: String) -> TierError {
         TierError::Corrupt {
-            key: self.key.clone(),
+            key: self.key(),
             why,
         }
     }

@@ -282,7 +282,14 @@ async fn sequential_reads_prefetch_the_next_row_group() {
     let root = dir.path().join("objects");
     let store = ArchiveStore::open(&format!("file://{}", root.display())).unwrap();
     let manifest = archive(&store, &[(0, rows + 499)]).await;
-    let cold = ColdReader::new(store, ColdConfig::default());
+    // Decoding ahead would fetch group 1 itself; this is about prefetch alone.
+    let cold = ColdReader::new(
+        store,
+        ColdConfig {
+            decode_ahead_max: 0,
+            ..ColdConfig::default()
+        },
+    );
     // Two reads in a row in group 0: the second is sequential and prefetches group 1.
     let first = cold.read(TOPIC, 0, 0, 64 << 10).await.unwrap();
     let second = cold
@@ -546,4 +553,48 @@ async fn replays_are_bounded_by_their_limit_and_zero_turns_them_off() {
     );
     replay_exactly(&cold, 3, 3000, 4 << 10, async |_| {}).await;
     assert_eq!(cold.stats().cursors, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_decodes_the_next_objects_rows_while_its_consumer_reads_this_one() {
+    let store = ArchiveStore::open("memory://").unwrap();
+    // One row group each: what is decoded ahead of object one can only be object two.
+    let objects = [(0, 4_999), (5_000, 9_999), (10_000, 10_499)];
+    archive(&store, &objects).await;
+    // Two permits: object two is decoded ahead on one, and object three on the other once the
+    // replay is in object two; the replay ends holding one.
+    let config = ColdConfig {
+        prefetch_max: 0,
+        decode_ahead_max: 2,
+        ..ColdConfig::default()
+    };
+    let cold = ColdReader::new(store, config);
+    assert_eq!(cold.stats().decoding_ahead, 0);
+    let mut offset = 0;
+    for _ in 0..2 {
+        let read = cold.read(TOPIC, 0, offset, 16 << 10).await.unwrap();
+        offset = read.next_offset;
+    }
+    assert!(offset < 5_000, "still in object one");
+    wait_for("object two's row group decoded ahead", || {
+        cold.stats().decoding_ahead == 1
+    })
+    .await;
+    // The rest reads exactly, across both boundaries, within the two permits; once the replay
+    // is done, nothing is held.
+    let mut most = 0;
+    while offset < 10_500 {
+        let read = cold.read(TOPIC, 0, offset, 64 << 10).await.unwrap();
+        let records = decoded(&read.batches);
+        assert_eq!(records.first().unwrap().0, offset, "starts where asked");
+        for (index, (got_offset, got)) in records.iter().enumerate() {
+            assert_eq!(*got_offset, offset + index as i64, "contiguous");
+            assert_is_source(*got_offset, got);
+        }
+        offset = read.next_offset;
+        most = most.max(cold.stats().decoding_ahead);
+    }
+    assert_eq!(offset, 10_500);
+    assert!(most <= 2, "{most} row groups decoded ahead on two permits");
+    wait_for("the permit back", || cold.stats().decoding_ahead == 0).await;
 }
