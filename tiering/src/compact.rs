@@ -33,6 +33,7 @@
 
 use std::ops::Range;
 
+use bytes::BytesMut;
 use silt_log::batch::BatchHeader;
 
 use crate::error::{Result, TierError};
@@ -255,13 +256,17 @@ async fn copy_object(
             info.base_offset, info.last_offset, object.base_offset, object.last_offset
         )));
     }
-    let mut next = object.base_offset;
-    while next <= object.last_offset {
-        let read = reader.read(next, READ_STEP_BYTES).await?;
-        if read.next_offset <= next {
+    // One cursor over the whole object: each row is decoded once, whatever the steps.
+    let mut cursor = reader.cursor(object.base_offset)?;
+    let mut step = BytesMut::new();
+    while !cursor.is_done() {
+        let next = cursor.next_offset();
+        step.clear();
+        cursor.read_into(READ_STEP_BYTES, &mut step).await?;
+        if cursor.next_offset() <= next {
             return Err(corrupt(format!("no records at offset {next}")));
         }
-        let mut rest = &read.batches[..];
+        let mut rest = &step[..];
         while let Some(header) = BatchHeader::parse(rest)? {
             let total_len = header.total_len();
             if total_len > rest.len() {
@@ -274,14 +279,13 @@ async fn copy_object(
             writer.push_batch(batch).await?;
             rest = tail;
         }
-        if writer.next_offset() != read.next_offset {
+        if writer.next_offset() != cursor.next_offset() {
             return Err(corrupt(format!(
                 "read up to offset {}, merged up to {}",
-                read.next_offset,
+                cursor.next_offset(),
                 writer.next_offset()
             )));
         }
-        next = read.next_offset;
     }
     Ok(())
 }
