@@ -37,8 +37,11 @@ use crate::error::{Result, TierError};
 use crate::schema;
 use crate::store::ArchiveStore;
 
-/// Rows decoded per Arrow batch while rebuilding.
+/// Rows decoded per Arrow batch while rebuilding, at most.
 const READ_BATCH_ROWS: usize = 1024;
+/// Decoded bytes per Arrow batch while rebuilding, about: a row group of large records is
+/// decoded a few rows at a time, so a cursor's queue of ready batches stays a few MiB.
+const READ_BATCH_BYTES: usize = 1 << 20;
 /// Footer bytes fetched in the first request, so most footers take one round trip.
 const FOOTER_PREFETCH_BYTES: usize = 64 << 10;
 
@@ -407,6 +410,9 @@ struct GroupPlan {
     group: usize,
     /// Rows to skip, then to read; `None` reads them all.
     rows: Option<(usize, usize)>,
+    /// Rows per Arrow batch: [`READ_BATCH_BYTES`] of them at the row group's average row size,
+    /// 1 to [`READ_BATCH_ROWS`].
+    batch_rows: usize,
     /// Decoded bytes of one Arrow batch, estimated from the row group's uncompressed size.
     batch_bytes: usize,
 }
@@ -437,7 +443,7 @@ impl GroupPlan {
         let mut builder =
             ParquetRecordBatchStreamBuilder::new_with_metadata(self.source, self.metadata)
                 .with_row_groups(vec![self.group])
-                .with_batch_size(READ_BATCH_ROWS);
+                .with_batch_size(self.batch_rows);
         if let Some((skip, select)) = self.rows {
             builder = builder.with_row_selection(RowSelection::from(vec![
                 RowSelector::skip(skip),
@@ -524,6 +530,7 @@ impl ArchiveCursor {
         let group_rows = usize::try_from(row_group.num_rows()).unwrap_or(0);
         let row_bytes =
             usize::try_from(row_group.total_byte_size()).unwrap_or(0) / group_rows.max(1);
+        let batch_rows = (READ_BATCH_BYTES / row_bytes.max(1)).clamp(1, READ_BATCH_ROWS);
         let count = rows.map_or(group_rows, |(_, select)| select);
         self.end_offset += i64::try_from(count).expect("rows fit i64");
         self.plan.push_back(GroupPlan {
@@ -531,7 +538,8 @@ impl ArchiveCursor {
             metadata: reader.metadata.clone(),
             group,
             rows,
-            batch_bytes: row_bytes.saturating_mul(READ_BATCH_ROWS).max(1),
+            batch_rows,
+            batch_bytes: row_bytes.saturating_mul(batch_rows).max(1),
         });
     }
 

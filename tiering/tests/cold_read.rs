@@ -598,3 +598,49 @@ async fn a_replay_decodes_the_next_objects_rows_while_its_consumer_reads_this_on
     assert!(most <= 2, "{most} row groups decoded ahead on two permits");
     wait_for("the permit back", || cold.stats().decoding_ahead == 0).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_records_replay_exactly() {
+    // 96 KiB values: a row group of them is decoded a few rows at a time.
+    let store = ArchiveStore::open("memory://").unwrap();
+    let value = |offset: i64| Bytes::from(vec![b'a' + (offset % 26) as u8; 96 << 10]);
+    let mut manifest = Manifest::new(TOPIC, 0);
+    let mut writer = ArchiveWriter::new(store.clone(), TOPIC, 0, 0, 299).unwrap();
+    for base in (0..300).step_by(10) {
+        let records: Vec<Record> = (base..base + 10)
+            .map(|offset| Record {
+                timestamp: BASE_TS + offset,
+                key: Some(Bytes::from(format!("k{offset}"))),
+                value: Some(value(offset)),
+                headers: vec![],
+            })
+            .collect();
+        let spec = BatchSpec {
+            base_offset: base,
+            ..BatchSpec::default()
+        };
+        let mut batch = BytesMut::new();
+        encode_batch(&spec, &records, &mut batch).unwrap();
+        writer.push_batch(&batch).await.unwrap();
+    }
+    manifest.add(writer.finish().await.unwrap()).unwrap();
+    manifest.commit(&store).await.unwrap();
+    let cold = ColdReader::new(store, ColdConfig::default());
+    let mut offset = 0;
+    while offset < 300 {
+        let read = cold.read(TOPIC, 0, offset, 1 << 20).await.unwrap();
+        let records = decoded(&read.batches);
+        assert_eq!(records.first().unwrap().0, offset, "starts where asked");
+        for (index, (got_offset, got)) in records.iter().enumerate() {
+            assert_eq!(*got_offset, offset + index as i64, "contiguous");
+            assert_eq!(
+                got.key.as_deref(),
+                Some(format!("k{got_offset}").as_bytes())
+            );
+            assert_eq!(got.value.as_deref(), Some(&value(*got_offset)[..]));
+            assert_eq!(got.timestamp, BASE_TS + got_offset);
+        }
+        offset = read.next_offset;
+    }
+    assert_eq!(offset, 300);
+}
