@@ -19,7 +19,10 @@
 //!   (twice the last Fetch's bytes, at most 8 MiB), so the rebuild of the next Fetch overlaps
 //!   the network and the consumer instead of waiting for its request. At most
 //!   [`ColdConfig::replays_max`] replays, least recently used dropped. A sequential read that is
-//!   not where the partition's replay stands starts a new one.
+//!   not where the partition's replay stands starts a new one. With a permit
+//!   ([`ColdConfig::decode_ahead_max`]), the cursor decodes the next row group on its own task
+//!   while the consumer reads this one, and at an object's end the replay extends its cursor
+//!   into the next object, so that object's first row group is decoded ahead as well.
 //! - prefetch for sequential replay: a read that starts where the partition's previous cold
 //!   read ended fetches, in the background, the row group after the one it stopped in (opening
 //!   the next object, footer included, at an object's end), so a replaying consumer does not
