@@ -75,6 +75,33 @@ async fn archive(store: &ArchiveStore, objects: &[(i64, i64)]) -> Manifest {
     manifest
 }
 
+/// Writes offsets `0..records` of `partition` as one object, `batch_records` a batch
+/// (uncompressed), the record at each offset made by `make`, and commits its manifest.
+async fn archive_one(
+    store: &ArchiveStore,
+    partition: u32,
+    records: i64,
+    batch_records: i64,
+    make: impl Fn(i64) -> Record,
+) {
+    let mut manifest = Manifest::new(TOPIC, partition);
+    let mut writer = ArchiveWriter::new(store.clone(), TOPIC, partition, 0, records - 1).unwrap();
+    for base in (0..records).step_by(batch_records as usize) {
+        let batch_records: Vec<Record> = (base..(base + batch_records).min(records))
+            .map(&make)
+            .collect();
+        let spec = BatchSpec {
+            base_offset: base,
+            ..BatchSpec::default()
+        };
+        let mut batch = BytesMut::new();
+        encode_batch(&spec, &batch_records, &mut batch).unwrap();
+        writer.push_batch(&batch).await.unwrap();
+    }
+    manifest.add(writer.finish().await.unwrap()).unwrap();
+    manifest.commit(store).await.unwrap();
+}
+
 fn decoded(bytes: &[u8]) -> Vec<(i64, DecodedRecord)> {
     let mut out = Vec::new();
     for item in batches(bytes, usize::MAX) {
@@ -96,6 +123,16 @@ fn assert_is_source(offset: i64, got: &DecodedRecord) {
     assert_eq!(got.key, want.key, "key at {offset}");
     assert_eq!(got.value, want.value, "value at {offset}");
     assert_eq!(got.headers, want.headers, "headers at {offset}");
+}
+
+/// Checks that `batches` hold contiguous records from `offset` on, each as `check` wants.
+fn assert_contiguous_from(offset: i64, batches: &[u8], check: impl Fn(i64, &DecodedRecord)) {
+    let records = decoded(batches);
+    assert_eq!(records.first().unwrap().0, offset, "starts where asked");
+    for (index, (got_offset, got)) in records.iter().enumerate() {
+        assert_eq!(*got_offset, offset + index as i64, "contiguous");
+        check(*got_offset, got);
+    }
 }
 
 async fn wait_for(what: &str, mut condition: impl FnMut() -> bool) {
@@ -430,12 +467,7 @@ async fn replay_exactly(
             "{} bytes for a {fetch_bytes}-byte read",
             read.batches.len()
         );
-        let records = decoded(&read.batches);
-        assert_eq!(records.first().unwrap().0, offset, "starts where asked");
-        for (index, (got_offset, got)) in records.iter().enumerate() {
-            assert_eq!(*got_offset, offset + index as i64, "contiguous");
-            assert_is_source(*got_offset, got);
-        }
+        assert_contiguous_from(offset, &read.batches, assert_is_source);
         offset = read.next_offset;
         between(offset).await;
     }
@@ -499,20 +531,7 @@ async fn a_replay_goes_on_exactly_when_compaction_replaces_the_object_under_its_
 async fn replays_are_bounded_by_their_limit_and_zero_turns_them_off() {
     let store = ArchiveStore::open("memory://").unwrap();
     for partition in 0..4 {
-        let mut manifest = Manifest::new(TOPIC, partition);
-        let mut writer = ArchiveWriter::new(store.clone(), TOPIC, partition, 0, 2999).unwrap();
-        for base in (0..3000).step_by(BATCH_RECORDS as usize) {
-            let records: Vec<Record> = (base..base + BATCH_RECORDS).map(record).collect();
-            let spec = BatchSpec {
-                base_offset: base,
-                ..BatchSpec::default()
-            };
-            let mut batch = BytesMut::new();
-            encode_batch(&spec, &records, &mut batch).unwrap();
-            writer.push_batch(&batch).await.unwrap();
-        }
-        manifest.add(writer.finish().await.unwrap()).unwrap();
-        manifest.commit(&store).await.unwrap();
+        archive_one(&store, partition, 3000, BATCH_RECORDS, record).await;
     }
     let cold = ColdReader::new(
         store.clone(),
@@ -585,12 +604,7 @@ async fn a_replay_decodes_the_next_objects_rows_while_its_consumer_reads_this_on
     let mut most = 0;
     while offset < 10_500 {
         let read = cold.read(TOPIC, 0, offset, 64 << 10).await.unwrap();
-        let records = decoded(&read.batches);
-        assert_eq!(records.first().unwrap().0, offset, "starts where asked");
-        for (index, (got_offset, got)) in records.iter().enumerate() {
-            assert_eq!(*got_offset, offset + index as i64, "contiguous");
-            assert_is_source(*got_offset, got);
-        }
+        assert_contiguous_from(offset, &read.batches, assert_is_source);
         offset = read.next_offset;
         most = most.max(cold.stats().decoding_ahead);
     }
@@ -604,42 +618,22 @@ async fn large_records_replay_exactly() {
     // 96 KiB values: a row group of them is decoded a few rows at a time.
     let store = ArchiveStore::open("memory://").unwrap();
     let value = |offset: i64| Bytes::from(vec![b'a' + (offset % 26) as u8; 96 << 10]);
-    let mut manifest = Manifest::new(TOPIC, 0);
-    let mut writer = ArchiveWriter::new(store.clone(), TOPIC, 0, 0, 299).unwrap();
-    for base in (0..300).step_by(10) {
-        let records: Vec<Record> = (base..base + 10)
-            .map(|offset| Record {
-                timestamp: BASE_TS + offset,
-                key: Some(Bytes::from(format!("k{offset}"))),
-                value: Some(value(offset)),
-                headers: vec![],
-            })
-            .collect();
-        let spec = BatchSpec {
-            base_offset: base,
-            ..BatchSpec::default()
-        };
-        let mut batch = BytesMut::new();
-        encode_batch(&spec, &records, &mut batch).unwrap();
-        writer.push_batch(&batch).await.unwrap();
-    }
-    manifest.add(writer.finish().await.unwrap()).unwrap();
-    manifest.commit(&store).await.unwrap();
+    archive_one(&store, 0, 300, 10, |offset| Record {
+        timestamp: BASE_TS + offset,
+        key: Some(Bytes::from(format!("k{offset}"))),
+        value: Some(value(offset)),
+        headers: vec![],
+    })
+    .await;
     let cold = ColdReader::new(store, ColdConfig::default());
     let mut offset = 0;
     while offset < 300 {
         let read = cold.read(TOPIC, 0, offset, 1 << 20).await.unwrap();
-        let records = decoded(&read.batches);
-        assert_eq!(records.first().unwrap().0, offset, "starts where asked");
-        for (index, (got_offset, got)) in records.iter().enumerate() {
-            assert_eq!(*got_offset, offset + index as i64, "contiguous");
-            assert_eq!(
-                got.key.as_deref(),
-                Some(format!("k{got_offset}").as_bytes())
-            );
-            assert_eq!(got.value.as_deref(), Some(&value(*got_offset)[..]));
-            assert_eq!(got.timestamp, BASE_TS + got_offset);
-        }
+        assert_contiguous_from(offset, &read.batches, |at, got| {
+            assert_eq!(got.key.as_deref(), Some(format!("k{at}").as_bytes()));
+            assert_eq!(got.value.as_deref(), Some(&value(at)[..]));
+            assert_eq!(got.timestamp, BASE_TS + at);
+        });
         offset = read.next_offset;
     }
     assert_eq!(offset, 300);
