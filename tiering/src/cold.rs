@@ -64,9 +64,9 @@ pub struct ColdConfig {
     /// up to 8 MiB of batches rebuilt ahead); 0 serves every cold Fetch on its own.
     pub replays_max: usize,
     /// Row groups decoded ahead of their replay at once, over all replays, each holding up to
-    /// [`crate::read::DECODE_AHEAD_BYTES`] of decoded rows: a replay decodes the next row group on another
-    /// core while its consumer reads this one. 0 decodes each row group only once its replay
-    /// reaches it.
+    /// [`crate::read::DECODE_AHEAD_BYTES`] of decoded rows: a replay decodes the next row group
+    /// on another core while its consumer reads this one. 0 decodes each row group only once
+    /// its replay reaches it.
     pub decode_ahead_max: usize,
 }
 
@@ -458,6 +458,7 @@ impl Replay {
     fn reads(&self, key: &str) -> bool {
         self.objects.iter().any(|(object, _)| object == key)
     }
+
     /// Bytes to keep rebuilt ahead: twice the last Fetch's, at most [`AHEAD_BYTES_MAX`].
     fn ahead_bytes(&self) -> usize {
         self.fetch_bytes.saturating_mul(2).min(AHEAD_BYTES_MAX)
