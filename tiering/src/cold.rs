@@ -451,7 +451,7 @@ struct Replay {
 impl Replay {
     /// Whether a read of object `key` at `offset` continues this replay.
     fn continues_at(&self, key: &str, offset: i64) -> bool {
-        self.position == offset && self.objects.iter().any(|(object, _)| object == key)
+        self.position == offset && self.reads(key)
     }
 
     /// Whether the replay reads object `key`.

@@ -26,7 +26,7 @@ use parquet::arrow::ParquetRecordBatchStreamBuilder;
 use parquet::arrow::arrow_reader::{
     ArrowReaderMetadata, ArrowReaderOptions, RowSelection, RowSelector,
 };
-use parquet::arrow::async_reader::AsyncFileReader;
+use parquet::arrow::async_reader::{AsyncFileReader, ParquetRecordBatchStream};
 use parquet::errors::ParquetError;
 use parquet::file::metadata::{PageIndexPolicy, ParquetMetaData, ParquetMetaDataReader};
 use silt_log::batch::{BatchEncoder, BatchHeader, BatchSpec, MAGIC_V2, RecordRef};
@@ -373,8 +373,7 @@ impl ArchiveReader {
     }
 }
 
-/// Arrow batches a row group's decoder keeps ready for the rebuild that reads it, so decoding
-/// and rebuilding overlap.
+/// Arrow batches a row group decoded ahead keeps ready at least.
 const DECODED_BATCHES_READY: usize = 4;
 /// Decoded bytes a row group decoded ahead of its cursor may hold: about half a row group of
 /// ~500-byte records, so that while the cursor's row group is decoded on one core the next is
@@ -386,9 +385,9 @@ const GROUPS_DECODED_AHEAD: usize = 1;
 
 /// A read position in one or more consecutive archive objects that keeps decoding between
 /// reads (see [`ArchiveReader::cursor`]): rows decoded and not yet handed out wait for the next
-/// read. Each row group is decoded by its own task into a bounded queue of Arrow batches; with
-/// permits to decode ahead, the next row group is decoded (on another core) while this one is
-/// read.
+/// read. The row group being read is decoded by the reader as it reads; with permits to decode
+/// ahead, the next row group is decoded by its own task (on another core) into a bounded queue
+/// of Arrow batches while this one is read.
 pub struct ArchiveCursor {
     /// Row groups not yet being decoded, in offset order.
     plan: VecDeque<GroupPlan>,
@@ -417,29 +416,48 @@ struct GroupPlan {
     batch_bytes: usize,
 }
 
-/// A row group being decoded by its own task.
+/// A row group being decoded.
 struct GroupDecoder {
     key: Path,
-    batches: mpsc::Receiver<parquet::errors::Result<RecordBatch>>,
-    task: tokio::task::AbortHandle,
-    /// Held while the row group was started ahead of its cursor.
-    _permit: Option<OwnedSemaphorePermit>,
+    decoding: Decoding,
+}
+
+enum Decoding {
+    /// By the cursor's reader, as it reads.
+    Inline(ParquetRecordBatchStream<ObjectSource>),
+    /// Ahead of the reader, by its own task.
+    Ahead {
+        batches: mpsc::Receiver<parquet::errors::Result<RecordBatch>>,
+        task: tokio::task::AbortHandle,
+        /// Given back when the row group is read (or the cursor dropped).
+        _permit: OwnedSemaphorePermit,
+    },
 }
 
 impl Drop for GroupDecoder {
     fn drop(&mut self) {
-        self.task.abort();
+        if let Decoding::Ahead { task, .. } = &self.decoding {
+            task.abort();
+        }
+    }
+}
+
+impl GroupDecoder {
+    /// The row group's next Arrow batch, `None` once it is read.
+    async fn next(&mut self) -> Option<parquet::errors::Result<RecordBatch>> {
+        match &mut self.decoding {
+            Decoding::Inline(stream) => stream.next().await,
+            Decoding::Ahead { batches, .. } => batches.recv().await,
+        }
     }
 }
 
 impl GroupPlan {
-    /// Starts decoding, keeping up to `ready` Arrow batches decoded ahead of the reader.
-    fn start(
-        self,
-        ready: usize,
-        permit: Option<OwnedSemaphorePermit>,
-    ) -> parquet::errors::Result<GroupDecoder> {
+    /// Starts decoding: as the reader reads, or (with a permit) ahead of it on a task of its
+    /// own, keeping up to [`DECODE_AHEAD_BYTES`] of Arrow batches ready.
+    fn start(self, permit: Option<OwnedSemaphorePermit>) -> parquet::errors::Result<GroupDecoder> {
         let key = self.source.key.clone();
+        let ready = (DECODE_AHEAD_BYTES / self.batch_bytes).max(DECODED_BATCHES_READY);
         let mut builder =
             ParquetRecordBatchStreamBuilder::new_with_metadata(self.source, self.metadata)
                 .with_row_groups(vec![self.group])
@@ -451,7 +469,13 @@ impl GroupPlan {
             ]));
         }
         let mut stream = builder.build()?;
-        let (sender, batches) = mpsc::channel(ready.max(1));
+        let Some(permit) = permit else {
+            return Ok(GroupDecoder {
+                key,
+                decoding: Decoding::Inline(stream),
+            });
+        };
+        let (sender, batches) = mpsc::channel(ready);
         let task = tokio::spawn(async move {
             while let Some(batch) = stream.next().await {
                 let failed = batch.is_err();
@@ -462,9 +486,11 @@ impl GroupPlan {
         });
         Ok(GroupDecoder {
             key,
-            batches,
-            task: task.abort_handle(),
-            _permit: permit,
+            decoding: Decoding::Ahead {
+                batches,
+                task: task.abort_handle(),
+                _permit: permit,
+            },
         })
     }
 }
@@ -549,8 +575,7 @@ impl ArchiveCursor {
         if self.decoders.is_empty()
             && let Some(plan) = self.plan.pop_front()
         {
-            self.decoders
-                .push_back(plan.start(DECODED_BATCHES_READY, None)?);
+            self.decoders.push_back(plan.start(None)?);
         }
         while self.decoders.len() <= GROUPS_DECODED_AHEAD && !self.plan.is_empty() {
             let Some(permit) = self
@@ -561,8 +586,7 @@ impl ArchiveCursor {
                 break;
             };
             let plan = self.plan.pop_front().expect("checked non-empty");
-            let ready = (DECODE_AHEAD_BYTES / plan.batch_bytes).max(DECODED_BATCHES_READY);
-            self.decoders.push_back(plan.start(ready, Some(permit))?);
+            self.decoders.push_back(plan.start(Some(permit))?);
         }
         Ok(())
     }
@@ -574,7 +598,7 @@ impl ArchiveCursor {
             let Some(decoder) = self.decoders.front_mut() else {
                 return Ok(None);
             };
-            match decoder.batches.recv().await {
+            match decoder.next().await {
                 Some(batch) => return Ok(Some(batch?)),
                 None => {
                     self.decoders.pop_front();
