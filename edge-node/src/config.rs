@@ -579,6 +579,24 @@ impl Scalar {
         in_range(key, number, min, max)
     }
 
+    /// An integer in `min..=max` that may be negative.
+    fn signed(&self, key: &str, min: i64, max: i64) -> Result<i64, ConfigError> {
+        let number = match self {
+            Scalar::Integer(number) => Some(*number),
+            Scalar::Text(text) => text.trim().parse::<i64>().ok(),
+        };
+        match number {
+            Some(number) if (min..=max).contains(&number) => Ok(number),
+            _ => Err(ConfigError::key(
+                key,
+                format!(
+                    "expected an integer from {min} to {max}, got {:?}",
+                    self.to_string()
+                ),
+            )),
+        }
+    }
+
     /// A byte count: an integer, or a string with a unit such as `"512MiB"` or `"2GB"`.
     fn bytes(&self, key: &str, min: u64, max: u64) -> Result<u64, ConfigError> {
         let number = match self {

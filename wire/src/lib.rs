@@ -376,6 +376,10 @@ impl<'a> Reader<'a> {
 
 /// zstd level for uplink payloads: fast, as an edge board's CPU is the scarce part.
 pub const ZSTD_LEVEL: i32 = 1;
+/// The levels an edge may choose ([`BatchCompressor::with_level`]): zstd's "fast" levels
+/// down to -7 (faster, less compression), up to 19, its highest level that needs no
+/// large-window ("ultra") memory on the core's decompressing side.
+pub const ZSTD_LEVELS: std::ops::RangeInclusive<i32> = -7..=19;
 
 /// Compresses batch bytes for a `Data` frame, keeping them raw when zstd does not shrink
 /// them (already compressed batches). Returns the codec and the payload.
@@ -402,8 +406,20 @@ impl std::fmt::Debug for BatchCompressor {
 impl BatchCompressor {
     /// A compressor at [`ZSTD_LEVEL`]; fails only when zstd cannot allocate its context.
     pub fn new() -> std::io::Result<BatchCompressor> {
+        BatchCompressor::with_level(ZSTD_LEVEL)
+    }
+
+    /// A compressor at `level`, one of [`ZSTD_LEVELS`]; fails when zstd cannot allocate its
+    /// context or rejects the level.
+    pub fn with_level(level: i32) -> std::io::Result<BatchCompressor> {
+        if !ZSTD_LEVELS.contains(&level) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("zstd level {level} is outside {ZSTD_LEVELS:?}"),
+            ));
+        }
         Ok(BatchCompressor {
-            zstd: zstd::bulk::Compressor::new(ZSTD_LEVEL)?,
+            zstd: zstd::bulk::Compressor::new(level)?,
         })
     }
 

@@ -119,6 +119,39 @@ proptest! {
     }
 }
 
+/// A compressor's level is the one asked for: on the same sensor-like JSON the fast level
+/// gives a larger payload than level 1, and level 19 a smaller one; each decompresses to the
+/// input. Levels outside the range are refused.
+#[test]
+fn compressor_levels_are_applied_and_bounded() {
+    let mut raw = Vec::new();
+    for i in 0..4000u32 {
+        let line = format!(
+            "{{\"device\":\"sensor-{:04}\",\"temp\":{}.{},\"status\":\"{}\"}}\n",
+            i.wrapping_mul(2_654_435_761) % 10_000,
+            i % 47,
+            i.wrapping_mul(7) % 100,
+            ["ok", "warn", "fault"][i as usize % 3],
+        );
+        raw.extend_from_slice(line.as_bytes());
+    }
+    let mut sizes = Vec::new();
+    for level in [-7, 1, 19] {
+        let (codec, payload) = BatchCompressor::with_level(level).unwrap().compress(&raw);
+        assert_eq!(codec, Codec::Zstd, "level {level}");
+        sizes.push(payload.len());
+        let back = decompress_batches(codec, raw.len() as u32, payload.into()).unwrap();
+        assert_eq!(&back[..], &raw[..], "level {level}");
+    }
+    assert!(
+        sizes[0] > sizes[1] && sizes[1] > sizes[2],
+        "sizes at -7, 1, 19: {sizes:?}"
+    );
+    for level in [-8, 20, 22] {
+        assert!(BatchCompressor::with_level(level).is_err(), "level {level}");
+    }
+}
+
 #[test]
 fn pinned_bytes() {
     let mut buf = BytesMut::new();

@@ -14,8 +14,6 @@ pub(crate) mod defaults {
     pub(crate) const INFLIGHT_BYTES: u64 = 8 << 20;
     /// Most uncompressed batch bytes in one `Data` frame.
     pub(crate) const FRAME_BYTES: u64 = 1 << 20;
-    /// How `Data` payloads are compressed.
-    pub(crate) const COMPRESSION: super::UplinkCompression = super::UplinkCompression::Zstd;
     /// Appended to the data directory's name for the uplink's cursor directory.
     pub(crate) const STATE_DIR_SUFFIX: &str = ".uplink";
 }
@@ -23,9 +21,11 @@ pub(crate) mod defaults {
 /// How the edge compresses what it ships (`uplink.compression`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum UplinkCompression {
-    /// zstd level 1 per frame: about 2x on sensor JSON for about 2 us of edge CPU per
-    /// 700-byte record. For links slower than the edge can compress (cellular, WAN).
-    Zstd,
+    /// zstd per frame, at `level` (`uplink.compression_level`, default 1). Level 1: about
+    /// 2x on sensor JSON for about 2 us of edge CPU per 700-byte record, for links slower
+    /// than the edge can compress (cellular, WAN). The fast levels (-1 to -7) trade ratio
+    /// for CPU, for a link between that and a LAN; higher levels the other way round.
+    Zstd { level: i32 },
     /// Batches shipped as stored: no compression CPU on either side, twice the bytes on the
     /// link. For a LAN or the same host, where the link is faster than zstd.
     None,
@@ -34,7 +34,7 @@ pub(crate) enum UplinkCompression {
 impl UplinkCompression {
     fn name(self) -> &'static str {
         match self {
-            UplinkCompression::Zstd => "zstd",
+            UplinkCompression::Zstd { .. } => "zstd",
             UplinkCompression::None => "none",
         }
     }
@@ -69,6 +69,7 @@ pub(super) struct RawUplink {
     inflight_bytes: Option<Scalar>,
     frame_bytes: Option<Scalar>,
     compression: Option<String>,
+    compression_level: Option<Scalar>,
     state_dir: Option<String>,
 }
 
@@ -121,9 +122,26 @@ impl RawUplink {
             )?,
             None => defaults::FRAME_BYTES,
         };
+        let level = match &self.compression_level {
+            None => silt_wire::ZSTD_LEVEL,
+            Some(level) => {
+                let levels = silt_wire::ZSTD_LEVELS;
+                let level = level.signed(
+                    "uplink.compression_level",
+                    i64::from(*levels.start()),
+                    i64::from(*levels.end()),
+                )?;
+                i32::try_from(level).expect("within the zstd levels")
+            }
+        };
         let compression = match self.compression.as_deref().map(str::trim) {
-            None => defaults::COMPRESSION,
-            Some("zstd") => UplinkCompression::Zstd,
+            None | Some("zstd") => UplinkCompression::Zstd { level },
+            Some("none") if self.compression_level.is_some() => {
+                return Err(ConfigError::key(
+                    "uplink.compression_level",
+                    "applies to zstd only, and uplink.compression is \"none\"",
+                ));
+            }
             Some("none") => UplinkCompression::None,
             Some(other) => {
                 return Err(ConfigError::key(
@@ -186,6 +204,9 @@ pub(super) fn to_toml(config: Option<&UplinkConfig>) -> toml::Table {
     table.insert("inflight_bytes".into(), toml_int(config.inflight_bytes));
     table.insert("frame_bytes".into(), toml_int(config.frame_bytes));
     table.insert("compression".into(), config.compression.name().into());
+    if let UplinkCompression::Zstd { level } = config.compression {
+        table.insert("compression_level".into(), i64::from(level).into());
+    }
     table.insert(
         "state_dir".into(),
         config.state_dir.to_string_lossy().into_owned().into(),
@@ -220,10 +241,37 @@ mod tests {
         assert_eq!(uplink.state_dir, PathBuf::from("/d/log.uplink"));
         assert_eq!(uplink.inflight_bytes, super::defaults::INFLIGHT_BYTES);
         assert_eq!(uplink.client_cert, None);
-        assert_eq!(uplink.compression, super::UplinkCompression::Zstd);
+        assert_eq!(
+            uplink.compression,
+            super::UplinkCompression::Zstd {
+                level: silt_wire::ZSTD_LEVEL
+            }
+        );
         // The printed config reads back the same.
         let printed = config.to_toml();
         assert_eq!(resolve(&printed).unwrap(), config);
+    }
+
+    #[test]
+    fn a_zstd_level_is_kept_and_printed() {
+        for (section, expected) in [
+            (
+                "compression_level = -5",
+                super::UplinkCompression::Zstd { level: -5 },
+            ),
+            (
+                "compression = \"zstd\"\ncompression_level = 19",
+                super::UplinkCompression::Zstd { level: 19 },
+            ),
+            ("compression = \"none\"", super::UplinkCompression::None),
+        ] {
+            let config = resolve(&format!(
+                "data_dir = \"/d/log\"\n[uplink]\naddr = \"h:1\"\nca = \"/c\"\n{section}"
+            ))
+            .unwrap();
+            assert_eq!(config.uplink.as_ref().unwrap().compression, expected);
+            assert_eq!(resolve(&config.to_toml()).unwrap(), config, "{section}");
+        }
     }
 
     #[test]
@@ -246,6 +294,22 @@ mod tests {
             (
                 "addr = \"h:1\"\nca = \"/c\"\ncompression = \"lz4\"",
                 "config key uplink.compression",
+            ),
+            (
+                "addr = \"h:1\"\nca = \"/c\"\ncompression_level = 20",
+                "config key uplink.compression_level",
+            ),
+            (
+                "addr = \"h:1\"\nca = \"/c\"\ncompression_level = -8",
+                "config key uplink.compression_level",
+            ),
+            (
+                "addr = \"h:1\"\nca = \"/c\"\ncompression_level = 4294967297",
+                "config key uplink.compression_level",
+            ),
+            (
+                "addr = \"h:1\"\nca = \"/c\"\ncompression = \"none\"\ncompression_level = 3",
+                "config key uplink.compression_level",
             ),
             ("adr = \"h:1\"", "config key uplink.adr"),
         ];

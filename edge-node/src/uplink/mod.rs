@@ -746,7 +746,7 @@ impl Encoders {
         let raw_len = frame.batches.len();
         let compressed = match self.compression {
             UplinkCompression::None => None,
-            UplinkCompression::Zstd => {
+            UplinkCompression::Zstd { level } => {
                 let pooled = self
                     .contexts
                     .lock()
@@ -754,9 +754,8 @@ impl Encoders {
                     .pop();
                 let mut context = match pooled {
                     Some(context) => context,
-                    None => {
-                        silt_wire::BatchCompressor::new().context("cannot make a zstd context")?
-                    }
+                    None => silt_wire::BatchCompressor::with_level(level)
+                        .context("cannot make a zstd context")?,
                 };
                 let compressed = context.compress(&frame.batches);
                 let mut contexts = self.contexts.lock().unwrap_or_else(|e| e.into_inner());
