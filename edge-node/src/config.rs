@@ -585,16 +585,13 @@ impl Scalar {
             Scalar::Integer(number) => Some(*number),
             Scalar::Text(text) => text.trim().parse::<i64>().ok(),
         };
-        match number {
-            Some(number) if (min..=max).contains(&number) => Ok(number),
-            _ => Err(ConfigError::key(
+        let number = number.ok_or_else(|| {
+            ConfigError::key(
                 key,
-                format!(
-                    "expected an integer from {min} to {max}, got {:?}",
-                    self.to_string()
-                ),
-            )),
-        }
+                format!("expected an integer, got {:?}", self.to_string()),
+            )
+        })?;
+        in_range(key, number, min, max)
     }
 
     /// A byte count: an integer, or a string with a unit such as `"512MiB"` or `"2GB"`.
@@ -616,7 +613,12 @@ impl Scalar {
     }
 }
 
-fn in_range(key: &str, number: u64, min: u64, max: u64) -> Result<u64, ConfigError> {
+fn in_range<T: PartialOrd + Copy + fmt::Display>(
+    key: &str,
+    number: T,
+    min: T,
+    max: T,
+) -> Result<T, ConfigError> {
     if !(min..=max).contains(&number) {
         return Err(ConfigError::key(
             key,

@@ -114,10 +114,16 @@ async fn serve(options: Options) -> Result<(), String> {
     let bucket_dir = options.root.join(&options.bucket);
     std::fs::create_dir_all(&bucket_dir)
         .map_err(|error| format!("cannot create {}: {error}", bucket_dir.display()))?;
-    let fs = s3s_fs::FileSystem::new(&options.root)
-        .map_err(|error| format!("cannot serve {}: {error:?}", options.root.display()))?;
+    // Resolved here, so that s3s-fs (which would resolve it the same way) and the GetObject
+    // bodies read the same directory.
+    let root = options
+        .root
+        .canonicalize()
+        .map_err(|error| format!("cannot resolve {}: {error}", options.root.display()))?;
+    let fs = s3s_fs::FileSystem::new(&root)
+        .map_err(|error| format!("cannot serve {}: {error:?}", root.display()))?;
     let server = Server {
-        root: fs_root(&options.root)?,
+        root,
         fs,
         get_chunk: options.get_chunk,
     };
@@ -153,13 +159,6 @@ async fn serve(options: Options) -> Result<(), String> {
                 .await;
         });
     }
-}
-
-/// The root s3s-fs serves, resolved as s3s-fs resolves it.
-fn fs_root(root: &Path) -> Result<PathBuf, String> {
-    std::env::current_dir()
-        .and_then(|dir| dir.join(root).canonicalize())
-        .map_err(|error| format!("cannot resolve {}: {error}", root.display()))
 }
 
 /// s3s-fs with its GetObject body read in `get_chunk`-byte reads (0: s3s-fs's own body).
