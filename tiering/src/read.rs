@@ -13,8 +13,8 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use arrow::array::{
-    Array, AsArray, BinaryArray, Int16Array, Int32Array, Int64Array, ListArray, RecordBatch,
-    StringArray, StructArray, TimestampMicrosecondArray,
+    Array, AsArray, BinaryArray, BinaryViewArray, Int16Array, Int32Array, Int64Array, ListArray,
+    RecordBatch, StringArray, StructArray, TimestampMicrosecondArray,
 };
 use arrow::datatypes::{Int16Type, Int32Type, Int64Type, TimestampMicrosecondType};
 use bytes::{Bytes, BytesMut};
@@ -99,19 +99,24 @@ impl ArchiveReader {
         };
         let options = ArrowReaderOptions::new().with_page_index_policy(PageIndexPolicy::Optional);
         let parquet_metadata = source.get_metadata(Some(&options)).await?;
-        let metadata = ArrowReaderMetadata::try_new(parquet_metadata, options)?;
         let corrupt = |why: String| TierError::Corrupt {
             key: key.to_string(),
             why,
         };
-        let info = footer_info(metadata.metadata()).map_err(corrupt)?;
-        if metadata.schema().fields() != schema::archive_schema().fields() {
+        let info = footer_info(&parquet_metadata).map_err(corrupt)?;
+        let file = ArrowReaderMetadata::try_new(Arc::clone(&parquet_metadata), options.clone())?;
+        if file.schema().fields() != schema::archive_schema().fields() {
             return Err(corrupt(format!(
                 "schema {:?} is not archive format {}",
-                metadata.schema(),
+                file.schema(),
                 schema::FORMAT_VERSION
             )));
         }
+        // The file's columns as the reader decodes them (key and value as views).
+        let metadata = ArrowReaderMetadata::try_new(
+            parquet_metadata,
+            options.with_schema(schema::archive_read_schema()),
+        )?;
         let mut row_group_offsets = vec![info.base_offset];
         for row_group in metadata.metadata().row_groups() {
             let last = *row_group_offsets.last().expect("starts non-empty");
@@ -824,8 +829,8 @@ impl Rebuilder {
                 out,
                 RecordRef {
                     timestamp: columns.timestamp.value(row) / 1000,
-                    key: optional_bytes(columns.key, row),
-                    value: optional_bytes(columns.value, row),
+                    key: optional_view(columns.key, row),
+                    value: optional_view(columns.value, row),
                     headers,
                 },
             )
@@ -862,12 +867,16 @@ fn optional_bytes(array: &BinaryArray, row: usize) -> Option<&[u8]> {
     array.is_valid(row).then(|| array.value(row))
 }
 
+fn optional_view(array: &BinaryViewArray, row: usize) -> Option<&[u8]> {
+    array.is_valid(row).then(|| array.value(row))
+}
+
 /// The archive's columns of one Arrow batch, typed.
 struct Columns<'a> {
     offset: &'a Int64Array,
     timestamp: &'a TimestampMicrosecondArray,
-    key: &'a BinaryArray,
-    value: &'a BinaryArray,
+    key: &'a BinaryViewArray,
+    value: &'a BinaryViewArray,
     headers: &'a ListArray,
     header_keys: &'a StringArray,
     header_values: &'a BinaryArray,
@@ -912,10 +921,10 @@ impl<'a> Columns<'a> {
                 .as_primitive_opt::<TimestampMicrosecondType>()
                 .ok_or("timestamp is not microseconds")?,
             key: column(schema::COL_KEY)?
-                .as_binary_opt::<i32>()
+                .as_binary_view_opt()
                 .ok_or("key is not binary")?,
             value: column(schema::COL_VALUE)?
-                .as_binary_opt::<i32>()
+                .as_binary_view_opt()
                 .ok_or("value is not binary")?,
             headers,
             header_keys,

@@ -79,6 +79,24 @@ pub fn archive_schema() -> SchemaRef {
     ]))
 }
 
+/// The schema the archive is read with: [`archive_schema`] with `key` and `value` as
+/// `BinaryView`. Parquet decodes a view column as views into the decompressed pages, where a
+/// `Binary` column copies every value out of them into one buffer first; a cold Fetch copies
+/// each value once more anyway, into the batch it rebuilds, so that first copy was pure cost
+/// (about a tenth of a cold replay's CPU). A file's own schema is checked against
+/// [`archive_schema`] before it is read with this one.
+pub fn archive_read_schema() -> SchemaRef {
+    let fields: Vec<Field> = archive_schema()
+        .fields()
+        .iter()
+        .map(|field| match field.name().as_str() {
+            COL_KEY | COL_VALUE => field.as_ref().clone().with_data_type(DataType::BinaryView),
+            _ => field.as_ref().clone(),
+        })
+        .collect();
+    Arc::new(Schema::new(fields))
+}
+
 /// The key of an archive object, relative to the store's prefix:
 /// `v1/topic=<t>/partition=<p>/date=<YYYY-MM-DD>/<base:020>-<last:020>-<id>.parquet`, where the
 /// date is the UTC day of the file's first record and `id` makes every upload's key fresh, so a
@@ -143,6 +161,21 @@ mod tests {
             object_key("mqtt", 3, 1_795_305_600_000, 0, 131_071, "0f"),
             "v1/topic=mqtt/partition=3/date=2026-11-22/00000000000000000000-00000000000000131071-0f.parquet"
         );
+    }
+
+    #[test]
+    fn the_read_schema_differs_only_in_key_and_value_views() {
+        let (file, read) = (archive_schema(), archive_read_schema());
+        assert_eq!(file.fields().len(), read.fields().len());
+        for (file, read) in file.fields().iter().zip(read.fields().iter()) {
+            assert_eq!(file.name(), read.name());
+            assert_eq!(file.is_nullable(), read.is_nullable());
+            let expected = match file.name().as_str() {
+                COL_KEY | COL_VALUE => &DataType::BinaryView,
+                _ => file.data_type(),
+            };
+            assert_eq!(read.data_type(), expected, "{}", file.name());
+        }
     }
 
     #[test]

@@ -27,9 +27,9 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use silt_gateways::kafka::{
     Acks, BrokerInfo, ClusterMetadata, CommittedOffset, ConfigChange, ConfigEntry,
-    FetchedPartition, GroupDescription, GroupListing, JoinGroup, JoinResult, KafkaBroker,
-    KafkaError, NewTopic, OffsetCommit, OffsetQuery, PartitionInfo, ProduceResult, SyncGroup,
-    SyncResult, TopicMetadata,
+    FetchedPartition, FetchedRecords, GroupDescription, GroupListing, JoinGroup, JoinResult,
+    KafkaBroker, KafkaError, NewTopic, OffsetCommit, OffsetQuery, PartitionInfo, ProduceResult,
+    SyncGroup, SyncResult, TopicMetadata,
 };
 use silt_log::batch::BatchHeader;
 use silt_log::config::TOPIC_CONFIG_KEYS;
@@ -279,17 +279,16 @@ impl Broker {
 }
 
 impl Broker {
-    /// A Fetch below the local start: whole batches from the archive into `buf[at..]`, with
-    /// the high watermark and log start of the local log. Async IO, awaited: no worker thread
-    /// is blocked across the store's round trips.
+    /// A Fetch below the local start: whole batches rebuilt from the archive, handed to the
+    /// gateway as they are (no copy into its buffer), with the high watermark and log start of
+    /// the local log. Async IO, awaited: no worker thread is blocked across the store's round
+    /// trips.
     async fn fetch_cold(
         &self,
         topic: &str,
         log_partition: &PartitionLog,
         offset: u64,
         max_bytes: usize,
-        buf: &mut Vec<u8>,
-        at: usize,
     ) -> Result<FetchedPartition, KafkaError> {
         let cold = self.cold.as_ref().ok_or(KafkaError::OffsetOutOfRange)?;
         let offset = i64::try_from(offset).map_err(|_| KafkaError::OffsetOutOfRange)?;
@@ -297,15 +296,10 @@ impl Broker {
             .read(topic, log_partition.partition(), offset, max_bytes)
             .await
             .map_err(map_cold_error)?;
-        let end = at + read.batches.len();
-        if buf.len() < end {
-            buf.resize(end, 0);
-        }
-        buf[at..end].copy_from_slice(&read.batches);
         Ok(FetchedPartition {
             high_watermark: log_partition.high_watermark() as i64,
             log_start_offset: log_partition.log_start_offset() as i64,
-            records_len: read.batches.len(),
+            records: FetchedRecords::Shared(read.batches),
         })
     }
 }
@@ -496,7 +490,7 @@ impl KafkaBroker for Broker {
             Ok(read) => read,
             Err(LogError::NotLocal { offset, .. }) if self.cold.is_some() => {
                 return self
-                    .fetch_cold(topic, &log_partition, offset, max_bytes, buf, at)
+                    .fetch_cold(topic, &log_partition, offset, max_bytes)
                     .await;
             }
             Err(error) => return Err(map_log_error(&error)),
@@ -504,7 +498,7 @@ impl KafkaBroker for Broker {
         Ok(FetchedPartition {
             high_watermark: read.high_watermark as i64,
             log_start_offset: read.log_start_offset as i64,
-            records_len: read.len,
+            records: FetchedRecords::InBuffer(read.len),
         })
     }
 

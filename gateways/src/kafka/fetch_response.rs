@@ -10,7 +10,7 @@
 
 use std::ops::Range;
 
-use bytes::{BufMut, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 
 /// The first version with flexible fields (compact arrays, strings and bytes, tagged fields)
 /// and a version 1 response header.
@@ -36,8 +36,32 @@ pub(crate) struct PartitionReply {
     pub(crate) high_watermark: i64,
     pub(crate) last_stable_offset: i64,
     pub(crate) log_start_offset: i64,
-    /// The record set: whole batches in the read buffer.
-    pub(crate) records: Range<usize>,
+    /// The record set: whole batches.
+    pub(crate) records: RecordSet,
+}
+
+/// Where a partition's record set is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum RecordSet {
+    /// Bytes of the read buffer.
+    Buffer(Range<usize>),
+    /// Bytes the broker held already (batches rebuilt from the archive).
+    Shared(Bytes),
+}
+
+impl RecordSet {
+    pub(crate) fn len(&self) -> usize {
+        match self {
+            RecordSet::Buffer(range) => range.len(),
+            RecordSet::Shared(bytes) => bytes.len(),
+        }
+    }
+}
+
+impl Default for RecordSet {
+    fn default() -> Self {
+        RecordSet::Buffer(0..0)
+    }
 }
 
 /// One piece of an encoded response, in order.
@@ -47,6 +71,8 @@ pub(crate) enum Piece {
     Head(Range<usize>),
     /// Bytes of the read buffer.
     Records(Range<usize>),
+    /// Record bytes held elsewhere.
+    Shared(Bytes),
 }
 
 /// Appends the framed response (size, header, body) to `head` and its pieces to `pieces`.
@@ -102,7 +128,10 @@ pub(crate) fn encode(
             }
             if records_len > 0 {
                 pieces.push(Piece::Head(piece_start..head.len()));
-                pieces.push(Piece::Records(partition.records.clone()));
+                pieces.push(match &partition.records {
+                    RecordSet::Buffer(range) => Piece::Records(range.clone()),
+                    RecordSet::Shared(bytes) => Piece::Shared(bytes.clone()),
+                });
                 piece_start = head.len();
                 records_bytes += records_len;
             }
@@ -122,7 +151,7 @@ pub(crate) fn encode(
     head[frame_start..frame_start + 4].copy_from_slice(&size.to_be_bytes());
     debug_assert!(pieces[first_piece..].iter().all(|piece| match piece {
         Piece::Head(range) => range.end <= head.len(),
-        Piece::Records(_) => true,
+        Piece::Records(_) | Piece::Shared(_) => true,
     }));
 }
 
@@ -193,9 +222,12 @@ mod tests {
                                         .with_last_stable_offset(partition.last_stable_offset)
                                         .with_log_start_offset(partition.log_start_offset)
                                         .with_preferred_read_replica(BrokerId(-1))
-                                        .with_records(Some(Bytes::copy_from_slice(
-                                            &buffer[partition.records.clone()],
-                                        )))
+                                        .with_records(Some(match &partition.records {
+                                            RecordSet::Buffer(range) => {
+                                                Bytes::copy_from_slice(&buffer[range.clone()])
+                                            }
+                                            RecordSet::Shared(bytes) => bytes.clone(),
+                                        }))
                                 })
                                 .collect(),
                         )
@@ -224,12 +256,17 @@ mod tests {
             match piece {
                 Piece::Head(range) => out.extend_from_slice(&head[range.clone()]),
                 Piece::Records(range) => out.extend_from_slice(&buffer[range.clone()]),
+                Piece::Shared(bytes) => out.extend_from_slice(bytes),
             }
         }
         out
     }
 
     fn partition(index: i32, error_code: i16, records: Range<usize>) -> PartitionReply {
+        shared(index, error_code, RecordSet::Buffer(records))
+    }
+
+    fn shared(index: i32, error_code: i16, records: RecordSet) -> PartitionReply {
         PartitionReply {
             partition_index: index,
             error_code,
@@ -240,8 +277,13 @@ mod tests {
         }
     }
 
-    /// A buffer whose length needs a multi-byte varint, and a reply mixing record sets,
-    /// empty ones, errors, and several topics.
+    /// Record bytes the broker held (as cold reads return them), unlike the buffer's.
+    fn held() -> Bytes {
+        (0..1_000u32).map(|i| (i % 13) as u8 + 100).collect()
+    }
+
+    /// A buffer whose length needs a multi-byte varint, and a reply mixing record sets (of the
+    /// buffer and held elsewhere), empty ones, errors, and several topics.
     fn sample() -> (Vec<u8>, FetchReply) {
         let buffer: Vec<u8> = (0..70_000u32).map(|i| (i % 251) as u8).collect();
         let reply = FetchReply {
@@ -253,6 +295,8 @@ mod tests {
                         partition(1, 0, 300..300),
                         partition(2, 0, 300..70_000),
                         partition(3, 1, 0..0),
+                        shared(4, 0, RecordSet::Shared(held())),
+                        shared(5, 0, RecordSet::Shared(Bytes::new())),
                     ],
                 },
                 TopicReply {
@@ -309,7 +353,7 @@ mod tests {
             .iter()
             .filter_map(|piece| match piece {
                 Piece::Records(range) => Some(range.clone()),
-                Piece::Head(_) => None,
+                Piece::Head(_) | Piece::Shared(_) => None,
             })
             .collect();
         assert_eq!(
@@ -317,6 +361,14 @@ mod tests {
             vec![0..300, 300..70_000],
             "empty record sets add no piece"
         );
+        let held_pieces: Vec<_> = pieces
+            .iter()
+            .filter_map(|piece| match piece {
+                Piece::Shared(bytes) => Some(bytes.clone()),
+                Piece::Head(_) | Piece::Records(_) => None,
+            })
+            .collect();
+        assert_eq!(held_pieces, vec![held()], "held bytes go out as they are");
         let Piece::Head(first) = &pieces[0] else {
             panic!("a frame starts with its head");
         };
@@ -333,6 +385,10 @@ mod tests {
         assert_eq!(
             decoded.responses[0].partitions[2].records.as_deref(),
             Some(&buffer[300..70_000])
+        );
+        assert_eq!(
+            decoded.responses[0].partitions[4].records.as_deref(),
+            Some(&held()[..])
         );
     }
 }

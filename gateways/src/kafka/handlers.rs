@@ -11,7 +11,7 @@ use kafka_protocol::protocol::StrBytes;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::fetch_response::{FetchReply, PartitionReply, TopicReply};
+use super::fetch_response::{FetchReply, PartitionReply, RecordSet, TopicReply};
 use super::metrics as kafka_metrics;
 use super::port::*;
 use super::server::KafkaLimits;
@@ -214,7 +214,10 @@ pub(crate) async fn fetch<B: KafkaBroker>(
             if bytes > 0 {
                 for topic in &reply.topics {
                     for partition in &topic.partitions {
-                        let batches = &records[partition.records.clone()];
+                        let batches = match &partition.records {
+                            RecordSet::Buffer(range) => &records[range.clone()],
+                            RecordSet::Shared(bytes) => &bytes[..],
+                        };
                         if !batches.is_empty() {
                             kafka_metrics::fetched(
                                 batches.len(),
@@ -242,7 +245,8 @@ async fn fetch_once<B: KafkaBroker>(
     max_bytes: usize,
     records: &mut Vec<u8>,
 ) -> (FetchReply, usize) {
-    let mut total = 0usize;
+    // Record bytes in the reply, and bytes of `records` used (shared batches are not in it).
+    let (mut total, mut buffered) = (0usize, 0usize);
     let mut topics = Vec::with_capacity(request.topics.len());
     for topic in &request.topics {
         let name = topic.topic.0.as_str();
@@ -256,7 +260,7 @@ async fn fetch_once<B: KafkaBroker>(
                 high_watermark: -1,
                 last_stable_offset: -1,
                 log_start_offset: -1,
-                records: total..total,
+                records: RecordSet::default(),
             };
             // Kafka returns at least one batch only for the first partition with data, so a
             // large batch never blocks a consumer; after the budget is spent, the others get
@@ -272,7 +276,7 @@ async fn fetch_once<B: KafkaBroker>(
                             partition.fetch_offset,
                             read_bytes,
                             records,
-                            total,
+                            buffered,
                         )
                         .await
                 }
@@ -281,13 +285,16 @@ async fn fetch_once<B: KafkaBroker>(
                 Ok(fetched) => {
                     // With no budget left the read still checks the offset and reports the
                     // partition's offsets, but its bytes are not sent.
-                    let len = if read_bytes > 0 {
-                        fetched.records_len
-                    } else {
-                        0
-                    };
-                    data.records = total..total + len;
-                    total += len;
+                    if read_bytes > 0 {
+                        data.records = match fetched.records {
+                            FetchedRecords::InBuffer(len) => {
+                                buffered += len;
+                                RecordSet::Buffer(buffered - len..buffered)
+                            }
+                            FetchedRecords::Shared(bytes) => RecordSet::Shared(bytes),
+                        };
+                        total += data.records.len();
+                    }
                     data.high_watermark = fetched.high_watermark;
                     data.last_stable_offset = fetched.high_watermark;
                     data.log_start_offset = fetched.log_start_offset;

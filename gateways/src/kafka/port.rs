@@ -171,13 +171,37 @@ pub struct ProduceResult {
     pub log_start_offset: i64,
 }
 
-/// What Fetch read from one partition. The records, whole stored batches unchanged, are
-/// `records_len` bytes of the caller's buffer at the position it gave.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What Fetch read from one partition.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FetchedPartition {
     pub high_watermark: i64,
     pub log_start_offset: i64,
-    pub records_len: usize,
+    pub records: FetchedRecords,
+}
+
+/// Where a Fetch's records (whole batches) are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FetchedRecords {
+    /// This many bytes of the caller's buffer, at the position it gave: stored batches,
+    /// unchanged, read there from the log.
+    InBuffer(usize),
+    /// Batches the broker holds in memory already (rebuilt from the archive): the gateway
+    /// writes them to the socket from there, instead of copying them into its buffer.
+    Shared(Bytes),
+}
+
+impl FetchedRecords {
+    /// Bytes of records.
+    pub fn len(&self) -> usize {
+        match self {
+            FetchedRecords::InBuffer(len) => *len,
+            FetchedRecords::Shared(bytes) => bytes.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// Which offset ListOffsets asks for.
@@ -350,7 +374,8 @@ pub trait KafkaBroker: Send + Sync + 'static {
     /// Reads whole batches from `offset`, at most about `max_bytes` (at least one batch),
     /// into `buf[at..]`, growing `buf` when it is too short. The gateway keeps `buf` across
     /// requests, so the batch bytes are copied once, from storage into `buf`, and written to
-    /// the socket from there.
+    /// the socket from there. Batches the broker already holds in memory it returns as
+    /// [`FetchedRecords::Shared`] instead, leaving `buf` alone.
     fn fetch(
         &self,
         topic: &str,

@@ -144,6 +144,7 @@ impl Outgoing {
             .map(|piece| match piece {
                 Piece::Head(range) => IoSlice::new(&self.head[range.clone()]),
                 Piece::Records(range) => IoSlice::new(&self.records[range.clone()]),
+                Piece::Shared(bytes) => IoSlice::new(bytes),
             })
             .filter(|slice| !slice.is_empty())
             .collect();
@@ -169,7 +170,7 @@ impl Outgoing {
             .iter()
             .filter_map(|piece| match piece {
                 Piece::Records(range) => Some(range.end),
-                Piece::Head(_) => None,
+                Piece::Head(_) | Piece::Shared(_) => None,
             })
             .max()
             .unwrap_or(0);
