@@ -137,6 +137,15 @@ fn kafka_string(out: &mut Vec<u8>, text: &str) {
 /// One Fetch v4 of `offset` of partition 0, at most about `max_bytes`: the record bytes of
 /// the answer.
 fn fetch(kafka: &str, offset: i64, max_bytes: i32) -> Bytes {
+    let mut answers = fetch_entries(kafka, 1 << 20, &[(offset, max_bytes)]);
+    let (error, records) = answers.pop().expect("one partition answered");
+    assert_eq!(error, 0, "Fetch of offset {offset} failed");
+    records
+}
+
+/// One Fetch v4 of partition 0 with one entry per `(offset, partition max bytes)`, at most
+/// `max_bytes` in all: each entry's error code and record bytes, in order.
+fn fetch_entries(kafka: &str, max_bytes: i32, entries: &[(i64, i32)]) -> Vec<(i16, Bytes)> {
     let mut frame = Vec::new();
     frame.extend_from_slice(&1i16.to_be_bytes()); // Fetch
     frame.extend_from_slice(&4i16.to_be_bytes());
@@ -145,14 +154,16 @@ fn fetch(kafka: &str, offset: i64, max_bytes: i32) -> Bytes {
     frame.extend_from_slice(&(-1i32).to_be_bytes()); // replica
     frame.extend_from_slice(&100i32.to_be_bytes()); // max wait
     frame.extend_from_slice(&1i32.to_be_bytes()); // min bytes
-    frame.extend_from_slice(&(1i32 << 20).to_be_bytes()); // max bytes
+    frame.extend_from_slice(&max_bytes.to_be_bytes());
     frame.push(0); // isolation
     frame.extend_from_slice(&1i32.to_be_bytes());
     kafka_string(&mut frame, TOPIC);
-    frame.extend_from_slice(&1i32.to_be_bytes());
-    frame.extend_from_slice(&0i32.to_be_bytes());
-    frame.extend_from_slice(&offset.to_be_bytes());
-    frame.extend_from_slice(&max_bytes.to_be_bytes());
+    frame.extend_from_slice(&i32::try_from(entries.len()).unwrap().to_be_bytes());
+    for &(offset, partition_max_bytes) in entries {
+        frame.extend_from_slice(&0i32.to_be_bytes());
+        frame.extend_from_slice(&offset.to_be_bytes());
+        frame.extend_from_slice(&partition_max_bytes.to_be_bytes());
+    }
     let mut stream = TcpStream::connect(kafka).unwrap();
     stream.set_read_timeout(Some(DEADLINE)).unwrap();
     stream
@@ -174,15 +185,19 @@ fn fetch(kafka: &str, offset: i64, max_bytes: i32) -> Bytes {
     assert_eq!(take(4), 1i32.to_be_bytes(), "one topic");
     let name_len = i16::from_be_bytes(take(2).try_into().unwrap());
     take(usize::try_from(name_len).unwrap());
-    assert_eq!(take(4), 1i32.to_be_bytes(), "one partition");
-    take(4); // partition
-    let error = i16::from_be_bytes(take(2).try_into().unwrap());
-    assert_eq!(error, 0, "Fetch of offset {offset} failed");
-    take(16); // high watermark, last stable offset
-    let aborted = i32::from_be_bytes(take(4).try_into().unwrap());
-    take(usize::try_from(aborted.max(0)).unwrap() * 16);
-    let size = i32::from_be_bytes(take(4).try_into().unwrap());
-    Bytes::from(take(usize::try_from(size).unwrap()))
+    let partitions = i32::from_be_bytes(take(4).try_into().unwrap());
+    assert_eq!(usize::try_from(partitions).unwrap(), entries.len());
+    (0..entries.len())
+        .map(|_| {
+            take(4); // partition
+            let error = i16::from_be_bytes(take(2).try_into().unwrap());
+            take(16); // high watermark, last stable offset
+            let aborted = i32::from_be_bytes(take(4).try_into().unwrap());
+            take(usize::try_from(aborted.max(0)).unwrap() * 16);
+            let size = i32::from_be_bytes(take(4).try_into().unwrap());
+            (error, Bytes::from(take(usize::try_from(size).unwrap())))
+        })
+        .collect()
 }
 
 /// The offset after the last whole batch of `records` (RecordBatch v2: base offset at byte 0,
@@ -317,5 +332,29 @@ fn a_cold_fetch_shows_in_the_cold_metrics() {
     assert!(
         ahead > 0.0,
         "no Fetch up to offset {offset} was served from batches rebuilt ahead"
+    );
+
+    // A Fetch whose budget (1 byte) the first entry spends, as Kafka answers at least one batch
+    // for it: the second (offset 0 again, archived) gets no records and no error, and costs no
+    // archive read (one would rebuild a batch only to drop it).
+    let reads = |metrics: &str| sample(metrics, "silt_tier_cold_reads_total{result=\"ok\"}");
+    let (_, metrics) = http_get(&core.admin, "/metrics");
+    let before = reads(&metrics).expect("cold reads counted above");
+    let answers = fetch_entries(&core.kafka, 1, &[(0, 4096), (0, 4096)]);
+    assert_eq!(answers[0].0, 0, "the first entry is read");
+    assert!(
+        answers[0].1.len() > 61 && answers[0].1[..8] == 0i64.to_be_bytes(),
+        "the first entry gets a batch at offset 0 (of one record at least)"
+    );
+    assert_eq!(
+        answers[1],
+        (0, Bytes::new()),
+        "no budget left: no records, no error"
+    );
+    let (_, metrics) = http_get(&core.admin, "/metrics");
+    assert_eq!(
+        reads(&metrics),
+        Some(before + 1.0),
+        "only the entry with a budget read the archive"
     );
 }

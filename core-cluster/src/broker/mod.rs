@@ -488,6 +488,17 @@ impl KafkaBroker for Broker {
             log_partition.read_into(offset, max_bytes, buf, at)
         }) {
             Ok(read) => read,
+            Err(LogError::NotLocal { .. }) if self.cold.is_some() && max_bytes == 0 => {
+                // The Fetch's budget is spent, so the gateway sends this partition's offsets
+                // and no records; the log has placed the offset in range already. An archive
+                // read here would rebuild a batch only to drop it, and move the partition's
+                // replay past what its consumer has.
+                return Ok(FetchedPartition {
+                    high_watermark: log_partition.high_watermark() as i64,
+                    log_start_offset: log_partition.log_start_offset() as i64,
+                    records: FetchedRecords::InBuffer(0),
+                });
+            }
             Err(LogError::NotLocal { offset, .. }) if self.cold.is_some() => {
                 return self
                     .fetch_cold(topic, &log_partition, offset, max_bytes)
