@@ -145,6 +145,8 @@ pub(crate) struct TieringConfig {
     pub(crate) compact_small_bytes: u64,
     /// Only objects whose newest record is this old are merged (`tiering.compact_min_age_ms`).
     pub(crate) compact_min_age_ms: u64,
+    /// The zstd level new archive objects are written at (`tiering.zstd_level`).
+    pub(crate) zstd_level: i32,
     /// How the cold reader (Fetch and ListOffsets below the local start) is bounded:
     /// `tiering.cold_cache_bytes`, `tiering.cold_open_objects`, `tiering.cold_prefetch_max`,
     /// `tiering.cold_replays_max`, `tiering.cold_decode_ahead_max`.
@@ -167,6 +169,7 @@ impl Default for TieringConfig {
             compact_small_bytes: defaults::TIERING_OBJECT_BYTES_TARGET
                 / defaults::TIERING_COMPACT_SMALL_DIVISOR,
             compact_min_age_ms: defaults::TIERING_COMPACT_MIN_AGE_MS,
+            zstd_level: silt_tiering::store::ZSTD_LEVEL_DEFAULT,
             cold: silt_tiering::ColdConfig::BUILT_IN,
         }
     }
@@ -462,6 +465,7 @@ impl CoreConfig {
             "compact_min_age_ms".into(),
             toml_int(settings.compact_min_age_ms),
         );
+        tiering.insert("zstd_level".into(), toml_int(settings.zstd_level));
         tiering.insert(
             "cold_cache_bytes".into(),
             toml_int(settings.cold.cache_bytes),
@@ -584,6 +588,7 @@ struct RawTiering {
     compact: Option<Flag>,
     compact_small_bytes: Option<Scalar>,
     compact_min_age_ms: Option<Scalar>,
+    zstd_level: Option<Scalar>,
     cold_cache_bytes: Option<Scalar>,
     cold_open_objects: Option<Scalar>,
     cold_prefetch_max: Option<Scalar>,
@@ -651,6 +656,16 @@ impl RawTiering {
         if let Some(value) = &self.compact_min_age_ms {
             tiering.compact_min_age_ms =
                 value.integer("tiering.compact_min_age_ms", 0, u32::MAX.into())?;
+        }
+        if let Some(value) = &self.zstd_level {
+            let levels = silt_tiering::store::ZSTD_LEVELS;
+            // Both ends are positive.
+            let level = value.integer(
+                "tiering.zstd_level",
+                levels.start().unsigned_abs().into(),
+                levels.end().unsigned_abs().into(),
+            )?;
+            tiering.zstd_level = i32::try_from(level).expect("at most 22");
         }
         // The cold reader. A cache of 0 bytes keeps only the row group read last (a read
         // elsewhere fetches its own); 0 prefetches turns prefetch off.
@@ -1339,6 +1354,28 @@ mod tests {
                 .starts_with("config key tiering.compact_small_bytes: must be between 1 and 1000"),
             "{message}"
         );
+    }
+
+    #[test]
+    fn the_archive_zstd_level_defaults_to_1_and_is_checked() {
+        let config = CoreConfig::resolve(&file("data_dir = \"/d\"")).unwrap();
+        assert_eq!(config.tiering.zstd_level, 1);
+        let config =
+            CoreConfig::resolve(&file("data_dir = \"/d\"\n[tiering]\nzstd_level = 9")).unwrap();
+        assert_eq!(config.tiering.zstd_level, 9);
+        assert_eq!(
+            CoreConfig::resolve(&file(&config.to_toml())).unwrap(),
+            config
+        );
+        for bad in ["0", "23", "-1", "\"fast\""] {
+            let message = error(&file(&format!(
+                "data_dir = \"/d\"\n[tiering]\nzstd_level = {bad}"
+            )));
+            assert!(
+                message.starts_with("config key tiering.zstd_level:"),
+                "{bad}: {message}"
+            );
+        }
     }
 
     #[test]

@@ -89,6 +89,7 @@ pub(crate) async fn run(
     let archive = match &config.object_store {
         Some(url) => Some(
             silt_tiering::ArchiveStore::open(&url.url)
+                .and_then(|store| store.with_zstd_level(config.tiering.zstd_level))
                 .with_context(|| format!("cannot open object store {}", url.url))?,
         ),
         None => None,

@@ -111,6 +111,25 @@ pub struct ReadInto {
     pub log_end_offset: u64,
 }
 
+/// A read at `offset` is possible from the log's files: at or past the log start, at or
+/// below the end, and not below the local start (below it, only the archive holds it).
+fn check_readable(offset: u64, log_start: u64, local_start: u64, log_end: u64) -> Result<()> {
+    if offset < log_start || offset > log_end {
+        return Err(LogError::OffsetOutOfRange {
+            offset,
+            log_start,
+            log_end,
+        });
+    }
+    if offset < local_start {
+        return Err(LogError::NotLocal {
+            offset,
+            local_start,
+        });
+    }
+    Ok(())
+}
+
 /// What one retention pass or delete removed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct DeleteReport {
@@ -803,19 +822,7 @@ impl PartitionLog {
         let (candidates, log_start, log_end) = {
             let state = self.lock_state_unchecked();
             let local_start = state.local_start();
-            if offset < state.log_start || offset > state.next_offset {
-                return Err(LogError::OffsetOutOfRange {
-                    offset,
-                    log_start: state.log_start,
-                    log_end: state.next_offset,
-                });
-            }
-            if offset < local_start {
-                return Err(LogError::NotLocal {
-                    offset,
-                    local_start,
-                });
-            }
+            check_readable(offset, state.log_start, local_start, state.next_offset)?;
             let first = state
                 .segments
                 .range(..=offset)
@@ -869,6 +876,19 @@ impl PartitionLog {
             return Ok(read);
         }
         Ok(read)
+    }
+
+    /// Checks `offset` as [`PartitionLog::read_into`] does, without reading a byte: the
+    /// same error for an offset it could not read. For a Fetch whose byte budget is spent,
+    /// which answers such a partition with its offsets and no records.
+    pub fn check_readable(&self, offset: u64) -> Result<()> {
+        let state = self.lock_state_unchecked();
+        check_readable(
+            offset,
+            state.log_start,
+            state.local_start(),
+            state.next_offset,
+        )
     }
 
     /// The offset of the first visible record at or above `from_offset` that `matches`

@@ -691,6 +691,14 @@ impl Harness {
     fn check_read(&self, offset: u64, max_bytes: usize) -> Result<(), TestCaseError> {
         let model = &self.model;
         let result = self.log().read(offset, max_bytes);
+        // The check without a read (a Fetch with its budget spent) agrees with the read.
+        let checked = self.log().check_readable(offset);
+        prop_assert_eq!(
+            checked.as_ref().map(|_| ()).map_err(std::mem::discriminant),
+            result.as_ref().map(|_| ()).map_err(std::mem::discriminant),
+            "check_readable({}) against read",
+            offset
+        );
         let end = model.log_end();
         if offset < model.log_start || offset > end {
             prop_assert!(

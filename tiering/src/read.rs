@@ -13,8 +13,8 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use arrow::array::{
-    Array, AsArray, BinaryArray, BinaryViewArray, Int16Array, Int32Array, Int64Array, ListArray,
-    RecordBatch, StringArray, StructArray, TimestampMicrosecondArray,
+    ArrayAccessor, AsArray, BinaryArray, BinaryViewArray, Int16Array, Int32Array, Int64Array,
+    ListArray, RecordBatch, StringArray, StructArray, TimestampMicrosecondArray,
 };
 use arrow::datatypes::{Int16Type, Int32Type, Int64Type, TimestampMicrosecondType};
 use bytes::{Bytes, BytesMut};
@@ -829,8 +829,8 @@ impl Rebuilder {
                 out,
                 RecordRef {
                     timestamp: columns.timestamp.value(row) / 1000,
-                    key: optional_view(columns.key, row),
-                    value: optional_view(columns.value, row),
+                    key: optional_bytes(columns.key, row),
+                    value: optional_bytes(columns.value, row),
                     headers,
                 },
             )
@@ -863,11 +863,8 @@ impl Rebuilder {
     }
 }
 
-fn optional_bytes(array: &BinaryArray, row: usize) -> Option<&[u8]> {
-    array.is_valid(row).then(|| array.value(row))
-}
-
-fn optional_view(array: &BinaryViewArray, row: usize) -> Option<&[u8]> {
+/// A nullable binary cell (`BinaryArray` or `BinaryViewArray`): `None` for null.
+fn optional_bytes<'a>(array: impl ArrayAccessor<Item = &'a [u8]>, row: usize) -> Option<&'a [u8]> {
     array.is_valid(row).then(|| array.value(row))
 }
 

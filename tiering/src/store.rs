@@ -16,6 +16,15 @@ use crate::error::{Result, TierError};
 /// The URL schemes [`ArchiveStore::open`] accepts.
 pub const STORE_SCHEMES: &[&str] = &["s3", "file", "memory"];
 
+/// The zstd levels archive pages can be written at.
+pub const ZSTD_LEVELS: std::ops::RangeInclusive<i32> = 1..=22;
+/// The zstd level new archive objects are written at unless set otherwise
+/// ([`ArchiveStore::with_zstd_level`]). Level 1, not zstd's default 3: on JSON telemetry it
+/// compresses as small or smaller, compresses about 1.5x as fast and decompresses up to 1.4x as
+/// fast (BENCHMARKS.md, "Tiering"), and every cold read pays decompression. Arrow's writers
+/// default to 1 as well.
+pub const ZSTD_LEVEL_DEFAULT: i32 = 1;
+
 /// An object store and the key prefix under which the archive lives.
 #[derive(Debug, Clone)]
 pub struct ArchiveStore {
@@ -28,6 +37,8 @@ pub struct ArchiveStore {
     /// For `s3://` stores, the S3 client itself: garbage collection lists and aborts stale
     /// multipart uploads through it, which the `ObjectStore` trait cannot.
     s3: Option<Arc<AmazonS3>>,
+    /// The zstd level new objects' pages are written at.
+    zstd_level: i32,
 }
 
 impl ArchiveStore {
@@ -117,7 +128,27 @@ impl ArchiveStore {
             url: url.to_string(),
             local_root: None,
             s3: None,
+            zstd_level: ZSTD_LEVEL_DEFAULT,
         }
+    }
+
+    /// Writes new objects' pages at zstd `level` (one of [`ZSTD_LEVELS`]). Objects already
+    /// written keep theirs: a reader learns each page's codec from the page itself.
+    pub fn with_zstd_level(mut self, level: i32) -> Result<ArchiveStore> {
+        if !ZSTD_LEVELS.contains(&level) {
+            return Err(TierError::InvalidInput(format!(
+                "zstd level {level}: must be from {} to {}",
+                ZSTD_LEVELS.start(),
+                ZSTD_LEVELS.end()
+            )));
+        }
+        self.zstd_level = level;
+        Ok(self)
+    }
+
+    /// The zstd level new objects' pages are written at.
+    pub fn zstd_level(&self) -> i32 {
+        self.zstd_level
     }
 
     /// The S3 client of an `s3://` store, `None` for every other kind.

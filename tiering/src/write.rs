@@ -33,8 +33,6 @@ const ARROW_BATCH_ROWS: usize = 8 * 1024;
 /// Upper bound on a row group's encoded size, so a topic of large records gets smaller row
 /// groups rather than a writer holding gigabytes.
 const ROW_GROUP_BYTES_MAX: usize = 64 << 20;
-/// The zstd level of archive pages: zstd's default, a good ratio at a cost the core can afford.
-const PARQUET_ZSTD_LEVEL: i32 = 3;
 
 /// Writes one archive object for `topic`/`partition` from batches pushed in offset order.
 pub struct ArchiveWriter {
@@ -276,8 +274,11 @@ impl ArchiveWriter {
             &id,
         ));
         let upload = BufWriter::new(Arc::clone(self.store.store()), key.clone());
-        let writer =
-            AsyncArrowWriter::try_new(upload, archive_schema(), Some(writer_properties()))?;
+        let writer = AsyncArrowWriter::try_new(
+            upload,
+            archive_schema(),
+            Some(writer_properties(self.store.zstd_level())?),
+        )?;
         Ok((writer, key))
     }
 
@@ -295,14 +296,14 @@ impl ArchiveWriter {
     }
 }
 
-/// The Parquet settings DESIGN.md fixes: zstd, statistics and a page index on every column
-/// (offset and timestamp are what readers prune by), row groups near 128k rows, and `offset`
-/// declared as the sort order.
-fn writer_properties() -> WriterProperties {
-    WriterProperties::builder()
-        .set_compression(Compression::ZSTD(
-            ZstdLevel::try_new(PARQUET_ZSTD_LEVEL).expect("a valid zstd level"),
-        ))
+/// The Parquet settings DESIGN.md fixes: zstd (at the store's level), statistics and a page
+/// index on every column (offset and timestamp are what readers prune by), row groups near 128k
+/// rows, and `offset` declared as the sort order.
+fn writer_properties(zstd_level: i32) -> Result<WriterProperties> {
+    let level = ZstdLevel::try_new(zstd_level)
+        .map_err(|error| TierError::InvalidInput(format!("zstd level {zstd_level}: {error}")))?;
+    Ok(WriterProperties::builder()
+        .set_compression(Compression::ZSTD(level))
         .set_statistics_enabled(EnabledStatistics::Chunk)
         .set_column_statistics_enabled(
             ColumnPath::from(schema::COL_OFFSET),
@@ -325,7 +326,7 @@ fn writer_properties() -> WriterProperties {
             descending: false,
             nulls_first: false,
         }]))
-        .build()
+        .build())
 }
 
 /// The batch-level fields every row of one batch repeats.

@@ -279,6 +279,43 @@ async fn large_objects_have_row_groups_and_reads_touch_only_what_they_need() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_zstd_level_changes_the_object_not_the_records() {
+    let stores = stores().await;
+    let input = log_batches(0, 3_000);
+    let expected: Vec<Seen> = input.iter().flat_map(|batch| seen(batch)).collect();
+    for (name, store) in &stores.stores {
+        assert_eq!(
+            store.zstd_level(),
+            silt_tiering::store::ZSTD_LEVEL_DEFAULT,
+            "{name}"
+        );
+        let mut sizes = Vec::new();
+        for level in [1, 19] {
+            let leveled = store.clone().with_zstd_level(level).unwrap();
+            let key = archive(&leveled, &input, 0, 2_999).await;
+            let reader = ArchiveReader::open(store, &key, None).await.unwrap();
+            assert_eq!(
+                read_all(&reader, 0, 1 << 20).await,
+                expected,
+                "{name}: level {level}"
+            );
+            sizes.push(store.store().head(&key.as_str().into()).await.unwrap().size);
+        }
+        assert_ne!(
+            sizes[0], sizes[1],
+            "{name}: levels 1 and 19 wrote the same bytes"
+        );
+        for level in [0, 23, -1] {
+            let error = store.clone().with_zstd_level(level).unwrap_err();
+            assert!(
+                error.to_string().contains("from 1 to 22"),
+                "{name}: {error}"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_is_refused_and_leaves_no_object() {
     let stores = stores().await;
     let input = log_batches(0, 20);

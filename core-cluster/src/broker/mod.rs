@@ -482,23 +482,28 @@ impl KafkaBroker for Broker {
             .partition(topic, partition)
             .map_err(|error| map_log_error(&error))?;
         let offset = u64::try_from(offset).map_err(|_| KafkaError::OffsetOutOfRange)?;
+        // The Fetch's budget is spent, so the gateway sends this partition's offsets and no
+        // records: the offset is checked, and nothing is read. (A read would copy a batch
+        // only to drop it; from the archive it would also rebuild one and move the
+        // partition's replay past what its consumer has.)
+        if max_bytes == 0 {
+            match log_partition.check_readable(offset) {
+                Ok(()) => {}
+                Err(LogError::NotLocal { .. }) if self.cold.is_some() => {}
+                Err(error) => return Err(map_log_error(&error)),
+            }
+            return Ok(FetchedPartition {
+                high_watermark: log_partition.high_watermark() as i64,
+                log_start_offset: log_partition.log_start_offset() as i64,
+                records: FetchedRecords::InBuffer(0),
+            });
+        }
         // A page-cache read into the connection's own buffer: the worker thread hands its
         // other tasks over while it reads (`block_in_place`), so the buffer need not move.
         let read = match tokio::task::block_in_place(|| {
             log_partition.read_into(offset, max_bytes, buf, at)
         }) {
             Ok(read) => read,
-            Err(LogError::NotLocal { .. }) if self.cold.is_some() && max_bytes == 0 => {
-                // The Fetch's budget is spent, so the gateway sends this partition's offsets
-                // and no records; the log has placed the offset in range already. An archive
-                // read here would rebuild a batch only to drop it, and move the partition's
-                // replay past what its consumer has.
-                return Ok(FetchedPartition {
-                    high_watermark: log_partition.high_watermark() as i64,
-                    log_start_offset: log_partition.log_start_offset() as i64,
-                    records: FetchedRecords::InBuffer(0),
-                });
-            }
             Err(LogError::NotLocal { offset, .. }) if self.cold.is_some() => {
                 return self
                     .fetch_cold(topic, &log_partition, offset, max_bytes)
