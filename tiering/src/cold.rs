@@ -325,7 +325,9 @@ const FILL_CHUNK_BYTES: usize = 256 << 10;
 const PARTS_IN_FLIGHT: usize = 4;
 
 /// The bytes of `range` of `key`: one ranged GET, or for a range over [`PART_BYTES`] several
-/// in parallel, joined in order.
+/// in parallel. Each part is written straight into its place in one buffer, which the parts
+/// split and then join again without a copy: a row group is copied once, from the store's
+/// answer into the cache, and is never in memory twice.
 async fn get_in_parts(
     store: &Arc<dyn ObjectStore>,
     key: &Path,
@@ -334,31 +336,88 @@ async fn get_in_parts(
     if range.end - range.start <= PART_BYTES {
         return store.get_range(key, range).await;
     }
-    let parts = (range.start..range.end)
-        .step_by(usize::try_from(PART_BYTES).expect("4 MiB fits usize"))
-        .map(|start| start..(start + PART_BYTES).min(range.end));
-    let fetched: Vec<Bytes> = futures_util::stream::iter(parts)
-        .map(|part| store.get_range(key, part))
+    let len = usize::try_from(range.end - range.start).map_err(|_| short_read(key, &range, 0))?;
+    let mut whole = BytesMut::zeroed(len);
+    let mut parts = Vec::new();
+    let mut start = range.start;
+    while !whole.is_empty() {
+        let part = whole.split_to(whole.len().min(PART_BYTES as usize));
+        let end = start + part.len() as u64;
+        parts.push((start..end, part));
+        start = end;
+    }
+    let filled: Vec<BytesMut> = futures_util::stream::iter(parts)
+        .map(|(part_range, part)| get_into(store, key, part_range, part))
         .buffered(PARTS_IN_FLIGHT)
         .try_collect()
         .await?;
-    // A capacity hint only: the parts' lengths are checked below.
-    let mut joined = BytesMut::with_capacity(usize::try_from(range.end - range.start).unwrap_or(0));
-    for part in fetched {
-        joined.extend_from_slice(&part);
-    }
-    if joined.len() as u64 != range.end - range.start {
-        // A store answers a range past the object's end with what there is.
-        return Err(object_store::Error::Generic {
-            store: "archive",
-            source: format!(
-                "{key}: asked for bytes {range:?}, got {} bytes",
-                joined.len()
-            )
-            .into(),
-        });
+    let mut filled = filled.into_iter();
+    let mut joined = filled.next().unwrap_or_default();
+    for part in filled {
+        // The parts are adjacent pieces of one allocation, so this joins them in place.
+        joined.unsplit(part);
     }
     Ok(joined.freeze())
+}
+
+/// Fills `buf` (exactly `range.end - range.start` bytes) with that range of `key`: a file is
+/// read into it directly, a stream's pieces are copied into it as they come. A store answering
+/// with fewer or more bytes than asked for (a range past the object's end gets what there is)
+/// is an error.
+async fn get_into(
+    store: &Arc<dyn ObjectStore>,
+    key: &Path,
+    range: Range<u64>,
+    mut buf: BytesMut,
+) -> object_store::Result<BytesMut> {
+    let options = object_store::GetOptions {
+        range: Some(range.clone().into()),
+        ..Default::default()
+    };
+    let result = store.get_opts(key, options).await?;
+    if result.range != range {
+        return Err(short_read(
+            key,
+            &range,
+            result.range.end - result.range.start,
+        ));
+    }
+    match result.payload {
+        object_store::GetResultPayload::File(file, path) => {
+            let (key, at) = (key.clone(), range.start);
+            tokio::task::spawn_blocking(move || {
+                std::os::unix::fs::FileExt::read_exact_at(&file, &mut buf, at)
+                    .map(|()| buf)
+                    .map_err(|error| object_store::Error::Generic {
+                        store: "archive",
+                        source: format!("{key}: reading {}: {error}", path.display()).into(),
+                    })
+            })
+            .await
+            .map_err(|error| object_store::Error::JoinError { source: error })?
+        }
+        object_store::GetResultPayload::Stream(mut stream) => {
+            let mut at = 0;
+            while let Some(piece) = stream.try_next().await? {
+                let Some(into) = buf.get_mut(at..at + piece.len()) else {
+                    return Err(short_read(key, &range, (at + piece.len()) as u64));
+                };
+                into.copy_from_slice(&piece);
+                at += piece.len();
+            }
+            if at != buf.len() {
+                return Err(short_read(key, &range, at as u64));
+            }
+            Ok(buf)
+        }
+    }
+}
+
+fn short_read(key: &Path, range: &Range<u64>, got: u64) -> object_store::Error {
+    object_store::Error::Generic {
+        store: "archive",
+        source: format!("{key}: asked for bytes {range:?}, got {got} bytes").into(),
+    }
 }
 
 impl ChunkInner {
@@ -1123,28 +1182,37 @@ impl ColdReader {
 mod tests {
     use super::*;
 
+    /// Both kinds of answer: a stream (memory, S3) and a file read in place (a directory).
     #[tokio::test]
     async fn a_large_chunk_fetched_in_parts_is_the_bytes_of_one_get() {
-        let store: Arc<dyn ObjectStore> = Arc::new(object_store::memory::InMemory::new());
+        let dir = tempfile::tempdir().unwrap();
+        let stores: [Arc<dyn ObjectStore>; 2] = [
+            Arc::new(object_store::memory::InMemory::new()),
+            Arc::new(object_store::local::LocalFileSystem::new_with_prefix(dir.path()).unwrap()),
+        ];
         let key = Path::from("object");
         let bytes: Vec<u8> = (0..(PART_BYTES * 5 / 2 + 7))
             .map(|at| (at * 31 % 251) as u8)
             .collect();
-        store.put(&key, bytes.clone().into()).await.unwrap();
-        for range in [
-            0..bytes.len() as u64,
-            3..PART_BYTES + 3,
-            5..PART_BYTES * 2 + 1,
-            PART_BYTES - 1..PART_BYTES + 1,
-        ] {
-            let got = get_in_parts(&store, &key, range.clone()).await.unwrap();
-            let (start, end) = (range.start as usize, range.end as usize);
-            assert_eq!(&got[..], &bytes[start..end], "{range:?}");
+        for store in stores {
+            store.put(&key, bytes.clone().into()).await.unwrap();
+            for range in [
+                0..bytes.len() as u64,
+                3..PART_BYTES + 3,
+                5..PART_BYTES * 2 + 1,
+                PART_BYTES - 1..PART_BYTES + 1,
+            ] {
+                let got = get_in_parts(&store, &key, range.clone()).await.unwrap();
+                let (start, end) = (range.start as usize, range.end as usize);
+                assert_eq!(&got[..], &bytes[start..end], "{store} {range:?}");
+            }
+            for past_the_end in [
+                0..bytes.len() as u64 + 1,
+                7..bytes.len() as u64 + PART_BYTES,
+            ] {
+                let error = get_in_parts(&store, &key, past_the_end.clone()).await;
+                assert!(error.is_err(), "{store} {past_the_end:?}");
+            }
         }
-        assert!(
-            get_in_parts(&store, &key, 0..bytes.len() as u64 + 1)
-                .await
-                .is_err()
-        );
     }
 }
