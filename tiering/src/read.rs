@@ -147,7 +147,7 @@ impl ArchiveReader {
         cache: Arc<ChunkCache>,
     ) -> Result<ArchiveReader> {
         let mut reader = ArchiveReader::open(store, key, size_bytes).await?;
-        let ranges = reader
+        let ranges: Vec<Range<u64>> = reader
             .metadata
             .metadata()
             .row_groups()
@@ -162,6 +162,17 @@ impl ArchiveReader {
                 start.min(end)..end
             })
             .collect();
+        // A row group is fetched into a buffer of its size: a footer naming bytes past the
+        // object's end is refused here, before anything that large is allocated.
+        if let Some(past) = ranges.iter().find(|range| range.end > reader.source.size) {
+            return Err(TierError::Corrupt {
+                key: key.to_string(),
+                why: format!(
+                    "a row group at bytes {past:?}, past the object's {} bytes",
+                    reader.source.size
+                ),
+            });
+        }
         reader.source.chunks = Some(Arc::new(RowGroupChunks { cache, ranges }));
         Ok(reader)
     }

@@ -10,6 +10,7 @@ use object_store::aws::{AmazonS3, AmazonS3Builder};
 use object_store::local::LocalFileSystem;
 use object_store::memory::InMemory;
 use object_store::path::Path;
+use parquet::basic::ZstdLevel;
 
 use crate::error::{Result, TierError};
 
@@ -37,8 +38,8 @@ pub struct ArchiveStore {
     /// For `s3://` stores, the S3 client itself: garbage collection lists and aborts stale
     /// multipart uploads through it, which the `ObjectStore` trait cannot.
     s3: Option<Arc<AmazonS3>>,
-    /// The zstd level new objects' pages are written at.
-    zstd_level: i32,
+    /// The zstd level new objects' pages are written at, checked against [`ZSTD_LEVELS`].
+    zstd_level: ZstdLevel,
 }
 
 impl ArchiveStore {
@@ -128,26 +129,34 @@ impl ArchiveStore {
             url: url.to_string(),
             local_root: None,
             s3: None,
-            zstd_level: ZSTD_LEVEL_DEFAULT,
+            zstd_level: ZstdLevel::try_new(ZSTD_LEVEL_DEFAULT).expect("1 is a zstd level"),
         }
     }
 
     /// Writes new objects' pages at zstd `level` (one of [`ZSTD_LEVELS`]). Objects already
     /// written keep theirs: a reader learns each page's codec from the page itself.
     pub fn with_zstd_level(mut self, level: i32) -> Result<ArchiveStore> {
-        if !ZSTD_LEVELS.contains(&level) {
-            return Err(TierError::InvalidInput(format!(
-                "zstd level {level}: must be from {} to {}",
-                ZSTD_LEVELS.start(),
-                ZSTD_LEVELS.end()
-            )));
-        }
-        self.zstd_level = level;
+        self.zstd_level = ZSTD_LEVELS
+            .contains(&level)
+            .then(|| ZstdLevel::try_new(level).ok())
+            .flatten()
+            .ok_or_else(|| {
+                TierError::InvalidInput(format!(
+                    "zstd level {level}: must be from {} to {}",
+                    ZSTD_LEVELS.start(),
+                    ZSTD_LEVELS.end()
+                ))
+            })?;
         Ok(self)
     }
 
     /// The zstd level new objects' pages are written at.
     pub fn zstd_level(&self) -> i32 {
+        self.zstd_level.compression_level()
+    }
+
+    /// The same level, as the Parquet writer takes it.
+    pub(crate) fn parquet_zstd_level(&self) -> ZstdLevel {
         self.zstd_level
     }
 

@@ -277,7 +277,7 @@ impl ArchiveWriter {
         let writer = AsyncArrowWriter::try_new(
             upload,
             archive_schema(),
-            Some(writer_properties(self.store.zstd_level())?),
+            Some(writer_properties(self.store.parquet_zstd_level())),
         )?;
         Ok((writer, key))
     }
@@ -299,11 +299,9 @@ impl ArchiveWriter {
 /// The Parquet settings DESIGN.md fixes: zstd (at the store's level), statistics and a page
 /// index on every column (offset and timestamp are what readers prune by), row groups near 128k
 /// rows, and `offset` declared as the sort order.
-fn writer_properties(zstd_level: i32) -> Result<WriterProperties> {
-    let level = ZstdLevel::try_new(zstd_level)
-        .map_err(|error| TierError::InvalidInput(format!("zstd level {zstd_level}: {error}")))?;
-    Ok(WriterProperties::builder()
-        .set_compression(Compression::ZSTD(level))
+fn writer_properties(zstd_level: ZstdLevel) -> WriterProperties {
+    WriterProperties::builder()
+        .set_compression(Compression::ZSTD(zstd_level))
         .set_statistics_enabled(EnabledStatistics::Chunk)
         .set_column_statistics_enabled(
             ColumnPath::from(schema::COL_OFFSET),
@@ -326,7 +324,7 @@ fn writer_properties(zstd_level: i32) -> Result<WriterProperties> {
             descending: false,
             nulls_first: false,
         }]))
-        .build())
+        .build()
 }
 
 /// The batch-level fields every row of one batch repeats.
