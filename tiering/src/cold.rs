@@ -61,7 +61,8 @@ pub struct ColdConfig {
     /// Background prefetches in flight, over all partitions.
     pub prefetch_max: usize,
     /// Sequential replays kept between Fetches (each holds its cursor's current row group and
-    /// up to 8 MiB of batches rebuilt ahead); 0 serves every cold Fetch on its own.
+    /// up to 8 MiB of batches rebuilt ahead, in two arenas of at most 16.25 MiB); 0 serves
+    /// every cold Fetch on its own.
     pub replays_max: usize,
     /// Row groups decoded ahead of their replay at once, over all replays, each holding up to
     /// [`crate::read::DECODE_AHEAD_BYTES`] of decoded rows: a replay decodes the next row group
@@ -321,6 +322,9 @@ const GROUPS_AHEAD: usize = 2;
 const AHEAD_BYTES_MAX: usize = 8 << 20;
 /// Bytes the rebuild-ahead task rebuilds per step, between which a Fetch may take the replay.
 const FILL_CHUNK_BYTES: usize = 256 << 10;
+/// Room made in a replay's arena beyond a rebuild's `max_bytes`, since its last record may
+/// overrun it: a batch header and a record of a few KiB fit without a reallocation.
+const REBUILD_SLACK_BYTES: usize = 64 << 10;
 /// Ranged GETs one chunk fetch keeps in flight.
 const PARTS_IN_FLIGHT: usize = 4;
 
@@ -496,8 +500,12 @@ struct Replay {
     /// last): the one it is in, and those it was extended into.
     objects: VecDeque<(String, i64)>,
     cursor: ArchiveCursor,
-    /// Whole batches rebuilt ahead, from `position` to the cursor's next offset.
+    /// Whole batches rebuilt ahead, from `position` to the cursor's next offset, in the
+    /// replay's current arena ([`Replay::make_room`]). Fetches take them by splitting them
+    /// off, so an answer is never copied.
     ready: BytesMut,
+    /// The replay's other arena, emptied: reused once the answers split from it are dropped.
+    spare: BytesMut,
     /// Offset of the first record in `ready`: where the partition's next Fetch starts.
     position: i64,
     /// The last Fetch's `max_bytes`, which sizes the rebuild ahead ([`Replay::ahead_bytes`],
@@ -527,6 +535,25 @@ impl Replay {
     /// rebuilt batch is larger than a Fetch of that size asks for.
     fn step_bytes(&self) -> usize {
         self.fetch_bytes.clamp(1, FILL_CHUNK_BYTES)
+    }
+
+    /// Bytes of an arena: what the replay keeps ahead, twice, and a step, so that an arena
+    /// outlasts the answers split from it well before it fills.
+    fn arena_bytes(&self) -> usize {
+        2 * self.ahead_bytes() + self.step_bytes()
+    }
+
+    /// Makes room in `ready` for `bytes` more batch bytes ([`make_room`]).
+    fn make_room(&mut self, bytes: usize) {
+        let arena_bytes = self.arena_bytes();
+        make_room(&mut self.ready, &mut self.spare, bytes, arena_bytes);
+    }
+
+    /// Rebuilds about `max_bytes` more batches into `ready` (see
+    /// [`ArchiveCursor::read_into`]).
+    async fn rebuild(&mut self, max_bytes: usize) -> Result<u64, TierError> {
+        self.make_room(max_bytes.saturating_add(REBUILD_SLACK_BYTES));
+        self.cursor.read_into(max_bytes, &mut self.ready).await
     }
 
     /// Moves whole batches from `ready` to `out`: as many as fit in `max_bytes`, and (with
@@ -563,6 +590,27 @@ impl Replay {
             self.objects.pop_front();
         }
     }
+}
+
+/// Makes room in `ready` for `bytes` more without reallocating as they are appended.
+/// Bytes go into two arenas of `arena_bytes` in turn, `ready`'s and `spare`'s: once `ready`'s
+/// is full, what `ready` holds moves to the other one, which is reused whole if every buffer
+/// split from it has been dropped, and replaced by a new one otherwise. A replay's rebuilt
+/// batches, split off as Fetch answers and dropped once sent, thus go into memory written
+/// before, instead of into a buffer grown by doubling (a copy each time) into fresh pages,
+/// each faulted in and zeroed by the kernel.
+fn make_room(ready: &mut BytesMut, spare: &mut BytesMut, bytes: usize, arena_bytes: usize) {
+    if ready.capacity() - ready.len() >= bytes || ready.try_reclaim(bytes) {
+        return;
+    }
+    let arena_bytes = arena_bytes.max(ready.len().saturating_add(bytes));
+    let mut next = std::mem::take(spare);
+    if !next.try_reclaim(arena_bytes) {
+        next = BytesMut::with_capacity(arena_bytes);
+    }
+    next.extend_from_slice(ready);
+    ready.clear();
+    *spare = std::mem::replace(ready, next);
 }
 
 /// One partition's replay, shared by its Fetches and its rebuild-ahead task.
@@ -845,6 +893,7 @@ impl ColdReader {
                 objects: VecDeque::from([(key.to_string(), cursor.end_offset())]),
                 cursor,
                 ready: BytesMut::new(),
+                spare: BytesMut::new(),
                 position: offset,
                 fetch_bytes: max_bytes,
                 filling: false,
@@ -854,17 +903,15 @@ impl ColdReader {
         replay.fetch_bytes = max_bytes;
         let start = out.len();
         let mut records = replay.take_ready(max_bytes, at_least_one, out);
-        metrics::counter!(metric::AHEAD_BYTES).increment((out.len() - start) as u64);
+        let ahead = out.len() - start;
+        metrics::counter!(metric::AHEAD_BYTES).increment(ahead as u64);
         // Rebuilt here only what nothing rebuilt ahead: a batch ready that does not fit ends
-        // the read.
-        if replay.ready.is_empty() && out.len() - start < max_bytes && !replay.cursor.is_done() {
-            let remaining = max_bytes - (out.len() - start);
-            match replay.cursor.read_into(remaining, out).await {
-                Ok(read) => {
-                    records += read;
-                    let next = replay.cursor.next_offset();
-                    replay.moved_to(next);
-                }
+        // the read. The batches go into the arena like those rebuilt ahead, right after the
+        // ones just taken, so they join them in `out` without a copy.
+        if replay.ready.is_empty() && ahead < max_bytes && !replay.cursor.is_done() {
+            let remaining = max_bytes - ahead;
+            match replay.rebuild(remaining).await {
+                Ok(_) => records += replay.take_ready(remaining, at_least_one && ahead == 0, out),
                 Err(error) => {
                     out.truncate(start);
                     *guard = None;
@@ -944,8 +991,7 @@ impl ColdReader {
                     return;
                 }
                 let step = wanted.min(replay.step_bytes());
-                let Replay { cursor, ready, .. } = replay;
-                if let Err(error) = cursor.read_into(step, ready).await {
+                if let Err(error) = replay.rebuild(step).await {
                     tracing::debug!(topic = %id.0, partition = id.1, %error, "cold rebuild ahead failed");
                     *guard = None;
                     return;
@@ -1181,6 +1227,61 @@ impl ColdReader {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A replay's two arenas, as Fetches use them: each answer is split off and held until
+    /// the next is taken (one Fetch in flight). Every byte comes out as written, and the same
+    /// two arenas serve the whole replay; an arena whose answers are all still held is not
+    /// reused, and their bytes stay as they were.
+    #[test]
+    fn rebuilt_bytes_go_into_two_arenas_in_turn() {
+        const ARENA: usize = 64 << 10;
+        const ANSWER: usize = 5000;
+        let (mut ready, mut spare) = (BytesMut::new(), BytesMut::new());
+        let (mut written, mut read) = (0usize, 0usize);
+        let mut bases = HashSet::new();
+        let mut append =
+            |ready: &mut BytesMut, spare: &mut BytesMut, bases: &mut HashSet<usize>| {
+                let before = ready.as_ptr() as usize;
+                make_room(ready, spare, ANSWER, ARENA);
+                if ready.as_ptr() as usize != before {
+                    bases.insert(ready.as_ptr() as usize);
+                }
+                let capacity = ready.capacity();
+                ready.extend((written..written + ANSWER).map(|i| (i % 251) as u8));
+                assert_eq!(ready.capacity(), capacity, "appending reallocated");
+                written += ANSWER;
+            };
+        let check = |answer: &[u8], from: usize| {
+            assert!(
+                answer
+                    .iter()
+                    .zip(from..)
+                    .all(|(&b, i)| b == (i % 251) as u8)
+            );
+        };
+        let mut in_flight = Bytes::new();
+        for _ in 0..200 {
+            append(&mut ready, &mut spare, &mut bases);
+            let answer = ready.split_to(ANSWER).freeze();
+            check(&answer, read);
+            read += ANSWER;
+            in_flight = answer; // the answer before is sent and dropped
+        }
+        assert_eq!(bases.len(), 2, "arenas: {bases:?}");
+        drop(in_flight);
+
+        // Every answer held: each switch needs a new arena, and nothing held changes.
+        let mut held = Vec::new();
+        for _ in 0..40 {
+            append(&mut ready, &mut spare, &mut bases);
+            held.push((read, ready.split_to(ANSWER).freeze()));
+            read += ANSWER;
+        }
+        assert!(bases.len() > 3, "arenas: {}", bases.len());
+        for (from, answer) in &held {
+            check(answer, *from);
+        }
+    }
 
     /// Both kinds of answer: a stream (memory, S3) and a file read in place (a directory).
     #[tokio::test]
