@@ -74,8 +74,8 @@ pub struct ColdConfig {
 impl ColdConfig {
     /// The bounds when nothing is configured: 256 MiB of row groups (a replay of a few
     /// partitions at once stays cached between a consumer's Fetches), 64 open objects, 4
-    /// prefetches, 16 replays, 4 row groups decoded ahead (two replays at full speed, 128 MiB
-    /// of decoded rows at most).
+    /// prefetches, 16 replays, 4 row groups decoded ahead (two replays at full speed, two row
+    /// groups ahead each; 256 MiB of decoded rows at most).
     pub const BUILT_IN: ColdConfig = ColdConfig {
         cache_bytes: 256 << 20,
         readers_max: 64,
@@ -623,7 +623,9 @@ pub struct ColdReader {
     config: ColdConfig,
     chunks: Arc<ChunkCache>,
     manifests: Mutex<HashMap<PartitionKey, Arc<Manifest>>>,
-    readers: Mutex<Lru<String, Arc<ArchiveReader>>>,
+    /// Open readers by object key; a reader being opened is in its cell already, so callers
+    /// racing to open one object (a Fetch, prefetch, a replay extending) read its footer once.
+    readers: Mutex<Lru<String, Arc<OnceCell<Arc<ArchiveReader>>>>>,
     /// Each replaying partition's cursor and batches rebuilt ahead.
     replays: Mutex<Lru<PartitionKey, ReplaySlot>>,
     /// Where each partition's last cold read ended: a read starting there is sequential.
@@ -764,30 +766,33 @@ impl ColdReader {
 
     /// The open reader of `object`, opening it (one footer fetch) when needed.
     async fn reader(&self, object: &ManifestObject) -> Result<Arc<ArchiveReader>, TierError> {
-        let open = self
-            .readers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&object.key);
-        if let Some(reader) = open {
-            return Ok(reader);
-        }
-        self.objects_opened.fetch_add(1, Ordering::Relaxed);
-        metrics::counter!(metric::OBJECTS_OPENED).increment(1);
-        let reader = Arc::new(
-            ArchiveReader::open_cached(
-                &self.store,
-                &object.key,
-                Some(object.size_bytes),
-                self.chunks.clone(),
-            )
-            .await?,
-        );
-        self.readers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(object.key.clone(), reader.clone(), self.config.readers_max);
-        Ok(reader)
+        let cell = {
+            let mut readers = self.readers.lock().unwrap_or_else(|e| e.into_inner());
+            match readers.get(&object.key) {
+                Some(cell) => cell,
+                None => {
+                    let cell = Arc::new(OnceCell::new());
+                    readers.insert(object.key.clone(), cell.clone(), self.config.readers_max);
+                    cell
+                }
+            }
+        };
+        // A failed open leaves the cell empty: the next caller tries again.
+        let reader = cell
+            .get_or_try_init(|| async {
+                self.objects_opened.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!(metric::OBJECTS_OPENED).increment(1);
+                let reader = ArchiveReader::open_cached(
+                    &self.store,
+                    &object.key,
+                    Some(object.size_bytes),
+                    self.chunks.clone(),
+                )
+                .await?;
+                Ok::<_, TierError>(Arc::new(reader))
+            })
+            .await?;
+        Ok(reader.clone())
     }
 
     /// Forgets an object found missing: its reader, replay cursors and chunks.

@@ -391,13 +391,15 @@ impl ArchiveReader {
 
 /// Arrow batches a row group decoded ahead keeps ready at least.
 const DECODED_BATCHES_READY: usize = 4;
-/// Decoded bytes a row group decoded ahead of its cursor may hold: about half a row group of
-/// ~500-byte records, so that while the cursor's row group is decoded on one core the next is
-/// half done on another, and the cursor finds it that far along.
-pub const DECODE_AHEAD_BYTES: usize = 32 << 20;
+/// Decoded bytes a row group decoded ahead of its cursor may hold: about a whole row group of
+/// ~500-byte records, so that a row group decoded ahead on another core can finish while the
+/// cursor's consumer is still on an earlier one.
+pub const DECODE_AHEAD_BYTES: usize = 64 << 20;
 /// Row groups a cursor decodes ahead of the one it reads, each holding a permit from the
-/// cursor's [`ArchiveCursor::with_decode_ahead`] semaphore.
-const GROUPS_DECODED_AHEAD: usize = 1;
+/// cursor's [`ArchiveCursor::with_decode_ahead`] semaphore. Two, so that a decoder is still
+/// working ahead whenever the consumer moves on to the next row group (one gave 417 MB/s
+/// against 538 from S3 in a 5-pair A/B on 2 cores, BENCHMARKS.md).
+const GROUPS_DECODED_AHEAD: usize = 2;
 
 /// A read position in one or more consecutive archive objects that keeps decoding between
 /// reads (see [`ArchiveReader::cursor`]): rows decoded and not yet handed out wait for the next

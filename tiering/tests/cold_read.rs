@@ -480,7 +480,8 @@ async fn a_replay_goes_on_exactly_when_compaction_replaces_the_object_under_its_
     let store = ArchiveStore::open("memory://").unwrap();
     // The replay's cursor will sit in the second object (three row groups) when both objects
     // are merged into one under a new key and deleted, as compaction does. Without prefetch,
-    // the cursor's next row group is not cached when it gets there.
+    // and with one permit to decode ahead (the row group after the cursor's), the object's
+    // last row group is not fetched when the cursor gets there.
     let end = 2 * rows + 2000;
     let mut manifest = archive(&store, &[(0, 999), (1000, end - 1)]).await;
     let old: Vec<String> = manifest.objects.iter().map(|o| o.key.clone()).collect();
@@ -488,6 +489,7 @@ async fn a_replay_goes_on_exactly_when_compaction_replaces_the_object_under_its_
         store.clone(),
         ColdConfig {
             prefetch_max: 0,
+            decode_ahead_max: 1,
             ..ColdConfig::default()
         },
     );
@@ -580,8 +582,8 @@ async fn a_replay_decodes_the_next_objects_rows_while_its_consumer_reads_this_on
     // One row group each: what is decoded ahead of object one can only be object two.
     let objects = [(0, 4_999), (5_000, 9_999), (10_000, 10_499)];
     archive(&store, &objects).await;
-    // Two permits: object two is decoded ahead on one, and object three on the other once the
-    // replay is in object two; the replay ends holding one.
+    // Two permits: objects two and three are both decoded ahead (a replay decodes two row
+    // groups ahead) while the replay is still in object one.
     let config = ColdConfig {
         prefetch_max: 0,
         decode_ahead_max: 2,
@@ -595,8 +597,8 @@ async fn a_replay_decodes_the_next_objects_rows_while_its_consumer_reads_this_on
         offset = read.next_offset;
     }
     assert!(offset < 5_000, "still in object one");
-    wait_for("object two's row group decoded ahead", || {
-        cold.stats().decoding_ahead == 1
+    wait_for("objects two and three decoded ahead", || {
+        cold.stats().decoding_ahead == 2
     })
     .await;
     // The rest reads exactly, across both boundaries, within the two permits; once the replay
