@@ -912,11 +912,24 @@ impl ColdReader {
         metrics::counter!(metric::AHEAD_BYTES).increment(ahead as u64);
         // Rebuilt here only what nothing rebuilt ahead: a batch ready that does not fit ends
         // the read. The batches go into the arena like those rebuilt ahead, right after the
-        // ones just taken, so they join them in `out` without a copy.
+        // ones just taken, so they join them in `out` without a copy. A Fetch asking for more
+        // than an arena holds has them rebuilt straight into its answer instead, so that the
+        // arenas a replay keeps stay the size of what it keeps ahead.
         if replay.ready.is_empty() && ahead < max_bytes && !replay.cursor.is_done() {
             let remaining = max_bytes - ahead;
-            match replay.rebuild(remaining).await {
-                Ok(_) => records += replay.take_ready(remaining, at_least_one && ahead == 0, out),
+            let rebuilt = if remaining <= replay.arena_bytes() {
+                match replay.rebuild(remaining).await {
+                    Ok(_) => Ok(replay.take_ready(remaining, at_least_one && ahead == 0, out)),
+                    Err(error) => Err(error),
+                }
+            } else {
+                let read = replay.cursor.read_into(remaining, out).await;
+                let next = replay.cursor.next_offset();
+                replay.moved_to(next);
+                read
+            };
+            match rebuilt {
+                Ok(read) => records += read,
                 Err(error) => {
                     out.truncate(start);
                     *guard = None;

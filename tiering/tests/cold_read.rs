@@ -627,16 +627,24 @@ async fn large_records_replay_exactly() {
         headers: vec![],
     })
     .await;
-    let cold = ColdReader::new(store, ColdConfig::default());
-    let mut offset = 0;
-    while offset < 300 {
-        let read = cold.read(TOPIC, 0, offset, 1 << 20).await.unwrap();
-        assert_contiguous_from(offset, &read.batches, |at, got| {
-            assert_eq!(got.key.as_deref(), Some(format!("k{at}").as_bytes()));
-            assert_eq!(got.value.as_deref(), Some(&value(at)[..]));
-            assert_eq!(got.timestamp, BASE_TS + at);
-        });
-        offset = read.next_offset;
+    // 1 MiB Fetches, as consumers' defaults ask, and 20 MiB ones: more than a replay's arenas
+    // hold, so what a Fetch waits for is rebuilt straight into its answer.
+    for fetch_bytes in [1 << 20, 20 << 20] {
+        let cold = ColdReader::new(store.clone(), ColdConfig::default());
+        let mut offset = 0;
+        let mut fetches = 0;
+        while offset < 300 {
+            let read = cold.read(TOPIC, 0, offset, fetch_bytes).await.unwrap();
+            assert_contiguous_from(offset, &read.batches, |at, got| {
+                assert_eq!(got.key.as_deref(), Some(format!("k{at}").as_bytes()));
+                assert_eq!(got.value.as_deref(), Some(&value(at)[..]));
+                assert_eq!(got.timestamp, BASE_TS + at);
+            });
+            assert!(read.batches.len() <= fetch_bytes + (100 << 10));
+            offset = read.next_offset;
+            fetches += 1;
+        }
+        assert_eq!(offset, 300);
+        assert!(fetches > 1, "{fetches} Fetches of {fetch_bytes} bytes");
     }
-    assert_eq!(offset, 300);
 }
