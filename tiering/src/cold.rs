@@ -65,9 +65,9 @@ pub struct ColdConfig {
     /// every cold Fetch on its own.
     pub replays_max: usize,
     /// Row groups decoded ahead of their replay at once, over all replays, each holding up to
-    /// [`crate::read::DECODE_AHEAD_BYTES`] of decoded rows: a replay decodes the next row group
-    /// on another core while its consumer reads this one. 0 decodes each row group only once
-    /// its replay reaches it.
+    /// [`crate::read::DECODE_AHEAD_BYTES`] of decoded rows: a replay decodes the next two row
+    /// groups on other cores while its consumer reads this one. 0 decodes each row group only
+    /// once its replay reaches it.
     pub decode_ahead_max: usize,
 }
 
@@ -501,7 +501,7 @@ struct Replay {
     objects: VecDeque<(String, i64)>,
     cursor: ArchiveCursor,
     /// Whole batches rebuilt ahead, from `position` to the cursor's next offset, in the
-    /// replay's current arena ([`Replay::make_room`]). Fetches take them by splitting them
+    /// replay's current arena ([`make_room`]). Fetches take them by splitting them
     /// off, so an answer is never copied.
     ready: BytesMut,
     /// The replay's other arena, emptied: reused once the answers split from it are dropped.
@@ -543,16 +543,12 @@ impl Replay {
         2 * self.ahead_bytes() + self.step_bytes()
     }
 
-    /// Makes room in `ready` for `bytes` more batch bytes ([`make_room`]).
-    fn make_room(&mut self, bytes: usize) {
-        let arena_bytes = self.arena_bytes();
-        make_room(&mut self.ready, &mut self.spare, bytes, arena_bytes);
-    }
-
     /// Rebuilds about `max_bytes` more batches into `ready` (see
-    /// [`ArchiveCursor::read_into`]).
+    /// [`ArchiveCursor::read_into`]), in room made for them first ([`make_room`]).
     async fn rebuild(&mut self, max_bytes: usize) -> Result<u64, TierError> {
-        self.make_room(max_bytes.saturating_add(REBUILD_SLACK_BYTES));
+        let arena_bytes = self.arena_bytes();
+        let room = max_bytes.saturating_add(REBUILD_SLACK_BYTES);
+        make_room(&mut self.ready, &mut self.spare, room, arena_bytes);
         self.cursor.read_into(max_bytes, &mut self.ready).await
     }
 
@@ -918,10 +914,8 @@ impl ColdReader {
         if replay.ready.is_empty() && ahead < max_bytes && !replay.cursor.is_done() {
             let remaining = max_bytes - ahead;
             let rebuilt = if remaining <= replay.arena_bytes() {
-                match replay.rebuild(remaining).await {
-                    Ok(_) => Ok(replay.take_ready(remaining, at_least_one && ahead == 0, out)),
-                    Err(error) => Err(error),
-                }
+                let rebuilt = replay.rebuild(remaining).await;
+                rebuilt.map(|_| replay.take_ready(remaining, at_least_one && ahead == 0, out))
             } else {
                 let read = replay.cursor.read_into(remaining, out).await;
                 let next = replay.cursor.next_offset();

@@ -136,18 +136,18 @@ impl ArchiveStore {
     /// Writes new objects' pages at zstd `level` (one of [`ZSTD_LEVELS`]). Objects already
     /// written keep theirs: a reader learns each page's codec from the page itself.
     pub fn with_zstd_level(mut self, level: i32) -> Result<ArchiveStore> {
-        self.zstd_level = ZSTD_LEVELS
-            .contains(&level)
-            .then(|| ZstdLevel::try_new(level).ok())
-            .flatten()
-            .ok_or_else(|| {
-                TierError::InvalidInput(format!(
-                    "zstd level {level}: must be from {} to {}",
-                    ZSTD_LEVELS.start(),
-                    ZSTD_LEVELS.end()
-                ))
-            })?;
-        Ok(self)
+        // Parquet's own check admits zstd's negative levels too.
+        match ZstdLevel::try_new(level) {
+            Ok(checked) if ZSTD_LEVELS.contains(&level) => {
+                self.zstd_level = checked;
+                Ok(self)
+            }
+            _ => Err(TierError::InvalidInput(format!(
+                "zstd level {level}: must be from {} to {}",
+                ZSTD_LEVELS.start(),
+                ZSTD_LEVELS.end()
+            ))),
+        }
     }
 
     /// The zstd level new objects' pages are written at.
