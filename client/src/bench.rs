@@ -11,9 +11,13 @@
 //!
 //! `silt bench kafka` measures produce and consume throughput of any Kafka-protocol broker
 //! beside raw disk and loopback TCP bandwidth (see [`kafka`]).
+//!
+//! `silt bench quic` measures one bare QUIC stream over loopback with the uplink's transport,
+//! the link baseline of `scripts/bench-uplink` (see [`quic`]).
 
 mod kafka;
 mod mqtt;
+mod quic;
 
 use std::fs::{self, File};
 use std::io::Write;
@@ -36,6 +40,8 @@ pub(crate) enum BenchTarget {
     Mqtt(mqtt::MqttBench),
     /// Produce and consume throughput of any Kafka-protocol broker against raw disk and loopback.
     Kafka(kafka::KafkaBench),
+    /// Bandwidth of one bare QUIC stream over loopback, with the uplink's TLS and window.
+    Quic(quic::QuicBench),
 }
 
 #[derive(Debug, Args)]
@@ -66,6 +72,7 @@ pub(crate) fn run(target: BenchTarget) -> anyhow::Result<()> {
         BenchTarget::Log(options) => log_bench(&options),
         BenchTarget::Mqtt(options) => mqtt::run(&options),
         BenchTarget::Kafka(options) => kafka::run(&options),
+        BenchTarget::Quic(options) => quic::run(&options),
     }
 }
 
