@@ -53,9 +53,17 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(2);
 /// How long a connection attempt (resolution and handshake) may take. Short, because an
 /// attempt made while the link was down only succeeds if a handshake retransmission
-/// happens after the link returns (they back off: 1, 2, 4 s); a new attempt after at most
-/// [`BACKOFF_MAX`] keeps the reconnection within 5 s of the link returning.
+/// happens after the link returns (they back off from about three times the initial RTT:
+/// 1, 2, 4 s at QUIC's default 333 ms); a new attempt after at most [`BACKOFF_MAX`] keeps the
+/// reconnection within 5 s of the link returning.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Bounds of a reconnection's initial RTT, which is the last connection's smoothed RTT (RFC
+/// 9002, 6.2.2): its handshake retransmissions then start as soon as that path warrants, so
+/// a core that restarts is found within about its own start time, not at the next of the
+/// 1, 2, 4 s retransmissions. Never below 10 ms (30 ms between the first retransmissions),
+/// never above QUIC's default, so no attempt probes less often than a first connection.
+const INITIAL_RTT_MIN: Duration = Duration::from_millis(10);
+const INITIAL_RTT_MAX: Duration = Duration::from_millis(333);
 /// How often the client looks for new topics and partitions, and refreshes lag gauges.
 const DISCOVERY_INTERVAL: Duration = Duration::from_secs(1);
 /// How long a sender sleeps on the high watermark before looking again.
@@ -119,6 +127,7 @@ impl Uplink {
             cursors: cursors.clone(),
             client,
             encoders: Arc::new(Encoders::new(config.compression)),
+            last_rtt: std::sync::Mutex::new(None),
         };
         let shipper = Arc::new(shipper);
         let lag = tokio::spawn(shipper.clone().report_lag(stopped.clone()));
@@ -181,14 +190,23 @@ fn client_config(config: &UplinkConfig) -> anyhow::Result<quinn::ClientConfig> {
     tls.alpn_protocols = vec![silt_wire::ALPN.to_vec()];
     let quic = QuicClientConfig::try_from(tls).context("TLS config unusable for QUIC")?;
     let mut client = quinn::ClientConfig::new(Arc::new(quic));
+    client.transport_config(Arc::new(transport(None)));
+    Ok(client)
+}
+
+/// The client's QUIC transport: a dead path is noticed within [`IDLE_TIMEOUT`]; a connection
+/// to a core already reached starts from the RTT last measured (see [`INITIAL_RTT_MIN`]).
+fn transport(last_rtt: Option<Duration>) -> quinn::TransportConfig {
     let mut transport = quinn::TransportConfig::default();
     transport
         .max_idle_timeout(Some(
             quinn::IdleTimeout::try_from(IDLE_TIMEOUT).expect("idle timeout fits a varint"),
         ))
         .keep_alive_interval(Some(KEEP_ALIVE_INTERVAL));
-    client.transport_config(Arc::new(transport));
-    Ok(client)
+    if let Some(rtt) = last_rtt {
+        transport.initial_rtt(rtt.clamp(INITIAL_RTT_MIN, INITIAL_RTT_MAX));
+    }
+    transport
 }
 
 fn read_pem(path: &std::path::Path) -> anyhow::Result<Vec<u8>> {
@@ -211,6 +229,8 @@ struct Shipper {
     cursors: Arc<Cursors>,
     client: quinn::ClientConfig,
     encoders: Arc<Encoders>,
+    /// The smoothed RTT of the last connection to the core, when it ended.
+    last_rtt: std::sync::Mutex<Option<Duration>>,
 }
 
 impl Shipper {
@@ -298,6 +318,7 @@ impl Shipper {
         loop {
             tokio::select! {
                 reason = connection.closed() => {
+                    self.remember_rtt(&connection);
                     let ended = ended_by(reason);
                     if matches!(ended, Ended::CoreShuttingDown) {
                         // The streams read the last acks the core sent before it closed.
@@ -327,6 +348,7 @@ impl Shipper {
                                     Err(error) => anyhow::Error::new(error),
                                 };
                                 let ended = stream_ended(&connection, error).await;
+                                self.remember_rtt(&connection);
                                 connection.close(0u32.into(), b"stream failed");
                                 finish(streams).await;
                                 return ended;
@@ -363,12 +385,21 @@ impl Shipper {
         // A fresh endpoint (and UDP socket) per attempt: after a path change, the old
         // socket's binding may be what is broken.
         let endpoint = quinn::Endpoint::client(bind).context("cannot open a UDP socket")?;
+        let mut client = self.client.clone();
+        let last_rtt = *self.last_rtt.lock().expect("never poisoned");
+        if last_rtt.is_some() {
+            client.transport_config(Arc::new(transport(last_rtt)));
+        }
         let connection = endpoint
-            .connect_with(self.client.clone(), addr, &self.config.server_name)
+            .connect_with(client, addr, &self.config.server_name)
             .context("cannot start connecting")?
             .await
             .with_context(|| format!("cannot connect to the core at {addr}"))?;
         Ok(connection)
+    }
+
+    fn remember_rtt(&self, connection: &quinn::Connection) {
+        *self.last_rtt.lock().expect("never poisoned") = Some(connection.rtt());
     }
 
     /// Lag gauges per partition: records and (estimated) bytes not yet acknowledged.
