@@ -189,9 +189,8 @@ fn client_config(config: &UplinkConfig) -> anyhow::Result<quinn::ClientConfig> {
     };
     tls.alpn_protocols = vec![silt_wire::ALPN.to_vec()];
     let quic = QuicClientConfig::try_from(tls).context("TLS config unusable for QUIC")?;
-    let mut client = quinn::ClientConfig::new(Arc::new(quic));
-    client.transport_config(Arc::new(transport(None)));
-    Ok(client)
+    // The transport is set per attempt ([`Shipper::connect`]).
+    Ok(quinn::ClientConfig::new(Arc::new(quic)))
 }
 
 /// The client's QUIC transport: a dead path is noticed within [`IDLE_TIMEOUT`]; a connection
@@ -227,6 +226,7 @@ struct Shipper {
     edge_id: String,
     log: Arc<LogManager>,
     cursors: Arc<Cursors>,
+    /// TLS only: [`Shipper::connect`] gives each attempt its transport.
     client: quinn::ClientConfig,
     encoders: Arc<Encoders>,
     /// The smoothed RTT of the last connection to the core, when it ended.
@@ -387,9 +387,7 @@ impl Shipper {
         let endpoint = quinn::Endpoint::client(bind).context("cannot open a UDP socket")?;
         let mut client = self.client.clone();
         let last_rtt = *self.last_rtt.lock().expect("never poisoned");
-        if last_rtt.is_some() {
-            client.transport_config(Arc::new(transport(last_rtt)));
-        }
+        client.transport_config(Arc::new(transport(last_rtt)));
         let connection = endpoint
             .connect_with(client, addr, &self.config.server_name)
             .context("cannot start connecting")?
