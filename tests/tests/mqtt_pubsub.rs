@@ -878,3 +878,70 @@ async fn metrics_count_mqtt_traffic() {
         "no append latency histogram counting the QoS 1/2 appends:\n{metrics}"
     );
 }
+
+/// A 3.1.1 client cannot be told a receive maximum, so one that pipelines more QoS 1 and 2
+/// publishes than the broker takes at once (128 on silt-edge) is read more slowly, not
+/// disconnected: every publish is acknowledged, in order, including QoS 2 whose PUBRELs
+/// come only after their PUBRECs, behind publishes the broker has not read yet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_v311_publishes_beyond_the_receive_maximum_are_all_acknowledged() {
+    const QOS1: u16 = 1_000;
+    const QOS2: u16 = 300;
+    let (_dir, data) = data_dir();
+    let mut broker = start(&data);
+    let connect = raw::Connect::new(Version::V311, "pipeline");
+    let mut conn = RawConn::connected(broker.mqtt, &connect).await;
+    let burst = |qos: u8, ids: std::ops::RangeInclusive<u16>| {
+        ids.flat_map(|pkid| {
+            raw::publish(
+                Version::V311,
+                "pipe/line",
+                qos,
+                Some(pkid),
+                &pkid.to_be_bytes(),
+            )
+        })
+        .collect::<Vec<u8>>()
+    };
+    let packet_id = |packet: &raw::Packet| u16::from_be_bytes([packet.body[0], packet.body[1]]);
+
+    conn.send(&burst(1, 1..=QOS1)).await;
+    for expected in 1..=QOS1 {
+        let packet = conn
+            .read_packet(MQTT_TIMEOUT)
+            .await
+            .unwrap_or_else(|| panic!("no PUBACK {expected}: the connection closed or stalled"));
+        assert_eq!(packet.kind(), 4, "a PUBACK: {packet:?}");
+        assert_eq!(packet_id(&packet), expected, "PUBACKs in publish order");
+    }
+
+    conn.send(&burst(2, QOS1 + 1..=QOS1 + QOS2)).await;
+    let mut next_pubrec = QOS1 + 1;
+    let mut completed = 0;
+    while completed < QOS2 {
+        let packet = conn
+            .read_packet(MQTT_TIMEOUT)
+            .await
+            .unwrap_or_else(|| panic!("stalled after {completed} PUBCOMPs"));
+        match packet.kind() {
+            5 => {
+                assert_eq!(packet_id(&packet), next_pubrec, "PUBRECs in publish order");
+                next_pubrec += 1;
+                conn.send(&raw::packet(0x62, &packet.body[..2])).await;
+            }
+            7 => completed += 1,
+            other => panic!("unexpected packet type {other}: {packet:?}"),
+        }
+    }
+    drop(conn);
+
+    if broker.kind == BrokerKind::SiltEdge {
+        blocking(|| broker.stop());
+        let records = blocking(|| dump_topic(&data, "mqtt"));
+        assert_eq!(
+            records.len(),
+            usize::from(QOS1 + QOS2),
+            "one record per publish"
+        );
+    }
+}

@@ -102,8 +102,32 @@ impl Inbound {
         self.ingesting.len() + self.awaiting_pubrel.len()
     }
 
-    /// A PUBLISH with QoS 1 or 2 and packet id `id` arrived.
+    /// Whether as many publishes as the receive maximum are being ingested. A 3.1.1
+    /// connection stops reading QoS 1 and 2 publishes while it is (3.1.1 has no Receive
+    /// Maximum to announce, so a client may send more); ingests finish without the client.
+    pub fn ingest_full(&self) -> bool {
+        self.ingesting.len() >= usize::from(self.receive_maximum)
+    }
+
+    /// A PUBLISH with QoS 1 or 2 and packet id `id` arrived from a 5.0 client, which was told
+    /// the receive maximum: one more than it unacknowledged is a protocol error.
     pub fn on_publish(&mut self, id: u16, qos: QoS) -> Result<InboundAction, QosError> {
+        self.accept(id, qos, true)
+    }
+
+    /// [`Inbound::on_publish`] for a 3.1.1 client, which was told no limit: the count is not
+    /// refused (the connection bounds the ingests with [`Inbound::ingest_full`]; QoS 2 ids
+    /// awaiting PUBREL are at most the 65,535 packet ids).
+    pub fn on_publish_v311(&mut self, id: u16, qos: QoS) -> Result<InboundAction, QosError> {
+        self.accept(id, qos, false)
+    }
+
+    fn accept(
+        &mut self,
+        id: u16,
+        qos: QoS,
+        enforce_maximum: bool,
+    ) -> Result<InboundAction, QosError> {
         if id == 0 {
             return Err(QosError::ZeroPacketId);
         }
@@ -120,7 +144,7 @@ impl Inbound {
                 return Ok(InboundAction::AlreadyIngesting);
             }
         }
-        if self.unacknowledged() >= usize::from(self.receive_maximum) {
+        if enforce_maximum && self.unacknowledged() >= usize::from(self.receive_maximum) {
             return Err(QosError::ReceiveMaximumExceeded {
                 limit: self.receive_maximum,
             });
@@ -465,6 +489,32 @@ mod tests {
         assert_eq!(
             inbound.on_publish(7, QoS::ExactlyOnce),
             Ok(InboundAction::Ingest)
+        );
+    }
+
+    #[test]
+    fn a_v311_client_is_never_refused_for_the_count_and_ingests_are_bounded_by_the_caller() {
+        let mut inbound = Inbound::new(2);
+        inbound.on_publish_v311(1, QoS::ExactlyOnce).unwrap();
+        inbound.on_ingested(1).unwrap();
+        assert!(!inbound.ingest_full(), "a pending PUBREL is not an ingest");
+        inbound.on_publish_v311(2, QoS::AtLeastOnce).unwrap();
+        inbound.on_publish_v311(3, QoS::AtLeastOnce).unwrap();
+        assert!(inbound.ingest_full());
+        assert_eq!(inbound.unacknowledged(), 3);
+        // Past the maximum: still accepted (the connection stops reading before this).
+        assert_eq!(
+            inbound.on_publish_v311(4, QoS::AtLeastOnce),
+            Ok(InboundAction::Ingest)
+        );
+        inbound.on_ingested(2).unwrap();
+        inbound.on_ingested(3).unwrap();
+        inbound.on_ingested(4).unwrap();
+        assert!(!inbound.ingest_full());
+        // The other checks still apply.
+        assert_eq!(
+            inbound.on_publish_v311(0, QoS::AtLeastOnce),
+            Err(QosError::ZeroPacketId)
         );
     }
 

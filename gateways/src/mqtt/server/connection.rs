@@ -568,6 +568,7 @@ async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
         batch_bytes: 0,
         ops: Vec::new(),
         releases: Vec::new(),
+        stalled: false,
     };
     conn.resend(&mut io.out);
     Some(conn)
@@ -861,6 +862,18 @@ struct Conn {
     /// QoS 2 ids of a persistent session released by PUBREL, whose PUBCOMP waits for the
     /// store (`flush_releases`).
     releases: Vec<u16>,
+    /// A 3.1.1 client's QoS 1 or 2 PUBLISH waits at the front of the input while the receive
+    /// maximum's worth of publishes is being ingested: 3.1.1 cannot announce a limit, so the
+    /// connection stops reading until ingests finish, rather than close on a client that
+    /// pipelines more (5.0 clients are told the limit, and exceeding it is an error).
+    stalled: bool,
+}
+
+/// Whether `input` starts with a QoS 1 or 2 PUBLISH (its fixed header's first byte).
+fn starts_with_acknowledged_publish(input: &[u8]) -> bool {
+    input
+        .first()
+        .is_some_and(|&first| first >> 4 == 3 && (first >> 1) & 0b11 != 0)
 }
 
 /// The connection must close; `Some(reason)` sends a 5.0 DISCONNECT first.
@@ -899,13 +912,23 @@ impl Conn {
             close
         } else {
             loop {
+                if self.stalled && !self.cell.lock().inbound.ingest_full() {
+                    self.stalled = false;
+                    match self.handle_input(io).await {
+                        Ok(Some(end)) => break Close { end, reason: None },
+                        Ok(None) => {}
+                        Err(close) => break close,
+                    }
+                }
                 if let Err(close) = self.pump(&mut io.out) {
                     break close;
                 }
                 if !self.ops.is_empty() {
                     self.shared.persist.write(std::mem::take(&mut self.ops));
                 }
-                let can_read = io.out.len() < OUT_HIGH_WATER && self.pending.len() < PENDING_MAX;
+                let can_read = !self.stalled
+                    && io.out.len() < OUT_HIGH_WATER
+                    && self.pending.len() < PENDING_MAX;
                 let keep_alive_deadline = self.keep_alive.map(|k| last_read + k);
                 let needed = self.decoder.frame_bytes_needed(&io.inbuf).unwrap_or(2);
                 tokio::select! {
@@ -990,6 +1013,13 @@ impl Conn {
         io: &mut Io<S>,
     ) -> Result<Option<End>, Close> {
         loop {
+            if !self.v5
+                && starts_with_acknowledged_publish(&io.inbuf)
+                && self.cell.lock().inbound.ingest_full()
+            {
+                self.stalled = true;
+                return Ok(None);
+            }
             let frame = match self.decoder.decode(&mut io.inbuf) {
                 Ok(Some(frame)) => frame,
                 Ok(None) => return Ok(None),
@@ -1210,7 +1240,11 @@ impl Conn {
         };
         let id = publish.packet_id;
         if publish.qos != QoS::AtMostOnce {
-            let action = self.cell.lock().inbound.on_publish(id, publish.qos);
+            let action = if self.v5 {
+                self.cell.lock().inbound.on_publish(id, publish.qos)
+            } else {
+                self.cell.lock().inbound.on_publish_v311(id, publish.qos)
+            };
             match action {
                 Ok(InboundAction::Ingest) => {}
                 Ok(InboundAction::ResendPubrec) => {
