@@ -27,7 +27,7 @@ use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::admin::{self, Admin, NodeState};
-use crate::config::{EdgeConfig, MqttConfig, MqttTls, TlsClientAuth};
+use crate::config::{Compression, EdgeConfig, MqttConfig, MqttTls, TlsClientAuth};
 use crate::ingest::{BATCH_RECORDS_MAX_DEFAULT, IngestConfig, LogIngest};
 use crate::uplink::{Cursors, Uplink};
 
@@ -69,7 +69,7 @@ pub(crate) async fn run(
         .context("opening the data directory panicked")?
         .with_context(|| format!("cannot open data directory {}", data_dir.display()))?;
     let mqtt = if config.mqtt.enabled() {
-        match start_mqtt(&config.mqtt, &log).await {
+        match start_mqtt(&config.mqtt, config.log_compression, &log).await {
             Ok(mqtt) => Some(mqtt),
             Err(error) => {
                 // Close what was opened, so a typo in the MQTT config does not cost a
@@ -183,7 +183,11 @@ impl Mqtt {
 }
 
 /// Starts the MQTT broker over `log`: ingest path, broker state, listeners.
-async fn start_mqtt(config: &MqttConfig, log: &Arc<LogManager>) -> anyhow::Result<Mqtt> {
+async fn start_mqtt(
+    config: &MqttConfig,
+    compression: Compression,
+    log: &Arc<LogManager>,
+) -> anyhow::Result<Mqtt> {
     // Certificates first: a bad one fails the start before any port opens.
     let tls = match &config.tls {
         Some(tls) => Some((tls, tls_server_config(tls)?)),
@@ -197,6 +201,10 @@ async fn start_mqtt(config: &MqttConfig, log: &Arc<LogManager>) -> anyhow::Resul
             queue_bytes_max: config.ingest_queue_bytes,
             batch_bytes_max: log.config().max_batch_bytes,
             batch_records_max: BATCH_RECORDS_MAX_DEFAULT,
+            zstd_level: match compression {
+                Compression::Zstd { level } => Some(level),
+                Compression::None => None,
+            },
         },
     ));
     let broker = match open_broker(config, ingest.clone()).await {

@@ -9,8 +9,9 @@ use proptest::prelude::*;
 use silt_log::batch::{
     BATCH_HEADER_LEN, BatchEncoder, BatchError, BatchHeader, BatchSpec, Compression, DecodeLimits,
     DecodedRecord, Header, LOG_OVERHEAD, Record, TimestampType, VARINT_BYTES_MAX,
-    VARLONG_BYTES_MAX, batches, compute_crc, decode_batch, decode_records, encode_batch,
-    put_varint, put_varlong, read_varint, read_varlong, varint_len, varlong_len,
+    VARLONG_BYTES_MAX, batches, compute_crc, decode_batch, decode_records, decompress_records,
+    encode_batch, encode_batch_compressed, put_varint, put_varlong, read_varint, read_varlong,
+    records_len_hint, varint_len, varlong_len,
 };
 
 /// Where the CRC sits in a batch, and where the bytes it covers start.
@@ -652,4 +653,157 @@ fn decode_records_refuses_bytes_that_do_not_match_the_header() {
     };
     let result = decode_records(&negative, &bytes, &limits);
     assert!(matches!(result, Err(BatchError::Corrupt(_))), "{result:?}");
+}
+
+#[test]
+fn a_caller_compressed_batch_decodes_to_its_records_and_its_plain_section() {
+    let records = pinned_records();
+    let spec = BatchSpec {
+        base_offset: 40,
+        producer_id: 7,
+        producer_epoch: 1,
+        base_sequence: 3,
+        ..BatchSpec::default()
+    };
+    let plain = encode(&spec, &records);
+    let mut compressor = zstd::bulk::Compressor::new(1).expect("a zstd context");
+    let mut seen = None;
+    let mut compressed = BytesMut::new();
+    let len = encode_batch_compressed(&spec, &records, &mut compressed, |section| {
+        seen = Some(section.to_vec());
+        Some(compressor.compress(section).expect("compresses"))
+    })
+    .expect("valid records encode");
+    assert_eq!(len, compressed.len());
+    // The section handed to `compress` is the plain batch's records section.
+    assert_eq!(seen.as_deref(), Some(&plain[BATCH_HEADER_LEN..]));
+    let (header, decoded, used) = decode_batch(&compressed, &TEST_LIMITS)
+        .expect("a valid batch")
+        .expect("a whole batch");
+    assert_eq!(used, compressed.len());
+    assert_eq!(header.compression(), Ok(Compression::Zstd));
+    assert_eq!(header.base_offset, 40);
+    assert_eq!(header.producer_id, 7);
+    let (_, plain_decoded, _) = decode_batch(&plain, &TEST_LIMITS).unwrap().unwrap();
+    assert_eq!(decoded, plain_decoded);
+    let mut section = vec![1, 2, 3];
+    decompress_records(&header, &compressed, &TEST_LIMITS, &mut section).expect("decompresses");
+    assert_eq!(section, &plain[BATCH_HEADER_LEN..]);
+    // An uncompressed batch is not something to decompress.
+    let plain_header = BatchHeader::parse(&plain).unwrap().expect("a header");
+    assert_eq!(
+        decompress_records(&plain_header, &plain, &TEST_LIMITS, &mut section),
+        Err(BatchError::UnsupportedCompression(Compression::None))
+    );
+}
+
+#[test]
+fn records_that_do_not_shrink_are_written_uncompressed() {
+    let records = pinned_records();
+    let mut written = BytesMut::new();
+    encode_batch_compressed(&BatchSpec::default(), &records, &mut written, |_| None)
+        .expect("valid records encode");
+    // Byte for byte the uncompressed batch, attributes and CRC included.
+    assert_eq!(written, encode(&BatchSpec::default(), &records));
+    let mut out = BytesMut::new();
+    assert!(matches!(
+        encode_batch_compressed(&BatchSpec::default(), &[], &mut out, |_| None),
+        Err(BatchError::InvalidInput(_))
+    ));
+    assert!(out.is_empty());
+}
+
+#[test]
+fn decompressing_records_keeps_the_decoder_limits() {
+    let limits = DecodeLimits {
+        max_batch_bytes: 1 << 20,
+        max_decompressed_bytes: 1 << 20,
+    };
+    let spec = BatchSpec {
+        compression: Compression::Zstd,
+        ..BatchSpec::default()
+    };
+    let records = vec![Record {
+        value: Some(Bytes::from(vec![0u8; 8 << 20])),
+        ..Record::default()
+    }];
+    let bytes = encode(&spec, &records);
+    let header = BatchHeader::parse(&bytes).unwrap().expect("a header");
+    let mut out = Vec::new();
+    assert_eq!(
+        decompress_records(&header, &bytes, &limits, &mut out),
+        Err(BatchError::DecompressedTooLarge { max: 1 << 20 })
+    );
+    assert!(out.capacity() <= 1 << 20, "{}", out.capacity());
+}
+
+#[test]
+fn records_in_several_zstd_frames_decode_whole() {
+    // Some producers write a compressed records section as more than one zstd frame; the
+    // first frame's stated size is then not the section's.
+    let records = pinned_records();
+    let plain = encode(&BatchSpec::default(), &records);
+    let section = &plain[BATCH_HEADER_LEN..];
+    let (head, tail) = section.split_at(section.len() / 2);
+    let mut frames = zstd::bulk::compress(head, 1).unwrap();
+    frames.extend(zstd::bulk::compress(tail, 1).unwrap());
+    let mut batch = batch_around(&frames, records.len() as i32, Compression::Zstd);
+    let header = BatchHeader::parse(&batch).unwrap().unwrap();
+    let unframed = batch_around(section, records.len() as i32, Compression::None);
+    let (_, expected, _) = decode_batch(&unframed, &TEST_LIMITS).unwrap().unwrap();
+    let (_, decoded, _) = decode_batch(&batch, &TEST_LIMITS).unwrap().unwrap();
+    assert_eq!(decoded, expected);
+    // Into a fresh buffer, and into one with room for more than the first frame says.
+    for mut out in [Vec::new(), Vec::with_capacity(1 << 16)] {
+        decompress_records(&header, &batch, &TEST_LIMITS, &mut out).unwrap();
+        assert_eq!(out, section);
+    }
+    // A frame that states more than it holds is refused, not trusted.
+    let mut lying = zstd::bulk::compress(section, 1).unwrap();
+    let frame_header_at = 4; // after the magic number
+    assert_eq!(
+        lying[frame_header_at] & 0xc0,
+        0,
+        "a one-byte content size field"
+    );
+    let content_at = frame_header_at + 1 + usize::from(lying[frame_header_at] & 0x20 == 0);
+    lying[content_at] = lying[content_at].wrapping_add(1);
+    batch = batch_around(&lying, records.len() as i32, Compression::Zstd);
+    let header = BatchHeader::parse(&batch).unwrap().unwrap();
+    let mut out = Vec::new();
+    assert!(decompress_records(&header, &batch, &TEST_LIMITS, &mut out).is_err());
+    assert!(decode_batch(&batch, &TEST_LIMITS).is_err());
+}
+
+#[test]
+fn the_records_length_hint_reads_a_zstd_frame_size_and_caps_it() {
+    let records = pinned_records();
+    let plain = encode(&BatchSpec::default(), &records);
+    let section_len = plain.len() - BATCH_HEADER_LEN;
+    assert_eq!(
+        records_len_hint(&plain, 8),
+        Some((section_len, plain.len()))
+    );
+    let zstd_spec = BatchSpec {
+        compression: Compression::Zstd,
+        ..BatchSpec::default()
+    };
+    let compressed = encode(&zstd_spec, &records);
+    let stored = compressed.len() - BATCH_HEADER_LEN;
+    assert_eq!(
+        records_len_hint(&compressed, 100),
+        Some((section_len, compressed.len()))
+    );
+    // The claim is capped at a multiple of the stored bytes.
+    assert_eq!(
+        records_len_hint(&compressed, 0),
+        Some((0, compressed.len()))
+    );
+    assert!(stored > 0);
+    // Cut short or not a batch: no hint.
+    assert_eq!(
+        records_len_hint(&compressed[..compressed.len() - 1], 8),
+        None
+    );
+    assert_eq!(records_len_hint(&[0u8; 10], 8), None);
 }

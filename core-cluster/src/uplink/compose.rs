@@ -14,11 +14,11 @@
 //! CRC, length, varint, UTF-8 and offset-order checks, so a batch is refused by the splice
 //! exactly when decoding it would fail.
 
-use bytes::{BufMut, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use silt_log::batch::{
     BATCH_HEADER_LEN, BatchHeader, Compression, DecodeLimits, Header, LOG_OVERHEAD, MAGIC_V2,
-    TimestampType, check_batch, compute_crc, decode_records, put_nullable, put_varint, put_varlong,
-    read_varint, read_varlong, varint_len, varlong_len,
+    TimestampType, check_batch, compute_crc, decode_records, decompress_batch, put_nullable,
+    put_varint, put_varlong, read_varint, read_varlong, records_len_hint, varint_len, varlong_len,
 };
 
 use super::store::{
@@ -196,6 +196,52 @@ pub(crate) fn compose(
         partition.finish_batch()?;
     }
     Ok(composed)
+}
+
+/// Most times the records of a zstd batch are counted larger than its stored bytes when
+/// sizing a buffer for them: sensor JSON compresses 2 to 5 times.
+const RECORDS_RATIO_MAX: usize = 8;
+
+/// The shipped `batches` with every zstd batch decompressed (`decompress_batch`: an edge's
+/// batches compressed at rest), so that `compose` splices them like uncompressed ones and the
+/// decompression happens as a frame is read, beside the appends of the frames before it. The
+/// bytes come back as they are when no batch is compressed, and also when a batch fails its
+/// checks, would decompress past `limits` or to a batch over `limits.max_batch_bytes`: then
+/// `compose` refuses (or takes) them exactly as it would have.
+pub(crate) fn decompress_shipped(batches: Bytes, limits: &DecodeLimits) -> Bytes {
+    let mut compressed = false;
+    let mut records_bytes = 0usize;
+    let mut rest = &batches[..];
+    while let Some((records, len)) = records_len_hint(rest, RECORDS_RATIO_MAX) {
+        compressed |= matches!(
+            BatchHeader::parse(rest),
+            Ok(Some(header)) if header.compression() == Ok(Compression::Zstd)
+        );
+        records_bytes = records_bytes.saturating_add(BATCH_HEADER_LEN + records);
+        rest = &rest[len..];
+    }
+    if !compressed {
+        return batches;
+    }
+    let mut out = BytesMut::with_capacity(records_bytes.min(limits.max_decompressed_bytes));
+    let mut records = Vec::new();
+    let mut rest = &batches[..];
+    while !rest.is_empty() {
+        let Ok(Some((header, used))) = check_batch(rest, limits.max_batch_bytes) else {
+            return batches;
+        };
+        let batch = &rest[..used];
+        rest = &rest[used..];
+        if header.compression() != Ok(Compression::Zstd) {
+            out.extend_from_slice(batch);
+            continue;
+        }
+        match decompress_batch(&header, batch, limits, &mut out, &mut records) {
+            Ok(len) if len <= limits.max_batch_bytes => {}
+            _ => return batches,
+        }
+    }
+    out.freeze()
 }
 
 fn bad_batch(error: impl std::fmt::Display) -> StoreError {
@@ -743,19 +789,34 @@ mod tests {
         parts
     }
 
-    /// Changes one byte of an uncompressed batch's records and fixes its CRC, so only the
-    /// record-level checks can tell.
+    /// Changes one byte of a batch's records (before compression, for a zstd batch) and
+    /// fixes its length and CRC, so only the record-level checks can tell.
     fn corrupt_records(rng: &mut Rng, parts: &mut [(u64, Vec<u8>)]) {
         let (_, bytes) = &mut parts[rng.below(parts.len() as u64) as usize];
-        let Ok(Some((header, len))) = check_batch(bytes, usize::MAX) else {
+        let Ok(Some((mut header, len))) = check_batch(bytes, usize::MAX) else {
             return;
         };
-        if header.compression() != Ok(Compression::None) || len <= BATCH_HEADER_LEN {
+        if len <= BATCH_HEADER_LEN {
             return;
         }
-        let at = BATCH_HEADER_LEN + rng.below((len - BATCH_HEADER_LEN) as u64) as usize;
-        bytes[at] = rng.next() as u8;
-        let mut header = BatchHeader::parse(bytes).unwrap().unwrap();
+        match header.compression() {
+            Ok(Compression::None) => {
+                let at = BATCH_HEADER_LEN + rng.below((len - BATCH_HEADER_LEN) as u64) as usize;
+                bytes[at] = rng.next() as u8;
+            }
+            Ok(Compression::Zstd) => {
+                let mut section =
+                    zstd::bulk::decompress(&bytes[BATCH_HEADER_LEN..len], 1 << 24).unwrap();
+                let at = rng.below(section.len() as u64) as usize;
+                section[at] = rng.next() as u8;
+                let compressed = zstd::bulk::compress(&section, 1).unwrap();
+                header.batch_length = (BATCH_HEADER_LEN - LOG_OVERHEAD + compressed.len()) as i32;
+                bytes.splice(BATCH_HEADER_LEN..len, compressed);
+            }
+            _ => return,
+        }
+        let len = header.total_len();
+        header.write_to(bytes);
         header.crc = compute_crc(&bytes[..len]);
         header.write_to(bytes);
     }
@@ -798,6 +859,31 @@ mod tests {
                 &limits,
                 budget,
             );
+            // Decompressed as the stream reader does first, the same output or refusal.
+            let shipped: Vec<Bytes> = parts
+                .iter()
+                .map(|(_, bytes)| decompress_shipped(Bytes::copy_from_slice(bytes), &limits))
+                .collect();
+            let shipped_parts: Vec<(u64, &[u8])> = parts
+                .iter()
+                .zip(&shipped)
+                .map(|((first, _), bytes)| (*first, &bytes[..]))
+                .collect();
+            let after_reader = compose(
+                &shipped_parts,
+                &stream,
+                partitions,
+                |p| expected_at[p],
+                &limits,
+                budget,
+            )
+            .map(flatten);
+            assert_eq!(
+                after_reader.as_ref().ok(),
+                spliced.as_ref().ok(),
+                "seed {seed}: decompressing first changed the output"
+            );
+            assert_eq!(after_reader.is_err(), spliced.is_err(), "seed {seed}");
             match (spliced, decoded) {
                 (Ok(spliced), Ok(decoded)) => {
                     assert_eq!(spliced, decoded, "seed {seed}: different output");
@@ -810,6 +896,48 @@ mod tests {
                 ),
             }
         }
+    }
+
+    #[test]
+    fn shipped_zstd_batches_are_decompressed_and_others_kept_as_they_are() {
+        let limits = DecodeLimits::default();
+        let records: Vec<Record> = (0..50u8)
+            .map(|n| Record {
+                key: Some(Bytes::from(vec![b'k', n % 3])),
+                value: Some(Bytes::from(format!(
+                    "{{\"reading\":{n},\"pad\":\"{}\"}}",
+                    "x".repeat(40)
+                ))),
+                ..Record::default()
+            })
+            .collect();
+        let mut plain = BytesMut::new();
+        let spec = |base_offset: i64, compression| BatchSpec {
+            base_offset,
+            compression,
+            ..BatchSpec::default()
+        };
+        encode_batch(&spec(0, Compression::None), &records, &mut plain).unwrap();
+        encode_batch(&spec(50, Compression::None), &records, &mut plain).unwrap();
+        // Nothing compressed: the same bytes, not a copy.
+        let shipped = Bytes::from(plain.to_vec());
+        let kept = decompress_shipped(shipped.clone(), &limits);
+        assert_eq!(kept.as_ptr(), shipped.as_ptr());
+        // One of two batches compressed: both come back uncompressed, byte for byte what
+        // encoding them uncompressed gives.
+        let mut mixed = BytesMut::new();
+        encode_batch(&spec(0, Compression::None), &records, &mut mixed).unwrap();
+        encode_batch(&spec(50, Compression::Zstd), &records, &mut mixed).unwrap();
+        assert!(mixed.len() < plain.len());
+        let decompressed = decompress_shipped(mixed.freeze(), &limits);
+        assert_eq!(&decompressed[..], &plain[..]);
+        // A damaged batch is left for compose to refuse.
+        let mut damaged = BytesMut::new();
+        encode_batch(&spec(0, Compression::Zstd), &records, &mut damaged).unwrap();
+        let last = damaged.len() - 1;
+        damaged[last] ^= 0xff;
+        let damaged = damaged.freeze();
+        assert_eq!(decompress_shipped(damaged.clone(), &limits), damaged);
     }
 
     #[test]

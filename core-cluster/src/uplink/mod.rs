@@ -40,6 +40,7 @@ use anyhow::Context;
 use bytes::BytesMut;
 use quinn::crypto::rustls::QuicServerConfig;
 use silt_log::LogManager;
+use silt_log::batch::DecodeLimits;
 use silt_wire::{Frame, error_code};
 use tokio::io::AsyncReadExt as _;
 
@@ -462,7 +463,8 @@ async fn stream_loop(
     // ack for several frames when the disk is the slower side.
     let read_ahead = Arc::new(tokio::sync::Semaphore::new(READ_AHEAD_BYTES));
     let (frames_tx, frames_rx) = tokio::sync::mpsc::unbounded_channel();
-    let reader = read_frames(recv, buf, frames_tx, read_ahead.clone(), draining);
+    let limits = store.decode_limits();
+    let reader = read_frames(recv, buf, frames_tx, read_ahead.clone(), draining, &limits);
     let appender = append_frames(send, frames_rx, store, &topic, &stream, &read_ahead);
     tokio::try_join!(reader, appender).map(|_| ())
 }
@@ -485,6 +487,7 @@ async fn read_frames(
     frames: tokio::sync::mpsc::UnboundedSender<DataFrame>,
     read_ahead: Arc<tokio::sync::Semaphore>,
     mut draining: tokio::sync::watch::Receiver<bool>,
+    limits: &DecodeLimits,
 ) -> Result<(), Option<StreamFault>> {
     loop {
         let Some(used) = fill_frame_or_drain(recv, &mut buf, &mut draining).await? else {
@@ -516,6 +519,9 @@ async fn read_frames(
                     message: error.to_string(),
                 })
             })?;
+        // Batches the edge compressed at rest are decompressed here, as the frame is read,
+        // while the appender composes and writes the frames before it.
+        let batches = compose::decompress_shipped(batches, limits);
         // A frame larger than the whole read-ahead still goes through, alone.
         let permits = batches.len().clamp(1, READ_AHEAD_BYTES) as u32;
         read_ahead

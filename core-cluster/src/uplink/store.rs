@@ -252,10 +252,7 @@ impl UplinkStore {
         let _turn = turn;
         let info = self.log.ensure_topic(topic, self.default_partitions)?;
         let state = self.topic_state(topic, info.partitions)?;
-        let limits = DecodeLimits {
-            max_batch_bytes: self.log.config().max_batch_bytes.max(1 << 20) + 64,
-            ..DecodeLimits::default()
-        };
+        let limits = self.decode_limits();
         let budget = self.log.config().max_batch_bytes / 2;
         let mut outcome = AppendOutcome::default();
         let mut next = staged.clone();
@@ -379,6 +376,15 @@ impl UplinkStore {
         match failure {
             Some(error) => Err(error),
             None => Ok(outcome),
+        }
+    }
+
+    /// What shipped batches are checked against: the log's largest batch (at least 1 MiB,
+    /// plus the frame's slack) and the decoder's decompression bound.
+    pub(crate) fn decode_limits(&self) -> DecodeLimits {
+        DecodeLimits {
+            max_batch_bytes: self.log.config().max_batch_bytes.max(1 << 20) + 64,
+            ..DecodeLimits::default()
         }
     }
 

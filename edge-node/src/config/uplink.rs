@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use super::{ConfigError, Scalar, toml_int};
+use super::{Compression, ConfigError, Scalar, put_compression, toml_int};
 
 /// Defaults of the `[uplink]` keys.
 pub(crate) mod defaults {
@@ -16,28 +16,6 @@ pub(crate) mod defaults {
     pub(crate) const FRAME_BYTES: u64 = 1 << 20;
     /// Appended to the data directory's name for the uplink's cursor directory.
     pub(crate) const STATE_DIR_SUFFIX: &str = ".uplink";
-}
-
-/// How the edge compresses what it ships (`uplink.compression`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum UplinkCompression {
-    /// zstd per frame, at `level` (`uplink.compression_level`, default 1). Level 1: about
-    /// 2x on sensor JSON for about 2 us of edge CPU per 700-byte record, for links slower
-    /// than the edge can compress (cellular, WAN). The fast levels (-1 to -7) trade ratio
-    /// for CPU, for a link between that and a LAN; higher levels the other way round.
-    Zstd { level: i32 },
-    /// Batches shipped as stored: no compression CPU on either side, twice the bytes on the
-    /// link. For a LAN or the same host, where the link is faster than zstd.
-    None,
-}
-
-impl UplinkCompression {
-    fn name(self) -> &'static str {
-        match self {
-            UplinkCompression::Zstd { .. } => "zstd",
-            UplinkCompression::None => "none",
-        }
-    }
 }
 
 /// The validated `[uplink]` section.
@@ -53,7 +31,9 @@ pub(crate) struct UplinkConfig {
     pub(crate) client_cert: Option<(PathBuf, PathBuf)>,
     pub(crate) inflight_bytes: u64,
     pub(crate) frame_bytes: u64,
-    pub(crate) compression: UplinkCompression,
+    /// zstd per frame (`uplink.compression`, default level 1), applied to frames whose
+    /// batches are mostly stored uncompressed.
+    pub(crate) compression: Compression,
     /// Where the per-partition cursors live; never inside the log's data directory.
     pub(crate) state_dir: PathBuf,
 }
@@ -122,34 +102,11 @@ impl RawUplink {
             )?,
             None => defaults::FRAME_BYTES,
         };
-        let level = match &self.compression_level {
-            None => silt_wire::ZSTD_LEVEL,
-            Some(level) => {
-                let levels = silt_wire::ZSTD_LEVELS;
-                let level = level.signed(
-                    "uplink.compression_level",
-                    i64::from(*levels.start()),
-                    i64::from(*levels.end()),
-                )?;
-                i32::try_from(level).expect("within the zstd levels")
-            }
-        };
-        let compression = match self.compression.as_deref().map(str::trim) {
-            None | Some("zstd") => UplinkCompression::Zstd { level },
-            Some("none") if self.compression_level.is_some() => {
-                return Err(ConfigError::key(
-                    "uplink.compression_level",
-                    "applies to zstd only, and uplink.compression is \"none\"",
-                ));
-            }
-            Some("none") => UplinkCompression::None,
-            Some(other) => {
-                return Err(ConfigError::key(
-                    "uplink.compression",
-                    format!("expected \"zstd\" or \"none\", got {other:?}"),
-                ));
-            }
-        };
+        let compression = Compression::parse(
+            "uplink",
+            self.compression.as_deref(),
+            self.compression_level.as_ref(),
+        )?;
         let state_dir = match self.state_dir {
             Some(dir) => PathBuf::from(dir),
             None => {
@@ -203,10 +160,7 @@ pub(super) fn to_toml(config: Option<&UplinkConfig>) -> toml::Table {
     }
     table.insert("inflight_bytes".into(), toml_int(config.inflight_bytes));
     table.insert("frame_bytes".into(), toml_int(config.frame_bytes));
-    table.insert("compression".into(), config.compression.name().into());
-    if let UplinkCompression::Zstd { level } = config.compression {
-        table.insert("compression_level".into(), i64::from(level).into());
-    }
+    put_compression(&mut table, config.compression);
     table.insert(
         "state_dir".into(),
         config.state_dir.to_string_lossy().into_owned().into(),
@@ -243,7 +197,7 @@ mod tests {
         assert_eq!(uplink.client_cert, None);
         assert_eq!(
             uplink.compression,
-            super::UplinkCompression::Zstd {
+            crate::config::Compression::Zstd {
                 level: silt_wire::ZSTD_LEVEL
             }
         );
@@ -257,13 +211,13 @@ mod tests {
         for (section, expected) in [
             (
                 "compression_level = -5",
-                super::UplinkCompression::Zstd { level: -5 },
+                crate::config::Compression::Zstd { level: -5 },
             ),
             (
                 "compression = \"zstd\"\ncompression_level = 19",
-                super::UplinkCompression::Zstd { level: 19 },
+                crate::config::Compression::Zstd { level: 19 },
             ),
-            ("compression = \"none\"", super::UplinkCompression::None),
+            ("compression = \"none\"", crate::config::Compression::None),
         ] {
             let config = resolve(&format!(
                 "data_dir = \"/d/log\"\n[uplink]\naddr = \"h:1\"\nca = \"/c\"\n{section}"

@@ -7,7 +7,9 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use silt_gateways::mqtt::server::{IngestError, IngestPort, IngestRequest};
-use silt_log::batch::{BatchSpec, DecodeLimits, Header, Record, decode_batch, encode_batch};
+use silt_log::batch::{
+    BatchSpec, Compression, DecodeLimits, Header, Record, decode_batch, encode_batch,
+};
 use silt_log::config::{BudgetPolicy, DiskBudget, LogConfig, MAX_BATCH_BYTES_DEFAULT};
 use silt_log::{LogManager, PartitionLog};
 
@@ -19,6 +21,7 @@ fn config(default_partitions: u32) -> IngestConfig {
         queue_bytes_max: 8 << 20,
         batch_bytes_max: MAX_BATCH_BYTES_DEFAULT,
         batch_records_max: BATCH_RECORDS_MAX_DEFAULT,
+        zstd_level: None,
     }
 }
 
@@ -354,4 +357,98 @@ fn record_size_bound_covers_the_encoded_size() {
         .unwrap();
         assert!(len <= super::BATCH_HEADER_LEN + record_bytes_max(record));
     }
+}
+
+/// With `log.compression` on, a batch of at least `COMPRESS_MIN_BYTES` is stored zstd and
+/// reads back the same; a single small record stays uncompressed; records that do not shrink
+/// are stored uncompressed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_batches_are_compressed_at_rest_and_small_ones_are_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = LogManager::open(log_config(dir.path())).unwrap();
+    let ingest = LogIngest::new(
+        log.clone(),
+        IngestConfig {
+            zstd_level: Some(1),
+            ..config(1)
+        },
+    );
+    let topic: Arc<str> = "mqtt".into();
+    publish(&ingest, request(&topic, "s", "small"))
+        .await
+        .unwrap();
+    // One submission of 100 JSON readings: one batch of about 10 KiB.
+    let readings: Vec<IngestRequest> = (0..100)
+        .map(|n| {
+            let value = format!(
+                "{{\"sensor\":\"plant-{n:03}/line-{}\",\"temp_c\":{}.5,\"rh_pct\":40.25,\"padding\":\"{}\"}}",
+                n % 10,
+                n % 30,
+                "x".repeat(20)
+            );
+            request(&topic, "s", &value)
+        })
+        .collect();
+    let readings_values: Vec<String> = readings
+        .iter()
+        .map(|r| String::from_utf8(r.record.value.clone().unwrap().to_vec()).unwrap())
+        .collect();
+    let receipt = ingest.submit(readings).await.unwrap();
+    receipt.await.unwrap().unwrap();
+    // One random value of 9,000 bytes, which zstd cannot shrink: kept uncompressed.
+    let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+    let noise: Vec<IngestRequest> = (0..1)
+        .map(|_| {
+            let value: Vec<u8> = (0..9_000)
+                .map(|_| {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    state as u8
+                })
+                .collect();
+            let mut noise = request(&topic, "s", "");
+            noise.record.value = Some(Bytes::from(value));
+            noise
+        })
+        .collect();
+    let receipt = ingest.submit(noise).await.unwrap();
+    receipt.await.unwrap().unwrap();
+
+    let partition = log.partition("mqtt", 0).unwrap();
+    let slice = partition.read(0, 1 << 20).unwrap();
+    let codecs: Vec<(i32, Compression)> = silt_log::batch::batches(&slice.bytes, usize::MAX)
+        .map(|batch| {
+            let (header, _) = batch.unwrap();
+            (header.record_count, header.compression().unwrap())
+        })
+        .collect();
+    assert_eq!(
+        codecs,
+        [
+            (1, Compression::None),
+            (100, Compression::Zstd),
+            (1, Compression::None)
+        ]
+    );
+    let stored = slice.bytes.len();
+    let mut rest = &slice.bytes[..];
+    let mut values = Vec::new();
+    while let Some((_, batch, len)) = decode_batch(rest, &DecodeLimits::default()).unwrap() {
+        values.extend(batch.into_iter().map(|record| record.value.unwrap()));
+        rest = &rest[len..];
+    }
+    assert_eq!(values.len(), 102);
+    assert_eq!(values[0], "small");
+    let readings_read: Vec<String> = values[1..101]
+        .iter()
+        .map(|value| String::from_utf8(value.to_vec()).unwrap())
+        .collect();
+    assert_eq!(readings_read, readings_values);
+    let raw: usize = values.iter().map(Bytes::len).sum();
+    assert!(
+        stored < raw,
+        "{stored} bytes stored for {raw} bytes of values"
+    );
+    ingest.shutdown().await;
 }

@@ -41,7 +41,7 @@ use silt_wire::Frame;
 use tokio::io::AsyncReadExt as _;
 use tokio::sync::{Semaphore, watch};
 
-use crate::config::{UplinkCompression, UplinkConfig};
+use crate::config::{Compression, UplinkConfig};
 pub(crate) use cursor::Cursors;
 
 /// First reconnect delay.
@@ -652,6 +652,8 @@ struct ReadFrame {
     end: u64,
     edge_end: u64,
     batches: Vec<u8>,
+    /// Bytes of `batches` stored uncompressed.
+    plain_bytes: usize,
 }
 
 /// An encoded `Data` frame ready to send: its head, then its payload, two buffers so the
@@ -683,11 +685,13 @@ fn read_loop(
                 end,
                 edge_end,
                 batches,
+                plain_bytes,
             }) => ReadFrame {
                 first,
                 end,
                 edge_end,
                 batches,
+                plain_bytes,
             },
             Ok(Read::Lost { log_start }) => {
                 let lost = log_start - next;
@@ -724,14 +728,14 @@ type Encoding = tokio::task::JoinHandle<anyhow::Result<ShipFrame>>;
 /// across the edge, each with a zstd context taken from a pool, so contexts (and their
 /// tables) are made once rather than per frame.
 struct Encoders {
-    compression: UplinkCompression,
+    compression: Compression,
     workers: usize,
     permits: Arc<Semaphore>,
     contexts: std::sync::Mutex<Vec<silt_wire::BatchCompressor>>,
 }
 
 impl Encoders {
-    fn new(compression: UplinkCompression) -> Encoders {
+    fn new(compression: Compression) -> Encoders {
         let workers = std::thread::available_parallelism()
             .map_or(1, usize::from)
             .clamp(1, ENCODERS_MAX);
@@ -774,8 +778,11 @@ impl Encoders {
     fn encode(&self, frame: ReadFrame) -> anyhow::Result<ShipFrame> {
         let raw_len = frame.batches.len();
         let compressed = match self.compression {
-            UplinkCompression::None => None,
-            UplinkCompression::Zstd { level } => {
+            Compression::None => None,
+            // Batches compressed at rest are shipped as stored: zstd over them again would
+            // spend the edge's CPU for nothing.
+            Compression::Zstd { .. } if !worth_compressing(frame.plain_bytes, raw_len) => None,
+            Compression::Zstd { level } => {
                 let pooled = self
                     .contexts
                     .lock()
@@ -818,6 +825,14 @@ impl Encoders {
     }
 }
 
+/// Whether a frame of `raw_len` bytes, `plain_bytes` of them in batches stored
+/// uncompressed, is compressed for the uplink: when at least half of it is. A light load
+/// stores small batches uncompressed (`ingest::COMPRESS_MIN_BYTES`), which compress well
+/// together; a heavy one stores compressed batches, which do not compress again.
+fn worth_compressing(plain_bytes: usize, raw_len: usize) -> bool {
+    plain_bytes.saturating_mul(2) >= raw_len
+}
+
 /// What the log holds at a sender's position.
 enum Read {
     /// Whole batches covering offsets `first..end`.
@@ -827,6 +842,8 @@ enum Read {
         /// The partition's high watermark at the read.
         edge_end: u64,
         batches: Vec<u8>,
+        /// Bytes of `batches` stored uncompressed.
+        plain_bytes: usize,
     },
     /// Nothing visible beyond the position yet.
     Nothing,
@@ -849,6 +866,7 @@ fn read_next(log: &PartitionLog, next: u64, frame_bytes: usize) -> anyhow::Resul
     };
     let mut end = next;
     let mut taken = 0;
+    let mut plain_bytes = 0;
     for batch in silt_log::batch::batches(&slice.bytes, usize::MAX) {
         let (header, bytes) = batch.context("a batch read from the local log is invalid")?;
         // Keep a frame within the wire's limit even when the first batch alone is large.
@@ -856,6 +874,9 @@ fn read_next(log: &PartitionLog, next: u64, frame_bytes: usize) -> anyhow::Resul
             break;
         }
         taken += bytes.len();
+        if matches!(header.compression(), Ok(silt_log::batch::Compression::None)) {
+            plain_bytes += bytes.len();
+        }
         end = header.last_offset() as u64 + 1;
     }
     if taken == 0 {
@@ -868,6 +889,7 @@ fn read_next(log: &PartitionLog, next: u64, frame_bytes: usize) -> anyhow::Resul
         end,
         edge_end: slice.high_watermark.max(end),
         batches,
+        plain_bytes,
     })
 }
 
@@ -893,5 +915,13 @@ mod tests {
             ended_by(quinn::ConnectionError::TimedOut),
             Ended::Lost(_)
         ));
+    }
+
+    #[test]
+    fn frames_mostly_compressed_at_rest_are_shipped_as_stored() {
+        assert!(worth_compressing(1 << 20, 1 << 20));
+        assert!(worth_compressing(512 << 10, 1 << 20));
+        assert!(!worth_compressing((512 << 10) - 1, 1 << 20));
+        assert!(!worth_compressing(0, 1 << 20));
     }
 }

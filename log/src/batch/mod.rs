@@ -15,7 +15,8 @@ pub use header::{
 pub use records::{
     BatchEncoder, BatchSpec, Batches, DECODE_MAX_BATCH_BYTES_DEFAULT,
     DECODE_MAX_DECOMPRESSED_BYTES_DEFAULT, DecodeLimits, DecodedRecord, Header, Record, RecordRef,
-    ZSTD_LEVEL, batches, decode_batch, decode_records, encode_batch, put_nullable,
+    ZSTD_LEVEL, batches, decode_batch, decode_records, decompress_batch, decompress_records,
+    encode_batch, encode_batch_compressed, put_nullable, records_len_hint,
 };
 pub use varint::{
     VARINT_BYTES_MAX, VARLONG_BYTES_MAX, put_varint, put_varlong, read_varint, read_varlong,

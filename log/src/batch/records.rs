@@ -29,6 +29,7 @@ use std::iter::FusedIterator;
 
 use bytes::{BufMut, Bytes, BytesMut};
 
+use super::header::COMPRESSION_MASK;
 use super::varint::{put_varint, put_varlong, read_varint, read_varlong, varint_len, varlong_len};
 use super::{
     BATCH_HEADER_LEN, BatchError, BatchHeader, Compression, LOG_OVERHEAD, MAGIC_V2, TimestampType,
@@ -210,6 +211,35 @@ pub fn encode_batch(
     encoder.finish(out)
 }
 
+/// [`encode_batch`] for a zstd batch whose records section `compress` compresses, with a
+/// context (and level) the caller keeps across batches rather than one made per batch.
+/// `compress` returns `None` when the records do not shrink: the batch is then written
+/// uncompressed, attributes included, as a producer may. `spec.compression` is ignored.
+pub fn encode_batch_compressed(
+    spec: &BatchSpec,
+    records: &[Record],
+    out: &mut BytesMut,
+    compress: impl FnOnce(&[u8]) -> Option<Vec<u8>>,
+) -> Result<usize, BatchError> {
+    if records.is_empty() {
+        return Err(BatchError::InvalidInput(
+            "a batch needs at least one record",
+        ));
+    }
+    let spec = BatchSpec {
+        compression: Compression::Zstd,
+        ..*spec
+    };
+    let mut encoder = BatchEncoder::begin(&spec, out)?;
+    for record in records {
+        if let Err(error) = encoder.push(out, record.borrowed()) {
+            encoder.abandon(out);
+            return Err(error);
+        }
+    }
+    encoder.finish_with(out, compress)
+}
+
 /// A record to encode, borrowed from wherever the caller keeps it: what
 /// [`BatchEncoder::push`] takes, so records held in another shape (the archive's Arrow
 /// columns) are encoded without building a [`Record`] each.
@@ -345,25 +375,46 @@ impl BatchEncoder {
     /// [`BatchError::InvalidInput`] for a batch without records or longer than `i32::MAX`
     /// bytes, taking the batch back out of `out`.
     pub fn finish(self, out: &mut BytesMut) -> Result<usize, BatchError> {
+        self.finish_with(out, |section| {
+            // Compressing an in-memory buffer at a valid level fails only when allocation
+            // fails, which aborts before this could see it.
+            Some(
+                zstd::bulk::compress(section, ZSTD_LEVEL)
+                    .expect("zstd compression of an in-memory buffer cannot fail"),
+            )
+        })
+    }
+
+    /// [`BatchEncoder::finish`] with the records of a compressed batch compressed by
+    /// `compress` (not called for an uncompressed batch). When it returns `None` the records
+    /// are written uncompressed and the attributes say so.
+    pub fn finish_with(
+        self,
+        out: &mut BytesMut,
+        compress: impl FnOnce(&[u8]) -> Option<Vec<u8>>,
+    ) -> Result<usize, BatchError> {
         if self.record_count == 0 {
             self.abandon(out);
             return Err(BatchError::InvalidInput(
                 "a batch needs at least one record",
             ));
         }
+        let mut compression = self.spec.compression;
         if let Some(section) = &self.section {
-            // Compressing an in-memory buffer at a valid level fails only when allocation
-            // fails, which aborts before this could see it.
-            let compressed = zstd::bulk::compress(section, ZSTD_LEVEL)
-                .expect("zstd compression of an in-memory buffer cannot fail");
-            out.extend_from_slice(&compressed);
+            match compress(section) {
+                Some(compressed) => out.extend_from_slice(&compressed),
+                None => {
+                    out.extend_from_slice(section);
+                    compression = Compression::None;
+                }
+            }
         }
         let total_len = out.len() - self.start;
         let Ok(batch_length) = i32::try_from(total_len - LOG_OVERHEAD) else {
             self.abandon(out);
             return Err(BatchError::InvalidInput("batch longer than i32::MAX bytes"));
         };
-        let mut attribute_bits = attributes(self.spec.compression, self.spec.timestamp_type);
+        let mut attribute_bits = attributes(compression, self.spec.timestamp_type);
         if self.spec.is_transactional {
             attribute_bits |= TRANSACTIONAL_ATTRIBUTE;
         }
@@ -437,9 +488,93 @@ pub fn decode_records(
     match header.compression()? {
         Compression::None => parse_records(header, section),
         Compression::Zstd => {
-            let decompressed = zstd_decompress(section, limits.max_decompressed_bytes)?;
+            let mut decompressed = Vec::new();
+            zstd_decompress(section, limits.max_decompressed_bytes, &mut decompressed)?;
             parse_records(header, &decompressed)
         }
+        other => Err(BatchError::UnsupportedCompression(other)),
+    }
+}
+
+/// Appends to `out` the zstd batch `batch` (complete, its CRC checked by the caller) with its
+/// records decompressed: the batch a producer that did not compress would have sent, every
+/// field kept but the compression bits, the length and the CRC. `scratch` holds the records
+/// on the way (its allocation reused). Bounded as [`decode_records`]; fails as
+/// [`decompress_records`] does, and with [`BatchError::InvalidInput`] when the result would be
+/// longer than `i32::MAX` bytes. Returns the appended batch's length.
+pub fn decompress_batch(
+    header: &BatchHeader,
+    batch: &[u8],
+    limits: &DecodeLimits,
+    out: &mut BytesMut,
+    scratch: &mut Vec<u8>,
+) -> Result<usize, BatchError> {
+    decompress_records(header, batch, limits, scratch)?;
+    let total_len = BATCH_HEADER_LEN + scratch.len();
+    let batch_length = i32::try_from(total_len - LOG_OVERHEAD)
+        .map_err(|_| BatchError::InvalidInput("batch longer than i32::MAX bytes"))?;
+    let mut plain = *header;
+    plain.batch_length = batch_length;
+    plain.attributes = header.attributes & !COMPRESSION_MASK;
+    plain.crc = 0;
+    let start = out.len();
+    out.reserve(total_len);
+    out.put_bytes(0, BATCH_HEADER_LEN);
+    out.extend_from_slice(scratch);
+    let written = &mut out[start..];
+    plain.write_to(written);
+    plain.crc = compute_crc(written);
+    plain.write_to(written);
+    Ok(total_len)
+}
+
+/// Bytes the records of the batch at the front of `buf` take uncompressed, as far as its
+/// header and compression say: a zstd frame's stated content size (at most
+/// `stored_ratio_max` times the stored section, so a false claim cannot size a buffer far
+/// beyond what the records could hold), else the stored section. Also the batch's total
+/// length, to step to the next. `None` for a header that does not parse or a batch cut short.
+/// A hint for sizing buffers: nothing is checked, not even the CRC.
+pub fn records_len_hint(buf: &[u8], stored_ratio_max: usize) -> Option<(usize, usize)> {
+    let header = BatchHeader::parse(buf).ok()??;
+    let total_len = header.total_len();
+    let section = buf.get(BATCH_HEADER_LEN..total_len)?;
+    let records = match header.compression() {
+        Ok(Compression::Zstd) => match zstd::zstd_safe::get_frame_content_size(section) {
+            Ok(Some(content)) => usize::try_from(content)
+                .unwrap_or(usize::MAX)
+                .min(section.len().saturating_mul(stored_ratio_max)),
+            _ => section.len(),
+        },
+        _ => section.len(),
+    };
+    Some((records, total_len))
+}
+
+/// The records section of the zstd batch `batch` (the complete bytes of the batch `header`
+/// was parsed from), decompressed into `out` (cleared first, its allocation reused) with
+/// [`decode_records`]' bounds, for callers that walk the records themselves. Fails with
+/// [`BatchError::UnsupportedCompression`] for any other compression. Does not check the CRC.
+pub fn decompress_records(
+    header: &BatchHeader,
+    batch: &[u8],
+    limits: &DecodeLimits,
+    out: &mut Vec<u8>,
+) -> Result<(), BatchError> {
+    out.clear();
+    let declared_len = usize::try_from(header.batch_length)
+        .ok()
+        .and_then(|len| len.checked_add(LOG_OVERHEAD));
+    if batch.len() < BATCH_HEADER_LEN || Some(batch.len()) != declared_len {
+        return Err(BatchError::Corrupt(
+            "batch bytes do not match the header length",
+        ));
+    }
+    match header.compression()? {
+        Compression::Zstd => zstd_decompress(
+            &batch[BATCH_HEADER_LEN..],
+            limits.max_decompressed_bytes,
+            out,
+        ),
         other => Err(BatchError::UnsupportedCompression(other)),
     }
 }
@@ -602,35 +737,43 @@ pub fn put_nullable(out: &mut BytesMut, bytes: Option<&[u8]>) {
 /// The zstd window is bounded too: by `max_bytes` rounded up to a power of two, but never
 /// below 8 MiB, the window Kafka producers use up to level 19, so a decoder with small limits
 /// still reads their batches.
-fn zstd_decompress(compressed: &[u8], max_bytes: usize) -> Result<Vec<u8>, BatchError> {
+fn zstd_decompress(
+    compressed: &[u8],
+    max_bytes: usize,
+    decompressed: &mut Vec<u8>,
+) -> Result<(), BatchError> {
     const INVALID: BatchError =
         BatchError::Corrupt("zstd records are invalid or need a window above the limit");
     let too_large = || BatchError::DecompressedTooLarge { max: max_bytes };
+    decompressed.clear();
     if compressed.is_empty() {
-        return Ok(Vec::new());
+        return Ok(());
     }
-    // A frame that states its size up front is refused before any work, or gets a buffer of
-    // exactly that size.
-    let mut decompressed = match zstd::zstd_safe::get_frame_content_size(compressed) {
-        Ok(Some(content_bytes)) => {
-            let content_bytes = usize::try_from(content_bytes).map_err(|_| too_large())?;
-            if content_bytes > max_bytes {
-                return Err(too_large());
-            }
-            Vec::with_capacity(content_bytes)
-        }
-        _ => Vec::new(),
-    };
-    let mut decoder = zstd::stream::read::Decoder::with_buffer(compressed).map_err(|_| INVALID)?;
     let window_log = max_bytes
         .checked_next_power_of_two()
         .map_or(usize::BITS, usize::trailing_zeros)
         .clamp(ZSTD_WINDOW_LOG_MIN, ZSTD_WINDOW_LOG_MAX);
+    // A frame that states its size up front is refused before any work, or gets a buffer of
+    // exactly that size, filled in one call with a context the thread keeps. Whatever that
+    // call cannot do (frames that follow, a size that lies) is left to the streaming decoder
+    // below, which decides.
+    if let Ok(Some(content_bytes)) = zstd::zstd_safe::get_frame_content_size(compressed) {
+        let content_bytes = usize::try_from(content_bytes).map_err(|_| too_large())?;
+        if content_bytes > max_bytes {
+            return Err(too_large());
+        }
+        decompressed.reserve_exact(content_bytes);
+        if decompress_at_once(compressed, window_log, decompressed) == Some(content_bytes) {
+            return Ok(());
+        }
+        decompressed.clear();
+    }
+    let mut decoder = zstd::stream::read::Decoder::with_buffer(compressed).map_err(|_| INVALID)?;
     decoder.window_log_max(window_log).map_err(|_| INVALID)?;
     let mut chunk = vec![0u8; ZSTD_CHUNK_BYTES];
     loop {
         let read = match decoder.read(&mut chunk) {
-            Ok(0) => return Ok(decompressed),
+            Ok(0) => return Ok(()),
             Ok(read) => read,
             Err(error) if error.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(_) => return Err(INVALID),
@@ -649,6 +792,29 @@ fn zstd_decompress(compressed: &[u8], max_bytes: usize) -> Result<Vec<u8>, Batch
         }
         decompressed.extend_from_slice(&chunk[..read]);
     }
+}
+
+thread_local! {
+    /// One zstd decompression context per thread, kept across batches: making a context and
+    /// a streaming buffer for each batch cost more than decompressing a batch of tens of KiB.
+    static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Decompresses `compressed` into the spare capacity of `out` in one call, with the same
+/// window bound as the streaming decoder; the bytes written, or `None` on any failure.
+fn decompress_at_once(compressed: &[u8], window_log: u32, out: &mut Vec<u8>) -> Option<usize> {
+    DECOMPRESSOR.with(|cell| {
+        let mut context = cell.try_borrow_mut().ok()?;
+        if context.is_none() {
+            *context = zstd::bulk::Decompressor::new().ok();
+        }
+        let context = context.as_mut()?;
+        context
+            .set_parameter(zstd::zstd_safe::DParameter::WindowLogMax(window_log))
+            .ok()?;
+        context.decompress_to_buffer(compressed, out).ok()
+    })
 }
 
 /// Parses the uncompressed records section of the batch `header` describes.
