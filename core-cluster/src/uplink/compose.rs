@@ -842,15 +842,18 @@ mod tests {
             let partitions = 1 + rng.below(4) as u32;
             let expected_at: Vec<u64> = (0..partitions).map(|_| rng.below(60)).collect();
             let budget = [1, 300, 2_000, 1 << 20][rng.below(4) as usize];
-            let spliced = compose(
-                &parts,
-                &stream,
-                partitions,
-                |p| expected_at[p],
-                &limits,
-                budget,
-            )
-            .map(flatten);
+            let run = |parts: &[(u64, &[u8])]| {
+                compose(
+                    parts,
+                    &stream,
+                    partitions,
+                    |p| expected_at[p],
+                    &limits,
+                    budget,
+                )
+                .map(flatten)
+            };
+            let spliced = run(&parts);
             let decoded = compose_by_decoding(
                 &parts,
                 &stream,
@@ -869,15 +872,7 @@ mod tests {
                 .zip(&shipped)
                 .map(|((first, _), bytes)| (*first, &bytes[..]))
                 .collect();
-            let after_reader = compose(
-                &shipped_parts,
-                &stream,
-                partitions,
-                |p| expected_at[p],
-                &limits,
-                budget,
-            )
-            .map(flatten);
+            let after_reader = run(&shipped_parts);
             assert_eq!(
                 after_reader.as_ref().ok(),
                 spliced.as_ref().ok(),

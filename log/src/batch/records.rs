@@ -475,16 +475,7 @@ pub fn decode_records(
     batch: &[u8],
     limits: &DecodeLimits,
 ) -> Result<Vec<DecodedRecord>, BatchError> {
-    // Not `header.total_len()`: a header built by hand may carry a negative length.
-    let declared_len = usize::try_from(header.batch_length)
-        .ok()
-        .and_then(|len| len.checked_add(LOG_OVERHEAD));
-    if batch.len() < BATCH_HEADER_LEN || Some(batch.len()) != declared_len {
-        return Err(BatchError::Corrupt(
-            "batch bytes do not match the header length",
-        ));
-    }
-    let section = &batch[BATCH_HEADER_LEN..];
+    let section = records_section(header, batch)?;
     match header.compression()? {
         Compression::None => parse_records(header, section),
         Compression::Zstd => {
@@ -494,6 +485,20 @@ pub fn decode_records(
         }
         other => Err(BatchError::UnsupportedCompression(other)),
     }
+}
+
+/// The records section of `batch`, the complete bytes of the batch `header` was parsed from.
+fn records_section<'a>(header: &BatchHeader, batch: &'a [u8]) -> Result<&'a [u8], BatchError> {
+    // Not `header.total_len()`: a header built by hand may carry a negative length.
+    let declared_len = usize::try_from(header.batch_length)
+        .ok()
+        .and_then(|len| len.checked_add(LOG_OVERHEAD));
+    if batch.len() < BATCH_HEADER_LEN || Some(batch.len()) != declared_len {
+        return Err(BatchError::Corrupt(
+            "batch bytes do not match the header length",
+        ));
+    }
+    Ok(&batch[BATCH_HEADER_LEN..])
 }
 
 /// Appends to `out` the zstd batch `batch` (complete, its CRC checked by the caller) with its
@@ -561,20 +566,9 @@ pub fn decompress_records(
     out: &mut Vec<u8>,
 ) -> Result<(), BatchError> {
     out.clear();
-    let declared_len = usize::try_from(header.batch_length)
-        .ok()
-        .and_then(|len| len.checked_add(LOG_OVERHEAD));
-    if batch.len() < BATCH_HEADER_LEN || Some(batch.len()) != declared_len {
-        return Err(BatchError::Corrupt(
-            "batch bytes do not match the header length",
-        ));
-    }
+    let section = records_section(header, batch)?;
     match header.compression()? {
-        Compression::Zstd => zstd_decompress(
-            &batch[BATCH_HEADER_LEN..],
-            limits.max_decompressed_bytes,
-            out,
-        ),
+        Compression::Zstd => zstd_decompress(section, limits.max_decompressed_bytes, out),
         other => Err(BatchError::UnsupportedCompression(other)),
     }
 }
