@@ -141,6 +141,12 @@ pub(crate) fn compose(
     let shipped_bytes: usize = parts.iter().map(|(_, batches)| batches.len()).sum();
     let share_bytes = shipped_bytes / partitions.max(1) as usize;
     let reserve_bytes = share_bytes + share_bytes / 8;
+    // Compressed batches may hold far more than they take: the group's output is bounded as
+    // one batch's decompression is, or by twice what was shipped when that is more.
+    let output_bytes_max = limits
+        .max_decompressed_bytes
+        .max(shipped_bytes.saturating_mul(2));
+    let mut output_bytes = 0usize;
     let mut place = |record: RecordView<'_>, first_offset: u64| -> Result<(), StoreError> {
         if record.offset < first_offset {
             return Ok(());
@@ -157,7 +163,15 @@ pub(crate) fn compose(
         if out.bytes.capacity() == 0 {
             out.bytes.reserve(reserve_bytes);
         }
-        out.push(&record, &origin, budget)
+        let before = out.bytes.len();
+        out.push(&record, &origin, budget)?;
+        output_bytes += out.bytes.len() - before;
+        if output_bytes > output_bytes_max {
+            return Err(StoreError::BadBatch(format!(
+                "the group's records come to more than {output_bytes_max} bytes"
+            )));
+        }
+        Ok(())
     };
     for &(first_offset, batches) in parts {
         let mut rest = batches;
@@ -206,8 +220,9 @@ const RECORDS_RATIO_MAX: usize = 8;
 /// batches compressed at rest), so that `compose` splices them like uncompressed ones and the
 /// decompression happens as a frame is read, beside the appends of the frames before it. The
 /// bytes come back as they are when no batch is compressed, and also when a batch fails its
-/// checks, would decompress past `limits` or to a batch over `limits.max_batch_bytes`: then
-/// `compose` refuses (or takes) them exactly as it would have.
+/// checks, would decompress past `limits` or to a batch over `limits.max_batch_bytes`, or the
+/// frame's batches to more than `limits.max_decompressed_bytes` together: then `compose`
+/// refuses (or takes) them exactly as it would have.
 pub(crate) fn decompress_shipped(batches: Bytes, limits: &DecodeLimits) -> Bytes {
     let mut compressed = false;
     let mut records_bytes = 0usize;
@@ -237,7 +252,8 @@ pub(crate) fn decompress_shipped(batches: Bytes, limits: &DecodeLimits) -> Bytes
             continue;
         }
         match decompress_batch(&header, batch, limits, &mut out, &mut records) {
-            Ok(len) if len <= limits.max_batch_bytes => {}
+            Ok(len)
+                if len <= limits.max_batch_bytes && out.len() <= limits.max_decompressed_bytes => {}
             _ => return batches,
         }
     }
@@ -933,6 +949,46 @@ mod tests {
         damaged[last] ^= 0xff;
         let damaged = damaged.freeze();
         assert_eq!(decompress_shipped(damaged.clone(), &limits), damaged);
+    }
+
+    #[test]
+    fn a_frame_of_small_zstd_batches_cannot_decompress_without_bound() {
+        // 64 batches of one record of 512 KiB of zeros: each compresses to a few dozen
+        // bytes and is within the batch limit uncompressed, together 32 MiB.
+        let limits = DecodeLimits {
+            max_batch_bytes: 1 << 20,
+            max_decompressed_bytes: 4 << 20,
+        };
+        let mut shipped = BytesMut::new();
+        for n in 0..64i64 {
+            let record = Record {
+                key: Some(Bytes::from_static(b"k")),
+                value: Some(Bytes::from(vec![0u8; 512 << 10])),
+                ..Record::default()
+            };
+            let spec = BatchSpec {
+                base_offset: n,
+                compression: Compression::Zstd,
+                ..BatchSpec::default()
+            };
+            encode_batch(&spec, &[record], &mut shipped).unwrap();
+        }
+        assert!(shipped.len() < 64 << 10, "{} bytes shipped", shipped.len());
+        let shipped = shipped.freeze();
+        // The reader leaves it as it came...
+        assert_eq!(decompress_shipped(shipped.clone(), &limits), shipped);
+        // ...and compose refuses it once its output passes the bound.
+        let stream = StreamKey {
+            edge_id: "e1".into(),
+            edge_partition: 0,
+        };
+        let result = compose(&[(0, &shipped[..])], &stream, 1, |_| 0, &limits, 1 << 20);
+        match result {
+            Err(StoreError::BadBatch(message)) => {
+                assert!(message.contains("more than 4194304 bytes"), "{message}");
+            }
+            other => panic!("expected a refusal, got {:?}", other.map(|_| "output")),
+        }
     }
 
     #[test]
