@@ -2,7 +2,7 @@
 //!
 //! Each (log topic, partition) has a queue and one writer thread. A writer takes every request
 //! waiting in its queue, up to a batch's byte and record limits, encodes them as one Kafka
-//! RecordBatch v2, appends it with [`PartitionLog::append`] (which under the durable flush
+//! RecordBatch v2 (zstd-compressed from [`COMPRESS_MIN_BYTES`] on, `log.compression`), appends it with [`PartitionLog::append`] (which under the durable flush
 //! policy returns only once the bytes are fsync'd) and then completes every request's receipt.
 //! While one append and its fsync are under way, new requests pile up in the queue and go out
 //! together in the next batch: many publishers share one fsync (group commit), and the batch
@@ -350,17 +350,14 @@ impl LogIngest {
             .log
             .partition(topic, partition)
             .map_err(|error| ingest_error(&error))?;
-        let zstd =
-            match self.config.zstd_level {
-                Some(level) => Some(zstd::bulk::Compressor::new(level).map(Zstd).map_err(
-                    |error| {
-                        IngestError::Failed(format!(
-                            "cannot make the zstd context of {topic}/{partition}: {error}"
-                        ))
-                    },
-                )?),
-                None => None,
-            };
+        let zstd = match self.config.zstd_level {
+            Some(level) => Some(zstd::bulk::Compressor::new(level).map_err(|error| {
+                IngestError::Failed(format!(
+                    "cannot make the zstd context of {topic}/{partition}: {error}"
+                ))
+            })?),
+            None => None,
+        };
         let queue = Arc::new(PartitionQueue::default());
         let writer = Writer {
             queue: queue.clone(),
@@ -488,7 +485,6 @@ impl PartitionQueue {
 }
 
 /// The thread that turns one partition's queue into appended batches.
-#[derive(Debug)]
 struct Writer {
     queue: Arc<PartitionQueue>,
     log: Arc<PartitionLog>,
@@ -501,16 +497,7 @@ struct Writer {
     durable: bool,
     /// Compresses batches of at least [`COMPRESS_MIN_BYTES`], one context for the thread's
     /// life (making one per batch would cost more than compressing a small batch).
-    zstd: Option<Zstd>,
-}
-
-/// A writer's zstd context.
-struct Zstd(zstd::bulk::Compressor<'static>);
-
-impl std::fmt::Debug for Zstd {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Zstd")
-    }
+    zstd: Option<zstd::bulk::Compressor<'static>>,
 }
 
 /// A batch written and not yet known durable, on its way to the sync thread.
@@ -609,8 +596,7 @@ impl Writer {
         let encoded = match self.zstd.as_mut() {
             Some(zstd) if capacity >= COMPRESS_MIN_BYTES => {
                 silt_log::batch::encode_batch_compressed(&spec, &records, &mut batch, |section| {
-                    zstd.0
-                        .compress(section)
+                    zstd.compress(section)
                         .ok()
                         .filter(|compressed| compressed.len() < section.len())
                 })
