@@ -4,10 +4,11 @@
 //! with `Hello` (edge id, topic, partition); then `Data` frames are decoded, appended by
 //! [`store::UplinkStore`] (dedup, routing by key, fsync) and acknowledged in order with
 //! cumulative `Ack`s. The edge pipelines several `Data` frames (its in-flight byte bound);
-//! the server decodes at most [`READ_AHEAD_BYTES`] ahead of the appends under way, and appends
-//! all frames waiting as one group (one fsync, one `Ack` for the last). Groups are
-//! pipelined: the next is composed and written while the one before it is being fsync'd,
-//! and each is acked, in order, once it is durable.
+//! the server decodes at most [`READ_AHEAD_BYTES`] ahead of the appends under way (and all
+//! streams together at most [`READ_AHEAD_SERVER_BYTES`]), and appends all frames waiting as
+//! one group (one fsync, one `Ack` for the last). Groups are pipelined in three stages: one
+//! is composed while the one before it is written and the one before that is fsync'd, and
+//! each is acked, in order, once it is durable.
 //!
 //! Shutdown is orderly: the server stops taking connections, every stream stops reading,
 //! appends what it had read, acks it once durable and ends (its end delivered to the edge),
@@ -27,10 +28,13 @@
 //! - `store`: appends with exactly-once dedup, its state rebuilt from a checkpoint and the log.
 //! - `checkpoint`: the dedup checkpoint files.
 //! - `compose`: the core's batches built from shipped record bytes (routing, dedup, headers).
+//! - `tests`: the server over real QUIC on loopback, against the log read back.
 
 pub(crate) mod checkpoint;
 pub(crate) mod compose;
 pub(crate) mod store;
+#[cfg(test)]
+mod tests;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -55,9 +59,13 @@ pub(crate) const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(2);
 const STREAMS_PER_CONNECTION_MAX: u32 = 1024;
 /// Bytes the server lets an edge have in flight per stream (QUIC flow control).
 const STREAM_RECEIVE_WINDOW_BYTES: u32 = 16 << 20;
-/// Decompressed `Data` bytes a stream reads ahead of its append under way; what is waiting
-/// when an append finishes goes into the next one.
-const READ_AHEAD_BYTES: usize = 8 << 20;
+/// Decompressed `Data` bytes a stream holds read ahead of its appends, in its pipeline's
+/// groups and waiting for the next: enough for three groups of a few 1 MiB frames (at-rest
+/// batches decompress 2 to 3 times) while an edge keeps its default 8 MiB in flight.
+const READ_AHEAD_BYTES: usize = 32 << 20;
+/// Decompressed `Data` bytes all streams of the server hold read ahead together, so that many
+/// edges cannot make the core hold a stream's read-ahead for each of their partitions.
+const READ_AHEAD_SERVER_BYTES: usize = 256 << 20;
 /// How often the server looks for topics whose dedup checkpoint is due.
 const CHECKPOINT_TICK: Duration = Duration::from_secs(1);
 /// How long an orderly shutdown waits for streams to ack what they read and for the edges to
@@ -123,6 +131,8 @@ pub(crate) struct UplinkServer {
     endpoint: quinn::Endpoint,
     store: Arc<UplinkStore>,
     mutual_tls: bool,
+    /// The server-wide read-ahead budget, in bytes.
+    read_ahead: Arc<tokio::sync::Semaphore>,
 }
 
 impl UplinkServer {
@@ -156,6 +166,7 @@ impl UplinkServer {
                 .with_on_append(config.on_append.clone()),
             ),
             mutual_tls: config.tls.client_ca.is_some(),
+            read_ahead: Arc::new(tokio::sync::Semaphore::new(READ_AHEAD_SERVER_BYTES)),
         })
     }
 
@@ -185,11 +196,12 @@ impl UplinkServer {
                     let store = self.store.clone();
                     let mutual_tls = self.mutual_tls;
                     let draining = draining.clone();
+                    let read_ahead = self.read_ahead.clone();
                     connections.spawn(async move {
                         let remote = incoming.remote_address();
                         match incoming.await {
                             Ok(connection) => {
-                                serve_connection(connection, store, mutual_tls, draining).await;
+                                serve_connection(connection, store, mutual_tls, draining, read_ahead).await;
                             }
                             Err(error) => {
                                 tracing::info!(%remote, %error, "uplink handshake failed");
@@ -243,6 +255,7 @@ async fn serve_connection(
     store: Arc<UplinkStore>,
     mutual_tls: bool,
     draining: tokio::sync::watch::Receiver<bool>,
+    read_ahead: Arc<tokio::sync::Semaphore>,
 ) {
     let remote = connection.remote_address();
     let allowed_ids = if mutual_tls {
@@ -269,6 +282,7 @@ async fn serve_connection(
                         store.clone(),
                         allowed_ids.clone(),
                         draining.clone(),
+                        read_ahead.clone(),
                     ));
                 }
                 Err(error) => break Some(error),
@@ -324,6 +338,7 @@ async fn serve_stream(
     store: Arc<UplinkStore>,
     allowed_ids: Option<Vec<String>>,
     draining: tokio::sync::watch::Receiver<bool>,
+    server_read_ahead: Arc<tokio::sync::Semaphore>,
 ) -> quinn::RecvStream {
     let result = stream_loop(
         &mut send,
@@ -331,6 +346,7 @@ async fn serve_stream(
         &store,
         allowed_ids.as_deref(),
         draining,
+        server_read_ahead,
     )
     .await;
     if result.is_ok() {
@@ -353,15 +369,16 @@ async fn serve_stream(
     recv
 }
 
-/// Reads one whole frame into `buf` (which may already hold bytes); `Ok(false)` at a clean
-/// end of stream. `Err(None)` is a lost connection, not worth an `Error` frame.
+/// Reads one whole frame into `buf` (which may already hold bytes) and returns its length;
+/// `Ok(None)` when the edge ended the stream after a whole frame. `Err(None)` is a lost
+/// connection (or a reset stream), not worth an `Error` frame.
 async fn fill_frame(
     recv: &mut quinn::RecvStream,
     buf: &mut BytesMut,
-) -> Result<usize, Option<StreamFault>> {
+) -> Result<Option<usize>, Option<StreamFault>> {
     loop {
         match Frame::decode(buf) {
-            Ok(Some((_, used))) => return Ok(used),
+            Ok(Some((_, used))) => return Ok(Some(used)),
             Ok(None) => {}
             Err(error) => {
                 return Err(Some(StreamFault {
@@ -372,8 +389,15 @@ async fn fill_frame(
         }
         buf.reserve(64 << 10);
         match recv.read_buf(buf).await {
-            Ok(0) | Err(_) => return Err(None),
+            Ok(0) if buf.is_empty() => return Ok(None),
+            Ok(0) => {
+                return Err(Some(StreamFault {
+                    code: error_code::MALFORMED,
+                    message: "the stream ended inside a frame".into(),
+                }));
+            }
             Ok(_) => {}
+            Err(_) => return Err(None),
         }
     }
 }
@@ -388,7 +412,7 @@ async fn fill_frame_or_drain(
     tokio::select! {
         biased;
         _ = draining.wait_for(|&draining| draining) => Ok(None),
-        used = fill_frame(recv, buf) => used.map(Some),
+        used = fill_frame(recv, buf) => used,
     }
 }
 
@@ -400,6 +424,7 @@ async fn stream_loop(
     store: &Arc<UplinkStore>,
     allowed_ids: Option<&[String]>,
     mut draining: tokio::sync::watch::Receiver<bool>,
+    server_read_ahead: Arc<tokio::sync::Semaphore>,
 ) -> Result<(), Option<StreamFault>> {
     let mut buf = BytesMut::with_capacity(64 << 10);
     let Some(used) = fill_frame_or_drain(recv, &mut buf, &mut draining).await? else {
@@ -461,22 +486,59 @@ async fn stream_loop(
     // The reader decodes frames ahead while the appender stores the ones before them, and
     // the appender takes every frame already read in one durable append: one fsync and one
     // ack for several frames when the disk is the slower side.
-    let read_ahead = Arc::new(tokio::sync::Semaphore::new(READ_AHEAD_BYTES));
+    let read_ahead = ReadAhead {
+        stream: Arc::new(tokio::sync::Semaphore::new(READ_AHEAD_BYTES)),
+        server: server_read_ahead,
+    };
     let (frames_tx, frames_rx) = tokio::sync::mpsc::unbounded_channel();
     let limits = store.decode_limits();
-    let reader = read_frames(recv, buf, frames_tx, read_ahead.clone(), draining, &limits);
-    let appender = append_frames(send, frames_rx, store, &topic, &stream, &read_ahead);
-    tokio::try_join!(reader, appender).map(|_| ())
+    let reader = read_frames(recv, buf, frames_tx, read_ahead, draining, &limits);
+    let appender = append_frames(send, frames_rx, store, &topic, &stream);
+    // The appender ends once the reader has stopped (for a drain, the edge's end of the
+    // stream or a fault in a frame) and everything read is acked; then the reader's fault,
+    // if any, is the stream's. A failed append ends the stream at once, reader and all.
+    tokio::pin!(reader, appender);
+    let mut read: Option<Result<(), Option<StreamFault>>> = None;
+    loop {
+        tokio::select! {
+            done = &mut reader, if read.is_none() => read = Some(done),
+            appended = &mut appender => {
+                appended?;
+                return match read {
+                    Some(read) => read,
+                    None => reader.await,
+                };
+            }
+        }
+    }
 }
 
-/// One `Data` frame, decompressed, with the read-ahead bytes it holds.
+/// One `Data` frame, decompressed, with the read-ahead bytes it holds until it is dropped.
 struct DataFrame {
     first_offset: u64,
     end_offset: u64,
     edge_end: u64,
     batches: bytes::Bytes,
     wire_bytes: usize,
-    permits: u32,
+    _read_ahead: [tokio::sync::OwnedSemaphorePermit; 2],
+}
+
+/// The read-ahead budgets a stream's frames take from: its own and the server's.
+struct ReadAhead {
+    stream: Arc<tokio::sync::Semaphore>,
+    server: Arc<tokio::sync::Semaphore>,
+}
+
+impl ReadAhead {
+    /// Waits until `bytes` fit in both budgets. A frame larger than a stream's whole
+    /// read-ahead still goes through, alone.
+    async fn acquire(&self, bytes: usize) -> [tokio::sync::OwnedSemaphorePermit; 2] {
+        let permits = bytes.clamp(1, READ_AHEAD_BYTES) as u32;
+        let stream = self.stream.clone().acquire_many_owned(permits);
+        let stream = stream.await.expect("the semaphore is never closed");
+        let server = self.server.clone().acquire_many_owned(permits);
+        [stream, server.await.expect("the semaphore is never closed")]
+    }
 }
 
 /// Reads `Data` frames and passes them on, holding at most [`READ_AHEAD_BYTES`] of them;
@@ -485,7 +547,7 @@ async fn read_frames(
     recv: &mut quinn::RecvStream,
     mut buf: BytesMut,
     frames: tokio::sync::mpsc::UnboundedSender<DataFrame>,
-    read_ahead: Arc<tokio::sync::Semaphore>,
+    read_ahead: ReadAhead,
     mut draining: tokio::sync::watch::Receiver<bool>,
     limits: &DecodeLimits,
 ) -> Result<(), Option<StreamFault>> {
@@ -522,20 +584,14 @@ async fn read_frames(
         // Batches the edge compressed at rest are decompressed here, as the frame is read,
         // while the appender composes and writes the frames before it.
         let batches = compose::decompress_shipped(batches, limits);
-        // A frame larger than the whole read-ahead still goes through, alone.
-        let permits = batches.len().clamp(1, READ_AHEAD_BYTES) as u32;
-        read_ahead
-            .acquire_many(permits)
-            .await
-            .expect("the semaphore is never closed")
-            .forget();
+        let held = read_ahead.acquire(batches.len()).await;
         let frame = DataFrame {
             first_offset,
             end_offset,
             edge_end,
             wire_bytes: frame.len(),
             batches,
-            permits,
+            _read_ahead: held,
         };
         if frames.send(frame).is_err() {
             return Err(None);
@@ -543,107 +599,163 @@ async fn read_frames(
     }
 }
 
-/// A group of frames being appended on a blocking thread.
+/// A group of frames being composed on a blocking thread.
+struct Composing {
+    group: Vec<DataFrame>,
+    task: tokio::task::JoinHandle<Result<(store::ComposedGroup, store::StagedNext), StoreError>>,
+}
+
+/// A group of frames being written (then synced) on a blocking thread; `written` fires once
+/// its batches are in the log, before the fsync.
+struct Writing {
+    group: Vec<DataFrame>,
+    written: tokio::sync::oneshot::Receiver<()>,
+    task: tokio::task::JoinHandle<Result<store::AppendOutcome, StoreError>>,
+}
+
+/// A group of frames written and being synced on a blocking thread.
 struct InFlight {
     group: Vec<DataFrame>,
     task: tokio::task::JoinHandle<Result<store::AppendOutcome, StoreError>>,
 }
 
+/// Waits for `future` if there is one, and forever if not: a `select!` branch for a stage
+/// that may be empty.
+async fn stage_done<F: std::future::Future + Unpin>(future: Option<&mut F>) -> F::Output {
+    match future {
+        Some(future) => future.await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Appends the frames read, as many as are waiting at once, and acks each group once it is
-/// durable. Pipelined: the next group is composed and written while the one before it is
-/// being fsync'd (at most two groups in flight, both within the read-ahead), and acks go out
-/// in order.
+/// durable. Pipelined in three stages, each on a blocking thread of its own: a group is
+/// composed while the group before it is written and the one before that is fsync'd; acks
+/// go out in order. Every group in the pipeline holds read-ahead permits until it is acked.
 async fn append_frames(
     send: &mut quinn::SendStream,
     mut frames: tokio::sync::mpsc::UnboundedReceiver<DataFrame>,
     store: &Arc<UplinkStore>,
     topic: &str,
     stream: &StreamKey,
-    read_ahead: &tokio::sync::Semaphore,
 ) -> Result<(), Option<StreamFault>> {
     let labels = Labels::new(topic, stream);
-    let mut in_flight: Option<InFlight> = None;
-    // Held while groups are in flight; dropped when idle, so a reconnected edge's stream
-    // for the same partition can take over.
+    let mut composing: Option<Composing> = None;
+    // Composed and waiting for the group before it to be written.
+    let mut composed: Option<(Vec<DataFrame>, store::ComposedGroup)> = None;
+    let mut writing: Option<Writing> = None;
+    // Written, in order; acked from the front as their fsyncs finish.
+    let mut syncing: std::collections::VecDeque<InFlight> = std::collections::VecDeque::new();
+    // Held while groups are in the pipeline; dropped when it is empty, so a reconnected
+    // edge's stream for the same partition can take over.
     let mut turn: Option<store::StreamTurn> = None;
     let mut staged = store::StagedNext::new();
+    let mut reading = true;
     loop {
-        let received = match in_flight.as_mut() {
-            None => {
-                turn = None;
-                staged.clear();
-                frames.recv().await
+        let idle =
+            composing.is_none() && composed.is_none() && writing.is_none() && syncing.is_empty();
+        if idle {
+            if !reading {
+                // The reader stopped for a drain (had it failed, this future would be gone)
+                // and everything it read is acked: the stream is done.
+                return Ok(());
             }
-            Some(pending) => {
-                tokio::select! {
-                    biased;
-                    done = &mut pending.task => {
-                        let pending = in_flight.take().expect("just polled");
-                        complete(send, pending.group, done, &labels, read_ahead).await?;
-                        continue;
+            turn = None;
+            staged.clear();
+        }
+        // A composed group is written once the group before it is.
+        if writing.is_none()
+            && let Some((group, ready)) = composed.take()
+        {
+            let (written_tx, written) = tokio::sync::oneshot::channel();
+            let (store_ref, topic_name, key) = (store.clone(), topic.to_string(), stream.clone());
+            let task = tokio::task::spawn_blocking(move || {
+                store_ref.write_group(&topic_name, &key, ready, || {
+                    let _ = written_tx.send(());
+                })
+            });
+            writing = Some(Writing {
+                group,
+                written,
+                task,
+            });
+        }
+        let take_frames = reading && composing.is_none() && composed.is_none();
+        tokio::select! {
+            biased;
+            done = stage_done(syncing.front_mut().map(|pending| &mut pending.task)) => {
+                let pending = syncing.pop_front().expect("just polled");
+                complete(send, pending.group, done, &labels).await?;
+            }
+            written = stage_done(writing.as_mut().map(|pending| &mut pending.written)) => {
+                let pending = writing.take().expect("just polled");
+                let pending = InFlight { group: pending.group, task: pending.task };
+                if written.is_err() {
+                    // Failed before it was written whole: its outcome says why, once the
+                    // groups before it are acked (acks stay in order). The groups composed
+                    // after it are never written.
+                    for before in syncing.drain(..) {
+                        let done = before.task.await;
+                        complete(send, before.group, done, &labels).await?;
                     }
-                    frame = frames.recv() => frame,
-                }
-            }
-        };
-        let Some(first) = received else {
-            // The reader stopped for a drain (had it failed, this future would be gone):
-            // the group in flight is acked once durable, and the stream is done.
-            if let Some(pending) = in_flight.take() {
-                let done = pending.task.await;
-                complete(send, pending.group, done, &labels, read_ahead).await?;
-            }
-            return Ok(());
-        };
-        let mut group = vec![first];
-        while let Ok(next) = frames.try_recv() {
-            group.push(next);
-        }
-        let group_turn = match &turn {
-            Some(turn) => turn.clone(),
-            None => turn.insert(store.lock_stream(topic, stream).await).clone(),
-        };
-        let parts: Vec<(u64, bytes::Bytes)> = group
-            .iter()
-            .map(|frame| (frame.first_offset, frame.batches.clone()))
-            .collect();
-        let (written_tx, written_rx) = tokio::sync::oneshot::channel();
-        let (store_ref, topic_name, key, staged_in) = (
-            store.clone(),
-            topic.to_string(),
-            stream.clone(),
-            staged.clone(),
-        );
-        let task = tokio::task::spawn_blocking(move || {
-            let parts: Vec<(u64, &[u8])> = parts
-                .iter()
-                .map(|(first_offset, batches)| (*first_offset, &batches[..]))
-                .collect();
-            store_ref.append_group(group_turn, &topic_name, &key, &parts, &staged_in, |next| {
-                let _ = written_tx.send(next);
-            })
-        });
-        let mut current = InFlight { group, task };
-        match written_rx.await {
-            Ok(next) => staged = next,
-            Err(_) => {
-                // Failed before it was written whole: its outcome says why. Acks stay in
-                // order, so the group before it is acked first.
-                if let Some(pending) = in_flight.take() {
                     let done = pending.task.await;
-                    complete(send, pending.group, done, &labels, read_ahead).await?;
+                    complete(send, pending.group, done, &labels).await?;
+                    continue;
                 }
-                let done = (&mut current.task).await;
-                complete(send, current.group, done, &labels, read_ahead).await?;
-                continue;
+                syncing.push_back(pending);
+            }
+            done = stage_done(composing.as_mut().map(|pending| &mut pending.task)) => {
+                let pending = composing.take().expect("just polled");
+                match done {
+                    Ok(Ok((ready, next))) => {
+                        staged = next;
+                        composed = Some((pending.group, ready));
+                    }
+                    failed => {
+                        // The groups before it are acked first (in order, once durable),
+                        // then its error ends the stream.
+                        for before in syncing.drain(..) {
+                            let done = before.task.await;
+                            complete(send, before.group, done, &labels).await?;
+                        }
+                        if let Some(before) = writing.take() {
+                            let done = before.task.await;
+                            complete(send, before.group, done, &labels).await?;
+                        }
+                        let done = failed.map(|composed| composed.map(|_| store::AppendOutcome::default()));
+                        complete(send, pending.group, done, &labels).await?;
+                    }
+                }
+            }
+            received = frames.recv(), if take_frames => {
+                let Some(first) = received else {
+                    reading = false;
+                    continue;
+                };
+                let mut group = vec![first];
+                while let Ok(next) = frames.try_recv() {
+                    group.push(next);
+                }
+                let group_turn = match &turn {
+                    Some(turn) => turn.clone(),
+                    None => turn.insert(store.lock_stream(topic, stream).await).clone(),
+                };
+                let parts: Vec<(u64, bytes::Bytes)> = group
+                    .iter()
+                    .map(|frame| (frame.first_offset, frame.batches.clone()))
+                    .collect();
+                let (store_ref, topic_name, key, staged_in) =
+                    (store.clone(), topic.to_string(), stream.clone(), staged.clone());
+                let task = tokio::task::spawn_blocking(move || {
+                    let parts: Vec<(u64, &[u8])> = parts
+                        .iter()
+                        .map(|(first_offset, batches)| (*first_offset, &batches[..]))
+                        .collect();
+                    store_ref.compose_group(group_turn, &topic_name, &key, &parts, &staged_in)
+                });
+                composing = Some(Composing { group, task });
             }
         }
-        // The new group is written: wait for the one before it (its fsync ran meanwhile).
-        if let Some(pending) = in_flight.take() {
-            let done = pending.task.await;
-            complete(send, pending.group, done, &labels, read_ahead).await?;
-        }
-        in_flight = Some(current);
     }
 }
 
@@ -676,7 +788,6 @@ async fn complete(
     group: Vec<DataFrame>,
     done: Result<Result<store::AppendOutcome, StoreError>, tokio::task::JoinError>,
     labels: &Labels,
-    read_ahead: &tokio::sync::Semaphore,
 ) -> Result<(), Option<StreamFault>> {
     let outcome = done.map_err(|_| {
         Some(StreamFault {
@@ -699,7 +810,6 @@ async fn complete(
     let last = group.last().expect("a group has a frame");
     let (end_offset, edge_end) = (last.end_offset, last.edge_end);
     let wire_bytes: usize = group.iter().map(|frame| frame.wire_bytes).sum();
-    read_ahead.add_permits(group.iter().map(|frame| frame.permits as usize).sum());
     let labels_te = &labels.topic_edge;
     metrics::counter!("silt_uplink_received_records_total", labels_te)
         .increment(outcome.appended_records);

@@ -11,11 +11,11 @@
 //! use of a topic, every partition is scanned and each stream's highest `silt.edge.offset` is
 //! taken. A checkpoint ([`super::checkpoint`]) bounds that scan: it holds the state over
 //! each partition's records below a covered offset, and only the tail past it is scanned.
-//! A checkpoint is taken while no uplink append of the topic is between its check and its
-//! write (appends hold the topic's gate shared for that, the snapshot holds it exclusively).
-//! Groups are pipelined: one is composed and written while the one before it is being
-//! fsync'd, and the state moves only once a group is durable, so each written group
-//! registers a lower bound of its first log offset (`staged`) until then. A partition's
+//! A checkpoint is taken while no uplink group of the topic is between registering its starts
+//! and its last write (writes hold the topic's gate shared for that, the snapshot holds it
+//! exclusively). Groups are pipelined: one is composed while the one before it is written and
+//! the one before that is fsync'd, and the state moves only once a group is durable, so each
+//! written group registers a lower bound of its first log offset (`staged`) until then. A partition's
 //! covered offset is the lower of its high watermark and its lowest staged start: every
 //! uplink record below it is then in the state, and nothing in the state is above what is
 //! durable, whatever a crash does next. A crash between appending to one core partition and another (one edge batch spans
@@ -103,6 +103,14 @@ pub(crate) type StagedNext = HashMap<u32, u64>;
 /// The exclusive right to append one stream's records; see [`UplinkStore::lock_stream`].
 #[derive(Debug, Clone)]
 pub(crate) struct StreamTurn(#[allow(dead_code)] Arc<tokio::sync::OwnedMutexGuard<()>>);
+
+/// A stream's group of frames composed into the core's batches, holding the stream's turn,
+/// for [`UplinkStore::write_group`].
+pub(crate) struct ComposedGroup {
+    _turn: StreamTurn,
+    state: Arc<TopicState>,
+    composed: super::compose::Composed,
+}
 
 /// One core partition's part of a group, written and awaiting its fsync.
 struct Unsynced {
@@ -228,18 +236,10 @@ impl UplinkStore {
         StreamTurn(Arc::new(self.stream_lock(topic, stream).lock_owned().await))
     }
 
-    /// Appends one group of `Data` frames of one stream (each its first edge offset and its
-    /// batches, in edge order), skipping records already stored, and returns once they are
-    /// durable and in the dedup state. Blocking: call from a blocking thread.
-    ///
-    /// Pipelining: `staged` is what the stream's previous group, still being synced, moved
-    /// (core partition -> next edge offset, see [`StagedNext`]); `written` is called with this
-    /// group's as soon as its batches are written to the log, before the fsync, so the
-    /// caller can start composing and writing the next group while this one is synced.
-    /// Records reach each core partition in edge order because a group is written only after
-    /// the previous group's `written`. Not called when the group fails before it is written
-    /// whole. The group holds `turn` until it is durable (or failed), so a reconnected edge's
-    /// stream cannot compose from a dedup state that misses records already written.
+    /// Appends one group of `Data` frames of one stream, composed and written in one go: see
+    /// [`Self::compose_group`] and [`Self::write_group`]; `written` gets the group's
+    /// [`StagedNext`].
+    #[cfg(test)]
     pub(crate) fn append_group(
         &self,
         turn: StreamTurn,
@@ -249,41 +249,100 @@ impl UplinkStore {
         staged: &StagedNext,
         written: impl FnOnce(StagedNext),
     ) -> Result<AppendOutcome, StoreError> {
-        let _turn = turn;
+        let (group, next) = self.compose_group(turn, topic, stream, parts, staged)?;
+        self.write_group(topic, stream, group, || written(next))
+    }
+
+    /// Composes one group of `Data` frames of one stream (each its first edge offset and its
+    /// batches, in edge order) into the core's batches, skipping records already stored, for
+    /// [`Self::write_group`]. Blocking: call from a blocking thread.
+    ///
+    /// Pipelining: `staged` is what the stream's groups composed before it but not yet durable
+    /// and in the dedup state moved (core partition -> next edge offset, see [`StagedNext`]),
+    /// and the second value returned is `staged` moved by this group, for the next. A group
+    /// can be composed while the one before it is written, because a stream's edge offsets
+    /// only grow: whether a record is a duplicate depends on the state and on the offsets of
+    /// the groups before it, not on whether they are written yet. The group holds `turn`
+    /// until it is durable (or failed), so a reconnected edge's stream cannot compose from a
+    /// dedup state that misses records already written.
+    pub(crate) fn compose_group(
+        &self,
+        turn: StreamTurn,
+        topic: &str,
+        stream: &StreamKey,
+        parts: &[(u64, &[u8])],
+        staged: &StagedNext,
+    ) -> Result<(ComposedGroup, StagedNext), StoreError> {
         let info = self.log.ensure_topic(topic, self.default_partitions)?;
         let state = self.topic_state(topic, info.partitions)?;
         let limits = self.decode_limits();
         let budget = self.log.config().max_batch_bytes / 2;
-        let mut outcome = AppendOutcome::default();
+        // Route, dedup and add the origin headers in one pass over the shipped bytes,
+        // keeping edge order within each core partition.
+        let composed = {
+            let dedup = state.dedup.lock().unwrap_or_else(|e| e.into_inner());
+            compose(
+                parts,
+                stream,
+                info.partitions,
+                |partition| {
+                    let stored = dedup.partitions[partition]
+                        .get(stream)
+                        .copied()
+                        .unwrap_or(0);
+                    staged
+                        .get(&(partition as u32))
+                        .map_or(stored, |&staged| staged.max(stored))
+                },
+                &limits,
+                budget,
+            )?
+        };
         let mut next = staged.clone();
+        for (partition, batches) in composed.partitions.iter().enumerate() {
+            if let Some(last) = batches.last_offset {
+                next.insert(partition as u32, last + 1);
+            }
+        }
+        let group = ComposedGroup {
+            _turn: turn,
+            state,
+            composed,
+        };
+        Ok((group, next))
+    }
+
+    /// Writes a group [`Self::compose_group`] made and returns once its records are durable
+    /// and in the dedup state. Blocking: call from a blocking thread.
+    ///
+    /// Pipelining: `written` is called as soon as the group's batches are written to the log,
+    /// before the fsync, so the caller can write the next group while this one is synced.
+    /// Records reach each core partition in edge order because a group is written only after
+    /// the previous group's `written`. Not called when the group fails before it is written
+    /// whole; the groups composed after it must then not be written.
+    pub(crate) fn write_group(
+        &self,
+        topic: &str,
+        stream: &StreamKey,
+        group: ComposedGroup,
+        written: impl FnOnce(),
+    ) -> Result<AppendOutcome, StoreError> {
+        let ComposedGroup {
+            _turn,
+            state,
+            composed,
+        } = group;
+        let mut outcome = AppendOutcome {
+            duplicate_records: composed.duplicate_records,
+            ..AppendOutcome::default()
+        };
         let mut unsynced: Vec<Unsynced> = Vec::new();
         let mut failure: Option<StoreError> = None;
         {
-            // Held from the check to the write: a checkpoint then sees each of this group's
-            // records either in the state or above a staged start it does not cover.
+            // Held from the first staged start to the last write: a checkpoint then sees each
+            // of this group's records either in the state or at or above a staged start it
+            // does not cover, or not yet in the log at all.
             let _gate = state.gate.read().unwrap_or_else(|e| e.into_inner());
-            // Route, dedup and add the origin headers in one pass over the shipped bytes,
-            // keeping edge order within each core partition.
-            let composed = {
-                let dedup = state.dedup.lock().unwrap_or_else(|e| e.into_inner());
-                compose(
-                    parts,
-                    stream,
-                    info.partitions,
-                    |partition| {
-                        let stored = dedup.partitions[partition]
-                            .get(stream)
-                            .copied()
-                            .unwrap_or(0);
-                        staged
-                            .get(&(partition as u32))
-                            .map_or(stored, |&staged| staged.max(stored))
-                    },
-                    &limits,
-                    budget,
-                )?
-            };
-            outcome.duplicate_records = composed.duplicate_records;
             for (partition, mut batches) in composed.partitions.into_iter().enumerate() {
                 let Some(last) = batches.last_offset else {
                     continue;
@@ -317,7 +376,6 @@ impl UplinkStore {
                 // All batches of the partition in one write: one fsync covers them.
                 match log.append_unsynced(&mut batches.bytes, options) {
                     Ok(appended) => {
-                        next.insert(partition as u32, last + 1);
                         unsynced.push(Unsynced {
                             partition,
                             log,
@@ -337,7 +395,7 @@ impl UplinkStore {
             }
         }
         if failure.is_none() {
-            written(next);
+            written();
         }
         // What was written is synced and recorded even after a failure: those records are
         // in the log, and the dedup state must not miss what may become durable.
@@ -438,9 +496,9 @@ impl UplinkStore {
             .map(|partition| self.log.partition(topic, partition as u32))
             .collect::<Result<Vec<_>, _>>()?;
         let (snapshot, unsaved) = {
-            // No uplink append of this topic is between its check and its write now, so every
-            // uplink record below each high watermark is in the state or at or above the
-            // registered start of a group whose state update is still to come.
+            // No uplink group of this topic is between its staged starts and its last write
+            // now, so every uplink record below each high watermark is in the state or at or
+            // above the registered start of a group whose state update is still to come.
             let _gate = state.gate.write().unwrap_or_else(|e| e.into_inner());
             let dedup = state.dedup.lock().unwrap_or_else(|e| e.into_inner());
             let snapshot: Vec<PartitionCheckpoint> = dedup
@@ -921,6 +979,113 @@ mod tests {
         );
         let offsets: Vec<u64> = stored(&log, "mqtt").iter().map(|(_, o)| *o).collect();
         assert_eq!(offsets, (0..18).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_group_composed_before_the_one_ahead_is_written_stays_exact_and_a_failed_write_leaves_no_trace()
+     {
+        use crate::broker::Role;
+        let dir = tempfile::tempdir().unwrap();
+        let log = LogManager::open(LogConfig::new(dir.path().join("core"))).unwrap();
+        let leadership = Arc::new(Leadership::default());
+        log.ensure_topic("mqtt", 3).unwrap();
+        let lead = |epoch| {
+            for partition in 0..3 {
+                leadership.set_role("mqtt", partition, Role::Leader { epoch });
+            }
+        };
+        lead(1);
+        let checkpoints = CheckpointDir::new(dir.path().join("core.uplink/dedup"));
+        let store = UplinkStore::new(log.clone(), leadership.clone(), 3, Some(checkpoints));
+        let turn = || {
+            StreamTurn(Arc::new(
+                store.stream_lock("mqtt", &stream()).blocking_lock_owned(),
+            ))
+        };
+        let (first, second, third) = (edge_batch(0, 6), edge_batch(6, 6), edge_batch(12, 6));
+        // Three groups of one pipeline (one turn) composed one after the other, none written
+        // yet: each from what the ones before it moved.
+        let pipeline = turn();
+        let (group1, next) = store
+            .compose_group(
+                pipeline.clone(),
+                "mqtt",
+                &stream(),
+                &[(0, &first)],
+                &StagedNext::new(),
+            )
+            .unwrap();
+        let (group2, next) = store
+            .compose_group(pipeline.clone(), "mqtt", &stream(), &[(6, &second)], &next)
+            .unwrap();
+        // A resend overlapping both is composed as duplicates, written or not.
+        let (group3, _) = store
+            .compose_group(
+                pipeline,
+                "mqtt",
+                &stream(),
+                &[(4, &edge_batch(4, 14))],
+                &next,
+            )
+            .unwrap();
+        assert_eq!(group3.composed.duplicate_records, 8);
+        drop(group3);
+        let mut written = 0;
+        let one = store
+            .write_group("mqtt", &stream(), group1, || written += 1)
+            .unwrap();
+        // A checkpoint between the writes covers only what is durable and in the state.
+        assert_eq!(store.checkpoint_due(Instant::now(), true).unwrap(), 1);
+        let two = store
+            .write_group("mqtt", &stream(), group2, || written += 1)
+            .unwrap();
+        assert_eq!(
+            (one.appended_records, two.appended_records, written),
+            (6, 6, 2)
+        );
+        let offsets = |log: &LogManager| {
+            let mut offsets: Vec<u64> = stored(log, "mqtt").iter().map(|(_, o)| *o).collect();
+            offsets.sort_unstable();
+            offsets
+        };
+        assert_eq!(offsets(&log), (0..12).collect::<Vec<_>>());
+
+        // The next group is composed, then its write is refused (leadership moved): nothing
+        // of it is written, `written` is not called, and the state did not move.
+        let (group, _) = store
+            .compose_group(
+                turn(),
+                "mqtt",
+                &stream(),
+                &[(12, &third)],
+                &StagedNext::new(),
+            )
+            .unwrap();
+        leadership.set_role(
+            "mqtt",
+            0,
+            Role::Follower {
+                leader: 2,
+                epoch: 2,
+            },
+        );
+        let refused = store.write_group("mqtt", &stream(), group, || written += 1);
+        assert!(
+            matches!(refused, Err(StoreError::NotLeader { .. })),
+            "{refused:?}"
+        );
+        assert_eq!(written, 2);
+        // Leader again: the edge's resend of everything lands exactly once, as after a crash
+        // of a store that never checkpointed the refused group.
+        lead(3);
+        drop(store);
+        let checkpoints = CheckpointDir::new(dir.path().join("core.uplink/dedup"));
+        let store = UplinkStore::new(log.clone(), leadership.clone(), 3, Some(checkpoints));
+        let resent = store
+            .append("mqtt", &stream(), 0, &edge_batch(0, 18))
+            .unwrap();
+        assert_eq!((resent.appended_records, resent.duplicate_records), (6, 12));
+        assert_eq!(offsets(&log), (0..18).collect::<Vec<_>>());
     }
 
     #[test]

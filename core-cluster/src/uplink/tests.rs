@@ -1,0 +1,432 @@
+//! The uplink server over real QUIC on loopback: a `quinn` client speaks the wire protocol to
+//! [`UplinkServer`] over a core log in a temporary directory, and the log is read back to
+//! check that what was acked is stored exactly once, and nothing else is.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
+use silt_log::batch::{BatchSpec, DecodeLimits, Header, Record, decode_batch, encode_batch};
+use silt_log::{LogConfig, LogManager};
+use silt_wire::{Codec, Frame, error_code};
+
+use super::store::{record_origin, route};
+use super::{AppendHook, UplinkServer, UplinkServerConfig};
+
+const TOPIC: &str = "mqtt";
+const EDGE: &str = "e1";
+const PARTITIONS: u32 = 3;
+/// Keys spread over the topic's partitions (checked in [`start_core`]).
+const KEYS: [&str; 6] = ["a", "b", "c", "d", "e", "f"];
+const RECORDS_PER_FRAME: u64 = 5;
+/// Bytes of padding in each record's value: frames large enough (10 KiB) that the server
+/// reads a stream over many groups rather than all at once.
+const VALUE_PAD_BYTES: usize = 2048;
+/// Bounds every wait; a passing run takes a small fraction of it.
+const DEADLINE: Duration = Duration::from_secs(30);
+
+/// A running uplink server over a log in a temporary directory.
+struct Core {
+    log: Arc<LogManager>,
+    client: quinn::ClientConfig,
+    addr: std::net::SocketAddr,
+    stop: tokio::sync::oneshot::Sender<()>,
+    server: tokio::task::JoinHandle<()>,
+    _dir: tempfile::TempDir,
+}
+
+fn start_core() -> Core {
+    let used: std::collections::HashSet<u32> = KEYS
+        .iter()
+        .map(|key| route(Some(key.as_bytes()), EDGE, PARTITIONS))
+        .collect();
+    assert_eq!(
+        used.len(),
+        PARTITIONS as usize,
+        "the keys must span partitions"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let log = LogManager::open(LogConfig::new(dir.path().join("core"))).unwrap();
+    let tls = crate::tls::ensure_dev_tls(&dir.path().join("tls"), &[]).unwrap();
+    let config = UplinkServerConfig {
+        tls,
+        leadership: Arc::default(),
+        default_partitions: PARTITIONS,
+        on_append: AppendHook::default(),
+    };
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let server = UplinkServer::bind(socket, log.clone(), &config).unwrap();
+    let addr = server.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(server.serve(async move {
+        let _ = stopped.await;
+    }));
+    let ca = std::fs::read(dir.path().join("tls").join(crate::tls::CA_FILE)).unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(&ca) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![silt_wire::ALPN.to_vec()];
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+    let client = quinn::ClientConfig::new(Arc::new(quic));
+    Core {
+        log,
+        client,
+        addr,
+        stop,
+        server,
+        _dir: dir,
+    }
+}
+
+/// An edge's stream for partition 0: `Hello` sent, then `frames` written by a task of their
+/// own, without waiting for acks (the edge's pipelining); then, with `finish`, the end of
+/// the stream. A write the server refuses ends it.
+async fn ship(core: &Core, frames: Vec<Bytes>, finish: bool) -> (quinn::Connection, Replies) {
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    endpoint.set_default_client_config(core.client.clone());
+    let connection = endpoint.connect(core.addr, "localhost").unwrap();
+    let connection = tokio::time::timeout(DEADLINE, connection)
+        .await
+        .unwrap()
+        .unwrap();
+    let (mut send, recv) = connection.open_bi().await.unwrap();
+    let mut hello = BytesMut::new();
+    Frame::Hello {
+        version: silt_wire::VERSION,
+        edge_id: EDGE,
+        topic: TOPIC,
+        partition: 0,
+    }
+    .encode(&mut hello);
+    tokio::spawn(async move {
+        if send.write_all(&hello).await.is_err() {
+            return;
+        }
+        for frame in frames {
+            if send.write_all(&frame).await.is_err() {
+                return;
+            }
+        }
+        if finish {
+            let _ = send.finish();
+        }
+        // Kept until the connection goes: dropping it would reset an unfinished stream.
+        std::future::pending::<()>().await;
+    });
+    let replies = Replies {
+        recv,
+        buf: BytesMut::new(),
+    };
+    (connection, replies)
+}
+
+/// The `Data` frame of the edge records at `first_offset..first_offset + count`; `corrupt`
+/// flips a byte the batch's CRC covers, leaving the frame itself well formed.
+fn data_frame(first_offset: u64, count: u64, corrupt: bool) -> Bytes {
+    let records: Vec<Record> = (first_offset..first_offset + count)
+        .map(|offset| Record {
+            timestamp: 1_000 + offset as i64,
+            key: Some(Bytes::from_static(
+                KEYS[offset as usize % KEYS.len()].as_bytes(),
+            )),
+            value: Some(Bytes::from(value(offset))),
+            headers: vec![Header {
+                key: "mqtt.topic".into(),
+                value: Some(Bytes::from_static(b"t")),
+            }],
+        })
+        .collect();
+    let spec = BatchSpec {
+        base_offset: first_offset as i64,
+        ..BatchSpec::default()
+    };
+    let mut batch = BytesMut::new();
+    encode_batch(&spec, &records, &mut batch).unwrap();
+    if corrupt {
+        let last = batch.len() - 1;
+        batch[last] ^= 0xff;
+    }
+    let mut out = BytesMut::new();
+    Frame::Data {
+        first_offset,
+        end_offset: first_offset + count,
+        edge_end: first_offset + count,
+        codec: Codec::None,
+        raw_len: batch.len() as u32,
+        payload: &batch,
+    }
+    .encode(&mut out);
+    out.freeze()
+}
+
+/// The value of the edge record at `offset`.
+fn value(offset: u64) -> String {
+    format!("v{offset}:{}", "x".repeat(VALUE_PAD_BYTES))
+}
+
+/// `frames` good frames of [`RECORDS_PER_FRAME`] records each, from edge offset 0.
+fn good_frames(frames: u64) -> Vec<Bytes> {
+    (0..frames)
+        .map(|index| data_frame(index * RECORDS_PER_FRAME, RECORDS_PER_FRAME, false))
+        .collect()
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Reply {
+    Ack(u64),
+    Error(u16, String),
+    /// The server ended its half of the stream.
+    End,
+}
+
+/// The server's half of a stream, decoded frame by frame.
+struct Replies {
+    recv: quinn::RecvStream,
+    buf: BytesMut,
+}
+
+impl Replies {
+    async fn next(&mut self) -> Reply {
+        tokio::time::timeout(DEADLINE, self.next_unbounded())
+            .await
+            .expect("no reply within the deadline")
+    }
+
+    async fn next_unbounded(&mut self) -> Reply {
+        loop {
+            let decoded = Frame::decode(&self.buf).unwrap().map(|(frame, used)| {
+                let reply = match frame {
+                    Frame::Ack { end_offset } => Reply::Ack(end_offset),
+                    Frame::Error { code, message } => Reply::Error(code, message.to_string()),
+                    other => panic!("the server sent {other:?}"),
+                };
+                (reply, used)
+            });
+            if let Some((reply, used)) = decoded {
+                let _ = self.buf.split_to(used);
+                return reply;
+            }
+            let mut chunk = [0u8; 4096];
+            match self.recv.read(&mut chunk).await.unwrap() {
+                Some(len) => self.buf.extend_from_slice(&chunk[..len]),
+                None => {
+                    assert!(self.buf.is_empty(), "the stream ended inside a frame");
+                    return Reply::End;
+                }
+            }
+        }
+    }
+
+    /// Reads acks until one reaches `end_offset`, checking they only move forward, on frame
+    /// boundaries.
+    async fn acks_through(&mut self, end_offset: u64) {
+        let mut acked = 0;
+        while acked < end_offset {
+            match self.next().await {
+                Reply::Ack(ack) => acked = advance(acked, ack, end_offset),
+                other => panic!("expected an ack, got {other:?}"),
+            }
+        }
+    }
+}
+
+/// The cumulative ack after `ack` follows `acked`: it never goes back, never passes `limit`
+/// and ends on a frame boundary.
+fn advance(acked: u64, ack: u64, limit: u64) -> u64 {
+    assert!(
+        ack >= acked && ack <= limit,
+        "ack {ack} after {acked} (limit {limit})"
+    );
+    assert_eq!(ack % RECORDS_PER_FRAME, 0, "ack {ack} inside a frame");
+    ack
+}
+
+/// The edge offsets stored in each core partition, in log order, each record checked to be
+/// the edge's (origin, value) and routed to the partition its key hashes to.
+fn stored(log: &LogManager) -> Vec<Vec<u64>> {
+    let partitions = log.topic(TOPIC).unwrap().partitions;
+    (0..partitions)
+        .map(|partition| {
+            let part = log.partition(TOPIC, partition).unwrap();
+            let mut offsets = Vec::new();
+            let mut next = 0;
+            while next < part.high_watermark() {
+                let bytes = part.read(next, 1 << 20).unwrap().bytes;
+                let mut rest = &bytes[..];
+                while let Some((_, records, used)) =
+                    decode_batch(rest, &DecodeLimits::default()).unwrap()
+                {
+                    rest = &rest[used..];
+                    for record in records {
+                        // A read may start inside a batch already taken.
+                        if (record.offset as u64) < next {
+                            continue;
+                        }
+                        next = record.offset as u64 + 1;
+                        let (stream, edge_offset) = record_origin(&record.headers).unwrap();
+                        assert_eq!((stream.edge_id.as_str(), stream.edge_partition), (EDGE, 0));
+                        assert_eq!(record.value.unwrap(), value(edge_offset));
+                        let key = record.key.unwrap();
+                        assert_eq!(route(Some(&key[..]), EDGE, partitions), partition);
+                        offsets.push(edge_offset);
+                    }
+                }
+            }
+            offsets
+        })
+        .collect()
+}
+
+/// Asserts the log holds edge offsets `0..end_offset` exactly once each, every partition's in
+/// increasing order.
+fn assert_stored_exactly(log: &LogManager, end_offset: u64) {
+    let stored = stored(log);
+    for (partition, offsets) in stored.iter().enumerate() {
+        assert!(
+            offsets.windows(2).all(|pair| pair[0] < pair[1]),
+            "partition {partition} is out of edge order: {offsets:?}"
+        );
+    }
+    let mut all: Vec<u64> = stored.into_iter().flatten().collect();
+    all.sort_unstable();
+    assert_eq!(all, (0..end_offset).collect::<Vec<_>>());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_pipelined_stream_is_acked_in_order_and_stored_once() {
+    let core = start_core();
+    let frames = good_frames(300);
+    let end_offset = 300 * RECORDS_PER_FRAME;
+    let (connection, mut replies) = ship(&core, frames.clone(), false).await;
+    replies.acks_through(end_offset).await;
+    assert_stored_exactly(&core.log, end_offset);
+    let before = stored(&core.log);
+    assert!(before.iter().all(|offsets| !offsets.is_empty()));
+
+    // A reconnected edge that lost every ack re-sends it all: acked, stored nothing twice.
+    connection.close(0u32.into(), b"reconnecting");
+    let (_connection, mut replies) = ship(&core, frames, false).await;
+    replies.acks_through(end_offset).await;
+    assert_eq!(stored(&core.log), before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_frame_mid_stream_acks_everything_before_it_then_fails_the_stream() {
+    let core = start_core();
+    let good = 100;
+    let bad_offset = good * RECORDS_PER_FRAME;
+    let mut frames = good_frames(good);
+    frames.push(data_frame(bad_offset, RECORDS_PER_FRAME, true));
+    let after = bad_offset + RECORDS_PER_FRAME;
+    frames.extend(
+        (0..20)
+            .map(|index| data_frame(after + index * RECORDS_PER_FRAME, RECORDS_PER_FRAME, false)),
+    );
+    let (_connection, mut replies) = ship(&core, frames, false).await;
+    // Acks up to the bad frame at most (its group may hold good frames before it, which fail
+    // with it), then its error, then the end of the stream.
+    let mut acked = 0;
+    let code = loop {
+        match replies.next().await {
+            Reply::Ack(ack) => acked = advance(acked, ack, bad_offset),
+            Reply::Error(code, _) => break code,
+            Reply::End => panic!("the stream ended without an error"),
+        }
+    };
+    assert_eq!(code, error_code::MALFORMED);
+    assert_eq!(replies.next().await, Reply::End);
+    // Every group written before the fault was acked before it, and nothing of the failed
+    // group or after it was written.
+    assert_stored_exactly(&core.log, acked);
+
+    // The edge re-sends from its last ack what came before the bad frame: all of it stored.
+    let (_connection, mut replies) = ship(&core, good_frames(good), false).await;
+    replies.acks_through(bad_offset).await;
+    assert_stored_exactly(&core.log, bad_offset);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_mid_stream_acks_what_was_read_and_ends_the_stream_cleanly() {
+    let core = start_core();
+    // Enough (10 MiB) that the shutdown usually comes before the server has read it all.
+    let frames = good_frames(1000);
+    let end_offset = 1000 * RECORDS_PER_FRAME;
+    let (connection, mut replies) = ship(&core, frames, false).await;
+    let Reply::Ack(mut acked) = replies.next().await else {
+        panic!("expected an ack");
+    };
+    core.stop.send(()).unwrap();
+    loop {
+        match replies.next().await {
+            Reply::Ack(ack) => acked = advance(acked, ack, end_offset),
+            Reply::End => break,
+            Reply::Error(code, message) => panic!("shutdown failed the stream: {code} {message}"),
+        }
+    }
+    let closed = tokio::time::timeout(DEADLINE, connection.closed()).await;
+    match closed.unwrap() {
+        quinn::ConnectionError::ApplicationClosed(close) => {
+            assert_eq!(close.error_code, silt_wire::CLOSE_SHUTTING_DOWN.into());
+        }
+        other => panic!("expected an orderly close, got {other}"),
+    }
+    tokio::time::timeout(DEADLINE, core.server)
+        .await
+        .unwrap()
+        .unwrap();
+    // Whatever the server read before it stopped is acked and stored; nothing else is.
+    assert_stored_exactly(&core.log, acked);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frame_out_of_place_fails_the_stream_after_every_frame_before_it_is_acked() {
+    let core = start_core();
+    let good = 100;
+    let end_offset = good * RECORDS_PER_FRAME;
+    let mut frames = good_frames(good);
+    // A second `Hello` is refused as it is read, not in an append: every frame before it
+    // was read, so every one is appended and acked before the error.
+    let mut hello = BytesMut::new();
+    Frame::Hello {
+        version: silt_wire::VERSION,
+        edge_id: EDGE,
+        topic: TOPIC,
+        partition: 0,
+    }
+    .encode(&mut hello);
+    frames.push(hello.freeze());
+    frames.extend((0..20).map(|index| {
+        data_frame(
+            end_offset + index * RECORDS_PER_FRAME,
+            RECORDS_PER_FRAME,
+            false,
+        )
+    }));
+    let (_connection, mut replies) = ship(&core, frames, false).await;
+    replies.acks_through(end_offset).await;
+    match replies.next().await {
+        Reply::Error(code, _) => assert_eq!(code, error_code::MALFORMED),
+        other => panic!("expected the stream's error, got {other:?}"),
+    }
+    assert_eq!(replies.next().await, Reply::End);
+    assert_stored_exactly(&core.log, end_offset);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_the_edge_ends_is_acked_whole_and_ended() {
+    let core = start_core();
+    let end_offset = 100 * RECORDS_PER_FRAME;
+    let (_connection, mut replies) = ship(&core, good_frames(100), true).await;
+    replies.acks_through(end_offset).await;
+    assert_eq!(replies.next().await, Reply::End);
+    assert_stored_exactly(&core.log, end_offset);
+}
