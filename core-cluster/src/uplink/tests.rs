@@ -99,14 +99,7 @@ async fn ship(core: &Core, frames: Vec<Bytes>, finish: bool) -> (quinn::Connecti
         .unwrap()
         .unwrap();
     let (mut send, recv) = connection.open_bi().await.unwrap();
-    let mut hello = BytesMut::new();
-    Frame::Hello {
-        version: silt_wire::VERSION,
-        edge_id: EDGE,
-        topic: TOPIC,
-        partition: 0,
-    }
-    .encode(&mut hello);
+    let hello = hello();
     tokio::spawn(async move {
         if send.write_all(&hello).await.is_err() {
             return;
@@ -127,6 +120,19 @@ async fn ship(core: &Core, frames: Vec<Bytes>, finish: bool) -> (quinn::Connecti
         buf: BytesMut::new(),
     };
     (connection, replies)
+}
+
+/// The `Hello` that opens the edge's stream for partition 0 of [`TOPIC`].
+fn hello() -> Bytes {
+    let mut out = BytesMut::new();
+    Frame::Hello {
+        version: silt_wire::VERSION,
+        edge_id: EDGE,
+        topic: TOPIC,
+        partition: 0,
+    }
+    .encode(&mut out);
+    out.freeze()
 }
 
 /// The `Data` frame of the edge records at `first_offset..first_offset + count`; `corrupt`
@@ -395,15 +401,7 @@ async fn a_frame_out_of_place_fails_the_stream_after_every_frame_before_it_is_ac
     let mut frames = good_frames(good);
     // A second `Hello` is refused as it is read, not in an append: every frame before it
     // was read, so every one is appended and acked before the error.
-    let mut hello = BytesMut::new();
-    Frame::Hello {
-        version: silt_wire::VERSION,
-        edge_id: EDGE,
-        topic: TOPIC,
-        partition: 0,
-    }
-    .encode(&mut hello);
-    frames.push(hello.freeze());
+    frames.push(hello());
     frames.extend((0..20).map(|index| {
         data_frame(
             end_offset + index * RECORDS_PER_FRAME,
