@@ -201,7 +201,10 @@ impl UplinkServer {
                         let remote = incoming.remote_address();
                         match incoming.await {
                             Ok(connection) => {
-                                serve_connection(connection, store, mutual_tls, draining, read_ahead).await;
+                                serve_connection(
+                                    connection, store, mutual_tls, draining, read_ahead,
+                                )
+                                .await;
                             }
                             Err(error) => {
                                 tracing::info!(%remote, %error, "uplink handshake failed");
@@ -656,8 +659,8 @@ async fn append_frames(
             composing.is_none() && composed.is_none() && writing.is_none() && syncing.is_empty();
         if idle {
             if !reading {
-                // The reader stopped for a drain (had it failed, this future would be gone)
-                // and everything it read is acked: the stream is done.
+                // The reader stopped (a drain, the edge's end of the stream or a fault in a
+                // frame) and everything it read is acked: the stream is done.
                 return Ok(());
             }
             turn = None;
@@ -722,7 +725,8 @@ async fn append_frames(
                             let done = before.task.await;
                             complete(send, before.group, done, &labels).await?;
                         }
-                        let done = failed.map(|composed| composed.map(|_| store::AppendOutcome::default()));
+                        let done = failed
+                            .map(|composed| composed.map(|_| store::AppendOutcome::default()));
                         complete(send, pending.group, done, &labels).await?;
                     }
                 }

@@ -15,14 +15,14 @@
 //! and its last write (writes hold the topic's gate shared for that, the snapshot holds it
 //! exclusively). Groups are pipelined: one is composed while the one before it is written and
 //! the one before that is fsync'd, and the state moves only once a group is durable, so each
-//! written group registers a lower bound of its first log offset (`staged`) until then. A partition's
-//! covered offset is the lower of its high watermark and its lowest staged start: every
-//! uplink record below it is then in the state, and nothing in the state is above what is
-//! durable, whatever a crash does next. A crash between appending to one core partition and another (one edge batch spans
-//! several when keys differ) leaves some records durable and others not; the edge re-sends
-//! the batch, and each core partition skips exactly what it already has, because a stream's
-//! records reach one core partition in edge-offset order. An append is durable (fsync) before
-//! the state moves and before the edge gets its ack.
+//! written group registers a lower bound of its first log offset (`staged`) until then. A
+//! partition's covered offset is the lower of its high watermark and its lowest staged start:
+//! every uplink record below it is then in the state, and nothing in the state is above what
+//! is durable, whatever a crash does next. A crash between appending to one core partition and
+//! another (one edge batch spans several when keys differ) leaves some records durable and
+//! others not; the edge re-sends the batch, and each core partition skips exactly what it
+//! already has, because a stream's records reach one core partition in edge-offset order. An
+//! append is durable (fsync) before the state moves and before the edge gets its ack.
 //!
 //! Every batch appended carries the partition's leader epoch, from the broker's
 //! [`Leadership`] (the one place roles and epochs are decided), as Produce's do; a partition
@@ -279,25 +279,32 @@ impl UplinkStore {
         let budget = self.log.config().max_batch_bytes / 2;
         // Route, dedup and add the origin headers in one pass over the shipped bytes,
         // keeping edge order within each core partition.
-        let composed = {
+        // The next offset each partition expects, taken before composing rather than under
+        // the topic's lock throughout: only this stream's own groups move its entries, and
+        // every one of them still to be durable is in `staged`, which is at least where its
+        // state update will move them.
+        let expected: Vec<u64> = {
             let dedup = state.dedup.lock().unwrap_or_else(|e| e.into_inner());
-            compose(
-                parts,
-                stream,
-                info.partitions,
-                |partition| {
-                    let stored = dedup.partitions[partition]
+            (0..info.partitions)
+                .map(|partition| {
+                    let stored = dedup.partitions[partition as usize]
                         .get(stream)
                         .copied()
                         .unwrap_or(0);
                     staged
-                        .get(&(partition as u32))
+                        .get(&partition)
                         .map_or(stored, |&staged| staged.max(stored))
-                },
-                &limits,
-                budget,
-            )?
+                })
+                .collect()
         };
+        let composed = compose(
+            parts,
+            stream,
+            info.partitions,
+            |partition| expected[partition],
+            &limits,
+            budget,
+        )?;
         let mut next = staged.clone();
         for (partition, batches) in composed.partitions.iter().enumerate() {
             if let Some(last) = batches.last_offset {
