@@ -77,6 +77,10 @@ pub struct AppendOptions {
     pub offsets: OffsetAssignment,
     /// When set, written into every batch's partition leader epoch field.
     pub leader_epoch: Option<i32>,
+    /// The caller built the batches and computed their CRCs itself a moment ago (the core's
+    /// uplink composes its batches from records it checked): the append checks their headers
+    /// and lengths but does not read every byte again for the CRC.
+    pub crc_computed: bool,
 }
 
 /// Where an append landed.
@@ -477,7 +481,7 @@ impl PartitionLog {
         batches: &mut [u8],
         options: AppendOptions,
     ) -> Result<AppendInfo> {
-        let headers = self.validate(batches)?;
+        let headers = self.validate(batches, options.crc_computed)?;
         self.disk.admit(batches.len() as u64)?;
         let config = self.config();
         let now = now_ms();
@@ -590,15 +594,21 @@ impl PartitionLog {
         self.lock_state_unchecked().active().zero_tail_bytes()
     }
 
-    /// Checks that `batches` is a run of whole, valid batches within the size limit.
-    fn validate(&self, batches: &[u8]) -> Result<Vec<(BatchHeader, usize)>> {
+    /// Checks that `batches` is a run of whole, valid batches within the size limit, their
+    /// CRCs included unless `crc_computed`.
+    fn validate(&self, batches: &[u8], crc_computed: bool) -> Result<Vec<(BatchHeader, usize)>> {
+        let check = if crc_computed {
+            batch::check_batch_framing
+        } else {
+            batch::check_batch
+        };
         if batches.is_empty() {
             return Err(batch::BatchError::InvalidInput("no batches to append").into());
         }
         let mut headers = Vec::new();
         let mut at = 0;
         while at < batches.len() {
-            match batch::check_batch(&batches[at..], self.max_batch_bytes)? {
+            match check(&batches[at..], self.max_batch_bytes)? {
                 Some((header, len)) => {
                     headers.push((header, len));
                     at += len;

@@ -7,11 +7,11 @@ use bytes::{Bytes, BytesMut};
 use pinned::{PINNED_BATCH_HEX, pinned_records, to_hex};
 use proptest::prelude::*;
 use silt_log::batch::{
-    BATCH_HEADER_LEN, BatchEncoder, BatchError, BatchHeader, BatchSpec, Compression, DecodeLimits,
-    DecodedRecord, Header, LOG_OVERHEAD, Record, TimestampType, VARINT_BYTES_MAX,
-    VARLONG_BYTES_MAX, batches, compute_crc, decode_batch, decode_records, decompress_records,
-    encode_batch, encode_batch_compressed, put_varint, put_varlong, read_varint, read_varlong,
-    records_len_hint, varint_len, varlong_len,
+    BATCH_HEADER_LEN, BatchCrc, BatchEncoder, BatchError, BatchHeader, BatchSpec, Compression,
+    DecodeLimits, DecodedRecord, Header, LOG_OVERHEAD, Record, TimestampType, VARINT_BYTES_MAX,
+    VARLONG_BYTES_MAX, batches, check_batch, check_batch_framing, compute_crc, decode_batch,
+    decode_records, decompress_batch, decompress_records, encode_batch, encode_batch_compressed,
+    put_varint, put_varlong, read_varint, read_varlong, records_len_hint, varint_len, varlong_len,
 };
 
 /// Where the CRC sits in a batch, and where the bytes it covers start.
@@ -703,6 +703,83 @@ fn a_caller_compressed_batch_decodes_to_its_records_and_its_plain_section() {
         decompress_records(&plain_header, &plain, &TEST_LIMITS, &mut section),
         Err(BatchError::UnsupportedCompression(Compression::None))
     );
+}
+
+#[test]
+fn a_zstd_batch_decompresses_onto_the_end_of_a_buffer_with_or_without_its_crc() {
+    let records = pinned_records();
+    let spec = |compression| BatchSpec {
+        base_offset: 40,
+        producer_id: 7,
+        compression,
+        ..BatchSpec::default()
+    };
+    let plain = encode(&spec(Compression::None), &records);
+    let compressed = encode(&spec(Compression::Zstd), &records);
+    let header = BatchHeader::parse(&compressed).unwrap().expect("a header");
+    let before = b"bytes already there".to_vec();
+
+    // With its CRC: after what the buffer held, byte for byte the batch encoded plain.
+    let mut out = before.clone();
+    let len = decompress_batch(
+        &header,
+        &compressed,
+        &TEST_LIMITS,
+        &mut out,
+        BatchCrc::Compute,
+    )
+    .expect("decompresses");
+    assert_eq!(len, plain.len());
+    assert_eq!(&out[..before.len()], &before[..]);
+    assert_eq!(&out[before.len()..], &plain[..]);
+
+    // Without: the same bytes but a zero CRC, which only the framing check takes.
+    let mut out = before.clone();
+    decompress_batch(&header, &compressed, &TEST_LIMITS, &mut out, BatchCrc::Skip).unwrap();
+    let unsealed = &out[before.len()..];
+    assert_eq!(unsealed[..CRC_AT], plain[..CRC_AT]);
+    assert_eq!(unsealed[CRC_AT..CRC_AT + 4], [0; 4]);
+    assert_eq!(unsealed[CRC_AT + 4..], plain[CRC_AT + 4..]);
+    assert!(matches!(
+        check_batch(unsealed, TEST_LIMITS.max_batch_bytes),
+        Err(BatchError::CrcMismatch { .. })
+    ));
+    let (framed, framed_len) = check_batch_framing(unsealed, TEST_LIMITS.max_batch_bytes)
+        .unwrap()
+        .expect("a whole batch");
+    assert_eq!(framed_len, plain.len());
+    assert_eq!(framed.compression(), Ok(Compression::None));
+    assert_eq!(
+        decode_records(&framed, unsealed, &TEST_LIMITS).unwrap(),
+        decode_batch(&plain, &TEST_LIMITS).unwrap().unwrap().1
+    );
+    // The framing check still refuses what is not a batch: a bad length, one over the limit.
+    let mut bad_length = unsealed.to_vec();
+    bad_length[8..12].copy_from_slice(&1i32.to_be_bytes());
+    assert!(check_batch_framing(&bad_length, TEST_LIMITS.max_batch_bytes).is_err());
+    assert!(check_batch_framing(unsealed, unsealed.len() - 1).is_err());
+    assert_eq!(
+        check_batch_framing(&unsealed[..unsealed.len() - 1], TEST_LIMITS.max_batch_bytes),
+        Ok(None)
+    );
+
+    // A failure leaves the buffer as it was: damaged records, a limit, no compression.
+    let mut damaged = compressed.to_vec();
+    damaged[BATCH_HEADER_LEN] ^= 0xff; // the zstd magic number
+    let tight = DecodeLimits {
+        max_decompressed_bytes: plain.len() - BATCH_HEADER_LEN - 1,
+        ..TEST_LIMITS
+    };
+    let plain_header = BatchHeader::parse(&plain).unwrap().expect("a header");
+    for (header, batch, limits) in [
+        (header, &damaged[..], TEST_LIMITS),
+        (header, &compressed[..], tight),
+        (plain_header, &plain[..], TEST_LIMITS),
+    ] {
+        let mut out = before.clone();
+        assert!(decompress_batch(&header, batch, &limits, &mut out, BatchCrc::Compute).is_err());
+        assert_eq!(out, before);
+    }
 }
 
 #[test]

@@ -613,6 +613,7 @@ impl Harness {
                 OffsetAssignment::Assign
             },
             leader_epoch,
+            ..AppendOptions::default()
         };
         let base = self.model.log_end();
         let info = self.log().append_with(&mut buffer, options).unwrap();
@@ -678,6 +679,7 @@ impl Harness {
         let options = AppendOptions {
             offsets: OffsetAssignment::Keep,
             leader_epoch: None,
+            ..AppendOptions::default()
         };
         let result = self.log().append_with(&mut first, options);
         prop_assert!(

@@ -129,6 +129,36 @@ fn invalid_batches_are_rejected_without_touching_the_log() {
     ));
     assert_eq!(log.log_end_offset(), 3);
     assert_eq!(values(&read_all(&log, 0)), ["a-0", "a-1", "a-2"]);
+
+    // A caller that computed the CRCs itself saves the append a pass over the bytes, but
+    // not the checks of headers and lengths.
+    let crc_computed = AppendOptions {
+        crc_computed: true,
+        ..AppendOptions::default()
+    };
+    for mut invalid in [truncated.to_vec(), garbage, vec![]] {
+        assert!(matches!(
+            log.append_with(&mut invalid, crc_computed),
+            Err(LogError::InvalidBatch(_))
+        ));
+    }
+    let huge = Record {
+        value: Some(bytes::Bytes::from(vec![
+            0u8;
+            small_config(dir.path())
+                .max_batch_bytes
+        ])),
+        ..Record::default()
+    };
+    let mut too_large = encode(&[huge], Compression::None);
+    assert!(matches!(
+        log.append_with(&mut too_large, crc_computed),
+        Err(LogError::InvalidBatch(_))
+    ));
+    let mut built = batch_of("d", 2, 0);
+    log.append_with(&mut built, crc_computed).unwrap();
+    assert_eq!(log.log_end_offset(), 5);
+    assert_eq!(values(&read_all(&log, 3)), ["d-0", "d-1"]);
 }
 
 #[test]
@@ -149,6 +179,7 @@ fn several_batches_in_one_append_and_follower_offsets() {
     let keep = AppendOptions {
         offsets: OffsetAssignment::Keep,
         leader_epoch: Some(7),
+        ..AppendOptions::default()
     };
     assert!(matches!(
         log.append_with(&mut gap, keep),

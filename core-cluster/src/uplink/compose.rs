@@ -16,9 +16,10 @@
 
 use bytes::{BufMut, Bytes, BytesMut};
 use silt_log::batch::{
-    BATCH_HEADER_LEN, BatchHeader, Compression, DecodeLimits, Header, LOG_OVERHEAD, MAGIC_V2,
-    TimestampType, check_batch, compute_crc, decode_records, decompress_batch, put_nullable,
-    put_varint, put_varlong, read_varint, read_varlong, records_len_hint, varint_len, varlong_len,
+    BATCH_HEADER_LEN, BatchCrc, BatchHeader, Compression, DecodeLimits, Header, LOG_OVERHEAD,
+    MAGIC_V2, TimestampType, check_batch, check_batch_framing, compute_crc, decode_records,
+    decompress_batch, put_nullable, put_varint, put_varlong, read_varint, read_varlong,
+    records_len_hint, varint_len, varlong_len,
 };
 
 use super::store::{
@@ -115,13 +116,46 @@ impl OriginHeaders {
     }
 }
 
-/// Routes and deduplicates the records of `parts` (each a `Data` frame's first edge offset
-/// and its batches, in edge order) into new batches per core partition. `expected(p)` is
-/// the next edge offset core partition `p` expects from `stream`; records below it, or
-/// below their frame's first offset, are skipped. `budget` bounds a new batch's estimated
-/// bytes.
+/// One `Data` frame's batches, as [`compose`] takes them.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Part<'a> {
+    /// The frame's first edge offset: records below it are skipped.
+    pub(crate) first_offset: u64,
+    pub(crate) batches: &'a [u8],
+    /// Every batch's CRC is checked already ([`Shipped::crc_checked`]): only their headers
+    /// and lengths are checked again.
+    pub(crate) crc_checked: bool,
+}
+
+impl<'a> Part<'a> {
+    /// Batches as they were shipped, their CRCs still to check.
+    #[cfg(test)]
+    pub(crate) fn shipped(first_offset: u64, batches: &'a [u8]) -> Part<'a> {
+        Part {
+            first_offset,
+            batches,
+            crc_checked: false,
+        }
+    }
+}
+
+/// A `Data` frame's batches after [`decompress_shipped`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Shipped {
+    pub(crate) batches: Bytes,
+    /// True when `decompress_shipped` checked every batch's CRC on the way, in which case
+    /// the batches it decompressed carry no CRC of their own (the compressed batch's CRC
+    /// covered the same records): [`compose`] must not check them again. False for bytes
+    /// passed on as they came, which `compose` checks whole.
+    pub(crate) crc_checked: bool,
+}
+
+/// Routes and deduplicates the records of `parts` (`Data` frames in edge order) into new
+/// batches per core partition. `expected(p)` is the next edge offset core partition `p`
+/// expects from `stream`; records below it, or below their frame's first offset, are
+/// skipped. `budget` bounds a new batch's estimated bytes.
 pub(crate) fn compose(
-    parts: &[(u64, &[u8])],
+    parts: &[Part<'_>],
     stream: &StreamKey,
     partitions: u32,
     expected: impl Fn(usize) -> u64,
@@ -138,7 +172,7 @@ pub(crate) fn compose(
     // A partition's output is sized once, for its share of the shipped bytes plus the origin
     // headers (about a tenth more for records of a few hundred bytes), rather than grown by
     // doubling and copying. Bounded by what the caller already holds.
-    let shipped_bytes: usize = parts.iter().map(|(_, batches)| batches.len()).sum();
+    let shipped_bytes: usize = parts.iter().map(|part| part.batches.len()).sum();
     let share_bytes = shipped_bytes / partitions.max(1) as usize;
     let reserve_bytes = share_bytes + share_bytes / 8;
     // Compressed batches may hold far more than they take: the group's output is bounded as
@@ -173,10 +207,16 @@ pub(crate) fn compose(
         }
         Ok(())
     };
-    for &(first_offset, batches) in parts {
-        let mut rest = batches;
+    for part in parts {
+        let first_offset = part.first_offset;
+        let check = if part.crc_checked {
+            check_batch_framing
+        } else {
+            check_batch
+        };
+        let mut rest = part.batches;
         while !rest.is_empty() {
-            let (header, used) = check_batch(rest, limits.max_batch_bytes)
+            let (header, used) = check(rest, limits.max_batch_bytes)
                 .map_err(bad_batch)?
                 .ok_or_else(|| StoreError::BadBatch("a batch is cut short".into()))?;
             let batch = &rest[..used];
@@ -216,14 +256,20 @@ pub(crate) fn compose(
 /// sizing a buffer for them: sensor JSON compresses 2 to 5 times.
 const RECORDS_RATIO_MAX: usize = 8;
 
-/// The shipped `batches` with every zstd batch decompressed (`decompress_batch`: an edge's
-/// batches compressed at rest), so that `compose` splices them like uncompressed ones and the
-/// decompression happens as a frame is read, beside the appends of the frames before it. The
-/// bytes come back as they are when no batch is compressed, and also when a batch fails its
-/// checks, would decompress past `limits` or to a batch over `limits.max_batch_bytes`, or the
-/// frame's batches to more than `limits.max_decompressed_bytes` together: then `compose`
-/// refuses (or takes) them exactly as it would have.
-pub(crate) fn decompress_shipped(batches: Bytes, limits: &DecodeLimits) -> Bytes {
+/// The shipped `batches` with every zstd batch decompressed (an edge's batches compressed at
+/// rest), so that `compose` splices them like uncompressed ones and the decompression happens
+/// as a frame is read, beside the appends of the frames before it. Every batch's CRC is
+/// checked on the way, and the decompressed batches get none ([`Shipped::crc_checked`]): one
+/// pass less over the records here and none in `compose`. The bytes come back as they are
+/// (and unchecked) when no batch is compressed, and also when a batch fails its checks, would
+/// decompress past `limits` or to a batch over `limits.max_batch_bytes`, or the frame's
+/// batches to more than `limits.max_decompressed_bytes` together: then `compose` refuses (or
+/// takes) them exactly as it would have.
+pub(crate) fn decompress_shipped(batches: Bytes, limits: &DecodeLimits) -> Shipped {
+    let as_shipped = |batches| Shipped {
+        batches,
+        crc_checked: false,
+    };
     let mut compressed = false;
     let mut records_bytes = 0usize;
     let mut rest = &batches[..];
@@ -236,14 +282,13 @@ pub(crate) fn decompress_shipped(batches: Bytes, limits: &DecodeLimits) -> Bytes
         rest = &rest[len..];
     }
     if !compressed {
-        return batches;
+        return as_shipped(batches);
     }
-    let mut out = BytesMut::with_capacity(records_bytes.min(limits.max_decompressed_bytes));
-    let mut records = Vec::new();
+    let mut out = Vec::with_capacity(records_bytes.min(limits.max_decompressed_bytes));
     let mut rest = &batches[..];
     while !rest.is_empty() {
         let Ok(Some((header, used))) = check_batch(rest, limits.max_batch_bytes) else {
-            return batches;
+            return as_shipped(batches);
         };
         let batch = &rest[..used];
         rest = &rest[used..];
@@ -251,13 +296,16 @@ pub(crate) fn decompress_shipped(batches: Bytes, limits: &DecodeLimits) -> Bytes
             out.extend_from_slice(batch);
             continue;
         }
-        match decompress_batch(&header, batch, limits, &mut out, &mut records) {
+        match decompress_batch(&header, batch, limits, &mut out, BatchCrc::Skip) {
             Ok(len)
                 if len <= limits.max_batch_bytes && out.len() <= limits.max_decompressed_bytes => {}
-            _ => return batches,
+            _ => return as_shipped(batches),
         }
     }
-    out.freeze()
+    Shipped {
+        batches: Bytes::from(out),
+        crc_checked: true,
+    }
 }
 
 fn bad_batch(error: impl std::fmt::Display) -> StoreError {
@@ -607,6 +655,9 @@ mod tests {
     use bytes::Bytes;
     use silt_log::batch::{BatchSpec, Record, decode_batch, encode_batch};
 
+    /// Where a batch's CRC is: after base offset, length, leader epoch and magic.
+    const CRC_AT: usize = 17;
+
     /// Per core partition: its batch bytes, record count and last edge offset; then one more
     /// entry whose count is the duplicates skipped.
     type Flat = Vec<(Vec<u8>, u64, Option<u64>)>;
@@ -858,7 +909,7 @@ mod tests {
             let partitions = 1 + rng.below(4) as u32;
             let expected_at: Vec<u64> = (0..partitions).map(|_| rng.below(60)).collect();
             let budget = [1, 300, 2_000, 1 << 20][rng.below(4) as usize];
-            let run = |parts: &[(u64, &[u8])]| {
+            let run = |parts: &[Part<'_>]| {
                 compose(
                     parts,
                     &stream,
@@ -869,7 +920,11 @@ mod tests {
                 )
                 .map(flatten)
             };
-            let spliced = run(&parts);
+            let as_shipped: Vec<Part<'_>> = parts
+                .iter()
+                .map(|&(first, bytes)| Part::shipped(first, bytes))
+                .collect();
+            let spliced = run(&as_shipped);
             let decoded = compose_by_decoding(
                 &parts,
                 &stream,
@@ -879,14 +934,18 @@ mod tests {
                 budget,
             );
             // Decompressed as the stream reader does first, the same output or refusal.
-            let shipped: Vec<Bytes> = parts
+            let shipped: Vec<Shipped> = parts
                 .iter()
                 .map(|(_, bytes)| decompress_shipped(Bytes::copy_from_slice(bytes), &limits))
                 .collect();
-            let shipped_parts: Vec<(u64, &[u8])> = parts
+            let shipped_parts: Vec<Part<'_>> = parts
                 .iter()
                 .zip(&shipped)
-                .map(|((first, _), bytes)| (*first, &bytes[..]))
+                .map(|((first, _), shipped)| Part {
+                    first_offset: *first,
+                    batches: &shipped.batches,
+                    crc_checked: shipped.crc_checked,
+                })
                 .collect();
             let after_reader = run(&shipped_parts);
             assert_eq!(
@@ -930,25 +989,50 @@ mod tests {
         };
         encode_batch(&spec(0, Compression::None), &records, &mut plain).unwrap();
         encode_batch(&spec(50, Compression::None), &records, &mut plain).unwrap();
-        // Nothing compressed: the same bytes, not a copy.
+        // Nothing compressed: the same bytes, not a copy, and left for compose to check.
         let shipped = Bytes::from(plain.to_vec());
         let kept = decompress_shipped(shipped.clone(), &limits);
-        assert_eq!(kept.as_ptr(), shipped.as_ptr());
+        assert_eq!(kept.batches.as_ptr(), shipped.as_ptr());
+        assert!(!kept.crc_checked);
         // One of two batches compressed: both come back uncompressed, byte for byte what
-        // encoding them uncompressed gives.
+        // encoding them uncompressed gives but for the decompressed batch's CRC, left 0.
         let mut mixed = BytesMut::new();
         encode_batch(&spec(0, Compression::None), &records, &mut mixed).unwrap();
         encode_batch(&spec(50, Compression::Zstd), &records, &mut mixed).unwrap();
         assert!(mixed.len() < plain.len());
         let decompressed = decompress_shipped(mixed.freeze(), &limits);
-        assert_eq!(&decompressed[..], &plain[..]);
+        assert!(decompressed.crc_checked);
+        let first_len = check_batch(&plain, limits.max_batch_bytes)
+            .unwrap()
+            .unwrap()
+            .1;
+        let (plain_first, plain_second) = plain.split_at(first_len);
+        let (first, second) = decompressed.batches.split_at(first_len);
+        assert_eq!(first, plain_first);
+        assert_eq!(second[..CRC_AT], plain_second[..CRC_AT]);
+        assert_eq!(second[CRC_AT..CRC_AT + 4], [0; 4]);
+        assert_eq!(second[CRC_AT + 4..], plain_second[CRC_AT + 4..]);
         // A damaged batch is left for compose to refuse.
         let mut damaged = BytesMut::new();
         encode_batch(&spec(0, Compression::Zstd), &records, &mut damaged).unwrap();
         let last = damaged.len() - 1;
         damaged[last] ^= 0xff;
         let damaged = damaged.freeze();
-        assert_eq!(decompress_shipped(damaged.clone(), &limits), damaged);
+        let kept = decompress_shipped(damaged.clone(), &limits);
+        assert_eq!((kept.batches, kept.crc_checked), (damaged.clone(), false));
+        let stream = StreamKey {
+            edge_id: "e1".into(),
+            edge_partition: 0,
+        };
+        let result = compose(
+            &[Part::shipped(0, &damaged)],
+            &stream,
+            1,
+            |_| 0,
+            &limits,
+            1 << 20,
+        );
+        assert!(matches!(result, Err(StoreError::BadBatch(_))));
     }
 
     #[test]
@@ -976,13 +1060,21 @@ mod tests {
         assert!(shipped.len() < 64 << 10, "{} bytes shipped", shipped.len());
         let shipped = shipped.freeze();
         // The reader leaves it as it came...
-        assert_eq!(decompress_shipped(shipped.clone(), &limits), shipped);
+        let kept = decompress_shipped(shipped.clone(), &limits);
+        assert_eq!((kept.batches, kept.crc_checked), (shipped.clone(), false));
         // ...and compose refuses it once its output passes the bound.
         let stream = StreamKey {
             edge_id: "e1".into(),
             edge_partition: 0,
         };
-        let result = compose(&[(0, &shipped[..])], &stream, 1, |_| 0, &limits, 1 << 20);
+        let result = compose(
+            &[Part::shipped(0, &shipped)],
+            &stream,
+            1,
+            |_| 0,
+            &limits,
+            1 << 20,
+        );
         match result {
             Err(StoreError::BadBatch(message)) => {
                 assert!(message.contains("more than 4194304 bytes"), "{message}");
@@ -1024,7 +1116,15 @@ mod tests {
         };
         let parts = [(5, &batch[..])];
         let limits = DecodeLimits::default();
-        let spliced = flatten(compose(&parts, &stream, 1, |_| 0, &limits, 1 << 20).unwrap());
+        let spliced = compose(
+            &[Part::shipped(5, &batch)],
+            &stream,
+            1,
+            |_| 0,
+            &limits,
+            1 << 20,
+        );
+        let spliced = flatten(spliced.unwrap());
         let decoded = compose_by_decoding(&parts, &stream, 1, |_| 0, &limits, 1 << 20).unwrap();
         assert_eq!(spliced, decoded);
         let (_, records, _) = decode_batch(&spliced[0].0, &limits).unwrap().unwrap();

@@ -521,7 +521,7 @@ struct DataFrame {
     first_offset: u64,
     end_offset: u64,
     edge_end: u64,
-    batches: bytes::Bytes,
+    shipped: compose::Shipped,
     wire_bytes: usize,
     _read_ahead: [tokio::sync::OwnedSemaphorePermit; 2],
 }
@@ -586,14 +586,14 @@ async fn read_frames(
             })?;
         // Batches the edge compressed at rest are decompressed here, as the frame is read,
         // while the appender composes and writes the frames before it.
-        let batches = compose::decompress_shipped(batches, limits);
-        let held = read_ahead.acquire(batches.len()).await;
+        let shipped = compose::decompress_shipped(batches, limits);
+        let held = read_ahead.acquire(shipped.batches.len()).await;
         let frame = DataFrame {
             first_offset,
             end_offset,
             edge_end,
             wire_bytes: frame.len(),
-            batches,
+            shipped,
             _read_ahead: held,
         };
         if frames.send(frame).is_err() {
@@ -744,16 +744,20 @@ async fn append_frames(
                     Some(turn) => turn.clone(),
                     None => turn.insert(store.lock_stream(topic, stream).await).clone(),
                 };
-                let parts: Vec<(u64, bytes::Bytes)> = group
+                let parts: Vec<(u64, compose::Shipped)> = group
                     .iter()
-                    .map(|frame| (frame.first_offset, frame.batches.clone()))
+                    .map(|frame| (frame.first_offset, frame.shipped.clone()))
                     .collect();
                 let (store_ref, topic_name, key, staged_in) =
                     (store.clone(), topic.to_string(), stream.clone(), staged.clone());
                 let task = tokio::task::spawn_blocking(move || {
-                    let parts: Vec<(u64, &[u8])> = parts
+                    let parts: Vec<compose::Part<'_>> = parts
                         .iter()
-                        .map(|(first_offset, batches)| (*first_offset, &batches[..]))
+                        .map(|(first_offset, shipped)| compose::Part {
+                            first_offset: *first_offset,
+                            batches: &shipped.batches,
+                            crc_checked: shipped.crc_checked,
+                        })
                         .collect();
                     store_ref.compose_group(group_turn, &topic_name, &key, &parts, &staged_in)
                 });
@@ -829,7 +833,7 @@ async fn complete(
     let lag_records = edge_end.saturating_sub(end_offset);
     metrics::gauge!("silt_uplink_edge_lag_records", &labels.stream).set(lag_records as f64);
     let group_records = end_offset.saturating_sub(group[0].first_offset).max(1);
-    let group_raw: usize = group.iter().map(|frame| frame.batches.len()).sum();
+    let group_raw: usize = group.iter().map(|frame| frame.shipped.batches.len()).sum();
     metrics::gauge!("silt_uplink_edge_lag_bytes", &labels.stream)
         .set(lag_records as f64 * group_raw as f64 / group_records as f64);
     // Acks are cumulative: one for the group's last frame acknowledges them all.

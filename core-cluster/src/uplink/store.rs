@@ -41,7 +41,7 @@ use silt_log::batch::{DecodeLimits, Header, decode_batch};
 use silt_log::{AppendOptions, LogError, LogManager, PartitionLog, partitioner};
 
 use super::checkpoint::{CheckpointDir, PartitionCheckpoint};
-use super::compose::compose;
+use super::compose::{Part, compose};
 use crate::broker::{Leadership, NotLeader};
 
 /// Header naming the edge a record came from.
@@ -249,7 +249,11 @@ impl UplinkStore {
         staged: &StagedNext,
         written: impl FnOnce(StagedNext),
     ) -> Result<AppendOutcome, StoreError> {
-        let (group, next) = self.compose_group(turn, topic, stream, parts, staged)?;
+        let parts: Vec<Part<'_>> = parts
+            .iter()
+            .map(|&(first_offset, batches)| Part::shipped(first_offset, batches))
+            .collect();
+        let (group, next) = self.compose_group(turn, topic, stream, &parts, staged)?;
         self.write_group(topic, stream, group, || written(next))
     }
 
@@ -270,7 +274,7 @@ impl UplinkStore {
         turn: StreamTurn,
         topic: &str,
         stream: &StreamKey,
-        parts: &[(u64, &[u8])],
+        parts: &[Part<'_>],
         staged: &StagedNext,
     ) -> Result<(ComposedGroup, StagedNext), StoreError> {
         let info = self.log.ensure_topic(topic, self.default_partitions)?;
@@ -372,8 +376,10 @@ impl UplinkStore {
                         break;
                     }
                 };
+                // `compose` computed every CRC of these batches itself.
                 let options = AppendOptions {
                     leader_epoch: Some(epoch),
+                    crc_computed: true,
                     ..AppendOptions::default()
                 };
                 // A lower bound of where the batches land (offsets only grow), registered
@@ -1018,12 +1024,18 @@ mod tests {
                 pipeline.clone(),
                 "mqtt",
                 &stream(),
-                &[(0, &first)],
+                &[Part::shipped(0, &first)],
                 &StagedNext::new(),
             )
             .unwrap();
         let (group2, next) = store
-            .compose_group(pipeline.clone(), "mqtt", &stream(), &[(6, &second)], &next)
+            .compose_group(
+                pipeline.clone(),
+                "mqtt",
+                &stream(),
+                &[Part::shipped(6, &second)],
+                &next,
+            )
             .unwrap();
         // A resend overlapping both is composed as duplicates, written or not.
         let (group3, _) = store
@@ -1031,7 +1043,7 @@ mod tests {
                 pipeline,
                 "mqtt",
                 &stream(),
-                &[(4, &edge_batch(4, 14))],
+                &[Part::shipped(4, &edge_batch(4, 14))],
                 &next,
             )
             .unwrap();
@@ -1064,7 +1076,7 @@ mod tests {
                 turn(),
                 "mqtt",
                 &stream(),
-                &[(12, &third)],
+                &[Part::shipped(12, &third)],
                 &StagedNext::new(),
             )
             .unwrap();

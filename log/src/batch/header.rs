@@ -251,6 +251,26 @@ pub fn check_batch(
     buf: &[u8],
     max_batch_bytes: usize,
 ) -> Result<Option<(BatchHeader, usize)>, BatchError> {
+    let Some((header, total)) = check_batch_framing(buf, max_batch_bytes)? else {
+        return Ok(None);
+    };
+    let actual = compute_crc(&buf[..total]);
+    if actual != header.crc {
+        return Err(BatchError::CrcMismatch {
+            stored: header.crc,
+            computed: actual,
+        });
+    }
+    Ok(Some((header, total)))
+}
+
+/// [`check_batch`] without the CRC: the header and the length within `max_batch_bytes`. Only
+/// for bytes whose CRC their holder already checked or computed itself, such as batches it
+/// has just built; anything read from a file or a socket goes through [`check_batch`].
+pub fn check_batch_framing(
+    buf: &[u8],
+    max_batch_bytes: usize,
+) -> Result<Option<(BatchHeader, usize)>, BatchError> {
     let Some(total) = peek_total_len(buf)? else {
         return Ok(None);
     };
@@ -265,13 +285,6 @@ pub fn check_batch(
     };
     if buf.len() < total {
         return Ok(None);
-    }
-    let actual = compute_crc(&buf[..total]);
-    if actual != header.crc {
-        return Err(BatchError::CrcMismatch {
-            stored: header.crc,
-            computed: actual,
-        });
     }
     Ok(Some((header, total)))
 }

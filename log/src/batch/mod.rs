@@ -10,10 +10,11 @@ mod varint;
 
 pub use header::{
     BATCH_HEADER_LEN, BatchHeader, Compression, LOG_OVERHEAD, MAGIC_V2, TimestampType, attributes,
-    check_batch, compute_crc, peek_total_len, set_base_offset, set_partition_leader_epoch,
+    check_batch, check_batch_framing, compute_crc, peek_total_len, set_base_offset,
+    set_partition_leader_epoch,
 };
 pub use records::{
-    BatchEncoder, BatchSpec, Batches, DECODE_MAX_BATCH_BYTES_DEFAULT,
+    BatchCrc, BatchEncoder, BatchSpec, Batches, DECODE_MAX_BATCH_BYTES_DEFAULT,
     DECODE_MAX_DECOMPRESSED_BYTES_DEFAULT, DecodeLimits, DecodedRecord, Header, Record, RecordRef,
     ZSTD_LEVEL, batches, decode_batch, decode_records, decompress_batch, decompress_records,
     encode_batch, encode_batch_compressed, put_nullable, records_len_hint,

@@ -501,35 +501,61 @@ fn records_section<'a>(header: &BatchHeader, batch: &'a [u8]) -> Result<&'a [u8]
     Ok(&batch[BATCH_HEADER_LEN..])
 }
 
+/// What [`decompress_batch`] writes in the CRC field of the batch it makes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BatchCrc {
+    /// The CRC of the new bytes: a batch like any other.
+    Compute,
+    /// Zero, saving a pass over the records, for a caller that walks the batch itself right
+    /// away with [`check_batch_framing`](super::check_batch_framing) (the compressed batch's
+    /// CRC covered the same records). [`check_batch`] refuses such a batch.
+    Skip,
+}
+
 /// Appends to `out` the zstd batch `batch` (complete, its CRC checked by the caller) with its
 /// records decompressed: the batch a producer that did not compress would have sent, every
-/// field kept but the compression bits, the length and the CRC. `scratch` holds the records
-/// on the way (its allocation reused). Bounded as [`decode_records`]; fails as
-/// [`decompress_records`] does, and with [`BatchError::InvalidInput`] when the result would be
-/// longer than `i32::MAX` bytes. Returns the appended batch's length.
+/// field kept but the compression bits, the length and the CRC (`crc`). The records are
+/// decompressed straight into `out`, with no copy on the way. Bounded as [`decode_records`];
+/// fails as [`decompress_records`] does, and with [`BatchError::InvalidInput`] when the result
+/// would be longer than `i32::MAX` bytes, leaving `out` as it was. Returns the appended
+/// batch's length.
 pub fn decompress_batch(
     header: &BatchHeader,
     batch: &[u8],
     limits: &DecodeLimits,
-    out: &mut BytesMut,
-    scratch: &mut Vec<u8>,
+    out: &mut Vec<u8>,
+    crc: BatchCrc,
 ) -> Result<usize, BatchError> {
-    decompress_records(header, batch, limits, scratch)?;
-    let total_len = BATCH_HEADER_LEN + scratch.len();
-    let batch_length = i32::try_from(total_len - LOG_OVERHEAD)
-        .map_err(|_| BatchError::InvalidInput("batch longer than i32::MAX bytes"))?;
+    let section = records_section(header, batch)?;
+    match header.compression()? {
+        Compression::Zstd => {}
+        other => return Err(BatchError::UnsupportedCompression(other)),
+    }
+    let start = out.len();
+    out.resize(start + BATCH_HEADER_LEN, 0);
+    let decompressed = zstd_decompress(section, limits.max_decompressed_bytes, out);
+    let total_len = out.len() - start;
+    let batch_length = decompressed.and_then(|()| {
+        i32::try_from(total_len - LOG_OVERHEAD)
+            .map_err(|_| BatchError::InvalidInput("batch longer than i32::MAX bytes"))
+    });
+    let batch_length = match batch_length {
+        Ok(length) => length,
+        Err(error) => {
+            out.truncate(start);
+            return Err(error);
+        }
+    };
     let mut plain = *header;
     plain.batch_length = batch_length;
     plain.attributes = header.attributes & !COMPRESSION_MASK;
     plain.crc = 0;
-    let start = out.len();
-    out.reserve(total_len);
-    out.put_bytes(0, BATCH_HEADER_LEN);
-    out.extend_from_slice(scratch);
     let written = &mut out[start..];
     plain.write_to(written);
-    plain.crc = compute_crc(written);
-    plain.write_to(written);
+    if crc == BatchCrc::Compute {
+        plain.crc = compute_crc(written);
+        plain.write_to(written);
+    }
     Ok(total_len)
 }
 
@@ -724,9 +750,9 @@ pub fn put_nullable(out: &mut BytesMut, bytes: Option<&[u8]>) {
     }
 }
 
-/// Decompresses a zstd records section, refusing more than `max_bytes` of output, so a small
-/// hostile batch cannot make the decoder allocate much: the output buffer never grows past
-/// `max_bytes`.
+/// Decompresses a zstd records section onto the end of `decompressed`, refusing more than
+/// `max_bytes` of output, so a small hostile batch cannot make the decoder allocate much: the
+/// buffer never grows by more than `max_bytes`. On failure `decompressed` is as it was.
 ///
 /// The zstd window is bounded too: by `max_bytes` rounded up to a power of two, but never
 /// below 8 MiB, the window Kafka producers use up to level 19, so a decoder with small limits
@@ -736,18 +762,33 @@ fn zstd_decompress(
     max_bytes: usize,
     decompressed: &mut Vec<u8>,
 ) -> Result<(), BatchError> {
+    let start = decompressed.len();
+    let result = zstd_decompress_append(compressed, max_bytes, decompressed);
+    if result.is_err() {
+        decompressed.truncate(start);
+    }
+    result
+}
+
+/// [`zstd_decompress`]'s work: appends to `decompressed`, which may hold part of the output on
+/// failure.
+fn zstd_decompress_append(
+    compressed: &[u8],
+    max_bytes: usize,
+    decompressed: &mut Vec<u8>,
+) -> Result<(), BatchError> {
     const INVALID: BatchError =
         BatchError::Corrupt("zstd records are invalid or need a window above the limit");
     let too_large = || BatchError::DecompressedTooLarge { max: max_bytes };
-    decompressed.clear();
     if compressed.is_empty() {
         return Ok(());
     }
+    let start = decompressed.len();
     let window_log = max_bytes
         .checked_next_power_of_two()
         .map_or(usize::BITS, usize::trailing_zeros)
         .clamp(ZSTD_WINDOW_LOG_MIN, ZSTD_WINDOW_LOG_MAX);
-    // A frame that states its size up front is refused before any work, or gets a buffer of
+    // A frame that states its size up front is refused before any work, or gets room for
     // exactly that size, filled in one call with a context the thread keeps. Whatever that
     // call cannot do (frames that follow, a size that lies) is left to the streaming decoder
     // below, which decides.
@@ -760,7 +801,7 @@ fn zstd_decompress(
         if decompress_at_once(compressed, window_log, decompressed) == Some(content_bytes) {
             return Ok(());
         }
-        decompressed.clear();
+        decompressed.truncate(start);
     }
     let mut decoder = zstd::stream::read::Decoder::with_buffer(compressed).map_err(|_| INVALID)?;
     decoder.window_log_max(window_log).map_err(|_| INVALID)?;
@@ -772,14 +813,13 @@ fn zstd_decompress(
             Err(error) if error.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(_) => return Err(INVALID),
         };
-        let len = decompressed.len();
+        let len = decompressed.len() - start;
         if read > max_bytes - len {
             return Err(too_large());
         }
-        if decompressed.capacity() - len < read {
+        if decompressed.capacity() - decompressed.len() < read {
             // Double as usual, but never past the limit; `len + read <= max_bytes` here.
-            let target = decompressed
-                .capacity()
+            let target = (decompressed.capacity() - start)
                 .saturating_mul(2)
                 .clamp(len + read, max_bytes);
             decompressed.reserve_exact(target - len);
@@ -795,8 +835,9 @@ thread_local! {
         const { std::cell::RefCell::new(None) };
 }
 
-/// Decompresses `compressed` into the spare capacity of `out` in one call, with the same
-/// window bound as the streaming decoder; the bytes written, or `None` on any failure.
+/// Decompresses `compressed` into the spare capacity of `out` (after what it holds) in one
+/// call, with the same window bound as the streaming decoder; the bytes written, or `None`
+/// on any failure.
 fn decompress_at_once(compressed: &[u8], window_log: u32, out: &mut Vec<u8>) -> Option<usize> {
     DECOMPRESSOR.with(|cell| {
         let mut context = cell.try_borrow_mut().ok()?;
@@ -807,7 +848,10 @@ fn decompress_at_once(compressed: &[u8], window_log: u32, out: &mut Vec<u8>) -> 
         context
             .set_parameter(zstd::zstd_safe::DParameter::WindowLogMax(window_log))
             .ok()?;
-        context.decompress_to_buffer(compressed, out).ok()
+        let start = out.len() as u64;
+        let mut spare = std::io::Cursor::new(out);
+        spare.set_position(start);
+        context.decompress_to_buffer(compressed, &mut spare).ok()
     })
 }
 
