@@ -66,6 +66,9 @@ const READ_AHEAD_BYTES: usize = 32 << 20;
 /// Decompressed `Data` bytes all streams of the server hold read ahead together, so that many
 /// edges cannot make the core hold a stream's read-ahead for each of their partitions.
 const READ_AHEAD_SERVER_BYTES: usize = 256 << 20;
+/// Most frames of one stream decompressing at once, on blocking threads, ahead of the
+/// read-ahead (each at most `DecodeLimits::max_decompressed_bytes`).
+const DECOMPRESSING_MAX: usize = 3;
 /// How often the server looks for topics whose dedup checkpoint is due.
 const CHECKPOINT_TICK: Duration = Duration::from_secs(1);
 /// How long an orderly shutdown waits for streams to ack what they read and for the edges to
@@ -544,8 +547,21 @@ impl ReadAhead {
     }
 }
 
+/// A `Data` frame read and being decompressed on a blocking thread.
+struct Decompressing {
+    first_offset: u64,
+    end_offset: u64,
+    edge_end: u64,
+    wire_bytes: usize,
+    task: tokio::task::JoinHandle<Result<compose::Shipped, silt_wire::WireError>>,
+}
+
 /// Reads `Data` frames and passes them on, holding at most [`READ_AHEAD_BYTES`] of them;
 /// stops (`Ok`) when the server drains, which ends the appender once it acked the rest.
+///
+/// A frame is decompressed on a blocking thread while the next ones are read, up to
+/// [`DECOMPRESSING_MAX`] at once, and passed on in order; a frame found malformed, here or
+/// in its decompression, ends the stream only after every frame before it is passed on.
 async fn read_frames(
     recv: &mut quinn::RecvStream,
     mut buf: BytesMut,
@@ -554,52 +570,92 @@ async fn read_frames(
     mut draining: tokio::sync::watch::Receiver<bool>,
     limits: &DecodeLimits,
 ) -> Result<(), Option<StreamFault>> {
-    loop {
-        let Some(used) = fill_frame_or_drain(recv, &mut buf, &mut draining).await? else {
-            return Ok(());
-        };
-        let frame = buf.split_to(used).freeze();
-        let Ok(Some((
-            Frame::Data {
+    // One frame waits in the channel and one in `forward`'s hands; the reader may have
+    // started one more before it waits for room.
+    let (decompressing_tx, mut decompressing_rx) =
+        tokio::sync::mpsc::channel::<Decompressing>(DECOMPRESSING_MAX - 2);
+    let read = async move {
+        loop {
+            let Some(used) = fill_frame_or_drain(recv, &mut buf, &mut draining).await? else {
+                return Ok(());
+            };
+            let frame = buf.split_to(used).freeze();
+            let Ok(Some((
+                Frame::Data {
+                    first_offset,
+                    end_offset,
+                    edge_end,
+                    codec,
+                    raw_len,
+                    payload,
+                },
+                _,
+            ))) = Frame::decode(&frame)
+            else {
+                return Err(Some(StreamFault {
+                    code: error_code::MALFORMED,
+                    message: "expected a Data frame".into(),
+                }));
+            };
+            // Shipped as stored, the batches are the frame's own bytes, not a copy. Batches the
+            // edge compressed at rest are decompressed too, while the appender composes and
+            // writes the frames before this one.
+            let payload = frame.slice_ref(payload);
+            let limits = *limits;
+            let task = tokio::task::spawn_blocking(move || {
+                let batches = silt_wire::decompress_batches(codec, raw_len, payload)?;
+                Ok(compose::decompress_shipped(batches, &limits))
+            });
+            let pending = Decompressing {
                 first_offset,
                 end_offset,
                 edge_end,
-                codec,
-                raw_len,
-                payload,
-            },
-            _,
-        ))) = Frame::decode(&frame)
-        else {
-            return Err(Some(StreamFault {
-                code: error_code::MALFORMED,
-                message: "expected a Data frame".into(),
-            }));
-        };
-        // Shipped as stored, the batches are the frame's own bytes, not a copy.
-        let batches = silt_wire::decompress_batches(codec, raw_len, frame.slice_ref(payload))
-            .map_err(|error| {
-                Some(StreamFault {
-                    code: error_code::MALFORMED,
-                    message: error.to_string(),
-                })
-            })?;
-        // Batches the edge compressed at rest are decompressed here, as the frame is read,
-        // while the appender composes and writes the frames before it.
-        let shipped = compose::decompress_shipped(batches, limits);
-        let held = read_ahead.acquire(shipped.batches.len()).await;
-        let frame = DataFrame {
-            first_offset,
-            end_offset,
-            edge_end,
-            wire_bytes: frame.len(),
-            shipped,
-            _read_ahead: held,
-        };
-        if frames.send(frame).is_err() {
-            return Err(None);
+                wire_bytes: frame.len(),
+                task,
+            };
+            if decompressing_tx.send(pending).await.is_err() {
+                // `forward` stopped: its result is the stream's.
+                return Err(None);
+            }
         }
-    }
+    };
+    let forward = async move {
+        while let Some(pending) = decompressing_rx.recv().await {
+            let shipped = match pending.task.await {
+                Ok(Ok(shipped)) => shipped,
+                Ok(Err(error)) => {
+                    return Err(Some(StreamFault {
+                        code: error_code::MALFORMED,
+                        message: error.to_string(),
+                    }));
+                }
+                Err(_) => {
+                    return Err(Some(StreamFault {
+                        code: error_code::STORAGE,
+                        message: "decompressing a frame panicked".into(),
+                    }));
+                }
+            };
+            let held = read_ahead.acquire(shipped.batches.len()).await;
+            let frame = DataFrame {
+                first_offset: pending.first_offset,
+                end_offset: pending.end_offset,
+                edge_end: pending.edge_end,
+                wire_bytes: pending.wire_bytes,
+                shipped,
+                _read_ahead: held,
+            };
+            if frames.send(frame).is_err() {
+                return Err(None);
+            }
+        }
+        Ok(())
+    };
+    // The reader's end (a drain, a fault) closes the channel, so `forward` passes on what it
+    // holds and ends; a failure of `forward`'s closes it the other way and ends the reader.
+    let (read, forwarded) = tokio::join!(read, forward);
+    forwarded?;
+    read
 }
 
 /// A group of frames being composed on a blocking thread.

@@ -8,7 +8,9 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
-use silt_log::batch::{BatchSpec, DecodeLimits, Header, Record, decode_batch, encode_batch};
+use silt_log::batch::{
+    BatchSpec, Compression, DecodeLimits, Header, Record, decode_batch, encode_batch,
+};
 use silt_log::{LogConfig, LogManager};
 use silt_wire::{Codec, Frame, error_code};
 
@@ -138,6 +140,11 @@ fn hello() -> Bytes {
 /// The `Data` frame of the edge records at `first_offset..first_offset + count`; `corrupt`
 /// flips a byte the batch's CRC covers, leaving the frame itself well formed.
 fn data_frame(first_offset: u64, count: u64, corrupt: bool) -> Bytes {
+    frame_of(first_offset, count, corrupt, Compression::None)
+}
+
+/// [`data_frame`] with its one batch compressed with `compression`.
+fn frame_of(first_offset: u64, count: u64, corrupt: bool, compression: Compression) -> Bytes {
     let records: Vec<Record> = (first_offset..first_offset + count)
         .map(|offset| Record {
             timestamp: 1_000 + offset as i64,
@@ -153,6 +160,7 @@ fn data_frame(first_offset: u64, count: u64, corrupt: bool) -> Bytes {
         .collect();
     let spec = BatchSpec {
         base_offset: first_offset as i64,
+        compression,
         ..BatchSpec::default()
     };
     let mut batch = BytesMut::new();
@@ -172,6 +180,12 @@ fn data_frame(first_offset: u64, count: u64, corrupt: bool) -> Bytes {
     }
     .encode(&mut out);
     out.freeze()
+}
+
+/// [`data_frame`]'s records in one batch compressed at rest (zstd), as an edge stores a
+/// batch under load and ships it as stored.
+fn zstd_frame(first_offset: u64, count: u64) -> Bytes {
+    frame_of(first_offset, count, false, Compression::Zstd)
 }
 
 /// The value of the edge record at `offset`.
@@ -409,6 +423,41 @@ async fn a_frame_out_of_place_fails_the_stream_after_every_frame_before_it_is_ac
             false,
         )
     }));
+    let (_connection, mut replies) = ship(&core, frames, false).await;
+    replies.acks_through(end_offset).await;
+    match replies.next().await {
+        Reply::Error(code, _) => assert_eq!(code, error_code::MALFORMED),
+        other => panic!("expected the stream's error, got {other:?}"),
+    }
+    assert_eq!(replies.next().await, Reply::End);
+    assert_stored_exactly(&core.log, end_offset);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frames_decompress_in_parallel_but_are_acked_in_order_up_to_one_that_will_not() {
+    let core = start_core();
+    let good = 100;
+    let end_offset = good * RECORDS_PER_FRAME;
+    // Every frame's batch compressed at rest, so each takes its turn on a blocking thread.
+    let mut frames: Vec<Bytes> = (0..good)
+        .map(|index| zstd_frame(index * RECORDS_PER_FRAME, RECORDS_PER_FRAME))
+        .collect();
+    // A frame whose zstd envelope is not zstd: found in its decompression, after the frames
+    // read behind it started theirs, and still the stream's end after every frame before it.
+    let mut bad = BytesMut::new();
+    Frame::Data {
+        first_offset: end_offset,
+        end_offset: end_offset + RECORDS_PER_FRAME,
+        edge_end: end_offset + RECORDS_PER_FRAME,
+        codec: Codec::Zstd,
+        raw_len: 1 << 10,
+        payload: b"not a zstd frame",
+    }
+    .encode(&mut bad);
+    frames.push(bad.freeze());
+    frames.extend(
+        (1..20).map(|index| zstd_frame(end_offset + index * RECORDS_PER_FRAME, RECORDS_PER_FRAME)),
+    );
     let (_connection, mut replies) = ship(&core, frames, false).await;
     replies.acks_through(end_offset).await;
     match replies.next().await {
