@@ -4,8 +4,9 @@
 //! with `Hello` (edge id, topic, partition); then `Data` frames are decoded, appended by
 //! [`store::UplinkStore`] (dedup, routing by key, fsync) and acknowledged in order with
 //! cumulative `Ack`s. The edge pipelines several `Data` frames (its in-flight byte bound);
-//! the server decodes at most [`READ_AHEAD_BYTES`] ahead of the appends under way (and all
-//! streams together at most [`READ_AHEAD_SERVER_BYTES`]), and appends all frames waiting as
+//! the server decompresses up to [`DECOMPRESSING_MAX`] of a stream's frames at once on
+//! blocking threads and holds at most [`READ_AHEAD_BYTES`] ahead of the appends under way (and
+//! all streams together at most [`READ_AHEAD_SERVER_BYTES`]), and appends all frames waiting as
 //! one group (one fsync, one `Ack` for the last). Groups are pipelined in three stages: one
 //! is composed while the one before it is written and the one before that is fsync'd, and
 //! each is acked, in order, once it is durable.
