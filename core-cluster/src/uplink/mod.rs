@@ -653,10 +653,21 @@ async fn read_frames(
         Ok(())
     };
     // The reader's end (a drain, a fault) closes the channel, so `forward` passes on what it
-    // holds and ends; a failure of `forward`'s closes it the other way and ends the reader.
-    let (read, forwarded) = tokio::join!(read, forward);
-    forwarded?;
-    read
+    // holds and ends, and then the reader's fault is the stream's. A failure of `forward`'s
+    // (a frame that will not decompress) is the stream's at once: the reader may be waiting
+    // for an edge that has nothing more to send, and is dropped.
+    tokio::pin!(read, forward);
+    tokio::select! {
+        forwarded = &mut forward => {
+            forwarded?;
+            // `forward` ends well only once the reader has ended and closed the channel.
+            read.await
+        }
+        read_result = &mut read => {
+            forward.await?;
+            read_result
+        }
+    }
 }
 
 /// A group of frames being composed on a blocking thread.

@@ -435,37 +435,43 @@ async fn a_frame_out_of_place_fails_the_stream_after_every_frame_before_it_is_ac
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn frames_decompress_in_parallel_but_are_acked_in_order_up_to_one_that_will_not() {
-    let core = start_core();
     let good = 100;
     let end_offset = good * RECORDS_PER_FRAME;
-    // Every frame's batch compressed at rest, so each takes its turn on a blocking thread.
-    let mut frames: Vec<Bytes> = (0..good)
-        .map(|index| zstd_frame(index * RECORDS_PER_FRAME, RECORDS_PER_FRAME))
-        .collect();
-    // A frame whose zstd envelope is not zstd: found in its decompression, after the frames
-    // read behind it started theirs, and still the stream's end after every frame before it.
-    let mut bad = BytesMut::new();
-    Frame::Data {
-        first_offset: end_offset,
-        end_offset: end_offset + RECORDS_PER_FRAME,
-        edge_end: end_offset + RECORDS_PER_FRAME,
-        codec: Codec::Zstd,
-        raw_len: 1 << 10,
-        payload: b"not a zstd frame",
+    // Frames after the bad one, and none: an edge that sends nothing more still gets the
+    // stream's error at once, not when (if ever) its next frame comes.
+    for trailing in [19, 0] {
+        let core = start_core();
+        // Every frame's batch compressed at rest, so each takes its turn on a blocking thread.
+        let mut frames: Vec<Bytes> = (0..good)
+            .map(|index| zstd_frame(index * RECORDS_PER_FRAME, RECORDS_PER_FRAME))
+            .collect();
+        // A frame whose zstd envelope is not zstd: found in its decompression, after the
+        // frames read behind it started theirs, and still the stream's end after every frame
+        // before it.
+        let mut bad = BytesMut::new();
+        Frame::Data {
+            first_offset: end_offset,
+            end_offset: end_offset + RECORDS_PER_FRAME,
+            edge_end: end_offset + RECORDS_PER_FRAME,
+            codec: Codec::Zstd,
+            raw_len: 1 << 10,
+            payload: b"not a zstd frame",
+        }
+        .encode(&mut bad);
+        frames.push(bad.freeze());
+        frames
+            .extend((1..=trailing).map(|index| {
+                zstd_frame(end_offset + index * RECORDS_PER_FRAME, RECORDS_PER_FRAME)
+            }));
+        let (_connection, mut replies) = ship(&core, frames, false).await;
+        replies.acks_through(end_offset).await;
+        match replies.next().await {
+            Reply::Error(code, _) => assert_eq!(code, error_code::MALFORMED, "{trailing}"),
+            other => panic!("expected the stream's error, got {other:?} ({trailing})"),
+        }
+        assert_eq!(replies.next().await, Reply::End, "{trailing}");
+        assert_stored_exactly(&core.log, end_offset);
     }
-    .encode(&mut bad);
-    frames.push(bad.freeze());
-    frames.extend(
-        (1..20).map(|index| zstd_frame(end_offset + index * RECORDS_PER_FRAME, RECORDS_PER_FRAME)),
-    );
-    let (_connection, mut replies) = ship(&core, frames, false).await;
-    replies.acks_through(end_offset).await;
-    match replies.next().await {
-        Reply::Error(code, _) => assert_eq!(code, error_code::MALFORMED),
-        other => panic!("expected the stream's error, got {other:?}"),
-    }
-    assert_eq!(replies.next().await, Reply::End);
-    assert_stored_exactly(&core.log, end_offset);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
