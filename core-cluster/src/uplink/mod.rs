@@ -520,13 +520,19 @@ async fn stream_loop(
     }
 }
 
-/// One `Data` frame, decompressed, with the read-ahead bytes it holds until it is dropped.
-struct DataFrame {
+/// What a `Data` frame says about itself, as read.
+#[derive(Debug, Clone, Copy)]
+struct FrameHead {
     first_offset: u64,
     end_offset: u64,
     edge_end: u64,
-    shipped: compose::Shipped,
     wire_bytes: usize,
+}
+
+/// One `Data` frame, decompressed, with the read-ahead bytes it holds until it is dropped.
+struct DataFrame {
+    head: FrameHead,
+    shipped: compose::Shipped,
     _read_ahead: [tokio::sync::OwnedSemaphorePermit; 2],
 }
 
@@ -550,10 +556,7 @@ impl ReadAhead {
 
 /// A `Data` frame read and being decompressed on a blocking thread.
 struct Decompressing {
-    first_offset: u64,
-    end_offset: u64,
-    edge_end: u64,
-    wire_bytes: usize,
+    head: FrameHead,
     task: tokio::task::JoinHandle<Result<compose::Shipped, silt_wire::WireError>>,
 }
 
@@ -607,13 +610,13 @@ async fn read_frames(
                 let batches = silt_wire::decompress_batches(codec, raw_len, payload)?;
                 Ok(compose::decompress_shipped(batches, &limits))
             });
-            let pending = Decompressing {
+            let head = FrameHead {
                 first_offset,
                 end_offset,
                 edge_end,
                 wire_bytes: frame.len(),
-                task,
             };
+            let pending = Decompressing { head, task };
             if decompressing_tx.send(pending).await.is_err() {
                 // `forward` stopped: its result is the stream's.
                 return Err(None);
@@ -639,10 +642,7 @@ async fn read_frames(
             };
             let held = read_ahead.acquire(shipped.batches.len()).await;
             let frame = DataFrame {
-                first_offset: pending.first_offset,
-                end_offset: pending.end_offset,
-                edge_end: pending.edge_end,
-                wire_bytes: pending.wire_bytes,
+                head: pending.head,
                 shipped,
                 _read_ahead: held,
             };
@@ -814,7 +814,7 @@ async fn append_frames(
                 };
                 let parts: Vec<(u64, compose::Shipped)> = group
                     .iter()
-                    .map(|frame| (frame.first_offset, frame.shipped.clone()))
+                    .map(|frame| (frame.head.first_offset, frame.shipped.clone()))
                     .collect();
                 let (store_ref, topic_name, key, staged_in) =
                     (store.clone(), topic.to_string(), stream.clone(), staged.clone());
@@ -884,8 +884,8 @@ async fn complete(
         })
     })?;
     let last = group.last().expect("a group has a frame");
-    let (end_offset, edge_end) = (last.end_offset, last.edge_end);
-    let wire_bytes: usize = group.iter().map(|frame| frame.wire_bytes).sum();
+    let (end_offset, edge_end) = (last.head.end_offset, last.head.edge_end);
+    let wire_bytes: usize = group.iter().map(|frame| frame.head.wire_bytes).sum();
     let labels_te = &labels.topic_edge;
     metrics::counter!("silt_uplink_received_records_total", labels_te)
         .increment(outcome.appended_records);
@@ -900,7 +900,7 @@ async fn complete(
     // sees it, in records and (estimated from this group's bytes per record) bytes.
     let lag_records = edge_end.saturating_sub(end_offset);
     metrics::gauge!("silt_uplink_edge_lag_records", &labels.stream).set(lag_records as f64);
-    let group_records = end_offset.saturating_sub(group[0].first_offset).max(1);
+    let group_records = end_offset.saturating_sub(group[0].head.first_offset).max(1);
     let group_raw: usize = group.iter().map(|frame| frame.shipped.batches.len()).sum();
     metrics::gauge!("silt_uplink_edge_lag_bytes", &labels.stream)
         .set(lag_records as f64 * group_raw as f64 / group_records as f64);
