@@ -14,8 +14,10 @@
 //!
 //! A core that stops in order acks what is durable, ends its streams and closes the
 //! connection with [`silt_wire::CLOSE_SHUTTING_DOWN`]: that is no failure. The client logs it
-//! at INFO (`core is shutting down; reconnecting`) and reconnects with its normal backoff; attempts
-//! that fail during the next [`RESTART_QUIET`] (the core restarting) are INFO too.
+//! at INFO (`core is shutting down; reconnecting`). For the next [`RESTART_QUIET`] it expects
+//! the core back soon: attempts follow each other after [`BACKOFF_MIN`] and are cut short (see
+//! [`restart_attempt_timeout`]), so the restarted core is found within a fraction of a second
+//! of answering, and their failures are INFO, logged at the 1st, 2nd, 4th, 8th... attempt.
 //!
 //! When the disk budget drops segments nobody shipped, the sender finds its cursor below the
 //! log start, counts the records lost (`silt_uplink_lost_records_total`) and goes on from
@@ -76,6 +78,12 @@ const CLOSE_WAIT: Duration = Duration::from_secs(5);
 /// After the core said it is shutting down, failed attempts to reach it are expected (it is
 /// restarting) and logged at INFO for this long; past it they are WARN again.
 const RESTART_QUIET: Duration = Duration::from_secs(60);
+/// A connection attempt to a restarting core lasts this many initial RTTs (its handshake
+/// retransmissions go out at 3, 9, 21 and 45 of them), within [`RESTART_ATTEMPT_MIN`] and
+/// [`CONNECT_TIMEOUT`].
+const RESTART_ATTEMPT_RTTS: u32 = 50;
+/// Shortest attempt on a restarting core: 1 s, six handshake packets at a 10 ms RTT.
+const RESTART_ATTEMPT_MIN: Duration = Duration::from_secs(1);
 
 /// How one connection attempt ended.
 #[derive(Debug)]
@@ -203,9 +211,24 @@ fn transport(last_rtt: Option<Duration>) -> quinn::TransportConfig {
         ))
         .keep_alive_interval(Some(KEEP_ALIVE_INTERVAL));
     if let Some(rtt) = last_rtt {
-        transport.initial_rtt(rtt.clamp(INITIAL_RTT_MIN, INITIAL_RTT_MAX));
+        transport.initial_rtt(initial_rtt(rtt));
     }
     transport
+}
+
+fn initial_rtt(last_rtt: Duration) -> Duration {
+    last_rtt.clamp(INITIAL_RTT_MIN, INITIAL_RTT_MAX)
+}
+
+/// How long an attempt on a core that said it is restarting may take: [`RESTART_ATTEMPT_RTTS`]
+/// initial RTTs. A handshake retransmission's delay doubles each time, so a long attempt
+/// leaves a gap of a second or more with nothing sent; short attempts back to back keep
+/// probing every few RTTs, at most half the attempt apart. 1 s at a LAN's RTT, the full
+/// [`CONNECT_TIMEOUT`] from 60 ms up, so a slow path still has time to finish a handshake.
+fn restart_attempt_timeout(last_rtt: Option<Duration>) -> Duration {
+    last_rtt.map_or(CONNECT_TIMEOUT, |rtt| {
+        (initial_rtt(rtt) * RESTART_ATTEMPT_RTTS).clamp(RESTART_ATTEMPT_MIN, CONNECT_TIMEOUT)
+    })
 }
 
 fn read_pem(path: &std::path::Path) -> anyhow::Result<Vec<u8>> {
@@ -255,12 +278,21 @@ impl Shipper {
         let mut attempts = 0u64;
         // Until when failed attempts are the core restarting, not a failure.
         let mut quiet_until: Option<tokio::time::Instant> = None;
+        let mut restart_failures = 0u64;
+        let restarting = |quiet_until: Option<tokio::time::Instant>| {
+            quiet_until.is_some_and(|until| tokio::time::Instant::now() < until)
+        };
         loop {
             if *stopped.borrow() {
                 return;
             }
+            let attempt_timeout = if restarting(quiet_until) {
+                restart_attempt_timeout(*shipper.last_rtt.lock().expect("never poisoned"))
+            } else {
+                CONNECT_TIMEOUT
+            };
             let outcome = tokio::select! {
-                outcome = shipper.clone().connect_and_ship() => outcome,
+                outcome = shipper.clone().connect_and_ship(attempt_timeout) => outcome,
                 _ = stopped.changed() => return,
             };
             // A connection that worked starts the backoff over.
@@ -274,15 +306,17 @@ impl Shipper {
                 Ended::CoreShuttingDown => {
                     tracing::info!(core = %shipper.config.addr, "core is shutting down; reconnecting");
                     quiet_until = Some(tokio::time::Instant::now() + RESTART_QUIET);
+                    restart_failures = 0;
                 }
-                Ended::Failed(error)
-                    if quiet_until.is_some_and(|until| tokio::time::Instant::now() < until) =>
-                {
-                    tracing::info!(
-                        attempt = attempts,
-                        error = format!("{error:#}"),
-                        "core not back yet; reconnecting"
-                    );
+                Ended::Failed(error) if restarting(quiet_until) => {
+                    restart_failures += 1;
+                    if restart_failures.is_power_of_two() {
+                        tracing::info!(
+                            attempt = attempts,
+                            error = format!("{error:#}"),
+                            "core not back yet; reconnecting"
+                        );
+                    }
                 }
                 Ended::Lost(error) | Ended::Failed(error) => {
                     quiet_until = None;
@@ -300,13 +334,18 @@ impl Shipper {
                 () = tokio::time::sleep(delay) => {}
                 _ = stopped.changed() => return,
             }
-            backoff = (backoff * 2).min(BACKOFF_MAX);
+            // A restarting core is expected back: its attempts do not back off.
+            backoff = if restarting(quiet_until) {
+                BACKOFF_MIN
+            } else {
+                (backoff * 2).min(BACKOFF_MAX)
+            };
         }
     }
 
-    /// One connection's life, and how it ended.
-    async fn connect_and_ship(self: Arc<Self>) -> Ended {
-        let connection = match tokio::time::timeout(CONNECT_TIMEOUT, self.connect()).await {
+    /// One connection's life, and how it ended. Connecting may take `attempt_timeout`.
+    async fn connect_and_ship(self: Arc<Self>, attempt_timeout: Duration) -> Ended {
+        let connection = match tokio::time::timeout(attempt_timeout, self.connect()).await {
             Ok(Ok(connection)) => connection,
             Ok(Err(error)) => return Ended::Failed(error),
             Err(_) => return Ended::Failed(anyhow::anyhow!("connecting to the core timed out")),
@@ -915,6 +954,26 @@ mod tests {
             ended_by(quinn::ConnectionError::TimedOut),
             Ended::Lost(_)
         ));
+    }
+
+    #[test]
+    fn attempts_on_a_restarting_core_are_short_on_a_fast_path_and_never_past_the_timeout() {
+        let ms = Duration::from_millis;
+        // Never connected: a first connection's full timeout.
+        assert_eq!(restart_attempt_timeout(None), CONNECT_TIMEOUT);
+        // Loopback and LAN RTTs: 1 s, six handshake packets at the 10 ms floor.
+        assert_eq!(
+            restart_attempt_timeout(Some(Duration::ZERO)),
+            RESTART_ATTEMPT_MIN
+        );
+        assert_eq!(restart_attempt_timeout(Some(ms(20))), RESTART_ATTEMPT_MIN);
+        assert_eq!(restart_attempt_timeout(Some(ms(40))), ms(2000));
+        // Slow paths keep the full timeout, so a handshake there can still finish.
+        assert_eq!(restart_attempt_timeout(Some(ms(60))), CONNECT_TIMEOUT);
+        assert_eq!(
+            restart_attempt_timeout(Some(Duration::from_secs(5))),
+            CONNECT_TIMEOUT
+        );
     }
 
     #[test]
