@@ -11,6 +11,12 @@
 //! is composed while the one before it is written and the one before that is fsync'd, and
 //! each is acked, in order, once it is durable.
 //!
+//! Memory is bounded however many edges and streams there are: a connection's streams
+//! together have at most [`CONNECTION_RECEIVE_WINDOW_BYTES`] unread (QUIC flow control), the
+//! read-ahead is counted per stream and server-wide, and the work that holds records outside
+//! it (a frame decompressing, a group composing: each up to the decode limits'
+//! `max_decompressed_bytes`) takes one of [`DECODING_SERVER_MAX`] slots shared by the server.
+//!
 //! Shutdown is orderly: the server stops taking connections, every stream stops reading,
 //! appends what it had read, acks it once durable and ends (its end delivered to the edge),
 //! and then each connection closes with [`silt_wire::CLOSE_SHUTTING_DOWN`], which the edge
@@ -60,6 +66,9 @@ pub(crate) const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(2);
 const STREAMS_PER_CONNECTION_MAX: u32 = 1024;
 /// Bytes the server lets an edge have in flight per stream (QUIC flow control).
 const STREAM_RECEIVE_WINDOW_BYTES: u32 = 16 << 20;
+/// Bytes the server lets an edge have in flight over all streams of its connection: four
+/// streams' windows, not a thousand.
+const CONNECTION_RECEIVE_WINDOW_BYTES: u32 = 64 << 20;
 /// Decompressed `Data` bytes a stream holds read ahead of its appends, in its pipeline's
 /// groups and waiting for the next: enough for three groups of a few 1 MiB frames (at-rest
 /// batches decompress 2 to 3 times) while an edge keeps its default 8 MiB in flight.
@@ -70,6 +79,11 @@ const READ_AHEAD_SERVER_BYTES: usize = 256 << 20;
 /// Most frames of one stream decompressing at once, on blocking threads, ahead of the
 /// read-ahead (each at most `DecodeLimits::max_decompressed_bytes`).
 const DECOMPRESSING_MAX: usize = 3;
+/// Frames decompressing and groups composing at once across the server: each may hold up to
+/// `DecodeLimits::max_decompressed_bytes` (64 MiB by default) of records the read-ahead does
+/// not count yet, so this bounds that memory (512 MiB by default). Eight blocking threads'
+/// worth of the uplink's main CPU work.
+const DECODING_SERVER_MAX: usize = 8;
 /// How often the server looks for topics whose dedup checkpoint is due.
 const CHECKPOINT_TICK: Duration = Duration::from_secs(1);
 /// How long an orderly shutdown waits for streams to ack what they read and for the edges to
@@ -125,7 +139,8 @@ fn transport() -> quinn::TransportConfig {
         .keep_alive_interval(Some(KEEP_ALIVE_INTERVAL))
         .max_concurrent_bidi_streams(STREAMS_PER_CONNECTION_MAX.into())
         .max_concurrent_uni_streams(0u32.into())
-        .stream_receive_window(STREAM_RECEIVE_WINDOW_BYTES.into());
+        .stream_receive_window(STREAM_RECEIVE_WINDOW_BYTES.into())
+        .receive_window(CONNECTION_RECEIVE_WINDOW_BYTES.into());
     transport
 }
 
@@ -135,8 +150,37 @@ pub(crate) struct UplinkServer {
     endpoint: quinn::Endpoint,
     store: Arc<UplinkStore>,
     mutual_tls: bool,
-    /// The server-wide read-ahead budget, in bytes.
+    budgets: ServerBudgets,
+}
+
+/// What every stream of the server takes from, so that its memory is bounded however many
+/// edges and streams there are.
+#[derive(Debug, Clone)]
+struct ServerBudgets {
+    /// Bytes of decompressed frames read ahead ([`READ_AHEAD_SERVER_BYTES`]).
     read_ahead: Arc<tokio::sync::Semaphore>,
+    /// Frames decompressing and groups composing ([`DECODING_SERVER_MAX`] slots).
+    decoding: Arc<tokio::sync::Semaphore>,
+}
+
+impl ServerBudgets {
+    fn new() -> ServerBudgets {
+        ServerBudgets {
+            read_ahead: Arc::new(tokio::sync::Semaphore::new(READ_AHEAD_SERVER_BYTES)),
+            decoding: Arc::new(tokio::sync::Semaphore::new(DECODING_SERVER_MAX)),
+        }
+    }
+}
+
+/// Waits for one of the server's decoding slots ([`DECODING_SERVER_MAX`]).
+async fn decoding_slot(
+    decoding: &Arc<tokio::sync::Semaphore>,
+) -> tokio::sync::OwnedSemaphorePermit {
+    decoding
+        .clone()
+        .acquire_owned()
+        .await
+        .expect("the semaphore is never closed")
 }
 
 impl UplinkServer {
@@ -170,7 +214,7 @@ impl UplinkServer {
                 .with_on_append(config.on_append.clone()),
             ),
             mutual_tls: config.tls.client_ca.is_some(),
-            read_ahead: Arc::new(tokio::sync::Semaphore::new(READ_AHEAD_SERVER_BYTES)),
+            budgets: ServerBudgets::new(),
         })
     }
 
@@ -200,15 +244,13 @@ impl UplinkServer {
                     let store = self.store.clone();
                     let mutual_tls = self.mutual_tls;
                     let draining = draining.clone();
-                    let read_ahead = self.read_ahead.clone();
+                    let budgets = self.budgets.clone();
                     connections.spawn(async move {
                         let remote = incoming.remote_address();
                         match incoming.await {
                             Ok(connection) => {
-                                serve_connection(
-                                    connection, store, mutual_tls, draining, read_ahead,
-                                )
-                                .await;
+                                serve_connection(connection, store, mutual_tls, draining, budgets)
+                                    .await;
                             }
                             Err(error) => {
                                 tracing::info!(%remote, %error, "uplink handshake failed");
@@ -262,7 +304,7 @@ async fn serve_connection(
     store: Arc<UplinkStore>,
     mutual_tls: bool,
     draining: tokio::sync::watch::Receiver<bool>,
-    read_ahead: Arc<tokio::sync::Semaphore>,
+    budgets: ServerBudgets,
 ) {
     let remote = connection.remote_address();
     let allowed_ids = if mutual_tls {
@@ -289,7 +331,7 @@ async fn serve_connection(
                         store.clone(),
                         allowed_ids.clone(),
                         draining.clone(),
-                        read_ahead.clone(),
+                        budgets.clone(),
                     ));
                 }
                 Err(error) => break Some(error),
@@ -345,7 +387,7 @@ async fn serve_stream(
     store: Arc<UplinkStore>,
     allowed_ids: Option<Vec<String>>,
     draining: tokio::sync::watch::Receiver<bool>,
-    server_read_ahead: Arc<tokio::sync::Semaphore>,
+    budgets: ServerBudgets,
 ) -> quinn::RecvStream {
     let result = stream_loop(
         &mut send,
@@ -353,7 +395,7 @@ async fn serve_stream(
         &store,
         allowed_ids.as_deref(),
         draining,
-        server_read_ahead,
+        budgets,
     )
     .await;
     if result.is_ok() {
@@ -431,7 +473,7 @@ async fn stream_loop(
     store: &Arc<UplinkStore>,
     allowed_ids: Option<&[String]>,
     mut draining: tokio::sync::watch::Receiver<bool>,
-    server_read_ahead: Arc<tokio::sync::Semaphore>,
+    budgets: ServerBudgets,
 ) -> Result<(), Option<StreamFault>> {
     let mut buf = BytesMut::with_capacity(64 << 10);
     let Some(used) = fill_frame_or_drain(recv, &mut buf, &mut draining).await? else {
@@ -495,12 +537,15 @@ async fn stream_loop(
     // ack for several frames when the disk is the slower side.
     let read_ahead = ReadAhead {
         stream: Arc::new(tokio::sync::Semaphore::new(READ_AHEAD_BYTES)),
-        server: server_read_ahead,
+        server: budgets.read_ahead,
     };
     let (frames_tx, frames_rx) = tokio::sync::mpsc::unbounded_channel();
     let limits = store.decode_limits();
-    let reader = read_frames(recv, buf, frames_tx, read_ahead, draining, &limits);
-    let appender = append_frames(send, frames_rx, store, &topic, &stream);
+    let decoding = budgets.decoding;
+    let reader = read_frames(
+        recv, buf, frames_tx, read_ahead, &decoding, draining, &limits,
+    );
+    let appender = append_frames(send, frames_rx, store, &decoding, &topic, &stream);
     // The appender ends once the reader has stopped (for a drain, the edge's end of the
     // stream or a fault in a frame) and everything read is acked; then the reader's fault,
     // if any, is the stream's. A failed append ends the stream at once, reader and all.
@@ -571,6 +616,7 @@ async fn read_frames(
     mut buf: BytesMut,
     frames: tokio::sync::mpsc::UnboundedSender<DataFrame>,
     read_ahead: ReadAhead,
+    decoding: &Arc<tokio::sync::Semaphore>,
     mut draining: tokio::sync::watch::Receiver<bool>,
     limits: &DecodeLimits,
 ) -> Result<(), Option<StreamFault>> {
@@ -606,7 +652,9 @@ async fn read_frames(
             // writes the frames before this one.
             let payload = frame.slice_ref(payload);
             let limits = *limits;
+            let slot = decoding_slot(decoding).await;
             let task = tokio::task::spawn_blocking(move || {
+                let _slot = slot;
                 let batches = silt_wire::decompress_batches(codec, raw_len, payload)?;
                 Ok(compose::decompress_shipped(batches, &limits))
             });
@@ -707,6 +755,7 @@ async fn append_frames(
     send: &mut quinn::SendStream,
     mut frames: tokio::sync::mpsc::UnboundedReceiver<DataFrame>,
     store: &Arc<UplinkStore>,
+    decoding: &Arc<tokio::sync::Semaphore>,
     topic: &str,
     stream: &StreamKey,
 ) -> Result<(), Option<StreamFault>> {
@@ -818,7 +867,9 @@ async fn append_frames(
                     .collect();
                 let (store_ref, topic_name, key, staged_in) =
                     (store.clone(), topic.to_string(), stream.clone(), staged.clone());
+                let slot = decoding_slot(decoding).await;
                 let task = tokio::task::spawn_blocking(move || {
+                    let _slot = slot;
                     let parts: Vec<compose::Part<'_>> = parts
                         .iter()
                         .map(|(first_offset, shipped)| compose::Part {

@@ -15,7 +15,7 @@ use silt_log::{LogConfig, LogManager};
 use silt_wire::{Codec, Frame, error_code};
 
 use super::store::{record_origin, route};
-use super::{AppendHook, UplinkServer, UplinkServerConfig};
+use super::{AppendHook, DECODING_SERVER_MAX, UplinkServer, UplinkServerConfig};
 
 const TOPIC: &str = "mqtt";
 const EDGE: &str = "e1";
@@ -36,6 +36,8 @@ struct Core {
     addr: std::net::SocketAddr,
     stop: tokio::sync::oneshot::Sender<()>,
     server: tokio::task::JoinHandle<()>,
+    /// The server's decoding slots, for a test to take as other streams would.
+    decoding: Arc<tokio::sync::Semaphore>,
     _dir: tempfile::TempDir,
 }
 
@@ -61,6 +63,7 @@ fn start_core() -> Core {
     let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     let server = UplinkServer::bind(socket, log.clone(), &config).unwrap();
     let addr = server.local_addr().unwrap();
+    let decoding = server.budgets.decoding.clone();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(server.serve(async move {
         let _ = stopped.await;
@@ -85,6 +88,7 @@ fn start_core() -> Core {
         addr,
         stop,
         server,
+        decoding,
         _dir: dir,
     }
 }
@@ -481,5 +485,43 @@ async fn a_stream_the_edge_ends_is_acked_whole_and_ended() {
     let (_connection, mut replies) = ship(&core, good_frames(100), true).await;
     replies.acks_through(end_offset).await;
     assert_eq!(replies.next().await, Reply::End);
+    assert_stored_exactly(&core.log, end_offset);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frames_wait_for_a_server_decoding_slot_and_one_slot_is_enough_for_a_whole_stream() {
+    // How long the test watches for an ack that must not come: a frame that did not wait
+    // is acked within milliseconds.
+    const HELD: Duration = Duration::from_millis(300);
+    let core = start_core();
+    // Every slot taken, as other streams' frames and groups would.
+    let last = core.decoding.clone().acquire_owned().await.unwrap();
+    let _others = core
+        .decoding
+        .clone()
+        .acquire_many_owned(DECODING_SERVER_MAX as u32 - 1)
+        .await
+        .unwrap();
+    let frames = 40;
+    let end_offset = frames * RECORDS_PER_FRAME;
+    let at_rest = (0..frames)
+        .map(|index| zstd_frame(index * RECORDS_PER_FRAME, RECORDS_PER_FRAME))
+        .collect();
+    let (_connection, mut replies) = ship(&core, at_rest, false).await;
+    assert!(
+        tokio::time::timeout(HELD, replies.next_unbounded())
+            .await
+            .is_err(),
+        "a frame was acked while every decoding slot was taken"
+    );
+    assert!(
+        core.log
+            .topic(TOPIC)
+            .is_none_or(|_| stored(&core.log).iter().all(Vec::is_empty))
+    );
+    // One free slot, taken in turn by the stream's decompressions and compositions: every
+    // frame goes through, in order.
+    drop(last);
+    replies.acks_through(end_offset).await;
     assert_stored_exactly(&core.log, end_offset);
 }
