@@ -256,6 +256,24 @@ pub(crate) fn compose(
 /// sizing a buffer for them: sensor JSON compresses 2 to 5 times.
 const RECORDS_RATIO_MAX: usize = 8;
 
+/// When some batch of `batches` is zstd (compressed at rest), about how many bytes they take
+/// with their records decompressed, from the batch headers alone; `None` when there is
+/// nothing for [`decompress_shipped`] to do.
+pub(crate) fn compressed_at_rest(batches: &[u8]) -> Option<usize> {
+    let mut compressed = false;
+    let mut records_bytes = 0usize;
+    let mut rest = batches;
+    while let Some((records, len)) = records_len_hint(rest, RECORDS_RATIO_MAX) {
+        compressed |= matches!(
+            BatchHeader::parse(rest),
+            Ok(Some(header)) if header.compression() == Ok(Compression::Zstd)
+        );
+        records_bytes = records_bytes.saturating_add(BATCH_HEADER_LEN + records);
+        rest = &rest[len..];
+    }
+    compressed.then_some(records_bytes)
+}
+
 /// The shipped `batches` with every zstd batch decompressed (an edge's batches compressed at
 /// rest), so that `compose` splices them like uncompressed ones and the decompression happens
 /// as a frame is read, beside the appends of the frames before it. Every batch's CRC is
@@ -270,20 +288,9 @@ pub(crate) fn decompress_shipped(batches: Bytes, limits: &DecodeLimits) -> Shipp
         batches,
         crc_checked: false,
     };
-    let mut compressed = false;
-    let mut records_bytes = 0usize;
-    let mut rest = &batches[..];
-    while let Some((records, len)) = records_len_hint(rest, RECORDS_RATIO_MAX) {
-        compressed |= matches!(
-            BatchHeader::parse(rest),
-            Ok(Some(header)) if header.compression() == Ok(Compression::Zstd)
-        );
-        records_bytes = records_bytes.saturating_add(BATCH_HEADER_LEN + records);
-        rest = &rest[len..];
-    }
-    if !compressed {
+    let Some(records_bytes) = compressed_at_rest(&batches) else {
         return as_shipped(batches);
-    }
+    };
     let mut out = Vec::with_capacity(records_bytes.min(limits.max_decompressed_bytes));
     let mut rest = &batches[..];
     while !rest.is_empty() {

@@ -52,7 +52,7 @@ use bytes::BytesMut;
 use quinn::crypto::rustls::QuicServerConfig;
 use silt_log::LogManager;
 use silt_log::batch::DecodeLimits;
-use silt_wire::{Frame, error_code};
+use silt_wire::{Codec, Frame, error_code};
 use tokio::io::AsyncReadExt as _;
 
 use crate::tls::{self, ServerTls};
@@ -599,17 +599,25 @@ impl ReadAhead {
     }
 }
 
-/// A `Data` frame read and being decompressed on a blocking thread.
+/// A `Data` frame read, and its batches.
 struct Decompressing {
     head: FrameHead,
-    task: tokio::task::JoinHandle<Result<compose::Shipped, silt_wire::WireError>>,
+    batches: Batches,
+}
+
+enum Batches {
+    /// Nothing to decompress: the batches as shipped, passed on without a thread or a slot.
+    Ready(compose::Shipped),
+    /// Decompressing on a blocking thread, which holds a decoding slot.
+    Running(tokio::task::JoinHandle<Result<compose::Shipped, silt_wire::WireError>>),
 }
 
 /// Reads `Data` frames and passes them on, holding at most [`READ_AHEAD_BYTES`] of them;
 /// stops (`Ok`) when the server drains, which ends the appender once it acked the rest.
 ///
-/// A frame is decompressed on a blocking thread while the next ones are read, up to
-/// [`DECOMPRESSING_MAX`] at once, and passed on in order; a frame found malformed, here or
+/// A frame with something to decompress (its envelope or a batch compressed at rest) is
+/// decompressed on a blocking thread, holding a decoding slot, while the next ones are read,
+/// up to [`DECOMPRESSING_MAX`] at once; frames are passed on in order; a frame found malformed, here or
 /// in its decompression, ends the stream only after every frame before it is passed on.
 async fn read_frames(
     recv: &mut quinn::RecvStream,
@@ -651,20 +659,28 @@ async fn read_frames(
             // edge compressed at rest are decompressed too, while the appender composes and
             // writes the frames before this one.
             let payload = frame.slice_ref(payload);
-            let limits = *limits;
-            let slot = decoding_slot(decoding).await;
-            let task = tokio::task::spawn_blocking(move || {
-                let _slot = slot;
-                let batches = silt_wire::decompress_batches(codec, raw_len, payload)?;
-                Ok(compose::decompress_shipped(batches, &limits))
-            });
+            let batches = if codec == Codec::None && compose::compressed_at_rest(&payload).is_none()
+            {
+                Batches::Ready(compose::Shipped {
+                    batches: payload,
+                    crc_checked: false,
+                })
+            } else {
+                let limits = *limits;
+                let slot = decoding_slot(decoding).await;
+                Batches::Running(tokio::task::spawn_blocking(move || {
+                    let _slot = slot;
+                    let batches = silt_wire::decompress_batches(codec, raw_len, payload)?;
+                    Ok(compose::decompress_shipped(batches, &limits))
+                }))
+            };
             let head = FrameHead {
                 first_offset,
                 end_offset,
                 edge_end,
                 wire_bytes: frame.len(),
             };
-            let pending = Decompressing { head, task };
+            let pending = Decompressing { head, batches };
             if decompressing_tx.send(pending).await.is_err() {
                 // `forward` stopped: its result is the stream's.
                 return Err(None);
@@ -673,7 +689,11 @@ async fn read_frames(
     };
     let forward = async move {
         while let Some(pending) = decompressing_rx.recv().await {
-            let shipped = match pending.task.await {
+            let decompressed = match pending.batches {
+                Batches::Ready(shipped) => Ok(Ok(shipped)),
+                Batches::Running(task) => task.await,
+            };
+            let shipped = match decompressed {
                 Ok(Ok(shipped)) => shipped,
                 Ok(Err(error)) => {
                     return Err(Some(StreamFault {

@@ -15,7 +15,7 @@
 //! A core that stops in order acks what is durable, ends its streams and closes the
 //! connection with [`silt_wire::CLOSE_SHUTTING_DOWN`]: that is no failure. The client logs it
 //! at INFO (`core is shutting down; reconnecting`). For the next [`RESTART_QUIET`] it expects
-//! the core back soon: attempts follow each other after [`BACKOFF_MIN`] and are cut short (see
+//! the core back soon: attempts follow each other after at most [`BACKOFF_MIN`] and are cut short (see
 //! [`restart_attempt_timeout`]), so the restarted core is found within a fraction of a second
 //! of answering, and their failures are INFO, logged at the 1st, 2nd, 4th, 8th... attempt.
 //!
