@@ -49,6 +49,9 @@ pub(crate) mod defaults {
     pub(crate) const KAFKA_GROUP_INITIAL_REBALANCE_DELAY_MS: u64 = 3000;
     /// The uplink's QUIC (UDP) listener.
     pub(crate) const UPLINK_LISTEN: &str = "0.0.0.0:9093";
+    /// Most uplink connections at once: an edge keeps one, so a fleet of a thousand edges,
+    /// each able to make the core buffer its 64 MiB connection window (64 GiB at most).
+    pub(crate) const UPLINK_MAX_CONNECTIONS: u64 = 1024;
     /// How often retention runs over every partition: often enough that a size limit is
     /// kept within a few seconds' ingest, rarely enough to cost nothing.
     pub(crate) const RETENTION_CHECK_MS: u64 = 30_000;
@@ -206,6 +209,8 @@ pub(crate) struct UplinkConfig {
     pub(crate) cert: Option<(PathBuf, PathBuf)>,
     /// CA of edge client certificates (`uplink.client_ca`): set, it turns on mutual TLS.
     pub(crate) client_ca: Option<PathBuf>,
+    /// Most edge connections at once (`uplink.max_connections`); more are refused.
+    pub(crate) max_connections: usize,
 }
 
 /// An object store URL: `file:///path`, `s3://bucket/prefix`, `memory://`. Validated for
@@ -420,6 +425,10 @@ impl CoreConfig {
         if let Some(ca) = &self.uplink.client_ca {
             uplink.insert("client_ca".into(), ca.to_string_lossy().into_owned().into());
         }
+        uplink.insert(
+            "max_connections".into(),
+            toml_int(self.uplink.max_connections),
+        );
         root.insert("uplink".into(), uplink.into());
         if let Some(store) = &self.object_store {
             root.insert("object_store".into(), store.url.clone().into());
@@ -722,6 +731,7 @@ struct RawUplink {
     cert: Option<String>,
     key: Option<String>,
     client_ca: Option<String>,
+    max_connections: Option<Scalar>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -831,6 +841,10 @@ impl RawConfig {
                 }
             },
             client_ca: self.uplink.client_ca.map(PathBuf::from),
+            max_connections: match &self.uplink.max_connections {
+                Some(value) => value.integer("uplink.max_connections", 1, 1 << 20)?,
+                None => defaults::UPLINK_MAX_CONNECTIONS,
+            } as usize,
         };
         if uplink.tls_dir.starts_with(&log.data_dir)
             && uplink.tls_dir != log.data_dir.join(TLS_DIR_NAME)
@@ -1253,6 +1267,7 @@ mod tests {
             max_request_bytes = "1MiB"
             [uplink]
             listen = "[::]:9093"
+            max_connections = 64
             "#,
         ))
         .unwrap();
@@ -1270,6 +1285,7 @@ mod tests {
         assert!(!config.kafka.auto_create_topics);
         assert_eq!(config.kafka.max_request_bytes, 1 << 20);
         assert_eq!(config.uplink.listen, "[::]:9093".parse().unwrap());
+        assert_eq!(config.uplink.max_connections, 64);
     }
 
     #[test]
@@ -1500,6 +1516,10 @@ mod tests {
             (
                 "[uplink]\nlisten = \"quic\"",
                 "config key uplink.listen: expected an IP address and port",
+            ),
+            (
+                "[uplink]\nmax_connections = 0",
+                "config key uplink.max_connections: must be between 1 and",
             ),
             (
                 "[topic_defaults]\n\"cleanup.policy\" = \"compact\"",

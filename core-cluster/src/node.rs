@@ -258,6 +258,7 @@ fn start_uplink(
                 let broker = broker.clone();
                 AppendHook(Arc::new(move || broker.notify_appended()))
             },
+            max_connections: config.uplink.max_connections,
         },
     )?;
     let addr = server.local_addr()?;

@@ -110,6 +110,10 @@ pub(crate) struct UplinkServerConfig {
     pub(crate) default_partitions: u32,
     /// Called after each durable append, so Kafka fetches waiting for data wake at once.
     pub(crate) on_append: AppendHook,
+    /// Most edge connections open at once, handshakes included (`uplink.max_connections`):
+    /// one more is refused, so the receive windows the server's connections can fill
+    /// ([`CONNECTION_RECEIVE_WINDOW_BYTES`] each) are bounded too.
+    pub(crate) max_connections: usize,
 }
 
 /// A callback run after records are appended.
@@ -151,6 +155,7 @@ pub(crate) struct UplinkServer {
     store: Arc<UplinkStore>,
     mutual_tls: bool,
     budgets: ServerBudgets,
+    max_connections: usize,
 }
 
 /// What every stream of the server takes from, so that its memory is bounded however many
@@ -215,6 +220,7 @@ impl UplinkServer {
             ),
             mutual_tls: config.tls.client_ca.is_some(),
             budgets: ServerBudgets::new(),
+            max_connections: config.max_connections,
         })
     }
 
@@ -233,6 +239,7 @@ impl UplinkServer {
         let mut connections = tokio::task::JoinSet::new();
         let mut checkpoint_tick = tokio::time::interval(CHECKPOINT_TICK);
         checkpoint_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut refused = 0u64;
         loop {
             tokio::select! {
                 () = &mut shutdown => break,
@@ -241,6 +248,23 @@ impl UplinkServer {
                 }
                 incoming = self.endpoint.accept() => {
                     let Some(incoming) = incoming else { break };
+                    while connections.try_join_next().is_some() {}
+                    if connections.len() >= self.max_connections {
+                        refused += 1;
+                        metrics::counter!("silt_uplink_refused_connections_total").increment(1);
+                        // Logged at the 1st, 2nd, 4th... refusal: a crowd of edges (or a
+                        // flood) retrying cannot flood the log.
+                        if refused.is_power_of_two() {
+                            tracing::warn!(
+                                remote = %incoming.remote_address(),
+                                max_connections = self.max_connections,
+                                refused,
+                                "uplink connection refused: uplink.max_connections are open"
+                            );
+                        }
+                        incoming.refuse();
+                        continue;
+                    }
                     let store = self.store.clone();
                     let mutual_tls = self.mutual_tls;
                     let draining = draining.clone();

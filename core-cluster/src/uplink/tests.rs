@@ -42,6 +42,10 @@ struct Core {
 }
 
 fn start_core() -> Core {
+    start_core_with(crate::config::defaults::UPLINK_MAX_CONNECTIONS as usize)
+}
+
+fn start_core_with(max_connections: usize) -> Core {
     let used: std::collections::HashSet<u32> = KEYS
         .iter()
         .map(|key| route(Some(key.as_bytes()), EDGE, PARTITIONS))
@@ -59,6 +63,7 @@ fn start_core() -> Core {
         leadership: Arc::default(),
         default_partitions: PARTITIONS,
         on_append: AppendHook::default(),
+        max_connections,
     };
     let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     let server = UplinkServer::bind(socket, log.clone(), &config).unwrap();
@@ -97,13 +102,24 @@ fn start_core() -> Core {
 /// own, without waiting for acks (the edge's pipelining); then, with `finish`, the end of
 /// the stream. A write the server refuses ends it.
 async fn ship(core: &Core, frames: Vec<Bytes>, finish: bool) -> (quinn::Connection, Replies) {
+    let connection = connect(core).await.unwrap();
+    ship_on(connection, frames, finish).await
+}
+
+/// A new connection to the server, from an endpoint of its own.
+async fn connect(core: &Core) -> Result<quinn::Connection, quinn::ConnectionError> {
     let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
     endpoint.set_default_client_config(core.client.clone());
     let connection = endpoint.connect(core.addr, "localhost").unwrap();
-    let connection = tokio::time::timeout(DEADLINE, connection)
-        .await
-        .unwrap()
-        .unwrap();
+    tokio::time::timeout(DEADLINE, connection).await.unwrap()
+}
+
+/// [`ship`] on a connection already made.
+async fn ship_on(
+    connection: quinn::Connection,
+    frames: Vec<Bytes>,
+    finish: bool,
+) -> (quinn::Connection, Replies) {
     let (mut send, recv) = connection.open_bi().await.unwrap();
     let hello = hello();
     tokio::spawn(async move {
@@ -524,4 +540,39 @@ async fn frames_wait_for_a_server_decoding_slot_and_one_slot_is_enough_for_a_who
     drop(last);
     replies.acks_through(end_offset).await;
     assert_stored_exactly(&core.log, end_offset);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_past_the_limit_are_refused_until_one_of_them_closes() {
+    let core = start_core_with(2);
+    let first = connect(&core).await.unwrap();
+    let (_second, mut replies) = ship(&core, good_frames(2), true).await;
+    match connect(&core).await {
+        Err(quinn::ConnectionError::ConnectionClosed(close)) => {
+            assert_eq!(
+                close.error_code,
+                quinn::TransportErrorCode::CONNECTION_REFUSED
+            );
+        }
+        other => panic!("a third connection must be refused, got {other:?}"),
+    }
+    // The connections inside the limit are served as ever.
+    replies.acks_through(2 * RECORDS_PER_FRAME).await;
+    // Once one closes and the server has noticed, a new one is let in and served.
+    first.close(0u32.into(), b"done");
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    let third = loop {
+        match connect(&core).await {
+            Ok(connection) => break connection,
+            Err(error) => assert!(
+                tokio::time::Instant::now() < deadline,
+                "still refused after a connection closed: {error}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let (_third, mut replies) = ship_on(third, good_frames(4), true).await;
+    replies.acks_through(4 * RECORDS_PER_FRAME).await;
+    assert_eq!(replies.next().await, Reply::End);
+    assert_stored_exactly(&core.log, 4 * RECORDS_PER_FRAME);
 }
