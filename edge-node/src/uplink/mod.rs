@@ -15,9 +15,10 @@
 //! A core that stops in order acks what is durable, ends its streams and closes the
 //! connection with [`silt_wire::CLOSE_SHUTTING_DOWN`]: that is no failure. The client logs it
 //! at INFO (`core is shutting down; reconnecting`). For the next [`RESTART_QUIET`] it expects
-//! the core back soon: attempts follow each other after at most [`BACKOFF_MIN`] and are cut short (see
-//! [`restart_attempt_timeout`]), so the restarted core is found within a fraction of a second
-//! of answering, and their failures are INFO, logged at the 1st, 2nd, 4th, 8th... attempt.
+//! the core back soon: attempts follow each other after at most [`BACKOFF_MIN`] and one the
+//! core does not answer is cut short (see [`restart_answer_timeout`]), so the restarted core is
+//! found within about a tenth of a second of listening, and their failures are INFO, logged
+//! at the 1st, 2nd, 4th, 8th... attempt.
 //!
 //! When the disk budget drops segments nobody shipped, the sender finds its cursor below the
 //! log start, counts the records lost (`silt_uplink_lost_records_total`) and goes on from
@@ -78,12 +79,14 @@ const CLOSE_WAIT: Duration = Duration::from_secs(5);
 /// After the core said it is shutting down, failed attempts to reach it are expected (it is
 /// restarting) and logged at INFO for this long; past it they are WARN again.
 const RESTART_QUIET: Duration = Duration::from_secs(60);
-/// A connection attempt to a restarting core lasts this many initial RTTs (its handshake
-/// retransmissions go out at 3, 9, 21 and 45 of them), within [`RESTART_ATTEMPT_MIN`] and
-/// [`CONNECT_TIMEOUT`].
-const RESTART_ATTEMPT_RTTS: u32 = 50;
-/// Shortest attempt on a restarting core: 1 s, six handshake packets at a 10 ms RTT.
-const RESTART_ATTEMPT_MIN: Duration = Duration::from_secs(1);
+/// A connection attempt to a restarting core waits this many initial RTTs for the core's
+/// first answer (its Initial is re-sent at 3, 9 and 21 of them), within
+/// [`RESTART_ANSWER_MIN`] and [`CONNECT_TIMEOUT`]; once answered, the handshake has the rest
+/// of [`CONNECT_TIMEOUT`].
+const RESTART_ANSWER_RTTS: u32 = 20;
+/// Shortest wait for a restarting core's answer: 250 ms, four Initials at the 10 ms RTT
+/// floor, and room for an RTT up to 25 times the last one measured.
+const RESTART_ANSWER_MIN: Duration = Duration::from_millis(250);
 
 /// How one connection attempt ended.
 #[derive(Debug)]
@@ -220,14 +223,16 @@ fn initial_rtt(last_rtt: Duration) -> Duration {
     last_rtt.clamp(INITIAL_RTT_MIN, INITIAL_RTT_MAX)
 }
 
-/// How long an attempt on a core that said it is restarting may take: [`RESTART_ATTEMPT_RTTS`]
-/// initial RTTs. A handshake retransmission's delay doubles each time, so a long attempt
-/// leaves a gap of a second or more with nothing sent; short attempts back to back keep
-/// probing every few RTTs, at most half the attempt apart. 1 s at a LAN's RTT, the full
-/// [`CONNECT_TIMEOUT`] from 60 ms up, so a slow path still has time to finish a handshake.
-fn restart_attempt_timeout(last_rtt: Option<Duration>) -> Duration {
+/// How long an attempt on a core that said it is restarting waits for the core's first
+/// answer (its first handshake flight): [`RESTART_ANSWER_RTTS`] initial RTTs. A core not
+/// listening yet never answers, and a handshake retransmission's delay doubles each time, so
+/// a long attempt leaves longer and longer gaps with nothing sent; short attempts back to
+/// back keep probing about every 100 ms on a LAN. A core that answered has the rest of
+/// [`CONNECT_TIMEOUT`] for the handshake, however busy its start keeps it. 250 ms up to a
+/// 12.5 ms RTT, the full [`CONNECT_TIMEOUT`] from 150 ms up.
+fn restart_answer_timeout(last_rtt: Option<Duration>) -> Duration {
     last_rtt.map_or(CONNECT_TIMEOUT, |rtt| {
-        (initial_rtt(rtt) * RESTART_ATTEMPT_RTTS).clamp(RESTART_ATTEMPT_MIN, CONNECT_TIMEOUT)
+        (initial_rtt(rtt) * RESTART_ANSWER_RTTS).clamp(RESTART_ANSWER_MIN, CONNECT_TIMEOUT)
     })
 }
 
@@ -286,13 +291,13 @@ impl Shipper {
             if *stopped.borrow() {
                 return;
             }
-            let attempt_timeout = if restarting(quiet_until) {
-                restart_attempt_timeout(*shipper.last_rtt.lock().expect("never poisoned"))
+            let answer_timeout = if restarting(quiet_until) {
+                restart_answer_timeout(*shipper.last_rtt.lock().expect("never poisoned"))
             } else {
                 CONNECT_TIMEOUT
             };
             let outcome = tokio::select! {
-                outcome = shipper.clone().connect_and_ship(attempt_timeout) => outcome,
+                outcome = shipper.clone().connect_and_ship(answer_timeout) => outcome,
                 _ = stopped.changed() => return,
             };
             // A connection that worked starts the backoff over.
@@ -343,9 +348,11 @@ impl Shipper {
         }
     }
 
-    /// One connection's life, and how it ended. Connecting may take `attempt_timeout`.
-    async fn connect_and_ship(self: Arc<Self>, attempt_timeout: Duration) -> Ended {
-        let connection = match tokio::time::timeout(attempt_timeout, self.connect()).await {
+    /// One connection's life, and how it ended. Connecting may take [`CONNECT_TIMEOUT`], and
+    /// the core must answer within `answer_timeout` of it.
+    async fn connect_and_ship(self: Arc<Self>, answer_timeout: Duration) -> Ended {
+        let connecting = self.connect(answer_timeout);
+        let connection = match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
             Ok(Ok(connection)) => connection,
             Ok(Err(error)) => return Ended::Failed(error),
             Err(_) => return Ended::Failed(anyhow::anyhow!("connecting to the core timed out")),
@@ -410,7 +417,9 @@ impl Shipper {
         }
     }
 
-    async fn connect(&self) -> anyhow::Result<quinn::Connection> {
+    /// Connects to the core, which must send its first handshake flight within
+    /// `answer_timeout`.
+    async fn connect(&self, answer_timeout: Duration) -> anyhow::Result<quinn::Connection> {
         let addr = tokio::net::lookup_host(&self.config.addr)
             .await
             .with_context(|| format!("cannot resolve {}", self.config.addr))?
@@ -427,9 +436,21 @@ impl Shipper {
         let mut client = self.client.clone();
         let last_rtt = *self.last_rtt.lock().expect("never poisoned");
         client.transport_config(Arc::new(transport(last_rtt)));
-        let connection = endpoint
+        let mut connecting = endpoint
             .connect_with(client, addr, &self.config.server_name)
-            .context("cannot start connecting")?
+            .context("cannot start connecting")?;
+        // Resolves with the core's first flight: the core is there.
+        match tokio::time::timeout(answer_timeout, connecting.handshake_data()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(error)) => {
+                return Err(error).with_context(|| format!("cannot connect to the core at {addr}"));
+            }
+            Err(_) => bail!(
+                "the core at {addr} did not answer within {} ms",
+                answer_timeout.as_millis()
+            ),
+        }
+        let connection = connecting
             .await
             .with_context(|| format!("cannot connect to the core at {addr}"))?;
         Ok(connection)
@@ -957,21 +978,21 @@ mod tests {
     }
 
     #[test]
-    fn attempts_on_a_restarting_core_are_short_on_a_fast_path_and_never_past_the_timeout() {
+    fn a_restarting_core_must_answer_soon_on_a_fast_path_and_never_past_the_timeout() {
         let ms = Duration::from_millis;
         // Never connected: a first connection's full timeout.
-        assert_eq!(restart_attempt_timeout(None), CONNECT_TIMEOUT);
-        // Loopback and LAN RTTs: 1 s, six handshake packets at the 10 ms floor.
+        assert_eq!(restart_answer_timeout(None), CONNECT_TIMEOUT);
+        // Loopback and LAN RTTs: 250 ms, four Initials at the 10 ms floor.
         assert_eq!(
-            restart_attempt_timeout(Some(Duration::ZERO)),
-            RESTART_ATTEMPT_MIN
+            restart_answer_timeout(Some(Duration::ZERO)),
+            RESTART_ANSWER_MIN
         );
-        assert_eq!(restart_attempt_timeout(Some(ms(20))), RESTART_ATTEMPT_MIN);
-        assert_eq!(restart_attempt_timeout(Some(ms(40))), ms(2000));
-        // Slow paths keep the full timeout, so a handshake there can still finish.
-        assert_eq!(restart_attempt_timeout(Some(ms(60))), CONNECT_TIMEOUT);
+        assert_eq!(restart_answer_timeout(Some(ms(10))), RESTART_ANSWER_MIN);
+        assert_eq!(restart_answer_timeout(Some(ms(40))), ms(800));
+        // Slow paths keep the full timeout.
+        assert_eq!(restart_answer_timeout(Some(ms(150))), CONNECT_TIMEOUT);
         assert_eq!(
-            restart_attempt_timeout(Some(Duration::from_secs(5))),
+            restart_answer_timeout(Some(Duration::from_secs(5))),
             CONNECT_TIMEOUT
         );
     }
