@@ -161,8 +161,61 @@ impl Uplink {
     }
 }
 
+/// The uplink's TLS provider: ring, with the cipher suites in [`cipher_suites`] order.
+fn crypto_provider() -> rustls::crypto::CryptoProvider {
+    rustls::crypto::CryptoProvider {
+        cipher_suites: cipher_suites(aes_hardware()),
+        ..rustls::crypto::ring::default_provider()
+    }
+}
+
+/// The TLS 1.3 suites the edge offers, the one it prefers first (the core takes the edge's
+/// order): AES-GCM where the CPU has AES and carry-less multiply instructions, and
+/// ChaCha20-Poly1305 where it has not, as on the Raspberry Pi 3 and 4, whose Cortex-A53 and
+/// A72 cores lack the ARMv8 crypto extensions: there AES-GCM runs in constant-time software,
+/// much slower than ChaCha20 on NEON, and every shipped byte pays it (Go's TLS stack and
+/// BoringSSL choose the same way). All three stay offered, and AES-128-GCM always protects
+/// QUIC's Initial packets.
+fn cipher_suites(aes_hardware: bool) -> Vec<rustls::SupportedCipherSuite> {
+    use rustls::crypto::ring::cipher_suite::{
+        TLS13_AES_128_GCM_SHA256, TLS13_AES_256_GCM_SHA384, TLS13_CHACHA20_POLY1305_SHA256,
+    };
+    if aes_hardware {
+        vec![
+            TLS13_AES_256_GCM_SHA384,
+            TLS13_AES_128_GCM_SHA256,
+            TLS13_CHACHA20_POLY1305_SHA256,
+        ]
+    } else {
+        vec![
+            TLS13_CHACHA20_POLY1305_SHA256,
+            TLS13_AES_256_GCM_SHA384,
+            TLS13_AES_128_GCM_SHA256,
+        ]
+    }
+}
+
+/// Whether this CPU does AES-GCM in hardware (AES rounds and the carry-less multiply GHASH
+/// needs). Unknown architectures, 32-bit ARM among them, count as no.
+fn aes_hardware() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("aes")
+            && std::arch::is_x86_feature_detected!("pclmulqdq")
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        std::arch::is_aarch64_feature_detected!("aes")
+            && std::arch::is_aarch64_feature_detected!("pmull")
+    }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    {
+        false
+    }
+}
+
 fn client_config(config: &UplinkConfig) -> anyhow::Result<quinn::ClientConfig> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = Arc::new(crypto_provider());
     let mut roots = rustls::RootCertStore::empty();
     let ca_pem = read_pem(&config.ca)?;
     let mut found = false;
@@ -994,6 +1047,86 @@ mod tests {
         assert_eq!(
             restart_answer_timeout(Some(Duration::from_secs(5))),
             CONNECT_TIMEOUT
+        );
+    }
+
+    /// The suite a TLS 1.3 handshake in memory settles on, between a client offering
+    /// `suites` and a server configured as the core's (ring's defaults).
+    fn negotiated(suites: Vec<rustls::SupportedCipherSuite>) -> rustls::CipherSuite {
+        let certified = rcgen::generate_simple_self_signed(vec!["core".to_string()]).unwrap();
+        let cert = CertificateDer::from(certified.cert.der().to_vec());
+        let key = PrivateKeyDer::try_from(certified.signing_key.serialize_der()).unwrap();
+        let server = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.clone()], key)
+        .unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(cert).unwrap();
+        let provider = rustls::crypto::CryptoProvider {
+            cipher_suites: suites,
+            ..rustls::crypto::ring::default_provider()
+        };
+        let client = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let mut client =
+            rustls::ClientConnection::new(Arc::new(client), "core".try_into().unwrap()).unwrap();
+        let mut server = rustls::ServerConnection::new(Arc::new(server)).unwrap();
+        for _ in 0..10 {
+            if !client.is_handshaking() && !server.is_handshaking() {
+                break;
+            }
+            let mut wire = Vec::new();
+            client.write_tls(&mut wire).unwrap();
+            server.read_tls(&mut &wire[..]).unwrap();
+            server.process_new_packets().unwrap();
+            let mut wire = Vec::new();
+            server.write_tls(&mut wire).unwrap();
+            client.read_tls(&mut &wire[..]).unwrap();
+            client.process_new_packets().unwrap();
+        }
+        assert!(!client.is_handshaking(), "the handshake did not finish");
+        client.negotiated_cipher_suite().unwrap().suite()
+    }
+
+    #[test]
+    fn the_core_takes_the_suite_the_edge_prefers_for_its_cpu() {
+        assert_eq!(
+            negotiated(cipher_suites(false)),
+            rustls::CipherSuite::TLS13_CHACHA20_POLY1305_SHA256
+        );
+        assert_eq!(
+            negotiated(cipher_suites(true)),
+            rustls::CipherSuite::TLS13_AES_256_GCM_SHA384
+        );
+        // Either order can protect QUIC's Initial packets (AES-128-GCM is offered).
+        for aes in [false, true] {
+            let provider = rustls::crypto::CryptoProvider {
+                cipher_suites: cipher_suites(aes),
+                ..rustls::crypto::ring::default_provider()
+            };
+            let tls = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
+                .with_protocol_versions(&[&rustls::version::TLS13])
+                .unwrap()
+                .with_root_certificates(rustls::RootCertStore::empty())
+                .with_no_client_auth();
+            assert!(QuicClientConfig::try_from(tls).is_ok());
+        }
+        // This machine's answer is the one its CPU flags give.
+        #[cfg(target_arch = "x86_64")]
+        assert_eq!(
+            aes_hardware(),
+            std::fs::read_to_string("/proc/cpuinfo").is_ok_and(|info| info
+                .lines()
+                .find(|line| line.starts_with("flags"))
+                .is_some_and(|flags| flags.split_whitespace().any(|f| f == "aes")
+                    && flags.split_whitespace().any(|f| f == "pclmulqdq")))
         );
     }
 
