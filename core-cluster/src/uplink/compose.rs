@@ -368,8 +368,11 @@ fn for_each_plain_record<'a>(
             let key_len = usize::try_from(key_len)
                 .map_err(|_| corrupt("negative record header key length"))?;
             let header_key = fields.take(key_len)?;
-            std::str::from_utf8(header_key)
-                .map_err(|_| corrupt("record header key is not UTF-8"))?;
+            // Header keys are nearly always ASCII, which is UTF-8 and much quicker to check.
+            if !header_key.is_ascii() {
+                std::str::from_utf8(header_key)
+                    .map_err(|_| corrupt("record header key is not UTF-8"))?;
+            }
             let (value_len, value_len_bytes) = fields.varint_sized()?;
             let header_value_len = match value_len {
                 NULL_LENGTH => 0,

@@ -47,6 +47,12 @@ pub fn varlong_len(value: i64) -> usize {
 /// Fails with [`BatchError::Corrupt`] when `buf` ends inside the varint, when it runs past
 /// [`VARINT_BYTES_MAX`] bytes, or when its last byte carries bits beyond 32.
 pub fn read_varint(buf: &[u8]) -> Result<(i32, usize), BatchError> {
+    // Most varints in a batch (lengths, deltas, counts) take one byte.
+    if let Some(&byte) = buf.first()
+        && byte & CONTINUATION_BIT == 0
+    {
+        return Ok((unzigzag_u32(u32::from(byte)), 1));
+    }
     let corrupt = |malformed| {
         BatchError::Corrupt(match malformed {
             Malformed::Truncated => "truncated varint",
