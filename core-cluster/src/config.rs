@@ -49,8 +49,8 @@ pub(crate) mod defaults {
     pub(crate) const KAFKA_GROUP_INITIAL_REBALANCE_DELAY_MS: u64 = 3000;
     /// The uplink's QUIC (UDP) listener.
     pub(crate) const UPLINK_LISTEN: &str = "0.0.0.0:9093";
-    /// Most uplink connections at once: an edge keeps one, so a fleet of a thousand edges,
-    /// each able to make the core buffer its 64 MiB connection window (64 GiB at most).
+    /// Most uplink connections at once. An edge keeps one, so this serves a thousand edges;
+    /// each connection may leave up to 64 MiB unread, so it also bounds that memory.
     pub(crate) const UPLINK_MAX_CONNECTIONS: u64 = 1024;
     /// How often retention runs over every partition: often enough that a size limit is
     /// kept within a few seconds' ingest, rarely enough to cost nothing.

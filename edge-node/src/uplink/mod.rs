@@ -161,10 +161,11 @@ impl Uplink {
     }
 }
 
-/// The uplink's TLS provider: ring, with the cipher suites in [`cipher_suites`] order.
-fn crypto_provider() -> rustls::crypto::CryptoProvider {
+/// The uplink's TLS provider: ring, with the cipher suites in [`cipher_suites`] order for a
+/// CPU with or without `aes_hardware` ([`aes_hardware`] for this one).
+fn crypto_provider(aes_hardware: bool) -> rustls::crypto::CryptoProvider {
     rustls::crypto::CryptoProvider {
-        cipher_suites: cipher_suites(aes_hardware()),
+        cipher_suites: cipher_suites(aes_hardware),
         ..rustls::crypto::ring::default_provider()
     }
 }
@@ -215,7 +216,7 @@ fn aes_hardware() -> bool {
 }
 
 fn client_config(config: &UplinkConfig) -> anyhow::Result<quinn::ClientConfig> {
-    let provider = Arc::new(crypto_provider());
+    let provider = Arc::new(crypto_provider(aes_hardware()));
     let mut roots = rustls::RootCertStore::empty();
     let ca_pem = read_pem(&config.ca)?;
     let mut found = false;
@@ -1050,9 +1051,10 @@ mod tests {
         );
     }
 
-    /// The suite a TLS 1.3 handshake in memory settles on, between a client offering
-    /// `suites` and a server configured as the core's (ring's defaults).
-    fn negotiated(suites: Vec<rustls::SupportedCipherSuite>) -> rustls::CipherSuite {
+    /// The suite a TLS 1.3 handshake in memory settles on, between the edge's provider for a
+    /// CPU with or without `aes_hardware` and a server configured as the core's (ring's
+    /// defaults).
+    fn negotiated(aes_hardware: bool) -> rustls::CipherSuite {
         let certified = rcgen::generate_simple_self_signed(vec!["core".to_string()]).unwrap();
         let cert = CertificateDer::from(certified.cert.der().to_vec());
         let key = PrivateKeyDer::try_from(certified.signing_key.serialize_der()).unwrap();
@@ -1066,15 +1068,12 @@ mod tests {
         .unwrap();
         let mut roots = rustls::RootCertStore::empty();
         roots.add(cert).unwrap();
-        let provider = rustls::crypto::CryptoProvider {
-            cipher_suites: suites,
-            ..rustls::crypto::ring::default_provider()
-        };
-        let client = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+        let client =
+            rustls::ClientConfig::builder_with_provider(Arc::new(crypto_provider(aes_hardware)))
+                .with_protocol_versions(&[&rustls::version::TLS13])
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_no_client_auth();
         let mut client =
             rustls::ClientConnection::new(Arc::new(client), "core".try_into().unwrap()).unwrap();
         let mut server = rustls::ServerConnection::new(Arc::new(server)).unwrap();
@@ -1098,20 +1097,16 @@ mod tests {
     #[test]
     fn the_core_takes_the_suite_the_edge_prefers_for_its_cpu() {
         assert_eq!(
-            negotiated(cipher_suites(false)),
+            negotiated(false),
             rustls::CipherSuite::TLS13_CHACHA20_POLY1305_SHA256
         );
         assert_eq!(
-            negotiated(cipher_suites(true)),
+            negotiated(true),
             rustls::CipherSuite::TLS13_AES_256_GCM_SHA384
         );
         // Either order can protect QUIC's Initial packets (AES-128-GCM is offered).
         for aes in [false, true] {
-            let provider = rustls::crypto::CryptoProvider {
-                cipher_suites: cipher_suites(aes),
-                ..rustls::crypto::ring::default_provider()
-            };
-            let tls = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
+            let tls = rustls::ClientConfig::builder_with_provider(Arc::new(crypto_provider(aes)))
                 .with_protocol_versions(&[&rustls::version::TLS13])
                 .unwrap()
                 .with_root_certificates(rustls::RootCertStore::empty())
