@@ -44,6 +44,12 @@ pub(crate) mod defaults {
     pub(crate) const KAFKA_AUTO_CREATE_TOPICS: bool = true;
     /// Largest Kafka request accepted, as Kafka's `socket.request.max.bytes` (100 MiB).
     pub(crate) const KAFKA_MAX_REQUEST_BYTES: u64 = 100 << 20;
+    /// Most Kafka connections at once; more are closed on accept.
+    pub(crate) const KAFKA_MAX_CONNECTIONS: u64 = 4096;
+    /// Most bytes of large request frames held at once, as Kafka's
+    /// `queued.max.request.bytes` (which is unbounded by default): five requests of the
+    /// largest size, or thousands of the usual Produce sizes.
+    pub(crate) const KAFKA_QUEUED_MAX_REQUEST_BYTES: u64 = 512 << 20;
     /// How long a rebalance of an empty consumer group waits for more members, as Kafka's
     /// `group.initial.rebalance.delay.ms`.
     pub(crate) const KAFKA_GROUP_INITIAL_REBALANCE_DELAY_MS: u64 = 3000;
@@ -192,6 +198,11 @@ pub(crate) struct KafkaConfig {
     pub(crate) auto_create_topics: bool,
     /// Largest request frame accepted (`kafka.max_request_bytes`).
     pub(crate) max_request_bytes: u32,
+    /// Most connections at once (`kafka.max_connections`); more are closed on accept.
+    pub(crate) max_connections: usize,
+    /// Most bytes of large request frames held at once across connections
+    /// (`kafka.queued_max_request_bytes`, at least `max_request_bytes`).
+    pub(crate) queued_max_request_bytes: usize,
     /// `kafka.group_initial_rebalance_delay_ms`.
     pub(crate) group_initial_rebalance_delay: Duration,
 }
@@ -406,6 +417,14 @@ impl CoreConfig {
         kafka.insert(
             "max_request_bytes".into(),
             toml_int(self.kafka.max_request_bytes),
+        );
+        kafka.insert(
+            "max_connections".into(),
+            toml_int(self.kafka.max_connections),
+        );
+        kafka.insert(
+            "queued_max_request_bytes".into(),
+            toml_int(self.kafka.queued_max_request_bytes),
         );
         kafka.insert(
             "group_initial_rebalance_delay_ms".into(),
@@ -720,6 +739,8 @@ struct RawKafka {
     default_partitions: Option<Scalar>,
     auto_create_topics: Option<Flag>,
     max_request_bytes: Option<Scalar>,
+    max_connections: Option<Scalar>,
+    queued_max_request_bytes: Option<Scalar>,
     group_initial_rebalance_delay_ms: Option<Scalar>,
 }
 
@@ -891,6 +912,23 @@ impl RawKafka {
             Some(value) => value.bytes("kafka.max_request_bytes", 1024, i32::MAX as u64)?,
             None => defaults::KAFKA_MAX_REQUEST_BYTES,
         };
+        let max_connections = match &self.max_connections {
+            Some(value) => value.integer("kafka.max_connections", 1, 1 << 20)?,
+            None => defaults::KAFKA_MAX_CONNECTIONS,
+        };
+        let queued_max_request_bytes = match &self.queued_max_request_bytes {
+            Some(value) => value.bytes("kafka.queued_max_request_bytes", 1024, 1 << 40)?,
+            None => defaults::KAFKA_QUEUED_MAX_REQUEST_BYTES,
+        };
+        if queued_max_request_bytes < max_request_bytes {
+            return Err(ConfigError::key(
+                "kafka.queued_max_request_bytes",
+                format!(
+                    "{queued_max_request_bytes} is below kafka.max_request_bytes \
+                     ({max_request_bytes}): a request of the largest size could never be read"
+                ),
+            ));
+        }
         let auto_create_topics = match &self.auto_create_topics {
             Some(flag) => flag.boolean("kafka.auto_create_topics")?,
             None => defaults::KAFKA_AUTO_CREATE_TOPICS,
@@ -908,6 +946,9 @@ impl RawKafka {
             default_partitions: u32::try_from(default_partitions).expect("at most PARTITIONS_MAX"),
             auto_create_topics,
             max_request_bytes: u32::try_from(max_request_bytes).expect("at most i32::MAX"),
+            max_connections: usize::try_from(max_connections).expect("at most 2^20"),
+            queued_max_request_bytes: usize::try_from(queued_max_request_bytes)
+                .unwrap_or(usize::MAX),
         })
     }
 }
@@ -1233,6 +1274,8 @@ mod tests {
         assert_eq!(config.kafka.default_partitions, 1);
         assert!(config.kafka.auto_create_topics);
         assert_eq!(config.kafka.max_request_bytes, 100 << 20);
+        assert_eq!(config.kafka.max_connections, 4096);
+        assert_eq!(config.kafka.queued_max_request_bytes, 512 << 20);
         assert_eq!(config.uplink.listen, "0.0.0.0:9093".parse().unwrap());
         assert_eq!(config.object_store, None);
     }
@@ -1265,6 +1308,8 @@ mod tests {
             default_partitions = 6
             auto_create_topics = false
             max_request_bytes = "1MiB"
+            max_connections = 100
+            queued_max_request_bytes = "4MiB"
             [uplink]
             listen = "[::]:9093"
             max_connections = 64
@@ -1284,6 +1329,8 @@ mod tests {
         assert_eq!(config.kafka.default_partitions, 6);
         assert!(!config.kafka.auto_create_topics);
         assert_eq!(config.kafka.max_request_bytes, 1 << 20);
+        assert_eq!(config.kafka.max_connections, 100);
+        assert_eq!(config.kafka.queued_max_request_bytes, 4 << 20);
         assert_eq!(config.uplink.listen, "[::]:9093".parse().unwrap());
         assert_eq!(config.uplink.max_connections, 64);
     }
@@ -1516,6 +1563,14 @@ mod tests {
             (
                 "[uplink]\nlisten = \"quic\"",
                 "config key uplink.listen: expected an IP address and port",
+            ),
+            (
+                "[kafka]\nmax_connections = 0",
+                "config key kafka.max_connections: must be between 1 and",
+            ),
+            (
+                "[kafka]\nqueued_max_request_bytes = \"64MiB\"",
+                "config key kafka.queued_max_request_bytes: 67108864 is below kafka.max_request_bytes (104857600)",
             ),
             (
                 "[uplink]\nmax_connections = 0",

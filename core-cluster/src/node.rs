@@ -134,6 +134,8 @@ pub(crate) async fn run(
     let (stop_kafka, kafka_stopped) = oneshot::channel::<()>();
     let limits = KafkaLimits {
         max_request_bytes: config.kafka.max_request_bytes,
+        max_connections: config.kafka.max_connections,
+        queued_max_request_bytes: config.kafka.queued_max_request_bytes,
         ..KafkaLimits::default()
     };
     let mut kafka_server = AbortOnDrop(tokio::spawn(kafka::serve(

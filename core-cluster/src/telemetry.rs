@@ -130,6 +130,18 @@ fn describe() {
         "Per-partition errors in Kafka responses, by api and error code"
     );
     describe_counter!(
+        silt_gateways::kafka::metrics::REFUSED_CONNECTIONS,
+        "Kafka connections closed on accept because kafka.max_connections were open"
+    );
+    describe_gauge!(
+        silt_gateways::kafka::metrics::QUEUED_REQUEST_BYTES,
+        "Bytes of large Kafka request frames held now, against kafka.queued_max_request_bytes"
+    );
+    describe_counter!(
+        silt_gateways::kafka::metrics::REQUEST_MEMORY_WAITS,
+        "Times a Kafka connection waited for request memory (kafka.queued_max_request_bytes spent)"
+    );
+    describe_counter!(
         silt_gateways::kafka::metrics::PRODUCE_BYTES,
         "Record batch bytes appended by Produce"
     );

@@ -2,9 +2,14 @@
 //! and truncated frames and oversized lengths close only the offending connection; an
 //! unknown api or an unsupported version gets UNSUPPORTED_VERSION (35) and the connection
 //! stays usable; ApiVersions at a version we do not know answers at v0 with our versions.
+//! Clients that open too many connections, or claim large requests and never finish them,
+//! are held to `kafka.max_connections` and `kafka.queued_max_request_bytes`.
+
+use std::time::{Duration, Instant};
 
 use silt_tests::core::Core;
 use silt_tests::kafka::{Answer, RawKafka, Reader};
+use silt_tests::uplink::metric_sum;
 
 const UNSUPPORTED_VERSION: i16 = 35;
 const API_VERSIONS: i16 = 18;
@@ -153,6 +158,144 @@ fn pipelined_requests_are_answered_in_order() {
         let response = kafka.read_response();
         let mut reader = Reader { bytes: &response };
         assert_eq!(reader.i32(), correlation_id);
+    }
+    core.stop();
+}
+
+/// How long a test waits for the node's metrics to show something.
+const METRIC_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Waits until the sum of metric `name` satisfies `done`; returns the value seen.
+fn wait_for_metric(core: &Core, name: &str, done: impl Fn(f64) -> bool) -> f64 {
+    let deadline = Instant::now() + METRIC_TIMEOUT;
+    loop {
+        let value = metric_sum(&core.metrics(), name);
+        if done(value) {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name} is still {value} after {METRIC_TIMEOUT:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A Metadata v4 request body for `count` topics with 200-byte names containing '!', which
+/// no topic may have (each is answered with an error, none is created), and no auto-creation.
+fn metadata_for_invalid_topics(count: usize) -> Vec<u8> {
+    let mut body = (count as i32).to_be_bytes().to_vec();
+    for n in 0..count {
+        let name = format!("{n:0>199}!");
+        body.extend_from_slice(&(name.len() as i16).to_be_bytes());
+        body.extend_from_slice(name.as_bytes());
+    }
+    body.push(0); // allow_auto_topic_creation = false
+    body
+}
+
+#[test]
+fn large_requests_wait_for_request_memory_and_go_on_once_it_is_freed() {
+    let dir = tempfile::tempdir().unwrap();
+    let core = Core::start(
+        &dir.path().join("data"),
+        &[
+            "--set",
+            "kafka.max_request_bytes=1MiB",
+            "--set",
+            "kafka.queued_max_request_bytes=2MiB",
+        ],
+    );
+    // Two clients each start a request of 1,000,000 bytes and send a tenth of it: between
+    // them they hold all but 97,144 bytes of the 2 MiB pool.
+    let claim: i32 = 1_000_000;
+    let mut holders: Vec<RawKafka> = (0..2)
+        .map(|_| {
+            let mut kafka = RawKafka::connect(core.kafka);
+            let mut bytes = claim.to_be_bytes().to_vec();
+            bytes.extend_from_slice(&[0, 18, 0, 0, 0, 0, 0, 1]);
+            bytes.resize(4 + claim as usize / 10, 0);
+            kafka.send_bytes(&bytes);
+            kafka
+        })
+        .collect();
+    let held = 2.0 * f64::from(claim + 4);
+    wait_for_metric(&core, "silt_kafka_queued_request_bytes", |bytes| {
+        bytes == held
+    });
+
+    // A whole, valid request of about 100 KB does not fit: it waits, unread.
+    let mut waiting = RawKafka::connect(core.kafka);
+    let correlation_id = waiting.send(METADATA, 4, false, &metadata_for_invalid_topics(500));
+    wait_for_metric(&core, "silt_kafka_request_memory_waits_total", |waits| {
+        waits >= 1.0
+    });
+    assert_eq!(
+        metric_sum(&core.metrics(), "silt_kafka_queued_request_bytes"),
+        held,
+        "the waiting request took nothing"
+    );
+
+    // Small requests need no share: another client is served meanwhile.
+    let mut small = RawKafka::connect(core.kafka);
+    assert_api_versions_works(&mut small);
+
+    // One holder leaves: its share comes back and the waiting request is answered.
+    drop(holders.remove(0));
+    let response = waiting.read_response();
+    let mut reader = Reader { bytes: &response };
+    assert_eq!(reader.i32(), correlation_id);
+
+    // Once answered, a request's share is back too: only the last holder's is held.
+    wait_for_metric(&core, "silt_kafka_queued_request_bytes", |bytes| {
+        bytes == f64::from(claim + 4)
+    });
+    drop(holders);
+    wait_for_metric(&core, "silt_kafka_queued_request_bytes", |bytes| {
+        bytes == 0.0
+    });
+    assert_api_versions_works(&mut waiting);
+    core.stop();
+}
+
+#[test]
+fn connections_past_max_connections_are_closed_until_one_leaves() {
+    let dir = tempfile::tempdir().unwrap();
+    let core = Core::start(
+        &dir.path().join("data"),
+        &["--set", "kafka.max_connections=2"],
+    );
+    let mut first = RawKafka::connect(core.kafka);
+    let mut second = RawKafka::connect(core.kafka);
+    assert_api_versions_works(&mut first);
+    assert_api_versions_works(&mut second);
+
+    let mut third = RawKafka::connect(core.kafka);
+    third.send(API_VERSIONS, 0, false, &[]);
+    assert_eq!(third.read_answer(), Answer::Closed);
+    wait_for_metric(&core, "silt_kafka_refused_connections_total", |refused| {
+        refused >= 1.0
+    });
+    // The two inside the limit are still served.
+    assert_api_versions_works(&mut first);
+    assert_api_versions_works(&mut second);
+
+    // Once one leaves, a new connection is let in (as soon as the listener has seen it end).
+    drop(first);
+    let deadline = Instant::now() + METRIC_TIMEOUT;
+    loop {
+        let mut kafka = RawKafka::connect(core.kafka);
+        let correlation_id = kafka.send(API_VERSIONS, 0, false, &[]);
+        if let Answer::Response(response) = kafka.read_answer() {
+            let mut reader = Reader { bytes: &response };
+            assert_eq!(reader.i32(), correlation_id);
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no connection let in after one of two left"
+        );
+        std::thread::sleep(Duration::from_millis(20));
     }
     core.stop();
 }

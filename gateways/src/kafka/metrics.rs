@@ -1,7 +1,7 @@
 //! The Kafka gateway's metrics, recorded through the `metrics` facade into whatever recorder
 //! the node installed.
 
-use metrics::counter;
+use metrics::{counter, gauge};
 
 pub const REQUESTS: &str = "silt_kafka_requests_total";
 pub const REQUEST_ERRORS: &str = "silt_kafka_request_errors_total";
@@ -10,6 +10,29 @@ pub const PRODUCE_RECORDS: &str = "silt_kafka_produce_records_total";
 pub const FETCH_BYTES: &str = "silt_kafka_fetch_bytes_total";
 pub const FETCH_RECORDS: &str = "silt_kafka_fetch_records_total";
 pub const PARTITION_ERRORS: &str = "silt_kafka_partition_errors_total";
+pub const REFUSED_CONNECTIONS: &str = "silt_kafka_refused_connections_total";
+pub const QUEUED_REQUEST_BYTES: &str = "silt_kafka_queued_request_bytes";
+pub const REQUEST_MEMORY_WAITS: &str = "silt_kafka_request_memory_waits_total";
+
+/// A connection closed on accept because `max_connections` were open.
+pub fn connection_refused() {
+    counter!(REFUSED_CONNECTIONS).increment(1);
+}
+
+/// A connection had to wait for the request memory pool.
+pub fn request_memory_wait() {
+    counter!(REQUEST_MEMORY_WAITS).increment(1);
+}
+
+/// A request frame took `bytes` of the request memory pool.
+pub fn request_memory_taken(bytes: usize) {
+    gauge!(QUEUED_REQUEST_BYTES).increment(bytes as f64);
+}
+
+/// A request frame gave `bytes` back to the request memory pool.
+pub fn request_memory_released(bytes: usize) {
+    gauge!(QUEUED_REQUEST_BYTES).decrement(bytes as f64);
+}
 
 /// One request of `api`; `refused` when it was not served (unknown api or version).
 pub fn request(api: &'static str, refused: bool) {

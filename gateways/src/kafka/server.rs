@@ -4,6 +4,14 @@
 //! request at a time, as Kafka does (it mutes a connection until its response is sent), so
 //! pipelined requests are answered in the order they came. Requests it cannot parse close the
 //! connection, as in Kafka; an api or version it does not implement gets UNSUPPORTED_VERSION.
+//!
+//! Memory is bounded across connections too. At most `max_connections` are served; one more
+//! is closed on accept. A request frame larger than one read chunk takes its size from a
+//! listener-wide pool of `queued_max_request_bytes` (Kafka's `queued.max.request.bytes`)
+//! before its body is read, and gives it back once it is answered; while the pool is spent,
+//! the connection reads nothing more and TCP pushes back on its client. So a crowd of clients
+//! each claiming a large request cannot make the node hold more than the pool, plus a read
+//! buffer (about one 64 KiB chunk) per connection.
 
 use std::future::Future;
 use std::io::IoSlice;
@@ -16,7 +24,7 @@ use kafka_protocol::messages::{ApiKey, ResponseHeader};
 use kafka_protocol::protocol::{Decodable, Encodable};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinSet;
 
 use super::fetch_response::Piece;
@@ -33,6 +41,10 @@ pub struct KafkaLimits {
     pub max_request_bytes: u32,
     /// Most connections served at once; more are closed on accept.
     pub max_connections: usize,
+    /// Most bytes of request frames held at once across all connections, as Kafka's
+    /// `queued.max.request.bytes`; frames of up to one read chunk (64 KiB) do not count.
+    /// At least `max_request_bytes`, so any frame the listener accepts can be admitted.
+    pub queued_max_request_bytes: usize,
     /// Longest a Fetch may wait for data (caps the client's `max_wait_ms`).
     pub fetch_wait_max: Duration,
     /// Most record bytes in one Fetch response (caps the client's `max_bytes`), as Kafka's
@@ -45,6 +57,7 @@ impl Default for KafkaLimits {
         KafkaLimits {
             max_request_bytes: 100 << 20,
             max_connections: 4096,
+            queued_max_request_bytes: 512 << 20,
             fetch_wait_max: Duration::from_secs(30),
             fetch_bytes_max: 55 << 20,
         }
@@ -61,6 +74,63 @@ const READ_CHUNK_BYTES: usize = 64 << 10;
 /// Pause after a failed accept (out of file descriptors), so it is not a busy loop.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 
+/// The listener-wide pool request frames larger than one read chunk take their size from.
+#[derive(Debug, Clone)]
+struct RequestMemory {
+    pool: Arc<Semaphore>,
+}
+
+/// A frame's share of [`RequestMemory`], given back when dropped.
+#[derive(Debug)]
+struct Admitted {
+    /// `None` for a frame of up to one read chunk, which needs no share.
+    permit: Option<OwnedSemaphorePermit>,
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        if let Some(permit) = &self.permit {
+            kafka_metrics::request_memory_released(permit.num_permits());
+        }
+    }
+}
+
+impl RequestMemory {
+    fn new(bytes: usize) -> RequestMemory {
+        RequestMemory {
+            pool: Arc::new(Semaphore::new(bytes.min(Semaphore::MAX_PERMITS))),
+        }
+    }
+
+    /// The share of a frame of `frame_len` bytes (size prefix included), waiting while the
+    /// pool is spent; `None` if the listener stops first.
+    async fn admit(
+        &self,
+        frame_len: usize,
+        stopping: &mut watch::Receiver<bool>,
+    ) -> Option<Admitted> {
+        if frame_len <= READ_CHUNK_BYTES {
+            return Some(Admitted { permit: None });
+        }
+        // At most `max_request_bytes` plus the prefix, which the pool is at least.
+        let wanted = u32::try_from(frame_len).unwrap_or(u32::MAX);
+        let permit = match self.pool.clone().try_acquire_many_owned(wanted) {
+            Ok(permit) => permit,
+            Err(_) => {
+                kafka_metrics::request_memory_wait();
+                tokio::select! {
+                    permit = self.pool.clone().acquire_many_owned(wanted) => permit.ok()?,
+                    _ = stopping.changed() => return None,
+                }
+            }
+        };
+        kafka_metrics::request_memory_taken(permit.num_permits());
+        Some(Admitted {
+            permit: Some(permit),
+        })
+    }
+}
+
 /// Serves `listener` until `shutdown` completes, then drops every connection.
 pub async fn serve<B: KafkaBroker>(
     listener: TcpListener,
@@ -70,6 +140,8 @@ pub async fn serve<B: KafkaBroker>(
 ) {
     let mut connections = JoinSet::new();
     let (stopping, stopping_receiver) = watch::channel(false);
+    let memory = RequestMemory::new(limits.queued_max_request_bytes);
+    let mut refused: u64 = 0;
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -77,15 +149,29 @@ pub async fn serve<B: KafkaBroker>(
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
+                    // Ended connections leave the count before the limit is checked.
+                    while connections.try_join_next().is_some() {}
                     if connections.len() >= limits.max_connections {
-                        tracing::debug!(%peer, "kafka connection closed: too many open");
+                        refused += 1;
+                        kafka_metrics::connection_refused();
+                        // The 1st, 2nd, 4th, 8th... refusal: a crowd of clients is seen
+                        // without a line per connection.
+                        if refused.is_power_of_two() {
+                            tracing::warn!(
+                                %peer,
+                                max_connections = limits.max_connections,
+                                refused,
+                                "kafka connection closed: kafka.max_connections are open"
+                            );
+                        }
                         continue;
                     }
                     let broker = broker.clone();
                     let stopping = stopping_receiver.clone();
+                    let memory = memory.clone();
                     connections.spawn(async move {
                         let _ = stream.set_nodelay(true);
-                        if let Err(error) = serve_connection(stream, peer, broker, limits, stopping).await {
+                        if let Err(error) = serve_connection(stream, peer, broker, limits, &memory, stopping).await {
                             tracing::debug!(%peer, %error, "kafka connection closed");
                         }
                     });
@@ -186,12 +272,23 @@ async fn serve_connection<B: KafkaBroker>(
     peer: SocketAddr,
     broker: Arc<B>,
     limits: KafkaLimits,
+    memory: &RequestMemory,
     mut stopping: watch::Receiver<bool>,
 ) -> Result<(), ConnectionError> {
     let mut buf = BytesMut::with_capacity(READ_CHUNK_BYTES);
     let mut out = Outgoing::default();
+    // The share of the frame being read, taken before its body was.
+    let mut admitted: Option<Admitted> = None;
     loop {
         while let Some(len) = frame::frame_len(&buf, limits.max_request_bytes)? {
+            // A frame that came whole in one read takes its share now.
+            let share = match admitted.take() {
+                Some(share) => share,
+                None => match memory.admit(len, &mut stopping).await {
+                    Some(share) => share,
+                    None => return Ok(()),
+                },
+            };
             let mut request = buf.split_to(len);
             if len > READ_CHUNK_BYTES {
                 // A large frame (a Produce) gets its memory to itself, so the broker can
@@ -208,9 +305,23 @@ async fn serve_connection<B: KafkaBroker>(
                 limits,
                 stopping: stopping.clone(),
             };
-            if handle_request(&*broker, &context, request, &mut out).await? {
+            let answered = handle_request(&*broker, &context, request, &mut out).await?;
+            // The request's memory is gone once it is handled (a Produce's records are in
+            // the log); the response's is the connection's own.
+            drop(share);
+            if answered {
                 out.write_to(&mut stream).await?;
                 out.trim();
+            }
+        }
+        // A large frame's share is taken before its body is read: while the pool is spent the
+        // connection reads nothing, so its client is held back by TCP, not by our memory.
+        if admitted.is_none()
+            && let Some(pending) = frame::pending_frame_len(&buf)
+        {
+            match memory.admit(pending, &mut stopping).await {
+                Some(share) => admitted = Some(share),
+                None => return Ok(()),
             }
         }
         // Room for the rest of a frame whose size is known, so a large request is read into
