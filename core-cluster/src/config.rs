@@ -50,6 +50,9 @@ pub(crate) mod defaults {
     /// `queued.max.request.bytes` (which is unbounded by default): five requests of the
     /// largest size, or thousands of the usual Produce sizes.
     pub(crate) const KAFKA_QUEUED_MAX_REQUEST_BYTES: u64 = 512 << 20;
+    /// How long a Kafka connection may send nothing before it is closed, as Kafka's
+    /// `connections.max.idle.ms` (10 minutes).
+    pub(crate) const KAFKA_CONNECTIONS_MAX_IDLE_MS: u64 = 600_000;
     /// How long a rebalance of an empty consumer group waits for more members, as Kafka's
     /// `group.initial.rebalance.delay.ms`.
     pub(crate) const KAFKA_GROUP_INITIAL_REBALANCE_DELAY_MS: u64 = 3000;
@@ -203,6 +206,9 @@ pub(crate) struct KafkaConfig {
     /// Most bytes of large request frames held at once across connections
     /// (`kafka.queued_max_request_bytes`, at least `max_request_bytes`).
     pub(crate) queued_max_request_bytes: usize,
+    /// How long a connection may send nothing before it is closed
+    /// (`kafka.connections_max_idle_ms`).
+    pub(crate) connections_max_idle: Duration,
     /// `kafka.group_initial_rebalance_delay_ms`.
     pub(crate) group_initial_rebalance_delay: Duration,
 }
@@ -425,6 +431,10 @@ impl CoreConfig {
         kafka.insert(
             "queued_max_request_bytes".into(),
             toml_int(self.kafka.queued_max_request_bytes),
+        );
+        kafka.insert(
+            "connections_max_idle_ms".into(),
+            toml_int(self.kafka.connections_max_idle.as_millis()),
         );
         kafka.insert(
             "group_initial_rebalance_delay_ms".into(),
@@ -741,6 +751,7 @@ struct RawKafka {
     max_request_bytes: Option<Scalar>,
     max_connections: Option<Scalar>,
     queued_max_request_bytes: Option<Scalar>,
+    connections_max_idle_ms: Option<Scalar>,
     group_initial_rebalance_delay_ms: Option<Scalar>,
 }
 
@@ -929,6 +940,10 @@ impl RawKafka {
                 ),
             ));
         }
+        let idle_ms = match &self.connections_max_idle_ms {
+            Some(value) => value.integer("kafka.connections_max_idle_ms", 100, u32::MAX.into())?,
+            None => defaults::KAFKA_CONNECTIONS_MAX_IDLE_MS,
+        };
         let auto_create_topics = match &self.auto_create_topics {
             Some(flag) => flag.boolean("kafka.auto_create_topics")?,
             None => defaults::KAFKA_AUTO_CREATE_TOPICS,
@@ -949,6 +964,7 @@ impl RawKafka {
             max_connections: usize::try_from(max_connections).expect("at most 2^20"),
             queued_max_request_bytes: usize::try_from(queued_max_request_bytes)
                 .unwrap_or(usize::MAX),
+            connections_max_idle: Duration::from_millis(idle_ms),
         })
     }
 }
@@ -1276,6 +1292,7 @@ mod tests {
         assert_eq!(config.kafka.max_request_bytes, 100 << 20);
         assert_eq!(config.kafka.max_connections, 4096);
         assert_eq!(config.kafka.queued_max_request_bytes, 512 << 20);
+        assert_eq!(config.kafka.connections_max_idle, Duration::from_secs(600));
         assert_eq!(config.uplink.listen, "0.0.0.0:9093".parse().unwrap());
         assert_eq!(config.object_store, None);
     }
@@ -1310,6 +1327,7 @@ mod tests {
             max_request_bytes = "1MiB"
             max_connections = 100
             queued_max_request_bytes = "4MiB"
+            connections_max_idle_ms = 30000
             [uplink]
             listen = "[::]:9093"
             max_connections = 64
@@ -1331,6 +1349,7 @@ mod tests {
         assert_eq!(config.kafka.max_request_bytes, 1 << 20);
         assert_eq!(config.kafka.max_connections, 100);
         assert_eq!(config.kafka.queued_max_request_bytes, 4 << 20);
+        assert_eq!(config.kafka.connections_max_idle, Duration::from_secs(30));
         assert_eq!(config.uplink.listen, "[::]:9093".parse().unwrap());
         assert_eq!(config.uplink.max_connections, 64);
     }
@@ -1563,6 +1582,10 @@ mod tests {
             (
                 "[uplink]\nlisten = \"quic\"",
                 "config key uplink.listen: expected an IP address and port",
+            ),
+            (
+                "[kafka]\nconnections_max_idle_ms = 10",
+                "config key kafka.connections_max_idle_ms: must be between 100 and",
             ),
             (
                 "[kafka]\nmax_connections = 0",

@@ -136,6 +136,7 @@ pub(crate) async fn run(
         max_request_bytes: config.kafka.max_request_bytes,
         max_connections: config.kafka.max_connections,
         queued_max_request_bytes: config.kafka.queued_max_request_bytes,
+        idle_timeout: config.kafka.connections_max_idle,
         ..KafkaLimits::default()
     };
     let mut kafka_server = AbortOnDrop(tokio::spawn(kafka::serve(

@@ -138,6 +138,10 @@ fn describe() {
         "Bytes of large Kafka request frames held now, against kafka.queued_max_request_bytes"
     );
     describe_counter!(
+        silt_gateways::kafka::metrics::IDLE_CLOSED_CONNECTIONS,
+        "Kafka connections closed after sending nothing for kafka.connections_max_idle_ms"
+    );
+    describe_counter!(
         silt_gateways::kafka::metrics::REQUEST_MEMORY_WAITS,
         "Times a Kafka connection waited for request memory (kafka.queued_max_request_bytes spent)"
     );

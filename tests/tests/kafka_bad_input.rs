@@ -299,3 +299,32 @@ fn connections_past_max_connections_are_closed_until_one_leaves() {
     }
     core.stop();
 }
+
+#[test]
+fn a_client_that_stops_inside_a_large_request_is_closed_and_its_memory_freed() {
+    let dir = tempfile::tempdir().unwrap();
+    let core = Core::start(
+        &dir.path().join("data"),
+        &["--set", "kafka.connections_max_idle_ms=300"],
+    );
+    // A request claiming 1,000,000 bytes, a tenth of them sent, then nothing.
+    let claim: i32 = 1_000_000;
+    let mut stalled = RawKafka::connect(core.kafka);
+    let mut bytes = claim.to_be_bytes().to_vec();
+    bytes.extend_from_slice(&[0, 18, 0, 0, 0, 0, 0, 1]);
+    bytes.resize(4 + claim as usize / 10, 0);
+    stalled.send_bytes(&bytes);
+    assert_eq!(stalled.read_answer(), Answer::Closed);
+    wait_for_metric(
+        &core,
+        "silt_kafka_idle_closed_connections_total",
+        |closed| closed >= 1.0,
+    );
+    wait_for_metric(&core, "silt_kafka_queued_request_bytes", |bytes| {
+        bytes == 0.0
+    });
+    // Clients that keep talking are served as before.
+    let mut kafka = RawKafka::connect(core.kafka);
+    assert_api_versions_works(&mut kafka);
+    core.stop();
+}

@@ -13,6 +13,12 @@ pub const PARTITION_ERRORS: &str = "silt_kafka_partition_errors_total";
 pub const REFUSED_CONNECTIONS: &str = "silt_kafka_refused_connections_total";
 pub const QUEUED_REQUEST_BYTES: &str = "silt_kafka_queued_request_bytes";
 pub const REQUEST_MEMORY_WAITS: &str = "silt_kafka_request_memory_waits_total";
+pub const IDLE_CLOSED_CONNECTIONS: &str = "silt_kafka_idle_closed_connections_total";
+
+/// A connection closed because it sent nothing for the idle timeout.
+pub fn idle_connection_closed() {
+    counter!(IDLE_CLOSED_CONNECTIONS).increment(1);
+}
 
 /// A connection closed on accept because `max_connections` were open.
 pub fn connection_refused() {

@@ -45,6 +45,11 @@ pub struct KafkaLimits {
     /// `queued.max.request.bytes`; frames of up to one read chunk (64 KiB) do not count.
     /// At least `max_request_bytes`, so any frame the listener accepts can be admitted.
     pub queued_max_request_bytes: usize,
+    /// How long a connection may send nothing while the listener waits to read from it,
+    /// between requests or inside one, before it is closed, as Kafka's
+    /// `connections.max.idle.ms`: a client that starts a large request and stops cannot
+    /// keep its share of the request memory.
+    pub idle_timeout: Duration,
     /// Longest a Fetch may wait for data (caps the client's `max_wait_ms`).
     pub fetch_wait_max: Duration,
     /// Most record bytes in one Fetch response (caps the client's `max_bytes`), as Kafka's
@@ -58,6 +63,7 @@ impl Default for KafkaLimits {
             max_request_bytes: 100 << 20,
             max_connections: 4096,
             queued_max_request_bytes: 512 << 20,
+            idle_timeout: Duration::from_secs(600),
             fetch_wait_max: Duration::from_secs(30),
             fetch_bytes_max: 55 << 20,
         }
@@ -338,6 +344,11 @@ async fn serve_connection<B: KafkaBroker>(
                 }
             }
             _ = stopping.changed() => return Ok(()),
+            () = tokio::time::sleep(limits.idle_timeout) => {
+                kafka_metrics::idle_connection_closed();
+                tracing::debug!(%peer, idle = ?limits.idle_timeout, "kafka connection closed: idle");
+                return Ok(());
+            }
         }
     }
 }
