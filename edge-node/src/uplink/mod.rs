@@ -4,7 +4,7 @@
 //! every partition the log has (new ones are noticed within [`DISCOVERY_INTERVAL`]). A
 //! stream sends `Hello`, then `Data` frames read from the partition's cursor onwards, at
 //! most `inflight_bytes` of batches unacknowledged at a time; each `Ack` moves the cursor
-//! (persisted, fsync'd) and frees its bytes. When the log has nothing new, the sender sleeps
+//! and frees its bytes (the cursor's file follows within a second, see `cursor`). When the log has nothing new, the sender sleeps
 //! on the partition's high watermark instead of polling.
 //!
 //! Any failure drops the whole connection; the client reconnects with exponential backoff
@@ -154,10 +154,19 @@ impl Uplink {
     }
 
     /// Stops shipping: acks in flight are dropped (their data is re-sent and deduplicated
-    /// after the next start).
+    /// after the next start); the cursors of the acks received are written, so a clean
+    /// restart resumes where the core's acks left off.
     pub(crate) async fn stop(self) {
         let _ = self.stop.send(true);
         let _ = self.task.await;
+        let cursors = self.cursors.clone();
+        match tokio::task::spawn_blocking(move || cursors.persist_all()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => {
+                tracing::warn!(error = %format!("{error:#}"), "cannot write the uplink cursors at stop; the next start re-sends what the core already has");
+            }
+            Err(error) => tracing::warn!(%error, "writing the uplink cursors at stop failed"),
+        }
     }
 }
 
@@ -584,6 +593,10 @@ impl Shipper {
             async move {
                 let mut buf = BytesMut::with_capacity(ACK_BUFFER_BYTES);
                 let mut pending: VecDeque<(u64, u32)> = VecDeque::new();
+                // When the cursor file was last written, and when it is due again while
+                // acks wait unwritten (see `cursor::PERSIST_INTERVAL`).
+                let mut persisted_at: Option<tokio::time::Instant> = None;
+                let mut persist_due: Option<tokio::time::Instant> = None;
                 loop {
                     let (end_offset, used) = loop {
                         match Frame::decode(&buf)? {
@@ -595,18 +608,22 @@ impl Shipper {
                             None => {}
                         }
                         buf.reserve(ACK_BUFFER_BYTES);
-                        if recv
-                            .read_buf(&mut buf)
-                            .await
-                            .context("stream read failed")?
-                            == 0
-                        {
-                            return Err(CoreEndedStream.into());
+                        tokio::select! {
+                            read = recv.read_buf(&mut buf) => {
+                                if read.context("stream read failed")? == 0 {
+                                    return Err(CoreEndedStream.into());
+                                }
+                            }
+                            () = sleep_until(persist_due) => {
+                                persist_cursor(&cursors, &topic, partition).await?;
+                                persisted_at = Some(tokio::time::Instant::now());
+                                persist_due = None;
+                            }
                         }
                     };
                     let _ = buf.split_to(used);
-                    // Every ack already read is folded into one cursor write: acks are
-                    // cumulative, and one fsync per frame would pace the whole stream.
+                    // Every ack already read is folded into one cursor move: acks are
+                    // cumulative.
                     let mut end_offset = end_offset;
                     while let Some((Frame::Ack { end_offset: later }, used)) = Frame::decode(&buf)?
                     {
@@ -625,11 +642,20 @@ impl Shipper {
                         acked_bytes += u64::from(bytes);
                         window.add_permits(bytes as usize);
                     }
-                    let (cursors, topic_name) = (cursors.clone(), topic.clone());
-                    tokio::task::spawn_blocking(move || {
-                        cursors.advance(&topic_name, partition, end_offset)
-                    })
-                    .await??;
+                    // In memory at once; on disk at most `PERSIST_INTERVAL` later, so a
+                    // stream of acks costs one file write a second, not one per ack.
+                    cursors.ack(&topic, partition, end_offset);
+                    let now = tokio::time::Instant::now();
+                    match persisted_at {
+                        Some(at) if now < at + cursor::PERSIST_INTERVAL => {
+                            persist_due.get_or_insert(at + cursor::PERSIST_INTERVAL);
+                        }
+                        _ => {
+                            persist_cursor(&cursors, &topic, partition).await?;
+                            persisted_at = Some(now);
+                            persist_due = None;
+                        }
+                    }
                     metrics::counter!("silt_uplink_acked_bytes_total", &labels)
                         .increment(acked_bytes);
                     metrics::gauge!("silt_uplink_inflight_bytes", &labels)
@@ -690,6 +716,21 @@ impl Shipper {
             result = acks => result,
             result = sender => result,
         }
+    }
+}
+
+/// Writes the partition's cursor file if it is behind its acks (on a blocking thread).
+async fn persist_cursor(cursors: &Arc<Cursors>, topic: &str, partition: u32) -> anyhow::Result<()> {
+    let (cursors, topic) = (cursors.clone(), topic.to_string());
+    tokio::task::spawn_blocking(move || cursors.persist(&topic, partition)).await?
+}
+
+/// Completes at `deadline`, or never without one: a `select!` branch for a timer that may be
+/// off.
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
     }
 }
 
