@@ -929,7 +929,8 @@ impl RawKafka {
         };
         let queued_max_request_bytes = match &self.queued_max_request_bytes {
             Some(value) => value.bytes("kafka.queued_max_request_bytes", 1024, 1 << 40)?,
-            None => defaults::KAFKA_QUEUED_MAX_REQUEST_BYTES,
+            // Room for at least one request of the largest size the listener accepts.
+            None => defaults::KAFKA_QUEUED_MAX_REQUEST_BYTES.max(max_request_bytes),
         };
         if queued_max_request_bytes < max_request_bytes {
             return Err(ConfigError::key(
@@ -1355,6 +1356,15 @@ mod tests {
     }
 
     #[test]
+    fn the_request_memory_pool_holds_at_least_one_largest_request() {
+        let config = CoreConfig::resolve(&file(
+            "data_dir = \"/var/lib/silt\"\n[kafka]\nmax_request_bytes = \"1GiB\"",
+        ))
+        .unwrap();
+        assert_eq!(config.kafka.queued_max_request_bytes, 1 << 30);
+    }
+
+    #[test]
     fn tiering_keys_are_parsed_validated_and_round_trip() {
         let config = CoreConfig::resolve(&file(
             r#"
@@ -1582,6 +1592,10 @@ mod tests {
             (
                 "[uplink]\nlisten = \"quic\"",
                 "config key uplink.listen: expected an IP address and port",
+            ),
+            (
+                "[kafka]\nmax_request_bytes = \"1GiB\"\nqueued_max_request_bytes = \"512MiB\"",
+                "config key kafka.queued_max_request_bytes: 536870912 is below kafka.max_request_bytes (1073741824)",
             ),
             (
                 "[kafka]\nconnections_max_idle_ms = 10",

@@ -181,6 +181,17 @@ fn wait_for_metric(core: &Core, name: &str, done: impl Fn(f64) -> bool) -> f64 {
     }
 }
 
+/// A connection that sends the size prefix of a `claim`-byte request (ApiVersions v0), its
+/// header and a tenth of it, and then nothing.
+fn start_a_request_and_stop(core: &Core, claim: i32) -> RawKafka {
+    let mut kafka = RawKafka::connect(core.kafka);
+    let mut bytes = claim.to_be_bytes().to_vec();
+    bytes.extend_from_slice(&[0, 18, 0, 0, 0, 0, 0, 1]);
+    bytes.resize(4 + claim as usize / 10, 0);
+    kafka.send_bytes(&bytes);
+    kafka
+}
+
 /// A Metadata v4 request body for `count` topics with 200-byte names containing '!', which
 /// no topic may have (each is answered with an error, none is created), and no auto-creation.
 fn metadata_for_invalid_topics(count: usize) -> Vec<u8> {
@@ -210,14 +221,7 @@ fn large_requests_wait_for_request_memory_and_go_on_once_it_is_freed() {
     // them they hold all but 97,144 bytes of the 2 MiB pool.
     let claim: i32 = 1_000_000;
     let mut holders: Vec<RawKafka> = (0..2)
-        .map(|_| {
-            let mut kafka = RawKafka::connect(core.kafka);
-            let mut bytes = claim.to_be_bytes().to_vec();
-            bytes.extend_from_slice(&[0, 18, 0, 0, 0, 0, 0, 1]);
-            bytes.resize(4 + claim as usize / 10, 0);
-            kafka.send_bytes(&bytes);
-            kafka
-        })
+        .map(|_| start_a_request_and_stop(&core, claim))
         .collect();
     let held = 2.0 * f64::from(claim + 4);
     wait_for_metric(&core, "silt_kafka_queued_request_bytes", |bytes| {
@@ -309,11 +313,7 @@ fn a_client_that_stops_inside_a_large_request_is_closed_and_its_memory_freed() {
     );
     // A request claiming 1,000,000 bytes, a tenth of them sent, then nothing.
     let claim: i32 = 1_000_000;
-    let mut stalled = RawKafka::connect(core.kafka);
-    let mut bytes = claim.to_be_bytes().to_vec();
-    bytes.extend_from_slice(&[0, 18, 0, 0, 0, 0, 0, 1]);
-    bytes.resize(4 + claim as usize / 10, 0);
-    stalled.send_bytes(&bytes);
+    let mut stalled = start_a_request_and_stop(&core, claim);
     assert_eq!(stalled.read_answer(), Answer::Closed);
     wait_for_metric(
         &core,

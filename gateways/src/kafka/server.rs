@@ -84,6 +84,9 @@ const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 #[derive(Debug, Clone)]
 struct RequestMemory {
     pool: Arc<Semaphore>,
+    /// The pool's size: the most one frame takes, so a frame of the largest size (its size
+    /// prefix included) is admitted even when the pool is exactly `max_request_bytes`.
+    total: usize,
 }
 
 /// A frame's share of [`RequestMemory`], given back when dropped.
@@ -103,8 +106,10 @@ impl Drop for Admitted {
 
 impl RequestMemory {
     fn new(bytes: usize) -> RequestMemory {
+        let total = bytes.clamp(1, Semaphore::MAX_PERMITS);
         RequestMemory {
-            pool: Arc::new(Semaphore::new(bytes.min(Semaphore::MAX_PERMITS))),
+            pool: Arc::new(Semaphore::new(total)),
+            total,
         }
     }
 
@@ -118,8 +123,7 @@ impl RequestMemory {
         if frame_len <= READ_CHUNK_BYTES {
             return Some(Admitted { permit: None });
         }
-        // At most `max_request_bytes` plus the prefix, which the pool is at least.
-        let wanted = u32::try_from(frame_len).unwrap_or(u32::MAX);
+        let wanted = u32::try_from(frame_len.min(self.total)).unwrap_or(u32::MAX);
         let permit = match self.pool.clone().try_acquire_many_owned(wanted) {
             Ok(permit) => permit,
             Err(_) => {
@@ -552,4 +556,57 @@ fn write_error_response(correlation_id: i32, out: &mut BytesMut) {
 /// The api's name for metric labels.
 pub(crate) fn api_name(api: ApiKey) -> &'static str {
     versions::name(api)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn request_memory_admits_the_largest_frame_and_makes_the_next_one_wait() {
+        let memory = RequestMemory::new(100_000);
+        let (_stop, mut stopping) = watch::channel(false);
+        // A frame of the pool's size plus its size prefix still gets in: it takes the pool.
+        let largest = memory.admit(100_004, &mut stopping).await.unwrap();
+        // Small frames need no share.
+        let small = memory.admit(READ_CHUNK_BYTES, &mut stopping).await.unwrap();
+        assert!(small.permit.is_none());
+        // A large one waits until the pool is given back.
+        let mut waiting = Box::pin(async {
+            let mut stopping = stopping.clone();
+            memory.admit(70_000, &mut stopping).await
+        });
+        assert!(futures_poll_once(&mut waiting).await.is_none());
+        drop(largest);
+        let admitted = waiting.await.unwrap();
+        assert_eq!(
+            admitted.permit.as_ref().map(|p| p.num_permits()),
+            Some(70_000)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_wait_for_request_memory_ends_when_the_listener_stops() {
+        let memory = RequestMemory::new(100_000);
+        let (stop, mut stopping) = watch::channel(false);
+        let _all = memory.admit(100_000, &mut stopping).await.unwrap();
+        let waiting = tokio::spawn({
+            let memory = memory.clone();
+            let mut stopping = stopping.clone();
+            async move { memory.admit(70_000, &mut stopping).await.is_none() }
+        });
+        stop.send(true).unwrap();
+        assert!(waiting.await.unwrap(), "no share once stopping");
+    }
+
+    /// Polls `future` once: its output if it is ready, `None` if it is pending.
+    async fn futures_poll_once<F: Future + Unpin>(future: &mut F) -> Option<F::Output> {
+        std::future::poll_fn(|cx| {
+            std::task::Poll::Ready(match std::pin::Pin::new(&mut *future).poll(cx) {
+                std::task::Poll::Ready(output) => Some(output),
+                std::task::Poll::Pending => None,
+            })
+        })
+        .await
+    }
 }
