@@ -7,7 +7,7 @@
 //! follows at most [`PERSIST_INTERVAL`] behind, and at a clean stop ([`Cursors::persist_all`]).
 //! A crash before the file caught up re-sends what the core already has, which its dedup
 //! skips: the file is where to resume, not what was delivered. Writing it on every ack cost
-//! two fsyncs and a rename each time, 16% of the edge's CPU in a drain, and an SD card's
+//! two fsyncs and a rename each time, about 13% of the edge's CPU in a drain, and an SD card's
 //! wear at every group commit of a live load. Nothing at or above a partition's
 //! acknowledged position is deleted unless the disk budget forces it.
 

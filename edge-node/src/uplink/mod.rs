@@ -4,8 +4,9 @@
 //! every partition the log has (new ones are noticed within [`DISCOVERY_INTERVAL`]). A
 //! stream sends `Hello`, then `Data` frames read from the partition's cursor onwards, at
 //! most `inflight_bytes` of batches unacknowledged at a time; each `Ack` moves the cursor
-//! and frees its bytes (the cursor's file follows within a second, see `cursor`). When the log has nothing new, the sender sleeps
-//! on the partition's high watermark instead of polling.
+//! and frees its bytes (the cursor's file follows within a second, see `cursor`). When the
+//! log has nothing new, the sender sleeps on the partition's high watermark instead of
+//! polling.
 //!
 //! Any failure drops the whole connection; the client reconnects with exponential backoff
 //! and jitter, capped at [`BACKOFF_MAX`] so that it is back within 5 s of the link
@@ -593,10 +594,10 @@ impl Shipper {
             async move {
                 let mut buf = BytesMut::with_capacity(ACK_BUFFER_BYTES);
                 let mut pending: VecDeque<(u64, u32)> = VecDeque::new();
-                // When the cursor file was last written, and when it is due again while
-                // acks wait unwritten (see `cursor::PERSIST_INTERVAL`).
-                let mut persisted_at: Option<tokio::time::Instant> = None;
-                let mut persist_due: Option<tokio::time::Instant> = None;
+                // When the cursor file was last written, and when it is written next: set
+                // by an ack, at most `cursor::PERSIST_INTERVAL` after the last write.
+                let mut written_at: Option<tokio::time::Instant> = None;
+                let mut write_due: Option<tokio::time::Instant> = None;
                 loop {
                     let (end_offset, used) = loop {
                         match Frame::decode(&buf)? {
@@ -614,10 +615,10 @@ impl Shipper {
                                     return Err(CoreEndedStream.into());
                                 }
                             }
-                            () = sleep_until(persist_due) => {
+                            () = sleep_until(write_due) => {
                                 persist_cursor(&cursors, &topic, partition).await?;
-                                persisted_at = Some(tokio::time::Instant::now());
-                                persist_due = None;
+                                written_at = Some(tokio::time::Instant::now());
+                                write_due = None;
                             }
                         }
                     };
@@ -645,17 +646,11 @@ impl Shipper {
                     // In memory at once; on disk at most `PERSIST_INTERVAL` later, so a
                     // stream of acks costs one file write a second, not one per ack.
                     cursors.ack(&topic, partition, end_offset);
-                    let now = tokio::time::Instant::now();
-                    match persisted_at {
-                        Some(at) if now < at + cursor::PERSIST_INTERVAL => {
-                            persist_due.get_or_insert(at + cursor::PERSIST_INTERVAL);
-                        }
-                        _ => {
-                            persist_cursor(&cursors, &topic, partition).await?;
-                            persisted_at = Some(now);
-                            persist_due = None;
-                        }
-                    }
+                    write_due.get_or_insert_with(|| {
+                        written_at.map_or_else(tokio::time::Instant::now, |at| {
+                            at + cursor::PERSIST_INTERVAL
+                        })
+                    });
                     metrics::counter!("silt_uplink_acked_bytes_total", &labels)
                         .increment(acked_bytes);
                     metrics::gauge!("silt_uplink_inflight_bytes", &labels)
