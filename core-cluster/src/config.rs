@@ -206,8 +206,8 @@ pub(crate) struct KafkaConfig {
     /// Most bytes of large request frames held at once across connections
     /// (`kafka.queued_max_request_bytes`, at least `max_request_bytes`).
     pub(crate) queued_max_request_bytes: usize,
-    /// How long a connection may send nothing before it is closed
-    /// (`kafka.connections_max_idle_ms`).
+    /// How long a connection may send nothing, or read none of a response, before it is
+    /// closed (`kafka.connections_max_idle_ms`).
     pub(crate) connections_max_idle: Duration,
     /// `kafka.group_initial_rebalance_delay_ms`.
     pub(crate) group_initial_rebalance_delay: Duration,

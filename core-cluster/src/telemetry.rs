@@ -139,7 +139,7 @@ fn describe() {
     );
     describe_counter!(
         silt_gateways::kafka::metrics::IDLE_CLOSED_CONNECTIONS,
-        "Kafka connections closed after sending nothing for kafka.connections_max_idle_ms"
+        "Kafka connections closed after sending nothing, or reading none of a response, for kafka.connections_max_idle_ms"
     );
     describe_counter!(
         silt_gateways::kafka::metrics::REQUEST_MEMORY_WAITS,

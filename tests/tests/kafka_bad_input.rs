@@ -8,12 +8,13 @@
 use std::time::{Duration, Instant};
 
 use silt_tests::core::Core;
-use silt_tests::kafka::{Answer, RawKafka, Reader};
+use silt_tests::kafka::{Answer, RawKafka, Reader, fetch_v4_body, value_batch};
 use silt_tests::uplink::metric_sum;
 
 const UNSUPPORTED_VERSION: i16 = 35;
 const API_VERSIONS: i16 = 18;
 const METADATA: i16 = 3;
+const FETCH: i16 = 1;
 
 /// Sends ApiVersions v0 and checks the answer, proving the connection still works.
 fn assert_api_versions_works(kafka: &mut RawKafka) {
@@ -307,13 +308,17 @@ fn connections_past_max_connections_are_closed_until_one_leaves() {
 #[test]
 fn a_client_that_stops_inside_a_large_request_is_closed_and_its_memory_freed() {
     let dir = tempfile::tempdir().unwrap();
+    // Long enough for the test to see the share held first, even on a slow machine.
     let core = Core::start(
         &dir.path().join("data"),
-        &["--set", "kafka.connections_max_idle_ms=300"],
+        &["--set", "kafka.connections_max_idle_ms=3000"],
     );
     // A request claiming 1,000,000 bytes, a tenth of them sent, then nothing.
     let claim: i32 = 1_000_000;
     let mut stalled = start_a_request_and_stop(&core, claim);
+    wait_for_metric(&core, "silt_kafka_queued_request_bytes", |bytes| {
+        bytes == f64::from(claim + 4)
+    });
     assert_eq!(stalled.read_answer(), Answer::Closed);
     wait_for_metric(
         &core,
@@ -324,6 +329,47 @@ fn a_client_that_stops_inside_a_large_request_is_closed_and_its_memory_freed() {
         bytes == 0.0
     });
     // Clients that keep talking are served as before.
+    let mut kafka = RawKafka::connect(core.kafka);
+    assert_api_versions_works(&mut kafka);
+    core.stop();
+}
+
+#[test]
+fn a_client_that_stops_reading_its_responses_is_closed() {
+    let dir = tempfile::tempdir().unwrap();
+    let core = Core::start(
+        &dir.path().join("data"),
+        &["--set", "kafka.connections_max_idle_ms=1000"],
+    );
+    // Ten batches of one 900 KB record each (under the 1 MiB batch limit).
+    let mut producer = RawKafka::connect(core.kafka);
+    let value = "v".repeat(900_000);
+    for _ in 0..10 {
+        let (error, _) = producer.produce("unread", &value_batch(None, &[value.as_str()]));
+        assert_eq!(error, 0, "produce error");
+    }
+    // Gone before it could be idle: the one idle close counted below is the reader's.
+    drop(producer);
+    // Eight Fetches of all 9 MB, pipelined, and not a byte of their answers read: far more
+    // than the two sockets' buffers hold, so the listener's write stops moving.
+    let mut stopped = RawKafka::connect(core.kafka);
+    for _ in 0..8 {
+        stopped.send(
+            FETCH,
+            4,
+            false,
+            &fetch_v4_body("unread", 0, 0, 0, 1, 16 << 20),
+        );
+    }
+    wait_for_metric(
+        &core,
+        "silt_kafka_idle_closed_connections_total",
+        |closed| closed >= 1.0,
+    );
+    // The connection is closed: what the client reads ends before the eight answers do.
+    let received = stopped.read_until_closed();
+    assert!(received < 8 * 9_000_000, "{received} bytes of answers");
+    // Clients that read their answers are served as before.
     let mut kafka = RawKafka::connect(core.kafka);
     assert_api_versions_works(&mut kafka);
     core.stop();

@@ -45,10 +45,11 @@ pub struct KafkaLimits {
     /// `queued.max.request.bytes`; frames of up to one read chunk (64 KiB) do not count.
     /// At least `max_request_bytes`, so any frame the listener accepts can be admitted.
     pub queued_max_request_bytes: usize,
-    /// How long a connection may send nothing while the listener waits to read from it,
-    /// between requests or inside one, before it is closed, as Kafka's
-    /// `connections.max.idle.ms`: a client that starts a large request and stops cannot
-    /// keep its share of the request memory.
+    /// How long a connection may move nothing before it is closed, as Kafka's
+    /// `connections.max.idle.ms`: sending nothing while the listener waits to read from it,
+    /// between requests or inside one, or reading none of a response the listener is
+    /// writing. A client that starts a large request and stops cannot keep its share of the
+    /// request memory, nor one that stops reading keep its responses.
     pub idle_timeout: Duration,
     /// Longest a Fetch may wait for data (caps the client's `max_wait_ms`).
     pub fetch_wait_max: Duration,
@@ -230,29 +231,36 @@ impl Outgoing {
         self.pieces.clear();
     }
 
-    async fn write_to(&mut self, stream: &mut TcpStream) -> std::io::Result<()> {
-        if self.pieces.is_empty() {
-            return stream.write_all(&self.head).await;
-        }
-        let mut slices: Vec<IoSlice<'_>> = self
-            .pieces
-            .iter()
-            .map(|piece| match piece {
-                Piece::Head(range) => IoSlice::new(&self.head[range.clone()]),
-                Piece::Records(range) => IoSlice::new(&self.records[range.clone()]),
-                Piece::Shared(bytes) => IoSlice::new(bytes),
-            })
-            .filter(|slice| !slice.is_empty())
-            .collect();
+    /// Writes the response. Returns false, with part of it unsent, when the client read
+    /// none of it for `idle`: a client that stops reading must not hold its responses (up to
+    /// `fetch_bytes_max` each) for as long as it stays connected.
+    async fn write_to(&mut self, stream: &mut TcpStream, idle: Duration) -> std::io::Result<bool> {
+        let mut slices: Vec<IoSlice<'_>> = if self.pieces.is_empty() {
+            vec![IoSlice::new(&self.head)]
+        } else {
+            self.pieces
+                .iter()
+                .map(|piece| match piece {
+                    Piece::Head(range) => IoSlice::new(&self.head[range.clone()]),
+                    Piece::Records(range) => IoSlice::new(&self.records[range.clone()]),
+                    Piece::Shared(bytes) => IoSlice::new(bytes),
+                })
+                .collect()
+        };
+        slices.retain(|slice| !slice.is_empty());
         let mut slices = &mut slices[..];
         while !slices.is_empty() {
-            let written = stream.write_vectored(slices).await?;
+            let Ok(written) = tokio::time::timeout(idle, stream.write_vectored(slices)).await
+            else {
+                return Ok(false);
+            };
+            let written = written?;
             if written == 0 {
                 return Err(std::io::ErrorKind::WriteZero.into());
             }
             IoSlice::advance_slices(&mut slices, written);
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Frees the read buffer when the last Fetch used under a quarter of it, so an idle or
@@ -320,7 +328,15 @@ async fn serve_connection<B: KafkaBroker>(
             // the log); the response's is the connection's own.
             drop(share);
             if answered {
-                out.write_to(&mut stream).await?;
+                if !out.write_to(&mut stream, limits.idle_timeout).await? {
+                    kafka_metrics::idle_connection_closed();
+                    tracing::debug!(
+                        %peer,
+                        idle = ?limits.idle_timeout,
+                        "kafka connection closed: idle, its response unread"
+                    );
+                    return Ok(());
+                }
                 out.trim();
             }
         }

@@ -97,6 +97,26 @@ impl RawKafka {
         Answer::Response(body)
     }
 
+    /// Reads whatever comes until the server closes the connection; returns how many bytes
+    /// came.
+    ///
+    /// # Panics
+    /// If the connection stays open with nothing to read for [`RESPONSE_TIMEOUT`].
+    pub fn read_until_closed(&mut self) -> usize {
+        let mut received = 0;
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            match self.stream.read(&mut buf) {
+                Ok(0) => return received,
+                Ok(n) => received += n,
+                Err(error) if error.kind() == std::io::ErrorKind::ConnectionReset => {
+                    return received;
+                }
+                Err(error) => panic!("still open after {received} bytes: {error}"),
+            }
+        }
+    }
+
     /// Reads one response, which must be there.
     ///
     /// # Panics
