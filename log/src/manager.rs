@@ -4,7 +4,7 @@
 //! Layout of a data directory:
 //!
 //! ```text
-//! <data>/meta.json                  format marker: {"format":"silt-log","version":1}
+//! <data>/meta.json                  format marker and id: {"format":"silt-log","version":1,"id":"<32 hex>"}
 //! <data>/.lock                      held (flock) while a process has the directory open
 //! <data>/.clean_shutdown            present only between a clean close and the next open
 //! <data>/<topic>/topic.json         partition count and config overrides; written last
@@ -48,6 +48,10 @@ const DELETED_MARKER: &str = "~deleted-";
 struct Meta {
     format: String,
     version: u32,
+    /// Random at creation ([`LogManager::id`]); absent in directories made before logs had
+    /// ids, which keep none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    id: Option<String>,
 }
 
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
@@ -94,6 +98,7 @@ pub struct LogManager {
     was_clean: bool,
     flusher: Mutex<Option<Flusher>>,
     closed: AtomicBool,
+    id: Option<String>,
     _lock: File,
 }
 
@@ -103,7 +108,7 @@ impl LogManager {
     pub fn open(config: LogConfig) -> Result<Arc<LogManager>> {
         let dir = config.data_dir.clone();
         fsutil::create_dir_durable(&dir)?;
-        check_meta(&dir)?;
+        let id = check_meta(&dir)?;
         let lock = lock_dir(&dir)?;
         let marker = dir.join(CLEAN_SHUTDOWN_FILE);
         let clean = marker.exists();
@@ -172,6 +177,7 @@ impl LogManager {
             was_clean: clean,
             flusher: Mutex::new(None),
             closed: AtomicBool::new(false),
+            id,
             _lock: lock,
         });
         if let FlushPolicy::RelaxedUnsafe { interval } = manager.config.flush {
@@ -215,6 +221,13 @@ impl LogManager {
     /// Whether the previous process closed the directory cleanly.
     pub fn opened_clean(&self) -> bool {
         self.was_clean
+    }
+
+    /// The log's id: 128 random bits in hex, chosen when its data directory was created and
+    /// kept in `meta.json`, so a log that replaced another in the same place (a wiped disk)
+    /// is told apart from it. `None` for a directory created before logs had ids.
+    pub fn id(&self) -> Option<&str> {
+        self.id.as_deref()
     }
 
     /// What recovery did at open.
@@ -503,8 +516,9 @@ pub fn validate_topic_name(name: &str) -> Result<()> {
     Ok(())
 }
 
-/// Creates `meta.json` in a new or empty directory, or checks the one that is there.
-fn check_meta(dir: &Path) -> Result<()> {
+/// Creates `meta.json` in a new or empty directory, or checks the one that is there;
+/// returns the log's id.
+fn check_meta(dir: &Path) -> Result<Option<String>> {
     let path = dir.join(META_FILE);
     match fs::read(&path) {
         Ok(bytes) => {
@@ -522,7 +536,7 @@ fn check_meta(dir: &Path) -> Result<()> {
                     ),
                 });
             }
-            Ok(())
+            Ok(meta.id)
         }
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
             let mut entries = fs::read_dir(dir).map_err(LogError::io(dir))?;
@@ -535,12 +549,24 @@ fn check_meta(dir: &Path) -> Result<()> {
             let meta = Meta {
                 format: FORMAT_NAME.to_string(),
                 version: FORMAT_VERSION,
+                id: Some(new_log_id()?),
             };
             let bytes = serde_json::to_vec(&meta).expect("meta always serializes");
-            fsutil::write_atomic(&path, &bytes)
+            fsutil::write_atomic(&path, &bytes)?;
+            Ok(meta.id)
         }
         Err(error) => Err(LogError::io(path)(error)),
     }
+}
+
+/// 128 random bits in hex, from the kernel's random source.
+fn new_log_id() -> Result<String> {
+    const SOURCE: &str = "/dev/urandom";
+    let mut bits = [0u8; 16];
+    File::open(SOURCE)
+        .and_then(|mut file| std::io::Read::read_exact(&mut file, &mut bits))
+        .map_err(LogError::io(Path::new(SOURCE)))?;
+    Ok(bits.iter().map(|byte| format!("{byte:02x}")).collect())
 }
 
 fn lock_dir(dir: &Path) -> Result<File> {

@@ -808,3 +808,35 @@ fn a_follower_sleeps_until_new_data_is_durable() {
     // Data already past the offset returns at once.
     assert_eq!(log.wait_for_high_watermark(1, Duration::from_secs(30)), 3);
 }
+
+#[test]
+fn a_log_keeps_the_id_it_was_created_with_and_another_log_has_another() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = dir.path().join("first");
+    let id = {
+        let manager = LogManager::open(LogConfig::new(&first)).unwrap();
+        let id = manager.id().expect("a new log has an id").to_string();
+        assert!(
+            id.len() == 32 && id.bytes().all(|byte| byte.is_ascii_hexdigit()),
+            "{id}"
+        );
+        manager.close().unwrap();
+        id
+    };
+    let manager = LogManager::open(LogConfig::new(&first)).unwrap();
+    assert_eq!(manager.id(), Some(id.as_str()), "the id survives a reopen");
+    drop(manager);
+
+    // The same place emptied and used again: a new log, a new id.
+    std::fs::remove_dir_all(&first).unwrap();
+    let manager = LogManager::open(LogConfig::new(&first)).unwrap();
+    assert_ne!(manager.id(), Some(id.as_str()));
+    drop(manager);
+
+    // A directory made before logs had ids keeps none.
+    let old = dir.path().join("old");
+    std::fs::create_dir(&old).unwrap();
+    std::fs::write(old.join("meta.json"), br#"{"format":"silt-log","version":1}"#).unwrap();
+    let manager = LogManager::open(LogConfig::new(&old)).unwrap();
+    assert_eq!(manager.id(), None);
+}

@@ -1,6 +1,8 @@
 //! The core's restart cost: after a clean stop, the uplink's dedup state comes from the
 //! checkpoint written at shutdown and the restarted core scans no records to rebuild it;
-//! without the checkpoint it scans the whole topic. Exactly once holds either way.
+//! without the checkpoint it scans the whole topic. Exactly once holds either way. And an
+//! edge restarted on a data directory made anew (a new card) gets its new records shipped,
+//! not taken for duplicates of the old log's offsets.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -10,8 +12,8 @@ use silt_tests::core::{Core, field_addr};
 use silt_tests::mqtt::dump::dump_topic;
 use silt_tests::mqtt::skip_unless_silt;
 use silt_tests::uplink::{
-    check_exactly_once, collect_acked, metric_sum, start_core_behind_proxy_with_edge,
-    start_publishers, wait_drained,
+    check_exactly_once, collect_acked, core_ca, metric_sum, start_core_behind_proxy_with_edge,
+    start_edge, start_publishers, wait_drained,
 };
 
 const CLIENTS: usize = 3;
@@ -99,4 +101,58 @@ async fn a_clean_restart_rebuilds_dedup_state_from_its_checkpoint_not_a_scan() {
     let records = blocking(|| dump_topic(&core_dir, "mqtt"));
     let distinct = check_exactly_once(&records, EDGE_ID, &acked);
     assert_eq!(distinct, CLIENTS * 230);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_whose_data_directory_was_made_anew_has_its_new_records_shipped() {
+    if !skip_unless_silt("uplink_restart") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let core_dir = dir.path().join("core");
+    let edge_dir = dir.path().join("edge");
+    let (core, proxy, mut edge) =
+        blocking(|| start_core_behind_proxy_with_edge(dir.path(), &CORE_ARGS, EDGE_ID));
+    let mut acked = HashMap::new();
+    publish(edge.mqtt, 0, 200, &mut acked).await;
+    blocking(|| wait_drained(&edge, DRAIN_TIMEOUT));
+
+    // The data directory lost and made anew under the same edge id, its uplink state kept:
+    // the new log counts offsets from 0 again, below where the old cursors and the core's
+    // dedup state stand.
+    blocking(|| edge.stop());
+    std::fs::remove_dir_all(&edge_dir).unwrap();
+    let start = || start_edge(&edge_dir, EDGE_ID, proxy.addr, &core_ca(&core_dir), &[]);
+    edge = blocking(start);
+    publish(edge.mqtt, 200, 300, &mut acked).await;
+    blocking(|| wait_drained(&edge, DRAIN_TIMEOUT));
+
+    // A new card: data and uplink state both gone.
+    blocking(|| edge.stop());
+    std::fs::remove_dir_all(&edge_dir).unwrap();
+    let mut state_dir = edge_dir.as_os_str().to_owned();
+    state_dir.push(".uplink");
+    std::fs::remove_dir_all(&state_dir).unwrap();
+    edge = blocking(start);
+    publish(edge.mqtt, 300, 350, &mut acked).await;
+    blocking(|| wait_drained(&edge, DRAIN_TIMEOUT));
+    assert_eq!(
+        blocking(|| metric_sum(&core.metrics(), "silt_uplink_duplicate_records_total")),
+        0.0,
+        "nothing of a new log is a duplicate of an old one's"
+    );
+
+    blocking(|| edge.stop());
+    blocking(|| core.stop());
+    let records = blocking(|| dump_topic(&core_dir, "mqtt"));
+    assert_eq!(check_exactly_once(&records, EDGE_ID, &acked), CLIENTS * 350);
+    let logs: std::collections::HashSet<&str> = records
+        .iter()
+        .map(|record| {
+            record
+                .header("silt.edge.log")
+                .expect("every record names its edge log")
+        })
+        .collect();
+    assert_eq!(logs.len(), 3, "three edge logs: {logs:?}");
 }

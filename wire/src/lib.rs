@@ -9,10 +9,11 @@
 //! - [`Frame`]: the uplink frames (`Hello`, `Data`, `Ack`, `Error`) and their codec.
 //! - [`compress_batches`] / [`decompress_batches`]: the zstd envelope of a `Data` payload.
 //!
-//! # Format (version 1)
+//! # Format (version 2)
 //! ```text
 //! frame   = length:u32be type:u8 body          length counts type and body
-//! Hello   (1) = version:u16 edge_id:str8 topic:str8 partition:u32
+//! Hello   (1) = version:u16 edge_id:str8 topic:str8 partition:u32 edge_log:str8
+//!               (edge_log from version 2 on; a version 1 Hello ends at partition)
 //! Data    (2) = first_offset:u64 end_offset:u64 edge_end:u64 codec:u8 raw_len:u32 payload
 //! Ack     (3) = end_offset:u64
 //! Error   (4) = code:u16 message:str16
@@ -21,6 +22,11 @@
 //! A `Data` payload is whole Kafka RecordBatch v2 batches exactly as the edge log stores them
 //! (their base offsets are the edge offsets), as a whole compressed with zstd when
 //! `codec` is 1. `raw_len` is the uncompressed size, bounded by [`DATA_RAW_BYTES_MAX`].
+//!
+//! `edge_log` is the id of the edge's log (its data directory), random when the log was
+//! created: the edge offsets a stream ships count in that log, so an edge whose log was
+//! replaced (a new card, a wiped disk) starts new streams instead of offsets the core has
+//! seen. Empty for a log made before logs had ids, and in a version 1 `Hello`.
 
 use bytes::{BufMut, Bytes, BytesMut};
 
@@ -31,7 +37,11 @@ pub const ALPN: &[u8] = b"silt-uplink/1";
 /// acked before the close, so the edge takes it as no failure and reconnects.
 pub const CLOSE_SHUTTING_DOWN: u32 = 1;
 /// The frame format version a `Hello` carries.
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
+/// The oldest `Hello` version still understood (without `edge_log`).
+pub const VERSION_MIN: u16 = 1;
+/// Longest edge log id.
+pub const EDGE_LOG_BYTES_MAX: usize = 64;
 /// Largest uncompressed `Data` payload (batches) either side accepts.
 pub const DATA_RAW_BYTES_MAX: usize = 8 << 20;
 /// Largest frame (type and body) either side accepts: a `Data` frame whose payload did not
@@ -79,6 +89,9 @@ pub enum Frame<'a> {
         edge_id: &'a str,
         topic: &'a str,
         partition: u32,
+        /// The edge log's id (see the format); empty for a log without one, and always in
+        /// a version 1 `Hello`, which does not carry it.
+        edge_log: &'a str,
     },
     /// Edge to core: the batches holding edge offsets `first_offset..end_offset` (records
     /// below `first_offset` in the first batch were shipped before and are skipped).
@@ -160,9 +173,15 @@ impl Frame<'_> {
                 edge_id,
                 topic,
                 partition,
+                edge_log,
             } => {
                 assert!(!edge_id.is_empty() && edge_id.len() <= EDGE_ID_BYTES_MAX);
                 assert!(!topic.is_empty() && topic.len() <= TOPIC_BYTES_MAX);
+                assert!(edge_log.len() <= EDGE_LOG_BYTES_MAX);
+                assert!(
+                    version >= 2 || edge_log.is_empty(),
+                    "a version 1 Hello has no log id"
+                );
                 out.put_u8(TYPE_HELLO);
                 out.put_u16(version);
                 out.put_u8(edge_id.len() as u8);
@@ -170,6 +189,10 @@ impl Frame<'_> {
                 out.put_u8(topic.len() as u8);
                 out.put_slice(topic.as_bytes());
                 out.put_u32(partition);
+                if version >= 2 {
+                    out.put_u8(edge_log.len() as u8);
+                    out.put_slice(edge_log.as_bytes());
+                }
             }
             Frame::Data {
                 first_offset,
@@ -204,7 +227,16 @@ impl Frame<'_> {
 
     fn body_len(&self) -> usize {
         match *self {
-            Frame::Hello { edge_id, topic, .. } => 2 + 1 + edge_id.len() + 1 + topic.len() + 4,
+            Frame::Hello {
+                version,
+                edge_id,
+                topic,
+                edge_log,
+                ..
+            } => {
+                let log_len = if version >= 2 { 1 + edge_log.len() } else { 0 };
+                2 + 1 + edge_id.len() + 1 + topic.len() + 4 + log_len
+            }
             Frame::Data { payload, .. } => 8 + 8 + 8 + 1 + 4 + payload.len(),
             Frame::Ack { .. } => 8,
             Frame::Error { message, .. } => 2 + 2 + truncate_utf8(message, MESSAGE_BYTES_MAX).len(),
@@ -242,11 +274,25 @@ impl Frame<'_> {
                 let partition = reader.u32().ok_or(bad.clone())?;
                 check_name("edge id", edge_id, EDGE_ID_BYTES_MAX)?;
                 check_name("topic", topic, TOPIC_BYTES_MAX)?;
+                let edge_log = if version >= 2 {
+                    let edge_log = reader.str8("edge log id").ok_or(bad.clone())??;
+                    if edge_log.len() > EDGE_LOG_BYTES_MAX {
+                        return Err(WireError::BadField {
+                            field: "edge log id",
+                            len: edge_log.len(),
+                            max: EDGE_LOG_BYTES_MAX,
+                        });
+                    }
+                    edge_log
+                } else {
+                    ""
+                };
                 Frame::Hello {
                     version,
                     edge_id,
                     topic,
                     partition,
+                    edge_log,
                 }
             }
             TYPE_DATA => {

@@ -6,7 +6,7 @@ use silt_wire::{BatchCompressor, Codec, Frame, WireError, compress_batches, deco
 
 #[derive(Debug, Clone)]
 enum Owned {
-    Hello(u16, String, String, u32),
+    Hello(u16, String, String, u32, String),
     Data(u64, u64, u64, Vec<u8>),
     Ack(u64),
     Error(u16, String),
@@ -15,11 +15,12 @@ enum Owned {
 impl Owned {
     fn frame(&self) -> Frame<'_> {
         match self {
-            Owned::Hello(version, edge, topic, partition) => Frame::Hello {
+            Owned::Hello(version, edge, topic, partition, log) => Frame::Hello {
                 version: *version,
                 edge_id: edge,
                 topic,
                 partition: *partition,
+                edge_log: log,
             },
             Owned::Data(first, len, ahead, payload) => Frame::Data {
                 first_offset: *first,
@@ -44,9 +45,17 @@ fn owned() -> impl Strategy<Value = Owned> {
             any::<u16>(),
             "[a-z0-9-]{1,40}",
             "[a-z.]{1,40}",
-            any::<u32>()
+            any::<u32>(),
+            "[0-9a-f]{0,32}"
         )
-            .prop_map(|(v, e, t, p)| Owned::Hello(v, e, t, p)),
+            // A version 1 Hello carries no log id.
+            .prop_map(|(v, e, t, p, l)| Owned::Hello(
+                v,
+                e,
+                t,
+                p,
+                if v >= 2 { l } else { String::new() }
+            )),
         (
             any::<u64>(),
             any::<u64>(),
@@ -160,6 +169,15 @@ fn pinned_bytes() {
         edge_id: "e1",
         topic: "mqtt",
         partition: 2,
+        edge_log: "",
+    }
+    .encode(&mut buf);
+    Frame::Hello {
+        version: 2,
+        edge_id: "e1",
+        topic: "mqtt",
+        partition: 2,
+        edge_log: "a9",
     }
     .encode(&mut buf);
     Frame::Ack { end_offset: 7 }.encode(&mut buf);
@@ -176,6 +194,8 @@ fn pinned_bytes() {
         &buf[..],
         &[
             0, 0, 0, 15, 1, 0, 1, 2, b'e', b'1', 4, b'm', b'q', b't', b't', 0, 0, 0, 2, //
+            0, 0, 0, 18, 1, 0, 2, 2, b'e', b'1', 4, b'm', b'q', b't', b't', 0, 0, 0, 2, 2, b'a',
+            b'9', //
             0, 0, 0, 9, 3, 0, 0, 0, 0, 0, 0, 0, 7, //
             0, 0, 0, 32, 2, 0, 0, 0, 0, 0, 0, 0, 3, 0, 0, 0, 0, 0, 0, 0, 5, 0, 0, 0, 0, 0, 0, 0, 9,
             0, 0, 0, 0, 2, b'a', b'b',
@@ -191,6 +211,20 @@ fn limits_are_errors() {
         Err(WireError::FrameTooLarge { .. })
     ));
     assert_eq!(Frame::decode(&[0, 0, 0, 0]), Err(WireError::Empty));
+    // A version 2 Hello whose edge log id is longer than any log's.
+    let mut hello = vec![1, 0, 2, 2, b'e', b'1', 1, b't', 0, 0, 0, 0, 65];
+    hello.extend_from_slice(&[b'a'; 65]);
+    let mut frame = (hello.len() as u32).to_be_bytes().to_vec();
+    frame.extend_from_slice(&hello);
+    assert!(matches!(
+        Frame::decode(&frame),
+        Err(WireError::BadField {
+            field: "edge log id",
+            ..
+        })
+    ));
+    // A version 1 Hello has no log id: a byte after its partition is one too many.
+    assert!(Frame::decode(&[0, 0, 0, 13, 1, 0, 1, 2, b'e', b'1', 1, b't', 0, 0, 0, 0, 0]).is_err());
     assert_eq!(
         Frame::decode(&[0, 0, 0, 1, 9]),
         Err(WireError::UnknownType(9))

@@ -1,8 +1,9 @@
 //! Dedup checkpoints: a topic's exactly-once state saved so a restart scans only the log tail.
 //!
 //! One file per topic, `<state_dir>/<topic>.json`:
-//! `{"version":1,"partitions":[{"covered_offset":C,"streams":[{"edge_id":E,"edge_partition":P,
-//! "next_offset":N}]}]}`. For each core partition, `streams` is every stream's next expected
+//! `{"version":1,"partitions":[{"covered_offset":C,"streams":[{"edge_id":E,"edge_log":L,
+//! "edge_partition":P,"next_offset":N}]}]}` (`edge_log` only when the stream's edge log has an
+//! id). For each core partition, `streams` is every stream's next expected
 //! edge offset over the records below `covered_offset`; records at or above it are scanned at
 //! load. It is replaced atomically (tmp, fsync, rename, fsync dir), so a reader sees a whole
 //! old or a whole new file.
@@ -50,6 +51,8 @@ struct FilePartition {
 #[serde(deny_unknown_fields)]
 struct FileStream {
     edge_id: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    edge_log: String,
     edge_partition: u32,
     next_offset: u64,
 }
@@ -104,6 +107,7 @@ impl CheckpointDir {
                         (
                             StreamKey {
                                 edge_id: stream.edge_id,
+                                edge_log: stream.edge_log,
                                 edge_partition: stream.edge_partition,
                             },
                             stream.next_offset,
@@ -130,12 +134,17 @@ impl CheckpointDir {
                         .iter()
                         .map(|(stream, next)| FileStream {
                             edge_id: stream.edge_id.clone(),
+                            edge_log: stream.edge_log.clone(),
                             edge_partition: stream.edge_partition,
                             next_offset: *next,
                         })
                         .collect();
                     streams.sort_by(|a, b| {
-                        (&a.edge_id, a.edge_partition).cmp(&(&b.edge_id, b.edge_partition))
+                        (&a.edge_id, &a.edge_log, a.edge_partition).cmp(&(
+                            &b.edge_id,
+                            &b.edge_log,
+                            b.edge_partition,
+                        ))
                     });
                     FilePartition {
                         covered_offset: partition.covered_offset,
@@ -178,6 +187,7 @@ mod tests {
     fn stream(edge: &str, partition: u32) -> StreamKey {
         StreamKey {
             edge_id: edge.into(),
+            edge_log: String::new(),
             edge_partition: partition,
         }
     }
@@ -189,7 +199,18 @@ mod tests {
         let saved = vec![
             PartitionCheckpoint {
                 covered_offset: 12,
-                next_offsets: [(stream("e2", 0), 5), (stream("e1", 1), 7)].into(),
+                next_offsets: [
+                    (stream("e2", 0), 5),
+                    (stream("e1", 1), 7),
+                    (
+                        StreamKey {
+                            edge_log: "5e1f".into(),
+                            ..stream("e1", 1)
+                        },
+                        3,
+                    ),
+                ]
+                .into(),
             },
             PartitionCheckpoint::default(),
         ];
@@ -198,7 +219,7 @@ mod tests {
         let text = std::fs::read_to_string(dir.path().join("state/mqtt.json")).unwrap();
         assert_eq!(
             text,
-            r#"{"version":1,"partitions":[{"covered_offset":12,"streams":[{"edge_id":"e1","edge_partition":1,"next_offset":7},{"edge_id":"e2","edge_partition":0,"next_offset":5}]},{"covered_offset":0,"streams":[]}]}"#
+            r#"{"version":1,"partitions":[{"covered_offset":12,"streams":[{"edge_id":"e1","edge_partition":1,"next_offset":7},{"edge_id":"e1","edge_log":"5e1f","edge_partition":1,"next_offset":3},{"edge_id":"e2","edge_partition":0,"next_offset":5}]},{"covered_offset":0,"streams":[]}]}"#
         );
         assert!(
             checkpoints

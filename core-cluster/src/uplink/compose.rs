@@ -23,7 +23,8 @@ use silt_log::batch::{
 };
 
 use super::store::{
-    HEADER_EDGE, HEADER_EDGE_OFFSET, HEADER_EDGE_PARTITION, StoreError, StreamKey, route,
+    HEADER_EDGE, HEADER_EDGE_LOG, HEADER_EDGE_OFFSET, HEADER_EDGE_PARTITION, StoreError, StreamKey,
+    route,
 };
 
 /// Bytes a header-and-framing estimate adds per record when cutting batches.
@@ -89,29 +90,44 @@ enum HeadersView<'a> {
 
 /// The three origin headers, all but the offset's value prepared once per stream.
 struct OriginHeaders {
-    /// `silt.edge` and `silt.edge.partition` whole, then the key of `silt.edge.offset`.
+    /// `silt.edge`, `silt.edge.log` (for an edge log with an id) and `silt.edge.partition`
+    /// whole, then the key of `silt.edge.offset`.
     prefix: Vec<u8>,
-    /// Estimated bytes of the three headers without the offset's digits.
+    /// How many headers they are: 3, or 4 with `silt.edge.log`.
+    count: i32,
+    /// Estimated bytes of the headers without the offset's digits.
     estimate_bytes: usize,
 }
 
 impl OriginHeaders {
     fn new(stream: &StreamKey) -> OriginHeaders {
         let partition = stream.edge_partition.to_string();
+        let with_log = !stream.edge_log.is_empty();
+        let log_estimate_bytes = if with_log {
+            HEADER_EDGE_LOG.len() + stream.edge_log.len() + HEADER_OVERHEAD_BYTES
+        } else {
+            0
+        };
         let mut prefix = BytesMut::new();
         put_string(&mut prefix, HEADER_EDGE.as_bytes());
         put_string(&mut prefix, stream.edge_id.as_bytes());
+        if with_log {
+            put_string(&mut prefix, HEADER_EDGE_LOG.as_bytes());
+            put_string(&mut prefix, stream.edge_log.as_bytes());
+        }
         put_string(&mut prefix, HEADER_EDGE_PARTITION.as_bytes());
         put_string(&mut prefix, partition.as_bytes());
         put_string(&mut prefix, HEADER_EDGE_OFFSET.as_bytes());
         OriginHeaders {
             prefix: prefix.to_vec(),
+            count: if with_log { 4 } else { 3 },
             estimate_bytes: HEADER_EDGE.len()
                 + stream.edge_id.len()
                 + HEADER_EDGE_PARTITION.len()
                 + partition.len()
                 + HEADER_EDGE_OFFSET.len()
-                + 3 * HEADER_OVERHEAD_BYTES,
+                + 3 * HEADER_OVERHEAD_BYTES
+                + log_estimate_bytes,
         }
     }
 }
@@ -537,7 +553,7 @@ impl PartitionBatches {
             }
         });
         let header_count = header_count
-            .checked_add(3)
+            .checked_add(origin.count)
             .ok_or_else(|| corrupt("more headers than a record can count"))?;
         let offset_delta = open.count;
         let timestamp_delta = record.timestamp.wrapping_sub(open.base_timestamp);
@@ -714,8 +730,15 @@ mod tests {
                         key: key.to_string(),
                         value: Some(Bytes::from(value)),
                     };
+                    record
+                        .headers
+                        .push(header(HEADER_EDGE, stream.edge_id.clone()));
+                    if !stream.edge_log.is_empty() {
+                        record
+                            .headers
+                            .push(header(HEADER_EDGE_LOG, stream.edge_log.clone()));
+                    }
                     record.headers.extend([
-                        header(HEADER_EDGE, stream.edge_id.clone()),
                         header(HEADER_EDGE_PARTITION, stream.edge_partition.to_string()),
                         header(HEADER_EDGE_OFFSET, offset.to_string()),
                     ]);
@@ -914,6 +937,8 @@ mod tests {
                 .collect();
             let stream = StreamKey {
                 edge_id: ["e1", "edge-\u{e9}", ""][rng.below(3) as usize].to_string(),
+                edge_log: ["", "0123456789abcdef0123456789abcdef"][rng.below(2) as usize]
+                    .to_string(),
                 edge_partition: [0, 7, u32::MAX][rng.below(3) as usize],
             };
             let partitions = 1 + rng.below(4) as u32;
@@ -1032,6 +1057,7 @@ mod tests {
         assert_eq!((kept.batches, kept.crc_checked), (damaged.clone(), false));
         let stream = StreamKey {
             edge_id: "e1".into(),
+            edge_log: "5e1f".into(),
             edge_partition: 0,
         };
         let result = compose(
@@ -1075,6 +1101,7 @@ mod tests {
         // ...and compose refuses it once its output passes the bound.
         let stream = StreamKey {
             edge_id: "e1".into(),
+            edge_log: "5e1f".into(),
             edge_partition: 0,
         };
         let result = compose(
@@ -1122,6 +1149,7 @@ mod tests {
         header.write_to(&mut batch);
         let stream = StreamKey {
             edge_id: "e1".into(),
+            edge_log: "5e1f".into(),
             edge_partition: 0,
         };
         let parts = [(5, &batch[..])];
@@ -1139,6 +1167,10 @@ mod tests {
         assert_eq!(spliced, decoded);
         let (_, records, _) = decode_batch(&spliced[0].0, &limits).unwrap().unwrap();
         assert_eq!(records[0].headers[0].key, "h");
-        assert_eq!(records[0].headers.len(), 4);
+        assert_eq!(
+            records[0].headers.len(),
+            5,
+            "its own and four origin headers"
+        );
     }
 }

@@ -510,10 +510,11 @@ async fn stream_loop(
                 edge_id,
                 topic,
                 partition,
+                edge_log,
             },
             _,
         ))) => {
-            if version != silt_wire::VERSION {
+            if !(silt_wire::VERSION_MIN..=silt_wire::VERSION).contains(&version) {
                 return Err(Some(StreamFault {
                     code: error_code::UNSUPPORTED_VERSION,
                     message: format!("uplink version {version} is not supported"),
@@ -543,6 +544,7 @@ async fn stream_loop(
                 topic.to_string(),
                 StreamKey {
                     edge_id: edge_id.to_string(),
+                    edge_log: edge_log.to_string(),
                     edge_partition: partition,
                 },
             )

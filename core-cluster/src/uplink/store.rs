@@ -46,6 +46,9 @@ use crate::broker::{Leadership, NotLeader};
 
 /// Header naming the edge a record came from.
 pub(crate) const HEADER_EDGE: &str = "silt.edge";
+/// Header with the id of the edge log the record's offset counts in (`Hello`'s `edge_log`),
+/// on records from an edge log that has one.
+pub(crate) const HEADER_EDGE_LOG: &str = "silt.edge.log";
 /// Header with the record's partition on its edge.
 pub(crate) const HEADER_EDGE_PARTITION: &str = "silt.edge.partition";
 /// Header with the record's offset on its edge.
@@ -59,6 +62,11 @@ pub(crate) const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(10);
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub(crate) struct StreamKey {
     pub(crate) edge_id: String,
+    /// The id of the edge's log, whose offsets the stream's are: an edge whose log was made
+    /// anew (a wiped disk) ships new streams, deduplicated against none of the old one's
+    /// offsets. Empty for an edge log without an id (made before logs had ids) and for
+    /// version 1 edges.
+    pub(crate) edge_log: String,
     pub(crate) edge_partition: u32,
 }
 
@@ -652,22 +660,33 @@ pub(crate) fn route(key: Option<&[u8]>, edge_id: &str, partitions: u32) -> u32 {
     partitioner::partition_for_key(key.unwrap_or(edge_id.as_bytes()), partitions)
 }
 
-/// The stream and edge offset a stored record's headers name, if it came over the uplink.
+/// The stream and edge offset a stored record's headers name, if it came over the uplink:
+/// its last headers are `silt.edge`, `silt.edge.log` (only for an edge log with an id),
+/// `silt.edge.partition` and `silt.edge.offset`, in that order, as [`compose`] appends them
+/// after the record's own.
 pub(crate) fn record_origin(headers: &[Header]) -> Option<(StreamKey, u64)> {
-    let find = |name: &str| {
-        headers
-            .iter()
-            .rev()
-            .find(|header| header.key == name)
-            .and_then(|header| header.value.as_deref())
+    fn value<'a>(header: &'a Header, name: &str) -> Option<&'a str> {
+        (header.key == name)
+            .then_some(header.value.as_deref())
+            .flatten()
             .and_then(|value| std::str::from_utf8(value).ok())
+    }
+    let [rest @ .., partition, offset] = headers else {
+        return None;
     };
-    let edge_id = find(HEADER_EDGE)?;
-    let edge_partition = find(HEADER_EDGE_PARTITION)?.parse().ok()?;
-    let offset = find(HEADER_EDGE_OFFSET)?.parse().ok()?;
+    let offset = value(offset, HEADER_EDGE_OFFSET)?.parse().ok()?;
+    let edge_partition = value(partition, HEADER_EDGE_PARTITION)?.parse().ok()?;
+    let (edge_id, edge_log) = match rest {
+        [.., edge, log] if log.key == HEADER_EDGE_LOG => {
+            (value(edge, HEADER_EDGE)?, value(log, HEADER_EDGE_LOG)?)
+        }
+        [.., edge] => (value(edge, HEADER_EDGE)?, ""),
+        [] => return None,
+    };
     Some((
         StreamKey {
             edge_id: edge_id.to_string(),
+            edge_log: edge_log.to_string(),
             edge_partition,
         },
         offset,
@@ -751,6 +770,7 @@ mod tests {
     fn stream() -> StreamKey {
         StreamKey {
             edge_id: "e1".into(),
+            edge_log: "5e1f".into(),
             edge_partition: 0,
         }
     }
@@ -824,6 +844,87 @@ mod tests {
         assert_eq!(resent.appended_records, 0);
         let offsets: Vec<u64> = stored(&log, "mqtt").iter().map(|(_, o)| *o).collect();
         assert_eq!(offsets, (0..10).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn an_edge_whose_log_was_made_anew_ships_new_streams_across_restarts() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = LogManager::open(LogConfig::new(dir.path().join("core"))).unwrap();
+        let store = UplinkStore::new(log.clone(), Arc::default(), 3, None);
+        let legacy = StreamKey {
+            edge_log: String::new(),
+            ..stream()
+        };
+        let anew = StreamKey {
+            edge_log: "77aa".into(),
+            ..stream()
+        };
+        // The same edge id and partition from three logs, each from offset 0: nothing of one
+        // is a duplicate of another's.
+        for key in [&legacy, &stream(), &anew] {
+            let appended = store.append("mqtt", key, 0, &edge_batch(0, 6)).unwrap();
+            assert_eq!(
+                (appended.appended_records, appended.duplicate_records),
+                (6, 0)
+            );
+        }
+        drop(store);
+        log.close().unwrap();
+        drop(log);
+
+        // A restarted core tells the three apart from the records' headers alone.
+        let log = LogManager::open(LogConfig::new(dir.path().join("core"))).unwrap();
+        let store = UplinkStore::new(log.clone(), Arc::default(), 3, None);
+        for key in [&legacy, &stream(), &anew] {
+            let resent = store.append("mqtt", key, 0, &edge_batch(0, 6)).unwrap();
+            assert_eq!((resent.appended_records, resent.duplicate_records), (0, 6));
+        }
+        assert_eq!(stored(&log, "mqtt").len(), 18);
+    }
+
+    #[test]
+    fn the_origin_is_read_from_the_last_headers_only() {
+        let header = |key: &str, value: &str| Header {
+            key: key.into(),
+            value: Some(Bytes::copy_from_slice(value.as_bytes())),
+        };
+        let own = header(HEADER_EDGE_LOG, "forged");
+        let legacy = [
+            own.clone(),
+            header(HEADER_EDGE, "e1"),
+            header(HEADER_EDGE_PARTITION, "2"),
+            header(HEADER_EDGE_OFFSET, "9"),
+        ];
+        let (key, offset) = record_origin(&legacy).unwrap();
+        assert_eq!(
+            (
+                key.edge_id.as_str(),
+                key.edge_log.as_str(),
+                key.edge_partition,
+                offset
+            ),
+            ("e1", "", 2, 9)
+        );
+        let with_log = [
+            own.clone(),
+            header(HEADER_EDGE, "e1"),
+            header(HEADER_EDGE_LOG, "5e1f"),
+            header(HEADER_EDGE_PARTITION, "2"),
+            header(HEADER_EDGE_OFFSET, "9"),
+        ];
+        assert_eq!(record_origin(&with_log).unwrap().0.edge_log, "5e1f");
+        // Not an uplink record: the origin headers are not last, or one is missing.
+        assert_eq!(
+            record_origin(&[
+                legacy[1].clone(),
+                legacy[2].clone(),
+                legacy[3].clone(),
+                own.clone()
+            ]),
+            None
+        );
+        assert_eq!(record_origin(&legacy[2..]), None);
+        assert_eq!(record_origin(&[]), None);
     }
 
     #[test]

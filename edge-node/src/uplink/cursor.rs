@@ -1,7 +1,10 @@
 //! Per-partition uplink cursors: the next edge offset the core has not acknowledged.
 //!
 //! One file per partition, `<state_dir>/<topic>/<partition>`, holding
-//! `{"version":1,"next_offset":N}`, replaced atomically (tmp, fsync, rename, fsync dir). A
+//! `{"version":1,"next_offset":N,"log":"<id>"}`, replaced atomically (tmp, fsync, rename,
+//! fsync dir). `log` is the id of the log the offset counts in ([`silt_log::LogManager::id`]): a cursor
+//! left by another log (the data directory wiped and made anew, the state directory kept)
+//! is not used, or the new log's records below it would never be shipped. A
 //! cursor only moves forward, after the core's ack. The acknowledged position is kept in
 //! memory at once (what retention, the lag metrics and a reconnecting stream read); the file
 //! follows at most [`PERSIST_INTERVAL`] behind, and at a clean stop ([`Cursors::persist_all`]).
@@ -32,6 +35,9 @@ pub(crate) const PERSIST_INTERVAL: Duration = Duration::from_secs(1);
 struct CursorFile {
     version: u32,
     next_offset: u64,
+    /// Absent for a log without an id, and in files written before cursors named their log.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    log: Option<String>,
 }
 
 /// One partition's cursor: acknowledged, and as last written to its file.
@@ -45,15 +51,18 @@ struct Cursor {
 #[derive(Debug)]
 pub(crate) struct Cursors {
     dir: PathBuf,
+    /// The id of the log the cursors count in.
+    log: Option<String>,
     loaded: Mutex<HashMap<(String, u32), Cursor>>,
     /// Held while a file is written, so two writers never share its tmp file.
     writing: Mutex<()>,
 }
 
 impl Cursors {
-    pub(crate) fn new(dir: PathBuf) -> Cursors {
+    pub(crate) fn new(dir: PathBuf, log: Option<String>) -> Cursors {
         Cursors {
             dir,
+            log,
             loaded: Mutex::new(HashMap::new()),
             writing: Mutex::new(()),
         }
@@ -64,7 +73,7 @@ impl Cursors {
     }
 
     /// The partition's acknowledged cursor, read from disk the first time (0 when it has
-    /// none).
+    /// none, or when its file was written for another log).
     pub(crate) fn get(&self, topic: &str, partition: u32) -> anyhow::Result<u64> {
         let key = (topic.to_string(), partition);
         if let Some(cursor) = self
@@ -95,7 +104,17 @@ impl Cursors {
                     path.display(),
                     file.version
                 );
-                file.next_offset
+                if file.log == self.log {
+                    file.next_offset
+                } else {
+                    tracing::warn!(
+                        cursor = %path.display(),
+                        cursor_log = file.log.as_deref().unwrap_or("none"),
+                        log = self.log.as_deref().unwrap_or("none"),
+                        "uplink cursor belongs to another log (the data directory was made anew): shipping this partition from its start"
+                    );
+                    0
+                }
             }
         };
         let mut loaded = self.loaded.lock().unwrap_or_else(|e| e.into_inner());
@@ -147,6 +166,7 @@ impl Cursors {
         let bytes = serde_json::to_vec(&CursorFile {
             version: CURSOR_VERSION,
             next_offset: cursor.acked,
+            log: self.log.clone(),
         })
         .expect("a cursor serializes");
         write_atomic(&path, &bytes)?;
@@ -204,14 +224,18 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
 mod tests {
     use super::*;
 
+    fn log() -> Option<String> {
+        Some("5e1f".to_string())
+    }
+
     #[test]
     fn cursors_survive_a_reload_and_only_move_forward() {
         let dir = tempfile::tempdir().unwrap();
-        let cursors = Cursors::new(dir.path().to_path_buf());
+        let cursors = Cursors::new(dir.path().to_path_buf(), log());
         assert_eq!(cursors.get("mqtt", 0).unwrap(), 0);
         cursors.advance("mqtt", 0, 10).unwrap();
         cursors.advance("mqtt", 0, 5).unwrap();
-        let reloaded = Cursors::new(dir.path().to_path_buf());
+        let reloaded = Cursors::new(dir.path().to_path_buf(), log());
         assert_eq!(reloaded.get("mqtt", 0).unwrap(), 10);
         assert_eq!(reloaded.get("mqtt", 1).unwrap(), 0);
 
@@ -222,21 +246,21 @@ mod tests {
         assert_eq!(reloaded.get("mqtt", 0).unwrap(), 25);
         assert_eq!(reloaded.cached("mqtt", 1), Some(7));
         assert_eq!(
-            Cursors::new(dir.path().to_path_buf())
+            Cursors::new(dir.path().to_path_buf(), log())
                 .get("mqtt", 0)
                 .unwrap(),
             10,
             "not written yet"
         );
         reloaded.persist_all().unwrap();
-        let after = Cursors::new(dir.path().to_path_buf());
+        let after = Cursors::new(dir.path().to_path_buf(), log());
         assert_eq!(after.get("mqtt", 0).unwrap(), 25);
         assert_eq!(after.get("mqtt", 1).unwrap(), 7);
         // A partition never read is not written from an ack alone.
         after.ack("mqtt", 2, 3);
         after.persist_all().unwrap();
         assert_eq!(
-            Cursors::new(dir.path().to_path_buf())
+            Cursors::new(dir.path().to_path_buf(), log())
                 .get("mqtt", 2)
                 .unwrap(),
             0
@@ -247,9 +271,45 @@ mod tests {
         )
         .unwrap();
         assert!(
-            Cursors::new(dir.path().to_path_buf())
+            Cursors::new(dir.path().to_path_buf(), log())
                 .get("mqtt", 0)
                 .is_err()
+        );
+    }
+
+    #[test]
+    fn a_cursor_written_for_another_log_is_not_used() {
+        let dir = tempfile::tempdir().unwrap();
+        let cursors = Cursors::new(dir.path().to_path_buf(), log());
+        cursors.advance("mqtt", 0, 40).unwrap();
+        // The data directory made anew: its log has another id, and starts at offset 0.
+        let anew = Cursors::new(dir.path().to_path_buf(), Some("77aa".to_string()));
+        assert_eq!(anew.get("mqtt", 0).unwrap(), 0);
+        anew.advance("mqtt", 0, 3).unwrap();
+        assert_eq!(
+            Cursors::new(dir.path().to_path_buf(), Some("77aa".to_string()))
+                .get("mqtt", 0)
+                .unwrap(),
+            3
+        );
+        // A cursor from before cursors named their log is used by a log without an id
+        // (made by the same build), and by no other.
+        std::fs::write(
+            dir.path().join("mqtt/0"),
+            b"{\"version\":1,\"next_offset\":9}",
+        )
+        .unwrap();
+        assert_eq!(
+            Cursors::new(dir.path().to_path_buf(), None)
+                .get("mqtt", 0)
+                .unwrap(),
+            9
+        );
+        assert_eq!(
+            Cursors::new(dir.path().to_path_buf(), log())
+                .get("mqtt", 0)
+                .unwrap(),
+            0
         );
     }
 }

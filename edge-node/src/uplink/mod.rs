@@ -130,7 +130,10 @@ impl Uplink {
         log: Arc<LogManager>,
     ) -> anyhow::Result<Uplink> {
         let client = client_config(config)?;
-        let cursors = Arc::new(Cursors::new(config.state_dir.clone()));
+        let cursors = Arc::new(Cursors::new(
+            config.state_dir.clone(),
+            log.id().map(str::to_string),
+        ));
         let (stop, stopped) = watch::channel(false);
         let shipper = Shipper {
             config: config.clone(),
@@ -571,6 +574,7 @@ impl Shipper {
             edge_id: &self.edge_id,
             topic: &topic,
             partition,
+            edge_log: self.log.id().unwrap_or_default(),
         }
         .encode(&mut out);
         send.write_all(&out).await.context("cannot send Hello")?;
