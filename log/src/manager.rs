@@ -4,7 +4,7 @@
 //! Layout of a data directory:
 //!
 //! ```text
-//! <data>/meta.json                  format marker and id: {"format":"silt-log","version":1,"id":"<32 hex>"}
+//! <data>/meta.json                  format marker and id: {"format":"silt-log","version":1,"id":"<16 hex>"}
 //! <data>/.lock                      held (flock) while a process has the directory open
 //! <data>/.clean_shutdown            present only between a clean close and the next open
 //! <data>/<topic>/topic.json         partition count and config overrides; written last
@@ -223,9 +223,11 @@ impl LogManager {
         self.was_clean
     }
 
-    /// The log's id: 128 random bits in hex, chosen when its data directory was created and
+    /// The log's id: 64 random bits in hex, chosen when its data directory was created and
     /// kept in `meta.json`, so a log that replaced another in the same place (a wiped disk)
-    /// is told apart from it. `None` for a directory created before logs had ids.
+    /// is told apart from it. 16 digits are enough to tell the logs of one edge apart and
+    /// short, as every record the uplink ships from the log names it. `None` for a directory
+    /// created before logs had ids.
     pub fn id(&self) -> Option<&str> {
         self.id.as_deref()
     }
@@ -559,10 +561,10 @@ fn check_meta(dir: &Path) -> Result<Option<String>> {
     }
 }
 
-/// 128 random bits in hex, from the kernel's random source.
+/// 64 random bits in hex, from the kernel's random source.
 fn new_log_id() -> Result<String> {
     const SOURCE: &str = "/dev/urandom";
-    let mut bits = [0u8; 16];
+    let mut bits = [0u8; 8];
     File::open(SOURCE)
         .and_then(|mut file| std::io::Read::read_exact(&mut file, &mut bits))
         .map_err(LogError::io(Path::new(SOURCE)))?;

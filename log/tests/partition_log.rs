@@ -817,7 +817,7 @@ fn a_log_keeps_the_id_it_was_created_with_and_another_log_has_another() {
         let manager = LogManager::open(LogConfig::new(&first)).unwrap();
         let id = manager.id().expect("a new log has an id").to_string();
         assert!(
-            id.len() == 32 && id.bytes().all(|byte| byte.is_ascii_hexdigit()),
+            id.len() == 16 && id.bytes().all(|byte| byte.is_ascii_hexdigit()),
             "{id}"
         );
         manager.close().unwrap();
@@ -836,7 +836,11 @@ fn a_log_keeps_the_id_it_was_created_with_and_another_log_has_another() {
     // A directory made before logs had ids keeps none.
     let old = dir.path().join("old");
     std::fs::create_dir(&old).unwrap();
-    std::fs::write(old.join("meta.json"), br#"{"format":"silt-log","version":1}"#).unwrap();
+    std::fs::write(
+        old.join("meta.json"),
+        br#"{"format":"silt-log","version":1}"#,
+    )
+    .unwrap();
     let manager = LogManager::open(LogConfig::new(&old)).unwrap();
     assert_eq!(manager.id(), None);
 }

@@ -937,8 +937,7 @@ mod tests {
                 .collect();
             let stream = StreamKey {
                 edge_id: ["e1", "edge-\u{e9}", ""][rng.below(3) as usize].to_string(),
-                edge_log: ["", "0123456789abcdef0123456789abcdef"][rng.below(2) as usize]
-                    .to_string(),
+                edge_log: ["", "0123456789abcdef"][rng.below(2) as usize].to_string(),
                 edge_partition: [0, 7, u32::MAX][rng.below(3) as usize],
             };
             let partitions = 1 + rng.below(4) as u32;

@@ -19,7 +19,7 @@ use super::{AppendHook, DECODING_SERVER_MAX, UplinkServer, UplinkServerConfig};
 
 const TOPIC: &str = "mqtt";
 const EDGE: &str = "e1";
-const EDGE_LOG: &str = "0f1e2d3c4b5a69788796a5b4c3d2e1f0";
+const EDGE_LOG: &str = "0f1e2d3c4b5a6978";
 const PARTITIONS: u32 = 3;
 /// Keys spread over the topic's partitions (checked in [`start_core`]).
 const KEYS: [&str; 6] = ["a", "b", "c", "d", "e", "f"];
