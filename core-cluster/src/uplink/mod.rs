@@ -557,7 +557,7 @@ async fn stream_loop(
         }
     };
     let _ = buf.split_to(used);
-    tracing::debug!(edge = %stream.edge_id, %topic, partition = stream.edge_partition, "stream opened");
+    tracing::debug!(edge = %stream.edge_id, edge_log = %stream.edge_log, %topic, partition = stream.edge_partition, "stream opened");
     // The reader decodes frames ahead while the appender stores the ones before them, and
     // the appender takes every frame already read in one durable append: one fsync and one
     // ack for several frames when the disk is the slower side.

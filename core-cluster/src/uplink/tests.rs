@@ -121,8 +121,17 @@ async fn ship_on(
     frames: Vec<Bytes>,
     finish: bool,
 ) -> (quinn::Connection, Replies) {
+    ship_after(connection, hello(), frames, finish).await
+}
+
+/// [`ship_on`] with the stream opened by `hello`.
+async fn ship_after(
+    connection: quinn::Connection,
+    hello: Bytes,
+    frames: Vec<Bytes>,
+    finish: bool,
+) -> (quinn::Connection, Replies) {
     let (mut send, recv) = connection.open_bi().await.unwrap();
-    let hello = hello();
     tokio::spawn(async move {
         if send.write_all(&hello).await.is_err() {
             return;
@@ -147,13 +156,17 @@ async fn ship_on(
 
 /// The `Hello` that opens the edge's stream for partition 0 of [`TOPIC`].
 fn hello() -> Bytes {
+    hello_of(silt_wire::VERSION, EDGE_LOG)
+}
+
+fn hello_of(version: u16, edge_log: &str) -> Bytes {
     let mut out = BytesMut::new();
     Frame::Hello {
-        version: silt_wire::VERSION,
+        version,
         edge_id: EDGE,
         topic: TOPIC,
         partition: 0,
-        edge_log: EDGE_LOG,
+        edge_log,
     }
     .encode(&mut out);
     out.freeze()
@@ -359,6 +372,61 @@ async fn a_long_pipelined_stream_is_acked_in_order_and_stored_once() {
     let (_connection, mut replies) = ship(&core, frames, false).await;
     replies.acks_through(end_offset).await;
     assert_eq!(stored(&core.log), before);
+}
+
+/// The edge log each stored record names, in log order of each partition.
+fn stored_edge_logs(log: &LogManager) -> Vec<String> {
+    let mut logs = Vec::new();
+    for partition in 0..log.topic(TOPIC).unwrap().partitions {
+        let part = log.partition(TOPIC, partition).unwrap();
+        let bytes = part.read(0, 64 << 20).unwrap().bytes;
+        let mut rest = &bytes[..];
+        while let Some((_, records, used)) = decode_batch(rest, &DecodeLimits::default()).unwrap() {
+            rest = &rest[used..];
+            logs.extend(
+                records
+                    .iter()
+                    .map(|record| record_origin(&record.headers).unwrap().0.edge_log),
+            );
+        }
+    }
+    logs
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_1_edge_is_served_and_a_new_edge_log_starts_a_new_stream() {
+    let core = start_core();
+    let frames = good_frames(3);
+    let end_offset = 3 * RECORDS_PER_FRAME;
+    // An edge of before logs had ids: a version 1 Hello, records without `silt.edge.log`.
+    let connection = connect(&core).await.unwrap();
+    let (_old, mut replies) = ship_after(connection, hello_of(1, ""), frames.clone(), false).await;
+    replies.acks_through(end_offset).await;
+    assert_stored_exactly(&core.log, end_offset);
+
+    // The same edge id and partition from a log with an id (the data directory made anew):
+    // offsets from 0 again, none of them a duplicate.
+    let (_new, mut replies) = ship(&core, frames.clone(), false).await;
+    replies.acks_through(end_offset).await;
+    let logs = stored_edge_logs(&core.log);
+    assert_eq!(logs.len() as u64, 2 * end_offset);
+    assert_eq!(
+        logs.iter().filter(|log| log.is_empty()).count() as u64,
+        end_offset
+    );
+    assert_eq!(
+        logs.iter().filter(|log| *log == EDGE_LOG).count() as u64,
+        end_offset
+    );
+
+    // Each is deduplicated against its own log's offsets: re-sent, nothing is stored again.
+    let connection = connect(&core).await.unwrap();
+    let (_old_again, mut replies) =
+        ship_after(connection, hello_of(1, ""), frames.clone(), false).await;
+    replies.acks_through(end_offset).await;
+    let (_new_again, mut replies) = ship(&core, frames, false).await;
+    replies.acks_through(end_offset).await;
+    assert_eq!(stored_edge_logs(&core.log).len() as u64, 2 * end_offset);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
