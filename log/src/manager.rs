@@ -538,6 +538,16 @@ fn check_meta(dir: &Path) -> Result<Option<String>> {
                     ),
                 });
             }
+            if let Some(id) = &meta.id
+                && !is_log_id(id)
+            {
+                return Err(LogError::ForeignDirectory {
+                    path: dir.to_path_buf(),
+                    reason: format!(
+                        "{META_FILE} has id {id:?}, not 1 to {LOG_ID_DIGITS_MAX} hex digits"
+                    ),
+                });
+            }
             Ok(meta.id)
         }
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
@@ -559,6 +569,15 @@ fn check_meta(dir: &Path) -> Result<Option<String>> {
         }
         Err(error) => Err(LogError::io(path)(error)),
     }
+}
+
+/// Most hex digits an id read from `meta.json` may have (the uplink carries it in a field of
+/// at most 64 bytes); a new log's has 16.
+const LOG_ID_DIGITS_MAX: usize = 32;
+
+/// Whether `id` is a log id as `meta.json` may hold one.
+fn is_log_id(id: &str) -> bool {
+    (1..=LOG_ID_DIGITS_MAX).contains(&id.len()) && id.bytes().all(|byte| byte.is_ascii_hexdigit())
 }
 
 /// 64 random bits in hex, from the kernel's random source.

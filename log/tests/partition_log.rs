@@ -843,4 +843,16 @@ fn a_log_keeps_the_id_it_was_created_with_and_another_log_has_another() {
     .unwrap();
     let manager = LogManager::open(LogConfig::new(&old)).unwrap();
     assert_eq!(manager.id(), None);
+    drop(manager);
+
+    // A damaged id is refused with a reason, not passed on.
+    for bad in ["", "not hex", &"a".repeat(33)] {
+        let meta = format!(r#"{{"format":"silt-log","version":1,"id":{bad:?}}}"#);
+        std::fs::write(old.join("meta.json"), meta).unwrap();
+        let error = LogManager::open(LogConfig::new(&old)).unwrap_err();
+        assert!(
+            matches!(&error, LogError::ForeignDirectory { reason, .. } if reason.contains("hex digits")),
+            "{bad:?}: {error}"
+        );
+    }
 }

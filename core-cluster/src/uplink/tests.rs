@@ -14,7 +14,7 @@ use silt_log::batch::{
 use silt_log::{LogConfig, LogManager};
 use silt_wire::{Codec, Frame, error_code};
 
-use super::store::{record_origin, route};
+use super::store::{StreamKey, record_origin, route};
 use super::{AppendHook, DECODING_SERVER_MAX, UplinkServer, UplinkServerConfig};
 
 const TOPIC: &str = "mqtt";
@@ -305,14 +305,14 @@ fn advance(acked: u64, ack: u64, limit: u64) -> u64 {
     ack
 }
 
-/// The edge offsets stored in each core partition, in log order, each record checked to be
-/// the edge's (origin, value) and routed to the partition its key hashes to.
-fn stored(log: &LogManager) -> Vec<Vec<u64>> {
+/// Each core partition's records in log order, as (stream, edge offset), each record
+/// checked to be the edge's (origin, value) and routed to the partition its key hashes to.
+fn stored_origins(log: &LogManager) -> Vec<Vec<(StreamKey, u64)>> {
     let partitions = log.topic(TOPIC).unwrap().partitions;
     (0..partitions)
         .map(|partition| {
             let part = log.partition(TOPIC, partition).unwrap();
-            let mut offsets = Vec::new();
+            let mut origins = Vec::new();
             let mut next = 0;
             while next < part.high_watermark() {
                 let bytes = part.read(next, 1 << 20).unwrap().bytes;
@@ -332,12 +332,20 @@ fn stored(log: &LogManager) -> Vec<Vec<u64>> {
                         assert_eq!(record.value.unwrap(), value(edge_offset));
                         let key = record.key.unwrap();
                         assert_eq!(route(Some(&key[..]), EDGE, partitions), partition);
-                        offsets.push(edge_offset);
+                        origins.push((stream, edge_offset));
                     }
                 }
             }
-            offsets
+            origins
         })
+        .collect()
+}
+
+/// The edge offsets stored in each core partition, in log order (see [`stored_origins`]).
+fn stored(log: &LogManager) -> Vec<Vec<u64>> {
+    stored_origins(log)
+        .into_iter()
+        .map(|origins| origins.into_iter().map(|(_, offset)| offset).collect())
         .collect()
 }
 
@@ -374,23 +382,13 @@ async fn a_long_pipelined_stream_is_acked_in_order_and_stored_once() {
     assert_eq!(stored(&core.log), before);
 }
 
-/// The edge log each stored record names, in log order of each partition.
+/// The edge log each stored record names.
 fn stored_edge_logs(log: &LogManager) -> Vec<String> {
-    let mut logs = Vec::new();
-    for partition in 0..log.topic(TOPIC).unwrap().partitions {
-        let part = log.partition(TOPIC, partition).unwrap();
-        let bytes = part.read(0, 64 << 20).unwrap().bytes;
-        let mut rest = &bytes[..];
-        while let Some((_, records, used)) = decode_batch(rest, &DecodeLimits::default()).unwrap() {
-            rest = &rest[used..];
-            logs.extend(
-                records
-                    .iter()
-                    .map(|record| record_origin(&record.headers).unwrap().0.edge_log),
-            );
-        }
-    }
-    logs
+    stored_origins(log)
+        .into_iter()
+        .flatten()
+        .map(|(stream, _)| stream.edge_log)
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
