@@ -185,17 +185,16 @@ pub(crate) fn compose(
             .collect(),
         duplicate_records: 0,
     };
-    // A partition's output is sized once, for its share of the shipped bytes plus the origin
-    // headers (about a tenth more for records of a few hundred bytes), rather than grown by
-    // doubling and copying. Bounded by what the caller already holds.
+    // A partition's output is sized once, for its share of the shipped bytes and of the
+    // origin headers its records gain, plus an eighth for keys that hash unevenly, rather
+    // than grown by doubling and copying. Bounded by what the caller already holds.
     let shipped_bytes: usize = parts.iter().map(|part| part.batches.len()).sum();
-    let share_bytes = shipped_bytes / partitions.max(1) as usize;
-    let reserve_bytes = share_bytes + share_bytes / 8;
     // Compressed batches may hold far more than they take: the group's output is bounded as
     // one batch's decompression is, or by twice what was shipped when that is more.
     let output_bytes_max = limits
         .max_decompressed_bytes
         .max(shipped_bytes.saturating_mul(2));
+    let reserve_bytes = reserve_bytes(parts, &origin, shipped_bytes, output_bytes_max, partitions);
     let mut output_bytes = 0usize;
     let mut place = |record: RecordView<'_>, first_offset: u64| -> Result<(), StoreError> {
         if record.offset < first_offset {
@@ -266,6 +265,45 @@ pub(crate) fn compose(
         partition.finish_batch()?;
     }
     Ok(composed)
+}
+
+/// Bytes to reserve for one core partition's output of `parts`: its share, over `partitions`,
+/// of the shipped bytes and of what the origin headers add to each record (counted from the
+/// batch headers, whose record counts are not checked yet: the whole is capped at
+/// `output_bytes_max`, which the output may not exceed), plus an eighth. The origin headers are 15% or more of a record of a few
+/// hundred bytes, so a fixed margin below that had every partition's buffer grow, and copy
+/// its records, once per group.
+fn reserve_bytes(
+    parts: &[Part<'_>],
+    origin: &OriginHeaders,
+    shipped_bytes: usize,
+    output_bytes_max: usize,
+    partitions: u32,
+) -> usize {
+    let mut records = 0usize;
+    for part in parts {
+        let mut rest = part.batches;
+        while let Ok(Some(header)) = BatchHeader::parse(rest) {
+            records = records.saturating_add(header.record_count.max(0) as usize);
+            let Some(after) = rest.get(header.total_len()..) else {
+                break;
+            };
+            rest = after;
+        }
+    }
+    let last_offset = parts
+        .last()
+        .map_or(0, |part| part.first_offset)
+        .saturating_add(records as u64);
+    let mut digits = [0u8; U64_DIGITS_MAX];
+    // The prefix, the offset's digits and their length, and a byte more for each of the
+    // record's length and header count.
+    let origin_bytes = origin.prefix.len() + decimal(last_offset, &mut digits).len() + 3;
+    let group_bytes = shipped_bytes
+        .saturating_add(records.saturating_mul(origin_bytes))
+        .min(output_bytes_max);
+    let share_bytes = group_bytes / partitions.max(1) as usize;
+    share_bytes + share_bytes / 8
 }
 
 /// Most times the records of a zstd batch are counted larger than its stored bytes when
@@ -1171,5 +1209,59 @@ mod tests {
             5,
             "its own and four origin headers"
         );
+    }
+
+    #[test]
+    fn a_partition_output_is_reserved_once_for_its_records_and_origin_headers() {
+        // Sensor-like records, all routed to one partition: the origin headers add more than
+        // an eighth to the small ones, and the output must still fit what was reserved.
+        let limits = DecodeLimits::default();
+        let stream = StreamKey {
+            edge_id: "greenhouse-pi-17".into(),
+            edge_log: "0123456789abcdef".into(),
+            edge_partition: 2,
+        };
+        for value_len in [0usize, 10, 100, 550, 4000] {
+            let mut batches = BytesMut::new();
+            for batch in 0..20i64 {
+                let records: Vec<Record> = (0..50)
+                    .map(|i| Record {
+                        timestamp: 1_700_000_000_000 + i,
+                        key: Some(Bytes::from(format!("sensors/bay-{}/temp", i % 7))),
+                        value: Some(Bytes::from(vec![b'x'; value_len])),
+                        headers: Vec::new(),
+                    })
+                    .collect();
+                let spec = BatchSpec {
+                    base_offset: 1_000_000 + batch * 50,
+                    ..BatchSpec::default()
+                };
+                encode_batch(&spec, &records, &mut batches).unwrap();
+            }
+            let parts = [Part::shipped(1_000_000, &batches)];
+            let origin = OriginHeaders::new(&stream);
+            let reserved = reserve_bytes(&parts, &origin, batches.len(), usize::MAX, 1);
+            let composed = compose(&parts, &stream, 1, |_| 0, &limits, 1 << 20).unwrap();
+            let out = &composed.partitions[0];
+            assert_eq!(out.records, 1_000);
+            assert!(
+                out.bytes.len() <= reserved && reserved <= out.bytes.len() * 5 / 4,
+                "values of {value_len} bytes: {} bytes out, {reserved} reserved",
+                out.bytes.len()
+            );
+        }
+        // A record count no batch could hold is bounded by what the output may take.
+        let mut batch = BytesMut::new();
+        let record = Record {
+            timestamp: 0,
+            key: None,
+            value: None,
+            headers: Vec::new(),
+        };
+        encode_batch(&BatchSpec::default(), &[record], &mut batch).unwrap();
+        batch[57..61].copy_from_slice(&i32::MAX.to_be_bytes());
+        let parts = [Part::shipped(0, &batch)];
+        let origin = OriginHeaders::new(&stream);
+        assert!(reserve_bytes(&parts, &origin, batch.len(), 1 << 20, 1) <= (1 << 20) * 9 / 8);
     }
 }
