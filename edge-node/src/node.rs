@@ -68,6 +68,27 @@ pub(crate) async fn run(
         .await
         .context("opening the data directory panicked")?
         .with_context(|| format!("cannot open data directory {}", data_dir.display()))?;
+    // The uplink's cursors are checked against the log before MQTT can append to it: a log
+    // that went back is told from one that did not by its end as opened.
+    let cursors = match &config.uplink {
+        None => None,
+        Some(uplink_config) => {
+            let (uplink_config, opened) = (uplink_config.clone(), log.clone());
+            let cursors = tokio::task::spawn_blocking(move || {
+                crate::uplink::open_cursors(&uplink_config, &opened)
+            })
+            .await
+            .context("opening the uplink cursors panicked")
+            .and_then(|opened| opened);
+            match cursors {
+                Ok(cursors) => Some(cursors),
+                Err(error) => {
+                    close_log(&log).await?;
+                    return Err(error.context("cannot start the uplink"));
+                }
+            }
+        }
+    };
     let mqtt = if config.mqtt.enabled() {
         match start_mqtt(&config.mqtt, config.log_compression, &log).await {
             Ok(mqtt) => Some(mqtt),
@@ -81,18 +102,20 @@ pub(crate) async fn run(
     } else {
         None
     };
-    let uplink = match &config.uplink {
-        None => None,
-        Some(uplink_config) => match Uplink::start(uplink_config, &config.node_id, log.clone()) {
-            Ok(uplink) => Some(uplink),
-            Err(error) => {
-                if let Some(mqtt) = mqtt {
-                    mqtt.stop().await;
+    let uplink = match (&config.uplink, cursors) {
+        (Some(uplink_config), Some(cursors)) => {
+            match Uplink::start(uplink_config, &config.node_id, log.clone(), cursors) {
+                Ok(uplink) => Some(uplink),
+                Err(error) => {
+                    if let Some(mqtt) = mqtt {
+                        mqtt.stop().await;
+                    }
+                    close_log(&log).await?;
+                    return Err(error.context("cannot start the uplink"));
                 }
-                close_log(&log).await?;
-                return Err(error.context("cannot start the uplink"));
             }
-        },
+        }
+        _ => None,
     };
     let cursors = uplink.as_ref().map(|uplink| uplink.cursors.clone());
     state.send_replace(NodeState::Serving(log.clone()));

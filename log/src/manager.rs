@@ -98,7 +98,8 @@ pub struct LogManager {
     was_clean: bool,
     flusher: Mutex<Option<Flusher>>,
     closed: AtomicBool,
-    id: Option<String>,
+    /// Changed only by [`LogManager::renew_id`].
+    id: RwLock<Option<String>>,
     _lock: File,
 }
 
@@ -177,7 +178,7 @@ impl LogManager {
             was_clean: clean,
             flusher: Mutex::new(None),
             closed: AtomicBool::new(false),
-            id,
+            id: RwLock::new(id),
             _lock: lock,
         });
         if let FlushPolicy::RelaxedUnsafe { interval } = manager.config.flush {
@@ -228,8 +229,20 @@ impl LogManager {
     /// is told apart from it. 16 digits are enough to tell the logs of one edge apart and
     /// short, as every record the uplink ships from the log names it. `None` for a directory
     /// created before logs had ids.
-    pub fn id(&self) -> Option<&str> {
-        self.id.as_deref()
+    pub fn id(&self) -> Option<String> {
+        self.id.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Gives the log a new id, written to `meta.json` (atomically and durably) before it is
+    /// returned, and returns it. For a log found to have gone back: restored from a backup or
+    /// copied to another device, it holds the id of the log it was copied from, and its new
+    /// records reuse offsets that log already gave to others. A log without an id gets one.
+    pub fn renew_id(&self) -> Result<String> {
+        let mut id = self.id.write().unwrap_or_else(|e| e.into_inner());
+        let renewed = new_log_id()?;
+        write_meta(&self.config.data_dir, Some(renewed.clone()))?;
+        *id = Some(renewed.clone());
+        Ok(renewed)
     }
 
     /// What recovery did at open.
@@ -558,17 +571,23 @@ fn check_meta(dir: &Path) -> Result<Option<String>> {
                     reason: format!("it is not empty and has no {META_FILE}"),
                 });
             }
-            let meta = Meta {
-                format: FORMAT_NAME.to_string(),
-                version: FORMAT_VERSION,
-                id: Some(new_log_id()?),
-            };
-            let bytes = serde_json::to_vec(&meta).expect("meta always serializes");
-            fsutil::write_atomic(&path, &bytes)?;
-            Ok(meta.id)
+            let id = new_log_id()?;
+            write_meta(dir, Some(id.clone()))?;
+            Ok(Some(id))
         }
         Err(error) => Err(LogError::io(path)(error)),
     }
+}
+
+/// Writes `meta.json` with `id`, atomically and durably.
+fn write_meta(dir: &Path, id: Option<String>) -> Result<()> {
+    let meta = Meta {
+        format: FORMAT_NAME.to_string(),
+        version: FORMAT_VERSION,
+        id,
+    };
+    let bytes = serde_json::to_vec(&meta).expect("meta always serializes");
+    fsutil::write_atomic(&dir.join(META_FILE), &bytes)
 }
 
 /// Most hex digits an id read from `meta.json` may have (the uplink carries it in a field of

@@ -809,13 +809,25 @@ fn a_follower_sleeps_until_new_data_is_durable() {
     assert_eq!(log.wait_for_high_watermark(1, Duration::from_secs(30)), 3);
 }
 
+/// A data directory as made before logs had ids, in `parent`.
+fn made_before_ids(parent: &std::path::Path) -> std::path::PathBuf {
+    let dir = parent.join("made-before-ids");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::write(
+        dir.join("meta.json"),
+        br#"{"format":"silt-log","version":1}"#,
+    )
+    .unwrap();
+    dir
+}
+
 #[test]
 fn a_log_keeps_the_id_it_was_created_with_and_another_log_has_another() {
     let dir = tempfile::tempdir().unwrap();
     let first = dir.path().join("first");
     let id = {
         let manager = LogManager::open(LogConfig::new(&first)).unwrap();
-        let id = manager.id().expect("a new log has an id").to_string();
+        let id = manager.id().expect("a new log has an id");
         assert!(
             id.len() == 16 && id.bytes().all(|byte| byte.is_ascii_hexdigit()),
             "{id}"
@@ -824,23 +836,17 @@ fn a_log_keeps_the_id_it_was_created_with_and_another_log_has_another() {
         id
     };
     let manager = LogManager::open(LogConfig::new(&first)).unwrap();
-    assert_eq!(manager.id(), Some(id.as_str()), "the id survives a reopen");
+    assert_eq!(manager.id(), Some(id.clone()), "the id survives a reopen");
     drop(manager);
 
     // The same place emptied and used again: a new log, a new id.
     std::fs::remove_dir_all(&first).unwrap();
     let manager = LogManager::open(LogConfig::new(&first)).unwrap();
-    assert_ne!(manager.id(), Some(id.as_str()));
+    assert_ne!(manager.id(), Some(id.clone()));
     drop(manager);
 
     // A directory made before logs had ids keeps none.
-    let old = dir.path().join("old");
-    std::fs::create_dir(&old).unwrap();
-    std::fs::write(
-        old.join("meta.json"),
-        br#"{"format":"silt-log","version":1}"#,
-    )
-    .unwrap();
+    let old = made_before_ids(dir.path());
     let manager = LogManager::open(LogConfig::new(&old)).unwrap();
     assert_eq!(manager.id(), None);
     drop(manager);
@@ -855,4 +861,39 @@ fn a_log_keeps_the_id_it_was_created_with_and_another_log_has_another() {
             "{bad:?}: {error}"
         );
     }
+}
+
+#[test]
+fn a_renewed_id_replaces_the_old_one_durably_and_the_records_stay() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("log");
+    let (old, renewed) = {
+        let manager = LogManager::open(LogConfig::new(&path)).unwrap();
+        manager.create_topic("t", 1, &Default::default()).unwrap();
+        let log = manager.partition("t", 0).unwrap();
+        log.append(&mut batch_of("a", 2, 1_000)).unwrap();
+        let old = manager.id().unwrap();
+        let renewed = manager.renew_id().unwrap();
+        assert_ne!(renewed, old);
+        assert_eq!(manager.id(), Some(renewed.clone()));
+        manager.close().unwrap();
+        (old, renewed)
+    };
+    let manager = LogManager::open(LogConfig::new(&path)).unwrap();
+    assert_eq!(
+        manager.id(),
+        Some(renewed),
+        "the new id is what meta.json holds"
+    );
+    assert_eq!(manager.partition("t", 0).unwrap().high_watermark(), 2);
+    drop(manager);
+
+    // A directory made before logs had ids gets one.
+    let pre_ids = made_before_ids(dir.path());
+    let manager = LogManager::open(LogConfig::new(&pre_ids)).unwrap();
+    let given = manager.renew_id().unwrap();
+    assert_ne!(given, old);
+    drop(manager);
+    let manager = LogManager::open(LogConfig::new(&pre_ids)).unwrap();
+    assert_eq!(manager.id(), Some(given));
 }

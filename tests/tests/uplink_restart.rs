@@ -2,9 +2,10 @@
 //! checkpoint written at shutdown and the restarted core scans no records to rebuild it;
 //! without the checkpoint it scans the whole topic. Exactly once holds either way. And an
 //! edge restarted on a data directory made anew (a new card) gets its new records shipped,
-//! not taken for duplicates of the old log's offsets.
+//! not taken for duplicates of the old log's offsets; so does an edge whose data directory
+//! was restored from a backup, with or without its uplink state.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::time::Duration;
 
@@ -42,6 +43,29 @@ async fn publish(
 /// Records the restarted core scanned to rebuild its dedup state.
 fn scanned(core: &Core) -> f64 {
     metric_sum(&core.metrics(), "silt_uplink_dedup_scanned_records_total")
+}
+
+/// Checks the stopped core's records of `mqtt`: every acknowledged message exactly once,
+/// `per_client` of them from each client. Returns the edge logs they name.
+fn check_stored(
+    core_dir: &Path,
+    acked: &HashMap<String, Vec<u64>>,
+    per_client: usize,
+) -> HashSet<String> {
+    let records = blocking(|| dump_topic(core_dir, "mqtt"));
+    assert_eq!(
+        check_exactly_once(&records, EDGE_ID, acked),
+        CLIENTS * per_client
+    );
+    records
+        .iter()
+        .map(|record| {
+            record
+                .header("silt.edge.log")
+                .expect("every record names its edge log")
+                .to_string()
+        })
+        .collect()
 }
 
 fn checkpoint_file(core_dir: &Path) -> std::path::PathBuf {
@@ -144,15 +168,76 @@ async fn an_edge_whose_data_directory_was_made_anew_has_its_new_records_shipped(
 
     blocking(|| edge.stop());
     blocking(|| core.stop());
-    let records = blocking(|| dump_topic(&core_dir, "mqtt"));
-    assert_eq!(check_exactly_once(&records, EDGE_ID, &acked), CLIENTS * 350);
-    let logs: std::collections::HashSet<&str> = records
-        .iter()
-        .map(|record| {
-            record
-                .header("silt.edge.log")
-                .expect("every record names its edge log")
-        })
-        .collect();
+    let logs = check_stored(&core_dir, &acked, 350);
     assert_eq!(logs.len(), 3, "three edge logs: {logs:?}");
+}
+
+/// Replaces `to` with a copy of `from` (`cp -a`).
+fn copy_dir(from: &Path, to: &Path) {
+    if to.exists() {
+        std::fs::remove_dir_all(to).unwrap();
+    }
+    let status = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(from)
+        .arg(to)
+        .status()
+        .unwrap();
+    assert!(
+        status.success(),
+        "cp -a {} {}",
+        from.display(),
+        to.display()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_restored_from_a_backup_has_its_new_records_shipped() {
+    if !skip_unless_silt("uplink_restart") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let core_dir = dir.path().join("core");
+    let edge_dir = dir.path().join("edge");
+    let state_dir = dir.path().join("edge.uplink");
+    let (backup_data, backup_state) = (dir.path().join("backup"), dir.path().join("backup.uplink"));
+    let (core, proxy, mut edge) =
+        blocking(|| start_core_behind_proxy_with_edge(dir.path(), &CORE_ARGS, EDGE_ID));
+    let start = || start_edge(&edge_dir, EDGE_ID, proxy.addr, &core_ca(&core_dir), &[]);
+    let mut acked = HashMap::new();
+    publish(edge.mqtt, 0, 100, &mut acked).await;
+    blocking(|| wait_drained(&edge, DRAIN_TIMEOUT));
+    blocking(|| edge.stop());
+    copy_dir(&edge_dir, &backup_data);
+    copy_dir(&state_dir, &backup_state);
+    edge = blocking(start);
+    publish(edge.mqtt, 100, 200, &mut acked).await;
+    blocking(|| wait_drained(&edge, DRAIN_TIMEOUT));
+    blocking(|| edge.stop());
+
+    // The data directory restored, its uplink state (beside it) not: the cursors stand past
+    // the log's end. The edge sees it as it starts, before a record is appended, and ships
+    // its new records, which reuse offsets the core has, under a new log id.
+    copy_dir(&backup_data, &edge_dir);
+    edge = blocking(start);
+    publish(edge.mqtt, 200, 250, &mut acked).await;
+    blocking(|| wait_drained(&edge, DRAIN_TIMEOUT));
+    blocking(|| edge.stop());
+
+    // Both restored: the edge cannot tell, but the core can, from the first frame of the
+    // stream: the edge's log ends below what the core stores from it.
+    copy_dir(&backup_data, &edge_dir);
+    copy_dir(&backup_state, &state_dir);
+    edge = blocking(start);
+    publish(edge.mqtt, 250, 300, &mut acked).await;
+    blocking(|| wait_drained(&edge, DRAIN_TIMEOUT));
+    assert!(
+        blocking(|| metric_sum(&core.metrics(), "silt_uplink_log_behind_total")) >= 1.0,
+        "the core refused the restored log's stream"
+    );
+
+    blocking(|| edge.stop());
+    blocking(|| core.stop());
+    let logs = check_stored(&core_dir, &acked, 300);
+    assert_eq!(logs.len(), 3, "the first log and two new ids: {logs:?}");
 }

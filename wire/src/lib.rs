@@ -78,6 +78,12 @@ pub mod error_code {
     pub const STORAGE: u16 = 3;
     /// The request is valid but refused (bad topic name, unauthorised edge id).
     pub const REFUSED: u16 = 4;
+    /// The edge's log ends below records the core already stores from that log (same edge
+    /// id, log id and partition): the log went back (restored from a backup, a copied card,
+    /// a disk that lost writes), so its new records reuse offsets the core has. The edge
+    /// gives its log a new id and ships under it; with the same id they would be taken for
+    /// duplicates and dropped.
+    pub const LOG_BEHIND: u16 = 5;
 }
 
 /// One uplink frame. Borrowed from the buffer it was decoded from.

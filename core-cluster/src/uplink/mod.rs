@@ -27,6 +27,10 @@
 //! With mutual TLS, the edge id a `Hello` claims must be a DNS name of the client
 //! certificate, so one edge cannot write as another.
 //!
+//! A stream whose edge log ends below what the core already stores from that log (the log
+//! went back: restored from a backup, copied) is refused with `LOG_BEHIND` at its first group,
+//! before anything of it is stored; the edge then ships its log under a new id.
+//!
 //! The dedup state is checkpointed to `<data_dir>.uplink/dedup/` every
 //! [`store::CHECKPOINT_INTERVAL`] or [`store::CHECKPOINT_BYTES`] and at shutdown, so a restart
 //! scans only the log tail past the checkpoint.
@@ -429,7 +433,10 @@ async fn serve_stream(
         let _ = send.stopped().await;
     }
     if let Err(Some(fault)) = result {
-        tracing::warn!(code = fault.code, error = %fault.message, "uplink stream refused");
+        // A log that went back was logged where it was found, with its stream and offsets.
+        if fault.code != error_code::LOG_BEHIND {
+            tracing::warn!(code = fault.code, error = %fault.message, "uplink stream refused");
+        }
         let mut out = BytesMut::new();
         Frame::Error {
             code: fault.code,
@@ -816,6 +823,16 @@ async fn append_frames(
     // edge's stream for the same partition can take over.
     let mut turn: Option<store::StreamTurn> = None;
     let mut staged = store::StagedNext::new();
+    // Whether the stream's first group was handed to `compose_group`: only that one is checked
+    // against what the core stores from the edge log. An honest edge's log never ends below
+    // what the core stored from it, but a stale connection of the same edge (one the edge
+    // already gave up on) may still have frames in the core's read-ahead, composed after the
+    // new connection moved the mark past their `edge_end`. That stream's first group was
+    // checked long before, so checking only first groups does not refuse them, and a log that
+    // went back is caught when it reconnects, at its first frame. (Should a stale stream's
+    // first group be composed after the new one's, its refusal goes to a connection the edge
+    // has closed, as it closes a connection whenever one of its streams ends.)
+    let mut first_group_taken = false;
     let mut reading = true;
     loop {
         let idle =
@@ -911,6 +928,16 @@ async fn append_frames(
                     .iter()
                     .map(|frame| (frame.head.first_offset, frame.shipped.clone()))
                     .collect();
+                // The lowest, which is the first frame's (the edge's high watermark only
+                // grows): the log's end as soon after the reconnect as there is one, before
+                // records it takes meanwhile can lift it past the mark. An honest edge read
+                // even this frame after every record the core has from its log.
+                let edge_end = if first_group_taken {
+                    None
+                } else {
+                    first_group_taken = true;
+                    group.iter().map(|frame| frame.head.edge_end).min()
+                };
                 let (store_ref, topic_name, key, staged_in) =
                     (store.clone(), topic.to_string(), stream.clone(), staged.clone());
                 let slot = decoding_slot(decoding).await;
@@ -924,7 +951,14 @@ async fn append_frames(
                             crc_checked: shipped.crc_checked,
                         })
                         .collect();
-                    store_ref.compose_group(group_turn, &topic_name, &key, &parts, &staged_in)
+                    store_ref.compose_group(
+                        group_turn,
+                        &topic_name,
+                        &key,
+                        &parts,
+                        &staged_in,
+                        edge_end,
+                    )
                 });
                 composing = Some(Composing { group, task });
             }
@@ -932,8 +966,10 @@ async fn append_frames(
     }
 }
 
-/// Metric labels of one stream.
+/// Metric labels of one stream, and what its log lines name.
 struct Labels {
+    topic: String,
+    key: StreamKey,
     topic_edge: [(&'static str, String); 2],
     stream: [(&'static str, String); 3],
 }
@@ -941,6 +977,8 @@ struct Labels {
 impl Labels {
     fn new(topic: &str, stream: &StreamKey) -> Labels {
         Labels {
+            topic: topic.to_string(),
+            key: stream.clone(),
             topic_edge: [
                 ("topic", topic.to_string()),
                 ("edge", stream.edge_id.clone()),
@@ -974,6 +1012,24 @@ async fn complete(
             StoreError::Log(_) | StoreError::Checkpoint(_) => error_code::STORAGE,
             // The leader moved: the edge reconnects and retries.
             StoreError::NotLeader { .. } => error_code::REFUSED,
+            StoreError::EdgeLogBehind {
+                edge_end,
+                stored_end,
+            } => {
+                // Logged here rather than with the other refusals, which do not know the
+                // stream: an operator needs to know which edge's log went back, and how far.
+                tracing::warn!(
+                    topic = %labels.topic,
+                    edge = %labels.key.edge_id,
+                    edge_log = %labels.key.edge_log,
+                    edge_partition = labels.key.edge_partition,
+                    edge_end,
+                    stored_end,
+                    "uplink stream refused: the edge log went back below what the core stores from it"
+                );
+                metrics::counter!("silt_uplink_log_behind_total", &labels.topic_edge).increment(1);
+                error_code::LOG_BEHIND
+            }
         };
         Some(StreamFault {
             code,

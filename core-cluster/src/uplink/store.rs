@@ -31,6 +31,14 @@
 //! Appends of one stream are serialised (a lock per stream, held by a pipeline until its last
 //! group is durable and in the state), so a stale connection of an edge racing its
 //! reconnected self cannot interleave the check and the append.
+//!
+//! Dedup by offset trusts that an edge log's offsets name one record each. A log that went
+//! back (restored from a backup, copied to another device, a disk that lost written data)
+//! keeps its id but gives offsets the core already has to new records, which would be
+//! skipped as duplicates and acked: lost without a trace. So a group can be composed with
+//! the edge's log end (a `Data` frame's `edge_end`), and is refused
+//! ([`StoreError::EdgeLogBehind`]) when the core stores records of the stream at or past it;
+//! the edge then ships its log under a new id.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -85,6 +93,13 @@ pub(crate) enum StoreError {
         partition: u32,
         source: NotLeader,
     },
+    /// The edge's log ends below records the core stores from it; see the module doc.
+    #[error(
+        "the edge's log ends at offset {edge_end}, but the core already stores this edge log's \
+         records up to offset {stored_end}: the log went back (restored from a backup or \
+         copied); the edge must ship it under a new log id"
+    )]
+    EdgeLogBehind { edge_end: u64, stored_end: u64 },
 }
 
 /// What one `append` did, for the ack and the metrics.
@@ -261,7 +276,7 @@ impl UplinkStore {
             .iter()
             .map(|&(first_offset, batches)| Part::shipped(first_offset, batches))
             .collect();
-        let (group, next) = self.compose_group(turn, topic, stream, &parts, staged)?;
+        let (group, next) = self.compose_group(turn, topic, stream, &parts, staged, None)?;
         self.write_group(topic, stream, group, || written(next))
     }
 
@@ -277,6 +292,11 @@ impl UplinkStore {
     /// the groups before it, not on whether they are written yet. The group holds `turn`
     /// until it is durable (or failed), so a reconnected edge's stream cannot compose from a
     /// dedup state that misses records already written.
+    ///
+    /// With `edge_end` (where the edge's log ended when it read the frames), a group of a log
+    /// that ends below the stream's stored end (the highest next expected offset over the
+    /// core partitions) is refused with [`StoreError::EdgeLogBehind`] before anything is
+    /// composed: its records would reuse offsets the core already has.
     pub(crate) fn compose_group(
         &self,
         turn: StreamTurn,
@@ -284,6 +304,7 @@ impl UplinkStore {
         stream: &StreamKey,
         parts: &[Part<'_>],
         staged: &StagedNext,
+        edge_end: Option<u64>,
     ) -> Result<(ComposedGroup, StagedNext), StoreError> {
         let info = self.log.ensure_topic(topic, self.default_partitions)?;
         let state = self.topic_state(topic, info.partitions)?;
@@ -309,6 +330,15 @@ impl UplinkStore {
                 })
                 .collect()
         };
+        if let Some(edge_end) = edge_end {
+            let stored_end = expected.iter().copied().max().unwrap_or(0);
+            if edge_end < stored_end {
+                return Err(StoreError::EdgeLogBehind {
+                    edge_end,
+                    stored_end,
+                });
+            }
+        }
         let composed = compose(
             parts,
             stream,
@@ -1127,6 +1157,7 @@ mod tests {
                 &stream(),
                 &[Part::shipped(0, &first)],
                 &StagedNext::new(),
+                None,
             )
             .unwrap();
         let (group2, next) = store
@@ -1136,6 +1167,7 @@ mod tests {
                 &stream(),
                 &[Part::shipped(6, &second)],
                 &next,
+                None,
             )
             .unwrap();
         // A resend overlapping both is composed as duplicates, written or not.
@@ -1146,6 +1178,7 @@ mod tests {
                 &stream(),
                 &[Part::shipped(4, &edge_batch(4, 14))],
                 &next,
+                None,
             )
             .unwrap();
         assert_eq!(group3.composed.duplicate_records, 8);
@@ -1179,6 +1212,7 @@ mod tests {
                 &stream(),
                 &[Part::shipped(12, &third)],
                 &StagedNext::new(),
+                None,
             )
             .unwrap();
         leadership.set_role(
@@ -1206,6 +1240,68 @@ mod tests {
             .unwrap();
         assert_eq!((resent.appended_records, resent.duplicate_records), (6, 12));
         assert_eq!(offsets(&log), (0..18).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_group_from_an_edge_log_that_ends_below_what_is_stored_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = LogManager::open(LogConfig::new(dir.path().join("core"))).unwrap();
+        let store = UplinkStore::new(log.clone(), Arc::default(), 3, None);
+        store
+            .append("mqtt", &stream(), 0, &edge_batch(0, 12))
+            .unwrap();
+        let compose = |key: &StreamKey, first_offset: i64, count: usize, edge_end: u64| {
+            let turn = StreamTurn(Arc::new(
+                store.stream_lock("mqtt", key).blocking_lock_owned(),
+            ));
+            let batch = edge_batch(first_offset, count);
+            let parts = [Part::shipped(first_offset as u64, &batch)];
+            store
+                .compose_group(
+                    turn,
+                    "mqtt",
+                    key,
+                    &parts,
+                    &StagedNext::new(),
+                    Some(edge_end),
+                )
+                .map(|(group, _)| group)
+        };
+        // The log restored from a backup taken at offset 8: its records from 0 on are new,
+        // but the core has offsets up to 12 from this log, whatever core partition each is in.
+        let refused = compose(&stream(), 0, 8, 8);
+        assert!(
+            matches!(
+                refused,
+                Err(StoreError::EdgeLogBehind {
+                    edge_end: 8,
+                    stored_end: 12
+                })
+            ),
+            "{:?}",
+            refused.map(|group| group.composed.duplicate_records)
+        );
+        // The first offset past the last stored one is what the core expects: an edge log
+        // ending there (all of it shipped) or past it is not behind.
+        let level = compose(&stream(), 6, 6, 12).unwrap();
+        assert_eq!(level.composed.duplicate_records, 6);
+        drop(level);
+        let ahead = compose(&stream(), 6, 12, 18).unwrap();
+        assert_eq!(ahead.composed.duplicate_records, 6);
+        let written = store.write_group("mqtt", &stream(), ahead, || {}).unwrap();
+        assert_eq!(written.appended_records, 6);
+        // Under a new log id, the restored log's records are a stream of their own.
+        let renamed = StreamKey {
+            edge_log: "77aa".into(),
+            ..stream()
+        };
+        let group = compose(&renamed, 0, 8, 8).unwrap();
+        let written = store.write_group("mqtt", &renamed, group, || {}).unwrap();
+        assert_eq!(
+            (written.appended_records, written.duplicate_records),
+            (8, 0)
+        );
+        assert_eq!(stored(&log, "mqtt").len(), 18 + 8);
     }
 
     #[test]

@@ -178,8 +178,31 @@ fn data_frame(first_offset: u64, count: u64, corrupt: bool) -> Bytes {
     frame_of(first_offset, count, corrupt, Compression::None)
 }
 
+/// [`data_frame`] read when the edge's log ended at `edge_end` (its records shipped so far
+/// end where the frame's do).
+fn data_frame_ending(first_offset: u64, count: u64, edge_end: u64) -> Bytes {
+    frame_ending(first_offset, count, edge_end, false, Compression::None)
+}
+
 /// [`data_frame`] with its one batch compressed with `compression`.
 fn frame_of(first_offset: u64, count: u64, corrupt: bool, compression: Compression) -> Bytes {
+    frame_ending(
+        first_offset,
+        count,
+        first_offset + count,
+        corrupt,
+        compression,
+    )
+}
+
+/// [`frame_of`] read when the edge's log ended at `edge_end`.
+fn frame_ending(
+    first_offset: u64,
+    count: u64,
+    edge_end: u64,
+    corrupt: bool,
+    compression: Compression,
+) -> Bytes {
     let records: Vec<Record> = (first_offset..first_offset + count)
         .map(|offset| Record {
             timestamp: 1_000 + offset as i64,
@@ -208,7 +231,7 @@ fn frame_of(first_offset: u64, count: u64, corrupt: bool, compression: Compressi
     Frame::Data {
         first_offset,
         end_offset: first_offset + count,
-        edge_end: first_offset + count,
+        edge_end,
         codec: Codec::None,
         raw_len: batch.len() as u32,
         payload: &batch,
@@ -228,10 +251,13 @@ fn value(offset: u64) -> String {
     format!("v{offset}:{}", "x".repeat(VALUE_PAD_BYTES))
 }
 
-/// `frames` good frames of [`RECORDS_PER_FRAME`] records each, from edge offset 0.
+/// `frames` good frames of [`RECORDS_PER_FRAME`] records each, from edge offset 0, read from
+/// an edge log holding them all: each says the log ends past the last, as a real edge's
+/// frames do when it re-sends them (a log that ends below what the core has is refused).
 fn good_frames(frames: u64) -> Vec<Bytes> {
+    let edge_end = frames * RECORDS_PER_FRAME;
     (0..frames)
-        .map(|index| data_frame(index * RECORDS_PER_FRAME, RECORDS_PER_FRAME, false))
+        .map(|index| data_frame_ending(index * RECORDS_PER_FRAME, RECORDS_PER_FRAME, edge_end))
         .collect()
 }
 
@@ -425,6 +451,59 @@ async fn a_version_1_edge_is_served_and_a_new_edge_log_starts_a_new_stream() {
     let (_new_again, mut replies) = ship(&core, frames, false).await;
     replies.acks_through(end_offset).await;
     assert_eq!(stored_edge_logs(&core.log).len() as u64, 2 * end_offset);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_log_that_went_back_is_refused_before_anything_of_it_is_stored() {
+    let core = start_core();
+    let edge_log = "00aa";
+    let open = || hello_of(silt_wire::VERSION, edge_log);
+    let stored_end = 20 * RECORDS_PER_FRAME;
+    let connection = connect(&core).await.unwrap();
+    let (_shipped, mut replies) = ship_after(connection, open(), good_frames(20), false).await;
+    replies.acks_through(stored_end).await;
+    assert_stored_exactly(&core.log, stored_end);
+    let before = stored(&core.log);
+
+    // The edge's data directory restored from a backup taken at offset 50: the same log id,
+    // and the records it takes from now on get offsets 50 and up, which the core has. It
+    // reconnects and re-sends from its restored cursor, its log growing meanwhile (past the
+    // core's end, too); taken as duplicates, all of it would be acked and lost.
+    let restored_end = 50;
+    let frames = vec![
+        data_frame_ending(0, restored_end, restored_end),
+        data_frame_ending(restored_end, stored_end - restored_end, stored_end),
+        data_frame_ending(stored_end, 2 * RECORDS_PER_FRAME, stored_end + 10),
+    ];
+    let connection = connect(&core).await.unwrap();
+    let (_restored, mut replies) = ship_after(connection, open(), frames, false).await;
+    match replies.next().await {
+        Reply::Error(code, message) => {
+            assert_eq!(code, error_code::LOG_BEHIND, "{message}");
+            assert!(
+                message.contains(&format!("offset {restored_end}"))
+                    && message.contains(&format!("offset {stored_end}")),
+                "the message names both ends: {message}"
+            );
+        }
+        other => panic!("expected the stream's error, got {other:?}"),
+    }
+    assert_eq!(replies.next().await, Reply::End);
+    // Nothing of the refused stream was stored, not even its records past the core's end.
+    assert_eq!(stored(&core.log), before);
+
+    // The same edge log, not behind (a reconnect that lost its last acks): the records the
+    // core has are skipped, the new ones stored, and all of it acked.
+    let new_end = stored_end + 2 * RECORDS_PER_FRAME;
+    let resend = vec![data_frame_ending(
+        stored_end - 2 * RECORDS_PER_FRAME,
+        4 * RECORDS_PER_FRAME,
+        new_end,
+    )];
+    let connection = connect(&core).await.unwrap();
+    let (_resumed, mut replies) = ship_after(connection, open(), resend, false).await;
+    replies.acks_through(new_end).await;
+    assert_stored_exactly(&core.log, new_end);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -51,8 +51,8 @@ struct Cursor {
 #[derive(Debug)]
 pub(crate) struct Cursors {
     dir: PathBuf,
-    /// The id of the log the cursors count in.
-    log: Option<String>,
+    /// The id of the log the cursors count in; changed by [`Cursors::move_to_log`].
+    log: Mutex<Option<String>>,
     loaded: Mutex<HashMap<(String, u32), Cursor>>,
     /// Held while a file is written, so two writers never share its tmp file.
     writing: Mutex<()>,
@@ -62,7 +62,7 @@ impl Cursors {
     pub(crate) fn new(dir: PathBuf, log: Option<String>) -> Cursors {
         Cursors {
             dir,
-            log,
+            log: Mutex::new(log),
             loaded: Mutex::new(HashMap::new()),
             writing: Mutex::new(()),
         }
@@ -104,13 +104,14 @@ impl Cursors {
                     path.display(),
                     file.version
                 );
-                if file.log == self.log {
+                let log = self.log();
+                if file.log == log {
                     file.next_offset
                 } else {
                     tracing::warn!(
                         cursor = %path.display(),
                         cursor_log = file.log.as_deref().unwrap_or("none"),
-                        log = self.log.as_deref().unwrap_or("none"),
+                        log = log.as_deref().unwrap_or("none"),
                         "uplink cursor belongs to another log (the data directory was made anew): shipping this partition from its start"
                     );
                     0
@@ -160,16 +161,7 @@ impl Cursors {
         if cursor.persisted >= cursor.acked {
             return Ok(());
         }
-        let path = self.path(topic, partition);
-        let dir = path.parent().expect("cursor path has a parent");
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        let bytes = serde_json::to_vec(&CursorFile {
-            version: CURSOR_VERSION,
-            next_offset: cursor.acked,
-            log: self.log.clone(),
-        })
-        .expect("a cursor serializes");
-        write_atomic(&path, &bytes)?;
+        self.write_file(topic, partition, cursor.acked, self.log())?;
         let mut loaded = self.loaded.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(entry) = loaded.get_mut(&key) {
             entry.persisted = entry.persisted.max(cursor.acked);
@@ -195,6 +187,65 @@ impl Cursors {
             }
         }
         first_error.map_or(Ok(()), Err)
+    }
+
+    /// The id of the log the cursors count in.
+    pub(crate) fn log(&self) -> Option<String> {
+        self.log.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Makes the cursors count in log `log` (the edge log's new id, see
+    /// [`silt_log::LogManager::renew_id`]) and sets each partition of `starts` to its offset
+    /// there, written at once (blocking: fsyncs), back or forward. A partition not in
+    /// `starts` is read as belonging to another log, from its start.
+    pub(crate) fn move_to_log(
+        &self,
+        log: String,
+        starts: &[((String, u32), u64)],
+    ) -> anyhow::Result<()> {
+        let _writing = self.writing.lock().unwrap_or_else(|e| e.into_inner());
+        *self.log.lock().unwrap_or_else(|e| e.into_inner()) = Some(log.clone());
+        let mut loaded = self.loaded.lock().unwrap_or_else(|e| e.into_inner());
+        loaded.clear();
+        for ((topic, partition), start) in starts {
+            // In memory first: a file that fails to be written is re-sent from there after
+            // a restart, as a new log's.
+            loaded.insert(
+                (topic.clone(), *partition),
+                Cursor {
+                    acked: *start,
+                    persisted: *start,
+                },
+            );
+        }
+        drop(loaded);
+        let mut first_error = None;
+        for ((topic, partition), start) in starts {
+            if let Err(error) = self.write_file(topic, *partition, *start, Some(log.clone())) {
+                first_error.get_or_insert(error);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// Replaces the partition's file (blocking: fsyncs); the caller holds `writing`.
+    fn write_file(
+        &self,
+        topic: &str,
+        partition: u32,
+        next_offset: u64,
+        log: Option<String>,
+    ) -> anyhow::Result<()> {
+        let path = self.path(topic, partition);
+        let dir = path.parent().expect("cursor path has a parent");
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let bytes = serde_json::to_vec(&CursorFile {
+            version: CURSOR_VERSION,
+            next_offset,
+            log,
+        })
+        .expect("a cursor serializes");
+        write_atomic(&path, &bytes)
     }
 
     /// Moves the cursor forward to `next` and writes it at once (blocking: fsyncs).
@@ -311,5 +362,30 @@ mod tests {
                 .unwrap(),
             0
         );
+    }
+
+    #[test]
+    fn cursors_moved_to_a_new_log_keep_the_given_offsets_there() {
+        let dir = tempfile::tempdir().unwrap();
+        let cursors = Cursors::new(dir.path().to_path_buf(), log());
+        cursors.advance("mqtt", 0, 40).unwrap();
+        cursors.advance("mqtt", 1, 7).unwrap();
+        cursors.advance("other", 0, 2).unwrap();
+        // Partition 0 goes back to 25 (its log's end), partition 1 keeps 7; "other" is not
+        // moved and counts as another log's.
+        let starts = [(("mqtt".to_string(), 0), 25), (("mqtt".to_string(), 1), 7)];
+        cursors.move_to_log("9b0c".to_string(), &starts).unwrap();
+        assert_eq!(cursors.log().as_deref(), Some("9b0c"));
+        assert_eq!(cursors.get("mqtt", 0).unwrap(), 25);
+        assert_eq!(cursors.get("mqtt", 1).unwrap(), 7);
+        assert_eq!(cursors.get("other", 0).unwrap(), 0);
+        cursors.ack("mqtt", 0, 30);
+        cursors.persist_all().unwrap();
+        let reopened = Cursors::new(dir.path().to_path_buf(), Some("9b0c".to_string()));
+        assert_eq!(reopened.get("mqtt", 0).unwrap(), 30);
+        assert_eq!(reopened.get("mqtt", 1).unwrap(), 7);
+        // Under the old id, the files are another log's.
+        let old = Cursors::new(dir.path().to_path_buf(), log());
+        assert_eq!(old.get("mqtt", 0).unwrap(), 0);
     }
 }

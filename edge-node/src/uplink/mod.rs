@@ -99,7 +99,23 @@ enum Ended {
     Lost(anyhow::Error),
     /// No connection came up (refused, timed out, TLS).
     Failed(anyhow::Error),
+    /// The core stores more of this edge log than the edge holds: the log went back. Its
+    /// message, from the core.
+    LogBehind(String),
 }
+
+/// The core refused a stream because the edge's log ends below records it already stores
+/// from that log (`error_code::LOG_BEHIND`).
+#[derive(Debug)]
+struct LogBehind(String);
+
+impl std::fmt::Display for LogBehind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the core refused the stream: {}", self.0)
+    }
+}
+
+impl std::error::Error for LogBehind {}
 
 /// The core ended a stream (sent its end): it is about to close the connection.
 #[derive(Debug)]
@@ -112,6 +128,67 @@ impl std::fmt::Display for CoreEndedStream {
 }
 
 impl std::error::Error for CoreEndedStream {}
+
+/// Gives `log` a new id and moves every partition's cursor to it, at its acknowledged
+/// position or the partition's end when that is lower; returns the id. Blocking.
+///
+/// Every position is read before the id changes, so a crash in between leaves cursor files
+/// naming the old id, which the next start reads as another log's: its partitions ship from
+/// their start, twice rather than never.
+fn renew_log_id(log: &LogManager, cursors: &Cursors) -> anyhow::Result<String> {
+    let mut starts = Vec::new();
+    for topic in log.topics() {
+        for partition in 0..topic.partitions {
+            let cursor = cursors.get(&topic.name, partition)?;
+            let end = log.partition(&topic.name, partition)?.high_watermark();
+            starts.push(((topic.name.clone(), partition), cursor.min(end)));
+        }
+    }
+    let id = log
+        .renew_id()
+        .context("cannot write the log's new id to its meta.json")?;
+    cursors.move_to_log(id.clone(), &starts)?;
+    Ok(id)
+}
+
+/// Opens the uplink's cursors for `log`, before anything is appended to it. Blocking.
+///
+/// A partition whose acknowledged cursor is past its end went back since the core
+/// acknowledged it: the data directory was restored from a backup (its uplink state
+/// directory, beside it, was not), or the disk lost writes it had confirmed. The records it
+/// takes from now on get offsets the core already has from this log, and the cursor would
+/// skip them. The log then gets a new id (see [`renew_log_id`]) and such a partition ships
+/// from its end, as everything below it reached the core before.
+pub(crate) fn open_cursors(config: &UplinkConfig, log: &LogManager) -> anyhow::Result<Cursors> {
+    let cursors = Cursors::new(config.state_dir.clone(), log.id());
+    let mut behind = Vec::new();
+    for topic in log.topics() {
+        for partition in 0..topic.partitions {
+            // An unreadable cursor fails its stream later, with the same error.
+            let Ok(cursor) = cursors.get(&topic.name, partition) else {
+                continue;
+            };
+            let end = log.partition(&topic.name, partition)?.high_watermark();
+            if cursor > end {
+                behind.push(format!(
+                    "{}/{partition}: cursor {cursor}, end {end}",
+                    topic.name
+                ));
+            }
+        }
+    }
+    if !behind.is_empty() {
+        tracing::warn!(
+            partitions = %behind.join(", "),
+            "the edge log ends below what the core acknowledged: it went back (restored from a \
+             backup, or its disk lost writes); giving it a new id so that its new records are \
+             shipped rather than taken for ones the core has"
+        );
+        let id = renew_log_id(log, &cursors).context("cannot give the edge log a new id")?;
+        tracing::info!(log = %id, "edge log has a new id");
+    }
+    Ok(cursors)
+}
 
 /// A running uplink client.
 #[derive(Debug)]
@@ -128,12 +205,10 @@ impl Uplink {
         config: &UplinkConfig,
         edge_id: &str,
         log: Arc<LogManager>,
+        cursors: Cursors,
     ) -> anyhow::Result<Uplink> {
         let client = client_config(config)?;
-        let cursors = Arc::new(Cursors::new(
-            config.state_dir.clone(),
-            log.id().map(str::to_string),
-        ));
+        let cursors = Arc::new(cursors);
         let (stop, stopped) = watch::channel(false);
         let shipper = Shipper {
             config: config.clone(),
@@ -390,6 +465,29 @@ impl Shipper {
                         );
                     }
                 }
+                Ended::LogBehind(message) => {
+                    quiet_until = None;
+                    tracing::warn!(
+                        core = %message,
+                        "the core stores records of this edge log beyond the log's end: the log \
+                         went back (restored from a backup, copied from another device, or its \
+                         disk lost writes), so its new records reuse offsets the core already \
+                         has; giving the log a new id and shipping it under that id from the \
+                         acknowledged cursors (records between them and the log's old end may \
+                         reach the core twice, none are lost)"
+                    );
+                    let (log, cursors) = (shipper.log.clone(), shipper.cursors.clone());
+                    match tokio::task::spawn_blocking(move || renew_log_id(&log, &cursors)).await {
+                        Ok(Ok(id)) => tracing::info!(log = %id, "edge log has a new id"),
+                        Ok(Err(error)) => tracing::error!(
+                            error = format!("{error:#}"),
+                            "cannot give the edge log a new id; retrying"
+                        ),
+                        Err(error) => {
+                            tracing::error!(%error, "giving the edge log a new id failed")
+                        }
+                    }
+                }
                 Ended::Lost(error) | Ended::Failed(error) => {
                     quiet_until = None;
                     tracing::warn!(
@@ -574,7 +672,7 @@ impl Shipper {
             edge_id: &self.edge_id,
             topic: &topic,
             partition,
-            edge_log: self.log.id().unwrap_or_default(),
+            edge_log: &self.log.id().unwrap_or_default(),
         }
         .encode(&mut out);
         send.write_all(&out).await.context("cannot send Hello")?;
@@ -607,6 +705,9 @@ impl Shipper {
                         match Frame::decode(&buf)? {
                             Some((Frame::Ack { end_offset }, used)) => break (end_offset, used),
                             Some((Frame::Error { code, message }, _)) => {
+                                if code == silt_wire::error_code::LOG_BEHIND {
+                                    return Err(LogBehind(message.to_string()).into());
+                                }
                                 bail!("the core refused the stream (code {code}): {message}")
                             }
                             Some((other, _)) => bail!("unexpected frame from the core: {other:?}"),
@@ -784,6 +885,10 @@ fn ended_by(reason: quinn::ConnectionError) -> Ended {
 /// then closes the connection, so a stream the core ended waits (at most [`CLOSE_WAIT`]) for
 /// that close.
 async fn stream_ended(connection: &quinn::Connection, error: anyhow::Error) -> Ended {
+    // Before the connection's close: the core closes it after refusing the stream.
+    if let Some(LogBehind(message)) = error.downcast_ref::<LogBehind>() {
+        return Ended::LogBehind(message.clone());
+    }
     if let Some(reason) = connection.close_reason() {
         return ended_by(reason);
     }
