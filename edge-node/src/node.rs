@@ -75,7 +75,8 @@ pub(crate) async fn run(
         Some(uplink_config) => {
             let (uplink_config, opened) = (uplink_config.clone(), log.clone());
             let cursors = tokio::task::spawn_blocking(move || {
-                crate::uplink::open_cursors(&uplink_config, &opened)
+                let host = crate::uplink::host::fingerprint();
+                crate::uplink::open_cursors(&uplink_config.state_dir, &opened, host.as_deref())
             })
             .await
             .context("opening the uplink cursors panicked")

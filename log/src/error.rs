@@ -67,6 +67,8 @@ pub enum LogError {
     Truncated { end: u64, log_end: u64 },
     #[error("the log is closed")]
     Closed,
+    #[error("invalid host {0:?} for meta.json: it must be 1 to 64 hex digits")]
+    InvalidHost(String),
 }
 
 impl LogError {

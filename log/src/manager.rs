@@ -43,8 +43,10 @@ const FORMAT_VERSION: u32 = 1;
 /// Marks a topic directory being deleted; `~` cannot appear in topic names.
 const DELETED_MARKER: &str = "~deleted-";
 
+/// Unknown fields are ignored (and dropped when the file is written again), so that a build
+/// can open a directory a later one added a field to: going back to an older binary must not
+/// lock the operator out of the data. `format` and `version` are what tell a foreign file.
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
 struct Meta {
     format: String,
     version: u32,
@@ -52,6 +54,16 @@ struct Meta {
     /// ids, which keep none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     id: Option<String>,
+    /// The machine that last used the log, as its user recorded it ([`LogManager::host`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    host: Option<String>,
+}
+
+/// What `meta.json` says about whose log this is.
+#[derive(Debug, Clone, Default)]
+struct Identity {
+    id: Option<String>,
+    host: Option<String>,
 }
 
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
@@ -98,8 +110,8 @@ pub struct LogManager {
     was_clean: bool,
     flusher: Mutex<Option<Flusher>>,
     closed: AtomicBool,
-    /// Changed only by [`LogManager::renew_id`].
-    id: RwLock<Option<String>>,
+    /// Changed only by [`LogManager::renew_id`] and [`LogManager::set_host`].
+    identity: RwLock<Identity>,
     _lock: File,
 }
 
@@ -109,7 +121,7 @@ impl LogManager {
     pub fn open(config: LogConfig) -> Result<Arc<LogManager>> {
         let dir = config.data_dir.clone();
         fsutil::create_dir_durable(&dir)?;
-        let id = check_meta(&dir)?;
+        let identity = check_meta(&dir)?;
         let lock = lock_dir(&dir)?;
         let marker = dir.join(CLEAN_SHUTDOWN_FILE);
         let clean = marker.exists();
@@ -178,7 +190,7 @@ impl LogManager {
             was_clean: clean,
             flusher: Mutex::new(None),
             closed: AtomicBool::new(false),
-            id: RwLock::new(id),
+            identity: RwLock::new(identity),
             _lock: lock,
         });
         if let FlushPolicy::RelaxedUnsafe { interval } = manager.config.flush {
@@ -230,7 +242,37 @@ impl LogManager {
     /// short, as every record the uplink ships from the log names it. `None` for a directory
     /// created before logs had ids.
     pub fn id(&self) -> Option<String> {
-        self.id.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.identity
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .id
+            .clone()
+    }
+
+    /// The machine that last used the log, as its user recorded it with
+    /// [`LogManager::set_host`] (the edge: a fingerprint of the device, so that a data
+    /// directory copied to another device is told from the original); `None` until then.
+    pub fn host(&self) -> Option<String> {
+        self.identity
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .host
+            .clone()
+    }
+
+    /// Records `host` in `meta.json` (atomically and durably), 1 to 64 hex digits.
+    pub fn set_host(&self, host: &str) -> Result<()> {
+        if !is_hex_id(host, HOST_DIGITS_MAX) {
+            return Err(LogError::InvalidHost(host.to_string()));
+        }
+        let mut identity = self.identity.write().unwrap_or_else(|e| e.into_inner());
+        let updated = Identity {
+            host: Some(host.to_string()),
+            ..identity.clone()
+        };
+        write_meta(&self.config.data_dir, &updated)?;
+        *identity = updated;
+        Ok(())
     }
 
     /// Gives the log a new id, written to `meta.json` (atomically and durably) before it is
@@ -238,10 +280,14 @@ impl LogManager {
     /// copied to another device, it holds the id of the log it was copied from, and its new
     /// records reuse offsets that log already gave to others. A log without an id gets one.
     pub fn renew_id(&self) -> Result<String> {
-        let mut id = self.id.write().unwrap_or_else(|e| e.into_inner());
+        let mut identity = self.identity.write().unwrap_or_else(|e| e.into_inner());
         let renewed = new_log_id()?;
-        write_meta(&self.config.data_dir, Some(renewed.clone()))?;
-        *id = Some(renewed.clone());
+        let updated = Identity {
+            id: Some(renewed.clone()),
+            ..identity.clone()
+        };
+        write_meta(&self.config.data_dir, &updated)?;
+        *identity = updated;
         Ok(renewed)
     }
 
@@ -533,7 +579,7 @@ pub fn validate_topic_name(name: &str) -> Result<()> {
 
 /// Creates `meta.json` in a new or empty directory, or checks the one that is there;
 /// returns the log's id.
-fn check_meta(dir: &Path) -> Result<Option<String>> {
+fn check_meta(dir: &Path) -> Result<Identity> {
     let path = dir.join(META_FILE);
     match fs::read(&path) {
         Ok(bytes) => {
@@ -551,17 +597,25 @@ fn check_meta(dir: &Path) -> Result<Option<String>> {
                     ),
                 });
             }
-            if let Some(id) = &meta.id
-                && !is_log_id(id)
-            {
-                return Err(LogError::ForeignDirectory {
-                    path: dir.to_path_buf(),
-                    reason: format!(
-                        "{META_FILE} has id {id:?}, not 1 to {LOG_ID_DIGITS_MAX} hex digits"
-                    ),
-                });
+            for (field, value, digits_max) in [
+                ("id", &meta.id, LOG_ID_DIGITS_MAX),
+                ("host", &meta.host, HOST_DIGITS_MAX),
+            ] {
+                if let Some(value) = value
+                    && !is_hex_id(value, digits_max)
+                {
+                    return Err(LogError::ForeignDirectory {
+                        path: dir.to_path_buf(),
+                        reason: format!(
+                            "{META_FILE} has {field} {value:?}, not 1 to {digits_max} hex digits"
+                        ),
+                    });
+                }
             }
-            Ok(meta.id)
+            Ok(Identity {
+                id: meta.id,
+                host: meta.host,
+            })
         }
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
             let mut entries = fs::read_dir(dir).map_err(LogError::io(dir))?;
@@ -571,20 +625,24 @@ fn check_meta(dir: &Path) -> Result<Option<String>> {
                     reason: format!("it is not empty and has no {META_FILE}"),
                 });
             }
-            let id = new_log_id()?;
-            write_meta(dir, Some(id.clone()))?;
-            Ok(Some(id))
+            let identity = Identity {
+                id: Some(new_log_id()?),
+                host: None,
+            };
+            write_meta(dir, &identity)?;
+            Ok(identity)
         }
         Err(error) => Err(LogError::io(path)(error)),
     }
 }
 
-/// Writes `meta.json` with `id`, atomically and durably.
-fn write_meta(dir: &Path, id: Option<String>) -> Result<()> {
+/// Writes `meta.json` with `identity`, atomically and durably.
+fn write_meta(dir: &Path, identity: &Identity) -> Result<()> {
     let meta = Meta {
         format: FORMAT_NAME.to_string(),
         version: FORMAT_VERSION,
-        id,
+        id: identity.id.clone(),
+        host: identity.host.clone(),
     };
     let bytes = serde_json::to_vec(&meta).expect("meta always serializes");
     fsutil::write_atomic(&dir.join(META_FILE), &bytes)
@@ -594,9 +652,12 @@ fn write_meta(dir: &Path, id: Option<String>) -> Result<()> {
 /// at most 64 bytes); a new log's has 16.
 const LOG_ID_DIGITS_MAX: usize = 32;
 
-/// Whether `id` is a log id as `meta.json` may hold one.
-fn is_log_id(id: &str) -> bool {
-    (1..=LOG_ID_DIGITS_MAX).contains(&id.len()) && id.bytes().all(|byte| byte.is_ascii_hexdigit())
+/// Most hex digits of a host in `meta.json` (a 256-bit digest).
+const HOST_DIGITS_MAX: usize = 64;
+
+/// Whether `id` is 1 to `digits_max` hex digits, as an id or host in `meta.json` must be.
+fn is_hex_id(id: &str, digits_max: usize) -> bool {
+    (1..=digits_max).contains(&id.len()) && id.bytes().all(|byte| byte.is_ascii_hexdigit())
 }
 
 /// 64 random bits in hex, from the kernel's random source.

@@ -897,3 +897,49 @@ fn a_renewed_id_replaces_the_old_one_durably_and_the_records_stay() {
     let manager = LogManager::open(LogConfig::new(&pre_ids)).unwrap();
     assert_eq!(manager.id(), Some(given));
 }
+
+#[test]
+fn a_recorded_host_survives_a_reopen_and_a_renewal_and_a_bad_one_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("log");
+    let manager = LogManager::open(LogConfig::new(&path)).unwrap();
+    assert_eq!(
+        manager.host(),
+        None,
+        "a new log has no host until one is recorded"
+    );
+    manager.set_host("0a1b2c").unwrap();
+    manager.renew_id().unwrap();
+    let id = manager.id();
+    for bad in ["", "not hex", &"a".repeat(65)] {
+        assert!(
+            matches!(manager.set_host(bad), Err(LogError::InvalidHost(_))),
+            "{bad:?}"
+        );
+    }
+    manager.close().unwrap();
+    drop(manager);
+    let manager = LogManager::open(LogConfig::new(&path)).unwrap();
+    assert_eq!(manager.host().as_deref(), Some("0a1b2c"));
+    assert_eq!(manager.id(), id);
+    drop(manager);
+
+    // A field a later build added does not lock this one out.
+    let meta = r#"{"format":"silt-log","version":1,"id":"ab","host":"cd","later":[1]}"#;
+    std::fs::write(path.join("meta.json"), meta).unwrap();
+    let manager = LogManager::open(LogConfig::new(&path)).unwrap();
+    assert_eq!(manager.host().as_deref(), Some("cd"));
+    drop(manager);
+
+    // A damaged host in meta.json is refused at open, with a reason.
+    let meta = format!(
+        r#"{{"format":"silt-log","version":1,"id":"ab","host":"{}"}}"#,
+        "z"
+    );
+    std::fs::write(path.join("meta.json"), meta).unwrap();
+    let error = LogManager::open(LogConfig::new(&path)).unwrap_err();
+    assert!(
+        matches!(&error, LogError::ForeignDirectory { reason, .. } if reason.contains("host")),
+        "{error}"
+    );
+}

@@ -3,7 +3,8 @@
 //! without the checkpoint it scans the whole topic. Exactly once holds either way. And an
 //! edge restarted on a data directory made anew (a new card) gets its new records shipped,
 //! not taken for duplicates of the old log's offsets; so does an edge whose data directory
-//! was restored from a backup, with or without its uplink state.
+//! was restored from a backup, with or without its uplink state, and two edges running one
+//! copied card image at once.
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
@@ -13,8 +14,8 @@ use silt_tests::core::{Core, field_addr};
 use silt_tests::mqtt::dump::dump_topic;
 use silt_tests::mqtt::skip_unless_silt;
 use silt_tests::uplink::{
-    check_exactly_once, collect_acked, core_ca, metric_sum, start_core_behind_proxy_with_edge,
-    start_edge, start_publishers, wait_drained,
+    check_exactly_once, collect_acked, core_ca, metric_sum, publish_numbered,
+    start_core_behind_proxy_with_edge, start_edge, start_publishers, wait_drained,
 };
 
 const CLIENTS: usize = 3;
@@ -240,4 +241,75 @@ async fn an_edge_restored_from_a_backup_has_its_new_records_shipped() {
     blocking(|| core.stop());
     let logs = check_stored(&core_dir, &acked, 300);
     assert_eq!(logs.len(), 3, "the first log and two new ids: {logs:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_edges_from_one_copied_card_have_all_their_records_shipped() {
+    if !skip_unless_silt("uplink_restart") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let core_dir = dir.path().join("core");
+    let edge_dir = dir.path().join("edge");
+    let (copy_dir_path, copy_state) = (dir.path().join("copy"), dir.path().join("copy.uplink"));
+    let (core, proxy, mut edge) =
+        blocking(|| start_core_behind_proxy_with_edge(dir.path(), &CORE_ARGS, EDGE_ID));
+    let mut acked = HashMap::new();
+    publish(edge.mqtt, 0, 100, &mut acked).await;
+    blocking(|| wait_drained(&edge, DRAIN_TIMEOUT));
+    blocking(|| edge.stop());
+
+    // The card imaged after the edge ran on it, and flashed to a second board: the same
+    // edge id (a default hostname), log id and offsets. Its meta.json names the device the
+    // edge last ran on; here both run on one machine, so the copy's is made another's.
+    copy_dir(&edge_dir, &copy_dir_path);
+    copy_dir(&dir.path().join("edge.uplink"), &copy_state);
+    let meta_path = copy_dir_path.join("meta.json");
+    let mut meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&meta_path).unwrap()).unwrap();
+    assert!(
+        meta["host"].is_string(),
+        "the edge recorded its device: {meta}"
+    );
+    meta["host"] = "0123456789abcdef".into();
+    std::fs::write(&meta_path, serde_json::to_vec(&meta).unwrap()).unwrap();
+
+    // The copy runs first and ships new records at the log's next offsets. Then the
+    // original, cut off from the core meanwhile (its uplink points at a port where nothing
+    // answers), took more records than that: when it reconnects its log ends past what the
+    // core has from the copy, so the core cannot tell. Only the copy's own check can: the
+    // device it runs on is not the one its meta.json names.
+    let ca = core_ca(&core_dir);
+    let mut copy = blocking(|| start_edge(&copy_dir_path, EDGE_ID, proxy.addr, &ca, &[]));
+    let copies: Vec<_> = (0..CLIENTS)
+        .map(|client| {
+            let topic = format!("sensor/copy-{client}");
+            let mqtt = copy.mqtt;
+            tokio::spawn(async move {
+                let id = format!("uplink-copy-{client}");
+                let values = publish_numbered(mqtt, &id, &topic, 0, 100).await;
+                (topic, values, 100)
+            })
+        })
+        .collect();
+    collect_acked(copies, &mut acked).await;
+    blocking(|| wait_drained(&copy, DRAIN_TIMEOUT));
+
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let cut_off = silent.local_addr().unwrap();
+    edge = blocking(|| start_edge(&edge_dir, EDGE_ID, cut_off, &ca, &[]));
+    publish(edge.mqtt, 100, 300, &mut acked).await;
+    blocking(|| edge.stop());
+    edge = blocking(|| start_edge(&edge_dir, EDGE_ID, proxy.addr, &ca, &[]));
+    blocking(|| wait_drained(&edge, DRAIN_TIMEOUT));
+
+    blocking(|| copy.stop());
+    blocking(|| edge.stop());
+    blocking(|| core.stop());
+    let logs = check_stored(&core_dir, &acked, 400);
+    assert_eq!(
+        logs.len(),
+        2,
+        "the original log and the copy's new id: {logs:?}"
+    );
 }

@@ -29,6 +29,7 @@
 //! - `cursor`: the persisted per-partition cursors, also read by retention.
 
 pub(crate) mod cursor;
+pub(crate) mod host;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -151,16 +152,25 @@ fn renew_log_id(log: &LogManager, cursors: &Cursors) -> anyhow::Result<String> {
     Ok(id)
 }
 
-/// Opens the uplink's cursors for `log`, before anything is appended to it. Blocking.
+/// Opens the uplink's cursors for `log`, before anything is appended to it, and gives the
+/// log a new id (see [`renew_log_id`]) when it went back or reached another device. Blocking.
 ///
-/// A partition whose acknowledged cursor is past its end went back since the core
-/// acknowledged it: the data directory was restored from a backup (its uplink state
-/// directory, beside it, was not), or the disk lost writes it had confirmed. The records it
-/// takes from now on get offsets the core already has from this log, and the cursor would
-/// skip them. The log then gets a new id (see [`renew_log_id`]) and such a partition ships
-/// from its end, as everything below it reached the core before.
-pub(crate) fn open_cursors(config: &UplinkConfig, log: &LogManager) -> anyhow::Result<Cursors> {
-    let cursors = Cursors::new(config.state_dir.clone(), log.id());
+/// - A partition whose acknowledged cursor is past its end went back since the core
+///   acknowledged it: the data directory was restored from a backup (its uplink state
+///   directory, beside it, was not), or the disk lost writes it had confirmed. The records it
+///   takes from now on get offsets the core already has from this log, and the cursor would
+///   skip them. Such a partition ships from its end, as everything below it reached the
+///   core before.
+/// - A log last used on another device (`host`, this device's fingerprint, against the one
+///   `meta.json` keeps): a card image flashed to many boards after the edge had run on it,
+///   or a disk moved to a new board. Copies running at once would ship one log's offsets
+///   with different records. A log that has no host yet gets this one.
+pub(crate) fn open_cursors(
+    state_dir: &std::path::Path,
+    log: &LogManager,
+    host: Option<&str>,
+) -> anyhow::Result<Cursors> {
+    let cursors = Cursors::new(state_dir.to_path_buf(), log.id());
     let mut behind = Vec::new();
     for topic in log.topics() {
         for partition in 0..topic.partitions {
@@ -177,6 +187,8 @@ pub(crate) fn open_cursors(config: &UplinkConfig, log: &LogManager) -> anyhow::R
             }
         }
     }
+    let recorded = log.host();
+    let moved = host.is_some() && recorded.is_some() && recorded.as_deref() != host;
     if !behind.is_empty() {
         tracing::warn!(
             partitions = %behind.join(", "),
@@ -184,8 +196,24 @@ pub(crate) fn open_cursors(config: &UplinkConfig, log: &LogManager) -> anyhow::R
              backup, or its disk lost writes); giving it a new id so that its new records are \
              shipped rather than taken for ones the core has"
         );
+    }
+    if moved {
+        tracing::warn!(
+            data_dir = %log.config().data_dir.display(),
+            "the edge log was last used on another device (a copied card or a moved disk): \
+             giving it a new id, so that its records from here on are not taken for the \
+             other device's"
+        );
+    }
+    if moved || !behind.is_empty() {
         let id = renew_log_id(log, &cursors).context("cannot give the edge log a new id")?;
         tracing::info!(log = %id, "edge log has a new id");
+    }
+    if let Some(host) = host
+        && recorded.as_deref() != Some(host)
+    {
+        log.set_host(host)
+            .context("cannot record this device in the log's meta.json")?;
     }
     Ok(cursors)
 }
@@ -1155,6 +1183,77 @@ fn read_next(log: &PartitionLog, next: u64, frame_bytes: usize) -> anyhow::Resul
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A log in `dir` whose one partition holds `records` records.
+    fn log_with(dir: &std::path::Path, records: usize) -> Arc<LogManager> {
+        use silt_log::batch::{BatchSpec, Record, encode_batch};
+        let log = LogManager::open(silt_log::LogConfig::new(dir)).unwrap();
+        log.create_topic("mqtt", 1, &Default::default()).unwrap();
+        let records: Vec<Record> = (0..records)
+            .map(|i| Record {
+                timestamp: i as i64,
+                key: None,
+                value: Some(bytes::Bytes::from(format!("r{i}"))),
+                headers: Vec::new(),
+            })
+            .collect();
+        let mut batch = BytesMut::new();
+        encode_batch(&BatchSpec::default(), &records, &mut batch).unwrap();
+        log.partition("mqtt", 0)
+            .unwrap()
+            .append(&mut batch)
+            .unwrap();
+        log
+    }
+
+    #[test]
+    fn a_log_copied_to_another_device_or_behind_its_cursors_gets_a_new_id_and_keeps_its_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        let log = log_with(&dir.path().join("data"), 10);
+        let first_id = log.id().unwrap();
+        open_cursors(&state, &log, Some("aa"))
+            .unwrap()
+            .advance("mqtt", 0, 10)
+            .unwrap();
+        assert_eq!(
+            log.host().as_deref(),
+            Some("aa"),
+            "a log with no host gets this one"
+        );
+        assert_eq!(log.id(), Some(first_id.clone()));
+
+        // The same device again: nothing changes.
+        let cursors = open_cursors(&state, &log, Some("aa")).unwrap();
+        assert_eq!(log.id(), Some(first_id.clone()));
+        assert_eq!(cursors.get("mqtt", 0).unwrap(), 10);
+
+        // Another device: a new id, the cursor kept under it, the host recorded.
+        let cursors = open_cursors(&state, &log, Some("bb")).unwrap();
+        let second_id = log.id().unwrap();
+        assert_ne!(second_id, first_id);
+        assert_eq!(log.host().as_deref(), Some("bb"));
+        assert_eq!(cursors.get("mqtt", 0).unwrap(), 10);
+        assert_eq!(
+            Cursors::new(state.clone(), log.id())
+                .get("mqtt", 0)
+                .unwrap(),
+            10
+        );
+
+        // The log behind its cursor (restored without its state): a new id, and the cursor at
+        // the log's end, so the records it takes next are shipped.
+        cursors.advance("mqtt", 0, 25).unwrap();
+        let cursors = open_cursors(&state, &log, Some("bb")).unwrap();
+        assert_ne!(log.id(), Some(second_id.clone()));
+        assert_eq!(cursors.get("mqtt", 0).unwrap(), 10);
+
+        // No fingerprint (nothing identifies the device): the host is not checked.
+        let third_id = log.id();
+        open_cursors(&state, &log, None).unwrap();
+        assert_eq!(log.id(), third_id);
+        assert_eq!(log.host().as_deref(), Some("bb"));
+    }
 
     fn closed_by_core(code: u32) -> quinn::ConnectionError {
         quinn::ConnectionError::ApplicationClosed(quinn::ApplicationClose {
