@@ -227,8 +227,9 @@ pub(crate) struct Uplink {
 }
 
 impl Uplink {
-    /// Starts shipping `log` to the core as edge `edge_id`. Fails only on configuration that
-    /// can never work (unreadable CA or client certificate).
+    /// Starts shipping `log` to the core as edge `edge_id`, from `cursors` ([`open_cursors`],
+    /// before anything was appended). Fails only on configuration that can never work
+    /// (unreadable CA or client certificate).
     pub(crate) fn start(
         config: &UplinkConfig,
         edge_id: &str,
