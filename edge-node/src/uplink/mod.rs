@@ -471,8 +471,10 @@ impl Shipper {
                 outcome = shipper.clone().connect_and_ship(answer_timeout) => outcome,
                 _ = stopped.changed() => return,
             };
-            // A connection that worked starts the backoff over.
-            if !matches!(outcome, Ended::Failed(_)) {
+            // A connection that worked starts the backoff over; one refused for a log that
+            // went back does once the log has its new id, or an edge that cannot write it
+            // would be refused ten times a second.
+            if !matches!(outcome, Ended::Failed(_) | Ended::LogBehind(_)) {
                 backoff = BACKOFF_MIN;
             }
             attempts += 1;
@@ -507,7 +509,10 @@ impl Shipper {
                     );
                     let (log, cursors) = (shipper.log.clone(), shipper.cursors.clone());
                     match tokio::task::spawn_blocking(move || renew_log_id(&log, &cursors)).await {
-                        Ok(Ok(id)) => tracing::info!(log = %id, "edge log has a new id"),
+                        Ok(Ok(id)) => {
+                            tracing::info!(log = %id, "edge log has a new id");
+                            backoff = BACKOFF_MIN;
+                        }
                         Ok(Err(error)) => tracing::error!(
                             error = format!("{error:#}"),
                             "cannot give the edge log a new id; retrying"
