@@ -36,6 +36,10 @@ pub const ALPN: &[u8] = b"silt-uplink/1";
 /// The QUIC application close code of a core shutting down in order: everything durable was
 /// acked before the close, so the edge takes it as no failure and reconnects.
 pub const CLOSE_SHUTTING_DOWN: u32 = 1;
+/// The QUIC application close code of a connection another one of the same edge log (edge id
+/// and log id) took over: the edge that gets it is not the one shipping that log now, so two
+/// processes ship one log (a copied data directory), and it gives its log a new id.
+pub const CLOSE_SUPERSEDED: u32 = 2;
 /// The frame format version a `Hello` carries.
 pub const VERSION: u16 = 2;
 /// The oldest `Hello` version still understood (without `edge_log`).

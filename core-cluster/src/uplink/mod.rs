@@ -160,6 +160,59 @@ pub(crate) struct UplinkServer {
     mutual_tls: bool,
     budgets: ServerBudgets,
     max_connections: usize,
+    newest: Newest,
+}
+
+/// The newest connection of each edge log (edge id and log id).
+///
+/// An edge has one connection at a time, so an older connection of its log is one it gave
+/// up on (a lost link the core has not noticed yet, for up to the idle timeout), or one of
+/// another process shipping the same log: a data directory copied to a second device that
+/// the edge's own checks did not catch. Either way it is closed with
+/// [`silt_wire::CLOSE_SUPERSEDED`], as an MQTT broker closes a client's old connection when
+/// the same client id connects again: a dead one stops counting against
+/// `uplink.max_connections` at once, and a live one learns that its log is not its own and
+/// gives it a new id. Streams of logs without an id (version 1 edges, logs made before ids)
+/// are not tracked: copies of one such edge would close each other for good.
+#[derive(Debug, Clone, Default)]
+struct Newest(
+    Arc<std::sync::Mutex<std::collections::HashMap<(String, String), quinn::Connection>>>,
+);
+
+impl Newest {
+    /// Records `connection` as the newest of `stream`'s edge log, closing the one before it
+    /// when that is another, still open.
+    fn take_over(&self, stream: &StreamKey, connection: &quinn::Connection) {
+        if stream.edge_log.is_empty() {
+            return;
+        }
+        let mut newest = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let key = (stream.edge_id.clone(), stream.edge_log.clone());
+        if let Some(previous) = newest.get(&key)
+            && previous.stable_id() != connection.stable_id()
+            && previous.close_reason().is_none()
+        {
+            tracing::info!(
+                edge = %stream.edge_id,
+                edge_log = %stream.edge_log,
+                old = %previous.remote_address(),
+                new = %connection.remote_address(),
+                "a newer connection of the edge log took over; closing the old one"
+            );
+            metrics::counter!("silt_uplink_superseded_connections_total").increment(1);
+            previous.close(
+                silt_wire::CLOSE_SUPERSEDED.into(),
+                b"a newer connection of this edge log took over",
+            );
+        }
+        newest.insert(key, connection.clone());
+    }
+
+    /// Forgets `connection`, which has ended.
+    fn forget(&self, connection: &quinn::Connection) {
+        let mut newest = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        newest.retain(|_, kept| kept.stable_id() != connection.stable_id());
+    }
 }
 
 /// What every stream of the server takes from, so that its memory is bounded however many
@@ -225,6 +278,7 @@ impl UplinkServer {
             mutual_tls: config.tls.client_ca.is_some(),
             budgets: ServerBudgets::new(),
             max_connections: config.max_connections,
+            newest: Newest::default(),
         })
     }
 
@@ -273,12 +327,15 @@ impl UplinkServer {
                     let mutual_tls = self.mutual_tls;
                     let draining = draining.clone();
                     let budgets = self.budgets.clone();
+                    let newest = self.newest.clone();
                     connections.spawn(async move {
                         let remote = incoming.remote_address();
                         match incoming.await {
                             Ok(connection) => {
-                                serve_connection(connection, store, mutual_tls, draining, budgets)
-                                    .await;
+                                serve_connection(
+                                    connection, store, mutual_tls, draining, budgets, newest,
+                                )
+                                .await;
                             }
                             Err(error) => {
                                 tracing::info!(%remote, %error, "uplink handshake failed");
@@ -333,6 +390,7 @@ async fn serve_connection(
     mutual_tls: bool,
     draining: tokio::sync::watch::Receiver<bool>,
     budgets: ServerBudgets,
+    newest: Newest,
 ) {
     let remote = connection.remote_address();
     let allowed_ids = if mutual_tls {
@@ -360,6 +418,7 @@ async fn serve_connection(
                         allowed_ids.clone(),
                         draining.clone(),
                         budgets.clone(),
+                        (connection.clone(), newest.clone()),
                     ));
                 }
                 Err(error) => break Some(error),
@@ -385,6 +444,7 @@ async fn serve_connection(
         }
     };
     drop(ended);
+    newest.forget(&connection);
     metrics::gauge!("silt_uplink_connections").decrement(1.0);
     tracing::info!(%remote, %reason, "edge disconnected");
 }
@@ -416,6 +476,7 @@ async fn serve_stream(
     allowed_ids: Option<Vec<String>>,
     draining: tokio::sync::watch::Receiver<bool>,
     budgets: ServerBudgets,
+    (connection, newest): (quinn::Connection, Newest),
 ) -> quinn::RecvStream {
     let result = stream_loop(
         &mut send,
@@ -424,6 +485,7 @@ async fn serve_stream(
         allowed_ids.as_deref(),
         draining,
         budgets,
+        (&connection, &newest),
     )
     .await;
     if result.is_ok() {
@@ -505,6 +567,7 @@ async fn stream_loop(
     allowed_ids: Option<&[String]>,
     mut draining: tokio::sync::watch::Receiver<bool>,
     budgets: ServerBudgets,
+    (connection, newest): (&quinn::Connection, &Newest),
 ) -> Result<(), Option<StreamFault>> {
     let mut buf = BytesMut::with_capacity(64 << 10);
     let Some(used) = fill_frame_or_drain(recv, &mut buf, &mut draining).await? else {
@@ -565,6 +628,7 @@ async fn stream_loop(
     };
     let _ = buf.split_to(used);
     tracing::debug!(edge = %stream.edge_id, edge_log = %stream.edge_log, %topic, partition = stream.edge_partition, "stream opened");
+    newest.take_over(&stream, connection);
     // The reader decodes frames ahead while the appender stores the ones before them, and
     // the appender takes every frame already read in one durable append: one fsync and one
     // ack for several frames when the disk is the slower side.

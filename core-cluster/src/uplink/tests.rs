@@ -115,6 +115,21 @@ async fn connect(core: &Core) -> Result<quinn::Connection, quinn::ConnectionErro
     tokio::time::timeout(DEADLINE, connection).await.unwrap()
 }
 
+/// A new connection, retried until the server has room for it (it noticed one close).
+async fn connect_once_admitted(core: &Core) -> quinn::Connection {
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        match connect(core).await {
+            Ok(connection) => return connection,
+            Err(error) => assert!(
+                tokio::time::Instant::now() < deadline,
+                "still refused after a connection closed: {error}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// [`ship`] on a connection already made.
 async fn ship_on(
     connection: quinn::Connection,
@@ -707,19 +722,48 @@ async fn connections_past_the_limit_are_refused_until_one_of_them_closes() {
     replies.acks_through(2 * RECORDS_PER_FRAME).await;
     // Once one closes and the server has noticed, a new one is let in and served.
     first.close(0u32.into(), b"done");
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    let third = loop {
-        match connect(&core).await {
-            Ok(connection) => break connection,
-            Err(error) => assert!(
-                tokio::time::Instant::now() < deadline,
-                "still refused after a connection closed: {error}"
-            ),
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    };
+    let third = connect_once_admitted(&core).await;
     let (_third, mut replies) = ship_on(third, good_frames(4), true).await;
     replies.acks_through(4 * RECORDS_PER_FRAME).await;
     assert_eq!(replies.next().await, Reply::End);
     assert_stored_exactly(&core.log, 4 * RECORDS_PER_FRAME);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_newer_connection_of_an_edge_log_closes_the_older_one() {
+    let core = start_core_with(2);
+    let (old, mut replies) = ship(&core, good_frames(2), false).await;
+    replies.acks_through(2 * RECORDS_PER_FRAME).await;
+
+    // The edge lost its link and reconnected before the core noticed: its new connection
+    // re-sends what it has not seen acked, and the old one is closed at once.
+    let (new, mut replies) = ship(&core, good_frames(4), false).await;
+    replies.acks_through(4 * RECORDS_PER_FRAME).await;
+    match tokio::time::timeout(DEADLINE, old.closed()).await.unwrap() {
+        quinn::ConnectionError::ApplicationClosed(close) => {
+            assert_eq!(
+                close.error_code,
+                quinn::VarInt::from_u32(silt_wire::CLOSE_SUPERSEDED)
+            );
+        }
+        other => panic!("the old connection must be closed as superseded, got {other:?}"),
+    }
+    assert_stored_exactly(&core.log, 4 * RECORDS_PER_FRAME);
+
+    // It no longer counts against uplink.max_connections (2 here), long before the idle
+    // timeout would have ended it.
+    let other = connect_once_admitted(&core).await;
+
+    // Streams of a log without an id (a version 1 edge) take nothing over: copies of such an
+    // edge would close each other without end.
+    let (other, mut replies) = ship_after(other, hello_of(1, ""), good_frames(1), false).await;
+    replies.acks_through(RECORDS_PER_FRAME).await;
+    new.close(0u32.into(), b"done");
+    let second = connect_once_admitted(&core).await;
+    let (_second, mut replies) = ship_after(second, hello_of(1, ""), good_frames(2), false).await;
+    replies.acks_through(2 * RECORDS_PER_FRAME).await;
+    assert!(
+        other.close_reason().is_none(),
+        "a version 1 edge's older connection stays open"
+    );
 }

@@ -100,8 +100,9 @@ enum Ended {
     Lost(anyhow::Error),
     /// No connection came up (refused, timed out, TLS).
     Failed(anyhow::Error),
-    /// The core stores more of this edge log than the edge holds: the log went back. Its
-    /// message, from the core.
+    /// The core cannot take this edge log's records under its id: it stores more of the log
+    /// than the edge holds (the log went back), or another process ships the same log (the
+    /// core closed this connection for a newer one of the log). Why, for the log line.
     LogBehind(String),
 }
 
@@ -499,13 +500,11 @@ impl Shipper {
                 Ended::LogBehind(message) => {
                     quiet_until = None;
                     tracing::warn!(
-                        core = %message,
-                        "the core stores records of this edge log beyond the log's end: the log \
-                         went back (restored from a backup, copied from another device, or its \
-                         disk lost writes), so its new records reuse offsets the core already \
-                         has; giving the log a new id and shipping it under that id from the \
-                         acknowledged cursors (records between them and the log's old end may \
-                         reach the core twice, none are lost)"
+                        reason = %message,
+                        "the core cannot take this edge log's new records under its id: giving \
+                         the log a new id and shipping it under that id from the acknowledged \
+                         cursors (records between them and the log's end may reach the core \
+                         twice; none is lost)"
                     );
                     let (log, cursors) = (shipper.log.clone(), shipper.cursors.clone());
                     match tokio::task::spawn_blocking(move || renew_log_id(&log, &cursors)).await {
@@ -910,6 +909,15 @@ fn ended_by(reason: quinn::ConnectionError) -> Ended {
         {
             Ended::CoreShuttingDown
         }
+        quinn::ConnectionError::ApplicationClosed(close)
+            if close.error_code == quinn::VarInt::from_u32(silt_wire::CLOSE_SUPERSEDED) =>
+        {
+            Ended::LogBehind(
+                "a newer connection of this edge log took over: another process ships the same \
+                 log (a copied data directory)"
+                    .into(),
+            )
+        }
         _ => Ended::Lost(anyhow::Error::new(reason)),
     }
 }
@@ -1278,6 +1286,11 @@ mod tests {
         assert!(matches!(
             ended_by(quinn::ConnectionError::TimedOut),
             Ended::Lost(_)
+        ));
+        // Another process ships this log: the edge gives its log a new id.
+        assert!(matches!(
+            ended_by(closed_by_core(silt_wire::CLOSE_SUPERSEDED)),
+            Ended::LogBehind(_)
         ));
     }
 
